@@ -1,0 +1,74 @@
+"""The dataclasses that are the single source of truth for a run; saved as JSON beside runs and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Dimensions of the captioning model (letters as in model.py)."""
+
+    vocab_size: int
+    encoder: str = "resnet50"  # resnet50 (offline MSRA weights) or resnet101 (torchvision weights)
+    image_size: int = 224  # square input side in pixels
+    grid_size: int = 7  # attention grid side: P = grid_size**2 locations
+    encoder_dim: int = 2048  # E
+    attention_dim: int = 512  # A
+    decoder_dim: int = 512  # D
+    embed_dim: int = 512  # M
+    dropout: float = 0.5
+    deep_output: bool = True  # paper eq. 7: logits from embedding, hidden state and context
+    fine_tune_blocks: tuple[str, ...] = ()  # e.g. ("layer3", "layer4"); empty = frozen encoder
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation settings for `sat train`."""
+
+    epochs: int = 10
+    batch_size: int = 64  # captions per batch
+    decoder_lr: float = 4e-4
+    encoder_lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    doubly_stochastic: float = 1.0  # lambda of the paper's attention regulariser
+    label_smoothing: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine or constant
+    seed: int = 0
+    val_every_steps: int = 0  # 0 = validate at each epoch end only
+    checkpoint_every_steps: int = 500
+    val_beam_size: int = 1
+    val_max_images: int = 0  # 0 = the whole val split
+    early_stop_metric: str = "CIDEr"
+    patience: int = 3  # validations without improvement before stopping
+    max_caption_length: int = 20
+    num_workers: int = 0
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a dataclass from a dict, refusing unknown fields and restoring tuples."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    values = {}
+    for name, value in data.items():
+        if isinstance(value, list) and "tuple" in str(fields[name].type):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def save_json(data: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

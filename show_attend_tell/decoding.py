@@ -1,0 +1,165 @@
+"""Decoders: greedy, sampling (for self-critical training) and batched beam search, all through one `step`.
+
+Each takes a `decoder` with `init_state(encoded)` and `step(words, state, encoded)` (see model.py) and
+an `Encoded` batch of B images; shapes use the letters declared in model.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from show_attend_tell.model import Encoded
+from show_attend_tell.text import END_ID, PAD_ID, START_ID
+
+
+@dataclasses.dataclass
+class Hypothesis:
+    """One caption: word ids (no <start>/<end>), its log-probability and the attention for every word."""
+
+    tokens: list[int]
+    log_prob: float  # sum of log p over the words and the final <end> (when produced)
+    score: float  # log_prob after length normalisation; what hypotheses are ranked by
+    alphas: torch.Tensor  # (len(tokens), P)
+    finished: bool  # produced <end> within the maximum length
+
+
+def length_normalised(log_prob: float, length: int, length_penalty: float) -> float:
+    """log_prob / length**length_penalty: 0 keeps raw scores, 1 is the per-word average."""
+    return log_prob / max(length, 1) ** length_penalty
+
+
+@torch.no_grad()
+def greedy(decoder, encoded: Encoded, *, max_length: int = 20) -> list[Hypothesis]:
+    """The most probable word at every step, for B images at once."""
+    tokens, log_probs, alphas = rollout(decoder, encoded, max_length=max_length, sample=False)
+    return [_hypothesis(tokens[b], log_probs[b], alphas[b], 0.0) for b in range(tokens.size(0))]
+
+
+def rollout(
+    decoder,
+    encoded: Encoded,
+    *,
+    max_length: int,
+    sample: bool,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode N rows word by word, by argmax or by sampling from p(word)^(1/temperature).
+
+    Returns tokens (N, T) (<end> included, <pad> after it), per-token log p (N, T) of the chosen words under
+    the model (differentiable when grad is on; zero after <end>) and alphas (N, T, P).
+    """
+    N = encoded.features.size(0)
+    device = encoded.features.device
+    state = decoder.init_state(encoded)
+    words = torch.full((N,), START_ID, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    tokens, chosen_log_probs, alphas = [], [], []
+    for _ in range(max_length):  # a caption still running after max_length tokens is cut there
+        log_probs, state, alpha = decoder.step(words, state, encoded)  # (N, V), state, (N, P)
+        allowed = log_probs.detach().index_fill(1, _never_next(device), float("-inf"))  # (N, V)
+        if sample:
+            probs = (allowed / temperature).softmax(dim=1)
+            words = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+        else:
+            words = allowed.argmax(dim=1)  # (N,)
+        words = words.masked_fill(finished, PAD_ID)
+        chosen = log_probs.gather(1, words.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)  # (N,)
+        tokens.append(words)
+        chosen_log_probs.append(chosen)
+        alphas.append(alpha.masked_fill(finished.unsqueeze(1), 0.0))
+        finished = finished | (words == END_ID)
+        if bool(finished.all()):
+            break
+    return torch.stack(tokens, 1), torch.stack(chosen_log_probs, 1), torch.stack(alphas, 1)
+
+
+def _never_next(device: torch.device) -> torch.Tensor:
+    """Tokens a running caption may not produce next (the model never learned to predict them)."""
+    return torch.tensor([PAD_ID, START_ID], device=device)
+
+
+def _hypothesis(
+    tokens: torch.Tensor, log_probs: torch.Tensor, alphas: torch.Tensor, length_penalty: float
+) -> Hypothesis:
+    """From one row of decoder output (T,), (T,), (T, P): cut at <end>/<pad>, keep each word's alpha."""
+    ids = tokens.tolist()
+    n = len(ids)
+    for i, word in enumerate(ids):
+        if word in (END_ID, PAD_ID):
+            n = i
+            break
+    finished = n < len(ids) and ids[n] == END_ID
+    log_prob = float(log_probs[: n + 1 if finished else n].sum())
+    length = n + 1 if finished else n
+    return Hypothesis(
+        tokens=ids[:n],
+        log_prob=log_prob,
+        score=length_normalised(log_prob, length, length_penalty),
+        alphas=alphas[:n].detach().cpu(),
+        finished=finished,
+    )
+
+
+@torch.no_grad()
+def beam_search(
+    decoder,
+    encoded: Encoded,
+    *,
+    beam_size: int = 3,
+    max_length: int = 20,
+    length_penalty: float = 0.0,
+) -> list[list[Hypothesis]]:
+    """Batched beam search: B images x K beams advance as one (B*K)-row tensor program.
+
+    A finished beam keeps its slot and its score (its only continuation is <pad> at log p 0), so with K
+    at least the number of possible captions this is exhaustive search. Beams are ranked by raw
+    log-probability while searching; the K survivors of each image are then sorted by the length-normalised
+    score. Returns, per image, up to K hypotheses, best first.
+    """
+    B, P = encoded.features.shape[:2]
+    K = beam_size
+    device = encoded.features.device
+    encoded = encoded.select(torch.arange(B, device=device).repeat_interleave(K))  # (B*K, P, *)
+    state = decoder.init_state(encoded)
+    words = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: let only the first expand at t=0
+    tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)
+    step_log_probs = torch.zeros(B, K, 0, device=device)
+    alphas = torch.zeros(B, K, 0, P, device=device)
+    finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
+    for _ in range(max_length):  # a caption still running after max_length tokens is cut there
+        log_probs, state, alpha = decoder.step(words, state, encoded)  # (B*K, V), state, (B*K, P)
+        V = log_probs.size(1)
+        log_probs = log_probs.view(B, K, V).index_fill(2, _never_next(device), float("-inf"))
+        frozen = torch.full_like(log_probs[0, 0], float("-inf"))
+        frozen[PAD_ID] = 0.0
+        log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)  # (B, K, V)
+        candidates = (scores.unsqueeze(2) + log_probs).view(B, K * V)
+        scores, flat_index = candidates.topk(K, dim=1)  # (B, K)
+        beam = flat_index // V  # (B, K) which beam each survivor extends
+        word = flat_index % V  # (B, K)
+        rows = (beam + offsets).view(-1)  # (B*K,)
+        state = (state[0][rows], state[1][rows])
+        chosen = log_probs.view(B * K, V)[rows, word.view(-1)].view(B, K)
+        tokens = torch.cat([tokens.view(B * K, -1)[rows].view(B, K, -1), word.unsqueeze(2)], dim=2)
+        step_log_probs = torch.cat([step_log_probs.view(B * K, -1)[rows].view(B, K, -1), chosen.unsqueeze(2)], dim=2)
+        step_alpha = alpha[rows].view(B, K, 1, P).masked_fill(finished.view(-1)[rows].view(B, K, 1, 1), 0.0)
+        alphas = torch.cat([alphas.view(B * K, -1, P)[rows].view(B, K, -1, P), step_alpha], dim=2)
+        finished = finished.view(-1)[rows].view(B, K) | (word == END_ID)
+        words = word.view(-1)
+        if bool(finished.all()):
+            break
+    results = []
+    for b in range(B):
+        hypotheses = [
+            _hypothesis(tokens[b, k], step_log_probs[b, k], alphas[b, k], length_penalty)
+            for k in range(K)
+            if scores[b, k] > float("-inf")  # fewer possible captions than beams
+        ]
+        results.append(sorted(hypotheses, key=lambda h: h.score, reverse=True))
+    return results

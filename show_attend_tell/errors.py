@@ -1,0 +1,5 @@
+"""The one exception type for bad user input: its message names the file or field and what is wrong."""
+
+
+class InputError(ValueError):
+    """Bad input from the user (a file, a field, an argument). The CLI prints it as one line, no traceback."""

@@ -1,0 +1,251 @@
+"""The captioning model in one file: encoder, soft attention, the decoder step, the teacher-forced forward.
+
+Shape letters used in the comments below:
+    B images, N rows being decoded (captions, beams or samples), P attention locations (grid_size**2),
+    E encoder channels, A attention dim, D decoder dim, M embedding dim, T caption length, V vocabulary,
+    K beam width, S input side in pixels.
+
+Xu et al. 2015, section 3.1.2 and 4.2: at step t the attention reads h_{t-1}, forms the context z_t, gates
+it with beta_t, and the LSTM consumes [E y_{t-1}; beta_t z_t] to give h_t, from which y_t is predicted.
+`CaptionDecoder.step` is the only code that computes a word distribution; every decoder goes through it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from show_attend_tell.config import ModelConfig
+from show_attend_tell.text import PAD_ID
+
+State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (N, D)
+
+
+def image_transform(config: ModelConfig):
+    """PIL RGB image -> (3, S, S) encoder input: the whole photo resized to S x S (a caption describes the
+    whole scene, so no crop), normalised with the mean/std that belong to the encoder weights."""
+    from torchvision import transforms
+
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    weights = ENCODER_WEIGHTS[config.encoder]
+    return transforms.Compose(
+        [
+            transforms.Resize((config.image_size, config.image_size), antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(weights.mean, weights.std),
+        ]
+    )
+
+
+class Encoded(NamedTuple):
+    """Image features with their attention projection W_a a_i, computed once per image, not once per step."""
+
+    features: torch.Tensor  # (N, P, E)
+    projected: torch.Tensor  # (N, P, A)
+
+    def select(self, index: torch.Tensor) -> Encoded:
+        """Rows `index` (e.g. each caption's image, or each beam's image) without recomputing anything."""
+        return Encoded(self.features[index], self.projected[index])
+
+
+class Encoder(nn.Module):
+    """A ResNet trunk (no pooling/classifier) pooled to a grid_size x grid_size grid of E-dim features.
+
+    The trunk is frozen (and its BatchNorm statistics always fixed) except the blocks named in
+    `config.fine_tune_blocks`, which train with their own learning rate.
+    """
+
+    def __init__(self, config: ModelConfig, *, pretrained: bool = True) -> None:
+        super().__init__()
+        from show_attend_tell.weights import ENCODER_WEIGHTS
+
+        resnet = ENCODER_WEIGHTS[config.encoder].build(pretrained=pretrained)
+        self.trunk = nn.Sequential(
+            resnet.conv1,
+            resnet.bn1,
+            resnet.relu,
+            resnet.maxpool,
+            resnet.layer1,
+            resnet.layer2,
+            resnet.layer3,
+            resnet.layer4,
+        )
+        self.pool = nn.AdaptiveAvgPool2d(config.grid_size)
+        self.fine_tune_blocks = tuple(config.fine_tune_blocks)
+        names = {"layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+        unknown = set(self.fine_tune_blocks) - set(names)
+        if unknown:
+            raise ValueError(f"fine_tune_blocks: unknown block(s) {sorted(unknown)}; expected some of {list(names)}")
+        for parameter in self.trunk.parameters():
+            parameter.requires_grad_(False)
+        for block in self.fine_tune_blocks:
+            for parameter in self.trunk[names[block]].parameters():
+                parameter.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> Encoder:
+        # Small captioning batches would corrupt ImageNet BatchNorm statistics: keep them fixed.
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised images -> (B, P, E) grid features."""
+        grid = self.pool(self.trunk(images))  # (B, E, g, g)
+        return grid.flatten(2).transpose(1, 2)  # (B, P, E)
+
+
+class SoftAttention(nn.Module):
+    """Bahdanau attention: e = w^T tanh(W_a a_i + W_h h), alpha = softmax(e), context = sum_i alpha_i a_i."""
+
+    def __init__(self, *, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder_projection = nn.Linear(encoder_dim, attention_dim)  # W_a
+        self.decoder_projection = nn.Linear(decoder_dim, attention_dim)  # W_h
+        self.score = nn.Linear(attention_dim, 1)  # w
+
+    def forward(self, encoded: Encoded, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (N, D) -> context (N, E), alpha (N, P)."""
+        energy = torch.tanh(encoded.projected + self.decoder_projection(h).unsqueeze(1))  # (N, P, A)
+        alpha = self.score(energy).squeeze(2).softmax(dim=1)  # (N, P)
+        context = torch.bmm(alpha.unsqueeze(1), encoded.features).squeeze(1)  # (N, E)
+        return context, alpha
+
+
+class CaptionDecoder(nn.Module):
+    """The LSTM decoder with soft attention, the beta gate and (optionally) the deep output layer."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        E, A, D, M, V = (
+            config.encoder_dim,
+            config.attention_dim,
+            config.decoder_dim,
+            config.embed_dim,
+            config.vocab_size,
+        )
+        self.deep_output = config.deep_output
+        self.embedding = nn.Embedding(V, M, padding_idx=PAD_ID)
+        self.attention = SoftAttention(encoder_dim=E, decoder_dim=D, attention_dim=A)
+        self.init_h = nn.Sequential(nn.Linear(E, D), nn.Tanh())  # h_0 = MLP(mean_i a_i)
+        self.init_c = nn.Sequential(nn.Linear(E, D), nn.Tanh())  # c_0 = MLP(mean_i a_i)
+        self.f_beta = nn.Linear(D, E)  # beta = sigmoid(f_beta(h_{t-1})), section 4.2.1
+        self.lstm = nn.LSTMCell(M + E, D)
+        self.dropout = nn.Dropout(config.dropout)
+        if self.deep_output:  # eq. 7: p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))
+            self.L_h = nn.Linear(D, M)
+            self.L_z = nn.Linear(E, M)
+            self.L_o = nn.Linear(M, V)
+        else:
+            self.L_o = nn.Linear(D, V)
+
+    def encode(self, features: torch.Tensor) -> Encoded:
+        """(B, P, E) features -> Encoded with the attention projection done once per image."""
+        return Encoded(features, self.attention.encoder_projection(features))  # (B, P, A)
+
+    def init_state(self, encoded: Encoded) -> State:
+        mean = encoded.features.mean(dim=1)  # (N, E)
+        return self.init_h(mean), self.init_c(mean)  # (N, D) each
+
+    def step(self, words: torch.Tensor, state: State, encoded: Encoded) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """One decoding step: previous words (N,) -> log p(next word) (N, V), new state, alpha (N, P)."""
+        h, c = state
+        embedded = self.embedding(words)  # (N, M)
+        context, alpha = self.attention(encoded, h)  # (N, E), (N, P)
+        beta = torch.sigmoid(self.f_beta(h))  # (N, E)
+        gated = beta * context  # (N, E)
+        h, c = self.lstm(torch.cat([embedded, gated], dim=1), (h, c))  # (N, D) each
+        if self.deep_output:
+            logits = self.L_o(self.dropout(embedded + self.L_h(h) + self.L_z(gated)))  # (N, V)
+        else:
+            logits = self.L_o(self.dropout(h))  # (N, V)
+        return F.log_softmax(logits, dim=1), (h, c), alpha
+
+
+class CaptionModel(nn.Module):
+    """Encoder + decoder. The encoder is optional: training on cached features needs only the decoder."""
+
+    def __init__(self, config: ModelConfig, *, encoder: Encoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.decoder = CaptionDecoder(config)
+
+    def encode_images(self, images: torch.Tensor) -> Encoded:
+        """(B, 3, S, S) normalised images -> Encoded (B rows)."""
+        if self.encoder is None:
+            raise RuntimeError("this CaptionModel was built without an encoder; pass features instead")
+        return self.decoder.encode(self.encoder(images))
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        captions: torch.Tensor,
+        lengths: torch.Tensor,
+        image_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass over N captions of B images.
+
+        features (B, P, E); captions (N, T) = <start> w_1 .. w_n <end> <pad>..; lengths (N,) counting <start>
+        and <end>; image_index (N,) the row of `features` each caption describes, so five captions of one
+        image share its projection. Returns log-probabilities (N, T-1, V) of captions[:, 1:] and the
+        attention weights (N, T-1, P); both are zero past each caption's end.
+        """
+        encoded = self.decoder.encode(features)  # (B, P, *)
+        h0, c0 = self.decoder.init_state(encoded)  # (B, D) each
+        # Longest first, so the captions still running at step t are a prefix of the batch.
+        order = lengths.argsort(descending=True)
+        steps = lengths[order] - 1  # (N,) words to predict
+        words = captions[order]  # (N, T)
+        rows = image_index[order]
+        encoded = encoded.select(rows)  # (N, P, *)
+        state = (h0[rows], c0[rows])
+        N, total = captions.size(0), int(steps.max())
+        log_probs, alphas = [], []
+        for t in range(total):
+            n = int((steps > t).sum())
+            state = (state[0][:n], state[1][:n])
+            step_log_probs, state, alpha = self.decoder.step(
+                words[:n, t], state, Encoded(encoded.features[:n], encoded.projected[:n])
+            )
+            log_probs.append(F.pad(step_log_probs, (0, 0, 0, N - n)))  # (N, V)
+            alphas.append(F.pad(alpha, (0, 0, 0, N - n)))  # (N, P)
+        inverse = order.argsort()
+        return torch.stack(log_probs, 1)[inverse], torch.stack(alphas, 1)[inverse]
+
+
+def caption_loss(
+    log_probs: torch.Tensor,
+    alphas: torch.Tensor,
+    captions: torch.Tensor,
+    *,
+    doubly_stochastic: float = 1.0,
+    label_smoothing: float = 0.0,
+    words: float | None = None,
+    captions_count: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy per predicted word plus lambda * mean_i (1 - sum_t alpha_ti)^2 (paper eq. 14).
+
+    log_probs (N, T-1, V), alphas (N, T-1, P), captions (N, T). `words` and `captions_count` normalise the
+    sums (default: this batch's counts; DDP passes the global counts over the world size, so that averaging
+    the ranks' gradients gives exactly the single-process loss). Returns (loss, mean word cross-entropy).
+    """
+    targets = captions[:, 1 : log_probs.size(1) + 1]  # (N, T-1)
+    mask = targets != PAD_ID  # (N, T-1)
+    nll = -log_probs.gather(2, targets.unsqueeze(2)).squeeze(2)  # (N, T-1)
+    per_word = nll
+    if label_smoothing > 0:
+        per_word = (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=2)  # (N, T-1)
+    words = float(mask.sum()) if words is None else words
+    captions_count = float(captions.size(0)) if captions_count is None else captions_count
+    loss = (per_word * mask).sum() / words
+    if doubly_stochastic > 0:
+        penalty = ((1.0 - alphas.sum(dim=1)) ** 2).mean(dim=1)  # (N,)
+        loss = loss + doubly_stochastic * penalty.sum() / captions_count
+    cross_entropy = (nll * mask).sum().detach() / mask.sum()
+    return loss, cross_entropy

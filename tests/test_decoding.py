@@ -1,0 +1,145 @@
+"""Greedy and batched beam search against exhaustive search on a mock decoder, and on the real decoder."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from show_attend_tell.config import ModelConfig
+from show_attend_tell.decoding import beam_search, greedy, length_normalised
+from show_attend_tell.model import CaptionDecoder, Encoded
+from show_attend_tell.text import END_ID, PAD_ID, START_ID
+
+V = 6  # <pad> <start> <end> and three words
+WORDS = [w for w in range(V) if w not in (PAD_ID, START_ID)]  # what a caption may contain, <end> included
+
+
+class MockDecoder:
+    """log p(next | image, step, previous word) from a fixed random table; the state carries the step."""
+
+    def __init__(self, images: int, max_length: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(images, max_length + 1, V, V, generator=generator).mul(2).log_softmax(dim=3)
+
+    def init_state(self, encoded: Encoded):
+        N = encoded.features.size(0)
+        return encoded.features[:, 0, 0].long(), torch.zeros(N, dtype=torch.long)
+
+    def step(self, words, state, encoded):
+        image, t = state
+        log_probs = self.table[image, t, words]  # (N, V)
+        alpha = torch.full((words.size(0), 4), 0.25)
+        return log_probs, (image, t + 1), alpha
+
+    def sequence_log_prob(self, image: int, tokens: list[int]) -> float:
+        previous, total = START_ID, 0.0
+        for t, word in enumerate(tokens):
+            total += float(self.table[image, t, previous, word])
+            previous = word
+        return total
+
+
+def encoded_for(images: list[int]) -> Encoded:
+    features = torch.tensor(images, dtype=torch.float).view(-1, 1, 1).expand(-1, 4, 3).contiguous()
+    return Encoded(features, features)
+
+
+def exhaustive(mock: MockDecoder, image: int, max_length: int, length_penalty: float = 0.0):
+    """Every caption of at most max_length tokens: ended by <end>, or cut at max_length without it."""
+    best = None
+    for n in range(max_length + 1):
+        for words in itertools.product([w for w in WORDS if w != END_ID], repeat=n):
+            tokens = list(words) + [END_ID] if n < max_length else list(words)
+            log_prob = mock.sequence_log_prob(image, tokens)
+            score = length_normalised(log_prob, len(tokens), length_penalty)
+            if best is None or score > best[0]:
+                best = (score, list(words), log_prob)
+    return best
+
+
+@pytest.mark.parametrize("length_penalty", [0.0])
+def test_beam_search_with_a_wide_beam_equals_exhaustive_search(length_penalty):
+    max_length = 4
+    mock = MockDecoder(images=3, max_length=max_length)
+    beams = beam_search(
+        mock, encoded_for([0, 1, 2]), beam_size=200, max_length=max_length, length_penalty=length_penalty
+    )
+    for image, hypotheses in enumerate(beams):
+        score, words, log_prob = exhaustive(mock, image, max_length, length_penalty)
+        assert hypotheses[0].tokens == words
+        assert hypotheses[0].log_prob == pytest.approx(log_prob, abs=1e-5)
+        assert hypotheses[0].score == pytest.approx(score, abs=1e-5)
+        # every returned hypothesis is scored by the model's own log-probability
+        for h in hypotheses:
+            tokens = h.tokens + ([END_ID] if h.finished else [])
+            assert h.log_prob == pytest.approx(mock.sequence_log_prob(image, tokens), abs=1e-5)
+
+
+def test_narrow_beam_is_not_better_than_exhaustive_and_sorted():
+    mock = MockDecoder(images=4, max_length=5, seed=3)
+    beams = beam_search(mock, encoded_for([0, 1, 2, 3]), beam_size=3, max_length=5)
+    for image, hypotheses in enumerate(beams):
+        assert len(hypotheses) == 3
+        scores = [h.score for h in hypotheses]
+        assert scores == sorted(scores, reverse=True)
+        assert hypotheses[0].log_prob <= exhaustive(mock, image, 5)[2] + 1e-6
+
+
+def test_beam_of_one_equals_greedy():
+    mock = MockDecoder(images=5, max_length=6, seed=1)
+    encoded = encoded_for([0, 1, 2, 3, 4])
+    by_beam = [b[0] for b in beam_search(mock, encoded, beam_size=1, max_length=6)]
+    by_greedy = greedy(mock, encoded, max_length=6)
+    for b, g in zip(by_beam, by_greedy, strict=True):
+        assert b.tokens == g.tokens
+        assert b.log_prob == pytest.approx(g.log_prob, abs=1e-6)
+
+
+def tiny_decoder(seed: int = 0, **overrides) -> CaptionDecoder:
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=12,
+        encoder_dim=8,
+        attention_dim=6,
+        decoder_dim=10,
+        embed_dim=5,
+        grid_size=2,
+        dropout=0.0,
+        **overrides,
+    )
+    return CaptionDecoder(config).eval()
+
+
+def test_batch_gives_the_same_captions_as_one_image_at_a_time():
+    decoder = tiny_decoder()
+    features = torch.randn(4, 4, 8)
+    batched = beam_search(decoder, decoder.encode(features), beam_size=3, max_length=7)
+    for i in range(4):
+        alone = beam_search(decoder, decoder.encode(features[i : i + 1]), beam_size=3, max_length=7)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        for a, b in zip(alone, batched[i], strict=True):
+            assert a.log_prob == pytest.approx(b.log_prob, abs=1e-5)
+            torch.testing.assert_close(a.alphas, b.alphas)
+
+
+def test_no_end_token_ever_still_returns_max_length_captions():
+    decoder = tiny_decoder(deep_output=False)
+    with torch.no_grad():
+        decoder.L_o.bias[END_ID] = -1e4  # the model never ends a caption
+    encoded = decoder.encode(torch.randn(2, 4, 8))
+    for hypotheses in beam_search(decoder, encoded, beam_size=3, max_length=9):
+        assert all(len(h.tokens) == 9 and not h.finished for h in hypotheses)
+        assert all(h.alphas.shape == (9, 4) for h in hypotheses)
+    assert all(len(h.tokens) == 9 for h in greedy(decoder, encoded, max_length=9))
+
+
+def test_attention_maps_are_distributions_per_word_and_specials_never_appear():
+    decoder = tiny_decoder(seed=2)
+    encoded = decoder.encode(torch.randn(3, 4, 8))
+    for hypotheses in beam_search(decoder, encoded, beam_size=4, max_length=8, length_penalty=1.0):
+        for h in hypotheses:
+            assert not set(h.tokens) & {PAD_ID, START_ID, END_ID}
+            torch.testing.assert_close(h.alphas.sum(dim=1), torch.ones(len(h.tokens)))
+            assert h.score == pytest.approx(length_normalised(h.log_prob, len(h.tokens) + h.finished, 1.0))

@@ -1,0 +1,295 @@
+"""Decoding odd and broken images: every kind is generated here with Pillow, nothing is downloaded."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from show_attend_tell.errors import InputError
+from show_attend_tell.images import iter_image_paths, load_image
+
+WHITE = (255, 255, 255)
+# A CMYK press profile shipped by Debian's libgs-common; the ICC test is skipped without it.
+SYSTEM_CMYK_PROFILE = Path("/usr/share/color/icc/ghostscript/default_cmyk.icc")  # SWOP press profile
+
+
+def _save(image: Image.Image, path: Path, **options) -> Path:
+    image.save(path, **options)
+    return path
+
+
+def _noise(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height over a few bytes of pixel data: tiny file, huge decode."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _error(source, **options) -> str:
+    with pytest.raises(InputError) as caught:
+        load_image(source, **options)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+# Odd but valid images.
+
+
+def test_rgb_round_trip_and_fully_decoded(tmp_path):
+    original = _noise(31, 17)
+    image = load_image(_save(original, tmp_path / "noise.png"))
+    assert image.mode == "RGB" and image.size == (31, 17)
+    assert np.array_equal(np.asarray(image), np.asarray(original))
+    assert not isinstance(image, ImageFile.ImageFile)  # detached from the (closed) file
+
+
+def test_greyscale_and_one_bit(tmp_path):
+    grey = load_image(_save(Image.new("L", (3, 2), 100), tmp_path / "grey.png"))
+    assert grey.mode == "RGB" and grey.getpixel((1, 1)) == (100, 100, 100)
+
+    bits = Image.new("1", (4, 4), 0)
+    bits.putpixel((2, 3), 1)
+    image = load_image(_save(bits, tmp_path / "bits.png"))
+    assert Image.open(tmp_path / "bits.png").mode == "1"
+    assert image.getpixel((2, 3)) == WHITE and image.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_grey_with_alpha_is_composited_on_white(tmp_path):
+    la = Image.new("LA", (2, 1), (0, 0))
+    la.putpixel((1, 0), (0, 255))
+    image = load_image(_save(la, tmp_path / "la.png"))
+    assert image.getpixel((0, 0)) == WHITE  # transparent black shows the background
+    assert image.getpixel((1, 0)) == (0, 0, 0)
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(255, 0, 0, 0), (0, 0, 255, 255), (255, 0, 0, 128)])
+    image = load_image(_save(rgba, tmp_path / "rgba.png"))
+    assert image.getpixel((0, 0)) == WHITE
+    assert image.getpixel((1, 0)) == (0, 0, 255)
+    red, green, blue = image.getpixel((2, 0))
+    assert red == 255 and abs(green - 127) <= 1 and green == blue
+
+
+def test_palette_with_transparency(tmp_path):
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([0, 0, 0, 0, 200, 0])  # entry 0 black (made transparent), entry 1 green
+    palette.putpixel((1, 1), 1)
+    path = _save(palette, tmp_path / "palette.png", transparency=0)
+    assert Image.open(path).mode == "P"
+    image = load_image(path)
+    assert image.getpixel((0, 0)) == WHITE
+    assert image.getpixel((1, 1)) == (0, 200, 0)
+
+
+def test_cmyk_jpeg_without_profile(tmp_path):
+    path = _save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(path).mode == "CMYK"
+    red, green, blue = load_image(path).getpixel((8, 8))
+    assert red >= 250 and green <= 5 and blue <= 5
+
+
+def test_cmyk_jpeg_with_broken_profile_falls_back(tmp_path):
+    path = _save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", icc_profile=b"not a profile")
+    red, green, blue = load_image(path).getpixel((8, 8))
+    assert red >= 250 and green <= 5 and blue <= 5
+
+
+@pytest.mark.skipif(not SYSTEM_CMYK_PROFILE.is_file(), reason=f"no CMYK ICC profile at {SYSTEM_CMYK_PROFILE}")
+def test_cmyk_jpeg_uses_embedded_profile(tmp_path):
+    cyan = Image.new("CMYK", (16, 16), (255, 0, 0, 0))
+    path = _save(cyan, tmp_path / "cyan.jpg", quality=95, icc_profile=SYSTEM_CMYK_PROFILE.read_bytes())
+    red, green, blue = load_image(path).getpixel((8, 8))
+    assert cyan.convert("RGB").getpixel((8, 8)) == (0, 255, 255)  # the naive formula: neon cyan
+    assert red < 60 and 120 < green < 230 and blue > 200  # process cyan is a muted sky blue in sRGB
+
+
+def _gradient_16bit() -> np.ndarray:
+    return np.linspace(0, 65535, 300).round().astype(np.uint16)[None, :].repeat(3, axis=0)
+
+
+def test_sixteen_bit_png_gradient_is_scaled_not_clipped(tmp_path):
+    values = _gradient_16bit()
+    path = _save(Image.fromarray(values), tmp_path / "deep.png")
+    assert Image.open(path).mode.startswith("I")
+    pixels = np.asarray(load_image(path))
+    expected = np.round(values / 257).astype(np.uint8)
+    assert np.array_equal(pixels[..., 0], expected)
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])
+    assert (pixels[0, :, 0] == 255).sum() == 1 and pixels[0, 150, 0] == 128
+
+
+def test_thirty_two_bit_image_object_is_scaled_as_sixteen_bit():
+    values = _gradient_16bit().astype(np.int32)
+    image = Image.fromarray(values)
+    assert image.mode == "I"
+    pixels = np.asarray(load_image(image))
+    assert np.array_equal(pixels[..., 1], np.round(values / 257).astype(np.uint8))
+
+
+def test_sixteen_bit_colour_key_transparency(tmp_path):
+    values = np.array([[1000, 1001, 65535]], dtype=np.uint16)
+    path = _save(Image.fromarray(values), tmp_path / "keyed.png", transparency=1000)
+    image = load_image(path)
+    assert image.getpixel((0, 0)) == WHITE
+    assert image.getpixel((1, 0)) == (4, 4, 4)  # 1001 / 257, a neighbour of the key stays opaque
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 8, 8))  # mark the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = _save(stored, tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    image = load_image(path)
+    assert image.size == (20, 40)
+    red, green, blue = image.getpixel((15, 4))  # the marked corner is now top-right
+    assert red > 200 and blue < 60
+    red, green, blue = image.getpixel((4, 4))
+    assert blue > 200 and red < 60
+
+
+def test_tiny_image(tmp_path):
+    image = load_image(_save(Image.new("RGB", (1, 1), (10, 20, 30)), tmp_path / "dot.png"))
+    assert image.size == (1, 1) and image.getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_large_image(tmp_path):
+    large = Image.new("RGB", (6000, 4000), (10, 20, 30))
+    large.putpixel((5999, 3999), (200, 100, 0))
+    image = load_image(_save(large, tmp_path / "large.png", compress_level=1))
+    assert image.size == (6000, 4000)
+    assert image.getpixel((5999, 3999)) == (200, 100, 0) and image.getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_bytes_and_image_objects():
+    buffer = io.BytesIO()
+    Image.new("RGB", (5, 4), (1, 2, 3)).save(buffer, "PNG")
+    assert load_image(buffer.getvalue()).getpixel((4, 3)) == (1, 2, 3)
+
+    rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    image = load_image(rgba)
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == WHITE
+    assert rgba.mode == "RGBA"  # the caller's image is not modified
+
+
+# Broken files: one line naming the file and what is wrong.
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    message = _error(path)
+    assert str(path) in message and "empty file" in message
+    assert _error(b"", name="upload.jpg") == "upload.jpg: empty file (0 bytes)"
+
+
+def test_text_file_renamed(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("these are not pixels\n")
+    message = _error(path)
+    assert str(path) in message and "not an image" in message
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_file(tmp_path, fmt):
+    buffer = io.BytesIO()
+    _noise(64, 64).save(buffer, fmt)
+    data = buffer.getvalue()
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(data[: len(data) // 2])
+    message = _error(path)
+    assert str(path) in message and "truncated" in message
+    assert "truncated" in _error(data[: len(data) // 2], name="upload")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_decompression_bomb_beyond_pillows_limit(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(100_000, 100_000))
+    assert path.stat().st_size < 200
+    message = _error(path)
+    assert str(path) in message and "too large" in message
+
+
+def test_explicit_pixel_limit_is_checked_before_decoding(tmp_path):
+    # 81 megapixels: under Pillow's own limits, over ours. Decoding this file would fail as truncated,
+    # so a "too large" message shows the header check came first.
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(9000, 9000))
+    message = _error(path)
+    assert str(path) in message and "too large" in message and "9000x9000" in message
+
+    small = _save(Image.new("RGB", (20, 10)), tmp_path / "small.png")
+    assert "too large" in _error(small, max_pixels=199)
+    assert load_image(small, max_pixels=200).size == (20, 10)
+
+
+def test_directory_and_missing_path(tmp_path):
+    message = _error(tmp_path)
+    assert str(tmp_path) in message and "directory" in message
+    missing = tmp_path / "gone.jpg"
+    message = _error(missing)
+    assert str(missing) in message and "no such file" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file(tmp_path):
+    path = _save(Image.new("RGB", (2, 2)), tmp_path / "secret.png")
+    path.chmod(0)
+    message = _error(path)
+    assert str(path) in message and "permission denied" in message
+
+
+def test_unsupported_format_is_refused(tmp_path):
+    # Pillow can open EPS (through Ghostscript); the whitelist keeps it out.
+    path = tmp_path / "figure.jpg"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    assert "not an image" in _error(path)
+
+
+# Expanding inputs.
+
+
+def test_iter_image_paths(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ["b.PNG", "a.jpg", "notes.txt", ".hidden.jpg", "c.JPEG"]:
+        (folder / name).write_bytes(b"x")
+    (folder / "nested").mkdir()
+    (folder / "nested" / "d.jpg").write_bytes(b"x")
+    extra = tmp_path / "extra.dat"
+    extra.write_bytes(b"x")
+
+    paths = iter_image_paths([folder, str(extra), folder / "a.jpg"])
+    assert paths == [folder / "a.jpg", folder / "b.PNG", folder / "c.JPEG", extra]
+
+
+def test_iter_image_paths_errors(tmp_path):
+    with pytest.raises(InputError, match="gone: no such file or folder"):
+        iter_image_paths([tmp_path / "gone"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty: folder has no images"):
+        iter_image_paths([tmp_path / "empty"])

@@ -1,0 +1,112 @@
+"""The model: shapes, teacher forcing equal to step-by-step decoding, one projection per image, loss."""
+
+from __future__ import annotations
+
+import torch
+
+from show_attend_tell.config import ModelConfig
+from show_attend_tell.model import CaptionModel, Encoder, caption_loss
+from show_attend_tell.text import END_ID, PAD_ID, START_ID
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    values = dict(vocab_size=15, encoder_dim=8, attention_dim=6, decoder_dim=10, embed_dim=5, grid_size=2, dropout=0.0)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def captions_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Five captions of two images, of different lengths, padded: (N, T), lengths (N,), image_index (N,)."""
+    rows = [
+        [START_ID, 5, 6, END_ID],
+        [START_ID, 7, END_ID],
+        [START_ID, 8, 9, 10, 11, END_ID],
+        [START_ID, END_ID],
+        [START_ID, 4, 4, 4, END_ID],
+    ]
+    T = max(map(len, rows))
+    tokens = torch.tensor([r + [PAD_ID] * (T - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    return tokens, lengths, torch.tensor([0, 1, 1, 0, 1])
+
+
+def test_teacher_forcing_equals_stepping_each_caption_alone():
+    torch.manual_seed(0)
+    model = CaptionModel(tiny_config()).eval()
+    features = torch.randn(2, 4, 8)
+    tokens, lengths, image_index = captions_batch()
+    log_probs, alphas = model(features, tokens, lengths, image_index)
+    assert log_probs.shape == (5, tokens.size(1) - 1, 15) and alphas.shape == (5, tokens.size(1) - 1, 4)
+    for n in range(5):
+        encoded = model.decoder.encode(features[image_index[n] : image_index[n] + 1])
+        state = model.decoder.init_state(encoded)
+        for t in range(int(lengths[n]) - 1):
+            expected, state, alpha = model.decoder.step(tokens[n, t : t + 1], state, encoded)
+            torch.testing.assert_close(log_probs[n, t], expected[0])
+            torch.testing.assert_close(alphas[n, t], alpha[0])
+        assert not log_probs[n, int(lengths[n]) - 1 :].any()  # nothing past the caption's end
+
+
+def test_projection_runs_once_per_image_not_per_caption_or_step():
+    model = CaptionModel(tiny_config())
+    rows_seen = []
+    model.decoder.attention.encoder_projection.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    tokens, lengths, image_index = captions_batch()
+    model(torch.randn(2, 4, 8), tokens, lengths, image_index)
+    assert rows_seen == [2]
+
+
+def test_paper_step_without_deep_output_and_no_nans():
+    model = CaptionModel(tiny_config(deep_output=False, dropout=0.5)).train()
+    tokens, lengths, image_index = captions_batch()
+    log_probs, alphas = model(torch.randn(2, 4, 8), tokens, lengths, image_index)
+    assert torch.isfinite(log_probs).all()
+    valid = (tokens[:, 1:] != PAD_ID).unsqueeze(2)
+    torch.testing.assert_close(alphas.sum(2)[valid.squeeze(2)], torch.ones(int(valid.sum())))
+
+
+def test_loss_learns_a_tiny_batch():
+    torch.manual_seed(0)
+    model = CaptionModel(tiny_config())
+    features = torch.randn(2, 4, 8)
+    tokens, lengths, image_index = captions_batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(60):
+        loss, cross_entropy = caption_loss(*model(features, tokens, lengths, image_index), tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(cross_entropy))
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_loss_terms():
+    tokens, lengths, _ = captions_batch()
+    N, T1, V, P = 5, tokens.size(1) - 1, 15, 4
+    log_probs = torch.full((N, T1, V), -torch.log(torch.tensor(float(V))))  # uniform
+    alphas = torch.zeros(N, T1, P)
+    loss, cross_entropy = caption_loss(log_probs, alphas, tokens, doubly_stochastic=0.0)
+    torch.testing.assert_close(loss, torch.log(torch.tensor(15.0)))
+    torch.testing.assert_close(cross_entropy, torch.log(torch.tensor(15.0)))
+    # no attention at all: every location misses its total of 1, so the penalty is lambda * 1
+    with_penalty, _ = caption_loss(log_probs, alphas, tokens, doubly_stochastic=0.5)
+    torch.testing.assert_close(with_penalty - loss, torch.tensor(0.5))
+    # label smoothing of a uniform prediction changes nothing
+    smoothed, _ = caption_loss(log_probs, alphas, tokens, doubly_stochastic=0.0, label_smoothing=0.1)
+    torch.testing.assert_close(smoothed, loss)
+
+
+def test_encoder_grid_shapes_and_frozen_batchnorm():
+    config = ModelConfig(vocab_size=10, grid_size=7, fine_tune_blocks=("layer4",))
+    encoder = Encoder(config, pretrained=False)
+    trainable = {
+        name.split(".")[0] + "." + name.split(".")[1] for name, p in encoder.named_parameters() if p.requires_grad
+    }
+    assert trainable == {"trunk.7"}
+    encoder.train()
+    assert all(not m.training for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        assert encoder(torch.randn(1, 3, 224, 224)).shape == (1, 49, 2048)
+        encoder.pool = torch.nn.AdaptiveAvgPool2d(14)
+        assert encoder(torch.randn(1, 3, 448, 448)).shape == (1, 196, 2048)

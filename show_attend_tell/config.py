@@ -44,12 +44,15 @@ class TrainConfig:
     seed: int = 0
     val_every_steps: int = 0  # 0 = validate at each epoch end only
     checkpoint_every_steps: int = 500
+    log_every_steps: int = 50
     val_beam_size: int = 1
     val_max_images: int = 0  # 0 = the whole val split
     early_stop_metric: str = "CIDEr"
     patience: int = 3  # validations without improvement before stopping
     max_caption_length: int = 20
-    num_workers: int = 0
+    init_from: str = ""  # start from this checkpoint's weights (e.g. cross-entropy training before SCST)
+    self_critical: bool = False  # optimise CIDEr-D by self-critical sequence training instead of cross-entropy
+    scst_samples: int = 5  # sampled captions per image; each one's baseline is the mean of the others
 
 
 def to_dict(config: Any) -> dict[str, Any]:

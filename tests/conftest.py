@@ -21,3 +21,86 @@ def flickr8k() -> Path:
     if not (path / "Flickr8k.token.txt").is_file():
         pytest.skip(f"Flickr8k not found at {path} (set SAT_FLICKR8K_DIR)")
     return path
+
+
+CAPTIONS = {
+    "red": ["a red square", "a big red box", "red color everywhere", "a red picture", "the red square"],
+    "green": ["a green square", "a big green box", "green color everywhere", "a green picture", "the green field"],
+    "blue": ["a blue square", "a big blue box", "blue color everywhere", "a blue picture", "the blue sky"],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """A prepared folder dataset of 12 solid-colour photos with 5 captions each (8 train, 2 val, 2 test)."""
+    from PIL import Image
+
+    from show_attend_tell.datasets import read_folder
+    from show_attend_tell.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "images").mkdir()
+    rows = ["image,caption,split"]
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    for n in range(12):
+        name = list(colours)[n % 3]
+        shade = tuple(max(0, c - 10 * n) for c in colours[name])
+        Image.new("RGB", (40, 32), shade).save(root / "images" / f"{name}{n}.jpg")
+        split = "train" if n < 8 else ("val" if n < 10 else "test")
+        rows += [f"{name}{n}.jpg,{caption},{split}" for caption in CAPTIONS[name]]
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    raw = read_folder(root / "captions.csv", root / "images")
+    prepare(raw, root / "prepared", dataset="folder", min_count=1, progress=False)
+    return root / "prepared"
+
+
+def tiny_model_config(vocab_size: int, **overrides):
+    from show_attend_tell.config import ModelConfig
+
+    values = dict(
+        vocab_size=vocab_size,
+        image_size=64,
+        grid_size=2,
+        encoder_dim=12,
+        attention_dim=16,
+        decoder_dim=16,
+        embed_dim=8,
+        dropout=0.0,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+class ColourGrid:
+    """A stand-in encoder for fast tests: the image's mean colour on a 2x2 grid, tiled to 12 channels."""
+
+    def to(self, device):
+        return self
+
+    def eval(self):
+        return self
+
+    def __call__(self, images):
+        import torch.nn.functional as F
+
+        return F.adaptive_avg_pool2d(images, 2).flatten(2).transpose(1, 2).repeat(1, 1, 4)  # (B, 4, 12)
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_prepared, tmp_path_factory) -> Path:
+    """Features of the tiny dataset: 2x2 grids of mean colours (see ColourGrid)."""
+    from show_attend_tell.features import extract_features
+    from show_attend_tell.prepare import PreparedDataset
+
+    dataset = PreparedDataset.load(tiny_prepared)
+    config = tiny_model_config(len(dataset.vocab))
+    out = tmp_path_factory.mktemp("features") / "store"
+    extract_features(
+        [image.path for image in dataset.images],
+        out,
+        config=config,
+        encoder=ColourGrid(),
+        encoder_sha256="untrained",
+        progress=False,
+    )
+    return out

@@ -1,0 +1,96 @@
+"""The Python API: load a model in one line and caption PIL images or files, with attention maps per word.
+
+from show_attend_tell import Captioner
+captioner = Captioner.load()              # the shipped Flickr8k model (or Captioner.load("runs/x/best"))
+result = captioner.caption("photo.jpg")   # .text, .words, .score, .attention (T, g, g), .alternatives
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from show_attend_tell.checkpoint import load_model
+from show_attend_tell.decoding import beam_search, greedy
+from show_attend_tell.images import load_image
+from show_attend_tell.model import image_transform
+
+SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
+
+
+@dataclasses.dataclass
+class Caption:
+    """One image's caption: the words, their total log-probability and where the model looked for each."""
+
+    text: str
+    words: list[str]
+    score: float  # log-probability of the caption (with <end>) under the model
+    attention: np.ndarray  # (len(words), g, g): alpha for each word over the grid, each map sums to 1
+    alternatives: list[tuple[str, float]]  # the other beams, best first: (text, log-probability)
+
+
+class Captioner:
+    """A loaded model ready to caption; the encoder and decoder run once per batch of images."""
+
+    def __init__(self, model, vocab, config: dict, device: str | torch.device = "cpu") -> None:
+        self.model, self.vocab, self.config = model, vocab, config
+        self.device = torch.device(device)
+        self.transform = image_transform(model.config)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, device: str | torch.device = "cpu") -> Captioner:
+        """Load a checkpoint directory (default: the model shipped with the package)."""
+        model, vocab, config = load_model(path or SHIPPED_MODEL, device=device)
+        return cls(model, vocab, config, device)
+
+    @property
+    def grid_size(self) -> int:
+        return self.model.config.grid_size
+
+    @torch.no_grad()
+    def caption_batch(
+        self,
+        images: Sequence[Image.Image | str | Path],
+        *,
+        beam_size: int = 3,
+        max_length: int = 20,
+        length_penalty: float = 0.0,
+    ) -> list[Caption]:
+        """Caption several images in one encoder pass and one batched beam search."""
+        pictures = [load_image(image) for image in images]  # RGB, upright, fully decoded
+        batch = torch.stack([self.transform(picture) for picture in pictures]).to(self.device)
+        encoded = self.model.encode_images(batch)  # (B, P, *)
+        if beam_size == 1:
+            beams = [[h] for h in greedy(self.model.decoder, encoded, max_length=max_length)]
+        else:
+            beams = beam_search(
+                self.model.decoder,
+                encoded,
+                beam_size=beam_size,
+                max_length=max_length,
+                length_penalty=length_penalty,
+            )
+        g = self.grid_size
+        results = []
+        for hypotheses in beams:
+            best = hypotheses[0]
+            words = self.vocab.decode(best.tokens)
+            results.append(
+                Caption(
+                    text=" ".join(words),
+                    words=words,
+                    score=best.log_prob,
+                    attention=best.alphas.numpy().reshape(len(best.tokens), g, g),
+                    alternatives=[(" ".join(self.vocab.decode(h.tokens)), h.log_prob) for h in hypotheses[1:]],
+                )
+            )
+        return results
+
+    def caption(self, image: Image.Image | str | Path, **options) -> Caption:
+        """Caption one PIL image or image file; options as for `caption_batch`."""
+        return self.caption_batch([image], **options)[0]

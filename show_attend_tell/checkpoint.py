@@ -1,0 +1,160 @@
+"""Plain-data model checkpoints: a directory of model.safetensors + config.json + vocab.json. Nothing pickled.
+
+One loader (`load_model`) is used by evaluation, captioning, the server and training's resume.
+A frozen encoder is not stored: the checkpoint names the sha256 of the encoder weights it was trained on,
+and loading checks that the local encoder weights are those. A fine-tuned encoder is stored with the decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from show_attend_tell.config import ModelConfig, from_dict, save_json, to_dict
+from show_attend_tell.errors import InputError
+from show_attend_tell.model import CaptionModel, Encoder
+from show_attend_tell.text import Vocabulary
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+
+
+def model_tensors(model: CaptionModel) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: the decoder, plus the encoder only when part of it was fine-tuned."""
+    tensors = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
+    if model.encoder is not None and model.config.fine_tune_blocks:
+        tensors.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
+    return tensors
+
+
+def save_model(
+    model: CaptionModel,
+    vocab: Vocabulary,
+    directory: str | Path,
+    *,
+    encoder_sha256: str,
+    half: bool = False,
+    extra: dict | None = None,
+) -> Path:
+    """Write the checkpoint directory atomically (each file via a temporary name and a rename).
+
+    half=True stores floating tensors as fp16 for shipping, except BatchNorm statistics (a running variance
+    reaches ~8.4e4, which overflows fp16).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, tensor in model_tensors(model).items():
+        tensor = tensor.detach().cpu().contiguous()
+        if half and tensor.is_floating_point() and "running_" not in name:
+            tensor = tensor.half()
+        tensors[name] = tensor
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": to_dict(model.config),
+        "encoder_sha256": encoder_sha256,
+        "dtype": "float16" if half else "float32",
+        **(extra or {}),
+    }
+    _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format_version": "1"}))
+    _atomic(directory / CONFIG_FILE, lambda p: save_json(config, p))
+    _atomic(directory / VOCAB_FILE, vocab.save)
+    return directory
+
+
+def _atomic(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def read_config(directory: str | Path) -> dict:
+    """config.json of a checkpoint, with its format version checked."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(f"{directory}: not a model checkpoint ({CONFIG_FILE} missing)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path}: unknown checkpoint format_version {version!r} (this version reads {FORMAT_VERSION})")
+    if not isinstance(config.get("model"), dict):
+        raise InputError(f"{path}: field 'model' is missing or not an object")
+    return config
+
+
+def load_model(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    with_encoder: bool = True,
+    pretrained_encoder: bool = True,
+) -> tuple[CaptionModel, Vocabulary, dict]:
+    """Load a checkpoint directory -> (model in eval mode, vocabulary, config dict).
+
+    with_encoder=False skips the encoder (enough for cached features). pretrained_encoder=False builds an
+    untrained encoder (tests); otherwise the local encoder weights must match the recorded sha256.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    try:
+        model_config = from_dict(ModelConfig, config["model"])
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{directory / CONFIG_FILE}: bad 'model' section ({error})") from None
+    vocab = Vocabulary.load(directory / VOCAB_FILE)
+    if len(vocab) != model_config.vocab_size:
+        raise InputError(
+            f"{directory / VOCAB_FILE}: {len(vocab)} words, but the model was built for "
+            f"vocab_size={model_config.vocab_size}; the vocabulary does not belong to these weights"
+        )
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise InputError(f"{weights_path}: missing")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{weights_path}: truncated or corrupt safetensors file ({error})") from None
+
+    encoder = None
+    if with_encoder:
+        encoder = Encoder(model_config, pretrained=pretrained_encoder)
+        if pretrained_encoder and not model_config.fine_tune_blocks:
+            from show_attend_tell.weights import ENCODER_WEIGHTS
+
+            local = ENCODER_WEIGHTS[model_config.encoder].sha256()
+            if local != config.get("encoder_sha256"):
+                raise InputError(
+                    f"{directory}: trained on encoder weights sha256 {config.get('encoder_sha256')}, "
+                    f"but the local {model_config.encoder} weights are {local}"
+                )
+    model = CaptionModel(model_config, encoder=encoder)
+    decoder_tensors = {k[len("decoder.") :]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
+    _load_state(model.decoder, decoder_tensors, weights_path, "decoder")
+    encoder_tensors = {k[len("encoder.") :]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
+    if encoder is not None and encoder_tensors:
+        _load_state(encoder, encoder_tensors, weights_path, "encoder")
+    model.eval()
+    return model.to(device), vocab, config
+
+
+def _load_state(module: torch.nn.Module, tensors: dict, path: Path, part: str) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise InputError(f"{path}: {part} tensors do not match config.json ({' '.join(first[:3])})") from None

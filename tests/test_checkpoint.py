@@ -1,0 +1,109 @@
+"""Checkpoints: save -> load gives identical outputs; fp16 export; clear errors for broken checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from show_attend_tell.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_model, save_model
+from show_attend_tell.config import ModelConfig
+from show_attend_tell.decoding import beam_search
+from show_attend_tell.errors import InputError
+from show_attend_tell.model import CaptionModel, Encoder
+from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+
+WORDS = [*SPECIAL_TOKENS, "a", "dog", "runs", "on", "the", "grass", "cat", "sits"]
+
+
+def small_model(fine_tune: tuple[str, ...] = ()) -> tuple[CaptionModel, Vocabulary]:
+    vocab = Vocabulary(WORDS)
+    config = ModelConfig(
+        vocab_size=len(vocab), attention_dim=16, decoder_dim=16, embed_dim=8, dropout=0.0, fine_tune_blocks=fine_tune
+    )
+    torch.manual_seed(0)
+    encoder = Encoder(config, pretrained=False)
+    return CaptionModel(config, encoder=encoder).eval(), vocab
+
+
+def outputs(model: CaptionModel, images: torch.Tensor):
+    with torch.no_grad():
+        encoded = model.encode_images(images)
+        return encoded.features, beam_search(model.decoder, encoded, beam_size=3, max_length=6)
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "ckpt", encoder_sha256="abc")
+    loaded, loaded_vocab, config = load_model(tmp_path / "ckpt", pretrained_encoder=False)
+    assert loaded_vocab == vocab and config["encoder_sha256"] == "abc"
+    # a frozen encoder is not stored: copy the same (random) encoder weights in, as the real weights would be
+    loaded.encoder.load_state_dict(model.encoder.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    features, beams = outputs(model, images)
+    loaded_features, loaded_beams = outputs(loaded, images)
+    torch.testing.assert_close(features, loaded_features, rtol=0, atol=0)
+    for a, b in zip(beams, loaded_beams, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.log_prob for h in a] == [h.log_prob for h in b]
+    assert not any(name.startswith("encoder.") for name in load_file(tmp_path / "ckpt" / WEIGHTS_FILE))
+
+
+def test_fine_tuned_encoder_is_stored_and_fp16_keeps_batchnorm_statistics_fp32(tmp_path):
+    model, vocab = small_model(fine_tune=("layer4",))
+    with torch.no_grad():
+        model.encoder.trunk[7][0].bn1.running_var.fill_(8.4e4)  # overflows fp16 (max 65504)
+    save_model(model, vocab, tmp_path / "half", encoder_sha256="abc", half=True)
+    tensors = load_file(tmp_path / "half" / WEIGHTS_FILE)
+    assert tensors["encoder.trunk.7.0.bn1.running_var"].dtype == torch.float32
+    assert tensors["decoder.L_o.weight"].dtype == torch.float16
+    loaded, _, _ = load_model(tmp_path / "half", pretrained_encoder=False)
+    assert torch.isfinite(loaded.encoder.trunk[7][0].bn1.running_var).all()
+    torch.testing.assert_close(loaded.encoder.trunk[7][0].bn1.running_var, torch.full((512,), 8.4e4))
+    images = torch.randn(1, 3, 64, 64)
+    (features, beams), (loaded_features, loaded_beams) = outputs(model, images), outputs(loaded, images)
+    # fp16 weights: rounding error of a few parts in a thousand of the activations' scale, not more
+    assert float((features - loaded_features).abs().max() / features.abs().max()) < 1e-2
+    assert json.loads((tmp_path / "half" / CONFIG_FILE).read_text())["dtype"] == "float16"
+
+
+def test_truncated_weights_give_a_clear_error(tmp_path):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    path = tmp_path / "c" / WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match="model.safetensors: truncated or corrupt"):
+        load_model(tmp_path / "c", pretrained_encoder=False)
+
+
+def test_vocabulary_that_does_not_match_the_embedding(tmp_path):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    Vocabulary(WORDS + ["extra"]).save(tmp_path / "c" / VOCAB_FILE)
+    with pytest.raises(InputError, match="vocab.json: 13 words, but the model was built for vocab_size=12"):
+        load_model(tmp_path / "c", pretrained_encoder=False)
+
+
+def test_unknown_format_version_and_missing_checkpoint(tmp_path):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    config = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())
+    config["format_version"] = 99
+    (tmp_path / "c" / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(InputError, match="unknown checkpoint format_version 99"):
+        load_model(tmp_path / "c", pretrained_encoder=False)
+    with pytest.raises(InputError, match="not a model checkpoint"):
+        load_model(tmp_path / "nothing", pretrained_encoder=False)
+
+
+def test_encoder_weights_must_match_the_recorded_sha256(tmp_path, monkeypatch):
+    from show_attend_tell import weights
+
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="0" * 64)
+    monkeypatch.setattr(weights.EncoderWeights, "sha256", lambda self: "f" * 64)
+    monkeypatch.setattr(weights.EncoderWeights, "build", lambda self, pretrained=True: weights.resnet50_v1())
+    with pytest.raises(InputError, match="trained on encoder weights sha256 0000"):
+        load_model(tmp_path / "c")

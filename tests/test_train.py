@@ -1,0 +1,173 @@
+"""Training: learns, validates by real decoding, resumes bit-identically after SIGKILL, stops on NaN, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO, tiny_model_config
+from safetensors.torch import load_file
+
+from show_attend_tell.checkpoint import load_model
+from show_attend_tell.config import TrainConfig
+from show_attend_tell.prepare import PreparedDataset
+from show_attend_tell.train import DataConfig, NonFiniteLossError, Trainer
+
+
+def make_trainer(run_dir, prepared, features, **train):
+    vocab_size = len(PreparedDataset.load(prepared).vocab)
+    values = dict(
+        epochs=3, batch_size=10, decoder_lr=1e-2, checkpoint_every_steps=2, patience=5, seed=1, log_every_steps=1
+    )
+    values.update(train)
+    return Trainer.create(
+        run_dir,
+        tiny_model_config(vocab_size),
+        TrainConfig(**values),
+        DataConfig(prepared=str(prepared), features=str(features)),
+        pretrained_encoder=False,
+        java=False,
+    )
+
+
+def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features, tmp_path):
+    trainer = make_trainer(tmp_path / "run", tiny_prepared, tiny_features, epochs=20, patience=20)
+    summary = trainer.fit(progress=False)
+    assert summary["stopped"] == "epochs" and summary["global_step"] == 20 * trainer.steps_per_epoch
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    assert len(val) == 20 and all("CIDEr" in r and "BLEU-4" in r for r in val)
+    assert max(r["CIDEr"] for r in val) > val[0]["CIDEr"] + 0.5
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 20
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    model, vocab, config = load_model(tmp_path / "run" / "best", with_encoder=False)
+    assert config["val"]["CIDEr"] == max(r["CIDEr"] for r in val)
+
+
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_train import make_trainer
+    from show_attend_tell.train import Trainer
+    run, prepared, features, mode = sys.argv[1:5]
+    if mode == "resume":
+        Trainer.resume(run, pretrained_encoder=False, java=False).fit(progress=False)
+    elif mode == "crash":
+        trainer = make_trainer(run, prepared, features)
+        trainer.fit(max_steps=int(sys.argv[5]), progress=False)
+        os.kill(os.getpid(), signal.SIGKILL)  # dies mid-epoch, after the last checkpoint
+    else:
+        make_trainer(run, prepared, features).fit(progress=False)
+    """
+)
+
+
+def run_script(tmp_path, *args) -> subprocess.CompletedProcess:
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True)
+
+
+def test_killed_run_resumes_bit_identical(tiny_prepared, tiny_features, tmp_path):
+    straight = run_script(tmp_path, tmp_path / "straight", tiny_prepared, tiny_features, "full")
+    assert straight.returncode == 0, straight.stderr
+    steps_per_epoch = json.loads((tmp_path / "straight" / "last" / "state.json").read_text())["global_step"] // 3
+    crash_at = steps_per_epoch + 1 + 2  # mid-epoch 2, one step after a checkpoint (every 2 steps)
+    crashed = run_script(tmp_path, tmp_path / "crashed", tiny_prepared, tiny_features, "crash", crash_at)
+    assert crashed.returncode == -signal.SIGKILL
+    state = json.loads((tmp_path / "crashed" / "last" / "state.json").read_text())
+    assert state["global_step"] < crash_at and state["step_in_epoch"] > 0
+    resumed = run_script(tmp_path, tmp_path / "crashed", tiny_prepared, tiny_features, "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
+    b = load_file(tmp_path / "crashed" / "last" / "state.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # the log holds no lines from the lost steps twice
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_prepared, tiny_features, tmp_path):
+    trainer = make_trainer(tmp_path / "run", tiny_prepared, tiny_features)
+    trainer.fit(max_steps=2, progress=False)
+    trainer.save_state()
+    good = load_file(tmp_path / "run" / "last" / "state.safetensors")
+    with torch.no_grad():
+        trainer.model.decoder.L_o.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 2"):
+        trainer.fit(progress=False)
+    kept = load_file(tmp_path / "run" / "last" / "state.safetensors")
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+def test_self_critical_training_raises_the_reward(tiny_prepared, tiny_features, tmp_path):
+    warm = make_trainer(tmp_path / "xe", tiny_prepared, tiny_features, epochs=30, patience=30)
+    warm.fit(progress=False)
+    scst = make_trainer(
+        tmp_path / "scst",
+        tiny_prepared,
+        tiny_features,
+        epochs=6,
+        self_critical=True,
+        decoder_lr=1e-3,
+        init_from=str(tmp_path / "xe" / "best"),
+        scst_samples=4,
+    )
+    scst.fit(progress=False)
+    rewards = [
+        json.loads(line)["reward"]
+        for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
+    assert rewards, "no training records logged"
+    assert rewards[-1] >= rewards[0]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_train import make_trainer
+    run, prepared, features = sys.argv[1:4]
+    trainer = make_trainer(run, prepared, features, epochs=2, decoder_lr=3e-3)
+    trainer.fit(progress=False)
+    """
+)
+
+
+def test_ddp_on_two_gloo_processes_matches_one_process(tiny_prepared, tiny_features, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(script), tmp_path / "single", tiny_prepared, tiny_features], env=env, capture_output=True
+    )
+    assert single.returncode == 0, single.stderr.decode()[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = subprocess.run(
+        [*torchrun, str(script), tmp_path / "ddp", tiny_prepared, tiny_features], env=env, capture_output=True
+    )
+    assert ddp.returncode == 0, ddp.stderr.decode()[-2000:]
+    a = load_file(tmp_path / "single" / "last" / "state.safetensors")
+    b = load_file(tmp_path / "ddp" / "last" / "state.safetensors")
+    for name in (k for k in a if k.startswith("model.")):
+        # same global batch and loss normalisation: only the order of floating-point sums differs
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    log = {
+        name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        for name in ("single", "ddp")
+    }
+    assert [r["step"] for r in log["single"]] == [r["step"] for r in log["ddp"]]  # only rank 0 logs
+    for x, y in zip(log["single"], log["ddp"], strict=True):
+        key = "CIDEr" if x["kind"] == "val" else "loss"
+        assert x[key] == pytest.approx(y[key], abs=1e-4)
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2

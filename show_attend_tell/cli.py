@@ -168,14 +168,14 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--grid-size", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
     parser.set_defaults(run=_run_features)
 
 
-def _cuda() -> bool:
+def _device(name: str) -> str:
     import torch
 
-    return torch.cuda.is_available()
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _run_features(args: argparse.Namespace) -> int:
@@ -206,7 +206,7 @@ def _run_features(args: argparse.Namespace) -> int:
         encoder_sha256=ENCODER_WEIGHTS[args.encoder].sha256(),
         batch_size=args.batch_size,
         world_size=world_size,
-        device=args.device,
+        device=_device(args.device),
     )
     if world_size > 1 and rank != 0:
         dist.barrier()  # rank 0 creates the store first
@@ -232,7 +232,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (the run stays resumable)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
     _add_dataclass_flags(parser, ModelConfig, skip=("vocab_size",))
     _add_dataclass_flags(parser, TrainConfig)
     parser.set_defaults(run=_run_train)
@@ -247,7 +247,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     try:
         if args.resume:
-            trainer = Trainer.resume(args.resume, device=args.device)
+            trainer = Trainer.resume(args.resume, device=_device(args.device))
         else:
             if not args.data or not args.run_dir:
                 raise InputError("--data and --run-dir are required for a new run (or give --resume RUN_DIR)")
@@ -257,7 +257,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 _dataclass_from_flags(ModelConfig, args, vocab_size=vocab_size),
                 _dataclass_from_flags(TrainConfig, args),
                 DataConfig(prepared=args.data, features=args.features, captions_per_image=args.captions_per_image),
-                device=args.device,
+                device=_device(args.device),
             )
         summary = trainer.fit(max_steps=args.max_steps)
     except (FileExistsError, FileNotFoundError) as error:
@@ -304,7 +304,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         metrics = score_captions(read_results(args.captions), references, java=java)
         print(json.dumps(metrics, indent=2))
         if out:
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (out / "metrics.json").write_text(json.dumps({**_provenance(args), "results": metrics}, indent=2) + "\n")
         return 0
 
     from show_attend_tell.captioner import SHIPPED_MODEL
@@ -345,8 +345,25 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if out:
             write_results(out / f"captions_{args.split}_beam{beam}.json", {names[i]: c for i, c in captions.items()})
     if out:
-        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "metrics.json").write_text(json.dumps({**_provenance(args), "results": results}, indent=2) + "\n")
     return 0
+
+
+def _provenance(args: argparse.Namespace) -> dict:
+    """What a recorded figure needs beside it: the command, the machine and the date."""
+    import datetime
+    import os
+    import platform
+    import shlex
+
+    import torch
+
+    return {
+        "command": "sat " + shlex.join(args.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+    }
 
 
 def _add_caption(sub: argparse._SubParsersAction) -> None:
@@ -417,7 +434,9 @@ def _run_caption(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded beside results
     try:
         return int(args.run(args) or 0)
     except InputError as error:

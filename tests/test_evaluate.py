@@ -1,0 +1,62 @@
+"""`sat evaluate`: decodes once per image, scores several beams, and re-scores its own results file identically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_train import make_trainer
+
+from show_attend_tell.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_prepared, tiny_features, tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    make_trainer(run, tiny_prepared, tiny_features, epochs=15, patience=15).fit(progress=False)
+    return run / "best"
+
+
+def test_evaluate_scores_beams_and_rescoring_its_results_file_agrees(trained, tiny_prepared, tiny_features, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data", str(tiny_prepared), "--split", "val", "--no-java"]
+    code = main(
+        ["evaluate", str(trained), *args, "--features", str(tiny_features), "--beam", "1", "2", "--out", str(out)]
+    )
+    assert code == 0
+    recorded = json.loads((out / "metrics.json").read_text())
+    assert recorded["command"].startswith("sat evaluate") and "date" in recorded and "machine" in recorded
+    results = recorded["results"]
+    assert set(results) == {"beam1", "beam2"}
+    for beam in ("beam1", "beam2"):
+        assert results[beam]["n_images"] == 2 and results[beam]["comparable"] is False
+        captions = json.loads((out / f"captions_val_{beam}.json").read_text())
+        assert sorted(c["image_id"] for c in captions) == ["blue8.jpg", "red9.jpg"]
+        assert (
+            main(
+                ["evaluate", *args, "--captions", str(out / f"captions_val_{beam}.json"), "--out", str(tmp_path / beam)]
+            )
+            == 0
+        )
+        rescored = json.loads((tmp_path / beam / "metrics.json").read_text())["results"]
+        for key in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
+            assert rescored[key] == pytest.approx(results[beam][key], abs=1e-12)
+
+
+def test_evaluate_refuses_features_from_another_encoder(trained, tiny_prepared, tmp_path, capsys):
+    from conftest import ColourGrid, tiny_model_config
+
+    from show_attend_tell.features import extract_features
+    from show_attend_tell.prepare import PreparedDataset
+
+    dataset = PreparedDataset.load(tiny_prepared)
+    config = tiny_model_config(len(dataset.vocab))
+    paths = [image.path for image in dataset.images]
+    extract_features(
+        paths, tmp_path / "other", config=config, encoder=ColourGrid(), encoder_sha256="other", progress=False
+    )
+    code = main(
+        ["evaluate", str(trained), "--data", str(tiny_prepared), "--features", str(tmp_path / "other"), "--no-java"]
+    )
+    assert code == 2
+    assert "encoder_sha256 is 'other' but 'untrained' was expected" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""The main job on the shipped model: the Python API and `sat caption`, odd and broken images included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from show_attend_tell.captioner import SHIPPED_MODEL, Captioner
+from show_attend_tell.cli import main
+
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="module")
+def captioner() -> Captioner:
+    return Captioner.load()
+
+
+def test_shipped_model_is_complete_and_tied_to_its_encoder():
+    config = json.loads((SHIPPED_MODEL / "config.json").read_text())
+    from show_attend_tell.weights import RESNET50_SHA256
+
+    assert config["encoder_sha256"] == RESNET50_SHA256 and config["dtype"] == "float16"
+    assert (SHIPPED_MODEL / "MODEL_CARD.md").is_file()
+
+
+def test_captions_a_batch_with_words_scores_and_attention(captioner):
+    paths = sorted(EXAMPLES.glob("*.jpg"))
+    results = captioner.caption_batch(paths, beam_size=3)
+    g = captioner.grid_size
+    for result in results:
+        assert result.words and result.text == " ".join(result.words)
+        assert result.attention.shape == (len(result.words), g, g)
+        np.testing.assert_allclose(result.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
+        assert len(result.alternatives) == 2 and all(score <= result.score + 1e-6 for _, score in result.alternatives)
+    # a batch gives each image the caption it gets alone
+    alone = captioner.caption(paths[1], beam_size=3)
+    assert alone.words == results[1].words and alone.score == pytest.approx(results[1].score, abs=1e-4)
+    # a PIL image works as well as a path
+    assert captioner.caption(Image.open(paths[1]), beam_size=3).words == alone.words
+
+
+def test_flickr8k_test_photos_get_relevant_captions(captioner):
+    dogs = captioner.caption(EXAMPLES / "flickr8k_3385593926_d3e9c21170.jpg").words  # dogs in snow
+    assert {"dog", "dogs"} & set(dogs) and "snow" in dogs
+
+
+def odd_images(directory: Path) -> dict[str, Path]:
+    photo = Image.open(EXAMPLES / "coffee.jpg")
+    made = {}
+    for name, image, fmt in [
+        ("grey.png", photo.convert("L"), "PNG"),
+        ("rgba.png", photo.convert("RGBA"), "PNG"),
+        ("palette.png", photo.convert("P"), "PNG"),
+        ("cmyk.jpg", photo.convert("CMYK"), "JPEG"),
+        ("sixteen.png", Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257), "PNG"),
+        ("tiny.png", photo.resize((1, 1)), "PNG"),
+        ("large.jpg", photo.resize((4000, 3000)), "JPEG"),
+    ]:
+        image.save(directory / name, fmt)
+        made[name] = directory / name
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotated: the viewer must turn it 90 degrees
+    photo.save(directory / "rotated.jpg", exif=exif)
+    made["rotated.jpg"] = directory / "rotated.jpg"
+    return made
+
+
+def broken_images(directory: Path) -> dict[str, Path]:
+    data = (EXAMPLES / "coffee.jpg").read_bytes()
+    (directory / "empty.jpg").write_bytes(b"")
+    (directory / "text.jpg").write_text("not an image")
+    (directory / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    # a PNG header claiming 100000 x 100000 pixels: a decompression bomb must be refused before decoding
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    (directory / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return {name: directory / name for name in ("empty.jpg", "text.jpg", "truncated.jpg", "bomb.png")}
+
+
+def test_caption_cli_handles_odd_images_and_reports_each_broken_one(tmp_path, capsys):
+    odd = odd_images(tmp_path)
+    broken = broken_images(tmp_path)
+    code = main(["caption", str(tmp_path), "--json", "--attention-dir", str(tmp_path / "maps"), "--beam", "2"])
+    out, err = capsys.readouterr()
+    assert code == 1  # some images failed
+    records = {Path(r["image"]).name: r for r in map(json.loads, out.splitlines())}
+    assert set(records) == set(odd)
+    for record in records.values():
+        assert record["words"] and isinstance(record["score"], float) and len(record["alternatives"]) == 1
+        assert Path(record["attention_figure"]).is_file()
+    failures = [line for line in err.splitlines() if line.startswith("sat caption: skipped:")]
+    assert len(failures) == len(broken)
+    for name, phrase in [
+        ("empty.jpg", "empty file"),
+        ("text.jpg", "not an image"),
+        ("truncated.jpg", "truncated"),
+        ("bomb.png", "too large"),
+    ]:
+        assert any(name in line and phrase in line for line in failures), (name, failures)
+
+
+def test_caption_cli_plain_output_and_missing_path(tmp_path, capsys):
+    assert main(["caption", str(EXAMPLES / "coffee.jpg")]) == 0
+    path, caption = capsys.readouterr().out.strip().split("\t")
+    assert path.endswith("coffee.jpg") and len(caption.split()) >= 3
+    assert main(["caption", str(tmp_path / "nope.jpg")]) == 2
+    assert "nope.jpg" in capsys.readouterr().err

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_caption(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -431,6 +432,37 @@ def _run_caption(args: argparse.Namespace) -> int:
     if out:
         print(f"attention figures written to {out}/", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("serve", help="the web page and HTTP API: upload a photo, see its caption and attention")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all)"
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
+    parser.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413 (default 10 MB)")
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=16,
+        help="requests admitted at once (uploading, waiting or being captioned); more get 503 (default 16)",
+    )
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from show_attend_tell.captioner import Captioner
+    from show_attend_tell.server import MEGABYTE, create_app
+
+    captioner = Captioner.load(args.model)
+    app = create_app(captioner, max_upload_bytes=round(args.max_upload_mb * MEGABYTE), queue_size=args.queue_size)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"sat serve: listening on {args.host}: anyone who can reach this machine can use it", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,247 @@
+// The page: send a photo to /api/caption, show the caption, and draw a word's attention map over the photo.
+// The map (g x g, summing to 1) covers the whole photo, since the encoder sees the photo resized to a square.
+"use strict";
+
+// As in the paper's figures (and visualize.py): the map is upsampled to 224 x 224 and blurred with a
+// Gaussian of 20 pixels, then stretched over the photo; the browser's bilinear scaling smooths the rest.
+const SIDE = 224;
+const SIGMA = 20;
+const DARKEST = 0.78; // opacity of the shade over places the model did not look at
+
+const $ = (id) => document.getElementById(id);
+const elements = {
+  drop: $("drop"), file: $("file"), beam: $("beam"), status: $("status"), error: $("error"),
+  result: $("result"), figure: $("figure"), photo: $("photo"), overlay: $("overlay"), shown: $("shown"),
+  caption: $("caption"), score: $("score"), alternatives: $("alternatives"), timings: $("timings"),
+  health: $("health"),
+};
+const state = { file: null, result: null, pinned: null, request: 0, maxUpload: 0, photoUrl: null };
+
+// W[i][c]: how much grid cell c contributes to pixel i along one axis, i.e. the Gaussian blur (renormalised
+// at the borders) of the cell's block of pixels. The smoothed map is then W alpha W^T.
+function blurWeights(g) {
+  const weights = [];
+  for (let i = 0; i < SIDE; i++) {
+    const row = new Float32Array(g);
+    let total = 0;
+    for (let k = 0; k < SIDE; k++) {
+      const w = Math.exp(-((i - k) ** 2) / (2 * SIGMA * SIGMA));
+      row[Math.min(g - 1, Math.floor((k * g) / SIDE))] += w;
+      total += w;
+    }
+    for (let c = 0; c < g; c++) row[c] /= total;
+    weights.push(row);
+  }
+  return weights;
+}
+
+const weightCache = new Map();
+
+function smoothMap(alpha) {
+  const g = alpha.length;
+  if (!weightCache.has(g)) weightCache.set(g, blurWeights(g));
+  const W = weightCache.get(g);
+  const rows = W.map((w) => {
+    const out = new Float32Array(g); // (W alpha)[i][c]
+    for (let r = 0; r < g; r++) for (let c = 0; c < g; c++) out[c] += w[r] * alpha[r][c];
+    return out;
+  });
+  const heat = new Float32Array(SIDE * SIDE);
+  let peak = 0;
+  for (let y = 0; y < SIDE; y++) {
+    for (let x = 0; x < SIDE; x++) {
+      let v = 0;
+      for (let c = 0; c < g; c++) v += rows[y][c] * W[x][c];
+      heat[y * SIDE + x] = v;
+      if (v > peak) peak = v;
+    }
+  }
+  if (peak > 0) for (let i = 0; i < heat.length; i++) heat[i] /= peak;
+  return heat;
+}
+
+function drawAttention(index) {
+  const context = elements.overlay.getContext("2d");
+  context.clearRect(0, 0, SIDE, SIDE);
+  const words = elements.caption.querySelectorAll(".word");
+  words.forEach((button, i) => button.classList.toggle("active", i === index));
+  if (index === null || !state.result) {
+    elements.figure.dataset.word = "";
+    elements.shown.hidden = true;
+    return;
+  }
+  const heat = smoothMap(state.result.attention[index]);
+  const image = context.createImageData(SIDE, SIDE);
+  for (let i = 0; i < heat.length; i++) {
+    // Bright where the model looked, shaded elsewhere, with a warm tint on the peak.
+    const h = heat[i];
+    image.data[4 * i] = 255 * h;
+    image.data[4 * i + 1] = 140 * h;
+    image.data[4 * i + 2] = 20;
+    image.data[4 * i + 3] = 255 * (DARKEST * (1 - h) + 0.25 * h * h);
+  }
+  context.putImageData(image, 0, 0);
+  const word = state.result.words[index];
+  elements.figure.dataset.word = word;
+  elements.shown.textContent = word;
+  elements.shown.hidden = false;
+}
+
+function showWord(index) {
+  drawAttention(index === null ? state.pinned : index);
+}
+
+function renderCaption(result) {
+  elements.caption.replaceChildren();
+  result.words.forEach((word, index) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "word";
+    button.textContent = word;
+    button.setAttribute("aria-pressed", "false");
+    button.addEventListener("pointerenter", () => showWord(index));
+    button.addEventListener("pointerleave", () => showWord(null));
+    button.addEventListener("focus", () => showWord(index));
+    button.addEventListener("blur", () => showWord(null));
+    button.addEventListener("click", () => {
+      state.pinned = state.pinned === index ? null : index;
+      elements.caption.querySelectorAll(".word").forEach((b, i) => {
+        b.setAttribute("aria-pressed", String(i === state.pinned));
+      });
+      showWord(state.pinned);
+    });
+    elements.caption.append(button, " ");
+  });
+  elements.score.textContent = `log-probability ${result.score.toFixed(2)} · ${result.width}×${result.height} pixels · ${result.grid_size}×${result.grid_size} attention grid`;
+  elements.alternatives.replaceChildren();
+  if (result.alternatives.length === 0) {
+    const item = document.createElement("li");
+    item.className = "none";
+    item.textContent = result.beam_size === 1 ? "none with beam size 1" : "none";
+    elements.alternatives.append(item);
+  }
+  for (const alternative of result.alternatives) {
+    const item = document.createElement("li");
+    const text = document.createElement("span");
+    text.textContent = alternative.caption;
+    const score = document.createElement("span");
+    score.className = "alt-score";
+    score.textContent = alternative.score.toFixed(2);
+    item.append(text, " ", score);
+    elements.alternatives.append(item);
+  }
+  const t = result.timings;
+  elements.timings.textContent = `model ${Math.round(t.decode_ms)} ms · total ${Math.round(t.total_ms)} ms (waiting ${Math.round(t.queue_ms)} ms, reading the image ${Math.round(t.image_ms)} ms)`;
+}
+
+function showError(message) {
+  elements.error.textContent = message;
+  elements.error.hidden = false;
+}
+
+function megabytes(bytes) {
+  return `${(bytes / 2 ** 20).toFixed(bytes < 2 ** 20 ? 2 : 1)} MB`;
+}
+
+async function caption(file) {
+  if (!file) return;
+  const request = ++state.request;
+  elements.error.hidden = true;
+  if (state.maxUpload && file.size > state.maxUpload) {
+    elements.result.hidden = true;
+    elements.status.textContent = "";
+    showError(`${file.name} was not sent: it is ${megabytes(file.size)}, the server accepts up to ${megabytes(state.maxUpload)}.`);
+    return;
+  }
+  elements.status.textContent = `Captioning ${file.name}…`;
+  document.body.classList.add("busy");
+  const form = new FormData();
+  form.append("image", file, file.name);
+  let response;
+  let body;
+  try {
+    response = await fetch(`api/caption?beam_size=${elements.beam.value}`, { method: "POST", body: form });
+    body = await response.json().catch(() => ({ error: `the server answered ${response.status} ${response.statusText}` }));
+  } catch (error) {
+    response = null;
+    body = { error: "the server could not be reached" };
+  } finally {
+    if (request === state.request) document.body.classList.remove("busy");
+  }
+  if (request !== state.request) return; // a newer photo was chosen meanwhile
+  elements.status.textContent = "";
+  if (!response || !response.ok) {
+    elements.result.hidden = true;
+    let message = `${file.name} was rejected: ${body.error}`;
+    const retry = response && response.headers.get("Retry-After");
+    if (response && response.status === 503 && retry) message += ` (retry in ${retry} s)`;
+    showError(message);
+    return;
+  }
+  state.file = file; // captioned again when the beam size changes
+  state.result = body;
+  state.pinned = null;
+  if (state.photoUrl) URL.revokeObjectURL(state.photoUrl);
+  state.photoUrl = URL.createObjectURL(file);
+  elements.figure.classList.remove("no-photo");
+  elements.photo.src = state.photoUrl;
+  renderCaption(body);
+  drawAttention(null);
+  elements.result.hidden = false;
+}
+
+function firstFile(list) {
+  return list && list.length ? list[0] : null;
+}
+
+elements.file.addEventListener("change", () => {
+  caption(firstFile(elements.file.files));
+  elements.file.value = ""; // choosing the same file again still triggers a caption
+});
+elements.beam.addEventListener("change", () => caption(state.file));
+// Small photos are shown larger and large ones smaller: as wide as the column, at most 70% of the window high.
+function fitPhoto() {
+  const photo = elements.photo;
+  if (!photo.naturalWidth) return;
+  const width = elements.figure.clientWidth;
+  const height = 0.7 * window.innerHeight;
+  const scale = Math.min(width / photo.naturalWidth, height / photo.naturalHeight);
+  photo.style.width = `${Math.floor(photo.naturalWidth * scale)}px`; // the height follows
+}
+
+elements.photo.addEventListener("load", fitPhoto);
+window.addEventListener("resize", fitPhoto);
+elements.photo.addEventListener("error", () => {
+  // Some formats the model reads (e.g. TIFF) are not shown by every browser: keep the caption anyway.
+  if (elements.photo.getAttribute("src")) elements.figure.classList.add("no-photo");
+});
+
+// A photo dropped anywhere on the page is captioned (and never opened by the browser instead).
+for (const type of ["dragenter", "dragover"]) {
+  document.addEventListener(type, (event) => {
+    event.preventDefault();
+    elements.drop.classList.add("dragging");
+  });
+}
+document.addEventListener("dragleave", (event) => {
+  if (!event.relatedTarget) elements.drop.classList.remove("dragging");
+});
+document.addEventListener("drop", (event) => {
+  event.preventDefault();
+  elements.drop.classList.remove("dragging");
+  caption(firstFile(event.dataTransfer && event.dataTransfer.files));
+});
+document.addEventListener("paste", (event) => {
+  const file = firstFile(event.clipboardData && event.clipboardData.files);
+  if (file) caption(file);
+});
+
+fetch("api/health")
+  .then((response) => response.json())
+  .then((health) => {
+    state.maxUpload = health.max_upload_bytes;
+    elements.health.textContent = `Model loaded · ${health.grid_size}×${health.grid_size} attention grid · photos up to ${megabytes(health.max_upload_bytes)}`;
+  })
+  .catch(() => {
+    elements.health.textContent = "The model server is not reachable.";
+  });

@@ -1,0 +1,314 @@
+"""`sat serve` in-process: captions with attention maps, every kind of bad upload as a 4xx, the bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from show_attend_tell.captioner import SHIPPED_MODEL, Caption, Captioner
+from show_attend_tell.server import MAX_BEAM_SIZE, create_app
+
+EXAMPLES = REPO / "examples"
+PHOTO = EXAMPLES / "flickr8k_3385593926_d3e9c21170.jpg"
+WORDS = ["a", "dog", "dogs", "cat", "runs", "sits", "on", "in", "the", "grass", "snow", "cup", "of", "coffee", "man"]
+
+
+def load_captioner(directory: Path) -> Captioner:
+    """The shipped model when it is there; otherwise the real ResNet-50 encoder under a small random decoder
+    saved to `directory` (the API and the page behave the same; only the captions are nonsense)."""
+    if (SHIPPED_MODEL / "config.json").is_file():
+        return Captioner.load()
+    import torch
+
+    from show_attend_tell.checkpoint import save_model
+    from show_attend_tell.config import ModelConfig
+    from show_attend_tell.model import CaptionModel
+    from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    vocab = Vocabulary([*SPECIAL_TOKENS, *WORDS])
+    config = ModelConfig(vocab_size=len(vocab), attention_dim=32, decoder_dim=32, embed_dim=16, dropout=0.0)
+    torch.manual_seed(0)
+    model = CaptionModel(config)
+    with torch.no_grad():
+        model.decoder.attention.score.weight *= 6  # peaked maps, as a trained model's, not near-uniform ones
+    save_model(model, vocab, directory, encoder_sha256=ENCODER_WEIGHTS["resnet50"].sha256())
+    return Captioner.load(directory)
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory) -> Captioner:
+    return load_captioner(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def client(captioner):
+    with TestClient(create_app(captioner, max_upload_bytes=200_000, queue_size=4)) as client:
+        yield client
+
+
+def jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A valid PNG header declaring side x side pixels (30 GB decoded) and no pixel data."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def post(client, data: bytes, *, name: str = "photo.jpg", content_type: str = "image/jpeg", query: str = ""):
+    return client.post(f"/api/caption{query}", files={"image": (name, data, content_type)})
+
+
+def assert_error(response, status: int, *phrases: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    message = response.json()["error"]
+    for phrase in phrases:
+        assert phrase in message, (phrase, message)
+    return message
+
+
+def assert_caption(body: dict, captioner: Captioner, beam_size: int) -> None:
+    g = captioner.grid_size
+    assert body["words"] and body["caption"] == " ".join(body["words"])
+    assert body["grid_size"] == g and body["beam_size"] == beam_size
+    attention = np.array(body["attention"])
+    assert attention.shape == (len(body["words"]), g, g)
+    assert (attention >= 0).all()
+    np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, atol=1e-3)
+    assert isinstance(body["score"], float) and body["score"] < 0
+    assert len(body["alternatives"]) <= beam_size - 1
+    for alternative in body["alternatives"]:
+        assert alternative["caption"] and alternative["score"] <= body["score"] + 1e-6
+    timings = body["timings"]
+    assert all(timings[key] >= 0 for key in ("queue_ms", "image_ms", "decode_ms", "total_ms"))
+    assert timings["total_ms"] >= timings["decode_ms"] > 0
+
+
+def test_captions_a_photo_with_one_attention_map_per_word(client, captioner):
+    response = post(client, PHOTO.read_bytes(), query="?beam_size=3")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert_caption(body, captioner, beam_size=3)
+    assert len(body["alternatives"]) == 2
+    assert (body["width"], body["height"]) == Image.open(PHOTO).size
+    # the same caption as the Python API gives
+    assert body["words"] == captioner.caption(PHOTO, beam_size=3).words
+
+
+def test_greedy_decoding_and_an_exif_rotated_photo(client, captioner):
+    photo = Image.open(EXAMPLES / "coffee.jpg")
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored sideways: upright it is taller than wide
+    response = post(client, jpeg(photo, exif=exif), query="?beam_size=1")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert_caption(body, captioner, beam_size=1)
+    assert body["alternatives"] == []
+    assert (body["width"], body["height"]) == (photo.height, photo.width)
+
+
+def test_bad_files_are_4xx_with_the_reason_and_the_server_keeps_serving(client, captioner):
+    data = PHOTO.read_bytes()
+    assert_error(post(client, b"not an image at all", name="notes.jpg"), 422, "notes.jpg", "not an image")
+    assert_error(post(client, data[: len(data) // 2], name="cut.jpg"), 422, "cut.jpg", "truncated")
+    assert_error(post(client, b"", name="empty.jpg"), 422, "empty.jpg", "empty file (0 bytes)")
+    assert_error(post(client, png_bomb(), name="bomb.png", content_type="image/png"), 422, "bomb.png", "too large")
+    # the part's declared type: a text file is refused whatever its bytes; an unknown binary type is judged by them
+    assert_error(post(client, data, content_type="text/plain"), 415, "text/plain", "expected an image")
+    assert post(client, data, name="photo", content_type="application/octet-stream").status_code == 200
+    response = post(client, data)
+    assert response.status_code == 200 and response.json()["words"]
+    assert client.get("/api/health").json()["queue_depth"] == 0
+
+
+def test_requests_that_are_not_a_photo_upload(client):
+    assert_error(client.post("/api/caption", json={"image": "x"}), 415, "multipart/form-data", "application/json")
+    assert_error(client.post("/api/caption"), 415, "multipart/form-data")
+    response = client.post("/api/caption", files={"photo": ("a.jpg", PHOTO.read_bytes(), "image/jpeg")})
+    assert_error(response, 422, "missing", "'image'")
+    response = client.post("/api/caption", files=[("image", ("a.jpg", b"1", "image/jpeg"))] * 2)
+    assert_error(response, 422, "more than once")
+    response = client.post(
+        "/api/caption", content=b"--x\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert_error(response, 400, "incomplete multipart body")
+    assert_error(client.get("/api/caption"), 405)
+    assert_error(client.get("/no/such/page"), 404)
+
+
+@pytest.mark.parametrize("value", ["0", str(MAX_BEAM_SIZE + 1), "-1", "abc", "2.5"])
+def test_bad_beam_size(client, value):
+    assert_error(post(client, PHOTO.read_bytes(), query=f"?beam_size={value}"), 422, "beam_size", repr(value))
+
+
+def test_oversized_upload_is_413(client):
+    big = jpeg(Image.effect_noise((400, 400), 60).convert("RGB"), quality=100)
+    assert len(big) > 200_000
+    assert_error(post(client, big), 413, "too large", "0.19")  # the limit in MB
+
+
+def test_upload_limit_is_enforced_while_streaming(captioner):
+    """A body with no Content-Length is cut off at the limit: the rest is never read."""
+    app = create_app(captioner, max_upload_bytes=100_000, queue_size=2)
+    boundary = b"b0undary"
+    head = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    chunk_size, chunks = 16_384, 1_000  # a 16 MB body
+    sent, messages = [], []
+
+    async def receive():
+        if not sent:
+            sent.append(len(head))
+            return {"type": "http.request", "body": head, "more_body": True}
+        sent.append(chunk_size)
+        return {"type": "http.request", "body": b"\xff" * chunk_size, "more_body": len(sent) < chunks}
+
+    async def send(message):
+        messages.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/caption",
+        "raw_path": b"/api/caption",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert messages[0]["status"] == 413
+    assert sum(sent) <= 100_000 + 2 * chunk_size  # read up to the limit, not the 16 MB
+    assert app.state.queue.depth == 0
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading(client):
+    response = client.post(
+        "/api/caption",
+        content=b"x" * 300_000,
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
+    assert_error(response, 413, "too large")
+
+
+class BlockingCaptioner:
+    """A stand-in model: each caption waits until the test lets it go, and records how many ran at once."""
+
+    grid_size = 2
+
+    def __init__(self) -> None:
+        self.started = threading.Semaphore(0)
+        self.go = threading.Event()
+        self.running = self.most_running = 0
+        self.lock = threading.Lock()
+
+    def caption(self, image, beam_size=3):
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        self.started.release()
+        self.go.wait(timeout=30)
+        time.sleep(0.01)
+        with self.lock:
+            self.running -= 1
+        alpha = np.full((2, 2, 2), 0.25, dtype=np.float32)
+        return Caption("a photo", ["a", "photo"], -1.5, alpha, [("the photo", -2.0)])
+
+
+def in_thread(function, *args, **kwargs) -> tuple[threading.Thread, list]:
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function(*args, **kwargs)))
+    thread.start()
+    return thread, result
+
+
+def test_full_queue_answers_503_with_retry_after():
+    stub = BlockingCaptioner()
+    data = PHOTO.read_bytes()
+    with TestClient(create_app(stub, queue_size=1)) as client:
+        first, result = in_thread(post, client, data)
+        assert stub.started.acquire(timeout=30)  # the first request holds the only slot
+        health = client.get("/api/health").json()
+        assert health["queue_depth"] == 1 and health["queue_size"] == 1
+        busy = post(client, data)
+        assert_error(busy, 503, "busy")
+        assert int(busy.headers["Retry-After"]) >= 1
+        stub.go.set()
+        first.join(timeout=30)
+        assert result[0].status_code == 200
+        assert result[0].json()["attention"] == [[[0.25, 0.25], [0.25, 0.25]]] * 2
+        assert post(client, data).status_code == 200  # served again once the queue has room
+        assert client.get("/api/health").json()["queue_depth"] == 0
+
+
+def test_concurrent_requests_are_captioned_one_at_a_time():
+    stub = BlockingCaptioner()
+    stub.go.set()
+    data = PHOTO.read_bytes()
+    with TestClient(create_app(stub, queue_size=8)) as client:
+        threads = [in_thread(post, client, data) for _ in range(6)]
+        for thread, _ in threads:
+            thread.join(timeout=30)
+    assert [result[0].status_code for _, result in threads] == [200] * 6
+    assert stub.most_running == 1
+
+
+def test_health_openapi_and_the_page(client, captioner):
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok" and health["model_loaded"] is True
+    assert health["grid_size"] == captioner.grid_size and health["queue_depth"] == 0
+    assert health["max_upload_bytes"] == 200_000 and health["max_beam_size"] == MAX_BEAM_SIZE
+    schema = client.get("/openapi.json").json()
+    operation = schema["paths"]["/api/caption"]["post"]
+    assert "image" in operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert [p["name"] for p in operation["parameters"]] == ["beam_size"]
+    assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
+    assert "/api/health" in schema["paths"]
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("app.js", "style.css"):
+        assert client.get(f"/{asset}").status_code == 200
+
+
+def test_the_page_loads_nothing_from_the_internet():
+    from show_attend_tell.server import WEB_DIR
+
+    files = sorted(WEB_DIR.iterdir())
+    assert {path.name for path in files} >= {"index.html", "app.js", "style.css"}
+    for path in files:
+        text = path.read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path.name
+
+
+def test_bad_settings_are_refused(captioner):
+    from show_attend_tell.errors import InputError
+
+    with pytest.raises(InputError, match="queue size"):
+        create_app(captioner, queue_size=0)
+    with pytest.raises(InputError, match="max upload size"):
+        create_app(captioner, max_upload_bytes=0)

@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from show_attend_tell import __version__
 from show_attend_tell.errors import InputError
-from show_attend_tell.images import load_image
+from show_attend_tell.images import IMAGE_FORMATS, load_image
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 MEGABYTE = 2**20
@@ -293,7 +293,7 @@ def create_app(
                                 FIELD: {
                                     "type": "string",
                                     "format": "binary",
-                                    "description": "the photo (JPEG, PNG, GIF, BMP, TIFF, WebP or PPM)",
+                                    "description": f"the photo ({', '.join(IMAGE_FORMATS)})",
                                 }
                             },
                         }
@@ -326,7 +326,7 @@ def create_app(
 
         def job() -> dict:
             started = time.perf_counter()
-            image = load_image(bytes(upload.data), name=upload.filename or FIELD)
+            image = load_image(upload.data, name=upload.filename or FIELD)
             decoded = time.perf_counter()
             result = captioner.caption(image, beam_size=beam_size)
             return {
@@ -369,8 +369,8 @@ def create_app(
     pages = {path.name: path for path in WEB_DIR.iterdir() if path.is_file()}
 
     # Routes rather than a static mount at "/", which would answer 404 instead of 405 for GET /api/caption.
-    @app.get("/", include_in_schema=False)
-    @app.get("/{name}", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    @app.api_route("/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def page(name: str = "index.html") -> FileResponse:
         if name not in pages:
             raise HTTPException(404, f"no such page: /{name}")

@@ -291,8 +291,10 @@ def test_health_openapi_and_the_page(client, captioner):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    for asset in ("app.js", "style.css"):
-        assert client.get(f"/{asset}").status_code == 200
+    assert client.head("/").status_code == 200
+    for asset, kind in [("app.js", "javascript"), ("style.css", "text/css")]:
+        response = client.get(f"/{asset}")
+        assert response.status_code == 200 and kind in response.headers["content-type"]
 
 
 def test_the_page_loads_nothing_from_the_internet():

@@ -164,7 +164,6 @@ async function caption(file) {
     body = await response.json().catch(() => ({ error: `the server answered ${response.status} ${response.statusText}` }));
   } catch (error) {
     response = null;
-    body = { error: "the server could not be reached" };
   } finally {
     if (request === state.request) document.body.classList.remove("busy");
   }
@@ -172,10 +171,14 @@ async function caption(file) {
   elements.status.textContent = "";
   if (!response || !response.ok) {
     elements.result.hidden = true;
-    let message = `${file.name} was rejected: ${body.error}`;
-    const retry = response && response.headers.get("Retry-After");
-    if (response && response.status === 503 && retry) message += ` (retry in ${retry} s)`;
-    showError(message);
+    if (!response) {
+      showError(`${file.name} was not sent: the server cannot be reached.`);
+    } else if (response.status === 503) {
+      const retry = response.headers.get("Retry-After");
+      showError(`${file.name} was not captioned: ${body.error}${retry ? ` (retry in ${retry} s)` : ""}.`);
+    } else {
+      showError(`${file.name} was rejected: ${body.error}`);
+    }
     return;
   }
   state.file = file; // captioned again when the beam size changes

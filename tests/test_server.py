@@ -314,3 +314,24 @@ def test_bad_settings_are_refused(captioner):
         create_app(captioner, queue_size=0)
     with pytest.raises(InputError, match="max upload size"):
         create_app(captioner, max_upload_bytes=0)
+
+
+def test_sat_serve_listens_on_loopback_with_the_given_limits(captioner, monkeypatch, capsys):
+    import uvicorn
+
+    from show_attend_tell import cli
+
+    served = {}
+    monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, path=None, **_: captioner))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: served.update(app=app, host=host, port=port))
+    assert cli.main(["serve", "--max-upload-mb", "0.5", "--queue-size", "3"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8000)
+    with TestClient(served["app"]) as client:
+        health = client.get("/api/health").json()
+    assert health["max_upload_bytes"] == 2**19 and health["queue_size"] == 3
+    assert capsys.readouterr().err == ""  # no warning on loopback
+    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "8080"]) == 0
+    assert (served["host"], served["port"]) == ("0.0.0.0", 8080)
+    assert "anyone who can reach this machine" in capsys.readouterr().err
+    assert cli.main(["serve", "--queue-size", "0"]) == 2
+    assert "queue size must be at least 1" in capsys.readouterr().err

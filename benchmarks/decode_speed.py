@@ -1,0 +1,241 @@
+"""Decoding speed (issue #3): encoder vs beam search for one image, batched vs one-at-a-time beam search.
+
+Targets on a 2-core CPU, beam 3:
+- one image end to end (image tensor -> encoder -> beam search -> words) within 1.2x the encoder forward alone;
+- batched beam search over 32 images at least 3x faster per image than one image at a time (decoder only,
+  from cached encodings; end to end is reported too).
+
+The machine is shared and noisy, so every quantity is measured once per round, the rounds interleave all of
+them (A, B, C, ... then the reverse order), and the figures are medians over rounds; each ratio is the median
+of the per-round ratios, whose two sides ran seconds apart. Everything runs under torch.inference_mode.
+
+A random decoder rarely emits <end> and runs every caption to --max-length, so its step counts (reported)
+are not a trained model's: use the shipped model or --model DIR for the recorded figures.
+
+    python benchmarks/decode_speed.py --repeats 15 --out results/decode_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from show_attend_tell.captioner import SHIPPED_MODEL
+from show_attend_tell.checkpoint import load_model
+from show_attend_tell.config import ModelConfig, to_dict
+from show_attend_tell.decoding import Hypothesis, beam_search
+from show_attend_tell.images import load_image
+from show_attend_tell.model import CaptionModel, Encoded, Encoder, image_transform
+from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+FLICKR8K_VOCAB_SIZE = 2542
+
+
+def provenance() -> dict:
+    """What a recorded figure needs beside it (as `sat`'s): the command, the machine and the date."""
+    return {
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def image_paths(sources: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            paths += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(source)
+    if not paths:
+        raise SystemExit(f"no images in {sources}")
+    return paths
+
+
+def build_model(args: argparse.Namespace) -> tuple[CaptionModel, Vocabulary, str]:
+    """The trained checkpoint when there is one (a real caption length), else a random decoder."""
+    model_dir = Path(args.model) if args.model else SHIPPED_MODEL
+    if not args.random_decoder and (model_dir / "config.json").is_file():
+        model, vocab, _ = load_model(model_dir)
+        return model, vocab, str(model_dir)
+    if args.model:
+        raise SystemExit(f"{args.model}: no checkpoint here (config.json missing)")
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=args.vocab_size)
+    vocab = Vocabulary([*SPECIAL_TOKENS, *(f"word{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS)))])
+    return CaptionModel(config, encoder=Encoder(config)).eval(), vocab, "random (untrained)"
+
+
+def steps_taken(beams: list[list[Hypothesis]]) -> int:
+    """Iterations of the beam search loop: it stops at the step where its last surviving beam finished."""
+    return max(len(h.tokens) + h.finished for hypotheses in beams for h in hypotheses)
+
+
+def caption_images(model: CaptionModel, vocab: Vocabulary, images: torch.Tensor, args) -> tuple[list, int]:
+    """What a user waits for: (B, 3, S, S) image tensors -> the best caption's words for each, and the steps."""
+    encoded = model.encode_images(images)  # (B, P, *)
+    beams = beam_search(model.decoder, encoded, beam_size=args.beam, max_length=args.max_length)
+    return [vocab.decode(hypotheses[0].tokens) for hypotheses in beams], steps_taken(beams)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    model, vocab, decoder_name = build_model(args)
+    paths = image_paths(args.images)
+    transform = image_transform(model.config)
+    tensors = [transform(load_image(path)) for path in paths]
+    images = torch.stack([tensors[i % len(tensors)] for i in range(args.batch)])  # (B, 3, S, S)
+    B = args.batch
+    encoded = model.decoder.encode(model.encoder(images))  # cached encodings for the decoder-only runs
+    singles = [Encoded(encoded.features[i : i + 1], encoded.projected[i : i + 1]) for i in range(B)]
+
+    def decode(rows: Encoded) -> int:
+        return steps_taken(beam_search(model.decoder, rows, beam_size=args.beam, max_length=args.max_length))
+
+    # name -> f(round) -> (seconds per image, decoding steps taken)
+    def encoder_alone(r: int):
+        start = time.perf_counter()
+        model.encoder(images[r % B : r % B + 1])
+        return time.perf_counter() - start, 0
+
+    def end_to_end(r: int):
+        start = time.perf_counter()
+        _, steps = caption_images(model, vocab, images[r % B : r % B + 1], args)
+        return time.perf_counter() - start, steps
+
+    def decoder_one_at_a_time(r: int):
+        start = time.perf_counter()
+        steps = sum(decode(rows) for rows in singles)
+        return (time.perf_counter() - start) / B, steps
+
+    def decoder_batched(r: int):
+        start = time.perf_counter()
+        steps = decode(encoded)
+        return (time.perf_counter() - start) / B, steps
+
+    def end_to_end_one_at_a_time(r: int):
+        start = time.perf_counter()
+        steps = sum(caption_images(model, vocab, images[i : i + 1], args)[1] for i in range(B))
+        return (time.perf_counter() - start) / B, steps
+
+    def end_to_end_batched(r: int):
+        start = time.perf_counter()
+        _, steps = caption_images(model, vocab, images, args)
+        return (time.perf_counter() - start) / B, steps
+
+    tasks = [encoder_alone, end_to_end, decoder_one_at_a_time, decoder_batched]
+    if not args.skip_batched_end_to_end:
+        tasks += [end_to_end_one_at_a_time, end_to_end_batched]
+    seconds: dict[str, list[float]] = {task.__name__: [] for task in tasks}
+    steps: dict[str, list[int]] = {task.__name__: [] for task in tasks}
+    for r in range(-args.warmup, args.repeats):
+        order = tasks if r % 2 == 0 else tasks[::-1]  # neither side always runs first
+        for task in order:
+            s, n = task(r)
+            if r >= 0:
+                seconds[task.__name__].append(s)
+                steps[task.__name__].append(n)
+        if r >= 0:
+            print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f}" for k, v in seconds.items()))
+
+    def ratio(numerator: str, denominator: str) -> dict:
+        per_round = [a / b for a, b in zip(seconds[numerator], seconds[denominator], strict=True)]
+        return {"median": round(statistics.median(per_round), 3), "per_round": [round(x, 3) for x in per_round]}
+
+    ratios = {
+        "end_to_end_over_encoder": ratio("end_to_end", "encoder_alone"),
+        "decoder_one_at_a_time_over_batched": ratio("decoder_one_at_a_time", "decoder_batched"),
+    }
+    if not args.skip_batched_end_to_end:
+        ratios["end_to_end_one_at_a_time_over_batched"] = ratio("end_to_end_one_at_a_time", "end_to_end_batched")
+
+    # ms per step: one image's step runs K rows, the batched step B*K rows.
+    def ms_per_step(name: str) -> float:
+        return statistics.median(1e3 * s * B / n for s, n in zip(seconds[name], steps[name], strict=True))
+
+    per_step = {"one_image": ms_per_step("decoder_one_at_a_time"), f"batch_of_{B}": ms_per_step("decoder_batched")}
+    e2e, batched = ratios["end_to_end_over_encoder"]["median"], ratios["decoder_one_at_a_time_over_batched"]["median"]
+    captions, _ = caption_images(model, vocab, images[: min(B, len(tensors))], args)
+    return {
+        "parameters": {
+            "beam_size": args.beam,
+            "max_length": args.max_length,
+            "batch_images": B,
+            "repeats": args.repeats,
+            "warmup_rounds": args.warmup,
+            "threads": torch.get_num_threads(),
+            "decoder": decoder_name,
+            "model": to_dict(model.config),
+            "images": [str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in paths],
+            "inference_mode": True,
+        },
+        "median_ms_per_image": {k: round(1e3 * statistics.median(v), 2) for k, v in seconds.items()},
+        "median_ms_per_step": {k: round(v, 3) for k, v in per_step.items()},
+        "steps": {
+            "one_image_mean": statistics.mean(steps["decoder_one_at_a_time"]) / B,
+            f"batch_of_{B}": statistics.median(steps["decoder_batched"]),
+            "max_length": args.max_length,
+            "note": "a random decoder rarely emits <end>: captions run to max_length"
+            if decoder_name.startswith("random")
+            else "steps until every beam of every image in the call produced <end>",
+        },
+        "ratios": ratios,
+        "targets": {
+            "end_to_end_over_encoder_at_most_1.2": e2e <= 1.2,
+            "batched_decoder_speedup_at_least_3": batched >= 3.0,
+        },
+        "example_captions": {
+            str(paths[i % len(paths)].name): " ".join(words) for i, words in enumerate(captions[: len(paths)])
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint directory (default: the shipped model, if present)")
+    parser.add_argument("--random-decoder", action="store_true", help="random decoder even if a model exists")
+    parser.add_argument("--vocab-size", type=int, default=FLICKR8K_VOCAB_SIZE, help="random decoder's vocabulary")
+    parser.add_argument("--images", nargs="+", default=[str(REPO / "examples")], help="files or folders")
+    parser.add_argument("--beam", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=32, help="images in the batched runs (photos are cycled)")
+    parser.add_argument("--repeats", type=int, default=15, help="measured rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
+    parser.add_argument("--skip-batched-end-to-end", action="store_true", help="only the decoder-only batch runs")
+    parser.add_argument("--note", default="", help="recorded beside the figures, e.g. the machine's state")
+    parser.add_argument("--out", help="write the figures as JSON here (e.g. results/decode_speed.json)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    record = provenance()
+    with torch.inference_mode():
+        figures = measure(args)
+    record.update(figures)
+    record["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    if args.note:
+        record["note"] = args.note
+    summary = {key: record[key] for key in ("median_ms_per_image", "median_ms_per_step", "steps", "targets", "machine")}
+    summary["decoder"] = record["parameters"]["decoder"]
+    summary["ratios"] = {k: v["median"] for k, v in record["ratios"].items()}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Training throughput (issue #4): captions per second from cached features vs images, and the cost split.
+
+The headline captions/s is `Trainer.train_step` itself, what `sat train` runs, on batches of whole images
+(5 captions each) of about --batch-captions captions. The split per step (data loading, encoder, decoder
+forward, loss, backward, optimizer step) comes from the same phases re-run with a timer around each. Target:
+at least 50 captions/s from cached features with the default model (E=2048, A=D=M=512) on a 2-core CPU.
+
+The machine is shared and noisy, so each round runs every (source, batch size) once, both as train_step and
+as timed phases, in alternating order, and the figures are medians over rounds; the cached/images ratio is
+the median of per-round ratios on the same batch.
+
+Data: a real prepared dataset (--data, with --features for the cached runs), or by default a synthetic one
+in a temporary directory: random-coloured 500x375 JPEGs, captions of normally distributed length (mean 11
+words, like Flickr8k's 10.8) over a --vocab-size vocabulary, and random non-negative features.
+
+    python benchmarks/train_speed.py --repeats 10 --out results/train_speed.json
+    python benchmarks/train_speed.py --data /work/data/f8k --features /work/data/feat224 --out results/...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from show_attend_tell.config import ModelConfig, TrainConfig, to_dict
+from show_attend_tell.datasets import read_folder
+from show_attend_tell.features import extract_features
+from show_attend_tell.images import load_image
+from show_attend_tell.model import caption_loss, image_transform
+from show_attend_tell.prepare import PreparedDataset, prepare
+from show_attend_tell.train import DataConfig, Trainer, epoch_batches
+from show_attend_tell.weights import ENCODER_WEIGHTS
+
+FLICKR8K_VOCAB_SIZE = 2542
+FLICKR8K_TRAIN_CAPTIONS = 30_000
+PHASES = ("data", "encoder", "decoder_forward", "loss", "backward", "optimizer")
+
+
+def provenance() -> dict:
+    """What a recorded figure needs beside it (as `sat`'s): the command, the machine and the date."""
+    return {
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+class RandomGrid:
+    """Stand-in encoder for the synthetic feature store: non-negative (post-ReLU-like) random grids."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.shape = (config.grid_size**2, config.encoder_dim)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def to(self, device):
+        return self
+
+    def eval(self):
+        return self
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.randn(images.size(0), *self.shape, generator=self.generator).relu()  # (B, P, E)
+
+
+def synthetic_dataset(root: Path, *, images: int, vocab_size: int, mean_words: float, seed: int = 0) -> Path:
+    """A prepared folder dataset (`images` train images, 2 val, 2 test, 5 captions each) in `root`."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    words = ["q" + "".join(chr(ord("a") + int(d)) for d in str(i)) for i in range(vocab_size - 4)]  # letters only
+    zipf = 1.0 / np.arange(1, len(words) + 1)
+    total = images + 4
+    lengths = np.clip(np.rint(rng.normal(mean_words, 3.5, size=(total, 5))), 3, 30).astype(int)
+    stream = list(rng.permutation(words)) + list(rng.choice(words, size=int(lengths.sum()), p=zipf / zipf.sum()))
+    rows, position = ["image,caption,split"], 0  # the first captions use every word once: vocabulary = all
+    for n in range(total):
+        small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        picture = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        picture.save(root / "images" / f"{n}.jpg", quality=90)
+        split = "train" if n < images else ("val" if n < images + 2 else "test")
+        for length in lengths[n]:
+            rows.append(f"{n}.jpg,{' '.join(stream[position : position + length])},{split}")
+            position += length
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    raw = read_folder(root / "captions.csv", root / "images")
+    prepare(raw, root / "prepared", dataset="folder", min_count=1, max_length=30, progress=False)
+    return root / "prepared"
+
+
+def synthetic_features(prepared: Path, out: Path, config: ModelConfig) -> Path:
+    dataset = PreparedDataset.load(prepared)
+    extract_features(
+        [image.path for image in dataset.images],
+        out,
+        config=config,
+        encoder=RandomGrid(config),
+        encoder_sha256=ENCODER_WEIGHTS[config.encoder].sha256(),
+        progress=False,
+    )
+    return out
+
+
+def timed_phases(trainer: Trainer, rows: list[int], transform) -> dict[str, float]:
+    """`Trainer.train_step`'s phases (one process on CPU: no AMP, no DDP) with a timer around each, in s."""
+    trainer.model.train()
+    marks = [time.perf_counter()]  # one more after each phase
+    tokens, lengths, owners = trainer.batch_captions(rows)
+    if trainer.features is not None:
+        features = trainer.batch_features(rows, train=True)  # (B, P, E)
+        marks += [time.perf_counter()] * 2  # no encoder
+    else:
+        images = torch.stack([transform(load_image(trainer.dataset.images[i].path)) for i in rows])
+        marks.append(time.perf_counter())
+        with torch.no_grad():
+            features = trainer.model.encoder(images)  # (B, P, E)
+        marks.append(time.perf_counter())
+    log_probs, alphas = trainer.model(features, tokens, lengths, owners)
+    marks.append(time.perf_counter())
+    loss, _ = caption_loss(
+        log_probs,
+        alphas,
+        tokens,
+        doubly_stochastic=trainer.config.doubly_stochastic,
+        label_smoothing=trainer.config.label_smoothing,
+    )
+    marks.append(time.perf_counter())
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    marks.append(time.perf_counter())
+    if trainer.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip)
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    marks.append(time.perf_counter())
+    return {phase: end - start for phase, (start, end) in zip(PHASES, pairwise(marks), strict=True)}
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> dict:
+    if args.data:
+        prepared, features = Path(args.data), args.features or ""
+    else:
+        prepared = synthetic_dataset(
+            workdir / "synthetic", images=args.images, vocab_size=args.vocab_size, mean_words=args.mean_words
+        )
+        vocab_size = len(PreparedDataset.load(prepared).vocab)
+        features = str(synthetic_features(prepared, workdir / "features", ModelConfig(vocab_size=vocab_size)))
+    dataset = PreparedDataset.load(prepared)
+    model_config = ModelConfig(vocab_size=len(dataset.vocab))
+    if not args.data and len(dataset.vocab) < args.vocab_size:
+        print(f"note: {args.images} synthetic images use only {len(dataset.vocab)} of {args.vocab_size} words")
+    sources = [s for s in args.sources if s != "features" or features]
+    trainers = {}
+    for source in sources:
+        trainers[source] = Trainer.create(
+            workdir / f"run-{source}",
+            model_config,
+            TrainConfig(batch_size=max(args.batch_captions), seed=0),
+            DataConfig(prepared=str(prepared), features=features if source == "features" else ""),
+            java=False,
+        )
+    first = trainers[sources[0]]
+    batches = {}
+    for size in args.batch_captions:
+        every = epoch_batches(first.train_rows, first.caption_rows, size, epoch=0, seed=0)
+        batches[size] = [rows for rows in every if sum(len(first.caption_rows[i]) for i in rows) >= size]
+        if not batches[size]:
+            raise SystemExit(f"{len(first.train_rows)} training images do not make one batch of {size} captions")
+    transform = image_transform(model_config)
+    tasks = [(source, size, kind) for source in sources for size in args.batch_captions for kind in ("step", "phases")]
+    throughput = {(s, n): [] for s in sources for n in args.batch_captions}
+    step_seconds = {(s, n): [] for s in sources for n in args.batch_captions}
+    captions = {(s, n): [] for s in sources for n in args.batch_captions}
+    phases = {(s, n): {p: [] for p in PHASES} for s in sources for n in args.batch_captions}
+    for r in range(-args.warmup, args.repeats):
+        for source, size, kind in tasks if r % 2 == 0 else tasks[::-1]:
+            rows = batches[size][r % len(batches[size])]
+            trainer = trainers[source]
+            if kind == "step":
+                start = time.perf_counter()
+                stats = trainer.train_step(rows)
+                seconds = time.perf_counter() - start
+                if r >= 0:
+                    throughput[source, size].append(stats["captions"] / seconds)
+                    step_seconds[source, size].append(seconds)
+                    captions[source, size].append(stats["captions"])
+            else:
+                split = timed_phases(trainer, rows, transform)
+                if r >= 0:
+                    for phase, seconds in split.items():
+                        phases[source, size][phase].append(seconds)
+        if r >= 0:
+            print(
+                f"round {r + 1}/{args.repeats}: "
+                + ", ".join(f"{s} x{n} {v[-1]:.1f} captions/s" for (s, n), v in throughput.items())
+            )
+
+    results = {}
+    for (source, size), values in throughput.items():
+        split = {p: 1e3 * statistics.median(v) for p, v in phases[source, size].items()}
+        cps = statistics.median(values)
+        results[f"{source}_batch_{size}"] = {
+            "source": "cached features" if source == "features" else "images through the encoder",
+            "batch_captions_requested": size,
+            "batch_captions_mean": statistics.mean(captions[source, size]),
+            "captions_per_second_median": round(cps, 2),
+            "captions_per_second_min_max": [round(min(values), 2), round(max(values), 2)],
+            "train_step_ms_median": round(1e3 * statistics.median(step_seconds[source, size]), 1),
+            "split_ms_median": {p: round(v, 1) for p, v in split.items()},
+            "split_fraction": {p: round(v / sum(split.values()), 3) for p, v in split.items()},
+            "split_sum_ms": round(sum(split.values()), 1),
+            "flickr8k_epoch_minutes": round(FLICKR8K_TRAIN_CAPTIONS / cps / 60, 1),
+        }
+    ratios = {}
+    if "features" in sources and "images" in sources:
+        for size in args.batch_captions:
+            per_round = [a / b for a, b in zip(throughput["features", size], throughput["images", size], strict=True)]
+            ratios[f"features_over_images_batch_{size}"] = round(statistics.median(per_round), 2)
+    words = (dataset.lengths[dataset.caption_indices("train")] - 2).float()
+    return {
+        "parameters": {
+            "data": str(prepared) if args.data else "synthetic",
+            "features": features if args.data else "synthetic (random)",
+            "train_images": len(first.train_rows),
+            "caption_words_mean": round(float(words.mean()), 2),
+            "caption_words_max": int(words.max()),
+            "batch_captions": args.batch_captions,
+            "repeats": args.repeats,
+            "warmup_rounds": args.warmup,
+            "threads": torch.get_num_threads(),
+            "model": to_dict(model_config),
+            "train": to_dict(first.config),
+        },
+        "results": results,
+        "ratios": ratios,
+        "target_features_at_least_50_captions_per_second": {
+            name: value["captions_per_second_median"] >= 50
+            for name, value in results.items()
+            if name.startswith("features")
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="a `sat prepare` directory (default: a synthetic dataset)")
+    parser.add_argument("--features", help="its `sat features` store (for the cached-features runs)")
+    parser.add_argument("--sources", nargs="+", choices=["features", "images"], default=["features", "images"])
+    parser.add_argument("--batch-captions", type=int, nargs="+", default=[64, 160])
+    parser.add_argument("--repeats", type=int, default=10, help="measured rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
+    parser.add_argument("--images", type=int, default=200, help="synthetic: training images (5 captions each)")
+    parser.add_argument("--vocab-size", type=int, default=FLICKR8K_VOCAB_SIZE, help="synthetic: vocabulary size")
+    parser.add_argument("--mean-words", type=float, default=11.0, help="synthetic: mean caption length in words")
+    parser.add_argument("--note", default="", help="recorded beside the figures, e.g. the machine's state")
+    parser.add_argument("--out", help="write the figures as JSON here (e.g. results/train_speed.json)")
+    args = parser.parse_args()
+    if args.features and not args.data:
+        parser.error("--features needs --data")
+    torch.set_num_threads(args.threads)
+    record = provenance()
+    with tempfile.TemporaryDirectory(prefix="train_speed_") as workdir:
+        record.update(measure(args, Path(workdir)))
+    record["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    if args.note:
+        record["note"] = args.note
+    for name, result in record["results"].items():
+        split = ", ".join(f"{phase} {ms:.0f}" for phase, ms in result["split_ms_median"].items())
+        print(f"{name}: {result['captions_per_second_median']} captions/s; split (ms): {split}")
+    print(json.dumps({"ratios": record["ratios"], "target": record["target_features_at_least_50_captions_per_second"]}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

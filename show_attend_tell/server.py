@@ -27,6 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -245,7 +246,8 @@ def create_app(
         yield
         queue.shutdown()
 
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI's files itself: plain FastAPI's /docs loads them from a CDN.
+    app = FastAPIOffline(
         title="Show, Attend and Tell",
         summary="Caption a photo and see where the model looked for each word.",
         version=__version__,

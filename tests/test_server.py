@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import struct
 import threading
 import time
@@ -287,7 +288,11 @@ def test_health_openapi_and_the_page(client, captioner):
     assert [p["name"] for p in operation["parameters"]] == ["beam_size"]
     assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
     assert "/api/health" in schema["paths"]
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    # the docs page works offline: every script and stylesheet it names is served by this app
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+    assert assets and all(a.startswith("/") and client.get(a).status_code == 200 for a in assets)
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]

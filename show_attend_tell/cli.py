@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_caption(sub)
+    _add_export(sub)
     _add_serve(sub)
     return parser
 
@@ -462,6 +463,34 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"sat serve: listening on {args.host}: anyone who can reach this machine can use it", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export",
+        help="write a checkpoint for shipping: fp16 weights (BatchNorm statistics stay fp32), config, vocabulary",
+    )
+    parser.add_argument("model", help="checkpoint directory, e.g. runs/mine/best")
+    parser.add_argument("--out", required=True, help="directory to write (e.g. show_attend_tell/pretrained/NAME)")
+    parser.add_argument("--float32", action="store_true", help="keep fp32 weights instead of fp16")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from show_attend_tell.checkpoint import load_model, save_model
+
+    model, vocab, config = load_model(args.model, with_encoder=False)
+    kept = {k: v for k, v in config.items() if k not in ("format_version", "model", "encoder_sha256", "dtype")}
+    out = save_model(
+        model,
+        vocab,
+        args.out,
+        encoder_sha256=config["encoder_sha256"],
+        half=not args.float32,
+        extra={**kept, "exported_from": str(args.model)},
+    )
+    print(f"exported {args.model} -> {out}")
     return 0
 
 

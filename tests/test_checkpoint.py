@@ -107,3 +107,26 @@ def test_encoder_weights_must_match_the_recorded_sha256(tmp_path, monkeypatch):
     monkeypatch.setattr(weights.EncoderWeights, "build", lambda self, pretrained=True: weights.resnet50_v1())
     with pytest.raises(InputError, match="trained on encoder weights sha256 0000"):
         load_model(tmp_path / "c")
+
+
+def test_cli_export_writes_fp16_that_decodes_like_the_original(tmp_path, capsys):
+    from show_attend_tell.cli import main
+
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "run", encoder_sha256="abc", extra={"step": 7})
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "shipped")]) == 0
+    assert "shipped" in capsys.readouterr().out
+    config = json.loads((tmp_path / "shipped" / CONFIG_FILE).read_text())
+    assert config["dtype"] == "float16" and config["encoder_sha256"] == "abc" and config["step"] == 7
+    assert all(t.dtype == torch.float16 for t in load_file(tmp_path / "shipped" / WEIGHTS_FILE).values())
+    shipped, _, _ = load_model(tmp_path / "shipped", with_encoder=False)
+    torch.manual_seed(1)
+    features = torch.randn(2, 49, 2048)
+    with torch.no_grad():
+        original = beam_search(model.decoder, model.decoder.encode(features), beam_size=3, max_length=6)
+        half = beam_search(shipped.decoder, shipped.decoder.encode(features), beam_size=3, max_length=6)
+    assert [[h.tokens for h in b] for b in half] == [[h.tokens for h in b] for b in original]
+    for b_half, b_orig in zip(half, original, strict=True):
+        assert [h.log_prob for h in b_half] == pytest.approx([h.log_prob for h in b_orig], abs=1e-2)
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a model checkpoint" in capsys.readouterr().err

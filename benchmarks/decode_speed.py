@@ -94,7 +94,7 @@ def caption_images(model: CaptionModel, vocab: Vocabulary, images: torch.Tensor,
 
 def measure(args: argparse.Namespace) -> dict:
     model, vocab, decoder_name = build_model(args)
-    paths = image_paths(args.images)
+    paths = image_paths(args.images)[: args.batch]  # a folder may hold thousands
     transform = image_transform(model.config)
     tensors = [transform(load_image(path)) for path in paths]
     images = torch.stack([tensors[i % len(tensors)] for i in range(args.batch)])  # (B, 3, S, S)

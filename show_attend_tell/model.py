@@ -2,8 +2,9 @@
 
 Shape letters used in the comments below:
     B images, N rows being decoded (captions, beams or samples), P attention locations (grid_size**2),
-    E encoder channels, A attention dim, D decoder dim, M embedding dim, T caption length, V vocabulary,
-    K beam width, S input side in pixels.
+    E encoder channels, F channels of the features the decoder attends over (feature_dim, or E when 0),
+    A attention dim, D decoder dim, M embedding dim, T caption length, V vocabulary, K beam width,
+    S input side in pixels.
 
 Xu et al. 2015, section 3.1.2 and 4.2: at step t the attention reads h_{t-1}, forms the context z_t, gates
 it with beta_t, and the LSTM consumes [E y_{t-1}; beta_t z_t] to give h_t, from which y_t is predicted.
@@ -44,7 +45,7 @@ def image_transform(config: ModelConfig):
 class Encoded(NamedTuple):
     """Image features with their attention projection W_a a_i, computed once per image, not once per step."""
 
-    features: torch.Tensor  # (N, P, E)
+    features: torch.Tensor  # (N, P, F)
     projected: torch.Tensor  # (N, P, A)
 
     def select(self, index: torch.Tensor) -> Encoded:
@@ -103,17 +104,17 @@ class Encoder(nn.Module):
 class SoftAttention(nn.Module):
     """Bahdanau attention: e = w^T tanh(W_a a_i + W_h h), alpha = softmax(e), context = sum_i alpha_i a_i."""
 
-    def __init__(self, *, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+    def __init__(self, *, feature_dim: int, decoder_dim: int, attention_dim: int) -> None:
         super().__init__()
-        self.encoder_projection = nn.Linear(encoder_dim, attention_dim)  # W_a
+        self.encoder_projection = nn.Linear(feature_dim, attention_dim)  # W_a
         self.decoder_projection = nn.Linear(decoder_dim, attention_dim)  # W_h
         self.score = nn.Linear(attention_dim, 1)  # w
 
     def forward(self, encoded: Encoded, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (N, D) -> context (N, E), alpha (N, P)."""
+        """h (N, D) -> context (N, F), alpha (N, P)."""
         energy = torch.tanh(encoded.projected + self.decoder_projection(h).unsqueeze(1))  # (N, P, A)
         alpha = self.score(energy).squeeze(2).softmax(dim=1)  # (N, P)
-        context = torch.bmm(alpha.unsqueeze(1), encoded.features).squeeze(1)  # (N, E)
+        context = torch.bmm(alpha.unsqueeze(1), encoded.features).squeeze(1)  # (N, F)
         return context, alpha
 
 
@@ -129,36 +130,47 @@ class CaptionDecoder(nn.Module):
             config.embed_dim,
             config.vocab_size,
         )
+        features_dim = config.feature_dim or E
         self.deep_output = config.deep_output
         self.embedding = nn.Embedding(V, M, padding_idx=PAD_ID)
-        self.attention = SoftAttention(encoder_dim=E, decoder_dim=D, attention_dim=A)
-        self.init_h = nn.Sequential(nn.Linear(E, D), nn.Tanh())  # h_0 = MLP(mean_i a_i)
-        self.init_c = nn.Sequential(nn.Linear(E, D), nn.Tanh())  # c_0 = MLP(mean_i a_i)
-        self.f_beta = nn.Linear(D, E)  # beta = sigmoid(f_beta(h_{t-1})), section 4.2.1
-        self.lstm = nn.LSTMCell(M + E, D)
+        # Beyond the paper: a_i -> ReLU(W_f a_i) once per image. Every per-step multiply that reads the context
+        # (LSTM input, beta gate, deep output) then works on F instead of E channels.
+        self.feature_projection = (
+            nn.Sequential(nn.Linear(E, features_dim), nn.ReLU(), nn.Dropout(config.dropout))
+            if config.feature_dim
+            else None
+        )
+        self.attention = SoftAttention(feature_dim=features_dim, decoder_dim=D, attention_dim=A)
+        self.init_h = nn.Sequential(nn.Linear(features_dim, D), nn.Tanh())  # h_0 = MLP(mean_i a_i)
+        self.init_c = nn.Sequential(nn.Linear(features_dim, D), nn.Tanh())  # c_0 = MLP(mean_i a_i)
+        self.f_beta = nn.Linear(D, features_dim)  # beta = sigmoid(f_beta(h_{t-1})), section 4.2.1
+        self.lstm = nn.LSTMCell(M + features_dim, D)
         self.dropout = nn.Dropout(config.dropout)
         if self.deep_output:  # eq. 7: p(y_t) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))
             self.L_h = nn.Linear(D, M)
-            self.L_z = nn.Linear(E, M)
+            self.L_z = nn.Linear(features_dim, M)
             self.L_o = nn.Linear(M, V)
         else:
             self.L_o = nn.Linear(D, V)
 
     def encode(self, features: torch.Tensor) -> Encoded:
-        """(B, P, E) features -> Encoded with the attention projection done once per image."""
-        return Encoded(features, self.attention.encoder_projection(features))  # (B, P, A)
+        """(B, P, E) encoder features -> Encoded: projected to F (if configured), and the attention projection
+        W_a a_i, both done once per image."""
+        if self.feature_projection is not None:
+            features = self.feature_projection(features)  # (B, P, F)
+        return Encoded(features, self.attention.encoder_projection(features))  # (B, P, F), (B, P, A)
 
     def init_state(self, encoded: Encoded) -> State:
-        mean = encoded.features.mean(dim=1)  # (N, E)
+        mean = encoded.features.mean(dim=1)  # (N, F)
         return self.init_h(mean), self.init_c(mean)  # (N, D) each
 
     def step(self, words: torch.Tensor, state: State, encoded: Encoded) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One decoding step: previous words (N,) -> log p(next word) (N, V), new state, alpha (N, P)."""
         h, c = state
         embedded = self.embedding(words)  # (N, M)
-        context, alpha = self.attention(encoded, h)  # (N, E), (N, P)
-        beta = torch.sigmoid(self.f_beta(h))  # (N, E)
-        gated = beta * context  # (N, E)
+        context, alpha = self.attention(encoded, h)  # (N, F), (N, P)
+        beta = torch.sigmoid(self.f_beta(h))  # (N, F)
+        gated = beta * context  # (N, F)
         h, c = self.lstm(torch.cat([embedded, gated], dim=1), (h, c))  # (N, D) each
         if self.deep_output:
             logits = self.L_o(self.dropout(embedded + self.L_h(h) + self.L_z(gated)))  # (N, V)

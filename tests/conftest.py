@@ -62,6 +62,7 @@ def tiny_model_config(vocab_size: int, **overrides):
         image_size=64,
         grid_size=2,
         encoder_dim=12,
+        feature_dim=10,
         attention_dim=16,
         decoder_dim=16,
         embed_dim=8,

@@ -102,6 +102,7 @@ def tiny_decoder(seed: int = 0, **overrides) -> CaptionDecoder:
     config = ModelConfig(
         vocab_size=12,
         encoder_dim=8,
+        feature_dim=7,
         attention_dim=6,
         decoder_dim=10,
         embed_dim=5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from show_attend_tell.config import ModelConfig
@@ -10,7 +11,16 @@ from show_attend_tell.text import END_ID, PAD_ID, START_ID
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    values = dict(vocab_size=15, encoder_dim=8, attention_dim=6, decoder_dim=10, embed_dim=5, grid_size=2, dropout=0.0)
+    values = dict(
+        vocab_size=15,
+        encoder_dim=8,
+        feature_dim=7,
+        attention_dim=6,
+        decoder_dim=10,
+        embed_dim=5,
+        grid_size=2,
+        dropout=0.0,
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -30,9 +40,10 @@ def captions_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tokens, lengths, torch.tensor([0, 1, 1, 0, 1])
 
 
-def test_teacher_forcing_equals_stepping_each_caption_alone():
+@pytest.mark.parametrize("feature_dim", [7, 0])
+def test_teacher_forcing_equals_stepping_each_caption_alone(feature_dim):
     torch.manual_seed(0)
-    model = CaptionModel(tiny_config()).eval()
+    model = CaptionModel(tiny_config(feature_dim=feature_dim)).eval()
     features = torch.randn(2, 4, 8)
     tokens, lengths, image_index = captions_batch()
     log_probs, alphas = model(features, tokens, lengths, image_index)
@@ -54,6 +65,16 @@ def test_projection_runs_once_per_image_not_per_caption_or_step():
     tokens, lengths, image_index = captions_batch()
     model(torch.randn(2, 4, 8), tokens, lengths, image_index)
     assert rows_seen == [2]
+
+
+def test_feature_projection_sets_the_width_of_every_per_step_multiply():
+    projected = CaptionModel(tiny_config(encoder_dim=8, feature_dim=7)).decoder
+    paper = CaptionModel(tiny_config(encoder_dim=8, feature_dim=0)).decoder
+    assert projected.lstm.input_size == 5 + 7 and projected.f_beta.out_features == projected.L_z.in_features == 7
+    assert paper.feature_projection is None and paper.lstm.input_size == 5 + 8 and paper.f_beta.out_features == 8
+    encoded = projected.encode(torch.randn(2, 4, 8))
+    assert encoded.features.shape == (2, 4, 7) and bool((encoded.features >= 0).all())  # after the ReLU
+    assert encoded.projected.shape == (2, 4, 6)
 
 
 def test_paper_step_without_deep_output_and_no_nans():

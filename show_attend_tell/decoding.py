@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from show_attend_tell.model import Encoded
-from show_attend_tell.text import END_ID, PAD_ID, START_ID
+from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
 
 @dataclasses.dataclass
@@ -77,8 +77,9 @@ def rollout(
 
 
 def _never_next(device: torch.device) -> torch.Tensor:
-    """Tokens a running caption may not produce next (the model never learned to predict them)."""
-    return torch.tensor([PAD_ID, START_ID], device=device)
+    """Tokens a running caption may not produce next: <pad> and <start> (never targets in training) and <unk>
+    (it stands for any rare word; a caption is better served by the most probable real word)."""
+    return torch.tensor([PAD_ID, START_ID, UNK_ID], device=device)
 
 
 def _hypothesis(

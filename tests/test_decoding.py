@@ -10,10 +10,10 @@ import torch
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoding import beam_search, greedy, length_normalised
 from show_attend_tell.model import CaptionDecoder, Encoded
-from show_attend_tell.text import END_ID, PAD_ID, START_ID
+from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
-V = 6  # <pad> <start> <end> and three words
-WORDS = [w for w in range(V) if w not in (PAD_ID, START_ID)]  # what a caption may contain, <end> included
+V = 7  # <pad> <start> <end> <unk> and three words
+WORDS = [w for w in range(V) if w not in (PAD_ID, START_ID, UNK_ID)]  # what a caption may contain, <end> included
 
 
 class MockDecoder:
@@ -141,6 +141,6 @@ def test_attention_maps_are_distributions_per_word_and_specials_never_appear():
     encoded = decoder.encode(torch.randn(3, 4, 8))
     for hypotheses in beam_search(decoder, encoded, beam_size=4, max_length=8, length_penalty=1.0):
         for h in hypotheses:
-            assert not set(h.tokens) & {PAD_ID, START_ID, END_ID}
+            assert not set(h.tokens) & {PAD_ID, START_ID, END_ID, UNK_ID}
             torch.testing.assert_close(h.alphas.sum(dim=1), torch.ones(len(h.tokens)))
             assert h.score == pytest.approx(length_normalised(h.log_prob, len(h.tokens) + h.finished, 1.0))

@@ -43,9 +43,16 @@ class Captioner:
         self.transform = image_transform(model.config)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, device: str | torch.device = "cpu") -> Captioner:
-        """Load a checkpoint directory (default: the model shipped with the package)."""
-        model, vocab, config = load_model(path or SHIPPED_MODEL, device=device)
+    def load(
+        cls, path: str | Path | None = None, *, device: str | torch.device = "cpu", int8: bool | None = None
+    ) -> Captioner:
+        """Load a checkpoint directory (default: the model shipped with the package).
+
+        int8: quantize the decoder for speed (default: on the CPU; see model.int8_decoder for what it costs).
+        """
+        if int8 is None:
+            int8 = torch.device(device).type == "cpu"
+        model, vocab, config = load_model(path or SHIPPED_MODEL, device=device, int8=int8)
         return cls(model, vocab, config, device)
 
     @property

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from show_attend_tell.config import ModelConfig, from_dict, save_json, to_dict
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import CaptionModel, Encoder
+from show_attend_tell.model import CaptionModel, Encoder, int8_decoder
 from show_attend_tell.text import Vocabulary
 
 FORMAT_VERSION = 1
@@ -104,12 +104,16 @@ def load_model(
     device: str | torch.device = "cpu",
     with_encoder: bool = True,
     pretrained_encoder: bool = True,
+    int8: bool = False,
 ) -> tuple[CaptionModel, Vocabulary, dict]:
     """Load a checkpoint directory -> (model in eval mode, vocabulary, config dict).
 
     with_encoder=False skips the encoder (enough for cached features). pretrained_encoder=False builds an
     untrained encoder (tests); otherwise the local encoder weights must match the recorded sha256.
+    int8=True quantizes the decoder for faster CPU inference (see model.int8_decoder; CPU only).
     """
+    if int8 and torch.device(device).type != "cpu":
+        raise InputError(f"int8 decoding runs on the CPU only, not on {device}")
     directory = Path(directory)
     config = read_config(directory)
     try:
@@ -149,6 +153,8 @@ def load_model(
     if encoder is not None and encoder_tensors:
         _load_state(encoder, encoder_tensors, weights_path, "encoder")
     model.eval()
+    if int8:
+        model.decoder = int8_decoder(model.decoder)
     return model.to(device), vocab, config
 
 

@@ -179,6 +179,18 @@ class CaptionDecoder(nn.Module):
         return F.log_softmax(logits, dim=1), (h, c), alpha
 
 
+def int8_decoder(decoder: CaptionDecoder) -> CaptionDecoder:
+    """A copy of the decoder with int8 weights in its Linear and LSTMCell layers (dynamic quantization), for
+    CPU inference. A beam-search step over a few rows is bound by reading fp32 weights; int8 reads a quarter
+    of the bytes and runs VNNI kernels, ~3x faster per step here. Captions can differ slightly: `sat evaluate
+    --int8` measures the effect (results/ records it for the shipped model)."""
+    import warnings
+
+    with warnings.catch_warnings():  # eager-mode quantization is deprecated in favour of torchao, which is
+        warnings.simplefilter("ignore")  # not a dependency here; the pinned torch has it
+        return torch.ao.quantization.quantize_dynamic(decoder, {nn.Linear, nn.LSTMCell}, dtype=torch.qint8)
+
+
 class CaptionModel(nn.Module):
     """Encoder + decoder. The encoder is optional: training on cached features needs only the decoder."""
 

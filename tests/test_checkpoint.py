@@ -130,3 +130,25 @@ def test_cli_export_writes_fp16_that_decodes_like_the_original(tmp_path, capsys)
         assert [h.log_prob for h in b_half] == pytest.approx([h.log_prob for h in b_orig], abs=1e-2)
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "not a model checkpoint" in capsys.readouterr().err
+
+
+def test_int8_decoder_is_quantized_close_to_fp32_and_cpu_only(tmp_path):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "ckpt", encoder_sha256="abc")
+    fp32, _, _ = load_model(tmp_path / "ckpt", with_encoder=False)
+    int8, _, _ = load_model(tmp_path / "ckpt", with_encoder=False, int8=True)
+    dynamic = torch.ao.nn.quantized.dynamic
+    assert isinstance(int8.decoder.lstm, dynamic.LSTMCell) and isinstance(int8.decoder.L_o, dynamic.Linear)
+    assert type(fp32.decoder.lstm) is torch.nn.LSTMCell
+    torch.manual_seed(2)
+    features, words = torch.randn(3, 49, 2048), torch.tensor([1, 5, 6])
+    with torch.no_grad():
+        outputs = []
+        for decoder in (fp32.decoder, int8.decoder):
+            encoded = decoder.encode(features)
+            outputs.append(decoder.step(words, decoder.init_state(encoded), encoded))
+    (log_probs, _, alpha), (log_probs8, _, alpha8) = outputs
+    torch.testing.assert_close(log_probs8, log_probs, atol=0.05, rtol=0)
+    torch.testing.assert_close(alpha8, alpha, atol=0.01, rtol=0)
+    with pytest.raises(InputError, match="CPU only"):
+        load_model(tmp_path / "ckpt", with_encoder=False, int8=True, device="cuda")

@@ -35,7 +35,7 @@ from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import ModelConfig, to_dict
 from show_attend_tell.decoding import Hypothesis, beam_search
 from show_attend_tell.images import load_image
-from show_attend_tell.model import CaptionModel, Encoded, Encoder, image_transform
+from show_attend_tell.model import CaptionModel, Encoded, Encoder, image_transform, int8_decoder
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,14 +70,17 @@ def build_model(args: argparse.Namespace) -> tuple[CaptionModel, Vocabulary, str
     """The trained checkpoint when there is one (a real caption length), else a random decoder."""
     model_dir = Path(args.model) if args.model else SHIPPED_MODEL
     if not args.random_decoder and (model_dir / "config.json").is_file():
-        model, vocab, _ = load_model(model_dir)
-        return model, vocab, str(model_dir)
+        model, vocab, _ = load_model(model_dir, int8=args.int8)
+        return model, vocab, str(model_dir) + (" (int8 decoder)" if args.int8 else "")
     if args.model:
         raise SystemExit(f"{args.model}: no checkpoint here (config.json missing)")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=args.vocab_size)
     vocab = Vocabulary([*SPECIAL_TOKENS, *(f"word{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS)))])
-    return CaptionModel(config, encoder=Encoder(config)).eval(), vocab, "random (untrained)"
+    model = CaptionModel(config, encoder=Encoder(config)).eval()
+    if args.int8:
+        model.decoder = int8_decoder(model.decoder)
+    return model, vocab, "random (untrained)" + (" (int8 decoder)" if args.int8 else "")
 
 
 def steps_taken(beams: list[list[Hypothesis]]) -> int:
@@ -181,6 +184,7 @@ def measure(args: argparse.Namespace) -> dict:
             "model": to_dict(model.config),
             "images": [str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in paths],
             "inference_mode": True,
+            "int8_decoder": args.int8,
         },
         "median_ms_per_image": {k: round(1e3 * statistics.median(v), 2) for k, v in seconds.items()},
         "median_ms_per_step": {k: round(v, 3) for k, v in per_step.items()},
@@ -215,6 +219,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=15, help="measured rounds")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
+    parser.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="int8 decoder, as `sat caption` and `sat serve` use on CPU (default on; --no-int8 for fp32)",
+    )
     parser.add_argument("--skip-batched-end-to-end", action="store_true", help="only the decoder-only batch runs")
     parser.add_argument("--note", default="", help="recorded beside the figures, e.g. the machine's state")
     parser.add_argument("--out", help="write the figures as JSON here (e.g. results/decode_speed.json)")

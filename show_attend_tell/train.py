@@ -358,11 +358,15 @@ class Trainer:
         }
 
     def self_critical_step(self, rows: list[int]) -> dict:
-        """One SCST step: sample `scst_samples` captions per image, reward CIDEr-D, REINFORCE."""
+        """One SCST step: sample `scst_samples` captions per image, reward CIDEr-D, REINFORCE.
+
+        Sampling runs without dropout: the policy improved is the one decoding uses. With dropout on, a Flickr8k
+        model's samples are mostly word salad (mean CIDEr-D 0.30 vs 0.76 greedy) and training collapsed into
+        repeated words within 200 steps at lr 2e-5 and 5e-5."""
         from show_attend_tell.decoding import rollout
         from show_attend_tell.scst import self_critical_loss
 
-        self.model.train()
+        self.model.eval()
         local = rows[self.rank :: self.world_size]
         samples = self.config.scst_samples
         features = self.batch_features(local, train=True)

@@ -13,6 +13,11 @@ import torch
 from show_attend_tell.model import Encoded
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
+# No caption repeats a trigram ("in the water in the water"). Self-critical training otherwise learns to pad
+# captions with repeats to reach the reference length CIDEr-D's Gaussian rewards; greedy, beam search and SCST
+# sampling all apply it, so training optimises the policy that decoding runs.
+NO_REPEAT_NGRAM = 3
+
 
 @dataclasses.dataclass
 class Hypothesis:
@@ -31,9 +36,13 @@ def length_normalised(log_prob: float, length: int, length_penalty: float) -> fl
 
 
 @torch.no_grad()
-def greedy(decoder, encoded: Encoded, *, max_length: int = 20) -> list[Hypothesis]:
+def greedy(
+    decoder, encoded: Encoded, *, max_length: int = 20, no_repeat_ngram: int = NO_REPEAT_NGRAM
+) -> list[Hypothesis]:
     """The most probable word at every step, for B images at once."""
-    tokens, log_probs, alphas = rollout(decoder, encoded, max_length=max_length, sample=False)
+    tokens, log_probs, alphas = rollout(
+        decoder, encoded, max_length=max_length, sample=False, no_repeat_ngram=no_repeat_ngram
+    )
     return [_hypothesis(tokens[b], log_probs[b], alphas[b], 0.0) for b in range(tokens.size(0))]
 
 
@@ -45,8 +54,10 @@ def rollout(
     sample: bool,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode N rows word by word, by argmax or by sampling from p(word)^(1/temperature).
+    """Decode N rows word by word, by argmax or by sampling from p(word)^(1/temperature), never repeating an
+    n-gram of size `no_repeat_ngram` (0: no limit).
 
     Returns tokens (N, T) (<end> included, <pad> after it), per-token log p (N, T) of the chosen words under
     the model (differentiable when grad is on; zero after <end>) and alphas (N, T, P).
@@ -60,6 +71,9 @@ def rollout(
     for _ in range(max_length):  # a caption still running after max_length tokens is cut there
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (N, V), state, (N, P)
         allowed = log_probs.detach().index_fill(1, _never_next(device), float("-inf"))  # (N, V)
+        if tokens:
+            rows, banned = repeated_ngram_bans(torch.stack(tokens, 1), no_repeat_ngram)
+            allowed[rows, banned] = float("-inf")
         if sample:
             probs = (allowed / temperature).softmax(dim=1)
             words = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
@@ -74,6 +88,19 @@ def rollout(
         if bool(finished.all()):
             break
     return torch.stack(tokens, 1), torch.stack(chosen_log_probs, 1), torch.stack(alphas, 1)
+
+
+def repeated_ngram_bans(history: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, words): for each of N rows of tokens so far (N, t), the words that would complete an n-gram the row
+    already holds (n >= 2). Vectorised: every earlier (n-1)-gram is compared with the row's last one."""
+    empty = history.new_zeros(0)
+    if n < 2 or history.size(1) < n:
+        return empty, empty
+    grams = history.unfold(1, n, 1)  # (N, t-n+1, n)
+    last = history[:, history.size(1) - (n - 1) :]  # (N, n-1)
+    match = (grams[:, :, :-1] == last.unsqueeze(1)).all(dim=2)  # (N, t-n+1)
+    rows, positions = match.nonzero(as_tuple=True)
+    return rows, grams[rows, positions, -1]
 
 
 def _never_next(device: torch.device) -> torch.Tensor:
@@ -112,8 +139,10 @@ def beam_search(
     beam_size: int = 3,
     max_length: int = 20,
     length_penalty: float = 0.0,
+    no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> list[list[Hypothesis]]:
-    """Batched beam search: B images x K beams advance as one (B*K)-row tensor program.
+    """Batched beam search: B images x K beams advance as one (B*K)-row tensor program; no beam repeats an
+    n-gram of size `no_repeat_ngram` (0: no limit).
 
     A finished beam keeps its slot and its score (its only continuation is <pad> at log p 0), so with K
     at least the number of possible captions this is exhaustive search. Beams are ranked by raw
@@ -136,7 +165,10 @@ def beam_search(
     for _ in range(max_length):  # a caption still running after max_length tokens is cut there
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (B*K, V), state, (B*K, P)
         V = log_probs.size(1)
-        log_probs = log_probs.view(B, K, V).index_fill(2, _never_next(device), float("-inf"))
+        log_probs = log_probs.index_fill(1, _never_next(device), float("-inf"))  # (B*K, V)
+        rows, banned = repeated_ngram_bans(tokens.view(B * K, -1), no_repeat_ngram)
+        log_probs[rows, banned] = float("-inf")
+        log_probs = log_probs.view(B, K, V)
         frozen = torch.full_like(log_probs[0, 0], float("-inf"))
         frozen[PAD_ID] = 0.0
         log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)  # (B, K, V)

@@ -46,11 +46,19 @@ def encoded_for(images: list[int]) -> Encoded:
     return Encoded(features, features)
 
 
-def exhaustive(mock: MockDecoder, image: int, max_length: int, length_penalty: float = 0.0):
-    """Every caption of at most max_length tokens: ended by <end>, or cut at max_length without it."""
+def repeats_an_ngram(words: tuple[int, ...], n: int) -> bool:
+    grams = [words[i : i + n] for i in range(len(words) - n + 1)]
+    return n > 0 and len(grams) != len(set(grams))
+
+
+def exhaustive(mock: MockDecoder, image: int, max_length: int, length_penalty: float = 0.0, no_repeat_ngram: int = 3):
+    """Every caption of at most max_length tokens (ended by <end>, or cut at max_length without it) that repeats
+    no n-gram of size no_repeat_ngram."""
     best = None
     for n in range(max_length + 1):
         for words in itertools.product([w for w in WORDS if w != END_ID], repeat=n):
+            if repeats_an_ngram(words, no_repeat_ngram):
+                continue
             tokens = list(words) + [END_ID] if n < max_length else list(words)
             log_prob = mock.sequence_log_prob(image, tokens)
             score = length_normalised(log_prob, len(tokens), length_penalty)
@@ -59,15 +67,21 @@ def exhaustive(mock: MockDecoder, image: int, max_length: int, length_penalty: f
     return best
 
 
-@pytest.mark.parametrize("length_penalty", [0.0])
-def test_beam_search_with_a_wide_beam_equals_exhaustive_search(length_penalty):
-    max_length = 4
-    mock = MockDecoder(images=3, max_length=max_length)
+@pytest.mark.parametrize(("length_penalty", "no_repeat_ngram"), [(0.0, 0), (0.0, 3), (0.0, 2)])
+def test_beam_search_with_a_wide_beam_equals_exhaustive_search(length_penalty, no_repeat_ngram):
+    max_length = 5
+    mock = MockDecoder(images=6, max_length=max_length)
     beams = beam_search(
-        mock, encoded_for([0, 1, 2]), beam_size=200, max_length=max_length, length_penalty=length_penalty
+        mock,
+        encoded_for(list(range(6))),
+        beam_size=400,
+        max_length=max_length,
+        length_penalty=length_penalty,
+        no_repeat_ngram=no_repeat_ngram,
     )
     for image, hypotheses in enumerate(beams):
-        score, words, log_prob = exhaustive(mock, image, max_length, length_penalty)
+        assert not any(repeats_an_ngram(tuple(h.tokens), no_repeat_ngram) for h in hypotheses)
+        score, words, log_prob = exhaustive(mock, image, max_length, length_penalty, no_repeat_ngram)
         assert hypotheses[0].tokens == words
         assert hypotheses[0].log_prob == pytest.approx(log_prob, abs=1e-5)
         assert hypotheses[0].score == pytest.approx(score, abs=1e-5)

@@ -161,38 +161,61 @@ def beam_search(
     step_log_probs = torch.zeros(B, K, 0, device=device)
     alphas = torch.zeros(B, K, 0, P, device=device)
     finished = torch.zeros(B, K, dtype=torch.bool, device=device)
-    offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
+    # An image whose K beams have all ended leaves the batch: its rows stop costing decoder steps, so a batch
+    # runs as long as its longest caption only for the images still writing.
+    alive = torch.arange(B, device=device)  # (A,) the images still in the batch
+    results: list[list[Hypothesis]] = [[] for _ in range(B)]
     for _ in range(max_length):  # a caption still running after max_length tokens is cut there
-        log_probs, state, alpha = decoder.step(words, state, encoded)  # (B*K, V), state, (B*K, P)
+        A = alive.numel()
+        log_probs, state, alpha = decoder.step(words, state, encoded)  # (A*K, V), state, (A*K, P)
         V = log_probs.size(1)
-        log_probs = log_probs.index_fill(1, _never_next(device), float("-inf"))  # (B*K, V)
-        rows, banned = repeated_ngram_bans(tokens.view(B * K, -1), no_repeat_ngram)
+        log_probs = log_probs.index_fill(1, _never_next(device), float("-inf"))  # (A*K, V)
+        rows, banned = repeated_ngram_bans(tokens.view(A * K, -1), no_repeat_ngram)
         log_probs[rows, banned] = float("-inf")
-        log_probs = log_probs.view(B, K, V)
+        log_probs = log_probs.view(A, K, V)
         frozen = torch.full_like(log_probs[0, 0], float("-inf"))
         frozen[PAD_ID] = 0.0
-        log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)  # (B, K, V)
-        candidates = (scores.unsqueeze(2) + log_probs).view(B, K * V)
-        scores, flat_index = candidates.topk(K, dim=1)  # (B, K)
-        beam = flat_index // V  # (B, K) which beam each survivor extends
-        word = flat_index % V  # (B, K)
-        rows = (beam + offsets).view(-1)  # (B*K,)
+        log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)  # (A, K, V)
+        candidates = (scores.unsqueeze(2) + log_probs).view(A, K * V)
+        scores, flat_index = candidates.topk(K, dim=1)  # (A, K)
+        beam = flat_index // V  # (A, K) which beam each survivor extends
+        word = flat_index % V  # (A, K)
+        rows = (beam + (torch.arange(A, device=device) * K).unsqueeze(1)).view(-1)  # (A*K,)
         state = (state[0][rows], state[1][rows])
-        chosen = log_probs.view(B * K, V)[rows, word.view(-1)].view(B, K)
-        tokens = torch.cat([tokens.view(B * K, -1)[rows].view(B, K, -1), word.unsqueeze(2)], dim=2)
-        step_log_probs = torch.cat([step_log_probs.view(B * K, -1)[rows].view(B, K, -1), chosen.unsqueeze(2)], dim=2)
-        step_alpha = alpha[rows].view(B, K, 1, P).masked_fill(finished.view(-1)[rows].view(B, K, 1, 1), 0.0)
-        alphas = torch.cat([alphas.view(B * K, -1, P)[rows].view(B, K, -1, P), step_alpha], dim=2)
-        finished = finished.view(-1)[rows].view(B, K) | (word == END_ID)
+        chosen = log_probs.view(A * K, V)[rows, word.view(-1)].view(A, K)
+        tokens = torch.cat([tokens.view(A * K, -1)[rows].view(A, K, -1), word.unsqueeze(2)], dim=2)
+        step_log_probs = torch.cat([step_log_probs.view(A * K, -1)[rows].view(A, K, -1), chosen.unsqueeze(2)], dim=2)
+        step_alpha = alpha[rows].view(A, K, 1, P).masked_fill(finished.view(-1)[rows].view(A, K, 1, 1), 0.0)
+        alphas = torch.cat([alphas.view(A * K, -1, P)[rows].view(A, K, -1, P), step_alpha], dim=2)
+        finished = finished.view(-1)[rows].view(A, K) | (word == END_ID)
         words = word.view(-1)
-        if bool(finished.all()):
-            break
-    results = []
-    for b in range(B):
-        hypotheses = [
-            _hypothesis(tokens[b, k], step_log_probs[b, k], alphas[b, k], length_penalty)
-            for k in range(K)
-            if scores[b, k] > float("-inf")  # fewer possible captions than beams
-        ]
-        results.append(sorted(hypotheses, key=lambda h: h.score, reverse=True))
+        done = finished.all(dim=1)  # (A,)
+        if bool(done.any()):
+            for a in done.nonzero().flatten().tolist():
+                results[int(alive[a])] = _ranked(tokens[a], step_log_probs[a], alphas[a], scores[a], length_penalty)
+            keep = ~done
+            if not bool(keep.any()):
+                return results
+            rows_kept = keep.repeat_interleave(K)  # (A*K,)
+            alive, scores, finished = alive[keep], scores[keep], finished[keep]
+            tokens, step_log_probs, alphas = tokens[keep], step_log_probs[keep], alphas[keep]
+            state, words, encoded = (
+                (state[0][rows_kept], state[1][rows_kept]),
+                words[rows_kept],
+                encoded.select(rows_kept),
+            )
+    for a, image in enumerate(alive.tolist()):
+        results[image] = _ranked(tokens[a], step_log_probs[a], alphas[a], scores[a], length_penalty)
     return results
+
+
+def _ranked(
+    tokens: torch.Tensor, log_probs: torch.Tensor, alphas: torch.Tensor, scores: torch.Tensor, length_penalty: float
+) -> list[Hypothesis]:
+    """One image's K beams (K, t), (K, t), (K, t, P), (K,) -> its hypotheses, best first by normalised score."""
+    hypotheses = [
+        _hypothesis(tokens[k], log_probs[k], alphas[k], length_penalty)
+        for k in range(tokens.size(0))
+        if scores[k] > float("-inf")  # fewer possible captions than beams
+    ]
+    return sorted(hypotheses, key=lambda h: h.score, reverse=True)

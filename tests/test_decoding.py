@@ -128,6 +128,13 @@ def tiny_decoder(seed: int = 0, **overrides) -> CaptionDecoder:
 
 
 def test_batch_gives_the_same_captions_as_one_image_at_a_time():
+    # images leave the batch once all their beams have ended: on the mock, some do so long before others
+    mock = MockDecoder(images=8, max_length=7, seed=4)
+    batched = beam_search(mock, encoded_for(list(range(8))), beam_size=3, max_length=7)
+    assert len({max(len(h.tokens) + h.finished for h in hypotheses) for hypotheses in batched}) > 1
+    for i in range(8):
+        alone = beam_search(mock, encoded_for([i]), beam_size=3, max_length=7)[0]
+        assert [(h.tokens, h.log_prob) for h in alone] == [(h.tokens, h.log_prob) for h in batched[i]]
     decoder = tiny_decoder()
     features = torch.randn(4, 4, 8)
     batched = beam_search(decoder, decoder.encode(features), beam_size=3, max_length=7)

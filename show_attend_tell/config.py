@@ -56,6 +56,9 @@ class TrainConfig:
     init_from: str = ""  # start from this checkpoint's weights (e.g. cross-entropy training before SCST)
     self_critical: bool = False  # optimise CIDEr-D by self-critical sequence training instead of cross-entropy
     scst_samples: int = 5  # sampled captions per image; each one's baseline is the mean of the others
+    # SCST + this x cross-entropy on the images' reference captions (a mixed objective): the reference
+    # captions keep the language model from padding captions towards CIDEr-D's preferred length
+    scst_xe_weight: float = 0.0
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -385,6 +385,19 @@ class Trainer:
         loss = self_critical_loss(
             log_probs, tokens, rewards.to(self.device), samples, words=float(totals[0]) / self.world_size
         )
+        if self.config.scst_xe_weight > 0:
+            references, lengths, owners = self.batch_captions(local)
+            reference_totals = torch.tensor([float((lengths - 1).sum()), float(len(lengths))])
+            if self.world_size > 1:
+                dist.all_reduce(reference_totals)
+            cross_entropy, _ = caption_loss(
+                *self.model(features, references, lengths, owners),
+                references,
+                doubly_stochastic=self.config.doubly_stochastic,
+                words=float(reference_totals[0]) / self.world_size,
+                captions_count=float(reference_totals[1]) / self.world_size,
+            )
+            loss = loss + self.config.scst_xe_weight * cross_entropy
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.world_size > 1:  # SCST decodes outside forward(), so gradients are averaged by hand

@@ -132,6 +132,25 @@ def test_self_critical_training_raises_the_reward(tiny_prepared, tiny_features, 
     assert rewards[-1] >= rewards[0]
 
 
+def test_mixed_objective_adds_the_weighted_cross_entropy_of_the_references(tiny_prepared, tiny_features, tmp_path):
+    from show_attend_tell.model import caption_loss
+
+    losses = {}
+    for weight in (0.0, 0.5):
+        trainer = make_trainer(
+            tmp_path / f"w{weight}", tiny_prepared, tiny_features, self_critical=True, scst_xe_weight=weight
+        )
+        rows = trainer.train_rows[:2]
+        trainer.model.eval()
+        with torch.no_grad():
+            references, lengths, owners = trainer.batch_captions(rows)
+            features = trainer.batch_features(rows, train=True)
+            expected, _ = caption_loss(*trainer.model(features, references, lengths, owners), references)
+        torch.manual_seed(7)  # the same samples for both weights
+        losses[weight] = trainer.self_critical_step(rows)["loss"]
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * float(expected), rel=1e-4)
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys

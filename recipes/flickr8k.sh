@@ -23,7 +23,7 @@ stage train_xe "$sat" train "${common[@]}" --run-dir "$work/xe" --epochs 3 --dec
 stage train_xe_restart "$sat" train "${common[@]}" --run-dir "$work/xe2" --init-from "$work/xe/best" \
   --epochs 3 --decoder-lr 3e-4 --seed 1
 stage train_scst "$sat" train "${common[@]}" --run-dir "$work/scst" --init-from "$work/xe2/best" \
-  --self-critical --batch-size 250 --epochs 3 --decoder-lr 2e-5 --warmup-steps 20 --val-every-steps 40 --patience 6
+  --self-critical --batch-size 250 --epochs 1 --decoder-lr 2e-5 --warmup-steps 20 --val-every-steps 40 --patience 2
 stage evaluate "$sat" evaluate "$work/scst/best" --data "$work/prepared" --features "$work/features" \
   --split test --beam 1 3 5 --out "$work/test"
 stage export "$sat" export "$work/scst/best" --out "$work/shipped"

@@ -18,7 +18,12 @@ EXAMPLES = REPO / "examples"
 
 @pytest.fixture(scope="module")
 def captioner() -> Captioner:
-    return Captioner.load()
+    return Captioner.load()  # on the CPU: the int8 decoder
+
+
+@pytest.fixture(scope="module")
+def captioner_fp32() -> Captioner:
+    return Captioner.load(int8=False)
 
 
 def test_shipped_model_is_complete_and_tied_to_its_encoder():
@@ -29,7 +34,8 @@ def test_shipped_model_is_complete_and_tied_to_its_encoder():
     assert (SHIPPED_MODEL / "MODEL_CARD.md").is_file()
 
 
-def test_captions_a_batch_with_words_scores_and_attention(captioner):
+def test_captions_a_batch_with_words_scores_and_attention(captioner_fp32):
+    captioner = captioner_fp32
     paths = sorted(EXAMPLES.glob("*.jpg"))
     results = captioner.caption_batch(paths, beam_size=3)
     g = captioner.grid_size
@@ -43,6 +49,18 @@ def test_captions_a_batch_with_words_scores_and_attention(captioner):
     assert alone.words == results[1].words and alone.score == pytest.approx(results[1].score, abs=1e-4)
     # a PIL image works as well as a path
     assert captioner.caption(Image.open(paths[1]), beam_size=3).words == alone.words
+
+
+def test_int8_decoder_writes_the_fp32_captions_and_batches_almost_alike(captioner, captioner_fp32):
+    assert captioner.model.decoder.lstm is not captioner_fp32.model.decoder.lstm
+    paths = sorted(EXAMPLES.glob("*.jpg"))
+    int8 = captioner.caption_batch(paths, beam_size=3)
+    fp32 = captioner_fp32.caption_batch(paths, beam_size=3)
+    assert [r.words for r in int8] == [r.words for r in fp32]
+    assert [r.score for r in int8] == pytest.approx([r.score for r in fp32], rel=0.03)  # log-probabilities
+    # int8 activations are scaled per call, so a photo's score moves a little with its batch companions
+    alone = captioner.caption(paths[1], beam_size=3)
+    assert alone.words == int8[1].words and alone.score == pytest.approx(int8[1].score, abs=0.1)
 
 
 def test_flickr8k_test_photos_get_relevant_captions(captioner):

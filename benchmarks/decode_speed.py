@@ -18,10 +18,8 @@ are not a trained model's: use the shipped model or --model DIR for the recorded
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -36,22 +34,12 @@ from show_attend_tell.config import ModelConfig, to_dict
 from show_attend_tell.decoding import Hypothesis, beam_search
 from show_attend_tell.images import load_image
 from show_attend_tell.model import CaptionModel, Encoded, Encoder, image_transform, int8_decoder
+from show_attend_tell.records import provenance
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 FLICKR8K_VOCAB_SIZE = 2542
-
-
-def provenance() -> dict:
-    """What a recorded figure needs beside it (as `sat`'s): the command, the machine and the date."""
-    return {
-        "command": "python " + shlex.join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-    }
 
 
 def image_paths(sources: list[str]) -> list[Path]:
@@ -230,7 +218,7 @@ def main() -> int:
     parser.add_argument("--out", help="write the figures as JSON here (e.g. results/decode_speed.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    record = provenance()
+    record = provenance("python " + shlex.join(sys.argv))
     with torch.inference_mode():
         figures = measure(args)
     record.update(figures)

@@ -14,11 +14,9 @@ server's peak resident memory (VmHWM) and any traceback in its log. Bounded: --d
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -32,23 +30,12 @@ from pathlib import Path
 
 import httpx
 
+from show_attend_tell.records import provenance
+
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"  # never anything else: this is not a tool for loading other people's servers
 MEGABYTE = 2**20
 EXPECTED = {"good": 200, "truncated": 422, "not_an_image": 422, "empty": 422, "oversize": 413}
-
-
-def provenance() -> dict:
-    """What a recorded figure needs beside it (as `sat`'s): the command, the machine and the date."""
-    import torch
-
-    return {
-        "command": "python " + shlex.join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-    }
 
 
 def workload(requests: int, max_upload_bytes: int) -> list[tuple[str, str, bytes]]:
@@ -214,7 +201,7 @@ def main() -> int:
     model = args.model or str(SHIPPED_MODEL)
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"{model}: no checkpoint here (config.json missing); pass --model DIR")
-    record = provenance()
+    record = provenance("python " + shlex.join(sys.argv))
     jobs = workload(args.requests, round(args.max_upload_mb * MEGABYTE))
     port = free_port()
     url = f"http://{HOST}:{port}"

@@ -20,10 +20,8 @@ words, like Flickr8k's 10.8) over a --vocab-size vocabulary, and random non-nega
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -42,23 +40,13 @@ from show_attend_tell.features import extract_features
 from show_attend_tell.images import load_image
 from show_attend_tell.model import caption_loss, image_transform
 from show_attend_tell.prepare import PreparedDataset, prepare
+from show_attend_tell.records import provenance
 from show_attend_tell.train import DataConfig, Trainer, epoch_batches
 from show_attend_tell.weights import ENCODER_WEIGHTS
 
 FLICKR8K_VOCAB_SIZE = 2542
 FLICKR8K_TRAIN_CAPTIONS = 30_000
 PHASES = ("data", "encoder", "decoder_forward", "loss", "backward", "optimizer")
-
-
-def provenance() -> dict:
-    """What a recorded figure needs beside it (as `sat`'s): the command, the machine and the date."""
-    return {
-        "command": "python " + shlex.join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-    }
 
 
 class RandomGrid:
@@ -273,7 +261,7 @@ def main() -> int:
     if args.features and not args.data:
         parser.error("--features needs --data")
     torch.set_num_threads(args.threads)
-    record = provenance()
+    record = provenance("python " + shlex.join(sys.argv))
     with tempfile.TemporaryDirectory(prefix="train_speed_") as workdir:
         record.update(measure(args, Path(workdir)))
     record["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)

@@ -354,19 +354,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _provenance(args: argparse.Namespace) -> dict:
     """What a recorded figure needs beside it: the command, the machine and the date."""
-    import datetime
-    import os
-    import platform
     import shlex
 
-    import torch
+    from show_attend_tell.records import provenance
 
-    return {
-        "command": "sat " + shlex.join(args.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
-    }
+    return provenance("sat " + shlex.join(args.argv))
 
 
 def _add_caption(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,20 @@
+"""What every recorded figure carries beside it: the command that produced it, the machine and the date."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+
+def provenance(command: str) -> dict:
+    """{command, date (UTC), machine, 1-minute load average}: the load says how busy the shared machine was."""
+    import torch
+
+    return {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+    }

@@ -34,7 +34,7 @@ from show_attend_tell.config import ModelConfig, to_dict
 from show_attend_tell.decoding import Hypothesis, beam_search
 from show_attend_tell.images import load_image
 from show_attend_tell.model import CaptionModel, Encoded, Encoder, image_transform, int8_decoder
-from show_attend_tell.records import provenance
+from show_attend_tell.records import provenance, write_record
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,8 +230,7 @@ def main() -> int:
     summary["ratios"] = {k: v["median"] for k, v in record["ratios"].items()}
     print(json.dumps(summary, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(record, args.out)
     return 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from show_attend_tell.records import provenance
+from show_attend_tell.records import provenance, write_record
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"  # never anything else: this is not a tool for loading other people's servers
@@ -248,11 +248,9 @@ def main() -> int:
         results=results,
         ok=ok,
     )
-    text = json.dumps(record, indent=2) + "\n"
-    print(text, end="")
+    print(json.dumps(record, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_record(record, args.out)
     return 0 if ok else 1
 
 

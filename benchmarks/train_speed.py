@@ -40,7 +40,7 @@ from show_attend_tell.features import extract_features
 from show_attend_tell.images import load_image
 from show_attend_tell.model import caption_loss, image_transform
 from show_attend_tell.prepare import PreparedDataset, prepare
-from show_attend_tell.records import provenance
+from show_attend_tell.records import provenance, write_record
 from show_attend_tell.train import DataConfig, Trainer, epoch_batches
 from show_attend_tell.weights import ENCODER_WEIGHTS
 
@@ -272,8 +272,7 @@ def main() -> int:
         print(f"{name}: {result['captions_per_second_median']} captions/s; split (ms): {split}")
     print(json.dumps({"ratios": record["ratios"], "target": record["target_features_at_least_50_captions_per_second"]}))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(record, args.out)
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def provenance(command: str) -> dict:
@@ -18,3 +20,10 @@ def provenance(command: str) -> dict:
         + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
         "load_average_1min_at_start": round(os.getloadavg()[0], 2),
     }
+
+
+def write_record(record: dict, path: str | Path) -> None:
+    """A record as indented JSON, its folder made if needed (results/ is where the project keeps them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")

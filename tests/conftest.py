@@ -55,17 +55,22 @@ def tiny_prepared(tmp_path_factory) -> Path:
 
 
 def tiny_model_config(vocab_size: int, **overrides):
+    values = dict(image_size=64, encoder_dim=12, feature_dim=10, attention_dim=16, decoder_dim=16, embed_dim=8)
+    return tiny_decoder_config(vocab_size=vocab_size, **{**values, **overrides})
+
+
+def tiny_decoder_config(**overrides):
+    """A decoder small enough to step by hand: E=8 features on a 2x2 grid, F=7, A=6, D=10, M=5, V=15."""
     from show_attend_tell.config import ModelConfig
 
     values = dict(
-        vocab_size=vocab_size,
-        image_size=64,
+        vocab_size=15,
+        encoder_dim=8,
+        feature_dim=7,
+        attention_dim=6,
+        decoder_dim=10,
+        embed_dim=5,
         grid_size=2,
-        encoder_dim=12,
-        feature_dim=10,
-        attention_dim=16,
-        decoder_dim=16,
-        embed_dim=8,
         dropout=0.0,
     )
     values.update(overrides)

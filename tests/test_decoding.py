@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
+from conftest import tiny_decoder_config
 
-from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoding import beam_search, greedy, length_normalised
 from show_attend_tell.model import CaptionDecoder, Encoded
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
@@ -113,18 +113,7 @@ def test_beam_of_one_equals_greedy():
 
 def tiny_decoder(seed: int = 0, **overrides) -> CaptionDecoder:
     torch.manual_seed(seed)
-    config = ModelConfig(
-        vocab_size=12,
-        encoder_dim=8,
-        feature_dim=7,
-        attention_dim=6,
-        decoder_dim=10,
-        embed_dim=5,
-        grid_size=2,
-        dropout=0.0,
-        **overrides,
-    )
-    return CaptionDecoder(config).eval()
+    return CaptionDecoder(tiny_decoder_config(vocab_size=12, **overrides)).eval()
 
 
 def test_batch_gives_the_same_captions_as_one_image_at_a_time():

@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_decoder_config
 
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.model import CaptionModel, Encoder, caption_loss
 from show_attend_tell.text import END_ID, PAD_ID, START_ID
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    values = dict(
-        vocab_size=15,
-        encoder_dim=8,
-        feature_dim=7,
-        attention_dim=6,
-        decoder_dim=10,
-        embed_dim=5,
-        grid_size=2,
-        dropout=0.0,
-    )
-    values.update(overrides)
-    return ModelConfig(**values)
 
 
 def captions_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,7 +29,7 @@ def captions_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("feature_dim", [7, 0])
 def test_teacher_forcing_equals_stepping_each_caption_alone(feature_dim):
     torch.manual_seed(0)
-    model = CaptionModel(tiny_config(feature_dim=feature_dim)).eval()
+    model = CaptionModel(tiny_decoder_config(feature_dim=feature_dim)).eval()
     features = torch.randn(2, 4, 8)
     tokens, lengths, image_index = captions_batch()
     log_probs, alphas = model(features, tokens, lengths, image_index)
@@ -59,7 +45,7 @@ def test_teacher_forcing_equals_stepping_each_caption_alone(feature_dim):
 
 
 def test_projection_runs_once_per_image_not_per_caption_or_step():
-    model = CaptionModel(tiny_config())
+    model = CaptionModel(tiny_decoder_config())
     rows_seen = []
     model.decoder.attention.encoder_projection.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
     tokens, lengths, image_index = captions_batch()
@@ -68,8 +54,8 @@ def test_projection_runs_once_per_image_not_per_caption_or_step():
 
 
 def test_feature_projection_sets_the_width_of_every_per_step_multiply():
-    projected = CaptionModel(tiny_config(encoder_dim=8, feature_dim=7)).decoder
-    paper = CaptionModel(tiny_config(encoder_dim=8, feature_dim=0)).decoder
+    projected = CaptionModel(tiny_decoder_config(encoder_dim=8, feature_dim=7)).decoder
+    paper = CaptionModel(tiny_decoder_config(encoder_dim=8, feature_dim=0)).decoder
     assert projected.lstm.input_size == 5 + 7 and projected.f_beta.out_features == projected.L_z.in_features == 7
     assert paper.feature_projection is None and paper.lstm.input_size == 5 + 8 and paper.f_beta.out_features == 8
     encoded = projected.encode(torch.randn(2, 4, 8))
@@ -78,7 +64,7 @@ def test_feature_projection_sets_the_width_of_every_per_step_multiply():
 
 
 def test_paper_step_without_deep_output_and_no_nans():
-    model = CaptionModel(tiny_config(deep_output=False, dropout=0.5)).train()
+    model = CaptionModel(tiny_decoder_config(deep_output=False, dropout=0.5)).train()
     tokens, lengths, image_index = captions_batch()
     log_probs, alphas = model(torch.randn(2, 4, 8), tokens, lengths, image_index)
     assert torch.isfinite(log_probs).all()
@@ -88,7 +74,7 @@ def test_paper_step_without_deep_output_and_no_nans():
 
 def test_loss_learns_a_tiny_batch():
     torch.manual_seed(0)
-    model = CaptionModel(tiny_config())
+    model = CaptionModel(tiny_decoder_config())
     features = torch.randn(2, 4, 8)
     tokens, lengths, image_index = captions_batch()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)

@@ -55,16 +55,18 @@ def rollout(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
+    per_image: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode N rows word by word, by argmax or by sampling from p(word)^(1/temperature), never repeating an
-    n-gram of size `no_repeat_ngram` (0: no limit).
+    """Decode N = B*per_image rows (`per_image` consecutive rows for each of the B images in `encoded`) word by
+    word, by argmax or by sampling from p(word)^(1/temperature), never repeating an n-gram of size
+    `no_repeat_ngram` (0: no limit).
 
     Returns tokens (N, T) (<end> included, <pad> after it), per-token log p (N, T) of the chosen words under
     the model (differentiable when grad is on; zero after <end>) and alphas (N, T, P).
     """
-    N = encoded.features.size(0)
+    N = encoded.features.size(0) * per_image
     device = encoded.features.device
-    state = decoder.init_state(encoded)
+    state = tuple(part.repeat_interleave(per_image, dim=0) for part in decoder.init_state(encoded))
     words = torch.full((N,), START_ID, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, chosen_log_probs, alphas = [], [], []
@@ -152,8 +154,7 @@ def beam_search(
     B, P = encoded.features.shape[:2]
     K = beam_size
     device = encoded.features.device
-    encoded = encoded.select(torch.arange(B, device=device).repeat_interleave(K))  # (B*K, P, *)
-    state = decoder.init_state(encoded)
+    state = tuple(part.repeat_interleave(K, dim=0) for part in decoder.init_state(encoded))  # (B*K, D) each
     words = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: let only the first expand at t=0
@@ -165,30 +166,43 @@ def beam_search(
     # runs as long as its longest caption only for the images still writing.
     alive = torch.arange(B, device=device)  # (A,) the images still in the batch
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
+    # Loop invariants, built once: a step costs well under a millisecond, so every tensor op counts.
+    never_next = _never_next(device)
+    first_rows = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1) image a's first row is a*K
+    frozen = None  # the only continuation of a finished beam: <pad> at log p 0
     for _ in range(max_length):  # a caption still running after max_length tokens is cut there
         A = alive.numel()
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (A*K, V), state, (A*K, P)
         V = log_probs.size(1)
-        log_probs = log_probs.index_fill(1, _never_next(device), float("-inf"))  # (A*K, V)
+        log_probs.index_fill_(1, never_next, float("-inf"))  # (A*K, V)
         rows, banned = repeated_ngram_bans(tokens.view(A * K, -1), no_repeat_ngram)
-        log_probs[rows, banned] = float("-inf")
+        if rows.numel():
+            log_probs[rows, banned] = float("-inf")
         log_probs = log_probs.view(A, K, V)
-        frozen = torch.full_like(log_probs[0, 0], float("-inf"))
-        frozen[PAD_ID] = 0.0
-        log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)  # (A, K, V)
+        if frozen is not None:  # some beam has finished
+            log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)  # (A, K, V)
         candidates = (scores.unsqueeze(2) + log_probs).view(A, K * V)
         scores, flat_index = candidates.topk(K, dim=1)  # (A, K)
         beam = flat_index // V  # (A, K) which beam each survivor extends
         word = flat_index % V  # (A, K)
-        rows = (beam + (torch.arange(A, device=device) * K).unsqueeze(1)).view(-1)  # (A*K,)
+        rows = (beam + first_rows[:A]).view(-1)  # (A*K,)
         state = (state[0][rows], state[1][rows])
         chosen = log_probs.view(A * K, V)[rows, word.view(-1)].view(A, K)
         tokens = torch.cat([tokens.view(A * K, -1)[rows].view(A, K, -1), word.unsqueeze(2)], dim=2)
         step_log_probs = torch.cat([step_log_probs.view(A * K, -1)[rows].view(A, K, -1), chosen.unsqueeze(2)], dim=2)
-        step_alpha = alpha[rows].view(A, K, 1, P).masked_fill(finished.view(-1)[rows].view(A, K, 1, 1), 0.0)
+        step_alpha = alpha[rows].view(A, K, 1, P)
+        finished = finished.view(-1)[rows].view(A, K)
+        if frozen is not None:
+            step_alpha = step_alpha.masked_fill(finished.view(A, K, 1, 1), 0.0)
         alphas = torch.cat([alphas.view(A * K, -1, P)[rows].view(A, K, -1, P), step_alpha], dim=2)
-        finished = finished.view(-1)[rows].view(A, K) | (word == END_ID)
+        ended = word == END_ID  # (A, K)
+        finished = finished | ended
         words = word.view(-1)
+        if frozen is None:
+            if not bool(ended.any()):
+                continue  # no beam has finished, so no image is done
+            frozen = torch.full((V,), float("-inf"), device=device)
+            frozen[PAD_ID] = 0.0
         done = finished.all(dim=1)  # (A,)
         if bool(done.any()):
             for a in done.nonzero().flatten().tolist():
@@ -199,11 +213,7 @@ def beam_search(
             rows_kept = keep.repeat_interleave(K)  # (A*K,)
             alive, scores, finished = alive[keep], scores[keep], finished[keep]
             tokens, step_log_probs, alphas = tokens[keep], step_log_probs[keep], alphas[keep]
-            state, words, encoded = (
-                (state[0][rows_kept], state[1][rows_kept]),
-                words[rows_kept],
-                encoded.select(rows_kept),
-            )
+            state, words, encoded = (state[0][rows_kept], state[1][rows_kept]), words[rows_kept], encoded.select(keep)
     for a, image in enumerate(alive.tolist()):
         results[image] = _ranked(tokens[a], step_log_probs[a], alphas[a], scores[a], length_penalty)
     return results

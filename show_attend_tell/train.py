@@ -371,10 +371,9 @@ class Trainer:
         local = rows[self.rank :: self.world_size]
         samples = self.config.scst_samples
         features = self.batch_features(local, train=True)
-        encoded = self.model.decoder.encode(features)
-        encoded = encoded.select(torch.arange(len(local), device=self.device).repeat_interleave(samples))
+        encoded = self.model.decoder.encode(features)  # the `samples` rows of an image share its features
         tokens, log_probs, _ = rollout(
-            self.model.decoder, encoded, max_length=self.config.max_caption_length, sample=True
+            self.model.decoder, encoded, max_length=self.config.max_caption_length, sample=True, per_image=samples
         )  # (N, T) each
         captions = [self.vocab.decode(row) for row in tokens.tolist()]
         images = [self.cider_row[image] for image in local for _ in range(samples)]
@@ -542,6 +541,9 @@ class Trainer:
         self.save_state()
         if self.writer is not None:
             self.writer.close()
+        if self.world_size > 1:  # a rank that exits while another still saves can abort in gloo's teardown
+            dist.barrier()
+            dist.destroy_process_group()
         return {
             "stopped": "early" if stop else "epochs",
             "global_step": self.global_step,

@@ -140,6 +140,8 @@ def test_int8_decoder_is_quantized_close_to_fp32_and_cpu_only(tmp_path):
     dynamic = torch.ao.nn.quantized.dynamic
     assert isinstance(int8.decoder.lstm, dynamic.LSTMCell) and isinstance(int8.decoder.L_o, dynamic.Linear)
     assert type(fp32.decoder.lstm) is torch.nn.LSTMCell
+    assert type(int8.decoder.attention.score) is torch.nn.Linear  # fp32: no rounding of the energies
+    torch.testing.assert_close(int8.decoder.attention.score.weight, fp32.decoder.attention.score.weight)
     torch.manual_seed(2)
     features, words = torch.randn(3, 49, 2048), torch.tensor([1, 5, 6])
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_decoder_config
 
 from show_attend_tell.config import ModelConfig
-from show_attend_tell.model import CaptionModel, Encoder, caption_loss
+from show_attend_tell.model import CPU_CHUNK, CaptionModel, Encoded, Encoder, caption_loss
 from show_attend_tell.text import END_ID, PAD_ID, START_ID
 
 
@@ -51,6 +51,40 @@ def test_projection_runs_once_per_image_not_per_caption_or_step():
     tokens, lengths, image_index = captions_batch()
     model(torch.randn(2, 4, 8), tokens, lengths, image_index)
     assert rows_seen == [2]
+
+
+def test_attention_equals_the_papers_tanh_formula_and_its_gradients():
+    attention = CaptionModel(tiny_decoder_config(encoder_dim=8, feature_dim=0)).decoder.attention
+    torch.manual_seed(0)
+    features = torch.randn(3, 4, 8, requires_grad=True)
+    h = torch.randn(3, attention.decoder_projection.in_features, requires_grad=True)
+    encoded = Encoded(features, attention.encoder_projection(features))
+    context, alpha = attention(encoded, h)
+    # The paper's e = w^T tanh(W_a a_i + W_h h), written out with the same weights
+    energy = attention.score(torch.tanh(encoded.projected + attention.decoder_projection(h).unsqueeze(1)))
+    expected_alpha = energy.squeeze(2).softmax(dim=1)
+    expected_context = (expected_alpha.unsqueeze(2) * features).sum(dim=1)
+    torch.testing.assert_close(alpha, expected_alpha)
+    torch.testing.assert_close(context, expected_context)
+    grads = torch.autograd.grad(context.square().sum() + alpha[:, 0].sum(), [features, h], retain_graph=True)
+    expected = torch.autograd.grad(expected_context.square().sum() + expected_alpha[:, 0].sum(), [features, h])
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_rows_grouped_per_image_read_its_features_without_copies():
+    decoder = CaptionModel(tiny_decoder_config()).decoder.eval()
+    torch.manual_seed(1)
+    encoded = decoder.encode(torch.randn(2, 4, 8))
+    K = 3
+    words = torch.randint(4, 20, (2 * K,))
+    h, c = (torch.randn(2 * K, decoder.lstm.hidden_size) for _ in range(2))
+    grouped = decoder.step(words, (h, c), encoded)  # 2 images, K consecutive rows each
+    expanded = decoder.step(words, (h, c), encoded.select(torch.arange(2).repeat_interleave(K)))  # one row each
+    for got, want in zip([grouped[0], *grouped[1], grouped[2]], [expanded[0], *expanded[1], expanded[2]], strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="5 decoder rows do not split evenly over 2 images"):
+        decoder.step(words[:5], (h[:5], c[:5]), encoded)
 
 
 def test_feature_projection_sets_the_width_of_every_per_step_multiply():
@@ -117,3 +151,16 @@ def test_encoder_grid_shapes_and_frozen_batchnorm():
         assert encoder(torch.randn(1, 3, 224, 224)).shape == (1, 49, 2048)
         encoder.pool = torch.nn.AdaptiveAvgPool2d(14)
         assert encoder(torch.randn(1, 3, 448, 448)).shape == (1, 196, 2048)
+
+
+def test_cpu_inference_runs_the_encoder_in_chunks_with_the_same_features():
+    encoder = Encoder(ModelConfig(vocab_size=10), pretrained=False).eval()
+    batches = []
+    encoder.trunk.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
+    images = torch.randn(CPU_CHUNK + 3, 3, 64, 64)
+    with torch.no_grad():
+        chunked = encoder(images)
+    assert batches == [CPU_CHUNK, 3]
+    whole = encoder(images)  # with grad on (training): one batch
+    assert batches[-1] == CPU_CHUNK + 3
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-4, rtol=1e-4)

@@ -175,7 +175,7 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tiny_prepared, tiny_featu
     ddp = subprocess.run(
         [*torchrun, str(script), tmp_path / "ddp", tiny_prepared, tiny_features], env=env, capture_output=True
     )
-    assert ddp.returncode == 0, ddp.stderr.decode()[-2000:]
+    assert ddp.returncode == 0, ddp.stderr.decode()[-20000:]
     a = load_file(tmp_path / "single" / "last" / "state.safetensors")
     b = load_file(tmp_path / "ddp" / "last" / "state.safetensors")
     for name in (k for k in a if k.startswith("model.")):

@@ -61,8 +61,12 @@ def rollout(
     word, by argmax or by sampling from p(word)^(1/temperature), never repeating an n-gram of size
     `no_repeat_ngram` (0: no limit).
 
-    Returns tokens (N, T) (<end> included, <pad> after it), per-token log p (N, T) of the chosen words under
-    the model (differentiable when grad is on; zero after <end>) and alphas (N, T, P).
+    Returns tokens (N, T) (<end> included, <pad> after it), per-token log-probabilities (N, T) of the chosen
+    words (differentiable when grad is on; zero after <end>) and alphas (N, T, P). By argmax they are the
+    model's log p; when sampling they are the sampling policy's: the model's distribution renormalised over
+    the words allowed at that step, at the temperature. That is the policy whose gradient self-critical
+    training needs: with the model's raw log p, pushing a sampled word down also pushes up the banned words,
+    which are never sampled and so never pushed back.
     """
     N = encoded.features.size(0) * per_image
     device = encoded.features.device
@@ -77,12 +81,13 @@ def rollout(
             rows, banned = repeated_ngram_bans(torch.stack(tokens, 1), no_repeat_ngram)
             allowed[rows, banned] = float("-inf")
         if sample:
-            probs = (allowed / temperature).softmax(dim=1)
-            words = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+            policy = (log_probs.masked_fill(allowed == float("-inf"), float("-inf")) / temperature).log_softmax(1)
+            words = torch.multinomial(policy.detach().exp(), 1, generator=generator).squeeze(1)  # (N,)
         else:
+            policy = log_probs
             words = allowed.argmax(dim=1)  # (N,)
         words = words.masked_fill(finished, PAD_ID)
-        chosen = log_probs.gather(1, words.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)  # (N,)
+        chosen = policy.gather(1, words.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)  # (N,)
         tokens.append(words)
         chosen_log_probs.append(chosen)
         alphas.append(alpha.masked_fill(finished.unsqueeze(1), 0.0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_decoder_config
 
-from show_attend_tell.decoding import beam_search, greedy, length_normalised
+from show_attend_tell.decoding import beam_search, greedy, length_normalised, rollout
 from show_attend_tell.model import CaptionDecoder, Encoded
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -154,3 +154,30 @@ def test_attention_maps_are_distributions_per_word_and_specials_never_appear():
             assert not set(h.tokens) & {PAD_ID, START_ID, END_ID, UNK_ID}
             torch.testing.assert_close(h.alphas.sum(dim=1), torch.ones(len(h.tokens)))
             assert h.score == pytest.approx(length_normalised(h.log_prob, len(h.tokens) + h.finished, 1.0))
+
+
+def test_sampling_returns_the_log_probabilities_of_the_policy_it_samples_from():
+    """SCST's gradient must be that of the distribution sampled from: the model's, renormalised over the words
+    allowed at the step (never <pad>/<start>/<unk>, never a repeated trigram)."""
+    mock = MockDecoder(images=2, max_length=8, seed=3)
+    generator = torch.Generator().manual_seed(0)
+    tokens, log_probs, _ = rollout(
+        mock, encoded_for([0, 1]), max_length=8, sample=True, generator=generator, per_image=4
+    )  # (8, T): 4 samples of image 0, then 4 of image 1
+    checked = 0
+    for n, row in enumerate(tokens.tolist()):
+        image, previous = n // 4, START_ID
+        for t, word in enumerate(row):
+            if word == PAD_ID:
+                assert float(log_probs[n, t]) == 0.0
+                continue
+            banned = {PAD_ID, START_ID, UNK_ID} | {
+                row[i + 2] for i in range(t - 2) if (row[i], row[i + 1]) == (row[t - 2], row[t - 1])
+            }
+            assert word not in banned
+            allowed = [w for w in range(V) if w not in banned]
+            table = mock.table[image, t, previous]
+            expected = table[word] - torch.logsumexp(table[allowed], dim=0)
+            assert float(log_probs[n, t]) == pytest.approx(float(expected), abs=1e-5)
+            previous, checked = word, checked + 1
+    assert checked > 16

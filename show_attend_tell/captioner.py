@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.decoding import beam_search, greedy
+from show_attend_tell.decoding import DEFAULT_LENGTH_PENALTY, beam_search, greedy
 from show_attend_tell.images import load_image
 from show_attend_tell.model import image_transform
 
@@ -66,7 +66,7 @@ class Captioner:
         *,
         beam_size: int = 3,
         max_length: int = 20,
-        length_penalty: float = 0.0,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
     ) -> list[Caption]:
         """Caption several images in one encoder pass and one batched beam search."""
         pictures = [load_image(image) for image in images]  # RGB, upright, fully decoded

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
 from show_attend_tell.errors import InputError
 
 
@@ -279,7 +280,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--features", default="", help="feature store matching the model's encoder (faster)")
     parser.add_argument("--beam", type=int, nargs="+", default=[3], help="one or more beam sizes to score")
-    parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=DEFAULT_LENGTH_PENALTY,
+        help=f"rank beams by log p / length**this (default {DEFAULT_LENGTH_PENALTY}, chosen on Flickr8k val)",
+    )
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument("--captions", help="score this COCO-format results file instead of decoding")
     parser.add_argument("--out", help="write metrics JSON and captions (COCO results format) here")
@@ -367,7 +373,12 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--beam", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--length-penalty", type=float, default=0.0)
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=DEFAULT_LENGTH_PENALTY,
+        help=f"rank beams by log p / length**this (default {DEFAULT_LENGTH_PENALTY}, chosen on Flickr8k val)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--attention-dir", help="write one attention figure per image here")
     parser.add_argument("--json", action="store_true", help="one JSON object per image: words, score, alternatives")

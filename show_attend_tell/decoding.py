@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
 from show_attend_tell.model import Encoded
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -145,7 +146,7 @@ def beam_search(
     *,
     beam_size: int = 3,
     max_length: int = 20,
-    length_penalty: float = 0.0,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> list[list[Hypothesis]]:
     """Batched beam search: B images x K beams advance as one (B*K)-row tensor program; no beam repeats an

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from show_attend_tell.decoding import Hypothesis, beam_search, greedy
+from show_attend_tell.decoding import DEFAULT_LENGTH_PENALTY, Hypothesis, beam_search, greedy
 from show_attend_tell.images import load_image
 from show_attend_tell.model import CaptionModel, image_transform
 from show_attend_tell.text import Vocabulary
@@ -31,7 +31,7 @@ def decode(
     *,
     beam_size: int = 1,
     max_length: int = 20,
-    length_penalty: float = 0.0,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
     batch_size: int = 50,
     progress: bool = True,
 ) -> dict[int, Hypothesis]:
@@ -66,7 +66,7 @@ def evaluate(
     *,
     beam_size: int = 1,
     max_length: int = 20,
-    length_penalty: float = 0.0,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
     java: bool | None = None,
     progress: bool = True,
 ) -> tuple[dict, dict[int, str]]:
@@ -88,6 +88,8 @@ def evaluate(
     metrics = score_captions(captions, {i: references[i] for i in captions}, java=java)
     metrics.update(
         beam_size=beam_size,
+        length_penalty=length_penalty if beam_size > 1 else None,  # greedy ranks nothing
+        max_length=max_length,
         decode_seconds=round(decode_seconds, 2),
         score_seconds=round(time.perf_counter() - start - decode_seconds, 2),
     )

@@ -361,9 +361,10 @@ class Trainer:
         """One SCST step: sample `scst_samples` captions per image, reward CIDEr-D, REINFORCE.
 
         Sampling runs without dropout: the policy improved is the one decoding uses (with dropout on, a Flickr8k
-        model's samples were mostly word salad). Plain SCST on Flickr8k still learns to pad captions towards the
-        references' length within ~100 steps; `scst_xe_weight` > 0 mixes in the references' cross-entropy, which
-        kept it stable (results/flickr8k_val_selection.json)."""
+        model's samples were mostly word salad). The gradient is that of the sampling policy itself, the model
+        renormalised over the words allowed at each step (see `rollout`); before that fix plain SCST collapsed
+        on Flickr8k within ~100 steps. `scst_xe_weight` > 0 mixes in the references' cross-entropy
+        (results/flickr8k_val_selection.json)."""
         from show_attend_tell.decoding import rollout
         from show_attend_tell.scst import self_critical_loss
 
@@ -497,6 +498,13 @@ class Trainer:
 
     def fit(self, *, max_steps: int | None = None, progress: bool = True) -> dict:
         """Train until the epochs are done, patience runs out, or `max_steps` more steps have run."""
+        summary = self._fit(max_steps=max_steps, progress=progress)
+        if self.world_size > 1:  # a rank that exits while another still saves can abort in gloo's teardown
+            dist.barrier()
+            dist.destroy_process_group()
+        return summary
+
+    def _fit(self, *, max_steps: int | None, progress: bool) -> dict:
         steps_run = 0
         stop = False
         while self.epoch < self.config.epochs and not stop:
@@ -541,9 +549,6 @@ class Trainer:
         self.save_state()
         if self.writer is not None:
             self.writer.close()
-        if self.world_size > 1:  # a rank that exits while another still saves can abort in gloo's teardown
-            dist.barrier()
-            dist.destroy_process_group()
         return {
             "stopped": "early" if stop else "epochs",
             "global_step": self.global_step,

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.decoding import DEFAULT_LENGTH_PENALTY, beam_search, greedy
+from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
+from show_attend_tell.decoding import beam_search, greedy
 from show_attend_tell.images import load_image
 from show_attend_tell.model import image_transform
 

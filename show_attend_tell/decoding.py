@@ -181,9 +181,9 @@ def beam_search(
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (A*K, V), state, (A*K, P)
         V = log_probs.size(1)
         log_probs.index_fill_(1, never_next, float("-inf"))  # (A*K, V)
-        rows, banned = repeated_ngram_bans(tokens.view(A * K, -1), no_repeat_ngram)
-        if rows.numel():
-            log_probs[rows, banned] = float("-inf")
+        ban_rows, ban_words = repeated_ngram_bans(tokens.view(A * K, -1), no_repeat_ngram)
+        if ban_rows.numel():
+            log_probs[ban_rows, ban_words] = float("-inf")
         log_probs = log_probs.view(A, K, V)
         if frozen is not None:  # some beam has finished
             log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)  # (A, K, V)

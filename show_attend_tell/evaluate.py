@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from show_attend_tell.decoding import DEFAULT_LENGTH_PENALTY, Hypothesis, beam_search, greedy
+from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
+from show_attend_tell.decoding import Hypothesis, beam_search, greedy
 from show_attend_tell.images import load_image
 from show_attend_tell.model import CaptionModel, image_transform
 from show_attend_tell.text import Vocabulary

@@ -77,7 +77,7 @@ def test_rows_grouped_per_image_read_its_features_without_copies():
     torch.manual_seed(1)
     encoded = decoder.encode(torch.randn(2, 4, 8))
     K = 3
-    words = torch.randint(4, 20, (2 * K,))
+    words = torch.randint(4, decoder.embedding.num_embeddings, (2 * K,))
     h, c = (torch.randn(2 * K, decoder.lstm.hidden_size) for _ in range(2))
     grouped = decoder.step(words, (h, c), encoded)  # 2 images, K consecutive rows each
     expanded = decoder.step(words, (h, c), encoded.select(torch.arange(2).repeat_interleave(K)))  # one row each

@@ -101,8 +101,9 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images -> (B, P, E) grid features.
 
-        On CPU, inference runs CPU_CHUNK images at a time: ResNet-50 at 224 px on this 2-core machine took
-        ~50 ms per image in batches of 2-4 and ~80 ms in batches of 32, whose activations overflow the caches."""
+        On CPU, inference runs CPU_CHUNK images at a time: ResNet-50 at 224 px on the 2-core target machine took
+        ~55 ms per image in batches of 2-4 and ~87 ms in batches of 32, whose activations overflow the caches
+        (results/cpu_ops.json)."""
         if images.device.type == "cpu" and not torch.is_grad_enabled() and images.size(0) > CPU_CHUNK:
             return torch.cat([self(chunk) for chunk in images.split(CPU_CHUNK)])
         grid = self.pool(self.trunk(images))  # (B, E, g, g)
@@ -128,7 +129,8 @@ class SoftAttention(nn.Module):
             raise ValueError(f"attention: {N} decoder rows do not split evenly over {B} images")
         K = N // B
         # w^T tanh(u) = 2 w^T sigmoid(2u) - sum(w), and softmax ignores a constant: the same alpha from sigmoid,
-        # which runs ~5x faster than tanh on CPU here and is the largest cost of a beam step (tested equal).
+        # which ran ~6x faster than tanh on the target CPU (results/cpu_ops.json): tanh was the largest cost of
+        # a beam step. tests/test_model.py checks alpha, context and gradients against the tanh formula.
         hidden = self.decoder_projection(h).view(B, K, 1, A)
         energy = (encoded.projected.unsqueeze(1) + hidden).mul_(2).sigmoid_()  # (B, K, P, A)
         alpha = self.score(energy).squeeze(3).mul(2).softmax(dim=2)  # (B, K, P)

@@ -101,11 +101,11 @@ def rollout(
 def repeated_ngram_bans(history: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, words): for each of N rows of tokens so far (N, t), the words that would complete an n-gram the row
     already holds (n >= 2). Vectorised: every earlier (n-1)-gram is compared with the row's last one."""
-    empty = history.new_zeros(0)
     if n < 2 or history.size(1) < n:
+        empty = history.new_zeros(0)
         return empty, empty
     grams = history.unfold(1, n, 1)  # (N, t-n+1, n)
-    last = history[:, history.size(1) - (n - 1) :]  # (N, n-1)
+    last = history[:, 1 - n :]  # (N, n-1)
     match = (grams[:, :, :-1] == last.unsqueeze(1)).all(dim=2)  # (N, t-n+1)
     rows, positions = match.nonzero(as_tuple=True)
     return rows, grams[rows, positions, -1]
@@ -117,10 +117,9 @@ def _never_next(device: torch.device) -> torch.Tensor:
     return torch.tensor([PAD_ID, START_ID, UNK_ID], device=device)
 
 
-def _hypothesis(
-    tokens: torch.Tensor, log_probs: torch.Tensor, alphas: torch.Tensor, length_penalty: float
-) -> Hypothesis:
-    """From one row of decoder output (T,), (T,), (T, P): cut at <end>/<pad>, keep each word's alpha."""
+def _cut(tokens: torch.Tensor) -> tuple[list[int], int, bool]:
+    """One row of decoded tokens (T,) -> its words before <end>/<pad>, how many tokens were scored (the words,
+    and <end> when produced) and whether it produced <end>."""
     ids = tokens.tolist()
     n = len(ids)
     for i, word in enumerate(ids):
@@ -128,13 +127,20 @@ def _hypothesis(
             n = i
             break
     finished = n < len(ids) and ids[n] == END_ID
-    log_prob = float(log_probs[: n + 1 if finished else n].sum())
-    length = n + 1 if finished else n
+    return ids[:n], n + finished, finished
+
+
+def _hypothesis(
+    tokens: torch.Tensor, log_probs: torch.Tensor, alphas: torch.Tensor, length_penalty: float
+) -> Hypothesis:
+    """From one row of rollout output (T,), (T,), (T, P): cut at <end>/<pad>, keep each word's alpha."""
+    words, length, finished = _cut(tokens)
+    log_prob = float(log_probs[:length].sum())
     return Hypothesis(
-        tokens=ids[:n],
+        tokens=words,
         log_prob=log_prob,
         score=length_normalised(log_prob, length, length_penalty),
-        alphas=alphas[:n].detach().cpu(),
+        alphas=alphas[: len(words)].detach().cpu(),
         finished=finished,
     )
 
@@ -161,77 +167,84 @@ def beam_search(
     K = beam_size
     device = encoded.features.device
     state = tuple(part.repeat_interleave(K, dim=0) for part in decoder.init_state(encoded))  # (B*K, D) each
-    words = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
-    scores = torch.full((B, K), float("-inf"), device=device)
+    words = torch.full((B * K,), START_ID, dtype=torch.long, device=device)  # (A*K,) each beam's last word
+    scores = torch.full((B, K), float("-inf"), device=device)  # (A, K) each beam's log p so far
     scores[:, 0] = 0.0  # all beams start identical: let only the first expand at t=0
-    tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)
-    step_log_probs = torch.zeros(B, K, 0, device=device)
-    alphas = torch.zeros(B, K, 0, P, device=device)
-    finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    # Row a*K + k of the tensors below is beam k of the a-th image still in the batch.
+    tokens = torch.zeros(B * K, 0, dtype=torch.long, device=device)  # (A*K, t)
+    alphas = torch.zeros(B * K, 0, P, device=device)  # (A*K, t, P)
+    finished = None  # (A*K,) once some beam has produced <end>
     # An image whose K beams have all ended leaves the batch: its rows stop costing decoder steps, so a batch
     # runs as long as its longest caption only for the images still writing.
     alive = torch.arange(B, device=device)  # (A,) the images still in the batch
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
     # Loop invariants, built once: a step costs well under a millisecond, so every tensor op counts.
     never_next = _never_next(device)
-    first_rows = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1) image a's first row is a*K
-    frozen = None  # the only continuation of a finished beam: <pad> at log p 0
-    for _ in range(max_length):  # a caption still running after max_length tokens is cut there
+    first_rows = (torch.arange(B, device=device) * K).unsqueeze(1)  # (A, 1) image a's first row is a*K
+    frozen = None  # (V,) the only continuation of a finished beam: <pad> at log p 0
+    for t in range(max_length):  # a caption still running after max_length tokens is cut there
         A = alive.numel()
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (A*K, V), state, (A*K, P)
         V = log_probs.size(1)
         log_probs.index_fill_(1, never_next, float("-inf"))  # (A*K, V)
-        ban_rows, ban_words = repeated_ngram_bans(tokens.view(A * K, -1), no_repeat_ngram)
-        if ban_rows.numel():
-            log_probs[ban_rows, ban_words] = float("-inf")
-        log_probs = log_probs.view(A, K, V)
-        if frozen is not None:  # some beam has finished
-            log_probs = torch.where(finished.unsqueeze(2), frozen, log_probs)  # (A, K, V)
-        candidates = (scores.unsqueeze(2) + log_probs).view(A, K * V)
-        scores, flat_index = candidates.topk(K, dim=1)  # (A, K)
-        beam = flat_index // V  # (A, K) which beam each survivor extends
-        word = flat_index % V  # (A, K)
-        rows = (beam + first_rows[:A]).view(-1)  # (A*K,)
+        if t >= no_repeat_ngram >= 2:
+            ban_rows, ban_words = repeated_ngram_bans(tokens, no_repeat_ngram)
+            if ban_rows.numel():
+                log_probs[ban_rows, ban_words] = float("-inf")
+        if finished is not None:
+            log_probs = torch.where(finished.unsqueeze(1), frozen, log_probs)  # (A*K, V)
+        candidates = (log_probs.view(A, K, V) + scores.unsqueeze(2)).view(A, K * V)
+        scores, flat_index = candidates.topk(K, dim=1)  # (A, K): the survivors' log p, and which they are
+        words = (flat_index % V).view(-1)  # (A*K,)
+        rows = (flat_index // V + first_rows).view(-1)  # (A*K,) the row each survivor extends
         state = (state[0][rows], state[1][rows])
-        chosen = log_probs.view(A * K, V)[rows, word.view(-1)].view(A, K)
-        tokens = torch.cat([tokens.view(A * K, -1)[rows].view(A, K, -1), word.unsqueeze(2)], dim=2)
-        step_log_probs = torch.cat([step_log_probs.view(A * K, -1)[rows].view(A, K, -1), chosen.unsqueeze(2)], dim=2)
-        step_alpha = alpha[rows].view(A, K, 1, P)
-        finished = finished.view(-1)[rows].view(A, K)
-        if frozen is not None:
-            step_alpha = step_alpha.masked_fill(finished.view(A, K, 1, 1), 0.0)
-        alphas = torch.cat([alphas.view(A * K, -1, P)[rows].view(A, K, -1, P), step_alpha], dim=2)
-        ended = word == END_ID  # (A, K)
-        finished = finished | ended
-        words = word.view(-1)
-        if frozen is None:
+        tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)
+        alphas = torch.cat([alphas, alpha.unsqueeze(1)], dim=1)[rows]  # finished beams' extra rows are cut later
+        ended = words == END_ID  # (A*K,)
+        if finished is None:
             if not bool(ended.any()):
                 continue  # no beam has finished, so no image is done
+            finished = ended
             frozen = torch.full((V,), float("-inf"), device=device)
             frozen[PAD_ID] = 0.0
-        done = finished.all(dim=1)  # (A,)
+        else:
+            finished = finished[rows] | ended
+        done = finished.view(A, K).all(dim=1)  # (A,)
         if bool(done.any()):
             for a in done.nonzero().flatten().tolist():
-                results[int(alive[a])] = _ranked(tokens[a], step_log_probs[a], alphas[a], scores[a], length_penalty)
+                beams = slice(a * K, (a + 1) * K)
+                results[int(alive[a])] = _ranked(tokens[beams], alphas[beams], scores[a], length_penalty)
             keep = ~done
             if not bool(keep.any()):
                 return results
             rows_kept = keep.repeat_interleave(K)  # (A*K,)
-            alive, scores, finished = alive[keep], scores[keep], finished[keep]
-            tokens, step_log_probs, alphas = tokens[keep], step_log_probs[keep], alphas[keep]
-            state, words, encoded = (state[0][rows_kept], state[1][rows_kept]), words[rows_kept], encoded.select(keep)
+            alive, scores, encoded = alive[keep], scores[keep], encoded.select(keep)
+            first_rows = first_rows[: alive.numel()]
+            tokens, alphas, finished = tokens[rows_kept], alphas[rows_kept], finished[rows_kept]
+            state, words = (state[0][rows_kept], state[1][rows_kept]), words[rows_kept]
     for a, image in enumerate(alive.tolist()):
-        results[image] = _ranked(tokens[a], step_log_probs[a], alphas[a], scores[a], length_penalty)
+        beams = slice(a * K, (a + 1) * K)
+        results[image] = _ranked(tokens[beams], alphas[beams], scores[a], length_penalty)
     return results
 
 
 def _ranked(
-    tokens: torch.Tensor, log_probs: torch.Tensor, alphas: torch.Tensor, scores: torch.Tensor, length_penalty: float
+    tokens: torch.Tensor, alphas: torch.Tensor, scores: torch.Tensor, length_penalty: float
 ) -> list[Hypothesis]:
-    """One image's K beams (K, t), (K, t), (K, t, P), (K,) -> its hypotheses, best first by normalised score."""
-    hypotheses = [
-        _hypothesis(tokens[k], log_probs[k], alphas[k], length_penalty)
-        for k in range(tokens.size(0))
-        if scores[k] > float("-inf")  # fewer possible captions than beams
-    ]
+    """One image's K beams: tokens (K, t), alphas (K, t, P) and log p (K,) -> its hypotheses, best first by
+    normalised score."""
+    hypotheses = []
+    for k, log_prob in enumerate(scores.tolist()):
+        if log_prob == float("-inf"):  # fewer possible captions than beams
+            continue
+        words, length, finished = _cut(tokens[k])
+        hypotheses.append(
+            Hypothesis(
+                tokens=words,
+                log_prob=log_prob,
+                score=length_normalised(log_prob, length, length_penalty),
+                alphas=alphas[k, : len(words)].cpu(),
+                finished=finished,
+            )
+        )
     return sorted(hypotheses, key=lambda h: h.score, reverse=True)

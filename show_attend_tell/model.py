@@ -43,10 +43,10 @@ def image_transform(config: ModelConfig):
 
 
 class Encoded(NamedTuple):
-    """Image features with their attention projection W_a a_i, computed once per image, not once per step."""
+    """Image features with their attention term, computed once per image, not once per step."""
 
     features: torch.Tensor  # (N, P, F)
-    projected: torch.Tensor  # (N, P, A)
+    projected: torch.Tensor  # (N, P, A): 2 (W_a a_i + b_a), see SoftAttention.project
 
     def select(self, index: torch.Tensor) -> Encoded:
         """Rows `index` (e.g. each caption's image, or the images still decoding) without recomputing anything."""
@@ -119,21 +119,34 @@ class SoftAttention(nn.Module):
         self.decoder_projection = nn.Linear(decoder_dim, attention_dim)  # W_h
         self.score = nn.Linear(attention_dim, 1)  # w
 
-    def forward(self, encoded: Encoded, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, P, F) features -> their term of the energy, 2 (W_a a_i + b_a), once per image (doubled for the
+        sigmoid form in forward)."""
+        return self.encoder_projection(features).mul(2)
+
+    def forward(
+        self, encoded: Encoded, h: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """encoded (B rows), h (N, D) with N = B*K: K consecutive rows per image (its beams or samples; K = 1
         for one row per image) -> context (N, F), alpha (N, P). The K rows of an image read its features in
-        place, so beams never copy them."""
+        place, so beams never copy them. `hidden` is 2 W_h h (N, A) when the caller has computed it already.
+
+        w^T tanh(u) = 2 w^T sigmoid(2u) - sum(w), and softmax ignores a constant: the same alpha from sigmoid,
+        which ran ~6x faster than tanh on the target CPU (results/cpu_ops.json); tanh was the largest cost of
+        a beam step. tests/test_model.py checks alpha, context and gradients
+        against the paper's tanh formula."""
         B, P, A = encoded.projected.shape
         N = h.size(0)
         if N % B:
             raise ValueError(f"attention: {N} decoder rows do not split evenly over {B} images")
         K = N // B
-        # w^T tanh(u) = 2 w^T sigmoid(2u) - sum(w), and softmax ignores a constant: the same alpha from sigmoid,
-        # which ran ~6x faster than tanh on the target CPU (results/cpu_ops.json): tanh was the largest cost of
-        # a beam step. tests/test_model.py checks alpha, context and gradients against the tanh formula.
-        hidden = self.decoder_projection(h).view(B, K, 1, A)
-        energy = (encoded.projected.unsqueeze(1) + hidden).mul_(2).sigmoid_()  # (B, K, P, A)
-        alpha = self.score(energy).squeeze(3).mul(2).softmax(dim=2)  # (B, K, P)
+        if hidden is None:
+            hidden = self.decoder_projection(h).mul(2)  # (N, A)
+        energy = torch.add(encoded.projected.unsqueeze(1), hidden.view(B, K, 1, A)).sigmoid_()  # (B, K, P, A)
+        # 2 (w^T sigmoid + b) in one op; the bias cannot move alpha, but it is a parameter, so it takes part
+        score = self.score
+        alpha = torch.addmv(score.bias, energy.view(-1, A), score.weight.view(A), beta=2, alpha=2)
+        alpha = alpha.view(B, K, P).softmax(dim=2)  # (B, K, P)
         context = torch.bmm(alpha, encoded.features)  # (B, K, F)
         return context.view(N, -1), alpha.view(N, P)
 
@@ -172,13 +185,17 @@ class CaptionDecoder(nn.Module):
             self.L_o = nn.Linear(M, V)
         else:
             self.L_o = nn.Linear(D, V)
+        # Set by int8_decoder: the layers that read the same input merged into one matmul each.
+        self.h_projections: nn.Module | None = None  # h -> [2 W_h h; f_beta(h)]
+        self.h_split = (A, features_dim)
+        self.deep_projections: nn.Module | None = None  # [h; beta z] -> L_h h + L_z beta z
 
     def encode(self, features: torch.Tensor) -> Encoded:
-        """(B, P, E) encoder features -> Encoded: projected to F (if configured), and the attention projection
+        """(B, P, E) encoder features -> Encoded: projected to F (if configured), and the attention's term
         W_a a_i, both done once per image."""
         if self.feature_projection is not None:
             features = self.feature_projection(features)  # (B, P, F)
-        return Encoded(features, self.attention.encoder_projection(features))  # (B, P, F), (B, P, A)
+        return Encoded(features, self.attention.project(features))  # (B, P, F), (B, P, A)
 
     def init_state(self, encoded: Encoded) -> State:
         mean = encoded.features.mean(dim=1)  # (N, F)
@@ -190,14 +207,20 @@ class CaptionDecoder(nn.Module):
         `encoded` holds B images and the N = B*K rows are K consecutive rows per image (see SoftAttention)."""
         h, c = state
         embedded = self.embedding(words)  # (N, M)
-        context, alpha = self.attention(encoded, h)  # (N, F), (N, P)
-        beta = torch.sigmoid(self.f_beta(h))  # (N, F)
-        gated = beta * context  # (N, F)
-        h, c = self.lstm(torch.cat([embedded, gated], dim=1), (h, c))  # (N, D) each
-        if self.deep_output:
-            logits = self.L_o(self.dropout(embedded + self.L_h(h) + self.L_z(gated)))  # (N, V)
+        if self.h_projections is None:
+            hidden, beta_logits = None, self.f_beta(h)  # the attention projects h itself; (N, F)
         else:
-            logits = self.L_o(self.dropout(h))  # (N, V)
+            hidden, beta_logits = self.h_projections(h).split(self.h_split, dim=1)  # (N, A), (N, F)
+        context, alpha = self.attention(encoded, h, hidden)  # (N, F), (N, P)
+        gated = torch.sigmoid(beta_logits) * context  # (N, F)
+        h, c = self.lstm(torch.cat([embedded, gated], dim=1), (h, c))  # (N, D) each
+        if not self.deep_output:
+            out = h
+        elif self.deep_projections is None:
+            out = embedded + self.L_h(h) + self.L_z(gated)  # (N, M)
+        else:
+            out = embedded + self.deep_projections(torch.cat([h, gated], dim=1))
+        logits = self.L_o(self.dropout(out) if self.training else out)  # (N, V)
         return F.log_softmax(logits, dim=1), (h, c), alpha
 
 
@@ -217,7 +240,62 @@ def int8_decoder(decoder: CaptionDecoder) -> CaptionDecoder:
         warnings.simplefilter("ignore")  # not a dependency here; the pinned torch has it
         quantized = torch.ao.quantization.quantize_dynamic(decoder, {nn.Linear, nn.LSTMCell}, dtype=torch.qint8)
     quantized.attention.score = copy.deepcopy(decoder.attention.score)
+    # The layers that read the same input become one matmul each: a beam step over a few rows costs a fixed
+    # overhead per layer. Per-channel scales keep the merged layers' different weight ranges apart.
+    attention = decoder.attention
+    quantized.h_projections = _int8_linear(  # 2 W_h h as SoftAttention.forward takes it, and f_beta(h)
+        torch.cat([2 * attention.decoder_projection.weight, decoder.f_beta.weight]),
+        torch.cat([2 * attention.decoder_projection.bias, decoder.f_beta.bias]),
+    )
+    if decoder.deep_output:
+        quantized.deep_projections = _int8_linear(
+            torch.cat([decoder.L_h.weight, decoder.L_z.weight], dim=1), decoder.L_h.bias + decoder.L_z.bias
+        )
+    quantized.lstm = Int8LSTMCell(quantized.lstm)
+    quantized.L_o = Int8Linear(quantized.L_o)
     return quantized
+
+
+def _int8_linear(weight: torch.Tensor, bias: torch.Tensor) -> Int8Linear:
+    """A dynamically quantized Linear with these fp32 weights (out, in) and bias, one scale per output."""
+    import warnings
+
+    linear = nn.Linear(weight.size(1), weight.size(0))
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        return Int8Linear(torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear: qconfig})[0])
+
+
+# A torch.ao dynamically quantized module spends ~10 us of Python around its op (input checks, dtype dispatch,
+# attribute lookups), a few percent of a beam step per layer (results/cpu_ops.json). The two classes below
+# call the same ops on the same packed weights directly; tests/test_model.py checks they give the very same
+# outputs as the torch.ao modules.
+class Int8Linear(nn.Module):
+    """A torch.ao dynamic quantized Linear's op, called directly: (N, in) fp32 -> (N, out) fp32."""
+
+    def __init__(self, quantized: nn.Module) -> None:
+        super().__init__()
+        self.packed = quantized._packed_params._packed_params
+        self.op = torch.ops.quantized.linear_dynamic.default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.packed, True)  # reduce_range=True, as torch.ao's module passes it
+
+
+class Int8LSTMCell(nn.Module):
+    """A torch.ao dynamic quantized LSTMCell's op, called directly: input (N, I), (h, c) -> (h, c)."""
+
+    def __init__(self, quantized: nn.Module) -> None:
+        super().__init__()
+        self.weights = (quantized._packed_weight_ih, quantized._packed_weight_hh, quantized.bias_ih, quantized.bias_hh)
+        self.op = torch.ops.quantized.quantized_lstm_cell_dynamic.default
+
+    def forward(self, x: torch.Tensor, state: State) -> State:
+        return self.op(x, state, *self.weights)
 
 
 class CaptionModel(nn.Module):

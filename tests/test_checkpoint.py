@@ -12,7 +12,7 @@ from show_attend_tell.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, l
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoding import beam_search
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import CaptionModel, Encoder
+from show_attend_tell.model import CaptionModel, Encoder, Int8Linear, Int8LSTMCell
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
 WORDS = [*SPECIAL_TOKENS, "a", "dog", "runs", "on", "the", "grass", "cat", "sits"]
@@ -137,9 +137,10 @@ def test_int8_decoder_is_quantized_close_to_fp32_and_cpu_only(tmp_path):
     save_model(model, vocab, tmp_path / "ckpt", encoder_sha256="abc")
     fp32, _, _ = load_model(tmp_path / "ckpt", with_encoder=False)
     int8, _, _ = load_model(tmp_path / "ckpt", with_encoder=False, int8=True)
-    dynamic = torch.ao.nn.quantized.dynamic
-    assert isinstance(int8.decoder.lstm, dynamic.LSTMCell) and isinstance(int8.decoder.L_o, dynamic.Linear)
-    assert type(fp32.decoder.lstm) is torch.nn.LSTMCell
+    decoder = int8.decoder
+    assert isinstance(decoder.lstm, Int8LSTMCell) and isinstance(decoder.L_o, Int8Linear)
+    assert isinstance(decoder.h_projections, Int8Linear) and isinstance(decoder.deep_projections, Int8Linear)
+    assert type(fp32.decoder.lstm) is torch.nn.LSTMCell and fp32.decoder.h_projections is None
     assert type(int8.decoder.attention.score) is torch.nn.Linear  # fp32: no rounding of the energies
     torch.testing.assert_close(int8.decoder.attention.score.weight, fp32.decoder.attention.score.weight)
     torch.manual_seed(2)

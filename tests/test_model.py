@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_decoder_config
 
 from show_attend_tell.config import ModelConfig
-from show_attend_tell.model import CPU_CHUNK, CaptionModel, Encoded, Encoder, caption_loss
+from show_attend_tell.model import CPU_CHUNK, CaptionModel, Encoded, Encoder, Int8Linear, Int8LSTMCell, caption_loss
 from show_attend_tell.text import END_ID, PAD_ID, START_ID
 
 
@@ -58,10 +58,11 @@ def test_attention_equals_the_papers_tanh_formula_and_its_gradients():
     torch.manual_seed(0)
     features = torch.randn(3, 4, 8, requires_grad=True)
     h = torch.randn(3, attention.decoder_projection.in_features, requires_grad=True)
-    encoded = Encoded(features, attention.encoder_projection(features))
+    encoded = Encoded(features, attention.project(features))
     context, alpha = attention(encoded, h)
     # The paper's e = w^T tanh(W_a a_i + W_h h), written out with the same weights
-    energy = attention.score(torch.tanh(encoded.projected + attention.decoder_projection(h).unsqueeze(1)))
+    W_a, W_h = attention.encoder_projection, attention.decoder_projection
+    energy = attention.score(torch.tanh(W_a(features) + W_h(h).unsqueeze(1)))
     expected_alpha = energy.squeeze(2).softmax(dim=1)
     expected_context = (expected_alpha.unsqueeze(2) * features).sum(dim=1)
     torch.testing.assert_close(alpha, expected_alpha)
@@ -164,3 +165,18 @@ def test_cpu_inference_runs_the_encoder_in_chunks_with_the_same_features():
     whole = encoder(images)  # with grad on (training): one batch
     assert batches[-1] == CPU_CHUNK + 3
     torch.testing.assert_close(chunked, whole.detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao's eager quantization
+def test_int8_layers_call_torchs_quantized_ops_with_the_same_results():
+    dynamic = torch.ao.quantization.quantize_dynamic(
+        torch.nn.ModuleList([torch.nn.Linear(16, 24), torch.nn.LSTMCell(16, 8)]),
+        {torch.nn.Linear, torch.nn.LSTMCell},
+        dtype=torch.qint8,
+    )
+    linear, cell = dynamic
+    torch.manual_seed(3)
+    x, state = torch.randn(5, 16), (torch.randn(5, 8), torch.randn(5, 8))
+    assert torch.equal(Int8Linear(linear)(x), linear(x))
+    for got, want in zip(Int8LSTMCell(cell)(x, state), cell(x, state), strict=True):
+        assert torch.equal(got, want)

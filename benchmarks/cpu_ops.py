@@ -1,9 +1,11 @@
-"""Two CPU measurements behind design choices in model.py, recorded rather than remembered.
+"""Three CPU measurements behind design choices in model.py, recorded rather than remembered.
 
 1. tanh against sigmoid over an attention energy tensor (K beams x P cells x A): SoftAttention computes the
    paper's w^T tanh(u) through sigmoid, which gives the same alpha (tests/test_model.py).
 2. The ResNet-50 encoder's time per image by batch size at inference: Encoder.forward runs CPU batches in
    chunks of CPU_CHUNK images.
+3. torch.ao's dynamically quantized Linear and LSTMCell modules against calling their ops directly
+   (model.Int8Linear, model.Int8LSTMCell), at the decoder's sizes over one photo's 3 beams.
 
 Each figure is the median over --repeats rounds, the sizes interleaved within a round (the machine is shared).
 
@@ -18,11 +20,13 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 
 import torch
+from torch import nn
 
 from show_attend_tell.config import ModelConfig
-from show_attend_tell.model import CPU_CHUNK, Encoder
+from show_attend_tell.model import CPU_CHUNK, Encoder, Int8Linear, Int8LSTMCell
 from show_attend_tell.records import provenance, write_record
 
 
@@ -65,6 +69,42 @@ def encoder_batches(repeats: int, images: int) -> dict:
     return {f"batch_{size}": round(statistics.median(values), 1) for size, values in timings.items()}
 
 
+def int8_layers(repeats: int, calls: int = 200) -> dict:
+    """Median us per call of torch.ao's dynamic int8 modules and of the same ops called directly, for 3 rows
+    (one photo's beams) at the shipped decoder's sizes: L_o (512 -> 2542) and the LSTMCell (1024 + 512 -> 512)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        linear, cell = torch.ao.quantization.quantize_dynamic(
+            nn.ModuleList([nn.Linear(512, 2542), nn.LSTMCell(1024, 512)]), {nn.Linear, nn.LSTMCell}, dtype=torch.qint8
+        )
+    x, inputs, state = torch.randn(3, 512), torch.randn(3, 1024), (torch.randn(3, 512), torch.randn(3, 512))
+    direct_linear, direct_cell = Int8Linear(linear), Int8LSTMCell(cell)
+    calls_by_name = {
+        "linear_torch_ao": lambda: linear(x),
+        "linear_direct": lambda: direct_linear(x),
+        "lstm_cell_torch_ao": lambda: cell(inputs, state),
+        "lstm_cell_direct": lambda: direct_cell(inputs, state),
+    }
+    timings: dict[str, list[float]] = {name: [] for name in calls_by_name}
+
+    def repeated(call) -> None:
+        for _ in range(calls):
+            call()
+
+    with torch.inference_mode():
+        for r in range(repeats):
+            for name, call in calls_by_name.items() if r % 2 == 0 else list(calls_by_name.items())[::-1]:
+                timings[name].append(seconds(lambda call=call: repeated(call)) * 1e6 / calls)
+    medians = {name: round(statistics.median(values), 1) for name, values in timings.items()}
+    return {
+        "us_per_call_median": medians,
+        "python_overhead_us": {
+            "linear": round(medians["linear_torch_ao"] - medians["linear_direct"], 1),
+            "lstm_cell": round(medians["lstm_cell_torch_ao"] - medians["lstm_cell_direct"], 1),
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -76,6 +116,7 @@ def main() -> int:
     record["activations"] = activations(args.repeats * 5)
     record["encoder_ms_per_image"] = encoder_batches(args.repeats, 32)
     record["encoder_cpu_chunk"] = CPU_CHUNK
+    record["int8_layers_3_rows"] = int8_layers(args.repeats * 3)
     print(json.dumps(record, indent=2))
     if args.out:
         write_record(record, args.out)

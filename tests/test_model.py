@@ -180,3 +180,18 @@ def test_int8_layers_call_torchs_quantized_ops_with_the_same_results():
     assert torch.equal(Int8Linear(linear)(x), linear(x))
     for got, want in zip(Int8LSTMCell(cell)(x, state), cell(x, state), strict=True):
         assert torch.equal(got, want)
+
+
+def test_bf16_attention_energies_give_alpha_and_context_close_to_fp32():
+    attention = CaptionModel(tiny_decoder_config(encoder_dim=8, feature_dim=0)).decoder.attention.eval()
+    torch.manual_seed(4)
+    features, h = torch.randn(2, 4, 8), torch.randn(6, attention.decoder_projection.in_features)
+    with torch.no_grad():
+        context, alpha = attention(Encoded(features, attention.project(features)), h)
+        attention.energy_dtype = torch.bfloat16
+        projected = attention.project(features)
+        context16, alpha16 = attention(Encoded(features, projected), h)
+    assert projected.dtype == torch.bfloat16 and alpha16.dtype == context16.dtype == torch.float32
+    torch.testing.assert_close(alpha16, alpha, atol=2e-3, rtol=0)
+    torch.testing.assert_close(context16, context, atol=2e-2, rtol=0)
+    assert not torch.equal(alpha16, alpha)  # the bf16 path ran

@@ -44,7 +44,8 @@ def greedy(
     tokens, log_probs, alphas = rollout(
         decoder, encoded, max_length=max_length, sample=False, no_repeat_ngram=no_repeat_ngram
     )
-    return [_hypothesis(tokens[b], log_probs[b], alphas[b], 0.0) for b in range(tokens.size(0))]
+    totals = log_probs.sum(dim=1).tolist()  # zero after <end>, so each is the caption's log p with its <end>
+    return [_hypothesis(tokens[b], totals[b], alphas[b], 0.0) for b in range(tokens.size(0))]
 
 
 def rollout(
@@ -117,9 +118,8 @@ def _never_next(device: torch.device) -> torch.Tensor:
     return torch.tensor([PAD_ID, START_ID, UNK_ID], device=device)
 
 
-def _cut(tokens: torch.Tensor) -> tuple[list[int], int, bool]:
-    """One row of decoded tokens (T,) -> its words before <end>/<pad>, how many tokens were scored (the words,
-    and <end> when produced) and whether it produced <end>."""
+def _hypothesis(tokens: torch.Tensor, log_prob: float, alphas: torch.Tensor, length_penalty: float) -> Hypothesis:
+    """One decoded row, tokens (T,) with its log p and alphas (T, P): cut at <end>/<pad>, keep each word's alpha."""
     ids = tokens.tolist()
     n = len(ids)
     for i, word in enumerate(ids):
@@ -127,20 +127,11 @@ def _cut(tokens: torch.Tensor) -> tuple[list[int], int, bool]:
             n = i
             break
     finished = n < len(ids) and ids[n] == END_ID
-    return ids[:n], n + finished, finished
-
-
-def _hypothesis(
-    tokens: torch.Tensor, log_probs: torch.Tensor, alphas: torch.Tensor, length_penalty: float
-) -> Hypothesis:
-    """From one row of rollout output (T,), (T,), (T, P): cut at <end>/<pad>, keep each word's alpha."""
-    words, length, finished = _cut(tokens)
-    log_prob = float(log_probs[:length].sum())
     return Hypothesis(
-        tokens=words,
+        tokens=ids[:n],
         log_prob=log_prob,
-        score=length_normalised(log_prob, length, length_penalty),
-        alphas=alphas[: len(words)].detach().cpu(),
+        score=length_normalised(log_prob, n + finished, length_penalty),  # <end> counts as a token
+        alphas=alphas[:n].detach().cpu(),
         finished=finished,
     )
 
@@ -233,18 +224,9 @@ def _ranked(
 ) -> list[Hypothesis]:
     """One image's K beams: tokens (K, t), alphas (K, t, P) and log p (K,) -> its hypotheses, best first by
     normalised score."""
-    hypotheses = []
-    for k, log_prob in enumerate(scores.tolist()):
-        if log_prob == float("-inf"):  # fewer possible captions than beams
-            continue
-        words, length, finished = _cut(tokens[k])
-        hypotheses.append(
-            Hypothesis(
-                tokens=words,
-                log_prob=log_prob,
-                score=length_normalised(log_prob, length, length_penalty),
-                alphas=alphas[k, : len(words)].cpu(),
-                finished=finished,
-            )
-        )
+    hypotheses = [
+        _hypothesis(tokens[k], log_prob, alphas[k], length_penalty)
+        for k, log_prob in enumerate(scores.tolist())
+        if log_prob > float("-inf")  # fewer possible captions than beams
+    ]
     return sorted(hypotheses, key=lambda h: h.score, reverse=True)

@@ -1,11 +1,13 @@
-"""Three CPU measurements behind design choices in model.py, recorded rather than remembered.
+"""Four CPU measurements behind design choices in model.py, recorded rather than remembered.
 
 1. tanh against sigmoid over an attention energy tensor (K beams x P cells x A): SoftAttention computes the
    paper's w^T tanh(u) through sigmoid, which gives the same alpha (tests/test_model.py).
-2. The ResNet-50 encoder's time per image by batch size at inference: Encoder.forward runs CPU batches in
-   chunks of CPU_CHUNK images.
+2. The ResNet-50 encoder's time per image by batch size at inference, at 224 and 448 px: Encoder.forward runs
+   CPU batches in chunks of CPU_CHUNK_PIXELS input pixels.
 3. torch.ao's dynamically quantized Linear and LSTMCell modules against calling their ops directly
    (model.Int8Linear, model.Int8LSTMCell), at the decoder's sizes over one photo's 3 beams.
+4. One batched attention step without grad (32 photos x 3 beams, 14x14 cells): the energies as one tensor,
+   in cache-sized chunks, and in chunks in the product form (SoftAttention.project).
 
 Each figure is the median over --repeats rounds, the sizes interleaved within a round (the machine is shared).
 
@@ -25,8 +27,9 @@ import warnings
 import torch
 from torch import nn
 
+import show_attend_tell.model as model_module
 from show_attend_tell.config import ModelConfig
-from show_attend_tell.model import CPU_CHUNK, Encoder, Int8Linear, Int8LSTMCell
+from show_attend_tell.model import CPU_CHUNK_PIXELS, Encoded, Encoder, Int8Linear, Int8LSTMCell, SoftAttention
 from show_attend_tell.records import provenance, write_record
 
 
@@ -54,11 +57,10 @@ def activations(repeats: int) -> dict:
     return results
 
 
-def encoder_batches(repeats: int, images: int) -> dict:
-    """Median ms per image of the (random-weight) ResNet-50 trunk at 224 px, one forward per batch size."""
+def encoder_batches(repeats: int, side: int, sizes: tuple[int, ...]) -> dict:
+    """Median ms per image of the (random-weight) ResNet-50 trunk at `side` px, one forward per batch size."""
     encoder = Encoder(ModelConfig(vocab_size=10), pretrained=False).eval()
-    x = torch.randn(images, 3, 224, 224)
-    sizes = (1, 2, 4, 8, 16, 32)
+    x = torch.randn(max(sizes), 3, side, side)
     timings: dict[int, list[float]] = {size: [] for size in sizes}
     with torch.inference_mode():
         encoder.trunk(x[:2])  # warm-up
@@ -105,6 +107,23 @@ def int8_layers(repeats: int, calls: int = 200) -> dict:
     }
 
 
+def attention_step(repeats: int, calls: int = 5) -> dict:
+    """Median ms of one SoftAttention call without grad over 32 photos x 3 beams on a 14x14 grid (A = 512)."""
+    attention = SoftAttention(feature_dim=512, decoder_dim=512, attention_dim=512).eval()
+    features, h = torch.randn(32, 196, 512), torch.randn(96, 512)
+    chunk_bytes = model_module.ENERGY_CHUNK_BYTES
+    forms = {"one_tensor": (1 << 62, False), "chunks": (chunk_bytes, False), "chunks_product_form": (chunk_bytes, True)}
+    timings: dict[str, list[float]] = {name: [] for name in forms}
+    with torch.inference_mode():
+        for r in range(repeats):
+            for name, (budget, product_form) in forms.items() if r % 2 == 0 else list(forms.items())[::-1]:
+                model_module.ENERGY_CHUNK_BYTES, attention.product_form = budget, product_form
+                encoded = Encoded(features, attention.project(features))
+                timings[name].append(seconds(lambda e=encoded: [attention(e, h) for _ in range(calls)]) * 1e3 / calls)
+    model_module.ENERGY_CHUNK_BYTES = chunk_bytes
+    return {"energy_chunk_bytes": chunk_bytes, **{n: round(statistics.median(v), 2) for n, v in timings.items()}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -114,9 +133,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     record = provenance("python " + shlex.join(sys.argv))
     record["activations"] = activations(args.repeats * 5)
-    record["encoder_ms_per_image"] = encoder_batches(args.repeats, 32)
-    record["encoder_cpu_chunk"] = CPU_CHUNK
+    record["encoder_ms_per_image"] = encoder_batches(args.repeats, 224, (1, 2, 4, 8, 16, 32))
+    record["encoder_ms_per_image_448px"] = encoder_batches(args.repeats, 448, (1, 2, 4, 8))
+    record["encoder_cpu_chunk_pixels"] = CPU_CHUNK_PIXELS
     record["int8_layers_3_rows"] = int8_layers(args.repeats * 3)
+    record["attention_step_32x3_rows_14x14"] = attention_step(args.repeats * 3)
     print(json.dumps(record, indent=2))
     if args.out:
         write_record(record, args.out)

@@ -53,7 +53,10 @@ class Encoded(NamedTuple):
         return Encoded(self.features[index], self.projected[index])
 
 
-CPU_CHUNK = 4  # images per encoder forward on CPU at inference (see Encoder.forward)
+CPU_CHUNK_PIXELS = 4 * 224 * 224  # input pixels per encoder forward on CPU at inference (see Encoder.forward)
+ENERGY_CHUNK_BYTES = 4 << 20  # attention energies per pass at inference (see SoftAttention.forward)
+EXP_CLAMP = 43.0  # |terms| bound in the product form of the energies (see SoftAttention.project)
+_ONE = torch.ones(())
 
 
 class Encoder(nn.Module):
@@ -101,13 +104,20 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised images -> (B, P, E) grid features.
 
-        On CPU, inference runs CPU_CHUNK images at a time: ResNet-50 at 224 px on the 2-core target machine took
-        ~55 ms per image in batches of 2-4 and ~87 ms in batches of 32, whose activations overflow the caches
+        On CPU, inference runs a few images at a time, CPU_CHUNK_PIXELS of input per forward: ResNet-50 on the
+        2-core target machine took ~55 ms per image at 224 px in batches of 2-4 and ~87 ms in batches of 32, whose
+        activations overflow the caches; at 448 px, 194 ms one at a time and 277 ms in batches of 4
         (results/cpu_ops.json)."""
-        if images.device.type == "cpu" and not torch.is_grad_enabled() and images.size(0) > CPU_CHUNK:
-            return torch.cat([self(chunk) for chunk in images.split(CPU_CHUNK)])
+        chunk = cpu_chunk(images.size(2) * images.size(3))
+        if images.device.type == "cpu" and not torch.is_grad_enabled() and images.size(0) > chunk:
+            return torch.cat([self(part) for part in images.split(chunk)])
         grid = self.pool(self.trunk(images))  # (B, E, g, g)
         return grid.flatten(2).transpose(1, 2)  # (B, P, E)
+
+
+def cpu_chunk(pixels: int) -> int:
+    """Images of `pixels` input pixels each per encoder forward on CPU: 4 at 224 px, 1 from 317 px."""
+    return max(1, CPU_CHUNK_PIXELS // pixels)
 
 
 class SoftAttention(nn.Module):
@@ -118,12 +128,22 @@ class SoftAttention(nn.Module):
         self.encoder_projection = nn.Linear(feature_dim, attention_dim)  # W_a
         self.decoder_projection = nn.Linear(decoder_dim, attention_dim)  # W_h
         self.score = nn.Linear(attention_dim, 1)  # w
-        self.energy_dtype = torch.float32  # int8_decoder may set bfloat16
+        self.product_form = False  # inference only: int8_decoder sets it (see project)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, P, F) features -> their term of the energy, 2 (W_a a_i + b_a), once per image (doubled for the
-        sigmoid form in forward)."""
-        return self.encoder_projection(features).mul(2).to(self.energy_dtype)
+        """(B, P, F) features -> their term of the energy, u_i = 2 (W_a a_i + b_a), once per image (doubled for
+        the sigmoid form in forward).
+
+        In the product form it stores exp(-u_i) instead: with v = 2 W_h h, sigmoid(u_i + v) = 1 / (1 + e^-u_i
+        e^-v), one multiply-add and a reciprocal per energy instead of an add and an exp. Both terms are clamped
+        to +-43, so every product lies in [e^-86, e^86]: finite and normal in fp32 (no inf * 0; denormal
+        products made the multiply-add ~3x slower here). A term beyond that saturates the sigmoid either way
+        unless the other is nearly as large and of opposite sign: the shipped model on 500 val photos had
+        |u| <= 73 but |v| <= 13, so a clamped energy moves by less than e^-30."""
+        projected = self.encoder_projection(features).mul(2)
+        if self.product_form:
+            return projected.clamp_(-EXP_CLAMP, EXP_CLAMP).neg_().exp_()
+        return projected
 
     def forward(
         self, encoded: Encoded, h: torch.Tensor, hidden: torch.Tensor | None = None
@@ -142,16 +162,39 @@ class SoftAttention(nn.Module):
         K = N // B
         if hidden is None:
             hidden = self.decoder_projection(h).mul(2)  # (N, A)
-        hidden = hidden.to(encoded.projected.dtype).view(B, K, 1, A)
-        energy = torch.add(encoded.projected.unsqueeze(1), hidden).sigmoid_()  # (B, K, P, A)
-        score = self.score
-        if energy.dtype == torch.float32:  # 2 (w^T sigmoid + b) in one op; b cannot move alpha, but trains
-            alpha = torch.addmv(score.bias, energy.view(-1, A), score.weight.view(A), beta=2, alpha=2)
-        else:  # inference in bf16 (see int8_decoder), without b
-            alpha = torch.matmul(energy.view(-1, A), score.weight.to(energy.dtype).view(A, 1)).float().mul_(2)
+        hidden = hidden.view(B, K, 1, A)
+        if torch.is_grad_enabled():
+            energy = torch.add(encoded.projected.unsqueeze(1), hidden).sigmoid_()  # (B, K, P, A)
+            # 2 (w^T sigmoid + b) in one op; b cannot move alpha, but trains
+            alpha = torch.addmv(self.score.bias, energy.view(-1, A), self.score.weight.view(A), beta=2, alpha=2)
+        else:
+            alpha = self._inference_scores(encoded.projected, hidden)
         alpha = alpha.view(B, K, P).softmax(dim=2)  # (B, K, P)
         context = torch.bmm(alpha, encoded.features)  # (B, K, F)
         return context.view(N, -1), alpha.view(N, P)
+
+    def _inference_scores(self, projected: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, P, A) image terms, (B, K, 1, A) decoder terms -> 2 w^T sigmoid(u + v), (B*K*P), without grad.
+
+        The energies are computed a few images at a time into one reused buffer that stays in the core's cache
+        between the passes over it; one (B, K, P, A) tensor (38 MB for 32 photos x 3 beams on a 14x14 grid)
+        made each pass a trip to memory plus fresh pages. b is left out: softmax ignores a constant."""
+        B, K, _, A = hidden.shape
+        P = projected.size(1)
+        images = max(1, ENERGY_CHUNK_BYTES // (K * P * A * projected.element_size()))
+        buffer = projected.new_empty(min(images, B), K, P, A)
+        w = self.score.weight.view(A, 1)
+        if self.product_form:
+            hidden = hidden.clamp(-EXP_CLAMP, EXP_CLAMP).neg_().exp_()
+        scores = []
+        for image_terms, decoder_terms in zip(projected.split(images), hidden.split(images), strict=True):
+            energy = buffer[: image_terms.size(0)]  # (b, K, P, A)
+            if self.product_form:  # 1 / (1 + e^-u e^-v)
+                torch.addcmul(_ONE, image_terms.unsqueeze(1), decoder_terms, out=energy).reciprocal_()
+            else:
+                torch.add(image_terms.unsqueeze(1), decoder_terms, out=energy).sigmoid_()
+            scores.append(torch.matmul(energy.view(-1, A), w))
+        return torch.cat(scores).mul_(2).view(-1)
 
 
 class CaptionDecoder(nn.Module):
@@ -254,20 +297,11 @@ def int8_decoder(decoder: CaptionDecoder) -> CaptionDecoder:
         quantized.deep_projections = _int8_linear(
             torch.cat([decoder.L_h.weight, decoder.L_z.weight], dim=1), decoder.L_h.bias + decoder.L_z.bias
         )
-    # On CPUs with bf16 arithmetic the attention energies (the largest tensor of a step: 20 MB for 32 photos x
-    # 3 beams on a 10x10 grid) run in bf16: batched beam search went from 2.7x to 3.2x faster per photo than
-    # one at a time (results/decode_speed.json), val scores the same within noise (results/
-    # flickr8k_val_selection.json, bf16_attention); tests/test_model.py bounds the change in alpha.
-    if _cpu_has_bf16():
-        quantized.attention.energy_dtype = torch.bfloat16
+    # The attention energies in the product form (SoftAttention.project): the largest cost of a batched step.
+    quantized.attention.product_form = True
     quantized.lstm = Int8LSTMCell(quantized.lstm)
     quantized.L_o = Int8Linear(quantized.L_o)
     return quantized
-
-
-def _cpu_has_bf16() -> bool:
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(check and check())
 
 
 def _int8_linear(weight: torch.Tensor, bias: torch.Tensor) -> Int8Linear:

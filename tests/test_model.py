@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import tiny_decoder_config
 
+import show_attend_tell.model as model_module
 from show_attend_tell.config import ModelConfig
-from show_attend_tell.model import CPU_CHUNK, CaptionModel, Encoded, Encoder, Int8Linear, Int8LSTMCell, caption_loss
+from show_attend_tell.model import CaptionModel, Encoded, Encoder, Int8Linear, Int8LSTMCell, caption_loss, cpu_chunk
 from show_attend_tell.text import END_ID, PAD_ID, START_ID
 
 
@@ -154,16 +155,18 @@ def test_encoder_grid_shapes_and_frozen_batchnorm():
         assert encoder(torch.randn(1, 3, 448, 448)).shape == (1, 196, 2048)
 
 
-def test_cpu_inference_runs_the_encoder_in_chunks_with_the_same_features():
+def test_cpu_inference_runs_the_encoder_in_chunks_with_the_same_features(monkeypatch):
+    assert [cpu_chunk(side * side) for side in (224, 320, 448)] == [4, 1, 1]
+    monkeypatch.setattr(model_module, "CPU_CHUNK_PIXELS", 4 * 64 * 64)  # 4 images per chunk at 64 px
     encoder = Encoder(ModelConfig(vocab_size=10), pretrained=False).eval()
     batches = []
     encoder.trunk.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
-    images = torch.randn(CPU_CHUNK + 3, 3, 64, 64)
+    images = torch.randn(4 + 3, 3, 64, 64)
     with torch.no_grad():
         chunked = encoder(images)
-    assert batches == [CPU_CHUNK, 3]
+    assert batches == [4, 3]
     whole = encoder(images)  # with grad on (training): one batch
-    assert batches[-1] == CPU_CHUNK + 3
+    assert batches[-1] == 4 + 3
     torch.testing.assert_close(chunked, whole.detach(), atol=1e-4, rtol=1e-4)
 
 
@@ -182,16 +185,25 @@ def test_int8_layers_call_torchs_quantized_ops_with_the_same_results():
         assert torch.equal(got, want)
 
 
-def test_bf16_attention_energies_give_alpha_and_context_close_to_fp32():
+@pytest.mark.parametrize("product_form", [False, True])
+def test_inference_attention_in_chunks_matches_the_training_path(monkeypatch, product_form):
+    """Without grad the energies run a few images at a time (and, for the int8 decoder, in the product form
+    1 / (1 + e^-u e^-v)); alpha and context must equal the autograd path's, large terms included."""
     attention = CaptionModel(tiny_decoder_config(encoder_dim=8, feature_dim=0)).decoder.attention.eval()
     torch.manual_seed(4)
-    features, h = torch.randn(2, 4, 8), torch.randn(6, attention.decoder_projection.in_features)
-    with torch.no_grad():
+    B, K, P = 5, 3, 4
+    features, h = torch.randn(B, P, 8), torch.randn(B * K, attention.decoder_projection.in_features)
+    with torch.no_grad():  # terms up to ~+-100: past the product form's clamp
+        attention.encoder_projection.weight.mul_(30)
+    with torch.enable_grad():
         context, alpha = attention(Encoded(features, attention.project(features)), h)
-        attention.energy_dtype = torch.bfloat16
+    A = attention.score.in_features
+    monkeypatch.setattr(model_module, "ENERGY_CHUNK_BYTES", 2 * K * P * A * 4)  # 2 images per chunk: 3 chunks
+    attention.product_form = product_form
+    with torch.no_grad():
         projected = attention.project(features)
-        context16, alpha16 = attention(Encoded(features, projected), h)
-    assert projected.dtype == torch.bfloat16 and alpha16.dtype == context16.dtype == torch.float32
-    torch.testing.assert_close(alpha16, alpha, atol=2e-3, rtol=0)
-    torch.testing.assert_close(context16, context, atol=2e-2, rtol=0)
-    assert not torch.equal(alpha16, alpha)  # the bf16 path ran
+        fast_context, fast_alpha = attention(Encoded(features, projected), h)
+        terms = attention.encoder_projection(features).mul(2)
+    assert terms.abs().max() > model_module.EXP_CLAMP and projected.isfinite().all()  # the clamp was needed
+    torch.testing.assert_close(fast_alpha, alpha.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast_context, context.detach(), atol=1e-5, rtol=1e-5)

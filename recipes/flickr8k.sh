@@ -29,23 +29,22 @@ stage train_xe_restart_3 "$sat" train "${common[@]}" --run-dir "$work/xe4" --ini
   --epochs 3 --decoder-lr 1.5e-4 --seed 3
 # Self-critical fine-tuning from xe3 lowered every val metric (results/flickr8k_val_selection.json), so the
 # shipped model is cross-entropy only.
-# Then a finer grid: the photos at 320 px give ResNet-50 a native 10x10 grid; the decoder (attention works over
-# any number of cells) continues from xe4 on those features, which raised val CIDEr (results/).
+# Then finer grids: the photos at 320 px give ResNet-50 a native 10x10 grid, at 448 px the paper's 14x14. The
+# decoder continues from xe4 on each in turn (the attention works over any number of cells); each grid raised
+# val CIDEr (results/flickr8k_val_selection.json).
+# train_grid NAME SIDE GRID RUN INIT LR SEED: a 3-epoch cosine cycle from INIT on the features at SIDE px
+train_grid() {
+  stage "$1" "$sat" train --data "$work/prepared" --features "$work/features$2" --image-size "$2" \
+    --grid-size "$3" --batch-size 100 --checkpoint-every-steps 100 --run-dir "$work/$4" \
+    --init-from "$work/$5/best" --epochs 3 --decoder-lr "$6" --seed "$7"
+}
 stage features_320 "$sat" features --data "$work/prepared" --out "$work/features320" --image-size 320 \
   --grid-size 10 --batch-size 32
-grid10=(--data "$work/prepared" --features "$work/features320" --image-size 320 --grid-size 10 --batch-size 100
-  --checkpoint-every-steps 100)
-stage train_xe_10x10 "$sat" train "${grid10[@]}" --run-dir "$work/xe5" --init-from "$work/xe4/best" \
-  --epochs 3 --decoder-lr 2e-4 --seed 4
-stage train_xe_10x10_2 "$sat" train "${grid10[@]}" --run-dir "$work/xe6" --init-from "$work/xe5/best" \
-  --epochs 3 --decoder-lr 1.5e-4 --seed 5
-# Then the paper's 14x14 grid from the photos at 448 px: one more cycle from xe6, which raised val CIDEr again.
+train_grid train_xe_10x10 320 10 xe5 xe4 2e-4 4
+train_grid train_xe_10x10_2 320 10 xe6 xe5 1.5e-4 5
 stage features_448 "$sat" features --data "$work/prepared" --out "$work/features448" --image-size 448 \
   --grid-size 14 --batch-size 32
-grid14=(--data "$work/prepared" --features "$work/features448" --image-size 448 --grid-size 14 --batch-size 100
-  --checkpoint-every-steps 100)
-stage train_xe_14x14 "$sat" train "${grid14[@]}" --run-dir "$work/xe7" --init-from "$work/xe6/best" \
-  --epochs 3 --decoder-lr 2e-4 --seed 6
+train_grid train_xe_14x14 448 14 xe7 xe6 2e-4 6
 stage evaluate "$sat" evaluate "$work/xe7/best" --data "$work/prepared" --features "$work/features448" \
   --split test --beam 1 3 5 --out "$work/test"
 stage export "$sat" export "$work/xe7/best" --out "$work/shipped"

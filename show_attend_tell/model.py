@@ -136,10 +136,10 @@ class SoftAttention(nn.Module):
 
         In the product form it stores exp(-u_i) instead: with v = 2 W_h h, sigmoid(u_i + v) = 1 / (1 + e^-u_i
         e^-v), one multiply-add and a reciprocal per energy instead of an add and an exp. Both terms are clamped
-        to +-43, so every product lies in [e^-86, e^86]: finite and normal in fp32 (no inf * 0; denormal
-        products made the multiply-add ~3x slower here). A term beyond that saturates the sigmoid either way
-        unless the other is nearly as large and of opposite sign: the shipped model on 500 val photos had
-        |u| <= 73 but |v| <= 13, so a clamped energy moves by less than e^-30."""
+        to +-43, so every product lies in [e^-86, e^86]: finite and normal in fp32 (no inf * 0, no denormals).
+        A term beyond that saturates the sigmoid either way unless the other is nearly as large and of opposite
+        sign: the shipped model over 500 val and test photos had |u| <= 73 but |v| <= 13, so a clamped energy
+        moves by less than e^-30."""
         projected = self.encoder_projection(features).mul(2)
         if self.product_form:
             return projected.clamp_(-EXP_CLAMP, EXP_CLAMP).neg_().exp_()

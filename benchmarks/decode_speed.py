@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from show_attend_tell import decoding
 from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import ModelConfig, to_dict
@@ -117,6 +118,15 @@ def measure(args: argparse.Namespace) -> dict:
         steps = decode(encoded)
         return (time.perf_counter() - start) / B, steps
 
+    def decoder_batched_eager_compaction(r: int):
+        """The batched search dropping each image as soon as it finishes (COMPACT_FRACTION 0, before 2026-11-26)."""
+        default = decoding.COMPACT_FRACTION
+        decoding.COMPACT_FRACTION = 0.0
+        try:
+            return decoder_batched(r)
+        finally:
+            decoding.COMPACT_FRACTION = default
+
     def end_to_end_one_at_a_time(r: int):
         start = time.perf_counter()
         steps = sum(caption_images(model, vocab, images[i : i + 1], args)[1] for i in range(B))
@@ -127,7 +137,7 @@ def measure(args: argparse.Namespace) -> dict:
         _, steps = caption_images(model, vocab, images, args)
         return (time.perf_counter() - start) / B, steps
 
-    tasks = [encoder_alone, end_to_end, decoder_one_at_a_time, decoder_batched]
+    tasks = [encoder_alone, end_to_end, decoder_one_at_a_time, decoder_batched, decoder_batched_eager_compaction]
     if not args.skip_batched_end_to_end:
         tasks += [end_to_end_one_at_a_time, end_to_end_batched]
     seconds: dict[str, list[float]] = {task.__name__: [] for task in tasks}
@@ -149,6 +159,7 @@ def measure(args: argparse.Namespace) -> dict:
     ratios = {
         "end_to_end_over_encoder": ratio("end_to_end", "encoder_alone"),
         "decoder_one_at_a_time_over_batched": ratio("decoder_one_at_a_time", "decoder_batched"),
+        "eager_over_deferred_compaction": ratio("decoder_batched_eager_compaction", "decoder_batched"),
     }
     if not args.skip_batched_end_to_end:
         ratios["end_to_end_one_at_a_time_over_batched"] = ratio("end_to_end_one_at_a_time", "end_to_end_batched")

@@ -18,6 +18,7 @@ from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 # captions with repeats to reach the reference length CIDEr-D's Gaussian rewards; greedy, beam search and SCST
 # sampling all apply it, so training optimises the policy that decoding runs.
 NO_REPEAT_NGRAM = 3
+COMPACT_FRACTION = 0.25  # beam search drops finished images once they are this fraction of its batch
 
 
 @dataclasses.dataclass
@@ -165,9 +166,13 @@ def beam_search(
     tokens = torch.zeros(B * K, 0, dtype=torch.long, device=device)  # (A*K, t)
     alphas = torch.zeros(B * K, 0, P, device=device)  # (A*K, t, P)
     finished = None  # (A*K,) once some beam has produced <end>
-    # An image whose K beams have all ended leaves the batch: its rows stop costing decoder steps, so a batch
-    # runs as long as its longest caption only for the images still writing.
+    # An image whose K beams have all ended has its results taken at once; it leaves the batch (its rows stop
+    # costing decoder steps) once the finished images are COMPACT_FRACTION of the batch. Dropping them copies
+    # every surviving image's features and attention terms; over 32 distinct photos on a 14x14 grid, waiting for
+    # a quarter of the batch made the search 1.13x faster than dropping each at its end
+    # (results/decode_speed_32_photos.json, eager_over_deferred_compaction).
     alive = torch.arange(B, device=device)  # (A,) the images still in the batch
+    reported = torch.zeros(B, dtype=torch.bool, device=device)  # (A,) finished, and its results taken
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
     # Loop invariants, built once: a step costs well under a millisecond, so every tensor op counts.
     never_next = _never_next(device)
@@ -201,19 +206,27 @@ def beam_search(
         else:
             finished = finished[rows] | ended
         done = finished.view(A, K).all(dim=1)  # (A,)
-        if bool(done.any()):
-            for a in done.nonzero().flatten().tolist():
+        newly_done = done & ~reported
+        if bool(newly_done.any()):
+            for a in newly_done.nonzero().flatten().tolist():
                 beams = slice(a * K, (a + 1) * K)
                 results[int(alive[a])] = _ranked(tokens[beams], alphas[beams], scores[a], length_penalty)
+            reported = done
             keep = ~done
-            if not bool(keep.any()):
+            kept = int(keep.sum())
+            if kept == 0:
                 return results
+            if A - kept < COMPACT_FRACTION * A:
+                continue  # a finished image's rows only repeat <pad> at log p 0 until it is dropped below
+            reported = reported[keep]
             rows_kept = keep.repeat_interleave(K)  # (A*K,)
             alive, scores, encoded = alive[keep], scores[keep], encoded.select(keep)
             first_rows = first_rows[: alive.numel()]
             tokens, alphas, finished = tokens[rows_kept], alphas[rows_kept], finished[rows_kept]
             state, words = (state[0][rows_kept], state[1][rows_kept]), words[rows_kept]
     for a, image in enumerate(alive.tolist()):
+        if bool(reported[a]):
+            continue
         beams = slice(a * K, (a + 1) * K)
         results[image] = _ranked(tokens[beams], alphas[beams], scores[a], length_penalty)
     return results

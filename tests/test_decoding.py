@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_decoder_config
 
+from show_attend_tell import decoding
 from show_attend_tell.decoding import beam_search, greedy, length_normalised, rollout
 from show_attend_tell.model import CaptionDecoder, Encoded
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
@@ -116,8 +117,11 @@ def tiny_decoder(seed: int = 0, **overrides) -> CaptionDecoder:
     return CaptionDecoder(tiny_decoder_config(vocab_size=12, **overrides)).eval()
 
 
-def test_batch_gives_the_same_captions_as_one_image_at_a_time():
-    # images leave the batch once all their beams have ended: on the mock, some do so long before others
+@pytest.mark.parametrize("compact_fraction", [0.0, 0.25, 0.5, 2.0])
+def test_batch_gives_the_same_captions_as_one_image_at_a_time(monkeypatch, compact_fraction):
+    # finished images leave the batch once they are `compact_fraction` of it (0: at once, 2: never); on the
+    # mock some finish long before others, and until they leave their rows must not change their results
+    monkeypatch.setattr(decoding, "COMPACT_FRACTION", compact_fraction)
     mock = MockDecoder(images=8, max_length=7, seed=4)
     batched = beam_search(mock, encoded_for(list(range(8))), beam_size=3, max_length=7)
     assert len({max(len(h.tokens) + h.finished for h in hypotheses) for hypotheses in batched}) > 1

@@ -107,10 +107,18 @@ class Encoder(nn.Module):
         On CPU, inference runs a few images at a time, CPU_CHUNK_PIXELS of input per forward: ResNet-50 on the
         2-core target machine took ~55 ms per image at 224 px in batches of 2-4 and ~87 ms in batches of 32, whose
         activations overflow the caches; at 448 px, 204 ms one at a time and 290 ms in batches of 4
-        (results/cpu_ops.json)."""
+        (results/cpu_ops.json). Each chunk's grid goes straight into the output, so its activations are freed for
+        the next chunk to reuse; keeping every chunk's grid for one torch.cat made 32 photos in one call slower
+        per photo than 32 calls (photo to caption 0.97x before, 1.01x after: results/decode_speed.json)."""
         chunk = cpu_chunk(images.size(2) * images.size(3))
         if images.device.type == "cpu" and not torch.is_grad_enabled() and images.size(0) > chunk:
-            return torch.cat([self(part) for part in images.split(chunk)])
+            grids = None
+            for start in range(0, images.size(0), chunk):
+                grid = self(images[start : start + chunk])  # (b, P, E)
+                if grids is None:
+                    grids = grid.new_empty(images.size(0), *grid.shape[1:])
+                grids[start : start + grid.size(0)] = grid
+            return grids
         grid = self.pool(self.trunk(images))  # (B, E, g, g)
         return grid.flatten(2).transpose(1, 2)  # (B, P, E)
 
@@ -294,10 +302,12 @@ def int8_decoder(decoder: CaptionDecoder) -> CaptionDecoder:
         torch.cat([2 * attention.decoder_projection.weight, decoder.f_beta.weight]),
         torch.cat([2 * attention.decoder_projection.bias, decoder.f_beta.bias]),
     )
+    quantized.attention.decoder_projection = quantized.f_beta = None  # step reads them through h_projections
     if decoder.deep_output:
         quantized.deep_projections = _int8_linear(
             torch.cat([decoder.L_h.weight, decoder.L_z.weight], dim=1), decoder.L_h.bias + decoder.L_z.bias
         )
+        quantized.L_h = quantized.L_z = None  # and these through deep_projections
     # The attention energies in the product form (SoftAttention.project): the largest cost of a batched step.
     quantized.attention.product_form = True
     quantized.lstm = Int8LSTMCell(quantized.lstm)

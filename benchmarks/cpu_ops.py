@@ -114,13 +114,16 @@ def attention_step(repeats: int, calls: int = 5) -> dict:
     chunk_bytes = model_module.ENERGY_CHUNK_BYTES
     forms = {"one_tensor": (1 << 62, False), "chunks": (chunk_bytes, False), "chunks_product_form": (chunk_bytes, True)}
     timings: dict[str, list[float]] = {name: [] for name in forms}
-    with torch.inference_mode():
-        for r in range(repeats):
-            for name, (budget, product_form) in forms.items() if r % 2 == 0 else list(forms.items())[::-1]:
-                model_module.ENERGY_CHUNK_BYTES, attention.product_form = budget, product_form
-                encoded = Encoded(features, attention.project(features))
-                timings[name].append(seconds(lambda e=encoded: [attention(e, h) for _ in range(calls)]) * 1e3 / calls)
-    model_module.ENERGY_CHUNK_BYTES = chunk_bytes
+    try:
+        with torch.inference_mode():
+            for r in range(repeats):
+                for name, (budget, product_form) in forms.items() if r % 2 == 0 else list(forms.items())[::-1]:
+                    model_module.ENERGY_CHUNK_BYTES, attention.product_form = budget, product_form
+                    encoded = Encoded(features, attention.project(features))
+                    calls_ms = seconds(lambda e=encoded: [attention(e, h) for _ in range(calls)]) * 1e3
+                    timings[name].append(calls_ms / calls)
+    finally:
+        model_module.ENERGY_CHUNK_BYTES = chunk_bytes
     return {"energy_chunk_bytes": chunk_bytes, **{n: round(statistics.median(v), 2) for n, v in timings.items()}}
 
 

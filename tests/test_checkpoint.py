@@ -141,6 +141,8 @@ def test_int8_decoder_is_quantized_close_to_fp32_and_cpu_only(tmp_path):
     assert isinstance(decoder.lstm, Int8LSTMCell) and isinstance(decoder.L_o, Int8Linear)
     assert isinstance(decoder.h_projections, Int8Linear) and isinstance(decoder.deep_projections, Int8Linear)
     assert type(fp32.decoder.lstm) is torch.nn.LSTMCell and fp32.decoder.h_projections is None
+    # the layers the merged ones replace are not carried along
+    assert decoder.f_beta is decoder.L_h is decoder.L_z is decoder.attention.decoder_projection is None
     assert type(int8.decoder.attention.score) is torch.nn.Linear  # not quantized: w is tiny
     torch.testing.assert_close(int8.decoder.attention.score.weight, fp32.decoder.attention.score.weight)
     torch.manual_seed(2)

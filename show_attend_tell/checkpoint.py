@@ -158,6 +158,37 @@ def load_model(
     return model.to(device), vocab, config
 
 
+def load_average(directories: list[str | Path]) -> tuple[CaptionModel, Vocabulary, dict]:
+    """Load several checkpoints of one model (e.g. the ends of successive training cycles) -> one model whose
+    weights are their mean, tensor by tensor, with the first one's vocabulary and config. No encoder.
+
+    They must agree on the model config, the vocabulary and the encoder weights they were trained on."""
+    if not directories:
+        raise InputError("no checkpoints to average")
+    first, *others = directories
+    model, vocab, config = load_model(first, with_encoder=False)
+    if not others:
+        return model, vocab, config
+    sums = {name: tensor.double() for name, tensor in model.state_dict().items()}
+    for directory in others:
+        other, other_vocab, other_config = load_model(directory, with_encoder=False)
+        for field, mine, theirs in (
+            ("model", config["model"], other_config["model"]),
+            ("encoder_sha256", config.get("encoder_sha256"), other_config.get("encoder_sha256")),
+        ):
+            if mine != theirs:
+                raise InputError(f"{directory}: its config.json '{field}' differs from {first}'s; cannot average")
+        if other_vocab != vocab:
+            raise InputError(f"{directory}: its vocabulary differs from {first}'s; cannot average")
+        for name, tensor in other.state_dict().items():
+            sums[name] += tensor.double()
+    state = model.state_dict()
+    model.load_state_dict(
+        {name: (sums[name] / len(directories)).to(t.dtype) if t.is_floating_point() else t for name, t in state.items()}
+    )
+    return model, vocab, config
+
+
 def _load_state(module: torch.nn.Module, tensors: dict, path: Path, part: str) -> None:
     try:
         module.load_state_dict(tensors, strict=True)

@@ -486,26 +486,31 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export",
         help="write a checkpoint for shipping: fp16 weights (BatchNorm statistics stay fp32), config, vocabulary",
     )
-    parser.add_argument("model", help="checkpoint directory, e.g. runs/mine/best")
+    parser.add_argument(
+        "model",
+        nargs="+",
+        help="checkpoint directory, e.g. runs/mine/best; several: the mean of their weights (checkpoint averaging)",
+    )
     parser.add_argument("--out", required=True, help="directory to write (e.g. show_attend_tell/pretrained/NAME)")
     parser.add_argument("--float32", action="store_true", help="keep fp32 weights instead of fp16")
     parser.set_defaults(run=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from show_attend_tell.checkpoint import load_model, save_model
+    from show_attend_tell.checkpoint import load_average, save_model
 
-    model, vocab, config = load_model(args.model, with_encoder=False)
+    model, vocab, config = load_average(args.model)
     kept = {k: v for k, v in config.items() if k not in ("format_version", "model", "encoder_sha256", "dtype")}
+    sources = args.model[0] if len(args.model) == 1 else args.model  # several: their weights were averaged
     out = save_model(
         model,
         vocab,
         args.out,
         encoder_sha256=config["encoder_sha256"],
         half=not args.float32,
-        extra={**kept, "exported_from": str(args.model)},
+        extra={**kept, "exported_from": sources},
     )
-    print(f"exported {args.model} -> {out}")
+    print(f"exported {' + '.join(args.model)} -> {out}")
     return 0
 
 

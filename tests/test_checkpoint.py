@@ -132,6 +132,34 @@ def test_cli_export_writes_fp16_that_decodes_like_the_original(tmp_path, capsys)
     assert "not a model checkpoint" in capsys.readouterr().err
 
 
+def test_cli_export_of_several_checkpoints_writes_the_mean_of_their_weights(tmp_path, capsys):
+    from show_attend_tell.cli import main
+
+    model, vocab = small_model()
+    runs = []
+    for seed in (1, 2, 3):  # three "cycle ends": the same model with different decoder weights
+        torch.manual_seed(seed)
+        for parameter in model.decoder.parameters():
+            parameter.data.normal_()
+        save_model(model, vocab, tmp_path / f"run{seed}", encoder_sha256="abc")
+        runs.append({k: v.clone() for k, v in model.decoder.state_dict().items()})
+    dirs = [str(tmp_path / f"run{seed}") for seed in (1, 2, 3)]
+    assert main(["export", *dirs, "--out", str(tmp_path / "mean"), "--float32"]) == 0
+    averaged, _, config = load_model(tmp_path / "mean", with_encoder=False)
+    assert config["exported_from"] == dirs
+    for name, tensor in averaged.decoder.state_dict().items():
+        torch.testing.assert_close(tensor, sum(run[name] for run in runs) / 3)
+    # checkpoints of different models or vocabularies cannot be averaged: one line names the odd one out
+    other, other_vocab = small_model()
+    save_model(other, other_vocab, tmp_path / "sha", encoder_sha256="def")
+    save_model(other, Vocabulary([*WORDS[:-1], "bird"]), tmp_path / "words", encoder_sha256="abc")
+    for odd, field in (("sha", "'encoder_sha256' differs"), ("words", "vocabulary differs")):
+        assert main(["export", dirs[0], str(tmp_path / odd), "--out", str(tmp_path / "x")]) == 2
+        error = capsys.readouterr().err
+        assert str(tmp_path / odd) in error and field in error
+    assert not (tmp_path / "x").exists()
+
+
 def test_int8_decoder_is_quantized_close_to_fp32_and_cpu_only(tmp_path):
     model, vocab = small_model()
     save_model(model, vocab, tmp_path / "ckpt", encoder_sha256="abc")

@@ -16,7 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sat weights fetch
-	$(BIN)/sat caption examples/ --beam 3 --attention-dir attention-maps
+	$(BIN)/sat caption examples/ --attention-dir attention-maps
 
 test: $(STAMP)
 	$(BIN)/ruff check .

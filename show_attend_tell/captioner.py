@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.decoding import beam_search, greedy
 from show_attend_tell.images import load_image
 from show_attend_tell.model import image_transform
@@ -65,7 +65,7 @@ class Captioner:
         self,
         images: Sequence[Image.Image | str | Path],
         *,
-        beam_size: int = 3,
+        beam_size: int = DEFAULT_BEAM_SIZE,
         max_length: int = 20,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
     ) -> list[Caption]:

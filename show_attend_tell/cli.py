@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.errors import InputError
 
 
@@ -279,7 +279,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="directory written by `sat prepare` (the references)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--features", default="", help="feature store matching the model's encoder (faster)")
-    parser.add_argument("--beam", type=int, nargs="+", default=[3], help="one or more beam sizes to score")
+    parser.add_argument(
+        "--beam", type=int, nargs="+", default=[DEFAULT_BEAM_SIZE], help="one or more beam sizes to score"
+    )
     parser.add_argument(
         "--length-penalty",
         type=float,
@@ -371,7 +373,9 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("caption", help="caption images (files or folders), optionally with attention figures")
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
-    parser.add_argument("--beam", type=int, default=3)
+    parser.add_argument(
+        "--beam", type=int, default=DEFAULT_BEAM_SIZE, help=f"beams per image (default {DEFAULT_BEAM_SIZE}; 1: greedy)"
+    )
     parser.add_argument("--max-length", type=int, default=20)
     parser.add_argument(
         "--length-penalty",

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.model import Encoded
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -142,7 +142,7 @@ def beam_search(
     decoder,
     encoded: Encoded,
     *,
-    beam_size: int = 3,
+    beam_size: int = DEFAULT_BEAM_SIZE,
     max_length: int = 20,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from show_attend_tell import __version__
+from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.errors import InputError
 from show_attend_tell.images import IMAGE_FORMATS, load_image
 
@@ -306,7 +307,9 @@ def create_app(
     )
     async def caption(
         request: Request,
-        beam_size: Annotated[int, Query(ge=1, le=MAX_BEAM_SIZE, description="1 = greedy decoding")] = 3,
+        beam_size: Annotated[
+            int, Query(ge=1, le=MAX_BEAM_SIZE, description=f"1 = greedy decoding; default {DEFAULT_BEAM_SIZE}")
+        ] = DEFAULT_BEAM_SIZE,
     ) -> CaptionResponse:
         """Caption the uploaded photo, with one attention map per word."""
         arrived = time.perf_counter()

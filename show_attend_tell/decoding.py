@@ -168,9 +168,9 @@ def beam_search(
     finished = None  # (A*K,) once some beam has produced <end>
     # An image whose K beams have all ended has its results taken at once; it leaves the batch (its rows stop
     # costing decoder steps) once the finished images are COMPACT_FRACTION of the batch. Dropping them copies
-    # every surviving image's features and attention terms; over 32 distinct photos on a 14x14 grid, waiting for
-    # a quarter of the batch made the search 1.13x faster than dropping each at its end
-    # (results/decode_speed_32_photos.json, eager_over_deferred_compaction).
+    # every surviving image's features and attention terms; over 32 photos on a 14x14 grid, waiting for a quarter
+    # of the batch made the search 1.04-1.05x faster than dropping each at its end (median of 15 rounds; 1.08x in
+    # the rounds at full speed; results/decode_speed*.json, eager_over_deferred_compaction).
     alive = torch.arange(B, device=device)  # (A,) the images still in the batch
     reported = torch.zeros(B, dtype=torch.bool, device=device)  # (A,) finished, and its results taken
     results: list[list[Hypothesis]] = [[] for _ in range(B)]

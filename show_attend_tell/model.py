@@ -109,7 +109,7 @@ class Encoder(nn.Module):
         activations overflow the caches; at 448 px, 204 ms one at a time and 290 ms in batches of 4
         (results/cpu_ops.json). Each chunk's grid goes straight into the output, so its activations are freed for
         the next chunk to reuse; keeping every chunk's grid for one torch.cat made 32 photos in one call slower
-        per photo than 32 calls (photo to caption 0.97x before, 1.01x after: results/decode_speed.json)."""
+        per photo than 32 calls (photo to caption 0.97x before, 1.03-1.08x after: results/decode_speed*.json)."""
         chunk = cpu_chunk(images.size(2) * images.size(3))
         if images.device.type == "cpu" and not torch.is_grad_enabled() and images.size(0) > chunk:
             grids = None

@@ -270,6 +270,10 @@ def _run_train(args: argparse.Namespace) -> int:
         return 1
     if trainer.rank == 0:
         print(json.dumps(summary))
+    if trainer.world_size > 1:
+        from show_attend_tell.train import exit_worker
+
+        exit_worker(0)  # everything is saved; see exit_worker
     return 0
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,18 @@ def distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def exit_worker(code: int = 0):
+    """End a torchrun worker whose work is saved, skipping the interpreter's teardown.
+
+    DDP's reducer keeps the process group, and gloo's threads with it, alive past destroy_process_group. Their
+    destruction during teardown aborted a worker now and then (SIGABRT, "terminate called without an active
+    exception"; 3 of about 60 runs of the two-process test on 2026-11-26) after training had finished, and
+    torchrun then reported the run as failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def epoch_batches(image_rows: list[int], caption_rows: dict[int, list[int]], batch_size: int, epoch: int, seed: int):

@@ -156,9 +156,12 @@ DDP_SCRIPT = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     from test_train import make_trainer
+    from show_attend_tell.train import exit_worker
     run, prepared, features = sys.argv[1:4]
     trainer = make_trainer(run, prepared, features, epochs=2, decoder_lr=3e-3)
     trainer.fit(progress=False)
+    if trainer.world_size > 1:
+        exit_worker()  # as `sat train` ends a torchrun worker
     """
 )
 

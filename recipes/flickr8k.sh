@@ -47,7 +47,7 @@ stage features_448 "$sat" features --data "$work/prepared" --out "$work/features
 train_grid train_xe_14x14 448 14 xe7 xe6 2e-4 6
 train_grid train_xe_14x14_2 448 14 xe8 xe7 1.5e-4 7
 # The shipped weights are the mean of the two 14x14 cycles' ends (checkpoint averaging): on val it beat
-# either one at beams 5 and 7 (results/flickr8k_val_selection.json, after_14x14).
+# either one at beams 5 and 7 (results/flickr8k_val_selection.json, beam_size).
 stage export "$sat" export "$work/xe7/best" "$work/xe8/best" --out "$work/shipped"
 stage evaluate "$sat" evaluate "$work/shipped" --data "$work/prepared" --features "$work/features448" \
   --split test --beam 1 3 5 7 --out "$work/test"

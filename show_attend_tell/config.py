@@ -15,7 +15,7 @@ T = TypeVar("T")
 DEFAULT_LENGTH_PENALTY = 0.5
 # Beams per image when the caller does not say. Chosen on Flickr8k val for the shipped model by CIDEr: 56.0 at
 # beam 3, 57.4 at 5, 57.8 at 7, 56.7 at 10 (results/flickr8k_val_selection.json, beam_size). On CPU the
-# encoder dominates a photo's time either way (results/decode_speed.json).
+# encoder dominates a photo's time either way (results/decode_speed_beam7.json).
 DEFAULT_BEAM_SIZE = 7
 
 

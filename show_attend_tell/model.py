@@ -112,12 +112,11 @@ class Encoder(nn.Module):
         per photo than 32 calls (photo to caption 0.97x before, 1.03-1.08x after: results/decode_speed*.json)."""
         chunk = cpu_chunk(images.size(2) * images.size(3))
         if images.device.type == "cpu" and not torch.is_grad_enabled() and images.size(0) > chunk:
-            grids = None
-            for start in range(0, images.size(0), chunk):
-                grid = self(images[start : start + chunk])  # (b, P, E)
-                if grids is None:
-                    grids = grid.new_empty(images.size(0), *grid.shape[1:])
-                grids[start : start + grid.size(0)] = grid
+            first = self(images[:chunk])  # (chunk, P, E)
+            grids = first.new_empty(images.size(0), *first.shape[1:])
+            grids[:chunk] = first
+            for start in range(chunk, images.size(0), chunk):
+                grids[start : start + chunk] = self(images[start : start + chunk])
             return grids
         grid = self.pool(self.trunk(images))  # (B, E, g, g)
         return grid.flatten(2).transpose(1, 2)  # (B, P, E)

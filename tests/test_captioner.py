@@ -67,8 +67,8 @@ def test_int8_decoder_writes_the_fp32_captions_and_batches_almost_alike(captione
     assert len(same) >= len(paths) - 1
     assert [int8[i].score for i in same] == pytest.approx([fp32[i].score for i in same], rel=0.03)  # log p
     # int8 activations are scaled per call, so a photo's score moves a little with its batch companions (the
-    # shipped model: up to 2.1% for these photos). For a Flickr8k photo that is all; a photo far from Flickr8k
-    # has close calls that this can tip, which is why --no-int8 exists.
+    # shipped model: up to 2.1% for these photos, results/review_checks.json). For a Flickr8k photo that is
+    # all; a photo far from Flickr8k has close calls that this can tip, which is why --no-int8 exists.
     for i, path in enumerate(paths):
         if path.name.startswith("flickr8k_"):
             alone = captioner.caption(path, beam_size=3)

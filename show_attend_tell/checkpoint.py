@@ -28,11 +28,27 @@ VOCAB_FILE = "vocab.json"
 
 
 def model_tensors(model: CaptionModel) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: the decoder, plus the encoder only when part of it was fine-tuned."""
+    """The tensors a checkpoint stores: the decoder, plus the fine-tuned encoder blocks when there are any (the
+    frozen rest comes from the encoder weights named by sha256, as for a frozen encoder)."""
     tensors = {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
     if model.encoder is not None and model.config.fine_tune_blocks:
-        tensors.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
+        prefixes = tuple(model.encoder.tuned_prefixes())
+        tensors.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items() if k.startswith(prefixes)})
     return tensors
+
+
+def load_encoder_state(encoder: Encoder, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Put a checkpoint's fine-tuned blocks into an encoder built from its weights. The tensors must be exactly
+    the tuned blocks' (or, as older checkpoints stored, the whole encoder)."""
+    own = encoder.state_dict()
+    tuned = {k for k in own if k.startswith(tuple(encoder.tuned_prefixes()))}
+    missing, unexpected = sorted(tuned - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise InputError(
+            f"{path}: encoder tensors do not match config.json's fine_tune_blocks "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    _load_state(encoder, {**own, **tensors}, path, "encoder")
 
 
 def save_model(
@@ -134,10 +150,12 @@ def load_model(
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{weights_path}: truncated or corrupt safetensors file ({error})") from None
 
+    encoder_tensors = {k[len("encoder.") :]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
     encoder = None
     if with_encoder:
         encoder = Encoder(model_config, pretrained=pretrained_encoder)
-        if pretrained_encoder and not model_config.fine_tune_blocks:
+        whole = encoder_tensors.keys() == encoder.state_dict().keys()  # older fine-tuned checkpoints
+        if pretrained_encoder and not whole:
             from show_attend_tell.weights import ENCODER_WEIGHTS
 
             local = ENCODER_WEIGHTS[model_config.encoder].sha256()
@@ -149,9 +167,8 @@ def load_model(
     model = CaptionModel(model_config, encoder=encoder)
     decoder_tensors = {k[len("decoder.") :]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
     _load_state(model.decoder, decoder_tensors, weights_path, "decoder")
-    encoder_tensors = {k[len("encoder.") :]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
-    if encoder is not None and encoder_tensors:
-        _load_state(encoder, encoder_tensors, weights_path, "encoder")
+    if encoder is not None and model_config.fine_tune_blocks:
+        load_encoder_state(encoder, encoder_tensors, weights_path)
     model.eval()
     if int8:
         model.decoder = int8_decoder(model.decoder)
@@ -160,18 +177,20 @@ def load_model(
 
 def load_average(directories: list[str | Path]) -> tuple[CaptionModel, Vocabulary, dict]:
     """Load several checkpoints of one model (e.g. the ends of successive training cycles) -> one model whose
-    weights are their mean, tensor by tensor, with the first one's vocabulary and config. No encoder.
+    weights are their mean, tensor by tensor, with the first one's vocabulary and config. The encoder is loaded
+    (and its fine-tuned blocks averaged) only when the model fine-tuned some.
 
     They must agree on the model config, the vocabulary and the encoder weights they were trained on."""
     if not directories:
         raise InputError("no checkpoints to average")
     first, *others = directories
-    model, vocab, config = load_model(first, with_encoder=False)
+    with_encoder = bool(read_config(Path(first)).get("model", {}).get("fine_tune_blocks"))
+    model, vocab, config = load_model(first, with_encoder=with_encoder)
     if not others:
         return model, vocab, config
     sums = {name: tensor.double() for name, tensor in model.state_dict().items()}
     for directory in others:
-        other, other_vocab, other_config = load_model(directory, with_encoder=False)
+        other, other_vocab, other_config = load_model(directory, with_encoder=with_encoder)
         for field, mine, theirs in (
             ("model", config["model"], other_config["model"]),
             ("encoder_sha256", config.get("encoder_sha256"), other_config.get("encoder_sha256")),

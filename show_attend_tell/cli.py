@@ -170,6 +170,12 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--grid-size", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--stage",
+        default="",
+        help="cache the output of this residual block (e.g. layer4.0) instead of the grid features, to train "
+        "with the blocks after it fine-tuned (--fine-tune-blocks layer4.1 layer4.2) without running the rest",
+    )
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
     parser.set_defaults(run=_run_features)
@@ -202,8 +208,14 @@ def _run_features(args: argparse.Namespace) -> int:
         grid_size=args.grid_size,
     )
     encoder = Encoder(config)
+    if args.stage:
+        try:
+            encoder.check_stage(args.stage)
+        except ValueError as error:
+            raise InputError(f"--stage: {error}") from None
     paths = [image.path for image in dataset.images]
     options = dict(
+        stage=args.stage,
         config=config,
         encoder=encoder,
         encoder_sha256=ENCODER_WEIGHTS[args.encoder].sha256(),
@@ -263,6 +275,8 @@ def _run_train(args: argparse.Namespace) -> int:
                 device=_device(args.device),
             )
         summary = trainer.fit(max_steps=args.max_steps)
+        if summary["stopped"] == "max_steps":
+            trainer.save_state()  # resumable from exactly here, not from the last periodic checkpoint
     except (FileExistsError, FileNotFoundError) as error:
         raise InputError(str(error)) from None
     except NonFiniteLossError as error:
@@ -304,6 +318,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import torch
+
     from show_attend_tell.metrics import read_results, score_captions, write_results
     from show_attend_tell.prepare import PreparedDataset
 
@@ -327,15 +343,31 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from show_attend_tell.evaluate import evaluate, image_features
 
     model_dir = args.model or SHIPPED_MODEL
-    model, vocab, config = load_model(model_dir, with_encoder=not args.features, int8=args.int8)
-    if args.features:
-        from show_attend_tell.features import expected_meta, load_features
+    from show_attend_tell.features import expected_meta, load_features, store_stage
 
+    # a store of grid features replaces the encoder; one of a block's output (--stage) replaces the part before
+    stage = store_stage(args.features) if args.features else ""
+    model, vocab, config = load_model(model_dir, with_encoder=not args.features or bool(stage), int8=args.int8)
+    if args.features:
+        tuned = model.config.fine_tune_blocks
+        if tuned and not stage:
+            raise InputError(
+                f"{args.features}: grid features of the pretrained encoder, but {model_dir} fine-tuned "
+                f"{' '.join(tuned)}; give a store of an earlier block's output (sat features --stage) or no --features"
+            )
+        if stage:
+            try:
+                model.encoder.check_stage(stage)
+            except ValueError as error:
+                raise InputError(f"{args.features}: {error}") from None
         paths = [image.path for image in dataset.images]
-        store = load_features(args.features, expected_meta(model.config, paths, config["encoder_sha256"]))
+        store = load_features(args.features, expected_meta(model.config, paths, config["encoder_sha256"], stage))
 
         def features(batch):
-            return store[batch]
+            if not stage:
+                return store[batch]
+            with torch.no_grad():
+                return model.encoder.forward_from(store[batch].float(), stage)
     else:
 
         def features(batch):

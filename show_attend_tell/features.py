@@ -20,7 +20,7 @@ from tqdm import tqdm
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.errors import InputError
 from show_attend_tell.images import load_image
-from show_attend_tell.model import Encoder, image_transform
+from show_attend_tell.model import Encoder, cpu_chunk, image_transform, stage_shape
 
 FEATURES_FILE = "features.npy"
 DONE_FILE = "done.npy"
@@ -35,8 +35,10 @@ def images_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def expected_meta(config: ModelConfig, paths: list[Path], encoder_sha256: str) -> dict:
-    return {
+def expected_meta(config: ModelConfig, paths: list[Path], encoder_sha256: str, stage: str = "") -> dict:
+    """What features.json must say. stage="" is the grid features; a residual block name (e.g. layer4.0) is
+    that block's output, (N, h*w, C), for fine-tuning the blocks after it without rerunning the rest."""
+    meta = {
         "format_version": 1,
         "encoder": config.encoder,
         "encoder_sha256": encoder_sha256,
@@ -45,6 +47,21 @@ def expected_meta(config: ModelConfig, paths: list[Path], encoder_sha256: str) -
         "shape": [len(paths), config.grid_size**2, config.encoder_dim],
         "images_fingerprint": images_fingerprint(paths),
     }
+    if stage:
+        side, channels = stage_shape(config, stage)
+        meta.update(stage=stage, shape=[len(paths), side * side, channels])
+    return meta
+
+
+def store_stage(directory: str | Path) -> str:
+    """The stage a store holds ("" for grid features), read from its features.json."""
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.is_file():
+        raise InputError(f"{directory}: no feature store here ({META_FILE} missing); run `sat features` first")
+    try:
+        return json.loads(meta_path.read_text()).get("stage", "")
+    except ValueError as error:
+        raise InputError(f"{meta_path}: not valid JSON ({error})") from None
 
 
 def _check_meta(directory: Path, found: dict, expected: dict) -> None:
@@ -110,14 +127,16 @@ def extract_features(
     world_size: int = 1,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    stage: str = "",
 ) -> dict:
-    """Fill (or resume filling) the store at `directory` with encoder(image) for every path.
+    """Fill (or resume filling) the store at `directory` with encoder(image) for every path, or with the
+    output of residual block `stage` (see expected_meta).
 
     With world_size > 1 each rank takes every world_size-th pending image; rank 0 creates the store and
     the caller must barrier before other ranks call this. Returns a summary (done, failed files, seconds).
     """
     directory = Path(directory)
-    meta = expected_meta(config, paths, encoder_sha256)
+    meta = expected_meta(config, paths, encoder_sha256, stage)
     if rank == 0 and (overwrite or not (directory / META_FILE).is_file()):
         _create(directory, meta)
     _, _, _ = open_store(directory, meta)  # verifies before any work
@@ -138,7 +157,13 @@ def extract_features(
                 failed[str(paths[i])] = str(error)
         if rows:
             batch = torch.stack(tensors).to(device)  # (B, 3, S, S)
-            grid = encoder(batch).half().cpu().numpy()  # (B, P, E)
+            if stage:  # a few images per forward on CPU, as Encoder.forward does at inference
+                step = cpu_chunk(batch.size(2) * batch.size(3)) if batch.device.type == "cpu" else len(batch)
+                parts = [encoder.forward_until(batch[n : n + step], stage) for n in range(0, len(batch), step)]
+                grid = torch.cat(parts)  # (B, h*w, C)
+            else:
+                grid = encoder(batch)  # (B, P, E)
+            grid = grid.half().cpu().numpy()
             order = np.argsort(rows)
             rows_sorted = np.asarray(rows)[order]
             features[rows_sorted] = grid[order]

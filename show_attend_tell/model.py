@@ -13,6 +13,7 @@ it with beta_t, and the LSTM consumes [E y_{t-1}; beta_t z_t] to give h_t, from 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -83,15 +84,67 @@ class Encoder(nn.Module):
         )
         self.pool = nn.AdaptiveAvgPool2d(config.grid_size)
         self.fine_tune_blocks = tuple(config.fine_tune_blocks)
-        names = {"layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+        self.blocks = trunk_blocks(self.trunk)
+        names = self.module_names()
         unknown = set(self.fine_tune_blocks) - set(names)
         if unknown:
-            raise ValueError(f"fine_tune_blocks: unknown block(s) {sorted(unknown)}; expected some of {list(names)}")
+            raise ValueError(
+                f"fine_tune_blocks: unknown block(s) {sorted(unknown)}; expected layers (layer1..layer4) or "
+                f"residual blocks such as {list(self.blocks)[-1]}"
+            )
         for parameter in self.trunk.parameters():
             parameter.requires_grad_(False)
         for block in self.fine_tune_blocks:
-            for parameter in self.trunk[names[block]].parameters():
+            for parameter in names[block].parameters():
                 parameter.requires_grad_(True)
+
+    def module_names(self) -> dict[str, nn.Module]:
+        """Every name fine_tune_blocks accepts: layer1..layer4 and their residual blocks (layer4.2, ...)."""
+        return {**{f"layer{i}": self.trunk[3 + i] for i in range(1, 5)}, **self.blocks}
+
+    def tuned_prefixes(self) -> list[str]:
+        """state_dict key prefixes of the fine-tuned modules (what a checkpoint must store beside the decoder)."""
+        index = {id(module): name for name, module in self.named_modules()}
+        return [
+            index[id(module)] + "." for name, module in self.module_names().items() if name in self.fine_tune_blocks
+        ]
+
+    def check_stage(self, stage: str) -> None:
+        """Refuse a cache point that is not a block, or that comes after a fine-tuned block."""
+        if stage not in self.blocks:
+            raise ValueError(f"unknown encoder stage {stage!r}; expected a residual block such as layer4.0")
+        order = list(self.blocks)
+        position = order.index(stage)
+        for name in self.fine_tune_blocks:
+            first = name if name in self.blocks else f"{name}.0"
+            if order.index(first) <= position:
+                raise ValueError(
+                    f"fine-tuned block {name} runs before the cached stage {stage}; cache an earlier stage "
+                    "or train from images"
+                )
+
+    def forward_until(self, images: torch.Tensor, stage: str) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, h*w, C), the output of residual block `stage` (e.g. layer4.0): what a
+        feature store caches when the blocks after it are fine-tuned on cached inputs."""
+        x = self.trunk[:4](images)  # stem: conv, BatchNorm, ReLU, max-pool
+        for name, block in self.blocks.items():
+            x = block(x)
+            if name == stage:
+                return x.flatten(2).transpose(1, 2)
+        raise ValueError(f"unknown encoder stage {stage!r}")
+
+    def forward_from(self, cached: torch.Tensor, stage: str) -> torch.Tensor:
+        """The rest of the trunk after block `stage`, then the grid pooling: (B, h*w, C) -> (B, P, E)."""
+        side = math.isqrt(cached.size(1))
+        x = cached.transpose(1, 2).unflatten(2, (side, side))  # (B, C, h, w)
+        after = False
+        for name, block in self.blocks.items():
+            if after:
+                x = block(x)
+            after = after or name == stage
+        if not after:
+            raise ValueError(f"unknown encoder stage {stage!r}")
+        return self.pool(x).flatten(2).transpose(1, 2)
 
     def train(self, mode: bool = True) -> Encoder:
         # Small captioning batches would corrupt ImageNet BatchNorm statistics: keep them fixed.
@@ -120,6 +173,21 @@ class Encoder(nn.Module):
             return grids
         grid = self.pool(self.trunk(images))  # (B, E, g, g)
         return grid.flatten(2).transpose(1, 2)  # (B, P, E)
+
+
+def trunk_blocks(trunk: nn.Sequential) -> dict[str, nn.Module]:
+    """The residual blocks of a ResNet trunk in order, by name: layer1.0, ..., layer4.2 (ResNet-50)."""
+    return {f"layer{i}.{j}": block for i in range(1, 5) for j, block in enumerate(trunk[3 + i])}
+
+
+def stage_shape(config: ModelConfig, stage: str) -> tuple[int, int]:
+    """(side, channels) of the output of residual block `stage` (e.g. layer4.0) for config.image_size inputs:
+    the stem divides the side by 4, the first block of layer2..layer4 by 2 more, each rounding up."""
+    layer, block = (int(part) for part in stage.removeprefix("layer").split("."))
+    side = config.image_size
+    for _ in range(1 + layer):  # stem conv and max-pool, then one stride per layer after layer1
+        side = -(-side // 2)
+    return side, 256 * 2 ** (layer - 1)
 
 
 def cpu_chunk(pixels: int) -> int:

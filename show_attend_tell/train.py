@@ -24,8 +24,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from show_attend_tell.checkpoint import _atomic, model_tensors, save_model
+from show_attend_tell.checkpoint import _atomic, load_encoder_state, model_tensors, save_model
 from show_attend_tell.config import ModelConfig, TrainConfig, from_dict, save_json, to_dict
+from show_attend_tell.errors import InputError
 from show_attend_tell.evaluate import evaluate
 from show_attend_tell.model import CaptionModel, Encoder, caption_loss
 from show_attend_tell.prepare import PreparedDataset
@@ -43,7 +44,9 @@ class DataConfig:
     """Where the training data is: a prepared dataset and (for a frozen encoder) its feature store."""
 
     prepared: str
-    features: str = ""  # empty: read images and run the encoder (required when fine-tuning)
+    # empty: read images and run the encoder; else a `sat features` store: grid features (frozen encoder), or
+    # the output of a block (--stage) when fine-tuning the blocks after it
+    features: str = ""
     captions_per_image: int = 5  # how many of each image's captions a batch uses (the first ones)
 
 
@@ -115,25 +118,51 @@ class Trainer:
         self.dataset = PreparedDataset.load(data.prepared)
         self.vocab = self.dataset.vocab
         torch.manual_seed(train_config.seed)
+        from show_attend_tell.features import expected_meta, load_features, store_stage
+
+        # the store's stage: "" = grid features; a block name = that block's output, the rest of the trunk
+        # (with the fine-tuned blocks) runs in training
+        self.stage = store_stage(data.features) if data.features else ""
+        if data.features and model_config.fine_tune_blocks and not self.stage:
+            raise InputError(
+                f"{data.features}: holds grid features, which leave nothing of the encoder to fine-tune; cache "
+                "the output of a block before the tuned ones (sat features --stage layer4.0) or train from images"
+            )
         encoder = None
-        if not data.features or model_config.fine_tune_blocks:
+        if not data.features or model_config.fine_tune_blocks or self.stage:
             encoder = Encoder(model_config, pretrained=pretrained_encoder)
+            if self.stage:
+                try:
+                    encoder.check_stage(self.stage)
+                except ValueError as error:
+                    raise InputError(f"{data.features}: {error}") from None
         from show_attend_tell.weights import ENCODER_WEIGHTS
 
         self.encoder_sha256 = ENCODER_WEIGHTS[model_config.encoder].sha256() if pretrained_encoder else "untrained"
         self.model = CaptionModel(model_config, encoder=encoder).to(self.device)
         self.features = None
-        if data.features and not model_config.fine_tune_blocks:
-            from show_attend_tell.features import expected_meta, load_features
-
+        if data.features:
             paths = [image.path for image in self.dataset.images]
-            expected = expected_meta(model_config, paths, self.encoder_sha256)
+            expected = expected_meta(model_config, paths, self.encoder_sha256, self.stage)
             self.features = load_features(data.features, expected)
         if train_config.init_from:
-            from show_attend_tell.checkpoint import load_model
+            from show_attend_tell.checkpoint import load_model, read_config
 
-            initial, _, _ = load_model(train_config.init_from, with_encoder=False)
+            # a decoder that learned on fine-tuned blocks starts with them, and goes on tuning them
+            inherited = tuple(read_config(train_config.init_from)["model"].get("fine_tune_blocks", ()))
+            if not set(inherited) <= set(model_config.fine_tune_blocks):
+                raise InputError(
+                    f"{train_config.init_from}: its decoder learned on an encoder with {' '.join(inherited)} "
+                    f"fine-tuned; fine-tune them here too (--fine-tune-blocks {' '.join(inherited)})"
+                )
+            initial, _, _ = load_model(
+                train_config.init_from, with_encoder=bool(inherited), pretrained_encoder=pretrained_encoder
+            )
             self.model.decoder.load_state_dict(initial.decoder.state_dict())
+            if inherited:
+                prefixes = tuple(initial.encoder.tuned_prefixes())
+                tuned = {k: v for k, v in initial.encoder.state_dict().items() if k.startswith(prefixes)}
+                self.model.encoder.load_state_dict(tuned, strict=False)
         self.cider = None
         if train_config.self_critical:
             from show_attend_tell.scst import CiderD
@@ -252,8 +281,10 @@ class Trainer:
             {k[len("decoder.") :]: v for k, v in model.items() if k.startswith("decoder.")}
         )
         if self.model.encoder is not None and self.model_config.fine_tune_blocks:
-            self.model.encoder.load_state_dict(
-                {k[len("encoder.") :]: v for k, v in model.items() if k.startswith("encoder.")}
+            load_encoder_state(
+                self.model.encoder,
+                {k[len("encoder.") :]: v for k, v in model.items() if k.startswith("encoder.")},
+                directory / "state.safetensors",
             )
         optimizer_state: dict[int, dict] = {}
         for name, value in tensors.items():
@@ -283,7 +314,10 @@ class Trainer:
     def batch_features(self, rows: list[int], *, train: bool) -> torch.Tensor:
         """(B, P, E) float features for image rows: from the cache, or by running the encoder on images."""
         if self.features is not None:
-            return self.features[rows].to(self.device, non_blocking=True).float()
+            cached = self.features[rows].to(self.device, non_blocking=True).float()
+            if not self.stage:
+                return cached
+            return self.model.encoder.forward_from(cached, self.stage)
         from show_attend_tell.evaluate import image_features
 
         paths = [self.dataset.images[i].path for i in rows]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from show_attend_tell.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_model, save_model
 from show_attend_tell.config import ModelConfig
@@ -59,7 +59,11 @@ def test_fine_tuned_encoder_is_stored_and_fp16_keeps_batchnorm_statistics_fp32(t
     tensors = load_file(tmp_path / "half" / WEIGHTS_FILE)
     assert tensors["encoder.trunk.7.0.bn1.running_var"].dtype == torch.float32
     assert tensors["decoder.L_o.weight"].dtype == torch.float16
+    # only the tuned layer is stored; the frozen rest comes from the encoder weights, as for a frozen encoder
+    assert {k.split(".")[2] for k in tensors if k.startswith("encoder.")} == {"7"}
     loaded, _, _ = load_model(tmp_path / "half", pretrained_encoder=False)
+    frozen = {k: v for k, v in model.encoder.state_dict().items() if not k.startswith("trunk.7.")}
+    loaded.encoder.load_state_dict(frozen, strict=False)  # stands in for the real weights
     assert torch.isfinite(loaded.encoder.trunk[7][0].bn1.running_var).all()
     torch.testing.assert_close(loaded.encoder.trunk[7][0].bn1.running_var, torch.full((512,), 8.4e4))
     images = torch.randn(1, 3, 64, 64)
@@ -185,3 +189,15 @@ def test_int8_decoder_is_quantized_close_to_fp32_and_cpu_only(tmp_path):
     torch.testing.assert_close(alpha8, alpha, atol=0.01, rtol=0)
     with pytest.raises(InputError, match="CPU only"):
         load_model(tmp_path / "ckpt", with_encoder=False, int8=True, device="cuda")
+
+
+def test_fine_tuned_blocks_missing_from_the_weights_give_a_clear_error(tmp_path):
+    model, vocab = small_model(fine_tune=("layer4.2",))
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    tensors = load_file(tmp_path / "c" / WEIGHTS_FILE)
+    assert {k for k in tensors if k.startswith("encoder.")} == {
+        f"encoder.{k}" for k in model.encoder.state_dict() if k.startswith("trunk.7.2.")
+    }
+    save_file({k: v for k, v in tensors.items() if "conv3" not in k}, tmp_path / "c" / WEIGHTS_FILE)
+    with pytest.raises(InputError, match=r"encoder tensors do not match .*missing \['trunk.7.2.conv3.weight'\]"):
+        load_model(tmp_path / "c", pretrained_encoder=False)

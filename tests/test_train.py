@@ -193,3 +193,104 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tiny_prepared, tiny_featu
         key = "CIDEr" if x["kind"] == "val" else "loss"
         assert x[key] == pytest.approx(y[key], abs=1e-4)
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+
+
+@pytest.fixture
+def fixed_encoder_weights(monkeypatch):
+    """Stand-in 'pretrained' ResNet-50 weights: the same random network at every build, named 'untrained'."""
+    from show_attend_tell.weights import EncoderWeights
+
+    build = EncoderWeights.build
+
+    def seeded(self, pretrained: bool = True):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return build(self, pretrained=False)
+
+    monkeypatch.setattr(EncoderWeights, "build", seeded)
+    monkeypatch.setattr(EncoderWeights, "sha256", lambda self: "untrained")
+
+
+def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, fixed_encoder_weights, capsys):
+    """`sat features --stage layer4.1` caches the input of layer4.2, which then trains on it; the checkpoint
+    holds that block only, and scoring it from the cache or from the images gives the same captions."""
+    from show_attend_tell.cli import main
+    from show_attend_tell.errors import InputError
+    from show_attend_tell.features import extract_features
+    from show_attend_tell.model import Encoder
+
+    dataset = PreparedDataset.load(tiny_prepared)
+    config = tiny_model_config(len(dataset.vocab), encoder_dim=2048, grid_size=2, fine_tune_blocks=("layer4.2",))
+    paths = [image.path for image in dataset.images]
+    stage = tmp_path / "stage"
+    frozen = Encoder(config)
+    extract_features(paths, stage, config=config, encoder=frozen, encoder_sha256="untrained", stage="layer4.1")
+    train = TrainConfig(epochs=2, batch_size=10, decoder_lr=1e-2, encoder_lr=1e-3, checkpoint_every_steps=2, seed=1)
+    data = DataConfig(prepared=str(tiny_prepared), features=str(stage))
+    trainer = Trainer.create(tmp_path / "run", config, train, data, java=False)
+    trainer.fit(progress=False)
+    tuned, before = trainer.model.encoder.state_dict(), frozen.state_dict()
+    changed = [k for k in tuned if not torch.equal(tuned[k], before[k])]
+    assert changed and all(k.startswith("trunk.7.2.") for k in changed)  # only layer4.2 learned
+    stored = [k for k in load_file(tmp_path / "run" / "best" / "model.safetensors") if k.startswith("encoder.")]
+    assert stored and all(k.startswith("encoder.trunk.7.2.") for k in stored)
+    model, _, _ = load_model(tmp_path / "run" / "best")
+    best = {k: v for k, v in model.encoder.state_dict().items() if k.startswith("trunk.7.")}
+    assert any(not torch.equal(v, before[k]) for k, v in best.items() if k.startswith("trunk.7.2."))
+    assert all(torch.equal(v, before[k]) for k, v in best.items() if not k.startswith("trunk.7.2."))
+
+    args = ["evaluate", str(tmp_path / "run" / "best"), "--data", str(tiny_prepared), "--split", "val", "--no-java"]
+    assert main([*args, "--features", str(stage), "--beam", "2", "--out", str(tmp_path / "cache")]) == 0
+    assert main([*args, "--beam", "2", "--out", str(tmp_path / "images")]) == 0
+    captions = sorted(p.name for p in (tmp_path / "cache").glob("captions_*.json"))
+    assert captions == sorted(p.name for p in (tmp_path / "images").glob("captions_*.json")) != []
+    for name in captions:
+        from_cache = json.loads((tmp_path / "cache" / name).read_text())
+        assert from_cache and from_cache == json.loads((tmp_path / "images" / name).read_text())
+
+    grid = tmp_path / "grid"
+    extract_features(paths, grid, config=config, encoder=frozen, encoder_sha256="untrained")
+    with pytest.raises(InputError, match="holds grid features"):  # nothing of the encoder left to tune
+        Trainer.create(tmp_path / "run2", config, train, DataConfig(str(tiny_prepared), str(grid)), java=False)
+    assert main([*args, "--features", str(grid)]) == 2  # the pretrained grid is not this model's
+    assert "fine-tuned layer4.2; give a store of an earlier block's output" in capsys.readouterr().err
+    # a further run from this one starts from its tuned block, and must go on tuning it
+    untuned = tiny_model_config(len(dataset.vocab), encoder_dim=2048, grid_size=2)
+    again = TrainConfig(epochs=1, batch_size=10, init_from=str(tmp_path / "run" / "best"))
+    with pytest.raises(InputError, match="fine-tune them here too"):
+        Trainer.create(tmp_path / "run4", untuned, again, DataConfig(str(tiny_prepared), str(grid)), java=False)
+    follow = Trainer.create(tmp_path / "run5", config, again, data, java=False)
+    assert all(torch.equal(v, best[k]) for k, v in follow.model.encoder.state_dict().items() if k in best)
+    late = tmp_path / "late"
+    extract_features(paths, late, config=config, encoder=frozen, encoder_sha256="untrained", stage="layer4.2")
+    with pytest.raises(InputError, match="fine-tuned block layer4.2 runs before the cached stage layer4.2"):
+        Trainer.create(tmp_path / "run3", config, train, DataConfig(str(tiny_prepared), str(late)), java=False)
+
+
+def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
+    tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights
+):
+    from show_attend_tell.cli import main
+
+    run = tmp_path / "run"
+    tiny = "--image-size 64 --encoder-dim 12 --feature-dim 10 --attention-dim 16 --decoder-dim 16 --embed-dim 8"
+    flags = [
+        *tiny.split(),
+        "--grid-size",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+        "--checkpoint-every-steps",
+        "100",
+    ]
+    data = ["--data", str(tiny_prepared), "--features", str(tiny_features)]
+    assert main(["train", *data, "--run-dir", str(run), *flags, "--max-steps", "3"]) == 0
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert state["global_step"] == 3  # saved at the stop, though the periodic checkpoint is every 100 steps
+    assert main(["train", "--resume", str(run), "--max-steps", "1"]) == 0
+    assert json.loads((run / "last" / "state.json").read_text())["global_step"] == 4
+    assert main(["train", "--resume", str(run)]) == 0
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["global_step"] > 4

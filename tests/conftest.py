@@ -110,3 +110,21 @@ def tiny_features(tiny_prepared, tmp_path_factory) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture
+def fixed_encoder_weights(monkeypatch):
+    """Stand-in 'pretrained' ResNet-50 weights: the same random network at every build, named 'untrained'."""
+    import torch
+
+    from show_attend_tell.weights import EncoderWeights
+
+    build = EncoderWeights.build
+
+    def seeded(self, pretrained: bool = True):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return build(self, pretrained=False)
+
+    monkeypatch.setattr(EncoderWeights, "build", seeded)
+    monkeypatch.setattr(EncoderWeights, "sha256", lambda self: "untrained")

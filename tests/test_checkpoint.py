@@ -201,3 +201,23 @@ def test_fine_tuned_blocks_missing_from_the_weights_give_a_clear_error(tmp_path)
     save_file({k: v for k, v in tensors.items() if "conv3" not in k}, tmp_path / "c" / WEIGHTS_FILE)
     with pytest.raises(InputError, match=r"encoder tensors do not match .*missing \['trunk.7.2.conv3.weight'\]"):
         load_model(tmp_path / "c", pretrained_encoder=False)
+
+
+def test_export_averages_the_fine_tuned_blocks_with_the_decoders(tmp_path, fixed_encoder_weights):
+    from show_attend_tell.cli import main
+
+    first, vocab = small_model(fine_tune=("layer4.2",))
+    second, _ = small_model(fine_tune=("layer4.2",))
+    with torch.no_grad():
+        second.encoder.trunk[7][2].conv1.weight.add_(1.0)
+        second.decoder.L_o.weight.add_(1.0)
+    save_model(first, vocab, tmp_path / "a", encoder_sha256="untrained")
+    save_model(second, vocab, tmp_path / "b", encoder_sha256="untrained")
+    assert main(["export", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "mean")]) == 0
+    tensors = load_file(tmp_path / "mean" / WEIGHTS_FILE)
+    for name, module in (
+        ("encoder.trunk.7.2.conv1.weight", first.encoder.trunk[7][2].conv1),
+        ("decoder.L_o.weight", first.decoder.L_o),
+    ):
+        torch.testing.assert_close(tensors[name].float(), (module.weight + 0.5).half().float(), rtol=0, atol=1e-3)
+    assert not any(k.startswith("encoder.trunk.7.1.") for k in tensors)

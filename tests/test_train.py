@@ -195,22 +195,6 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tiny_prepared, tiny_featu
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
 
 
-@pytest.fixture
-def fixed_encoder_weights(monkeypatch):
-    """Stand-in 'pretrained' ResNet-50 weights: the same random network at every build, named 'untrained'."""
-    from show_attend_tell.weights import EncoderWeights
-
-    build = EncoderWeights.build
-
-    def seeded(self, pretrained: bool = True):
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            return build(self, pretrained=False)
-
-    monkeypatch.setattr(EncoderWeights, "build", seeded)
-    monkeypatch.setattr(EncoderWeights, "sha256", lambda self: "untrained")
-
-
 def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, fixed_encoder_weights, capsys):
     """`sat features --stage layer4.1` caches the input of layer4.2, which then trains on it; the checkpoint
     holds that block only, and scoring it from the cache or from the images gives the same captions."""

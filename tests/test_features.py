@@ -78,3 +78,12 @@ def test_broken_image_is_reported_and_the_rest_is_done(tiny_prepared, tmp_path):
     assert "empty file" in summary["failed"][str(broken)]
     _, done, _ = open_store(tmp_path / "s")
     assert done.tolist() == [1, 1, 0]
+
+
+def test_cli_refuses_an_unknown_stage_before_any_work(tiny_prepared, tmp_path, fixed_encoder_weights, capsys):
+    from show_attend_tell.cli import main
+
+    args = ["features", "--data", str(tiny_prepared), "--out", str(tmp_path / "s"), "--image-size", "64"]
+    assert main([*args, "--stage", "layer9.0"]) == 2
+    assert "--stage: unknown encoder stage 'layer9.0'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

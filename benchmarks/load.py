@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.records import provenance, write_record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -186,7 +187,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="requests in total, shared by the clients")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients, one request in flight each")
-    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument(
+        "--beam-size", type=int, default=DEFAULT_BEAM_SIZE, help="(default: the product's, %(default)s)"
+    )
     parser.add_argument("--model", help="checkpoint directory for `sat serve` (default: the shipped model)")
     parser.add_argument("--max-upload-mb", type=float, default=10)
     parser.add_argument("--queue-size", type=int, default=16)

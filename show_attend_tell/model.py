@@ -183,7 +183,7 @@ def trunk_blocks(trunk: nn.Sequential) -> dict[str, nn.Module]:
 def stage_shape(config: ModelConfig, stage: str) -> tuple[int, int]:
     """(side, channels) of the output of residual block `stage` (e.g. layer4.0) for config.image_size inputs:
     the stem divides the side by 4, the first block of layer2..layer4 by 2 more, each rounding up."""
-    layer, block = (int(part) for part in stage.removeprefix("layer").split("."))
+    layer = int(stage.removeprefix("layer").split(".")[0])
     side = config.image_size
     for _ in range(1 + layer):  # stem conv and max-pool, then one stride per layer after layer1
         side = -(-side // 2)

@@ -242,7 +242,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     parser = sub.add_parser("train", help="train a captioning model (resumable; torchrun for several processes)")
     parser.add_argument("--data", help="directory written by `sat prepare`")
-    parser.add_argument("--features", default="", help="feature store from `sat features` (frozen encoder)")
+    parser.add_argument(
+        "--features",
+        default="",
+        help="store from `sat features`: grid features (frozen encoder), or a block's output (--stage) to fine-tune "
+        "the blocks after it",
+    )
     parser.add_argument("--run-dir", help="where the run writes config, logs, checkpoints")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     parser.add_argument("--captions-per-image", type=int, default=5)
@@ -296,7 +301,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--data", required=True, help="directory written by `sat prepare` (the references)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--features", default="", help="feature store matching the model's encoder (faster)")
+    parser.add_argument(
+        "--features",
+        default="",
+        help="store from `sat features` matching the model's encoder (faster): grid features, or for a model with "
+        "fine-tuned blocks the output of a block before them",
+    )
     parser.add_argument(
         "--beam", type=int, nargs="+", default=[DEFAULT_BEAM_SIZE], help="one or more beam sizes to score"
     )

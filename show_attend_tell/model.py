@@ -4,7 +4,7 @@ Shape letters used in the comments below:
     B images, N rows being decoded (captions, beams or samples), P attention locations (grid_size**2),
     E encoder channels, F channels of the features the decoder attends over (feature_dim, or E when 0),
     A attention dim, D decoder dim, M embedding dim, T caption length, V vocabulary, K beam width,
-    S input side in pixels.
+    S input side in pixels, C channels and h x w the grid of an inner residual block's output (a cached stage).
 
 Xu et al. 2015, section 3.1.2 and 4.2: at step t the attention reads h_{t-1}, forms the context z_t, gates
 it with beta_t, and the LSTM consumes [E y_{t-1}; beta_t z_t] to give h_t, from which y_t is predicted.

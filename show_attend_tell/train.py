@@ -448,8 +448,9 @@ class Trainer:
             loss = loss + self.config.scst_xe_weight * cross_entropy
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.world_size > 1:  # SCST decodes outside forward(), so gradients are averaged by hand
-            for parameter in self.model.decoder.parameters():
+        if self.world_size > 1:
+            # SCST decodes outside forward(), so gradients (tuned encoder blocks' too) are averaged by hand
+            for parameter in self.model.parameters():
                 if parameter.grad is not None:
                     dist.all_reduce(parameter.grad)
                     parameter.grad /= self.world_size

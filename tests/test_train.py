@@ -20,7 +20,7 @@ from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.train import DataConfig, NonFiniteLossError, Trainer
 
 
-def make_trainer(run_dir, prepared, features, **train):
+def make_trainer(run_dir, prepared, features, model: dict | None = None, **train):
     vocab_size = len(PreparedDataset.load(prepared).vocab)
     values = dict(
         epochs=3, batch_size=10, decoder_lr=1e-2, checkpoint_every_steps=2, patience=5, seed=1, log_every_steps=1
@@ -28,7 +28,7 @@ def make_trainer(run_dir, prepared, features, **train):
     values.update(train)
     return Trainer.create(
         run_dir,
-        tiny_model_config(vocab_size),
+        tiny_model_config(vocab_size, **(model or {})),
         TrainConfig(**values),
         DataConfig(prepared=str(prepared), features=str(features)),
         pretrained_encoder=False,
@@ -193,6 +193,71 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tiny_prepared, tiny_featu
         key = "CIDEr" if x["kind"] == "val" else "loss"
         assert x[key] == pytest.approx(y[key], abs=1e-4)
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+
+
+# ResNet-50's layer4.2 fine-tuned on a cache of layer4.1's output (2 x 2 at 64 px)
+STAGE_MODEL = {"encoder_dim": 2048, "fine_tune_blocks": ("layer4.2",)}
+
+GRADIENT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    sys.path.insert(0, {tests!r})
+    from test_train import STAGE_MODEL, make_trainer
+    from show_attend_tell.train import exit_worker
+    run, prepared, features, kind = sys.argv[1:5]
+    trainer = make_trainer(run, prepared, features, STAGE_MODEL, self_critical=kind == "scst", decoder_lr=0.0,
+                           encoder_lr=0.0)
+    rows = trainer.train_rows[:4]
+    step = trainer.self_critical_step if kind == "scst" else trainer.train_step
+    step(rows)
+    grads = {{n: p.grad.contiguous() for n, p in trainer.model.named_parameters() if p.grad is not None}}
+    if trainer.world_size > 1:
+        for name, grad in grads.items():  # every rank must step with the same (averaged) gradient
+            other = [torch.empty_like(grad) for _ in range(trainer.world_size)]
+            dist.all_gather(other, grad)
+            assert all(torch.equal(o, grad) for o in other), name
+    if trainer.rank == 0:
+        save_file(grads, run + ".grads.safetensors")
+    if trainer.world_size > 1:
+        exit_worker()
+    """
+)
+
+
+def test_ddp_averages_the_gradients_of_fine_tuned_blocks(tiny_prepared, tmp_path):
+    """The tuned block runs on the cache outside DDP's forward; its gradients must still be averaged over
+    ranks, both in cross-entropy steps (by DDP) and in SCST steps (by hand)."""
+    from show_attend_tell.features import extract_features
+    from show_attend_tell.model import Encoder
+
+    dataset = PreparedDataset.load(tiny_prepared)
+    config = tiny_model_config(len(dataset.vocab), **STAGE_MODEL)
+    stage = tmp_path / "stage"
+    encoder = Encoder(config, pretrained=False)
+    paths = [image.path for image in dataset.images]
+    extract_features(paths, stage, config=config, encoder=encoder, encoder_sha256="untrained", stage="layer4.1")
+    script = tmp_path / "grads.py"
+    script.write_text(GRADIENT_SCRIPT.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for kind in ("xe", "scst"):
+        ddp = subprocess.run(
+            [*torchrun, str(script), f"{tmp_path}/ddp_{kind}", tiny_prepared, stage, kind], env=env, capture_output=True
+        )
+        assert ddp.returncode == 0, ddp.stderr.decode()[-5000:]
+    single = subprocess.run(
+        [sys.executable, str(script), f"{tmp_path}/single_xe", tiny_prepared, stage, "xe"], env=env, capture_output=True
+    )
+    assert single.returncode == 0, single.stderr.decode()[-2000:]
+    a = load_file(tmp_path / "single_xe.grads.safetensors")
+    b = load_file(tmp_path / "ddp_xe.grads.safetensors")
+    assert a.keys() == b.keys() and any(name.startswith("encoder.trunk.7.2.") for name in a)
+    for name in a:  # the mean of the ranks' halves is the whole batch's gradient
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert any(k.startswith("encoder.") for k in load_file(tmp_path / "ddp_scst.grads.safetensors"))
 
 
 def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, fixed_encoder_weights, capsys):

@@ -353,25 +353,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from show_attend_tell.evaluate import evaluate, image_features
 
     model_dir = args.model or SHIPPED_MODEL
-    from show_attend_tell.features import expected_meta, load_features, store_stage
+    from show_attend_tell.features import load_for_model, store_stage
 
     # a store of grid features replaces the encoder; one of a block's output (--stage) replaces the part before
-    stage = store_stage(args.features) if args.features else ""
-    model, vocab, config = load_model(model_dir, with_encoder=not args.features or bool(stage), int8=args.int8)
+    with_encoder = not args.features or bool(store_stage(args.features))
+    model, vocab, config = load_model(model_dir, with_encoder=with_encoder, int8=args.int8)
     if args.features:
-        tuned = model.config.fine_tune_blocks
-        if tuned and not stage:
-            raise InputError(
-                f"{args.features}: grid features of the pretrained encoder, but {model_dir} fine-tuned "
-                f"{' '.join(tuned)}; give a store of an earlier block's output (sat features --stage) or no --features"
-            )
-        if stage:
-            try:
-                model.encoder.check_stage(stage)
-            except ValueError as error:
-                raise InputError(f"{args.features}: {error}") from None
         paths = [image.path for image in dataset.images]
-        store = load_features(args.features, expected_meta(model.config, paths, config["encoder_sha256"], stage))
+        store, stage = load_for_model(args.features, model.config, paths, config["encoder_sha256"], model.encoder)
 
         def features(batch):
             if not stage:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.errors import InputError
 from show_attend_tell.images import load_image
-from show_attend_tell.model import Encoder, cpu_chunk, image_transform, stage_shape
+from show_attend_tell.model import Encoder, image_transform, stage_shape
 
 FEATURES_FILE = "features.npy"
 DONE_FILE = "done.npy"
@@ -53,15 +53,40 @@ def expected_meta(config: ModelConfig, paths: list[Path], encoder_sha256: str, s
     return meta
 
 
-def store_stage(directory: str | Path) -> str:
-    """The stage a store holds ("" for grid features), read from its features.json."""
+def read_meta(directory: str | Path) -> dict:
+    """A store's features.json."""
     meta_path = Path(directory) / META_FILE
     if not meta_path.is_file():
         raise InputError(f"{directory}: no feature store here ({META_FILE} missing); run `sat features` first")
     try:
-        return json.loads(meta_path.read_text()).get("stage", "")
+        return json.loads(meta_path.read_text())
     except ValueError as error:
         raise InputError(f"{meta_path}: not valid JSON ({error})") from None
+
+
+def store_stage(directory: str | Path) -> str:
+    """The stage a store holds ("" for grid features)."""
+    return read_meta(directory).get("stage", "")
+
+
+def load_for_model(
+    directory: str | Path, config: ModelConfig, paths: list[Path], encoder_sha256: str, encoder: Encoder | None
+) -> tuple[torch.Tensor, str]:
+    """A complete store that fits a model -> (features, stage): grid features for a frozen encoder, or the
+    output of a block before every fine-tuned one (run the rest with `encoder.forward_from(features, stage)`)."""
+    stage = store_stage(directory)
+    if config.fine_tune_blocks and not stage:
+        raise InputError(
+            f"{directory}: holds grid features of the pretrained encoder, but the model fine-tuned "
+            f"{' '.join(config.fine_tune_blocks)}; give a store of an earlier block's output "
+            "(sat features --stage layer4.0) or images"
+        )
+    if stage:
+        try:
+            encoder.check_stage(stage)
+        except ValueError as error:
+            raise InputError(f"{directory}: {error}") from None
+    return load_features(directory, expected_meta(config, paths, encoder_sha256, stage)), stage
 
 
 def _check_meta(directory: Path, found: dict, expected: dict) -> None:
@@ -79,10 +104,7 @@ def open_store(directory: str | Path, expected: dict | None = None) -> tuple[np.
     `expected` (from `expected_meta`) is compared key by key; the array shapes are always checked.
     """
     directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise InputError(f"{directory}: no feature store here ({META_FILE} missing); run `sat features` first")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(directory)
     if expected is not None:
         _check_meta(directory, meta, expected)
     try:
@@ -157,12 +179,7 @@ def extract_features(
                 failed[str(paths[i])] = str(error)
         if rows:
             batch = torch.stack(tensors).to(device)  # (B, 3, S, S)
-            if stage:  # a few images per forward on CPU, as Encoder.forward does at inference
-                step = cpu_chunk(batch.size(2) * batch.size(3)) if batch.device.type == "cpu" else len(batch)
-                parts = [encoder.forward_until(batch[n : n + step], stage) for n in range(0, len(batch), step)]
-                grid = torch.cat(parts)  # (B, h*w, C)
-            else:
-                grid = encoder(batch)  # (B, P, E)
+            grid = encoder.forward_until(batch, stage) if stage else encoder(batch)  # (B, h*w, C) or (B, P, E)
             grid = grid.half().cpu().numpy()
             order = np.argsort(rows)
             rows_sorted = np.asarray(rows)[order]

@@ -118,33 +118,20 @@ class Trainer:
         self.dataset = PreparedDataset.load(data.prepared)
         self.vocab = self.dataset.vocab
         torch.manual_seed(train_config.seed)
-        from show_attend_tell.features import expected_meta, load_features, store_stage
+        from show_attend_tell.features import load_for_model, store_stage
 
-        # the store's stage: "" = grid features; a block name = that block's output, the rest of the trunk
-        # (with the fine-tuned blocks) runs in training
-        self.stage = store_stage(data.features) if data.features else ""
-        if data.features and model_config.fine_tune_blocks and not self.stage:
-            raise InputError(
-                f"{data.features}: holds grid features, which leave nothing of the encoder to fine-tune; cache "
-                "the output of a block before the tuned ones (sat features --stage layer4.0) or train from images"
-            )
         encoder = None
-        if not data.features or model_config.fine_tune_blocks or self.stage:
+        # a store of a block's output (not grid features) leaves the rest of the trunk to run in training
+        if not data.features or model_config.fine_tune_blocks or store_stage(data.features):
             encoder = Encoder(model_config, pretrained=pretrained_encoder)
-            if self.stage:
-                try:
-                    encoder.check_stage(self.stage)
-                except ValueError as error:
-                    raise InputError(f"{data.features}: {error}") from None
         from show_attend_tell.weights import ENCODER_WEIGHTS
 
         self.encoder_sha256 = ENCODER_WEIGHTS[model_config.encoder].sha256() if pretrained_encoder else "untrained"
         self.model = CaptionModel(model_config, encoder=encoder).to(self.device)
-        self.features = None
+        self.features, self.stage = None, ""
         if data.features:
             paths = [image.path for image in self.dataset.images]
-            expected = expected_meta(model_config, paths, self.encoder_sha256, self.stage)
-            self.features = load_features(data.features, expected)
+            self.features, self.stage = load_for_model(data.features, model_config, paths, self.encoder_sha256, encoder)
         if train_config.init_from:
             from show_attend_tell.checkpoint import load_model, read_config
 

@@ -2,7 +2,7 @@
 
 from show_attend_tell import Captioner
 captioner = Captioner.load()              # the shipped Flickr8k model (or Captioner.load("runs/x/best"))
-result = captioner.caption("photo.jpg")   # .text, .words, .score, .attention (T, g, g), .alternatives
+result = captioner.caption("photo.jpg")   # .text, .words, .score, .log_prob, .attention (T, g, g), .alternatives
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,15 +25,26 @@ from show_attend_tell.model import image_transform
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
 
 
+class Alternative(NamedTuple):
+    """Another beam: its text, the score it was ranked by and its log-probability (as in `Caption`)."""
+
+    text: str
+    score: float
+    log_prob: float
+
+
 @dataclasses.dataclass
 class Caption:
-    """One image's caption: the words, their total log-probability and where the model looked for each."""
+    """One image's caption: the words, their score and log-probability, and where the model looked for each."""
 
     text: str
     words: list[str]
-    score: float  # log-probability of the caption (with <end>) under the model
+    # what beams are ranked by: log_prob / (words + <end>)**length_penalty (greedy: log_prob); a longer caption
+    # has a lower log-probability, so log_prob alone would not say why it won
+    score: float
+    log_prob: float  # log-probability of the caption (with <end>) under the model
     attention: np.ndarray  # (len(words), g, g): alpha for each word over the grid, each map sums to 1
-    alternatives: list[tuple[str, float]]  # the other beams, best first: (text, log-probability)
+    alternatives: list[Alternative]  # the other beams, best first
 
 
 class Captioner:
@@ -92,9 +104,12 @@ class Captioner:
                 Caption(
                     text=" ".join(words),
                     words=words,
-                    score=best.log_prob,
+                    score=best.score,
+                    log_prob=best.log_prob,
                     attention=best.alphas.numpy().reshape(len(best.tokens), g, g),
-                    alternatives=[(" ".join(self.vocab.decode(h.tokens)), h.log_prob) for h in hypotheses[1:]],
+                    alternatives=[
+                        Alternative(" ".join(self.vocab.decode(h.tokens)), h.score, h.log_prob) for h in hypotheses[1:]
+                    ],
                 )
             )
         return results

@@ -65,9 +65,14 @@ class ErrorBody(BaseModel):
     error: str = Field(description="what is wrong, in one sentence")
 
 
+SCORE = "what beams are ranked by: log_prob / (words + <end>)**length_penalty (beam size 1: log_prob)"
+LOG_PROB = "log-probability of the caption (with <end>)"
+
+
 class Alternative(BaseModel):
     caption: str
-    score: float = Field(description="log-probability of the caption (with <end>)")
+    score: float = Field(description=SCORE)
+    log_prob: float = Field(description=LOG_PROB)
 
 
 class Timings(BaseModel):
@@ -84,8 +89,9 @@ class CaptionResponse(BaseModel):
         description="one grid_size x grid_size map per word (rows top to bottom, columns left to right) over "
         "the whole photo, each summing to 1"
     )
-    score: float = Field(description="log-probability of the caption (with <end>)")
-    alternatives: list[Alternative] = Field(description="the other beams, best first")
+    score: float = Field(description=SCORE)
+    log_prob: float = Field(description=LOG_PROB)
+    alternatives: list[Alternative] = Field(description="the other beams, best first (highest score)")
     grid_size: int
     beam_size: int
     width: int = Field(description="width of the photo in pixels, upright (EXIF orientation applied)")
@@ -339,7 +345,11 @@ def create_app(
                 "words": result.words,
                 "attention": np.round(np.asarray(result.attention, dtype=np.float64), ATTENTION_DECIMALS).tolist(),
                 "score": float(result.score),
-                "alternatives": [{"caption": text, "score": float(score)} for text, score in result.alternatives],
+                "log_prob": float(result.log_prob),
+                "alternatives": [
+                    {"caption": a.text, "score": float(a.score), "log_prob": float(a.log_prob)}
+                    for a in result.alternatives
+                ],
                 "grid_size": captioner.grid_size,
                 "beam_size": beam_size,
                 "width": image.width,

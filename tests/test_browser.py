@@ -113,6 +113,11 @@ def test_caption_and_hovering_a_word_draws_its_attention_map(page):
     # the page asks for the product's default beam size; every other beam is listed
     assert body["beam_size"] == DEFAULT_BEAM_SIZE
     assert page.locator("#alternatives li").count() == len(body["alternatives"]) == DEFAULT_BEAM_SIZE - 1
+    # each beam shows the score it was ranked by, then its log-probability
+    first = body["alternatives"][0]
+    shown = f"{first['score']:.2f} (log-probability {first['log_prob']:.2f})"
+    assert page.locator("#alternatives li").first.inner_text().endswith(shown)
+    assert f"score {body['score']:.2f} (log-probability {body['log_prob']:.2f})" in page.inner_text("#score")
 
     # the word the model looked at most narrowly makes the clearest picture
     peaks = [max(max(row) for row in alpha) for alpha in body["attention"]]

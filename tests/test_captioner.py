@@ -45,10 +45,14 @@ def test_captions_a_batch_with_words_scores_and_attention(captioner_fp32):
         assert result.words and result.text == " ".join(result.words)
         assert result.attention.shape == (len(result.words), g, g)
         np.testing.assert_allclose(result.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
-        # beams are ranked by log p / (words + <end>)**DEFAULT_LENGTH_PENALTY; `score` is the plain log p
-        ranked = [(result.text, result.score), *result.alternatives]
-        normalised = [length_normalised(score, len(text.split()) + 1, DEFAULT_LENGTH_PENALTY) for text, score in ranked]
-        assert len(ranked) == 3 and normalised == sorted(normalised, reverse=True)
+        # beams are ranked by `score` = log p / (words + <end>)**DEFAULT_LENGTH_PENALTY, shown beside the log p
+        ranked = [(result.text, result.score, result.log_prob), *result.alternatives]
+        for text, score, log_prob in ranked:
+            assert log_prob < 0 and score == pytest.approx(
+                length_normalised(log_prob, len(text.split()) + 1, DEFAULT_LENGTH_PENALTY)
+            )
+        scores = [score for _, score, _ in ranked]
+        assert len(ranked) == 3 and scores == sorted(scores, reverse=True)
     # a batch gives each image the caption it gets alone
     alone = captioner.caption(paths[1], beam_size=3)
     assert alone.words == results[1].words and alone.score == pytest.approx(results[1].score, abs=1e-4)
@@ -65,7 +69,7 @@ def test_int8_decoder_writes_the_fp32_captions_and_batches_almost_alike(captione
     # gets another ending); on the test split int8 moves each metric by under 1 point (results/).
     same = [i for i, (a, b) in enumerate(zip(int8, fp32, strict=True)) if a.words == b.words]
     assert len(same) >= len(paths) - 1
-    assert [int8[i].score for i in same] == pytest.approx([fp32[i].score for i in same], rel=0.03)  # log p
+    assert [int8[i].log_prob for i in same] == pytest.approx([fp32[i].log_prob for i in same], rel=0.03)
     # int8 activations are scaled per call, so a photo's score moves a little with its batch companions (the
     # shipped model: up to 2.1% for these photos, results/review_checks.json). For a Flickr8k photo that is
     # all; a photo far from Flickr8k has close calls that this can tip, which is why --no-int8 exists.
@@ -127,7 +131,8 @@ def test_caption_cli_handles_odd_images_and_reports_each_broken_one(tmp_path, ca
     records = {Path(r["image"]).name: r for r in map(json.loads, out.splitlines())}
     assert set(records) == set(odd)
     for record in records.values():
-        assert record["words"] and isinstance(record["score"], float) and len(record["alternatives"]) == 1
+        assert record["words"] and record["log_prob"] <= record["score"] < 0 and len(record["alternatives"]) == 1
+        assert record["alternatives"][0]["score"] <= record["score"]
         assert Path(record["attention_figure"]).is_file()
     failures = [line for line in err.splitlines() if line.startswith("sat caption: skipped:")]
     assert len(failures) == len(broken)

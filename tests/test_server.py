@@ -17,7 +17,7 @@ from conftest import REPO
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from show_attend_tell.captioner import SHIPPED_MODEL, Caption, Captioner
+from show_attend_tell.captioner import SHIPPED_MODEL, Alternative, Caption, Captioner
 from show_attend_tell.server import MAX_BEAM_SIZE, create_app
 
 EXAMPLES = REPO / "examples"
@@ -96,10 +96,11 @@ def assert_caption(body: dict, captioner: Captioner, beam_size: int) -> None:
     assert attention.shape == (len(body["words"]), g, g)
     assert (attention >= 0).all()
     np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, atol=1e-3)
-    assert isinstance(body["score"], float) and body["score"] < 0
+    assert isinstance(body["score"], float) and body["log_prob"] <= body["score"] < 0
     assert len(body["alternatives"]) <= beam_size - 1
-    for alternative in body["alternatives"]:
+    for alternative in body["alternatives"]:  # ranked by score, each shown with its log-probability
         assert alternative["caption"] and alternative["score"] <= body["score"] + 1e-6
+        assert alternative["log_prob"] <= alternative["score"] < 0
     timings = body["timings"]
     assert all(timings[key] >= 0 for key in ("queue_ms", "image_ms", "decode_ms", "total_ms"))
     assert timings["total_ms"] >= timings["decode_ms"] > 0
@@ -236,7 +237,7 @@ class BlockingCaptioner:
         with self.lock:
             self.running -= 1
         alpha = np.full((2, 2, 2), 0.25, dtype=np.float32)
-        return Caption("a photo", ["a", "photo"], -1.5, alpha, [("the photo", -2.0)])
+        return Caption("a photo", ["a", "photo"], -1.5, -2.6, alpha, [Alternative("the photo", -2.0, -3.5)])
 
 
 def in_thread(function, *args, **kwargs) -> tuple[threading.Thread, list]:

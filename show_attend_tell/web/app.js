@@ -112,7 +112,9 @@ function renderCaption(result) {
     });
     elements.caption.append(button, " ");
   });
-  elements.score.textContent = `log-probability ${result.score.toFixed(2)} · ${result.width}×${result.height} pixels · ${result.grid_size}×${result.grid_size} attention grid`;
+  // Beams are ranked by the length-normalised score; the raw log-probability favours short captions.
+  elements.score.textContent = `score ${result.score.toFixed(2)} (log-probability ${result.log_prob.toFixed(2)}) · ${result.width}×${result.height} pixels · ${result.grid_size}×${result.grid_size} attention grid`;
+  elements.score.title = "captions are ranked by score = log-probability / (words + 1)^length penalty";
   elements.alternatives.replaceChildren();
   if (result.alternatives.length === 0) {
     const item = document.createElement("li");
@@ -126,7 +128,7 @@ function renderCaption(result) {
     text.textContent = alternative.caption;
     const score = document.createElement("span");
     score.className = "alt-score";
-    score.textContent = alternative.score.toFixed(2);
+    score.textContent = `${alternative.score.toFixed(2)} (log-probability ${alternative.log_prob.toFixed(2)})`;
     item.append(text, " ", score);
     elements.alternatives.append(item);
   }

@@ -228,14 +228,37 @@ def read_split_files(split_files: dict[str, list[Path]]) -> dict[str, str]:
     return split_of
 
 
-def read_coco(annotation_files: Iterable[Path], images_dir: Path, split_files: dict[str, list[Path]]) -> RawDataset:
-    """Official COCO caption files (captions_train2014.json, captions_val2014.json) split by Karpathy lists.
+def _official_splits(annotation_file: Path, names: list[str], seed: int) -> dict[str, str]:
+    """COCO's own split of one caption file: train2014 is train; val2014 (test2014 has no public captions) is
+    halved at random with `seed` into val and test."""
+    subset = annotation_file.stem.removeprefix("captions_")
+    if subset.startswith("train"):
+        return {name: "train" for name in names}
+    if not subset.startswith("val"):
+        raise InputError(
+            f"{annotation_file}: cannot tell its split (expected captions_train*.json or captions_val*.json); "
+            "pass Karpathy split lists with --split-file"
+        )
+    shuffled = sorted(names)
+    random.Random(seed).shuffle(shuffled)
+    half = len(shuffled) // 2
+    return {name: ("val" if n < half else "test") for n, name in enumerate(shuffled)}
+
+
+def read_coco(
+    annotation_files: Iterable[Path],
+    images_dir: Path,
+    split_files: dict[str, list[Path]] | None = None,
+    seed: int = 0,
+) -> RawDataset:
+    """Official COCO caption files (captions_train2014.json, captions_val2014.json) split by Karpathy lists,
+    or without lists by COCO's own split (see `_official_splits`).
 
     Images of `captions_<set>.json` are looked for in `images_dir/<set>/` when that directory exists (the
     layout of the unzipped COCO archives), else in `images_dir`.
     """
     images_dir = _require_dir(Path(images_dir), "COCO image")
-    split_of = read_split_files(split_files)
+    split_of = read_split_files(split_files) if split_files else {}
     annotation_files = [Path(p) for p in annotation_files]
     listing = ", ".join(map(str, annotation_files))
     raw = RawDataset(records=[], image_root=images_dir, source={"captions": listing, "images": str(images_dir)})
@@ -253,6 +276,8 @@ def read_coco(annotation_files: Iterable[Path], images_dir: Path, split_files: d
             if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
                 raise InputError(f"{annotation_file}: images[{i}]: expected an object with 'id' and 'file_name'")
             names[image["id"]] = image["file_name"]
+        if not split_files:
+            split_of.update(_official_splits(annotation_file, list(names.values()), seed))
         captions: dict[Any, list[str]] = defaultdict(list)
         for i, annotation in enumerate(data["annotations"]):
             if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
@@ -274,7 +299,11 @@ def read_coco(annotation_files: Iterable[Path], images_dir: Path, split_files: d
                 candidates.append(ImageRecord(folder / name, captions[image_id], split_of[name]))
     for name in sorted(set(split_of) - seen):
         raw.skip("listed in a split file but not in the caption files", name)
-    raw.source["splits"] = "; ".join(f"{k}={', '.join(map(str, v))}" for k, v in split_files.items())
+    raw.source["splits"] = (
+        "; ".join(f"{k}={', '.join(map(str, v))}" for k, v in split_files.items())
+        if split_files
+        else f"official: train2014 -> train, val2014 halved at random (seed {seed}) -> val, test"
+    )
     _keep_existing(raw, candidates, listing)
     raw.records = _split_order(raw.records)
     return raw
@@ -437,12 +466,16 @@ def find_duplicates(paths: Iterable[Path]) -> list[list[Path]]:
     return sorted(groups)
 
 
-def _resolve(path: str | Path, data_dir: Path) -> Path:
-    """A path as given if it exists, else the same path inside `data_dir`."""
+def _resolve(path: str | Path, data_dir: Path, flag: str) -> Path:
+    """A path as given (relative to the current directory) if it exists, else the same path inside `data_dir`;
+    neither is an error naming both places."""
     path = Path(path)
-    if path.exists() or path.is_absolute() or not (data_dir / path).exists():
+    if path.exists():
         return path
-    return data_dir / path
+    if not path.is_absolute() and (data_dir / path).exists():
+        return data_dir / path
+    inside = "" if path.is_absolute() else f" nor in --data-dir {data_dir}"
+    raise InputError(f"{flag}{path}: file not found as given (from {Path.cwd()}){inside}")
 
 
 def _only_match(data_dir: Path, patterns: list[str], what: str, flag: str) -> Path:
@@ -470,7 +503,7 @@ def read_dataset(
     Relative `captions` and `split_files` paths are taken as given when they exist, else inside `data_dir`.
     """
     data_dir = _require_dir(Path(data_dir), "data")
-    caption_files = [_resolve(p, data_dir) for p in captions or []]
+    caption_files = [_resolve(p, data_dir, "--captions ") for p in captions or []]
     if kind == "flickr8k":
         return read_flickr8k(data_dir, Path(images) if images else None)
     if kind == "karpathy":
@@ -487,15 +520,14 @@ def read_dataset(
     if kind == "coco":
         if images is None:
             raise InputError("--dataset coco needs --images (the folder holding train2014/ and val2014/)")
-        if not split_files:
-            raise InputError(
-                "--dataset coco needs split lists: --split-file train=FILE --split-file val=FILE --split-file test=FILE"
-            )
         files = caption_files or sorted(data_dir.glob("captions_*.json"))
         if not files:
             raise InputError(f"{data_dir}: no captions_*.json files; pass --captions")
-        lists = {split: [_resolve(p, data_dir) for p in paths] for split, paths in split_files.items()}
-        return read_coco(files, Path(images), lists)
+        lists = {
+            split: [_resolve(p, data_dir, f"--split-file {split}=") for p in paths]
+            for split, paths in (split_files or {}).items()
+        }
+        return read_coco(files, Path(images), lists, seed)
     if kind == "folder":
         if len(caption_files) > 1:
             raise InputError("--dataset folder reads one captions file; got several --captions")

@@ -188,6 +188,50 @@ def test_read_coco_with_split_lists(tmp_path) -> None:
     }
 
 
+def test_read_coco_official_split_without_lists(tmp_path) -> None:
+    """No split lists: train2014 trains, val2014 is halved at random (seeded) into val and test."""
+    for n in range(2):
+        jpeg(tmp_path / "train2014" / f"t{n}.jpg", n)
+    for n in range(6):
+        jpeg(tmp_path / "val2014" / f"v{n}.jpg", 50 + n)
+    files = [
+        coco_captions(tmp_path / "captions_train2014.json", {n: f"t{n}.jpg" for n in range(2)}, [(0, "A."), (1, "B.")]),
+        coco_captions(
+            tmp_path / "captions_val2014.json", {n: f"v{n}.jpg" for n in range(6)}, [(n, "C.") for n in range(6)]
+        ),
+    ]
+    raw = read_dataset("coco", tmp_path, images=tmp_path)
+    splits = {r.path.relative_to(tmp_path).as_posix(): r.split for r in raw.records}
+    assert [name for name, split in splits.items() if split == "train"] == ["train2014/t0.jpg", "train2014/t1.jpg"]
+    val = sorted(name for name, split in splits.items() if split == "val")
+    test = sorted(name for name, split in splits.items() if split == "test")
+    assert len(val) == len(test) == 3 and set(val + test) == {f"val2014/v{n}.jpg" for n in range(6)}
+    assert "official" in raw.source["splits"] and not raw.skipped
+    again = read_coco(files, tmp_path, seed=0)
+    assert {r.path: r.split for r in again.records} == {r.path: r.split for r in raw.records}
+    other = read_coco(files, tmp_path, seed=1)
+    assert {r.path: r.split for r in other.records} != {r.path: r.split for r in raw.records}
+
+
+def test_split_lists_are_found_as_given_or_in_data_dir(tmp_path, monkeypatch) -> None:
+    annotations = tmp_path / "coco" / "annotations"
+    annotations.mkdir(parents=True)
+    jpeg(tmp_path / "coco" / "val2014" / "v.jpg")
+    coco_captions(annotations / "captions_val2014.json", {1: "v.jpg"}, [(1, "A cat.")])
+    (tmp_path / "coco" / "splits").mkdir()
+    for split in ("train", "val", "test"):
+        (tmp_path / "coco" / "splits" / f"{split}.txt").write_text("v.jpg\n" if split == "train" else "")
+    monkeypatch.chdir(tmp_path)  # the lists' paths are relative to here, not to the annotations folder
+    lists = {split: [f"coco/splits/{split}.txt"] for split in ("train", "val", "test")}
+    raw = read_dataset("coco", "coco/annotations", images="coco", split_files=lists)
+    assert [r.split for r in raw.records] == ["train"]
+    (annotations / "inside.txt").write_text("v.jpg\n")  # not in the current directory: found in --data-dir
+    raw = read_dataset("coco", "coco/annotations", images="coco", split_files={**lists, "train": ["inside.txt"]})
+    assert [r.split for r in raw.records] == ["train"]
+    with pytest.raises(InputError, match=r"--split-file val=missing.txt: file not found as given .* nor in --data-dir"):
+        read_dataset("coco", "coco/annotations", images="coco", split_files={**lists, "val": ["missing.txt"]})
+
+
 def test_read_coco_split_list_errors(tmp_path) -> None:
     coco_captions(tmp_path / "captions_val2014.json", {1: "x.jpg"}, [(1, "A cat.")])
     (tmp_path / "a.txt").write_text("x.jpg\n")
@@ -284,7 +328,7 @@ def test_read_dataset_defaults_and_errors(tmp_path) -> None:
         read_dataset("folder", root)
     with pytest.raises(InputError, match="needs --images"):
         read_dataset("karpathy", root)
-    with pytest.raises(InputError, match="needs split lists"):
+    with pytest.raises(InputError, match="no captions_.*json files; pass --captions"):
         read_dataset("coco", root, images=root)
     with pytest.raises(InputError, match="unknown dataset kind"):
         read_dataset("imagenet", root)

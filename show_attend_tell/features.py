@@ -27,6 +27,22 @@ DONE_FILE = "done.npy"
 META_FILE = "features.json"
 
 
+def native_grid_size(config: ModelConfig) -> int:
+    """Side of the grid the ResNet trunk itself gives at config.image_size (stride 32: 7 at 224 px, 14 at 448)."""
+    return stage_shape(config, "layer4.0")[0]
+
+
+def check_grid(config: ModelConfig) -> None:
+    """Refuse a grid finer than the trunk's own: pooling 7x7 to 14x14 would copy each cell into four, not see more."""
+    native = native_grid_size(config)
+    if config.grid_size > native:
+        raise InputError(
+            f"--grid-size {config.grid_size} is finer than the {native}x{native} grid {config.encoder} gives at "
+            f"--image-size {config.image_size}; it would only stretch the {native}x{native} map. Use --image-size "
+            f"{32 * config.grid_size} for a {config.grid_size}x{config.grid_size} grid, or --grid-size {native} or less"
+        )
+
+
 def images_fingerprint(paths: list[Path]) -> str:
     """sha256 of the ordered image list: row i of a store belongs to image i of exactly this list."""
     digest = hashlib.sha256()
@@ -94,7 +110,7 @@ def _check_meta(directory: Path, found: dict, expected: dict) -> None:
         if found.get(key) != value:
             raise InputError(
                 f"{directory / META_FILE}: {key} is {found.get(key)!r} but {value!r} was expected; "
-                "these features belong to another dataset or encoder (use a new --out or --overwrite)"
+                "these features belong to another dataset, --limit or encoder (use a new --out or --overwrite)"
             )
 
 

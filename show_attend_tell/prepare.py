@@ -33,6 +33,20 @@ VOCAB_FILE, IMAGES_FILE, CAPTIONS_FILE, REPORT_FILE = "vocab.json", "images.json
 PERCENTILES = (50, 90, 95, 99)
 
 
+def limit_per_split(splits: list[str], limit: int) -> list[int]:
+    """Positions of the first `limit` items of each split, in their original order (`--limit` everywhere:
+    `sat prepare`, `features`, `train` and `evaluate` take the same images from the same list)."""
+    if limit < 0:
+        raise InputError(f"--limit must be 0 (everything) or a positive number of images per split, got {limit}")
+    seen: dict[str, int] = {}
+    kept = []
+    for position, split in enumerate(splits):
+        seen[split] = seen.get(split, 0) + 1
+        if not limit or seen[split] <= limit:
+            kept.append(position)
+    return kept
+
+
 def _percentile(sorted_values: list[int], q: float) -> int:
     """Nearest-rank percentile of an ascending list."""
     return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
@@ -50,17 +64,25 @@ def prepare(
     min_count: int = 5,
     max_length: int = 30,
     check_images: bool = False,
+    limit: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenise, build the vocabulary from train, encode every split and write `out_dir`; returns the report.
 
     Captions longer than `max_length` words are clipped (and counted); nothing is dropped without a reason
     in the report. An empty split is an error, since training, validation and testing each need images.
+    `limit` > 0 keeps the first `limit` images of each split (see `limit_per_split`), for quick experiments.
     """
     if max_length < 1:
         raise InputError(f"--max-length must be at least 1, got {max_length}")
     skipped = {reason: list(items) for reason, items in raw.skipped.items()}  # raw stays as read
     records = raw.records
+    if limit:
+        kept_rows = limit_per_split([record.split for record in records], limit)
+        left_out = sorted(set(range(len(records))) - set(kept_rows))
+        if left_out:
+            skipped[f"beyond --limit {limit} images per split"] = [str(records[i].path) for i in left_out]
+        records = [records[i] for i in kept_rows]
     if check_images:
         records, unreadable = datasets.check_images(records, progress=progress)
         if unreadable:
@@ -151,6 +173,7 @@ def prepare(
         },
         "clipped": {"count": len(clipped), "items": clipped},
         "checked_images": check_images,
+        "limit": limit,
         "skipped": _listed(skipped),
         "notes": _listed(notes),
     }
@@ -195,6 +218,8 @@ def format_report(report: dict[str, Any], examples: int = 3) -> str:
     percentiles = ", ".join(f"p{q} {words[f'p{q}']}" for q in PERCENTILES)
     lines.append(f"caption length in words: mean {words['mean']}, {percentiles}, max {words['max']}")
     lines.append(f"clipped to {report['max_length']} words: {report['clipped']['count']} captions")
+    if report.get("limit"):
+        lines.append(f"limited to the first {report['limit']} images of each split (--limit)")
     lines.append(f"images opened and checked: {'yes' if report['checked_images'] else 'no (use --check-images)'}")
     for title, key in [("skipped", "skipped"), ("noted (kept)", "notes")]:
         if not report[key]:
@@ -231,8 +256,11 @@ class PreparedDataset:
         return self.tokens.shape[1] - 2
 
     @classmethod
-    def load(cls, directory: str | Path) -> PreparedDataset:
-        """Load and check a `sat prepare` directory; a missing or corrupt file raises InputError naming it."""
+    def load(cls, directory: str | Path, *, limit: int = 0) -> PreparedDataset:
+        """Load and check a `sat prepare` directory; a missing or corrupt file raises InputError naming it.
+
+        limit > 0: only the first `limit` images of each split and their captions (`--limit`).
+        """
         directory = Path(directory)
         if not directory.is_dir():
             raise InputError(f"{directory}: prepared dataset directory not found (run `sat prepare` first)")
@@ -242,7 +270,25 @@ class PreparedDataset:
         vocab = Vocabulary.load(directory / VOCAB_FILE)
         dataset, image_root, images = _load_images(directory / IMAGES_FILE)
         tokens, lengths, image_index = _load_captions(directory / CAPTIONS_FILE, len(images), len(vocab))
-        return cls(directory, dataset, vocab, image_root, images, tokens, lengths, image_index)
+        loaded = cls(directory, dataset, vocab, image_root, images, tokens, lengths, image_index)
+        return loaded.limited(limit) if limit else loaded
+
+    def limited(self, limit: int) -> PreparedDataset:
+        """The first `limit` images of each split with their captions, image_index renumbered to match."""
+        kept = limit_per_split([image.split for image in self.images], limit)
+        new_index = torch.full((len(self.images),), -1, dtype=torch.int64)
+        new_index[kept] = torch.arange(len(kept))
+        rows = torch.nonzero(new_index[self.image_index] >= 0).flatten()
+        return PreparedDataset(
+            self.directory,
+            self.dataset,
+            self.vocab,
+            self.image_root,
+            [self.images[i] for i in kept],
+            self.tokens[rows],
+            self.lengths[rows],
+            new_index[self.image_index[rows]],
+        )
 
     def indices(self, split: str) -> list[int]:
         """Indices into `images` of the images in `split`."""

@@ -48,6 +48,7 @@ class DataConfig:
     # the output of a block (--stage) when fine-tuning the blocks after it
     features: str = ""
     captions_per_image: int = 5  # how many of each image's captions a batch uses (the first ones)
+    limit: int = 0  # > 0: only the first `limit` images of each split (`--limit`, quick experiments)
 
 
 def distributed() -> tuple[int, int]:
@@ -115,7 +116,7 @@ class Trainer:
         self.model_config, self.config, self.data = model_config, train_config, data
         self.rank, self.world_size = distributed()
         self.device = torch.device(device)
-        self.dataset = PreparedDataset.load(data.prepared)
+        self.dataset = PreparedDataset.load(data.prepared, limit=data.limit)
         self.vocab = self.dataset.vocab
         torch.manual_seed(train_config.seed)
         from show_attend_tell.features import load_for_model, store_stage
@@ -500,7 +501,10 @@ class Trainer:
     def log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        record = {"step": self.global_step, "epoch": self.epoch, "time": round(time.time(), 3), **record}
+        # "epoch" counts from 1 and is the epoch of the last step taken, so a train and a val record of the same
+        # step agree (self.epoch has already moved on when the epoch-end validation is logged)
+        epoch = -(-self.global_step // self.steps_per_epoch)
+        record = {"step": self.global_step, "epoch": epoch, "time": round(time.time(), 3), **record}
         with open(self.run_dir / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is None:

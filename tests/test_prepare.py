@@ -89,6 +89,29 @@ def test_prepare_report(prepared) -> None:
         assert expected in text
 
 
+def test_limit_keeps_the_first_images_of_each_split_in_prepare_and_in_the_loader(prepared, tmp_path, capsys) -> None:
+    _, full = prepared
+    limited = PreparedDataset.load(full, limit=1)  # p0 (train), p2 (val), p3 (test) and their captions
+    assert [image.path.name for image in limited.images] == ["p0.jpg", "p2.jpg", "p3.jpg"]
+    assert limited.image_index.tolist() == [0, 0, 1, 2] and limited.tokens.tolist() == full_rows(full, [0, 1, 4, 5])
+    assert limited.indices("train") == [0] and limited.caption_indices("test") == [3]
+    # `sat prepare --limit 1` keeps the same images, and says what it left out and why
+    args = ["prepare", "--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "small")]
+    assert main([*args, "--min-count", "1", "--limit", "1"]) == 0
+    assert "limited to the first 1 images of each split (--limit)" in capsys.readouterr().out
+    small = PreparedDataset.load(tmp_path / "small")
+    assert [image.path for image in small.images] == [image.path for image in limited.images]
+    report = json.loads((tmp_path / "small" / "report.json").read_text())
+    assert report["limit"] == 1 and report["images"] == {"train": 1, "val": 1, "test": 1}
+    assert report["skipped"]["beyond --limit 1 images per split"]["items"] == [str(tmp_path / "p1.jpg")]
+    assert main([*args, "--limit", "-1"]) == 2
+    assert "--limit must be 0 (everything) or a positive number" in capsys.readouterr().err
+
+
+def full_rows(directory: Path, rows: list[int]) -> list[list[int]]:
+    return PreparedDataset.load(directory).tokens[rows].tolist()
+
+
 def test_prepare_empty_split_is_an_error(tmp_path) -> None:
     root = write_folder(tmp_path, [row for row in ROWS if row[2] != "val"])
     with pytest.raises(InputError, match="split 'val' has no images .* expected images in each of train, val, test"):

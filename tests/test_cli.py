@@ -1,0 +1,91 @@
+"""`sat` as a newcomer meets it: every default in --help, grids the encoder can give, --limit, the store's settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from show_attend_tell.cli import build_parser, main
+
+
+def sub_commands(parser: argparse.ArgumentParser, prefix: str = "sat"):
+    """(name, parser) of every command and sub-command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield f"{prefix} {name}", child
+                yield from sub_commands(child, f"{prefix} {name}")
+
+
+def test_help_shows_every_default():
+    commands = dict(sub_commands(build_parser()))
+    assert {"sat train", "sat features", "sat weights fetch", "sat caption"} <= set(commands)
+    for name, parser in commands.items():
+        for action in parser._actions:
+            default = action.default
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if not action.option_strings or default in (None, argparse.SUPPRESS, "", []) or default is False:
+                continue  # nothing to show: an optional path, a switch that is off
+            assert "default" in parser._get_formatter()._get_help_string(action), (name, action.option_strings)
+    features = " ".join(commands["sat features"].format_help().split())
+    assert (
+        "--image-size IMAGE_SIZE photos are resized to this square side in pixels; the shipped model used 448 "
+        "(default: 224)" in features
+    )
+    assert "(default: 16)" in features and "7 at 224 px, 14 at 448 px" in features
+    assert "(default: 7)" in " ".join(commands["sat evaluate"].format_help().split())  # the beam sizes, a list
+
+
+def test_features_refuses_a_grid_finer_than_the_encoder_gives(tiny_prepared, tmp_path, fixed_encoder_weights, capsys):
+    out = tmp_path / "store"
+    args = ["features", "--data", str(tiny_prepared), "--out", str(out)]
+    assert main([*args, "--image-size", "64", "--grid-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--grid-size 3 is finer than the 2x2 grid resnet50 gives at --image-size 64" in err
+    assert "Use --image-size 96 for a 3x3 grid" in err and not out.exists()
+    # without --grid-size the encoder's own grid: 2x2 at 64 px
+    assert main([*args, "--image-size", "64", "--limit", "2"]) == 0
+    meta = json.loads((out / "features.json").read_text())
+    assert meta["grid_size"] == 2 and meta["image_size"] == 64 and meta["shape"][:2] == [6, 4]  # 2 images x 3 splits
+
+
+def test_train_takes_the_stores_settings_and_limit_and_logs_one_epoch_numbering(
+    tiny_prepared, tmp_path, fixed_encoder_weights, capsys
+):
+    store = tmp_path / "store"
+    assert (
+        main(["features", "--data", str(tiny_prepared), "--out", str(store), "--image-size", "64", "--limit", "3"]) == 0
+    )
+    capsys.readouterr()
+    run = tmp_path / "run"
+    tiny = "--feature-dim 10 --attention-dim 16 --decoder-dim 16 --embed-dim 8 --batch-size 5 --log-every-steps 1"
+    train = ["train", "--data", str(tiny_prepared), "--features", str(store), *tiny.split(), "--run-dir"]
+    # the store holds the first 3 images of each split (train 3, val 2, test 2), not the whole dataset
+    assert main([*train, str(run), "--epochs", "2"]) == 2
+    assert "these features belong to another dataset, --limit or encoder" in capsys.readouterr().err
+    assert main([*train, str(run), "--epochs", "2", "--limit", "3"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["limit"] == 3  # so --resume takes the same images
+    assert (config["model"]["image_size"], config["model"]["grid_size"]) == (64, 2)  # from the store
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps_per_epoch = 3  # 3 train images x 5 captions in batches of 5
+    assert [r["step"] for r in records if r["kind"] == "val"] == [3, 6]
+    for record in records:
+        assert record["epoch"] == -(-record["step"] // steps_per_epoch)  # epochs count from 1
+    by_step = {}
+    for record in records:
+        by_step.setdefault(record["step"], set()).add(record["epoch"])
+    assert all(len(epochs) == 1 for epochs in by_step.values())  # a train and a val record of a step agree
+    # asking for another image size than the store's is refused, naming the store
+    assert main([*train, str(tmp_path / "run2"), "--limit", "3", "--image-size", "96"]) == 2
+    assert "image_size is 64 but 96 was expected" in capsys.readouterr().err
+
+
+def test_train_from_images_checks_the_grid_and_the_limit(tiny_prepared, tmp_path, fixed_encoder_weights, capsys):
+    train = ["train", "--data", str(tiny_prepared), "--run-dir", str(tmp_path / "run"), "--image-size", "64"]
+    assert main([*train, "--grid-size", "4"]) == 2
+    assert "--grid-size 4 is finer than the 2x2 grid" in capsys.readouterr().err
+    assert main([*train, "--limit", "-2"]) == 2  # the grid defaults to the encoder's own (2x2 here), so the limit
+    assert "--limit must be 0 (everything)" in capsys.readouterr().err

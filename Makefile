@@ -1,10 +1,10 @@
-# Two commands set everything up on a fresh clone: `make demo` and `make test`.
+# Two commands set everything up on a fresh clone: `make demo` and `make test` (`make notebook` opens the notebook).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format browser clean
+.PHONY: install demo test lint format browser notebook clean
 
 # Re-installs only when pyproject.toml changes, so repeated runs are fast.
 $(STAMP): pyproject.toml
@@ -30,6 +30,14 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# JupyterLab in .venv (once), opening the notebook; its "Python 3" kernel is .venv's Python.
+$(VENV)/.notebook: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,notebook]'
+	touch $@
+
+notebook: $(VENV)/.notebook
+	$(BIN)/jupyter lab notebooks/show_attend_tell.ipynb
 
 # Debian's chromium for the real-browser test (Playwright's own browser download does not work offline).
 browser:

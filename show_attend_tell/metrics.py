@@ -29,6 +29,10 @@ from show_attend_tell.errors import InputError
 ImageId = int | str
 
 BLEU_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4")
+METRIC_KEYS = (*BLEU_KEYS, "METEOR", "ROUGE-L", "CIDEr")
+# Metrics are reported x100, as papers and this project's README, logs and records give them (pycocoevalcap's
+# own scorers return fractions: BLEU-4 0.235 is reported as 23.5).
+SCALE = 100.0
 
 
 def score_captions(
@@ -39,10 +43,10 @@ def score_captions(
 ) -> dict[str, float | int | str | bool]:
     """Score one predicted caption per image against that image's reference captions.
 
-    Returns the raw fractions pycocoevalcap gives ("BLEU-1".."BLEU-4", "METEOR", "ROUGE-L", "CIDEr"; reports
-    multiply by 100) with "n_images", "tokenizer" ("ptb" or "python") and "comparable". `java=None` uses Java
-    when a working `java` is on PATH; `java=False` forces the Python fallback (no METEOR, "comparable": False,
-    and a "note" saying why); `java=True` refuses to fall back.
+    Returns "BLEU-1".."BLEU-4", "METEOR", "ROUGE-L" and "CIDEr" x100 (pycocoevalcap's fractions times SCALE, as
+    reported everywhere in this project) with "n_images", "tokenizer" ("ptb" or "python") and "comparable".
+    `java=None` uses Java when a working `java` is on PATH; `java=False` forces the Python fallback (no METEOR,
+    "comparable": False, and a "note" saying why); `java=True` refuses to fall back.
     """
     ids = _check_inputs(predictions, references)
     java_path = _resolve_java(java)
@@ -69,6 +73,7 @@ def score_captions(
         scores["METEOR"] = _meteor(gts, res)
     scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    scores = {key: SCALE * value for key, value in scores.items()}
     scores["n_images"] = len(ids)
     scores["tokenizer"] = "ptb" if java_path is not None else "python"
     scores["comparable"] = java_path is not None

@@ -43,7 +43,7 @@ def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features,
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]
     assert len(val) == 20 and all("CIDEr" in r and "BLEU-4" in r for r in val)
-    assert max(r["CIDEr"] for r in val) > val[0]["CIDEr"] + 0.5
+    assert max(r["CIDEr"] for r in val) > val[0]["CIDEr"] + 50  # x100, as metrics are reported
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 20
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     model, vocab, config = load_model(tmp_path / "run" / "best", with_encoder=False)

@@ -7,6 +7,7 @@ an `Encoded` batch of B images; shapes use the letters declared in model.py.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -243,3 +244,125 @@ def _ranked(
         if log_prob > float("-inf")  # fewer possible captions than beams
     ]
     return sorted(hypotheses, key=lambda h: h.score, reverse=True)
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    decoder,
+    encoded: Encoded,
+    constraints: Sequence[Sequence[Collection[int]]],
+    *,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    max_length: int = 20,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
+    no_repeat_ngram: int = NO_REPEAT_NGRAM,
+) -> list[list[Hypothesis]]:
+    """Constrained beam search (Anderson et al. 2017): image b's caption must contain, for each of its
+    constraints `constraints[b]`, one word of that set (a disjunctive constraint: {cat, cats}).
+
+    The search keeps K beams for each subset of satisfied constraints (a finite-state machine with 2^C states);
+    a word moves a beam to the state with that word's constraints added, and only beams that satisfied every
+    constraint may end. Images are grouped by their number of constraints and each group is searched as one
+    batch through the decoder's `step`; an image without constraints gets plain `beam_search`. Returns, per
+    image, up to K hypotheses that meet every constraint, best first by normalised score; if none does within
+    max_length, those that meet the most.
+    """
+    results: list[list[Hypothesis]] = [[] for _ in range(encoded.features.size(0))]
+    options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+    groups: dict[int, list[int]] = {}
+    for image, sets in enumerate(constraints):
+        groups.setdefault(len(sets), []).append(image)
+    for count, images in groups.items():
+        index = torch.tensor(images, device=encoded.features.device)
+        part = encoded.select(index)
+        if count == 0:
+            found = beam_search(decoder, part, no_repeat_ngram=no_repeat_ngram, **options)
+        else:
+            found = _constrained(decoder, part, [constraints[i] for i in images], no_repeat_ngram, **options)
+        for image, hypotheses in zip(images, found, strict=True):
+            results[image] = hypotheses
+    return results
+
+
+def _constrained(
+    decoder,
+    encoded: Encoded,
+    constraints: list[Sequence[Collection[int]]],
+    no_repeat_ngram: int,
+    *,
+    beam_size: int,
+    max_length: int,
+    length_penalty: float,
+) -> list[list[Hypothesis]]:
+    """constrained_beam_search for B images with C >= 1 constraints each. Row (b*S + s)*K + k is beam k of
+    image b in state s, the bit mask of the constraints its words satisfy (S = 2^C, state S-1 accepts)."""
+    B, P = encoded.features.shape[:2]
+    C, K = len(constraints[0]), beam_size
+    S = 1 << C
+    device = encoded.features.device
+    rows_per_image = S * K
+    state = tuple(part.repeat_interleave(rows_per_image, dim=0) for part in decoder.init_state(encoded))
+    words = torch.full((B * rows_per_image,), START_ID, dtype=torch.long, device=device)
+    scores = torch.full((B, S, K), float("-inf"), device=device)
+    scores[:, 0, 0] = 0.0  # every beam starts in state 0 (nothing satisfied) from one <start>
+    row_state = torch.arange(S, device=device).repeat_interleave(K)  # (S*K,) the state of each row of an image
+    accepting = row_state == S - 1
+    tokens = torch.zeros(B * rows_per_image, 0, dtype=torch.long, device=device)
+    alphas = torch.zeros(B * rows_per_image, 0, P, device=device)
+    finished = torch.zeros(B * rows_per_image, dtype=torch.bool, device=device)
+    first_rows = (torch.arange(B, device=device) * rows_per_image).unsqueeze(1)  # (B, 1)
+    never_next = _never_next(device)
+    bits = frozen = None  # (B, V) the constraints each word satisfies, as a bit mask; see beam_search
+    for t in range(max_length):
+        log_probs, state, alpha = decoder.step(words, state, encoded)  # (B*S*K, V), state, (B*S*K, P)
+        if bits is None:
+            V = log_probs.size(1)
+            bits = torch.zeros(B, V, dtype=torch.long, device=device)
+            for b, sets in enumerate(constraints):
+                for c, words_of_set in enumerate(sets):
+                    ids = torch.tensor(sorted(words_of_set), dtype=torch.long, device=device)
+                    bits[b, ids] |= 1 << c
+            frozen = torch.full((V,), float("-inf"), device=device)
+            frozen[PAD_ID] = 0.0
+        log_probs.index_fill_(1, never_next, float("-inf"))
+        if t >= no_repeat_ngram >= 2:
+            ban_rows, ban_words = repeated_ngram_bans(tokens, no_repeat_ngram)
+            if ban_rows.numel():
+                log_probs[ban_rows, ban_words] = float("-inf")
+        # Only a beam that satisfied every constraint may end; one that ends here must satisfy them with this word.
+        ends_satisfied = (row_state.view(1, -1) | bits[:, END_ID].view(B, 1)) == S - 1  # (B, S*K)
+        log_probs[:, END_ID].masked_fill_(~ends_satisfied.view(-1), float("-inf"))
+        log_probs = torch.where(finished.unsqueeze(1), frozen, log_probs)  # (B*S*K, V)
+        candidates = log_probs.view(B, rows_per_image, V) + scores.view(B, rows_per_image, 1)  # (B, S*K, V)
+        targets = row_state.view(1, -1, 1) | bits.view(B, 1, V)  # (B, S*K, V) the state each candidate reaches
+        new_scores, new_index = [], []
+        for s in range(S):
+            best = candidates.masked_fill(targets != s, float("-inf")).view(B, -1).topk(K, dim=1)
+            new_scores.append(best.values)
+            new_index.append(best.indices)
+        scores = torch.stack(new_scores, dim=1)  # (B, S, K)
+        flat_index = torch.stack(new_index, dim=1).view(B, rows_per_image)  # (B, S*K)
+        words = (flat_index % V).view(-1)
+        rows = (flat_index // V + first_rows).view(-1)  # the row each survivor extends
+        state = tuple(part[rows] for part in state)
+        tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)
+        alphas = torch.cat([alphas, alpha.unsqueeze(1)], dim=1)[rows]
+        finished = finished[rows] | (words == END_ID)
+        # An image is done once its accepting beams have all ended and no running beam scores above them:
+        # log p only falls, so nothing can enter the accepting top K any more.
+        flat_scores = scores.view(B, rows_per_image)
+        alive = ~finished.view(B, rows_per_image) & (flat_scores > float("-inf"))
+        best_running = flat_scores.masked_fill(~alive, float("-inf")).max(dim=1).values  # (B,)
+        worst_accepted = flat_scores[:, accepting].min(dim=1).values  # (B,)
+        accepted_done = (~alive)[:, accepting].all(dim=1)  # (B,) every accepting beam ended (or never began)
+        if bool((accepted_done & (best_running <= worst_accepted)).all()):
+            break
+    results = []
+    popcount = torch.tensor([bin(s).count("1") for s in range(S)], device=device)
+    for b in range(B):
+        image_scores = scores[b]  # (S, K)
+        reached = [s for s in range(S) if bool((image_scores[s] > float("-inf")).any())]
+        best_state = S - 1 if S - 1 in reached else max(reached, key=lambda s: int(popcount[s]))
+        beams = slice(first_rows[b, 0] + best_state * K, first_rows[b, 0] + (best_state + 1) * K)
+        results.append(_ranked(tokens[beams], alphas[beams], image_scores[best_state], length_penalty))
+    return results

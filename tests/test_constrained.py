@@ -1,0 +1,85 @@
+"""Constrained beam search against exhaustive search over the captions that meet the constraints (mock decoder)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_decoding import WORDS, MockDecoder, encoded_for, repeats_an_ngram, tiny_decoder
+
+from show_attend_tell.decoding import beam_search, constrained_beam_search, length_normalised
+from show_attend_tell.text import END_ID
+
+
+def exhaustive_constrained(mock, image, max_length, constraints, length_penalty=0.0, no_repeat_ngram=3):
+    """The best caption (by normalised score) holding a word of every constraint set, among all captions of at
+    most max_length tokens (ended by <end>, or cut at max_length without it)."""
+    best = None
+    for n in range(max_length + 1):
+        for words in itertools.product([w for w in WORDS if w != END_ID], repeat=n):
+            if repeats_an_ngram(words, no_repeat_ngram) or not all(set(words) & set(c) for c in constraints):
+                continue
+            tokens = list(words) + [END_ID] if n < max_length else list(words)
+            log_prob = mock.sequence_log_prob(image, tokens)
+            score = length_normalised(log_prob, len(tokens), length_penalty)
+            if best is None or score > best[0]:
+                best = (score, list(words), log_prob)
+    return best
+
+
+# WORDS without <end> are 4, 5 and 6 (see test_decoding)
+CONSTRAINTS = [[{4}], [{5, 6}], [{4}, {6}], [{6}, {5}], [], [{4}, {5}, {6}]]
+
+
+@pytest.mark.parametrize(("length_penalty", "no_repeat_ngram"), [(0.0, 0), (0.0, 3), (0.5, 2)])
+def test_wide_constrained_beam_equals_exhaustive_search(length_penalty, no_repeat_ngram):
+    max_length = 5
+    mock = MockDecoder(images=len(CONSTRAINTS), max_length=max_length, seed=3)
+    found = constrained_beam_search(
+        mock,
+        encoded_for(list(range(len(CONSTRAINTS)))),
+        CONSTRAINTS,
+        beam_size=400,
+        max_length=max_length,
+        length_penalty=length_penalty,
+        no_repeat_ngram=no_repeat_ngram,
+    )
+    for image, constraints in enumerate(CONSTRAINTS):
+        score, words, log_prob = exhaustive_constrained(
+            mock, image, max_length, constraints, length_penalty, no_repeat_ngram
+        )
+        best = found[image][0]
+        assert best.tokens == words
+        assert best.log_prob == pytest.approx(log_prob, abs=1e-5)
+        assert best.score == pytest.approx(score, abs=1e-5)
+        assert all(all(set(h.tokens) & c for c in constraints) for h in found[image])
+
+
+def test_constraints_change_the_caption_only_where_it_lacks_the_word():
+    max_length = 6
+    mock = MockDecoder(images=4, max_length=max_length, seed=5)
+    encoded = encoded_for([0, 1, 2, 3])
+    plain = beam_search(mock, encoded, beam_size=5, max_length=max_length)
+    # constrain each image to a word its unconstrained caption already holds: nothing changes
+    held = [[{plain[b][0].tokens[0]}] if plain[b][0].tokens else [] for b in range(4)]
+    guided = constrained_beam_search(mock, encoded, held, beam_size=5, max_length=max_length)
+    assert [g[0].tokens for g in guided] == [p[0].tokens for p in plain]
+
+
+def test_real_decoder_batch_equals_one_image_at_a_time_and_maps_each_word():
+    decoder = tiny_decoder(seed=1).eval()
+    torch.manual_seed(0)
+    features = torch.randn(3, 4, 8)  # E=8 on a 2x2 grid (conftest)
+    encoded = decoder.encode(features)
+    constraints = [[{8}], [], [{9, 10}, {11}]]
+    together = constrained_beam_search(decoder, encoded, constraints, beam_size=3, max_length=8)
+    for b in range(3):
+        alone = constrained_beam_search(
+            decoder, decoder.encode(features[b : b + 1]), [constraints[b]], beam_size=3, max_length=8
+        )
+        assert [h.tokens for h in alone[0]] == [h.tokens for h in together[b]]
+        best = together[b][0]
+        assert all(set(best.tokens) & c for c in constraints[b])
+        assert best.alphas.shape == (len(best.tokens), 4)
+        assert torch.allclose(best.alphas.sum(1), torch.ones(len(best.tokens)), atol=1e-5)

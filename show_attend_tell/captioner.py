@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
-from show_attend_tell.decoding import beam_search, greedy
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
+from show_attend_tell.decoding import constrained_beam_search, greedy
+from show_attend_tell.guidance import Guidance, GuideWord, LabelHead, positions
 from show_attend_tell.images import load_image
 from show_attend_tell.model import image_transform
 
@@ -45,28 +46,47 @@ class Caption:
     log_prob: float  # log-probability of the caption (with <end>) under the model
     attention: np.ndarray  # (len(words), g, g): alpha for each word over the grid, each map sums to 1
     alternatives: list[Alternative]  # the other beams, best first
+    guidance: list[GuideWord] = dataclasses.field(default_factory=list)  # words the caption was asked to hold
+    guided_positions: list[int | None] = dataclasses.field(default_factory=list)  # where each is in `words`
 
 
 class Captioner:
     """A loaded model ready to caption; the encoder and decoder run once per batch of images."""
 
-    def __init__(self, model, vocab, config: dict, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model,
+        vocab,
+        config: dict,
+        device: str | torch.device = "cpu",
+        *,
+        guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
+    ) -> None:
         self.model, self.vocab, self.config = model, vocab, config
         self.device = torch.device(device)
         self.transform = image_transform(model.config)
+        self.guidance = Guidance(vocab, threshold=guidance_threshold)
+        self.labels = LabelHead.for_encoder(model.config.encoder).to(self.device)
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, *, device: str | torch.device = "cpu", int8: bool | None = None
+        cls,
+        path: str | Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        int8: bool | None = None,
+        guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
     ) -> Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
 
         int8: quantize the decoder for speed (default: on the CPU; see model.int8_decoder for what it costs).
+        guidance_threshold: a photo's caption must name a concept of the encoder's ImageNet labels whose
+        probability reaches this (see guidance.py); None turns label guidance off.
         """
         if int8 is None:
             int8 = torch.device(device).type == "cpu"
         model, vocab, config = load_model(path or SHIPPED_MODEL, device=device, int8=int8)
-        return cls(model, vocab, config, device)
+        return cls(model, vocab, config, device, guidance_threshold=guidance_threshold)
 
     @property
     def grid_size(self) -> int:
@@ -80,24 +100,35 @@ class Captioner:
         beam_size: int = DEFAULT_BEAM_SIZE,
         max_length: int = 20,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
+        mentions: Sequence[str] = (),
+        guide: bool = True,
     ) -> list[Caption]:
-        """Caption several images in one encoder pass and one batched beam search."""
+        """Caption several images in one encoder pass and one batched beam search.
+
+        mentions: words every caption must contain (the user's metadata); a word outside the model's
+        vocabulary is an InputError naming the closest ones it knows. guide: let the encoder's ImageNet labels
+        add a word when one is confident enough (see `Captioner.load`'s guidance_threshold)."""
+        users = self.guidance.user_words(mentions)
         pictures = [load_image(image) for image in images]  # RGB, upright, fully decoded
         batch = torch.stack([self.transform(picture) for picture in pictures]).to(self.device)
-        encoded = self.model.encode_images(batch)  # (B, P, *)
-        if beam_size == 1:
+        features = self.model.encoder(batch)  # (B, P, E)
+        encoded = self.model.decoder.encode(features)  # (B, P, *)
+        labels = self.guidance.label_words(self.labels(features)) if guide else [[] for _ in pictures]
+        guides = [self.guidance.combine(words, users) for words in labels]
+        if beam_size == 1 and not any(guides):
             beams = [[h] for h in greedy(self.model.decoder, encoded, max_length=max_length)]
         else:
-            beams = beam_search(
+            beams = constrained_beam_search(
                 self.model.decoder,
                 encoded,
+                [self.guidance.constraints(words) for words in guides],
                 beam_size=beam_size,
                 max_length=max_length,
                 length_penalty=length_penalty,
             )
         g = self.grid_size
         results = []
-        for hypotheses in beams:
+        for hypotheses, guide_words in zip(beams, guides, strict=True):
             best = hypotheses[0]
             words = self.vocab.decode(best.tokens)
             results.append(
@@ -110,6 +141,8 @@ class Captioner:
                     alternatives=[
                         Alternative(" ".join(self.vocab.decode(h.tokens)), h.score, h.log_prob) for h in hypotheses[1:]
                     ],
+                    guidance=guide_words,
+                    guided_positions=positions(words, guide_words),
                 )
             )
         return results

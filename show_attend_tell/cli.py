@@ -6,7 +6,7 @@ import argparse
 import functools
 import sys
 
-from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.errors import InputError
 
 
@@ -510,8 +510,33 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="one JSON object per image: words, score (what beams are ranked by), log_prob, alternatives",
     )
+    parser.add_argument(
+        "--mention",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="a word every caption must contain (repeat for several: --mention cat --mention sofa)",
+    )
+    _add_guidance_flags(parser)
     _add_int8_flag(parser)
     parser.set_defaults(run=_run_caption)
+
+
+def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--guidance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let the encoder's ImageNet labels add a word the caption must contain when a concept's probability "
+        "reaches --guidance-threshold (default: on)",
+    )
+    parser.add_argument(
+        "--guidance-threshold",
+        type=float,
+        default=DEFAULT_GUIDANCE_THRESHOLD,
+        help="label probability from which a concept guides the caption "
+        f"(default {DEFAULT_GUIDANCE_THRESHOLD}, chosen on coco-dev and Flickr8k val: results/guidance_tuning.json)",
+    )
 
 
 def _add_int8_flag(parser: argparse.ArgumentParser) -> None:
@@ -534,7 +559,8 @@ def _run_caption(args: argparse.Namespace) -> int:
     paths = iter_image_paths(args.images)
     if not paths:
         raise InputError(f"no images found in {' '.join(args.images)}")
-    captioner = Captioner.load(args.model, int8=args.int8)
+    captioner = Captioner.load(args.model, int8=args.int8, guidance_threshold=args.guidance_threshold)
+    captioner.guidance.user_words(args.mention)  # an unknown word stops here, before any photo is decoded
     out = Path(args.attention_dir) if args.attention_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -554,6 +580,8 @@ def _run_caption(args: argparse.Namespace) -> int:
             beam_size=args.beam,
             max_length=args.max_length,
             length_penalty=args.length_penalty,
+            mentions=args.mention,
+            guide=args.guidance,
         )
         for (path, image), caption in zip(loaded, captions, strict=True):
             figure = None
@@ -568,6 +596,10 @@ def _run_caption(args: argparse.Namespace) -> int:
                     "log_prob": caption.log_prob,
                     "alternatives": [
                         {"caption": a.text, "score": a.score, "log_prob": a.log_prob} for a in caption.alternatives
+                    ],
+                    "guidance": [
+                        {**word.as_dict(), "position": position}
+                        for word, position in zip(caption.guidance, caption.guided_positions, strict=True)
                     ],
                 }
                 if figure:

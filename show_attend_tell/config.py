@@ -17,6 +17,9 @@ DEFAULT_LENGTH_PENALTY = 0.5
 # beam 3, 57.4 at 5, 57.8 at 7, 56.7 at 10 (results/flickr8k_val_selection.json, beam_size). On CPU the
 # encoder dominates a photo's time either way (results/decode_speed_beam7.json).
 DEFAULT_BEAM_SIZE = 7
+# A photo's caption must name a concept of the encoder's ImageNet labels whose probability reaches this (guidance.py);
+# chosen on coco-dev and Flickr8k val together (results/guidance_tuning.json, "chosen").
+DEFAULT_GUIDANCE_THRESHOLD = 0.5
 
 
 @dataclasses.dataclass

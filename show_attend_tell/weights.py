@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchvision import transforms
 from torchvision.models import ResNet, ResNet50_Weights, ResNet101_Weights
@@ -120,6 +121,15 @@ class EncoderWeights:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state, strict=True)
         return model.eval()
+
+    def classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ImageNet head's weight (1000, E) and bias (1000,), read without building the network."""
+        path = self.path()
+        if self.name == "resnet50":
+            with safe_open(path, framework="pt") as weights:
+                return weights.get_tensor("fc.weight"), weights.get_tensor("fc.bias")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state["fc.weight"], state["fc.bias"]
 
     def normalize(self) -> transforms.Normalize:
         """The normalisation transform for (3, H, W) RGB tensors in [0, 1]."""

@@ -1,0 +1,162 @@
+"""Choose when the encoder's labels guide a caption, on coco-dev and Flickr8k val together.
+
+    python recipes/tune_guidance.py --coco-dev ../shared/data/coco-dev --data prepared/f8k --cache work/guidance \
+        --out results/guidance_tuning.json
+
+Each photo is encoded once (grid features and ImageNet class probabilities, cached in --cache), then decoded
+at the default beam without guidance and with its one or two most probable label concepts as constraints. A
+threshold only selects which of these captions a photo gets, so every threshold is scored without decoding
+again. The record lists BLEU-4, METEOR, ROUGE-L and CIDEr on both sets for each threshold and the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from show_attend_tell.captioner import SHIPPED_MODEL
+from show_attend_tell.checkpoint import load_model
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
+from show_attend_tell.decoding import constrained_beam_search
+from show_attend_tell.guidance import Guidance, LabelHead
+from show_attend_tell.images import load_image
+from show_attend_tell.metrics import score_captions
+from show_attend_tell.model import image_transform
+from show_attend_tell.prepare import PreparedDataset
+from show_attend_tell.records import provenance, write_record
+
+THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]  # 1.01: never guide
+
+
+def coco_dev(directory: Path) -> tuple[list[Path], list[list[str]]]:
+    annotations = json.loads((directory / "captions_train2017.json").read_text())
+    images = sorted(annotations["images"], key=lambda image: image["id"])
+    captions: dict[int, list[str]] = {}
+    for annotation in annotations["annotations"]:
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    return [directory / "images" / image["file_name"] for image in images], [captions[i["id"]] for i in images]
+
+
+def encoded_set(model, head: LabelHead, paths: list[Path], cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P, E) fp16 grid features and (N, 1000) class probabilities of `paths`, computed once into `cache`."""
+    if cache.is_file():
+        stored = torch.load(cache)
+        if stored["paths"] == [str(p) for p in paths]:
+            return stored["features"], stored["probabilities"]
+    transform = image_transform(model.config)
+    features, probabilities = [], []
+    for path in tqdm(paths, desc=f"encode {cache.stem}"):
+        with torch.no_grad():
+            grid = model.encoder(transform(load_image(path)).unsqueeze(0))  # (1, P, E)
+        features.append(grid[0].half())
+        probabilities.append(head(grid)[0])
+    stored = {
+        "paths": [str(p) for p in paths],
+        "features": torch.stack(features),
+        "probabilities": torch.stack(probabilities),
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(stored, cache)
+    return stored["features"], stored["probabilities"]
+
+
+def decode_all(model, vocab, features, constraints, beam_size, batch_size=40) -> list[str]:
+    captions = []
+    for start in tqdm(range(0, len(features), batch_size), desc="decode"):
+        encoded = model.decoder.encode(features[start : start + batch_size].float())
+        found = constrained_beam_search(
+            model.decoder,
+            encoded,
+            constraints[start : start + batch_size],
+            beam_size=beam_size,
+            length_penalty=DEFAULT_LENGTH_PENALTY,
+        )
+        captions += [" ".join(vocab.decode(h[0].tokens)) for h in found]
+    return captions
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coco-dev", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="prepared Flickr8k (sat prepare)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    record = provenance(shlex.join(["python", *sys.argv]))
+
+    model, vocab, _ = load_model(args.model, int8=False)
+    head = LabelHead.for_encoder(model.config.encoder)
+    guidance = Guidance(vocab, threshold=0.0, max_label_words=2)
+    dataset = PreparedDataset.load(args.data)
+    rows = dataset.indices(args.split)
+    sets = {
+        "coco_dev": coco_dev(args.coco_dev),
+        f"flickr8k_{args.split}": ([dataset.images[i].path for i in rows], [dataset.images[i].captions for i in rows]),
+    }
+    record.update(model=str(args.model), beam_size=args.beam, thresholds=THRESHOLDS, sets={})
+    for name, (paths, references) in sets.items():
+        features, probabilities = encoded_set(model, head, paths, args.cache / f"{name}.pt")
+        labels = guidance.label_words(probabilities)  # the two most probable concepts of each photo
+        variants = {
+            "none": [[] for _ in labels],
+            "top1": [words[:1] for words in labels],
+            "top2": [words[:2] for words in labels],
+        }
+        captions = {
+            key: decode_all(model, vocab, features, [guidance.constraints(w) for w in words], args.beam)
+            for key, words in variants.items()
+        }
+        refs = dict(enumerate(references))
+        results = {}
+        for max_words in (1, 2):
+            for threshold in THRESHOLDS:
+                chosen = []
+                for i, words in enumerate(labels):
+                    guided = [w for w in words[:max_words] if w.probability >= threshold]
+                    chosen.append(captions[("none", "top1", "top2")[len(guided)]][i])
+                metrics = score_captions(dict(enumerate(chosen)), refs)
+                guided_count = sum(c != n for c, n in zip(chosen, captions["none"], strict=True))
+                results[f"max{max_words}_t{threshold}"] = {
+                    "max_label_words": max_words,
+                    "threshold": threshold,
+                    "changed_captions": guided_count,
+                    **{k: round(100 * metrics[k], 2) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
+                }
+                print(name, json.dumps(results[f"max{max_words}_t{threshold}"]), flush=True)
+        record["sets"][name] = {
+            "images": len(paths),
+            "results": results,
+            "examples": _examples(paths, labels, captions),
+        }
+    write_record(record, args.out)
+    return 0
+
+
+def _examples(paths, labels, captions, count: int = 12) -> list[dict]:
+    """A few photos whose caption guidance changes, for reading."""
+    out = []
+    for i, words in enumerate(labels):
+        if words and captions["top1"][i] != captions["none"][i]:
+            out.append(
+                {
+                    "image": Path(paths[i]).name,
+                    "labels": [w.as_dict() for w in words],
+                    "unguided": captions["none"][i],
+                    "guided_top1": captions["top1"][i],
+                    "guided_top2": captions["top2"][i],
+                }
+            )
+    return out[:count]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Guided captions: words a caption must contain, from the encoder's own ImageNet labels or from the user.
+
+A model trained on Flickr8k's people and dogs calls a cat "a small child", although the frozen ResNet's ImageNet
+head, run on the same features, says "Egyptian cat 0.78". `LabelHead` is that head; `labels/imagenet_words.json`
+(built and documented by recipes/imagenet_words.py) maps its classes to caption words; `Guidance` turns an
+image's class probabilities and the user's words into disjunctive constraints for
+`decoding.constrained_beam_search`. A concept guides the caption when the sum of its classes' probabilities
+reaches `threshold`, chosen on coco-dev and Flickr8k val together (results/guidance_tuning.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD
+from show_attend_tell.errors import InputError
+from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary, tokenize
+
+LABEL_WORDS = Path(__file__).resolve().parent / "labels" / "imagenet_words.json"
+DEFAULT_MAX_LABEL_WORDS = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GuideWord:
+    """One word a caption must contain: any of `forms` satisfies it."""
+
+    word: str
+    forms: tuple[str, ...]
+    source: str  # "label": from the encoder's ImageNet head; "user": asked for
+    label: str | None = None  # the concept's most probable ImageNet class (source "label")
+    probability: float | None = None  # the concept's probability: the sum over its classes (source "label")
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None} | {"forms": list(self.forms)}
+
+
+class LabelHead(torch.nn.Module):
+    """The encoder's ImageNet classifier on its grid features: the mean over the grid is the global average
+    pool of the last residual block whenever the grid divides it evenly (the native 14x14 at 448 px, 7x7 at
+    224 px), so the labels cost one (E -> 1000) matmul per image, not another forward."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, categories: Sequence[str]) -> None:
+        super().__init__()
+        self.classifier = torch.nn.Linear(weight.size(1), weight.size(0))
+        with torch.no_grad():
+            self.classifier.weight.copy_(weight)
+            self.classifier.bias.copy_(bias)
+        self.categories = list(categories)
+
+    @classmethod
+    def for_encoder(cls, encoder: str) -> LabelHead:
+        from torchvision.models import ResNet50_Weights
+
+        from show_attend_tell.weights import ENCODER_WEIGHTS
+
+        weight, bias = ENCODER_WEIGHTS[encoder].classifier()
+        return cls(weight, bias, ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+    @torch.no_grad()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, P, E) grid features -> (B, 1000) class probabilities."""
+        return self.classifier(features.float().mean(dim=1)).softmax(dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    word: str
+    forms: tuple[str, ...]  # those in the vocabulary
+    classes: torch.Tensor  # (n,) ImageNet class indices
+
+
+@cache
+def _label_words() -> dict:
+    return json.loads(LABEL_WORDS.read_text())
+
+
+class Guidance:
+    """Turns class probabilities and the user's words into constraints over one model's vocabulary.
+
+    threshold: a concept guides the caption when its probability reaches it (None: labels never guide);
+    max_label_words: at most this many label concepts per image, the most probable first.
+    """
+
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        *,
+        threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
+        max_label_words: int = DEFAULT_MAX_LABEL_WORDS,
+    ) -> None:
+        self.vocab, self.threshold, self.max_label_words = vocab, threshold, max_label_words
+        self.concepts = []
+        for entry in _label_words()["concepts"]:
+            forms = tuple(form for form in entry["forms"] if form in vocab)
+            if forms:
+                classes = torch.tensor([int(index) for index in entry["classes"]])
+                self.concepts.append(Concept(entry["word"], forms, classes))
+        self._names = {int(i): name for entry in _label_words()["concepts"] for i, name in entry["classes"].items()}
+
+    def concept_probabilities(self, class_probabilities: torch.Tensor) -> torch.Tensor:
+        """(B, 1000) -> (B, concepts): each concept's probability, the sum over its classes."""
+        return torch.stack([class_probabilities[:, c.classes].sum(dim=1) for c in self.concepts], dim=1)
+
+    def label_words(self, class_probabilities: torch.Tensor) -> list[list[GuideWord]]:
+        """For each image, the concepts whose probability reaches the threshold, most probable first."""
+        if self.threshold is None or not self.concepts:
+            return [[] for _ in range(class_probabilities.size(0))]
+        probabilities = self.concept_probabilities(class_probabilities)  # (B, concepts)
+        words = []
+        for b in range(class_probabilities.size(0)):
+            ranked = probabilities[b].argsort(descending=True)[: self.max_label_words].tolist()
+            chosen = []
+            for index in ranked:
+                probability = float(probabilities[b, index])
+                if probability < self.threshold:
+                    break
+                concept = self.concepts[index]
+                top_class = int(concept.classes[class_probabilities[b, concept.classes].argmax()])
+                chosen.append(
+                    GuideWord(concept.word, concept.forms, "label", self._names[top_class], round(probability, 4))
+                )
+            words.append(chosen)
+        return words
+
+    def user_words(self, mentions: Sequence[str]) -> list[GuideWord]:
+        """The user's words, each with its plural or singular when the vocabulary has it; a word the model
+        cannot write is an InputError naming the closest words it knows."""
+        words = []
+        for mention in mentions:
+            tokens = tokenize(mention)
+            if len(tokens) != 1:
+                raise InputError(f"mention {mention!r}: give one word per mention (got {len(tokens)} words)")
+            word = tokens[0]
+            if word not in self.vocab or word in SPECIAL_TOKENS:
+                known = [w for w in self.vocab.words if w not in SPECIAL_TOKENS]
+                close = difflib.get_close_matches(word, known, n=5, cutoff=0.6)
+                hint = f"; closest words it knows: {', '.join(close)}" if close else ""
+                raise InputError(f"mention {mention!r}: the model's vocabulary has no word {word!r}{hint}")
+            variants = [word, word + "s", word + "es", word[:-1] if word.endswith("s") else ""]
+            forms = tuple(dict.fromkeys(v for v in variants if v and v in self.vocab))
+            words.append(GuideWord(word, forms, "user"))
+        return words
+
+    def combine(self, labels: list[GuideWord], users: list[GuideWord]) -> list[GuideWord]:
+        """The user's words, then the label words that none of them already covers."""
+        covered = {form for word in users for form in word.forms}
+        return users + [word for word in labels if not covered & set(word.forms)]
+
+    def constraints(self, words: Sequence[GuideWord]) -> list[set[int]]:
+        """Word-id sets for constrained_beam_search, one per guide word."""
+        return [{self.vocab.id(form) for form in word.forms} for word in words]
+
+
+def positions(words: Sequence[str], guide: Sequence[GuideWord]) -> list[int | None]:
+    """For each guide word, the index in the caption's words of the first form that meets it (None if absent)."""
+    found = []
+    for word in guide:
+        found.append(next((i for i, w in enumerate(words) if w in word.forms), None))
+    return found

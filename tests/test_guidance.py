@@ -1,0 +1,127 @@
+"""Guided captions: the label -> word data, the label head against torchvision, thresholds, the user's words, and
+the shipped model guided on the bundled photos."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import REPO
+
+from show_attend_tell.captioner import SHIPPED_MODEL, Captioner
+from show_attend_tell.cli import main
+from show_attend_tell.errors import InputError
+from show_attend_tell.guidance import LABEL_WORDS, Guidance, GuideWord, LabelHead, positions
+from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+
+EXAMPLES = REPO / "examples"
+
+
+def vocabulary(*words: str) -> Vocabulary:
+    return Vocabulary([*SPECIAL_TOKENS, *words])
+
+
+def test_shipped_label_words_are_the_builders_output_and_map_each_class_once():
+    spec = importlib.util.spec_from_file_location("imagenet_words", REPO / "recipes" / "imagenet_words.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    shipped = json.loads(LABEL_WORDS.read_text())
+    assert shipped == json.loads(json.dumps(builder.build()))
+    classes = [int(index) for concept in shipped["concepts"] for index in concept["classes"]]
+    assert len(classes) == len(set(classes)) and all(0 <= index < 1000 for index in classes)
+    by_word = {concept["word"]: concept for concept in shipped["concepts"]}
+    assert by_word["cat"]["classes"]["285"] == "Egyptian cat"
+    assert by_word["coffee"]["classes"]["967"] == "espresso"
+    assert "Labrador retriever" in by_word["dog"]["classes"].values()
+
+
+def test_concepts_sum_their_classes_and_only_confident_ones_guide():
+    guidance = Guidance(vocabulary("cat", "cats", "dog", "dogs", "coffee"), threshold=0.5, max_label_words=2)
+    assert {c.word for c in guidance.concepts} == {"cat", "dog", "coffee"}  # forms the vocabulary lacks drop out
+    probabilities = torch.zeros(3, 1000)
+    probabilities[0, 281:286] = 0.12  # five cat classes, none above 0.5 alone, 0.6 together
+    probabilities[0, 967] = 0.3  # espresso
+    probabilities[1, 207] = 0.45  # golden retriever: below the threshold
+    probabilities[2, 285], probabilities[2, 151] = 0.5, 0.5
+    words = guidance.label_words(probabilities)
+    assert [w.word for w in words[0]] == ["cat"]
+    assert words[0][0].forms == ("cat", "cats") and words[0][0].source == "label"
+    assert words[0][0].probability == pytest.approx(0.6) and words[0][0].label in {"tabby", "Egyptian cat"}
+    assert words[1] == []
+    assert {w.word for w in words[2]} == {"cat", "dog"}
+    assert Guidance(guidance.vocab, threshold=None).label_words(probabilities) == [[], [], []]
+    assert Guidance(guidance.vocab, threshold=0.5, max_label_words=1).label_words(probabilities)[2][0].word in {
+        "cat",
+        "dog",
+    }
+
+
+def test_users_words_get_their_plurals_and_unknown_words_name_close_ones():
+    guidance = Guidance(vocabulary("sofa", "cat", "cats", "couch", "coffee"))
+    sofa, cats = guidance.user_words(["Sofa", "cats"])
+    assert (sofa.word, sofa.forms, sofa.source) == ("sofa", ("sofa",), "user")
+    assert cats.forms == ("cats", "cat")
+    with pytest.raises(InputError, match=r"mention 'sofas'.*closest words it knows: sofa"):
+        guidance.user_words(["sofas"])
+    with pytest.raises(InputError, match="one word per mention"):
+        guidance.user_words(["hot dog"])
+    with pytest.raises(InputError, match="no word '<end>'"):
+        guidance.user_words(["<end>"])
+    label = GuideWord("cat", ("cat", "cats"), "label", "tabby", 0.9)
+    assert guidance.combine([label], [cats]) == [cats]  # the user already asks for it
+    assert guidance.combine([label], [sofa]) == [sofa, label]
+    ids = guidance.vocab.id
+    assert guidance.constraints([sofa, label]) == [{ids("sofa")}, {ids("cat"), ids("cats")}]
+    assert positions(["a", "cat", "on", "a", "sofa"], [sofa, label]) == [4, 1]
+
+
+def test_label_head_on_the_grid_is_torchvisions_resnet_classifier():
+    from show_attend_tell.config import ModelConfig
+    from show_attend_tell.model import Encoder
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    resnet = ENCODER_WEIGHTS["resnet50"].build()
+    encoder = Encoder(ModelConfig(vocab_size=10, image_size=224, grid_size=7)).eval()
+    with torch.no_grad():
+        expected = resnet(images).softmax(dim=1)
+        found = LabelHead.for_encoder("resnet50")(encoder(images))
+    torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def captioner() -> Captioner:
+    return Captioner.load(int8=False)
+
+
+def test_labels_make_the_shipped_model_name_the_cat_and_the_coffee(captioner):
+    guided = captioner.caption_batch([EXAMPLES / "chelsea.jpg", EXAMPLES / "coffee.jpg"])
+    plain = captioner.caption_batch([EXAMPLES / "chelsea.jpg", EXAMPLES / "coffee.jpg"], guide=False)
+    assert "cat" not in plain[0].words and not {"coffee", "cup", "mug"} & set(plain[1].words)
+    cat, coffee = guided
+    assert "cat" in cat.words and cat.guidance[0].label == "Egyptian cat" and cat.guidance[0].probability > 0.5
+    assert cat.words[cat.guided_positions[0]] == "cat"
+    assert {"coffee", "cup", "mug"} & set(coffee.words) and coffee.guidance[0].label == "espresso"
+    assert cat.attention.shape == (len(cat.words), captioner.grid_size, captioner.grid_size)
+
+
+def test_the_users_words_guide_every_photo_and_unknown_ones_stop_the_cli(captioner, capsys):
+    result = captioner.caption(EXAMPLES / "chelsea.jpg", mentions=["sofa"], beam_size=3)
+    assert "sofa" in result.words and result.guidance[0].source == "user"
+    assert [w.word for w in result.guidance] == ["sofa", "cat"]  # the user's word, then the label's
+    assert main(["caption", str(EXAMPLES / "chelsea.jpg"), "--mention", "sofaa"]) == 2
+    assert "closest words it knows: sofa" in capsys.readouterr().err
+    assert main(["caption", str(EXAMPLES / "rocket.jpg"), "--mention", "grass", "--no-guidance", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    (entry,) = record["guidance"]
+    assert entry["word"] == "grass" and entry["source"] == "user"
+    assert record["words"][entry["position"]] == "grass"
+
+
+def test_shipped_model_has_the_everyday_words():
+    vocab = json.loads((SHIPPED_MODEL / "vocab.json").read_text())["words"]
+    usable = Guidance(Vocabulary(vocab)).concepts
+    assert {"cat", "dog", "coffee", "pizza", "bus", "train", "kitchen", "bathroom", "couch"} <= {c.word for c in usable}

@@ -31,7 +31,7 @@ from show_attend_tell.model import image_transform
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
 
-THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]  # 1.01: never guide
+THRESHOLDS = [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 1.01]  # 1.01: never guide
 
 
 def coco_dev(directory: Path) -> tuple[list[Path], list[list[str]]]:

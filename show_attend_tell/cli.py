@@ -406,6 +406,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-java", action="store_true", help="pure-Python tokenizer, no METEOR (not comparable)")
     parser.add_argument("--int8", action="store_true", help="score the int8 decoder that `sat caption` uses on CPU")
     _add_limit_flag(parser)
+    _add_guidance_flags(parser)
     parser.set_defaults(run=_run_evaluate)
 
 
@@ -457,6 +458,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         def features(batch):
             return image_features(model, [dataset.images[i].path for i in batch])
 
+    guidance = None
+    if args.guidance:
+        from show_attend_tell.guidance import Guidance, LabelHead
+
+        guidance = (Guidance(vocab, threshold=args.guidance_threshold), LabelHead.for_encoder(model.config.encoder))
     results = {}
     for beam in args.beam:
         metrics, captions = evaluate(
@@ -469,6 +475,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             length_penalty=args.length_penalty,
             java=java,
+            guidance=guidance,
         )
         metrics.update(model=str(model_dir), split=args.split, n_images=len(rows), int8=args.int8)
         results[f"beam{beam}"] = metrics

@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
-from show_attend_tell.decoding import Hypothesis, beam_search, greedy
+from show_attend_tell.decoding import Hypothesis, constrained_beam_search, greedy
+from show_attend_tell.guidance import Guidance, LabelHead
 from show_attend_tell.images import load_image
 from show_attend_tell.model import CaptionModel, image_transform
 from show_attend_tell.text import Vocabulary
@@ -35,20 +36,28 @@ def decode(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     batch_size: int = 50,
     progress: bool = True,
+    guidance: tuple[Guidance, LabelHead] | None = None,
 ) -> dict[int, Hypothesis]:
-    """Best hypothesis for each image index, decoded in batches; `features(rows)` -> (B, P, E) for them."""
+    """Best hypothesis for each image index, decoded in batches; `features(rows)` -> (B, P, E) for them.
+    With `guidance`, each caption must name the label concepts that guidance finds in the features."""
     model.eval()
     best: dict[int, Hypothesis] = {}
     indices = list(indices)
     for start in tqdm(range(0, len(indices), batch_size), desc=f"decode beam={beam_size}", disable=not progress):
         rows = indices[start : start + batch_size]
-        encoded = model.decoder.encode(features(rows).float())
-        if beam_size == 1:
+        grid = features(rows).float()  # (B, P, E)
+        encoded = model.decoder.encode(grid)
+        constraints = [[] for _ in rows]
+        if guidance is not None:
+            rule, head = guidance
+            constraints = [rule.constraints(words) for words in rule.label_words(head(grid))]
+        if beam_size == 1 and not any(constraints):
             hypotheses = greedy(model.decoder, encoded, max_length=max_length)
         else:
-            beams = beam_search(
+            beams = constrained_beam_search(
                 model.decoder,
                 encoded,
+                constraints,
                 beam_size=beam_size,
                 max_length=max_length,
                 length_penalty=length_penalty,
@@ -70,6 +79,7 @@ def evaluate(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     java: bool | None = None,
     progress: bool = True,
+    guidance: tuple[Guidance, LabelHead] | None = None,
 ) -> tuple[dict, dict[int, str]]:
     """Decode each image once and score -> (metrics with timings, {image index: caption})."""
     from show_attend_tell.metrics import score_captions
@@ -83,6 +93,7 @@ def evaluate(
         max_length=max_length,
         length_penalty=length_penalty,
         progress=progress,
+        guidance=guidance,
     )
     decode_seconds = time.perf_counter() - start
     captions = {i: " ".join(vocab.decode(h.tokens)) for i, h in hypotheses.items()}
@@ -91,6 +102,7 @@ def evaluate(
         beam_size=beam_size,
         length_penalty=length_penalty if beam_size > 1 else None,  # greedy ranks nothing
         max_length=max_length,
+        guidance_threshold=guidance[0].threshold if guidance else None,
         decode_seconds=round(decode_seconds, 2),
         score_seconds=round(time.perf_counter() - start - decode_seconds, 2),
     )

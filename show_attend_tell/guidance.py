@@ -25,6 +25,8 @@ from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary, tokenize
 
 LABEL_WORDS = Path(__file__).resolve().parent / "labels" / "imagenet_words.json"
 DEFAULT_MAX_LABEL_WORDS = 1
+# Words one request may ask for: each doubles the states of the constrained search, and so its beams.
+MAX_MENTIONS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,8 @@ class Guidance:
     def user_words(self, mentions: Sequence[str]) -> list[GuideWord]:
         """The user's words, each with its plural or singular when the vocabulary has it; a word the model
         cannot write is an InputError naming the closest words it knows."""
+        if len(mentions) > MAX_MENTIONS:
+            raise InputError(f"mention: at most {MAX_MENTIONS} words, got {len(mentions)}")
         words = []
         for mention in mentions:
             tokens = tokenize(mention)

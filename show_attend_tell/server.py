@@ -37,6 +37,7 @@ from starlette.requests import ClientDisconnect
 from show_attend_tell import __version__
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.errors import InputError
+from show_attend_tell.guidance import MAX_MENTIONS
 from show_attend_tell.images import IMAGE_FORMATS, load_image
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
@@ -75,6 +76,15 @@ class Alternative(BaseModel):
     log_prob: float = Field(description=LOG_PROB)
 
 
+class Guide(BaseModel):
+    word: str = Field(description="the word the caption was asked to contain")
+    forms: list[str] = Field(description="any of these words met it")
+    source: str = Field(description='"label": the encoder\'s ImageNet head; "user": the request\'s `mention`')
+    label: str | None = Field(None, description="source label: the concept's most probable ImageNet class")
+    probability: float | None = Field(None, description="source label: the concept's probability")
+    position: int | None = Field(description="index in `words` of the word that meets it (null: none could)")
+
+
 class Timings(BaseModel):
     queue_ms: float = Field(description="waiting for the model (other requests ahead)")
     image_ms: float = Field(description="decoding the uploaded file into pixels")
@@ -92,6 +102,7 @@ class CaptionResponse(BaseModel):
     score: float = Field(description=SCORE)
     log_prob: float = Field(description=LOG_PROB)
     alternatives: list[Alternative] = Field(description="the other beams, best first (highest score)")
+    guidance: list[Guide] = Field(description="words the caption had to contain, and where each came from")
     grid_size: int
     beam_size: int
     width: int = Field(description="width of the photo in pixels, upright (EXIF orientation applied)")
@@ -316,9 +327,23 @@ def create_app(
         beam_size: Annotated[
             int, Query(ge=1, le=MAX_BEAM_SIZE, description=f"1 = greedy decoding; default {DEFAULT_BEAM_SIZE}")
         ] = DEFAULT_BEAM_SIZE,
+        mention: Annotated[
+            list[str],
+            Query(
+                max_length=MAX_MENTIONS,
+                description="a word the caption must contain (repeat for several: mention=cat&mention=sofa)",
+            ),
+        ] = [],  # noqa: B006 (FastAPI copies the default)
+        guidance: Annotated[
+            bool, Query(description="let the encoder's ImageNet labels add a word when they are confident")
+        ] = True,
     ) -> CaptionResponse:
         """Caption the uploaded photo, with one attention map per word."""
         arrived = time.perf_counter()
+        try:
+            captioner.guidance.user_words(mention)  # a word the model cannot write: 422 before any upload work
+        except InputError as error:
+            raise HTTPException(422, str(error)) from None
         boundary = _multipart_boundary(request)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_upload_bytes + FORM_OVERHEAD:
@@ -339,7 +364,7 @@ def create_app(
             started = time.perf_counter()
             image = load_image(upload.data, name=upload.filename or FIELD)
             decoded = time.perf_counter()
-            result = captioner.caption(image, beam_size=beam_size)
+            result = captioner.caption(image, beam_size=beam_size, mentions=mention, guide=guidance)
             return {
                 "caption": result.text,
                 "words": result.words,
@@ -349,6 +374,10 @@ def create_app(
                 "alternatives": [
                     {"caption": a.text, "score": float(a.score), "log_prob": float(a.log_prob)}
                     for a in result.alternatives
+                ],
+                "guidance": [
+                    {**word.as_dict(), "position": position}
+                    for word, position in zip(result.guidance, result.guided_positions, strict=True)
                 ],
                 "grid_size": captioner.grid_size,
                 "beam_size": beam_size,

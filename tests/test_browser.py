@@ -182,3 +182,29 @@ def test_dropping_a_photo_with_greedy_decoding(page, server_url):
     expect(page.locator("#caption .word")).to_have_text(body["words"])
     expect(page.locator("#alternatives li")).to_have_text(["none with beam size 1"])
     expect(page.locator("#error")).to_be_hidden()
+
+
+def test_guided_words_are_marked_with_their_source_and_the_users_words_are_sent(page):
+    body = upload(page, EXAMPLES / "chelsea.jpg")  # the encoder's labels say "Egyptian cat"
+    (guide,) = body["guidance"]
+    assert guide["source"] == "label" and body["words"][guide["position"]] in guide["forms"]
+    marked = page.locator("#caption .word.guided")
+    expect(marked).to_have_count(1)
+    assert "Egyptian cat" in marked.get_attribute("title")
+    expect(page.locator("#guided")).to_contain_text(f"{guide['word']} (ImageNet label: Egyptian cat")
+
+    page.fill("#mention", "grass")
+    with page.expect_response(lambda r: "mention=grass" in r.url) as answer:
+        page.locator("#mention").press("Enter")
+    body = answer.value.json()
+    assert [g["source"] for g in body["guidance"]] == ["user", "label"]
+    expect(page.locator("#caption .word")).to_have_text(body["words"])
+    expect(page.locator("#caption .word.guided")).to_have_count(2)
+    expect(page.locator("#guided")).to_contain_text("grass (your word)")
+
+    page.fill("#mention", "zzzzq")
+    with page.expect_response(lambda r: "mention=zzzzq" in r.url) as answer:
+        page.locator("#mention").press("Enter")
+    assert answer.value.status == 422
+    expect(page.locator("#error")).to_contain_text("no word 'zzzzq'")
+    page.fill("#mention", "")

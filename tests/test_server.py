@@ -341,3 +341,19 @@ def test_sat_serve_listens_on_loopback_with_the_given_limits(captioner, monkeypa
     assert "anyone who can reach this machine" in capsys.readouterr().err
     assert cli.main(["serve", "--queue-size", "0"]) == 2
     assert "queue size must be at least 1" in capsys.readouterr().err
+
+
+def test_the_users_words_and_label_guidance_in_the_api(client, captioner):
+    photo = (EXAMPLES / "chelsea.jpg").read_bytes()
+    body = post(client, photo, query="?beam_size=3&mention=grass").json()
+    assert np.array(body["attention"]).shape == (len(body["words"]), captioner.grid_size, captioner.grid_size)
+    sources = {guide["source"]: guide for guide in body["guidance"]}
+    assert sources["user"]["word"] == "grass" and body["words"][sources["user"]["position"]] == "grass"
+    if (SHIPPED_MODEL / "config.json").is_file():  # the labels guide only a vocabulary that has their words
+        assert sources["label"]["label"] == "Egyptian cat" and 0.5 < sources["label"]["probability"] <= 1
+        assert body["words"][sources["label"]["position"]] in sources["label"]["forms"]
+    plain = post(client, photo, query="?beam_size=3&guidance=false").json()
+    assert plain["guidance"] == []
+    assert plain["words"] == captioner.caption(EXAMPLES / "chelsea.jpg", beam_size=3, guide=False).words
+    assert_error(post(client, photo, query="?mention=sofaa"), 422, "mention 'sofaa'", "closest words")
+    assert_error(post(client, photo, query="?" + "&".join(["mention=a"] * 9)), 422)

@@ -13,7 +13,7 @@ const elements = {
   drop: $("drop"), file: $("file"), beam: $("beam"), status: $("status"), error: $("error"),
   result: $("result"), figure: $("figure"), photo: $("photo"), overlay: $("overlay"), shown: $("shown"),
   caption: $("caption"), score: $("score"), alternatives: $("alternatives"), timings: $("timings"),
-  health: $("health"),
+  health: $("health"), mention: $("mention"), guidance: $("guidance"), guided: $("guided"),
 };
 const state = { file: null, result: null, pinned: null, request: 0, maxUpload: 0, photoUrl: null };
 
@@ -91,13 +91,36 @@ function showWord(index) {
   drawAttention(index === null ? state.pinned : index);
 }
 
+// "cat (ImageNet label: Egyptian cat, 96%)" or "sofa (your word)": where a guided word came from.
+function guideSource(guide) {
+  return guide.source === "user"
+    ? "your word"
+    : `ImageNet label: ${guide.label}, ${Math.round(100 * guide.probability)}%`;
+}
+
+function renderGuidance(result) {
+  const notes = result.guidance.map((guide) => {
+    const met = guide.position === null ? " (no caption could use it)" : "";
+    return `${guide.word} (${guideSource(guide)})${met}`;
+  });
+  elements.guided.textContent = notes.length ? `Guided by: ${notes.join("; ")}` : "";
+  elements.guided.hidden = notes.length === 0;
+}
+
 function renderCaption(result) {
   elements.caption.replaceChildren();
+  const guidedAt = new Map(result.guidance.filter((g) => g.position !== null).map((g) => [g.position, g]));
   result.words.forEach((word, index) => {
     const button = document.createElement("button");
     button.type = "button";
     button.className = "word";
     button.textContent = word;
+    const guide = guidedAt.get(index);
+    if (guide) {
+      button.classList.add("guided");
+      button.dataset.source = guide.source;
+      button.title = `guided: ${guideSource(guide)}`;
+    }
     button.setAttribute("aria-pressed", "false");
     button.addEventListener("pointerenter", () => showWord(index));
     button.addEventListener("pointerleave", () => showWord(null));
@@ -112,6 +135,7 @@ function renderCaption(result) {
     });
     elements.caption.append(button, " ");
   });
+  renderGuidance(result);
   // Beams are ranked by the length-normalised score; the raw log-probability favours short captions.
   elements.score.textContent = `score ${result.score.toFixed(2)} (log-probability ${result.log_prob.toFixed(2)}) · ${result.width}×${result.height} pixels · ${result.grid_size}×${result.grid_size} attention grid`;
   elements.score.title = "captions are ranked by score = log-probability / (words + 1)^length penalty";
@@ -159,10 +183,12 @@ async function caption(file) {
   document.body.classList.add("busy");
   const form = new FormData();
   form.append("image", file, file.name);
+  const query = new URLSearchParams({ beam_size: elements.beam.value, guidance: elements.guidance.checked });
+  for (const word of elements.mention.value.split(/[\s,]+/).filter(Boolean)) query.append("mention", word);
   let response;
   let body;
   try {
-    response = await fetch(`api/caption?beam_size=${elements.beam.value}`, { method: "POST", body: form });
+    response = await fetch(`api/caption?${query}`, { method: "POST", body: form });
     body = await response.json().catch(() => ({ error: `the server answered ${response.status} ${response.statusText}` }));
   } catch (error) {
     response = null;
@@ -204,6 +230,8 @@ elements.file.addEventListener("change", () => {
   elements.file.value = ""; // choosing the same file again still triggers a caption
 });
 elements.beam.addEventListener("change", () => caption(state.file));
+elements.guidance.addEventListener("change", () => caption(state.file));
+elements.mention.addEventListener("change", () => caption(state.file)); // on Enter or leaving the box
 // Small photos are shown larger and large ones smaller: as wide as the column, at most 70% of the window high.
 function fitPhoto() {
   const photo = elements.photo;

@@ -1,0 +1,77 @@
+"""How the product captions everyday photos: `Captioner` at its defaults over the coco-dev photos, scored with the
+coco-caption metrics against their 5 COCO captions each, with and without label guidance.
+
+    python benchmarks/coco_dev.py --coco-dev ../shared/data/coco-dev --out results/coco_dev.json
+
+Any folder in the COCO caption format works (`captions_*.json` beside an `images/` folder). The record holds the
+metrics (x100) of each variant and every photo's captions, so a reader can see what guidance changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from show_attend_tell.captioner import Captioner
+from show_attend_tell.metrics import score_captions
+from show_attend_tell.records import provenance, write_record
+
+
+def coco_folder(directory: Path) -> tuple[list[Path], list[list[str]]]:
+    """The photos of a COCO-format folder (sorted by id) and their reference captions."""
+    (annotation_file,) = sorted(directory.glob("captions_*.json"))
+    annotations = json.loads(annotation_file.read_text())
+    images = sorted(annotations["images"], key=lambda image: image["id"])
+    captions: dict[int, list[str]] = {}
+    for annotation in annotations["annotations"]:
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    return [directory / "images" / image["file_name"] for image in images], [captions[i["id"]] for i in images]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coco-dev", type=Path, required=True, help="folder with captions_*.json and images/")
+    parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    record = provenance(shlex.join(["python", *sys.argv]))
+    paths, references = coco_folder(args.coco_dev)
+    captioner = Captioner.load(args.model, int8=args.int8)
+    record.update(
+        model=args.model or "shipped",
+        int8=args.int8,
+        guidance_threshold=captioner.guidance.threshold,
+        images=len(paths),
+        results={},
+        captions={},
+    )
+    for variant, guide in (("guided", True), ("unguided", False)):
+        captions, guides = [], []
+        for start in tqdm(range(0, len(paths), args.batch_size), desc=variant):
+            for caption in captioner.caption_batch(paths[start : start + args.batch_size], guide=guide):
+                captions.append(caption.text)
+                guides.append([word.as_dict() for word in caption.guidance])
+        metrics = score_captions(dict(enumerate(captions)), dict(enumerate(references)))
+        record["results"][variant] = {
+            "guided_photos": sum(bool(g) for g in guides),
+            **{k: round(100 * metrics[k], 2) for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
+        }
+        print(variant, json.dumps(record["results"][variant]), flush=True)
+        for path, caption, guide_words in zip(paths, captions, guides, strict=True):
+            entry = record["captions"].setdefault(path.name, {})
+            entry[variant] = caption
+            if guide_words:
+                entry["guidance"] = guide_words
+    write_record(record, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

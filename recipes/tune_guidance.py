@@ -4,9 +4,10 @@
         --out results/guidance_tuning.json
 
 Each photo is encoded once (grid features and ImageNet class probabilities, cached in --cache), then decoded
-at the default beam without guidance and with its one or two most probable label concepts as constraints. A
-threshold only selects which of these captions a photo gets, so every threshold is scored without decoding
-again. The record lists BLEU-4, METEOR, ROUGE-L and CIDEr on both sets for each threshold and the choice.
+at the default beam without guidance and, when its most probable label concept reaches the lowest threshold,
+with that concept as a constraint (--max-label-words 2: its two most probable). A threshold only selects which
+of these captions a photo gets, so every threshold is scored without decoding again. The record lists
+BLEU-4, METEOR, ROUGE-L and CIDEr on both sets for each threshold.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from show_attend_tell.model import image_transform
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
 
-THRESHOLDS = [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 1.01]  # 1.01: never guide
+THRESHOLDS = [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01]  # 1.01: never guide
 
 
 def coco_dev(directory: Path) -> tuple[list[Path], list[list[str]]]:
@@ -66,7 +67,7 @@ def encoded_set(model, head: LabelHead, paths: list[Path], cache: Path) -> tuple
     return stored["features"], stored["probabilities"]
 
 
-def decode_all(model, vocab, features, constraints, beam_size, batch_size=40) -> list[str]:
+def decode_all(model, vocab, features, constraints, beam_size, within, batch_size=40) -> list[str]:
     captions = []
     for start in tqdm(range(0, len(features), batch_size), desc="decode"):
         encoded = model.decoder.encode(features[start : start + batch_size].float())
@@ -76,6 +77,7 @@ def decode_all(model, vocab, features, constraints, beam_size, batch_size=40) ->
             constraints[start : start + batch_size],
             beam_size=beam_size,
             length_penalty=DEFAULT_LENGTH_PENALTY,
+            within=within,
         )
         captions += [" ".join(vocab.decode(h[0].tokens)) for h in found]
     return captions
@@ -89,35 +91,45 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL)
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE)
+    parser.add_argument("--max-label-words", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--within", type=int, help="the label word must be among the caption's first N words")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
 
     model, vocab, _ = load_model(args.model, int8=False)
     head = LabelHead.for_encoder(model.config.encoder)
-    guidance = Guidance(vocab, threshold=0.0, max_label_words=2)
+    guidance = Guidance(vocab, threshold=min(THRESHOLDS), max_label_words=args.max_label_words)
     dataset = PreparedDataset.load(args.data)
     rows = dataset.indices(args.split)
     sets = {
         "coco_dev": coco_dev(args.coco_dev),
         f"flickr8k_{args.split}": ([dataset.images[i].path for i in rows], [dataset.images[i].captions for i in rows]),
     }
-    record.update(model=str(args.model), beam_size=args.beam, thresholds=THRESHOLDS, sets={})
+    record.update(model=str(args.model), beam_size=args.beam, within=args.within, thresholds=THRESHOLDS, sets={})
     for name, (paths, references) in sets.items():
         features, probabilities = encoded_set(model, head, paths, args.cache / f"{name}.pt")
-        labels = guidance.label_words(probabilities)  # the two most probable concepts of each photo
-        variants = {
-            "none": [[] for _ in labels],
-            "top1": [words[:1] for words in labels],
-            "top2": [words[:2] for words in labels],
-        }
-        captions = {
-            key: decode_all(model, vocab, features, [guidance.constraints(w) for w in words], args.beam)
-            for key, words in variants.items()
-        }
+        labels = guidance.label_words(probabilities)  # each photo's most probable concepts above the lowest
+        variants = {"none": [[] for _ in labels], "top1": [words[:1] for words in labels]}
+        if args.max_label_words == 2:
+            variants["top2"] = [words[:2] for words in labels]
+        captions = {"none": decode_all(model, vocab, features, variants["none"], args.beam, args.within)}
+        for key in variants.keys() - {"none"}:
+            needed = [i for i, words in enumerate(variants[key]) if words]  # the others are "none"'s captions
+            decoded = decode_all(
+                model,
+                vocab,
+                features[needed],
+                [guidance.constraints(variants[key][i]) for i in needed],
+                args.beam,
+                args.within,
+            )
+            captions[key] = list(captions["none"])
+            for i, caption in zip(needed, decoded, strict=True):
+                captions[key][i] = caption
         refs = dict(enumerate(references))
         results = {}
-        for max_words in (1, 2):
+        for max_words in range(1, args.max_label_words + 1):
             for threshold in THRESHOLDS:
                 chosen = []
                 for i, words in enumerate(labels):
@@ -152,7 +164,7 @@ def _examples(paths, labels, captions, count: int = 12) -> list[dict]:
                     "labels": [w.as_dict() for w in words],
                     "unguided": captions["none"][i],
                     "guided_top1": captions["top1"][i],
-                    "guided_top2": captions["top2"][i],
+                    **({"guided_top2": captions["top2"][i]} if "top2" in captions else {}),
                 }
             )
     return out[:count]

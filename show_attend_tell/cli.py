@@ -613,7 +613,15 @@ def _run_caption(args: argparse.Namespace) -> int:
                     record["attention_figure"] = str(figure)
                 print(json.dumps(record))
             else:
-                print(f"{path}\t{caption.text}" + (f"\t[{figure}]" if figure else ""))
+                guided = ", ".join(
+                    f"{w.word} (label {w.label} {w.probability:.2f})" if w.source == "label" else f"{w.word} (yours)"
+                    for w in caption.guidance
+                )
+                print(
+                    f"{path}\t{caption.text}"
+                    + (f"\t[guided: {guided}]" if guided else "")
+                    + (f"\t[{figure}]" if figure else "")
+                )
     if out:
         print(f"attention figures written to {out}/", file=sys.stderr)
     return 1 if failures else 0

@@ -147,7 +147,10 @@ def test_caption_cli_handles_odd_images_and_reports_each_broken_one(tmp_path, ca
 
 def test_caption_cli_plain_output_and_missing_path(tmp_path, capsys):
     assert main(["caption", str(EXAMPLES / "coffee.jpg")]) == 0
-    path, caption = capsys.readouterr().out.strip().split("\t")
+    path, caption, guided = capsys.readouterr().out.strip().split("\t")
     assert path.endswith("coffee.jpg") and len(caption.split()) >= 3
+    assert guided.startswith("[guided: coffee (label espresso 0.")
+    assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--no-guidance"]) == 0
+    assert len(capsys.readouterr().out.strip().split("\t")) == 2
     assert main(["caption", str(tmp_path / "nope.jpg")]) == 2
     assert "nope.jpg" in capsys.readouterr().err

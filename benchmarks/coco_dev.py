@@ -61,7 +61,7 @@ def main() -> int:
         metrics = score_captions(dict(enumerate(captions)), dict(enumerate(references)))
         record["results"][variant] = {
             "guided_photos": sum(bool(g) for g in guides),
-            **{k: round(100 * metrics[k], 2) for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
+            **{k: round(metrics[k], 2) for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
         }
         print(variant, json.dumps(record["results"][variant]), flush=True)
         for path, caption, guide_words in zip(paths, captions, guides, strict=True):

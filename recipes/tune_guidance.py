@@ -141,7 +141,7 @@ def main() -> int:
                     "max_label_words": max_words,
                     "threshold": threshold,
                     "changed_captions": guided_count,
-                    **{k: round(100 * metrics[k], 2) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
+                    **{k: round(metrics[k], 2) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
                 }
                 print(name, json.dumps(results[f"max{max_words}_t{threshold}"]), flush=True)
         record["sets"][name] = {

@@ -18,8 +18,20 @@ def provenance(command: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        "cpu": cpu_model(),
         "load_average_1min_at_start": round(os.getloadavg()[0], 2),
     }
+
+
+def cpu_model() -> str:
+    """The processor's name (speed figures differ between machines of one kind: AMD EPYC, Intel Xeon...)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_record(record: dict, path: str | Path) -> None:

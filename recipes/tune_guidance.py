@@ -67,7 +67,7 @@ def encoded_set(model, head: LabelHead, paths: list[Path], cache: Path) -> tuple
     return stored["features"], stored["probabilities"]
 
 
-def decode_all(model, vocab, features, constraints, beam_size, within, batch_size=40) -> list[str]:
+def decode_all(model, vocab, features, constraints, beam_size, batch_size=40) -> list[str]:
     captions = []
     for start in tqdm(range(0, len(features), batch_size), desc="decode"):
         encoded = model.decoder.encode(features[start : start + batch_size].float())
@@ -77,7 +77,6 @@ def decode_all(model, vocab, features, constraints, beam_size, within, batch_siz
             constraints[start : start + batch_size],
             beam_size=beam_size,
             length_penalty=DEFAULT_LENGTH_PENALTY,
-            within=within,
         )
         captions += [" ".join(vocab.decode(h[0].tokens)) for h in found]
     return captions
@@ -92,7 +91,6 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE)
     parser.add_argument("--max-label-words", type=int, default=1, choices=[1, 2])
-    parser.add_argument("--within", type=int, help="the label word must be among the caption's first N words")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
@@ -106,14 +104,14 @@ def main() -> int:
         "coco_dev": coco_dev(args.coco_dev),
         f"flickr8k_{args.split}": ([dataset.images[i].path for i in rows], [dataset.images[i].captions for i in rows]),
     }
-    record.update(model=str(args.model), beam_size=args.beam, within=args.within, thresholds=THRESHOLDS, sets={})
+    record.update(model=str(args.model), beam_size=args.beam, thresholds=THRESHOLDS, sets={})
     for name, (paths, references) in sets.items():
         features, probabilities = encoded_set(model, head, paths, args.cache / f"{name}.pt")
         labels = guidance.label_words(probabilities)  # each photo's most probable concepts above the lowest
         variants = {"none": [[] for _ in labels], "top1": [words[:1] for words in labels]}
         if args.max_label_words == 2:
             variants["top2"] = [words[:2] for words in labels]
-        captions = {"none": decode_all(model, vocab, features, variants["none"], args.beam, args.within)}
+        captions = {"none": decode_all(model, vocab, features, variants["none"], args.beam)}
         for key in variants.keys() - {"none"}:
             needed = [i for i, words in enumerate(variants[key]) if words]  # the others are "none"'s captions
             decoded = decode_all(
@@ -122,7 +120,6 @@ def main() -> int:
                 features[needed],
                 [guidance.constraints(variants[key][i]) for i in needed],
                 args.beam,
-                args.within,
             )
             captions[key] = list(captions["none"])
             for i, caption in zip(needed, decoded, strict=True):

@@ -19,7 +19,7 @@ DEFAULT_LENGTH_PENALTY = 0.5
 DEFAULT_BEAM_SIZE = 7
 # A photo's caption must name a concept of the encoder's ImageNet labels whose probability reaches this (guidance.py);
 # chosen on coco-dev and Flickr8k val together (results/guidance_tuning.json, "chosen").
-DEFAULT_GUIDANCE_THRESHOLD = 0.5
+DEFAULT_GUIDANCE_THRESHOLD = 0.3
 
 
 @dataclasses.dataclass

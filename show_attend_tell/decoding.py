@@ -256,18 +256,16 @@ def constrained_beam_search(
     max_length: int = 20,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
-    within: int | None = None,
 ) -> list[list[Hypothesis]]:
     """Constrained beam search (Anderson et al. 2017): image b's caption must contain, for each of its
-    constraints `constraints[b]`, one word of that set (a disjunctive constraint: {cat, cats}), among its first
-    `within` words (None: anywhere).
+    constraints `constraints[b]`, one word of that set (a disjunctive constraint: {cat, cats}).
 
     The search keeps K beams for each subset of satisfied constraints (a finite-state machine with 2^C states);
     a word moves a beam to the state with that word's constraints added, and only beams that satisfied every
     constraint may end. Images are grouped by their number of constraints and each group is searched as one
     batch through the decoder's `step`; an image without constraints gets plain `beam_search`. Returns, per
     image, up to K hypotheses that meet every constraint, best first by normalised score; if none can (too
-    short a max_length or `within`), plain beam search's.
+    short a max_length), plain beam search's.
     """
     results: list[list[Hypothesis]] = [[] for _ in range(encoded.features.size(0))]
     options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
@@ -280,7 +278,7 @@ def constrained_beam_search(
         if count == 0:
             found = beam_search(decoder, part, no_repeat_ngram=no_repeat_ngram, **options)
         else:
-            found = _constrained(decoder, part, [constraints[i] for i in images], no_repeat_ngram, within, **options)
+            found = _constrained(decoder, part, [constraints[i] for i in images], no_repeat_ngram, **options)
         for image, hypotheses in zip(images, found, strict=True):
             results[image] = hypotheses
     return results
@@ -291,7 +289,6 @@ def _constrained(
     encoded: Encoded,
     constraints: list[Sequence[Collection[int]]],
     no_repeat_ngram: int,
-    within: int | None,
     *,
     beam_size: int,
     max_length: int,
@@ -337,8 +334,6 @@ def _constrained(
         log_probs[:, END_ID].masked_fill_(~ends_satisfied.view(-1), float("-inf"))
         log_probs = torch.where(finished.unsqueeze(1), frozen, log_probs)  # (B*S*K, V)
         candidates = log_probs.view(B, rows_per_image, V) + scores.view(B, rows_per_image, 1)  # (B, S*K, V)
-        if within is not None and t == within:
-            bits.zero_()  # from here on no word satisfies a constraint
         targets = row_state.view(1, -1, 1) | bits.view(B, 1, V)  # (B, S*K, V) the state each candidate reaches
         new_scores, new_index = [], []
         for s in range(S):
@@ -357,8 +352,7 @@ def _constrained(
         # log p only falls, so nothing can enter the accepting top K any more.
         flat_scores = scores.view(B, rows_per_image)
         alive = ~finished.view(B, rows_per_image) & (flat_scores > float("-inf"))
-        hopeful = alive if within is None or t + 1 < within else alive & accepting  # may still be accepted
-        best_running = flat_scores.masked_fill(~hopeful, float("-inf")).max(dim=1).values  # (B,)
+        best_running = flat_scores.masked_fill(~alive, float("-inf")).max(dim=1).values  # (B,)
         worst_accepted = flat_scores[:, accepting].min(dim=1).values  # (B,)
         accepted_done = (~alive)[:, accepting].all(dim=1)  # (B,) every accepting beam ended (or never began)
         if bool((accepted_done & (best_running <= worst_accepted)).all()):
@@ -368,7 +362,7 @@ def _constrained(
         beams = slice(first_rows[b, 0] + (S - 1) * K, first_rows[b, 0] + S * K)  # the accepting state's
         results.append(_ranked(tokens[beams], alphas[beams], scores[b, S - 1], length_penalty))
     unmet = [b for b, hypotheses in enumerate(results) if not hypotheses]
-    if unmet:  # no caption could meet the constraints (too short a max_length, or `within`): the plain search's
+    if unmet:  # no caption could meet the constraints (too short a max_length): the plain search's
         found = beam_search(
             decoder,
             encoded.select(torch.tensor(unmet, device=device)),

@@ -17,11 +17,16 @@ import torch
 from PIL import Image
 
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
-from show_attend_tell.decoding import constrained_beam_search, greedy
+from show_attend_tell.config import (
+    DEFAULT_BEAM_SIZE,
+    DEFAULT_GUIDANCE_THRESHOLD,
+    DEFAULT_LENGTH_PENALTY,
+    DEFAULT_MAX_LENGTH,
+)
+from show_attend_tell.decoding import best_captions
 from show_attend_tell.guidance import Guidance, GuideWord, LabelHead, positions
 from show_attend_tell.images import load_image
-from show_attend_tell.model import image_transform
+from show_attend_tell.inference import image_features
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
 
@@ -64,7 +69,6 @@ class Captioner:
     ) -> None:
         self.model, self.vocab, self.config = model, vocab, config
         self.device = torch.device(device)
-        self.transform = image_transform(model.config)
         self.guidance = Guidance(vocab, threshold=guidance_threshold)
         self.labels = LabelHead.for_encoder(model.config.encoder).to(self.device)
 
@@ -79,13 +83,13 @@ class Captioner:
     ) -> Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
 
-        int8: quantize the decoder for speed (default: on the CPU; see model.int8_decoder for what it costs).
+        int8: quantize the decoder for speed (default: on the CPU; see inference.Int8Decoder for what it costs).
         guidance_threshold: a photo's caption must name a concept of the encoder's ImageNet labels whose
         probability reaches this (see guidance.py); None turns label guidance off.
         """
         if int8 is None:
             int8 = torch.device(device).type == "cpu"
-        model, vocab, config = load_model(path or SHIPPED_MODEL, device=device, int8=int8)
+        model, vocab, config = load_model(path or SHIPPED_MODEL, device=device, inference=True, int8=int8)
         return cls(model, vocab, config, device, guidance_threshold=guidance_threshold)
 
     @property
@@ -98,7 +102,7 @@ class Captioner:
         images: Sequence[Image.Image | str | Path],
         *,
         beam_size: int = DEFAULT_BEAM_SIZE,
-        max_length: int = 20,
+        max_length: int = DEFAULT_MAX_LENGTH,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
         mentions: Sequence[str] = (),
         guide: bool = True,
@@ -110,22 +114,18 @@ class Captioner:
         add a word when one is confident enough (see `Captioner.load`'s guidance_threshold)."""
         users = self.guidance.user_words(mentions)
         pictures = [load_image(image) for image in images]  # RGB, upright, fully decoded
-        batch = torch.stack([self.transform(picture) for picture in pictures]).to(self.device)
-        features = self.model.encoder(batch)  # (B, P, E)
+        features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
         encoded = self.model.decoder.encode(features)  # (B, P, *)
         labels = self.guidance.label_words(self.labels(features)) if guide else [[] for _ in pictures]
         guides = [self.guidance.combine(words, users) for words in labels]
-        if beam_size == 1 and not any(guides):
-            beams = [[h] for h in greedy(self.model.decoder, encoded, max_length=max_length)]
-        else:
-            beams = constrained_beam_search(
-                self.model.decoder,
-                encoded,
-                [self.guidance.constraints(words) for words in guides],
-                beam_size=beam_size,
-                max_length=max_length,
-                length_penalty=length_penalty,
-            )
+        beams = best_captions(
+            self.model.decoder,
+            encoded,
+            [self.guidance.constraints(words) for words in guides],
+            beam_size=beam_size,
+            max_length=max_length,
+            length_penalty=length_penalty,
+        )
         g = self.grid_size
         results = []
         for hypotheses, guide_words in zip(beams, guides, strict=True):

@@ -8,17 +8,15 @@ and loading checks that the local encoder weights are those. A fine-tuned encode
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from show_attend_tell.config import ModelConfig, from_dict, save_json, to_dict
+from show_attend_tell.config import ModelConfig, from_dict, save_json, to_dict, write_atomically
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import CaptionModel, Encoder, int8_decoder
+from show_attend_tell.model import CaptionModel, Encoder
 from show_attend_tell.text import Vocabulary
 
 FORMAT_VERSION = 1
@@ -80,21 +78,10 @@ def save_model(
         "dtype": "float16" if half else "float32",
         **(extra or {}),
     }
-    _atomic(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format_version": "1"}))
-    _atomic(directory / CONFIG_FILE, lambda p: save_json(config, p))
-    _atomic(directory / VOCAB_FILE, vocab.save)
+    write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format_version": "1"}))
+    write_atomically(directory / CONFIG_FILE, lambda p: save_json(config, p))
+    write_atomically(directory / VOCAB_FILE, vocab.save)
     return directory
-
-
-def _atomic(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def read_config(directory: str | Path) -> dict:
@@ -120,13 +107,15 @@ def load_model(
     device: str | torch.device = "cpu",
     with_encoder: bool = True,
     pretrained_encoder: bool = True,
+    inference: bool = False,
     int8: bool = False,
 ) -> tuple[CaptionModel, Vocabulary, dict]:
     """Load a checkpoint directory -> (model in eval mode, vocabulary, config dict).
 
     with_encoder=False skips the encoder (enough for cached features). pretrained_encoder=False builds an
     untrained encoder (tests); otherwise the local encoder weights must match the recorded sha256.
-    int8=True quantizes the decoder for faster CPU inference (see model.int8_decoder; CPU only).
+    inference=True gives the decoder made fast for inference (inference.for_inference; no gradients), int8=True
+    the int8 one (CPU only). Without either it is model.py's, for training or export.
     """
     if int8 and torch.device(device).type != "cpu":
         raise InputError(f"int8 decoding runs on the CPU only, not on {device}")
@@ -170,8 +159,10 @@ def load_model(
     if encoder is not None and model_config.fine_tune_blocks:
         load_encoder_state(encoder, encoder_tensors, weights_path)
     model.eval()
-    if int8:
-        model.decoder = int8_decoder(model.decoder)
+    if inference or int8:
+        from show_attend_tell.inference import for_inference
+
+        model = for_inference(model, int8=int8)
     return model.to(device), vocab, config
 
 

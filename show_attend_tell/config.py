@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +23,9 @@ DEFAULT_BEAM_SIZE = 7
 # A photo's caption must name a concept of the encoder's ImageNet labels whose probability reaches this (guidance.py);
 # chosen on coco-dev and Flickr8k val together (results/guidance_tuning.json, "chosen").
 DEFAULT_GUIDANCE_THRESHOLD = 0.3
+# Words per caption at most, when decoding (a caption still running is cut there); Flickr8k's references
+# are 11 words on average.
+DEFAULT_MAX_LENGTH = 20
 
 
 @dataclasses.dataclass
@@ -64,13 +70,24 @@ class TrainConfig:
     val_max_images: int = 0  # 0 = the whole val split
     early_stop_metric: str = "CIDEr"
     patience: int = 3  # validations without improvement before stopping
-    max_caption_length: int = 20
+    max_caption_length: int = DEFAULT_MAX_LENGTH
     init_from: str = ""  # start from this checkpoint's weights (e.g. cross-entropy training before SCST)
     self_critical: bool = False  # optimise CIDEr-D by self-critical sequence training instead of cross-entropy
     scst_samples: int = 5  # sampled captions per image; each one's baseline is the mean of the others
     # SCST + this x cross-entropy on the images' reference captions (a mixed objective): the reference
     # captions keep the language model from padding captions towards CIDEr-D's preferred length
     scst_xe_weight: float = 0.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the training data is: a prepared dataset and (for a frozen encoder) its feature store."""
+
+    prepared: str
+    # empty: read images and run the encoder; else a `sat features` store: grid features (frozen encoder), or
+    # the output of a block (--stage) when fine-tuning the blocks after it
+    features: str = ""
+    captions_per_image: int = 5  # how many of each image's captions a batch uses (the first ones)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -93,3 +110,16 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 def save_json(data: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomically(path: str | Path, write: Callable[[str], Any]) -> None:
+    """write(temporary path) in `path`'s folder, then one rename: readers never see a partial file, and a
+    failed write (an exception) leaves `path` as it was."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)

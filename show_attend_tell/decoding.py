@@ -1,7 +1,7 @@
 """Decoders: greedy, sampling (for self-critical training) and batched beam search, all through one `step`.
 
-Each takes a `decoder` with `init_state(encoded)` and `step(words, state, encoded)` (see model.py) and
-an `Encoded` batch of B images; shapes use the letters declared in model.py.
+Each takes any `model.Decoder` (the LSTM of model.py, the int8 one of inference.py, ...) and what its `encode`
+returned for a batch of B images; shapes use the letters declared in model.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
-from show_attend_tell.model import Encoded
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
+from show_attend_tell.model import Decoder, EncodedImages, select_rows
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
 # No caption repeats a trigram ("in the water in the water"). Self-critical training otherwise learns to pad
@@ -40,7 +40,11 @@ def length_normalised(log_prob: float, length: int, length_penalty: float) -> fl
 
 @torch.no_grad()
 def greedy(
-    decoder, encoded: Encoded, *, max_length: int = 20, no_repeat_ngram: int = NO_REPEAT_NGRAM
+    decoder: Decoder,
+    encoded: EncodedImages,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> list[Hypothesis]:
     """The most probable word at every step, for B images at once."""
     tokens, log_probs, alphas = rollout(
@@ -51,8 +55,8 @@ def greedy(
 
 
 def rollout(
-    decoder,
-    encoded: Encoded,
+    decoder: Decoder,
+    encoded: EncodedImages,
     *,
     max_length: int,
     sample: bool,
@@ -140,11 +144,11 @@ def _hypothesis(tokens: torch.Tensor, log_prob: float, alphas: torch.Tensor, len
 
 @torch.no_grad()
 def beam_search(
-    decoder,
-    encoded: Encoded,
+    decoder: Decoder,
+    encoded: EncodedImages,
     *,
     beam_size: int = DEFAULT_BEAM_SIZE,
-    max_length: int = 20,
+    max_length: int = DEFAULT_MAX_LENGTH,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> list[list[Hypothesis]]:
@@ -194,7 +198,7 @@ def beam_search(
         scores, flat_index = candidates.topk(K, dim=1)  # (A, K): the survivors' log p, and which they are
         words = (flat_index % V).view(-1)  # (A*K,)
         rows = (flat_index // V + first_rows).view(-1)  # (A*K,) the row each survivor extends
-        state = (state[0][rows], state[1][rows])
+        state = select_rows(state, rows)
         tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)
         alphas = torch.cat([alphas, alpha.unsqueeze(1)], dim=1)[rows]  # finished beams' extra rows are cut later
         ended = words == END_ID  # (A*K,)
@@ -224,7 +228,7 @@ def beam_search(
             alive, scores, encoded = alive[keep], scores[keep], encoded.select(keep)
             first_rows = first_rows[: alive.numel()]
             tokens, alphas, finished = tokens[rows_kept], alphas[rows_kept], finished[rows_kept]
-            state, words = (state[0][rows_kept], state[1][rows_kept]), words[rows_kept]
+            state, words = select_rows(state, rows_kept), words[rows_kept]
     for a, image in enumerate(alive.tolist()):
         if bool(reported[a]):
             continue
@@ -248,12 +252,12 @@ def _ranked(
 
 @torch.no_grad()
 def constrained_beam_search(
-    decoder,
-    encoded: Encoded,
+    decoder: Decoder,
+    encoded: EncodedImages,
     constraints: Sequence[Sequence[Collection[int]]],
     *,
     beam_size: int = DEFAULT_BEAM_SIZE,
-    max_length: int = 20,
+    max_length: int = DEFAULT_MAX_LENGTH,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> list[list[Hypothesis]]:
@@ -285,8 +289,8 @@ def constrained_beam_search(
 
 
 def _constrained(
-    decoder,
-    encoded: Encoded,
+    decoder: Decoder,
+    encoded: EncodedImages,
     constraints: list[Sequence[Collection[int]]],
     no_repeat_ngram: int,
     *,
@@ -344,7 +348,7 @@ def _constrained(
         flat_index = torch.stack(new_index, dim=1).view(B, rows_per_image)  # (B, S*K)
         words = (flat_index % V).view(-1)
         rows = (flat_index // V + first_rows).view(-1)  # the row each survivor extends
-        state = tuple(part[rows] for part in state)
+        state = select_rows(state, rows)
         tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)
         alphas = torch.cat([alphas, alpha.unsqueeze(1)], dim=1)[rows]
         finished = finished[rows] | (words == END_ID)
@@ -374,3 +378,22 @@ def _constrained(
         for b, hypotheses in zip(unmet, found, strict=True):
             results[b] = hypotheses
     return results
+
+
+def best_captions(
+    decoder: Decoder,
+    encoded: EncodedImages,
+    constraints: Sequence[Sequence[Collection[int]]] | None = None,
+    *,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
+) -> list[list[Hypothesis]]:
+    """Per image, its hypotheses best first: greedy for beam_size 1 (one hypothesis), else beam search;
+    constrained beam search for the images with `constraints` (see constrained_beam_search)."""
+    options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+    if constraints is not None and any(constraints):
+        return constrained_beam_search(decoder, encoded, constraints, **options)
+    if beam_size == 1:
+        return [[h] for h in greedy(decoder, encoded, max_length=max_length)]
+    return beam_search(decoder, encoded, **options)

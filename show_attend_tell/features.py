@@ -20,7 +20,8 @@ from tqdm import tqdm
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.errors import InputError
 from show_attend_tell.images import load_image
-from show_attend_tell.model import Encoder, image_transform, stage_shape
+from show_attend_tell.inference import image_features
+from show_attend_tell.model import Encoder, stage_shape
 
 FEATURES_FILE = "features.npy"
 DONE_FILE = "done.npy"
@@ -181,21 +182,19 @@ def extract_features(
     features = np.load(directory / FEATURES_FILE, mmap_mode="r+")
     done = np.load(directory / DONE_FILE, mmap_mode="r+")
     pending = [i for i in np.flatnonzero(done == 0).tolist() if i % world_size == rank]
-    transform = image_transform(config)
     encoder = encoder.to(device).eval()
     failed: dict[str, str] = {}
     bar = tqdm(total=len(pending), desc="features", unit="img", disable=not progress or rank != 0)
     for start in range(0, len(pending), batch_size):
-        rows, tensors = [], []
+        rows, pictures = [], []
         for i in pending[start : start + batch_size]:
             try:
-                tensors.append(transform(load_image(paths[i])))
+                pictures.append(load_image(paths[i]))
                 rows.append(i)
             except InputError as error:
                 failed[str(paths[i])] = str(error)
         if rows:
-            batch = torch.stack(tensors).to(device)  # (B, 3, S, S)
-            grid = encoder.forward_until(batch, stage) if stage else encoder(batch)  # (B, h*w, C) or (B, P, E)
+            grid = image_features(encoder, pictures, config, device, stage=stage)  # (B, h*w, C) or (B, P, E)
             grid = grid.half().cpu().numpy()
             order = np.argsort(rows)
             rows_sorted = np.asarray(rows)[order]

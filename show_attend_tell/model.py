@@ -9,12 +9,13 @@ Shape letters used in the comments below:
 Xu et al. 2015, section 3.1.2 and 4.2: at step t the attention reads h_{t-1}, forms the context z_t, gates
 it with beta_t, and the LSTM consumes [E y_{t-1}; beta_t z_t] to give h_t, from which y_t is predicted.
 `CaptionDecoder.step` is the only code that computes a word distribution; every decoder goes through it.
+The CPU speed-ups (chunked encoder and attention, the int8 decoder) live beside this file, in inference.py.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,41 +24,76 @@ from torch import nn
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.text import PAD_ID
 
-State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (N, D)
+State = tuple[torch.Tensor, ...]  # any decoder's state: tensors whose first dimension is the N rows
+StateT = TypeVar("StateT", bound=tuple)
 
 
-def image_transform(config: ModelConfig):
+class EncodedImages(Protocol):
+    """What a decoder computes once per image: `features` (B, P, F) and whatever else its steps read."""
+
+    features: torch.Tensor  # (B, P, F)
+
+    def select(self, index: torch.Tensor | slice) -> EncodedImages:
+        """Rows `index` of every tensor (e.g. each caption's image, or the images still decoding)."""
+        ...
+
+
+class Decoder(Protocol):
+    """The interface greedy, sampling, beam search and SCST are written against (decoding.py).
+
+    `encode` runs once per image; `init_state` gives one state row per image; `step` advances N = B*K rows,
+    K consecutive rows per image of `encoded` (K = 1: one row per image; beams or samples otherwise). A state
+    is a tuple of tensors whose first dimension is N, so search can reorder any decoder's state with
+    `select_rows`. The LSTM below satisfies it; hard attention or a Transformer decoder can too."""
+
+    def encode(self, features: torch.Tensor) -> EncodedImages:
+        """(B, P, E) encoder features -> what every step reads."""
+        ...
+
+    def init_state(self, encoded: EncodedImages) -> State:
+        """-> the state before the first word, each tensor (B, ...)."""
+        ...
+
+    def step(
+        self, words: torch.Tensor, state: State, encoded: EncodedImages
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """previous words (N,) -> log p(next word) (N, V), the new state, attention alpha (N, P)."""
+        ...
+
+
+def select_rows(state: StateT, rows: torch.Tensor | slice) -> StateT:
+    """The state of rows `rows` (a beam's parents, surviving images, the captions still running): any decoder's."""
+    return tuple(part[rows] for part in state)
+
+
+def image_transform(config: ModelConfig, *, augment: bool = False):
     """PIL RGB image -> (3, S, S) encoder input: the whole photo resized to S x S (a caption describes the
-    whole scene, so no crop), normalised with the mean/std that belong to the encoder weights."""
+    whole scene, so no crop), normalised as the encoder weights expect. augment=True (encoder fine-tuning): a
+    mild random crop and colour jitter instead of the plain resize; no flips, they swap 'left' and 'right'."""
     from torchvision import transforms
 
     from show_attend_tell.weights import ENCODER_WEIGHTS
 
-    weights = ENCODER_WEIGHTS[config.encoder]
-    return transforms.Compose(
-        [
-            transforms.Resize((config.image_size, config.image_size), antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(weights.mean, weights.std),
+    size = (config.image_size, config.image_size)
+    if augment:
+        resize = [
+            transforms.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            transforms.ColorJitter(0.1, 0.1, 0.1),
         ]
-    )
+    else:
+        resize = [transforms.Resize(size, antialias=True)]
+    return transforms.Compose([*resize, transforms.ToTensor(), ENCODER_WEIGHTS[config.encoder].normalize()])
 
 
 class Encoded(NamedTuple):
     """Image features with their attention term, computed once per image, not once per step."""
 
-    features: torch.Tensor  # (N, P, F)
-    projected: torch.Tensor  # (N, P, A): 2 (W_a a_i + b_a), see SoftAttention.project
+    features: torch.Tensor  # (B, P, F)
+    projected: torch.Tensor  # (B, P, A): u_i = 2 (W_a a_i + b_a), see SoftAttention.project
 
-    def select(self, index: torch.Tensor) -> Encoded:
+    def select(self, index: torch.Tensor | slice) -> Encoded:
         """Rows `index` (e.g. each caption's image, or the images still decoding) without recomputing anything."""
         return Encoded(self.features[index], self.projected[index])
-
-
-CPU_CHUNK_PIXELS = 4 * 224 * 224  # input pixels per encoder forward on CPU at inference (see Encoder.forward)
-ENERGY_CHUNK_BYTES = 4 << 20  # attention energies per pass at inference (see SoftAttention.forward)
-EXP_CLAMP = 43.0  # |terms| bound in the product form of the energies (see SoftAttention.project)
-_ONE = torch.ones(())
 
 
 class Encoder(nn.Module):
@@ -125,10 +161,7 @@ class Encoder(nn.Module):
 
     def forward_until(self, images: torch.Tensor, stage: str) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, h*w, C), the output of residual block `stage` (e.g. layer4.0): what a
-        feature store caches when the blocks after it are fine-tuned on cached inputs. Chunked on CPU as forward."""
-        chunked = _in_cpu_chunks(lambda part: self.forward_until(part, stage), images)
-        if chunked is not None:
-            return chunked
+        feature store caches when the blocks after it are fine-tuned on cached inputs."""
         x = self.trunk[:4](images)  # stem: conv, BatchNorm, ReLU, max-pool
         for name, block in self.blocks.items():
             x = block(x)
@@ -158,33 +191,9 @@ class Encoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) normalised images -> (B, P, E) grid features.
-
-        On CPU, inference runs a few images at a time, CPU_CHUNK_PIXELS of input per forward: ResNet-50 on the
-        2-core target machine took ~55 ms per image at 224 px in batches of 2-4 and ~87 ms in batches of 32, whose
-        activations overflow the caches; at 448 px, 204 ms one at a time and 290 ms in batches of 4
-        (results/cpu_ops.json). Each chunk's grid goes straight into the output, so its activations are freed for
-        the next chunk to reuse; keeping every chunk's grid for one torch.cat made 32 photos in one call slower
-        per photo than 32 calls (photo to caption 0.97x before, 1.03-1.08x after: results/decode_speed*.json)."""
-        chunked = _in_cpu_chunks(self, images)
-        if chunked is not None:
-            return chunked
+        """(B, 3, S, S) normalised images -> (B, P, E) grid features (inference.encode_images runs it on CPU)."""
         grid = self.pool(self.trunk(images))  # (B, E, g, g)
         return grid.flatten(2).transpose(1, 2)  # (B, P, E)
-
-
-def _in_cpu_chunks(run, images: torch.Tensor) -> torch.Tensor | None:
-    """run(images) cpu_chunk images at a time, each chunk's output written straight into the result, for CPU
-    inference on more images than a chunk (see Encoder.forward); None where that does not apply."""
-    chunk = cpu_chunk(images.size(2) * images.size(3))
-    if images.device.type != "cpu" or torch.is_grad_enabled() or images.size(0) <= chunk:
-        return None
-    first = run(images[:chunk])  # (chunk, ...)
-    outputs = first.new_empty(images.size(0), *first.shape[1:])
-    outputs[:chunk] = first
-    for start in range(chunk, images.size(0), chunk):
-        outputs[start : start + chunk] = run(images[start : start + chunk])
-    return outputs
 
 
 def trunk_blocks(trunk: nn.Sequential) -> dict[str, nn.Module]:
@@ -202,11 +211,6 @@ def stage_shape(config: ModelConfig, stage: str) -> tuple[int, int]:
     return side, 256 * 2 ** (layer - 1)
 
 
-def cpu_chunk(pixels: int) -> int:
-    """Images of `pixels` input pixels each per encoder forward on CPU: 4 at 224 px, 1 from 317 px."""
-    return max(1, CPU_CHUNK_PIXELS // pixels)
-
-
 class SoftAttention(nn.Module):
     """Bahdanau attention: e = w^T tanh(W_a a_i + W_h h), alpha = softmax(e), context = sum_i alpha_i a_i."""
 
@@ -215,74 +219,42 @@ class SoftAttention(nn.Module):
         self.encoder_projection = nn.Linear(feature_dim, attention_dim)  # W_a
         self.decoder_projection = nn.Linear(decoder_dim, attention_dim)  # W_h
         self.score = nn.Linear(attention_dim, 1)  # w
-        self.product_form = False  # inference only: int8_decoder sets it (see project)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(B, P, F) features -> their term of the energy, u_i = 2 (W_a a_i + b_a), once per image (doubled for
-        the sigmoid form in forward).
+        the sigmoid form in forward)."""
+        return self.encoder_projection(features).mul(2)
 
-        In the product form it stores exp(-u_i) instead: with v = 2 W_h h, sigmoid(u_i + v) = 1 / (1 + e^-u_i
-        e^-v), one multiply-add and a reciprocal per energy instead of an add and an exp. Both terms are clamped
-        to +-43, so every product lies in [e^-86, e^86]: finite and normal in fp32 (no inf * 0, no denormals).
-        A term beyond that saturates the sigmoid either way unless the other is nearly as large and of opposite
-        sign: the shipped model over 500 val and test photos had |u| <= 73 but |v| <= 13, so a clamped energy
-        moves by less than e^-30."""
-        projected = self.encoder_projection(features).mul(2)
-        if self.product_form:
-            return projected.clamp_(-EXP_CLAMP, EXP_CLAMP).neg_().exp_()
-        return projected
-
-    def forward(
-        self, encoded: Encoded, h: torch.Tensor, hidden: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, encoded: Encoded, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """encoded (B rows), h (N, D) with N = B*K: K consecutive rows per image (its beams or samples; K = 1
         for one row per image) -> context (N, F), alpha (N, P). The K rows of an image read its features in
-        place, so beams never copy them. `hidden` is 2 W_h h (N, A) when the caller has computed it already.
+        place, so beams never copy them.
 
         w^T tanh(u) = 2 w^T sigmoid(2u) - sum(w), and softmax ignores a constant: the same alpha from sigmoid,
-        which ran ~6x faster than tanh on the target CPU (results/cpu_ops.json); tanh was the largest cost of
-        a beam step. tests/test_model.py checks alpha, context and gradients against the paper's formula."""
+        which is much cheaper than tanh on CPU (results/cpu_ops.json, tanh_vs_sigmoid).
+        tests/test_model.py checks alpha, context and gradients against the paper's formula."""
         B, P, A = encoded.projected.shape
-        N = h.size(0)
-        if N % B:
-            raise ValueError(f"attention: {N} decoder rows do not split evenly over {B} images")
-        K = N // B
-        if hidden is None:
-            hidden = self.decoder_projection(h).mul(2)  # (N, A)
-        hidden = hidden.view(B, K, 1, A)
-        if torch.is_grad_enabled():
-            energy = torch.add(encoded.projected.unsqueeze(1), hidden).sigmoid_()  # (B, K, P, A)
-            # 2 (w^T sigmoid + b) in one op; b cannot move alpha, but trains
-            alpha = torch.addmv(self.score.bias, energy.view(-1, A), self.score.weight.view(A), beta=2, alpha=2)
-        else:
-            alpha = self._inference_scores(encoded.projected, hidden)
-        alpha = alpha.view(B, K, P).softmax(dim=2)  # (B, K, P)
-        context = torch.bmm(alpha, encoded.features)  # (B, K, F)
-        return context.view(N, -1), alpha.view(N, P)
+        K = rows_per_image(h.size(0), B)
+        hidden = self.decoder_projection(h).mul(2).view(B, K, 1, A)  # v = 2 (W_h h + b_h)
+        energy = torch.add(encoded.projected.unsqueeze(1), hidden).sigmoid_()  # (B, K, P, A)
+        # 2 (w^T sigmoid + b) in one op; b cannot move alpha, but trains
+        scores = torch.addmv(self.score.bias, energy.view(-1, A), self.score.weight.view(A), beta=2, alpha=2)
+        return attend(scores.view(B, K, P), encoded.features)
 
-    def _inference_scores(self, projected: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, P, A) image terms, (B, K, 1, A) decoder terms -> 2 w^T sigmoid(u + v), (B*K*P), without grad.
 
-        The energies are computed a few images at a time into one reused buffer that stays in the core's cache
-        between the passes over it; one (B, K, P, A) tensor (38 MB for 32 photos x 3 beams on a 14x14 grid)
-        made each pass a trip to memory plus fresh pages: 19.3 ms per call against 5.1 in chunks and 3.8 in chunks
-        in the product form (results/cpu_ops.json, attention_step). b is left out: softmax ignores a constant."""
-        B, K, _, A = hidden.shape
-        P = projected.size(1)
-        images = max(1, ENERGY_CHUNK_BYTES // (K * P * A * projected.element_size()))
-        buffer = projected.new_empty(min(images, B), K, P, A)
-        w = self.score.weight.view(A, 1)
-        if self.product_form:
-            hidden = hidden.clamp(-EXP_CLAMP, EXP_CLAMP).neg_().exp_()
-        scores = []
-        for image_terms, decoder_terms in zip(projected.split(images), hidden.split(images), strict=True):
-            energy = buffer[: image_terms.size(0)]  # (b, K, P, A)
-            if self.product_form:  # 1 / (1 + e^-u e^-v)
-                torch.addcmul(_ONE, image_terms.unsqueeze(1), decoder_terms, out=energy).reciprocal_()
-            else:
-                torch.add(image_terms.unsqueeze(1), decoder_terms, out=energy).sigmoid_()
-            scores.append(torch.matmul(energy.view(-1, A), w))
-        return torch.cat(scores).mul_(2).view(-1)
+def rows_per_image(rows: int, images: int) -> int:
+    """K, the decoder rows of each image, for N = B*K rows."""
+    if rows % images:
+        raise ValueError(f"attention: {rows} decoder rows do not split evenly over {images} images")
+    return rows // images
+
+
+def attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies (B, K, P), features (B, P, F) -> context (N, F), alpha (N, P) with N = B*K."""
+    B, K, P = scores.shape
+    alpha = scores.softmax(dim=2)  # (B, K, P)
+    context = torch.bmm(alpha, features)  # (B, K, F)
+    return context.view(B * K, -1), alpha.view(B * K, P)
 
 
 class CaptionDecoder(nn.Module):
@@ -305,7 +277,7 @@ class CaptionDecoder(nn.Module):
         self.feature_projection = (
             nn.Sequential(nn.Linear(E, features_dim), nn.ReLU(), nn.Dropout(config.dropout))
             if config.feature_dim
-            else None
+            else nn.Identity()
         )
         self.attention = SoftAttention(feature_dim=features_dim, decoder_dim=D, attention_dim=A)
         self.init_h = nn.Sequential(nn.Linear(features_dim, D), nn.Tanh())  # h_0 = MLP(mean_i a_i)
@@ -319,121 +291,31 @@ class CaptionDecoder(nn.Module):
             self.L_o = nn.Linear(M, V)
         else:
             self.L_o = nn.Linear(D, V)
-        # Set by int8_decoder: the layers that read the same input merged into one matmul each.
-        self.h_projections: nn.Module | None = None  # h -> [2 W_h h; f_beta(h)]
-        self.h_split = (A, features_dim)
-        self.deep_projections: nn.Module | None = None  # [h; beta z] -> L_h h + L_z beta z
 
     def encode(self, features: torch.Tensor) -> Encoded:
         """(B, P, E) encoder features -> Encoded: projected to F (if configured), and the attention's term
         W_a a_i, both done once per image."""
-        if self.feature_projection is not None:
-            features = self.feature_projection(features)  # (B, P, F)
+        features = self.feature_projection(features)  # (B, P, F)
         return Encoded(features, self.attention.project(features))  # (B, P, F), (B, P, A)
 
-    def init_state(self, encoded: Encoded) -> State:
-        mean = encoded.features.mean(dim=1)  # (N, F)
-        return self.init_h(mean), self.init_c(mean)  # (N, D) each
+    def init_state(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = encoded.features.mean(dim=1)  # (B, F)
+        return self.init_h(mean), self.init_c(mean)  # (h, c), (B, D) each
 
-    def step(self, words: torch.Tensor, state: State, encoded: Encoded) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """One decoding step: previous words (N,) -> log p(next word) (N, V), new state, alpha (N, P).
+    def step(
+        self, words: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], encoded: Encoded
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """One decoding step: previous words (N,) -> log p(next word) (N, V), new state (h, c), alpha (N, P).
 
         `encoded` holds B images and the N = B*K rows are K consecutive rows per image (see SoftAttention)."""
         h, c = state
         embedded = self.embedding(words)  # (N, M)
-        if self.h_projections is None:
-            hidden, beta_logits = None, self.f_beta(h)  # the attention projects h itself; (N, F)
-        else:
-            hidden, beta_logits = self.h_projections(h).split(self.h_split, dim=1)  # (N, A), (N, F)
-        context, alpha = self.attention(encoded, h, hidden)  # (N, F), (N, P)
-        gated = torch.sigmoid(beta_logits) * context  # (N, F)
+        context, alpha = self.attention(encoded, h)  # (N, F), (N, P)
+        gated = torch.sigmoid(self.f_beta(h)) * context  # (N, F)
         h, c = self.lstm(torch.cat([embedded, gated], dim=1), (h, c))  # (N, D) each
-        if not self.deep_output:
-            out = h
-        elif self.deep_projections is None:
-            out = embedded + self.L_h(h) + self.L_z(gated)  # (N, M)
-        else:
-            out = embedded + self.deep_projections(torch.cat([h, gated], dim=1))
-        logits = self.L_o(self.dropout(out) if self.training else out)  # (N, V)
+        out = embedded + self.L_h(h) + self.L_z(gated) if self.deep_output else h  # (N, M) or (N, D)
+        logits = self.L_o(self.dropout(out))  # (N, V)
         return F.log_softmax(logits, dim=1), (h, c), alpha
-
-
-def int8_decoder(decoder: CaptionDecoder) -> CaptionDecoder:
-    """A copy of the decoder with int8 weights in its Linear and LSTMCell layers (dynamic quantization), for
-    CPU inference. A beam-search step over a few rows is bound by reading fp32 weights; int8 reads a quarter
-    of the bytes and runs VNNI kernels, ~4x faster per step here. Captions can differ slightly: `sat evaluate
-    --int8` measures the effect (results/ records it for the shipped model). Activations are scaled per call,
-    so a photo's log-probabilities move a little (~1%) with the other photos of its batch.
-
-    The attention score w (A -> 1) is not quantized: its weights are tiny, while quantizing its input would
-    scan and round the whole (N, P, A) energy tensor every step."""
-    import copy
-    import warnings
-
-    with warnings.catch_warnings():  # eager-mode quantization is deprecated in favour of torchao, which is
-        warnings.simplefilter("ignore")  # not a dependency here; the pinned torch has it
-        quantized = torch.ao.quantization.quantize_dynamic(decoder, {nn.Linear, nn.LSTMCell}, dtype=torch.qint8)
-    quantized.attention.score = copy.deepcopy(decoder.attention.score)
-    # The layers that read the same input become one matmul each: a beam step over a few rows costs a fixed
-    # overhead per layer. Per-channel scales keep the merged layers' different weight ranges apart.
-    attention = decoder.attention
-    quantized.h_projections = _int8_linear(  # 2 W_h h as SoftAttention.forward takes it, and f_beta(h)
-        torch.cat([2 * attention.decoder_projection.weight, decoder.f_beta.weight]),
-        torch.cat([2 * attention.decoder_projection.bias, decoder.f_beta.bias]),
-    )
-    quantized.attention.decoder_projection = quantized.f_beta = None  # step reads them through h_projections
-    if decoder.deep_output:
-        quantized.deep_projections = _int8_linear(
-            torch.cat([decoder.L_h.weight, decoder.L_z.weight], dim=1), decoder.L_h.bias + decoder.L_z.bias
-        )
-        quantized.L_h = quantized.L_z = None  # and these through deep_projections
-    # The attention energies in the product form (SoftAttention.project): the largest cost of a batched step.
-    quantized.attention.product_form = True
-    quantized.lstm = Int8LSTMCell(quantized.lstm)
-    quantized.L_o = Int8Linear(quantized.L_o)
-    return quantized
-
-
-def _int8_linear(weight: torch.Tensor, bias: torch.Tensor) -> Int8Linear:
-    """A dynamically quantized Linear with these fp32 weights (out, in) and bias, one scale per output."""
-    import warnings
-
-    linear = nn.Linear(weight.size(1), weight.size(0))
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        return Int8Linear(torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear: qconfig})[0])
-
-
-# A torch.ao dynamically quantized module spends ~5 us of Python around its op (input checks, dtype dispatch,
-# attribute lookups; results/cpu_ops.json), ~20 us over the four such layers of a beam step. The two classes
-# below call the same ops on the same packed weights directly; tests/test_model.py checks they give the very
-# same outputs as the torch.ao modules.
-class Int8Linear(nn.Module):
-    """A torch.ao dynamic quantized Linear's op, called directly: (N, in) fp32 -> (N, out) fp32."""
-
-    def __init__(self, quantized: nn.Module) -> None:
-        super().__init__()
-        self.packed = quantized._packed_params._packed_params
-        self.op = torch.ops.quantized.linear_dynamic.default
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x, self.packed, True)  # reduce_range=True, as torch.ao's module passes it
-
-
-class Int8LSTMCell(nn.Module):
-    """A torch.ao dynamic quantized LSTMCell's op, called directly: input (N, I), (h, c) -> (h, c)."""
-
-    def __init__(self, quantized: nn.Module) -> None:
-        super().__init__()
-        self.weights = (quantized._packed_weight_ih, quantized._packed_weight_hh, quantized.bias_ih, quantized.bias_hh)
-        self.op = torch.ops.quantized.quantized_lstm_cell_dynamic.default
-
-    def forward(self, x: torch.Tensor, state: State) -> State:
-        return self.op(x, state, *self.weights)
 
 
 class CaptionModel(nn.Module):
@@ -444,12 +326,6 @@ class CaptionModel(nn.Module):
         self.config = config
         self.encoder = encoder
         self.decoder = CaptionDecoder(config)
-
-    def encode_images(self, images: torch.Tensor) -> Encoded:
-        """(B, 3, S, S) normalised images -> Encoded (B rows)."""
-        if self.encoder is None:
-            raise RuntimeError("this CaptionModel was built without an encoder; pass features instead")
-        return self.decoder.encode(self.encoder(images))
 
     def forward(
         self,
@@ -473,15 +349,13 @@ class CaptionModel(nn.Module):
         words = captions[order]  # (N, T)
         rows = image_index[order]
         encoded = encoded.select(rows)  # (N, P, *)
-        state = (h0[rows], c0[rows])
+        state = select_rows((h0, c0), rows)
         N, total = captions.size(0), int(steps.max())
         log_probs, alphas = [], []
         for t in range(total):
             n = int((steps > t).sum())
-            state = (state[0][:n], state[1][:n])
-            step_log_probs, state, alpha = self.decoder.step(
-                words[:n, t], state, Encoded(encoded.features[:n], encoded.projected[:n])
-            )
+            state = select_rows(state, slice(None, n))
+            step_log_probs, state, alpha = self.decoder.step(words[:n, t], state, encoded.select(slice(None, n)))
             log_probs.append(F.pad(step_log_probs, (0, 0, 0, N - n)))  # (N, V)
             alphas.append(F.pad(alpha, (0, 0, 0, N - n)))  # (N, P)
         inverse = order.argsort()

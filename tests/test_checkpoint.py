@@ -12,7 +12,8 @@ from show_attend_tell.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, l
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoding import beam_search
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import CaptionModel, Encoder, Int8Linear, Int8LSTMCell
+from show_attend_tell.inference import encode_images
+from show_attend_tell.model import CaptionModel, Encoder
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
 WORDS = [*SPECIAL_TOKENS, "a", "dog", "runs", "on", "the", "grass", "cat", "sits"]
@@ -30,7 +31,7 @@ def small_model(fine_tune: tuple[str, ...] = ()) -> tuple[CaptionModel, Vocabula
 
 def outputs(model: CaptionModel, images: torch.Tensor):
     with torch.no_grad():
-        encoded = model.encode_images(images)
+        encoded = model.decoder.encode(encode_images(model.encoder, images))
         return encoded.features, beam_search(model.decoder, encoded, beam_size=3, max_length=6)
 
 
@@ -164,29 +165,35 @@ def test_cli_export_of_several_checkpoints_writes_the_mean_of_their_weights(tmp_
     assert not (tmp_path / "x").exists()
 
 
-def test_int8_decoder_is_quantized_close_to_fp32_and_cpu_only(tmp_path):
+def test_inference_decoders_are_chosen_when_loading_and_close_to_fp32(tmp_path):
+    from show_attend_tell.inference import ChunkedAttention, Int8Decoder, Int8LSTMCell, ProductEncoded, RowInt8Linear
+    from show_attend_tell.model import CaptionDecoder, Encoded, SoftAttention
+
     model, vocab = small_model()
     save_model(model, vocab, tmp_path / "ckpt", encoder_sha256="abc")
-    fp32, _, _ = load_model(tmp_path / "ckpt", with_encoder=False)
+    plain, _, _ = load_model(tmp_path / "ckpt", with_encoder=False)
+    fp32, _, _ = load_model(tmp_path / "ckpt", with_encoder=False, inference=True)
     int8, _, _ = load_model(tmp_path / "ckpt", with_encoder=False, int8=True)
-    decoder = int8.decoder
-    assert isinstance(decoder.lstm, Int8LSTMCell) and isinstance(decoder.L_o, Int8Linear)
-    assert isinstance(decoder.h_projections, Int8Linear) and isinstance(decoder.deep_projections, Int8Linear)
-    assert type(fp32.decoder.lstm) is torch.nn.LSTMCell and fp32.decoder.h_projections is None
-    # the layers the merged ones replace are not carried along
-    assert decoder.f_beta is decoder.L_h is decoder.L_z is decoder.attention.decoder_projection is None
-    assert type(int8.decoder.attention.score) is torch.nn.Linear  # not quantized: w is tiny
-    torch.testing.assert_close(int8.decoder.attention.score.weight, fp32.decoder.attention.score.weight)
+    assert type(plain.decoder.attention) is SoftAttention and type(fp32.decoder.attention) is ChunkedAttention
+    assert type(int8.decoder) is Int8Decoder and isinstance(int8.decoder.lstm, Int8LSTMCell)
+    assert isinstance(int8.decoder.h_projections, RowInt8Linear) and isinstance(int8.decoder.L_o, RowInt8Linear)
+    torch.testing.assert_close(int8.decoder.score, fp32.decoder.attention.score.weight.view(-1))  # w stays fp32
     torch.manual_seed(2)
     features, words = torch.randn(3, 49, 2048), torch.tensor([1, 5, 6])
     with torch.no_grad():
         outputs = []
-        for decoder in (fp32.decoder, int8.decoder):
+        for decoder in (plain.decoder, fp32.decoder, int8.decoder):
             encoded = decoder.encode(features)
             outputs.append(decoder.step(words, decoder.init_state(encoded), encoded))
-    (log_probs, _, alpha), (log_probs8, _, alpha8) = outputs
+    assert type(plain.decoder) is CaptionDecoder and isinstance(encoded, ProductEncoded)  # e^-u, not an Encoded
+    assert not isinstance(encoded, Encoded)
+    (log_probs, _, alpha), (log_probs32, _, alpha32), (log_probs8, _, alpha8) = outputs
+    torch.testing.assert_close(log_probs32, log_probs)
+    torch.testing.assert_close(alpha32, alpha)
     torch.testing.assert_close(log_probs8, log_probs, atol=0.05, rtol=0)
     torch.testing.assert_close(alpha8, alpha, atol=0.01, rtol=0)
+    with pytest.raises(RuntimeError, match="inference"):  # no silent training of a decoder without gradients
+        fp32.decoder.attention(Encoded(features[:, :, :16], torch.zeros(3, 49, 16)), torch.zeros(3, 16))
     with pytest.raises(InputError, match="CPU only"):
         load_model(tmp_path / "ckpt", with_encoder=False, int8=True, device="cuda")
 

@@ -6,16 +6,13 @@ import pytest
 import torch
 from conftest import tiny_decoder_config
 
-import show_attend_tell.model as model_module
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.model import (
     CaptionModel,
     Encoded,
     Encoder,
-    Int8Linear,
-    Int8LSTMCell,
     caption_loss,
-    cpu_chunk,
+    select_rows,
     stage_shape,
 )
 from show_attend_tell.text import END_ID, PAD_ID, START_ID
@@ -102,7 +99,11 @@ def test_feature_projection_sets_the_width_of_every_per_step_multiply():
     projected = CaptionModel(tiny_decoder_config(encoder_dim=8, feature_dim=7)).decoder
     paper = CaptionModel(tiny_decoder_config(encoder_dim=8, feature_dim=0)).decoder
     assert projected.lstm.input_size == 5 + 7 and projected.f_beta.out_features == projected.L_z.in_features == 7
-    assert paper.feature_projection is None and paper.lstm.input_size == 5 + 8 and paper.f_beta.out_features == 8
+    assert (
+        isinstance(paper.feature_projection, torch.nn.Identity)
+        and paper.lstm.input_size == 5 + 8
+        and paper.f_beta.out_features == 8
+    )
     encoded = projected.encode(torch.randn(2, 4, 8))
     assert encoded.features.shape == (2, 4, 7) and bool((encoded.features >= 0).all())  # after the ReLU
     assert encoded.projected.shape == (2, 4, 6)
@@ -186,55 +187,8 @@ def test_encoder_stages_split_the_trunk_exactly():
         Encoder(ModelConfig(vocab_size=10, fine_tune_blocks=("layer4.9",)), pretrained=False)
 
 
-def test_cpu_inference_runs_the_encoder_in_chunks_with_the_same_features(monkeypatch):
-    assert [cpu_chunk(side * side) for side in (224, 320, 448)] == [4, 1, 1]
-    monkeypatch.setattr(model_module, "CPU_CHUNK_PIXELS", 4 * 64 * 64)  # 4 images per chunk at 64 px
-    encoder = Encoder(ModelConfig(vocab_size=10), pretrained=False).eval()
-    batches = []
-    encoder.trunk.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
-    images = torch.randn(4 + 3, 3, 64, 64)
-    with torch.no_grad():
-        chunked = encoder(images)
-    assert batches == [4, 3]
-    whole = encoder(images)  # with grad on (training): one batch
-    assert batches[-1] == 4 + 3
-    torch.testing.assert_close(chunked, whole.detach(), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao's eager quantization
-def test_int8_layers_call_torchs_quantized_ops_with_the_same_results():
-    dynamic = torch.ao.quantization.quantize_dynamic(
-        torch.nn.ModuleList([torch.nn.Linear(16, 24), torch.nn.LSTMCell(16, 8)]),
-        {torch.nn.Linear, torch.nn.LSTMCell},
-        dtype=torch.qint8,
-    )
-    linear, cell = dynamic
-    torch.manual_seed(3)
-    x, state = torch.randn(5, 16), (torch.randn(5, 8), torch.randn(5, 8))
-    assert torch.equal(Int8Linear(linear)(x), linear(x))
-    for got, want in zip(Int8LSTMCell(cell)(x, state), cell(x, state), strict=True):
-        assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("product_form", [False, True])
-def test_inference_attention_in_chunks_matches_the_training_path(monkeypatch, product_form):
-    """Without grad the energies run a few images at a time (and, for the int8 decoder, in the product form
-    1 / (1 + e^-u e^-v)); alpha and context must equal the autograd path's, large terms included."""
-    attention = CaptionModel(tiny_decoder_config(encoder_dim=8, feature_dim=0)).decoder.attention.eval()
-    torch.manual_seed(4)
-    B, K, P = 5, 3, 4
-    features, h = torch.randn(B, P, 8), torch.randn(B * K, attention.decoder_projection.in_features)
-    with torch.no_grad():  # terms up to ~+-100: past the product form's clamp
-        attention.encoder_projection.weight.mul_(30)
-    with torch.enable_grad():
-        context, alpha = attention(Encoded(features, attention.project(features)), h)
-    A = attention.score.in_features
-    monkeypatch.setattr(model_module, "ENERGY_CHUNK_BYTES", 2 * K * P * A * 4)  # 2 images per chunk: 3 chunks
-    attention.product_form = product_form
-    with torch.no_grad():
-        projected = attention.project(features)
-        fast_context, fast_alpha = attention(Encoded(features, projected), h)
-        terms = attention.encoder_projection(features).mul(2)
-    assert terms.abs().max() > model_module.EXP_CLAMP and projected.isfinite().all()  # the clamp was needed
-    torch.testing.assert_close(fast_alpha, alpha.detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(fast_context, context.detach(), atol=1e-5, rtol=1e-5)
+def test_select_rows_reorders_any_decoders_state():
+    state = (torch.arange(4.0).view(4, 1), torch.arange(8).view(4, 2), torch.zeros(4, 2, 3))
+    picked = select_rows(state, torch.tensor([2, 2, 0]))
+    assert [part.shape[0] for part in picked] == [3, 3, 3]
+    assert picked[0].flatten().tolist() == [2.0, 2.0, 0.0] and picked[1][0].tolist() == [4, 5]

@@ -6,7 +6,12 @@ import argparse
 import functools
 import sys
 
-from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
+from show_attend_tell.config import (
+    DEFAULT_BEAM_SIZE,
+    DEFAULT_GUIDANCE_THRESHOLD,
+    DEFAULT_LENGTH_PENALTY,
+    DEFAULT_MAX_LENGTH,
+)
 from show_attend_tell.errors import InputError
 
 
@@ -202,16 +207,20 @@ def _dataclass_from_flags(cls, args: argparse.Namespace, **fixed):
 
 
 def _add_features(sub: argparse._SubParsersAction) -> None:
+    from show_attend_tell.config import ModelConfig
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
     parser = sub.add_parser(
         "features", help="run the frozen encoder once over a prepared dataset and cache the grid features"
     )
     parser.add_argument("--data", required=True, help="directory written by `sat prepare`")
     parser.add_argument("--out", required=True, help="feature store directory (resumed if it exists)")
-    parser.add_argument("--encoder", default="resnet50", choices=["resnet50", "resnet101"], help="ImageNet ResNet")
+    defaults = ModelConfig(vocab_size=0)  # the model's defaults, so that a store fits `sat train`'s defaults
+    parser.add_argument("--encoder", default=defaults.encoder, choices=sorted(ENCODER_WEIGHTS), help="ImageNet ResNet")
     parser.add_argument(
         "--image-size",
         type=int,
-        default=224,
+        default=defaults.image_size,
         help="photos are resized to this square side in pixels; the shipped model used 448",
     )
     parser.add_argument(
@@ -304,7 +313,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--run-dir", help="where the run writes config, logs, checkpoints")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     parser.add_argument("--captions-per-image", type=int, default=5, help="captions of each image a batch uses")
-    parser.add_argument("--max-steps", type=int, help="stop after this many steps (the run stays resumable)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop once the run has made this many steps in all, resumed ones included (its state is saved there; "
+        "--resume with a larger number continues)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
     _add_limit_flag(parser)
     _add_dataclass_flags(parser, ModelConfig, skip=("vocab_size", "grid_size"))
@@ -320,21 +334,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import json
 
-    from show_attend_tell.config import ModelConfig, TrainConfig
+    from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig
     from show_attend_tell.features import check_grid
     from show_attend_tell.prepare import PreparedDataset
-    from show_attend_tell.train import DataConfig, NonFiniteLossError, Trainer
+    from show_attend_tell.train import NonFiniteLossError, fit, new_run, resume_run
 
     try:
         if args.resume:
-            trainer = Trainer.resume(args.resume, device=_device(args.device))
+            run = resume_run(args.resume, device=_device(args.device))
         else:
             if not args.data or not args.run_dir:
                 raise InputError("--data and --run-dir are required for a new run (or give --resume RUN_DIR)")
             vocab_size = len(PreparedDataset.load(args.data).vocab)
             model_config = _dataclass_from_flags(ModelConfig, args, vocab_size=vocab_size, **_encoder_settings(args))
             check_grid(model_config)
-            trainer = Trainer.create(
+            run = new_run(
                 args.run_dir,
                 model_config,
                 _dataclass_from_flags(TrainConfig, args),
@@ -346,17 +360,25 @@ def _run_train(args: argparse.Namespace) -> int:
                 ),
                 device=_device(args.device),
             )
-        summary = trainer.fit(max_steps=args.max_steps)
-        if summary["stopped"] == "max_steps":
-            trainer.save_state()  # resumable from exactly here, not from the last periodic checkpoint
     except (FileExistsError, FileNotFoundError) as error:
         raise InputError(str(error)) from None
+    try:
+        summary = fit(run, max_steps=args.max_steps)
     except NonFiniteLossError as error:
         print(f"sat train: stopped: {error}", file=sys.stderr)
         return 1
-    if trainer.rank == 0:
+    except KeyboardInterrupt:
+        if run.rank == 0:
+            print(f"sat train: {_interrupted(run)}", file=sys.stderr)
+        return 130
+    if run.rank == 0:
         print(json.dumps(summary))
-    if trainer.world_size > 1:
+        if summary["stopped"] == "max_steps":
+            print(
+                f"sat train: stopped at step {summary['global_step']} (--max-steps); {_resume_hint(run)}",
+                file=sys.stderr,
+            )
+    if run.world_size > 1:
         from show_attend_tell.train import exit_worker
 
         exit_worker(0)  # everything is saved; see exit_worker
@@ -380,6 +402,26 @@ def _encoder_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
+def _interrupted(run) -> str:
+    """What Ctrl-C leaves behind: the last saved state (not the step being made, which may be half done)."""
+    from show_attend_tell.train import STATE_DIR
+
+    done = run.progress.global_step
+    if run.progress.saved_step < 0:
+        return f"interrupted at step {done}; nothing saved yet (state is saved every --checkpoint-every-steps)"
+    lost = f", steps {run.progress.saved_step + 1}-{done} are lost" if done > run.progress.saved_step else ""
+    return (
+        f"interrupted at step {done}; {run.run_dir / STATE_DIR} holds step {run.progress.saved_step}{lost}. "
+        + _resume_hint(run)
+    )
+
+
+def _resume_hint(run) -> str:
+    import shlex
+
+    return f"continue with: sat train --resume {shlex.quote(str(run.run_dir))}"
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("evaluate", help="score a model (or a results file) with the coco-caption metrics")
     parser.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped model)")
@@ -394,13 +436,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--beam", type=int, nargs="+", default=[DEFAULT_BEAM_SIZE], help="one or more beam sizes to score"
     )
-    parser.add_argument(
-        "--length-penalty",
-        type=float,
-        default=DEFAULT_LENGTH_PENALTY,
-        help=f"rank beams by log p / length**this (default {DEFAULT_LENGTH_PENALTY}, chosen on Flickr8k val)",
-    )
-    parser.add_argument("--max-length", type=int, default=20, help="longest caption in words")
+    _add_decoding_flags(parser)
     parser.add_argument("--captions", help="score this COCO-format results file instead of decoding")
     parser.add_argument("--out", help="write metrics JSON and captions (COCO results format) here")
     parser.add_argument("--no-java", action="store_true", help="pure-Python tokenizer, no METEOR (not comparable)")
@@ -408,6 +444,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _add_limit_flag(parser)
     _add_guidance_flags(parser)
     parser.set_defaults(run=_run_evaluate)
+
+
+def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """--length-penalty and --max-length, as `sat evaluate` and `sat caption` share them."""
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=DEFAULT_LENGTH_PENALTY,
+        help=f"rank beams by log p / length**this (default {DEFAULT_LENGTH_PENALTY}, chosen on Flickr8k val)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        help=f"words per caption at most (default {DEFAULT_MAX_LENGTH})",
+    )
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -436,14 +488,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from show_attend_tell.captioner import SHIPPED_MODEL
     from show_attend_tell.checkpoint import load_model
-    from show_attend_tell.evaluate import evaluate, image_features
+    from show_attend_tell.evaluate import evaluate
+    from show_attend_tell.images import load_image
+    from show_attend_tell.inference import image_features
 
     model_dir = args.model or SHIPPED_MODEL
     from show_attend_tell.features import load_for_model, store_stage
 
     # a store of grid features replaces the encoder; one of a block's output (--stage) replaces the part before
     with_encoder = not args.features or bool(store_stage(args.features))
-    model, vocab, config = load_model(model_dir, with_encoder=with_encoder, int8=args.int8)
+    model, vocab, config = load_model(model_dir, with_encoder=with_encoder, inference=True, int8=args.int8)
     if args.features:
         paths = [image.path for image in dataset.images]
         store, stage = load_for_model(args.features, model.config, paths, config["encoder_sha256"], model.encoder)
@@ -456,7 +510,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     else:
 
         def features(batch):
-            return image_features(model, [dataset.images[i].path for i in batch])
+            return image_features(model.encoder, [load_image(dataset.images[i].path) for i in batch], model.config)
 
     guidance = None
     if args.guidance:
@@ -503,13 +557,7 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--beam", type=int, default=DEFAULT_BEAM_SIZE, help=f"beams per image (default {DEFAULT_BEAM_SIZE}; 1: greedy)"
     )
-    parser.add_argument("--max-length", type=int, default=20, help="longest caption in words")
-    parser.add_argument(
-        "--length-penalty",
-        type=float,
-        default=DEFAULT_LENGTH_PENALTY,
-        help=f"rank beams by log p / length**this (default {DEFAULT_LENGTH_PENALTY}, chosen on Flickr8k val)",
-    )
+    _add_decoding_flags(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="photos per encoder pass and beam search")
     parser.add_argument("--attention-dir", help="write one attention figure per image here")
     parser.add_argument(

@@ -88,6 +88,7 @@ class DataConfig:
     # the output of a block (--stage) when fine-tuning the blocks after it
     features: str = ""
     captions_per_image: int = 5  # how many of each image's captions a batch uses (the first ones)
+    limit: int = 0  # > 0: only the first `limit` images of each split (`--limit`, quick experiments)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Training: cross-entropy with teacher forcing, real-decoding validation, exact resume, torchrun DDP.
+"""Training: cross-entropy with teacher forcing or self-critical (SCST), real-decoding validation, exact
+resume, torchrun. Plain functions over a `Run` (what a run holds), shaped like torchvision's reference scripts:
+`new_run` / `resume_run`, then `fit`, which calls one `cross_entropy_step` or `self_critical_step` per batch
+and `validate` each epoch.
 
 A run directory holds `config.json` (the resolved configuration), `log.jsonl` (one JSON object per logged
 step and per validation), TensorBoard scalars under `tensorboard/`, the resumable state under `last/` and the
@@ -7,6 +10,8 @@ best checkpoint (by the early-stopping metric) under `best/`, loadable by `check
 Batches are groups of whole images with all their captions, so each image's attention projection is shared
 by its captions. The data order of epoch e is a permutation seeded by (seed, e); with the step within the
 epoch, the model, optimizer, scheduler and RNG states, that is everything needed to continue exactly.
+Under torchrun each rank takes every world_size-th image of a batch, the loss is normalised by the global
+batch and the gradients are averaged over ranks (`average_gradients`), so the result matches one process.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,10 +30,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from show_attend_tell.checkpoint import _atomic, load_encoder_state, model_tensors, save_model
-from show_attend_tell.config import ModelConfig, TrainConfig, from_dict, save_json, to_dict
+from show_attend_tell.checkpoint import load_encoder_state, model_tensors, save_model
+from show_attend_tell.config import (
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    save_json,
+    to_dict,
+    write_atomically,
+)
 from show_attend_tell.errors import InputError
-from show_attend_tell.evaluate import evaluate
 from show_attend_tell.model import CaptionModel, Encoder, caption_loss
 from show_attend_tell.prepare import PreparedDataset
 
@@ -37,18 +50,6 @@ BEST_DIR = "best"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclasses.dataclass
-class DataConfig:
-    """Where the training data is: a prepared dataset and (for a frozen encoder) its feature store."""
-
-    prepared: str
-    # empty: read images and run the encoder; else a `sat features` store: grid features (frozen encoder), or
-    # the output of a block (--stage) when fine-tuning the blocks after it
-    features: str = ""
-    captions_per_image: int = 5  # how many of each image's captions a batch uses (the first ones)
-    limit: int = 0  # > 0: only the first `limit` images of each split (`--limit`, quick experiments)
 
 
 def distributed() -> tuple[int, int]:
@@ -63,10 +64,9 @@ def distributed() -> tuple[int, int]:
 def exit_worker(code: int = 0):
     """End a torchrun worker whose work is saved, skipping the interpreter's teardown.
 
-    DDP's reducer keeps the process group, and gloo's threads with it, alive past destroy_process_group. Their
-    destruction during teardown aborted a worker now and then (SIGABRT, "terminate called without an active
-    exception"; 3 of about 60 runs of the two-process test on 2026-11-26) after training had finished, and
-    torchrun then reported the run as failed."""
+    gloo's threads can outlive destroy_process_group, and their destruction during teardown aborted a worker
+    now and then (SIGABRT, "terminate called without an active exception"; 3 of about 60 runs of the
+    two-process test on 2026-11-26) after training had finished, and torchrun then reported the run as failed."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -97,499 +97,574 @@ def lr_factor(step: int, total: int, config: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Trainer:
-    """One training run. Build with `Trainer.create` (new run) or `Trainer.resume` (existing run)."""
+# ----- what a run holds ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainingData:
+    """The prepared dataset, its cached features (if any) and the captions each training image uses."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        model_config: ModelConfig,
-        train_config: TrainConfig,
-        data: DataConfig,
-        *,
-        pretrained_encoder: bool = True,
-        device: str = "cpu",
-        java: bool | None = None,
-    ) -> None:
-        self.run_dir = Path(run_dir)
-        self.java = java  # None: use Java (PTB tokenizer, METEOR) when it works
-        self.model_config, self.config, self.data = model_config, train_config, data
-        self.rank, self.world_size = distributed()
-        self.device = torch.device(device)
-        self.dataset = PreparedDataset.load(data.prepared, limit=data.limit)
-        self.vocab = self.dataset.vocab
-        torch.manual_seed(train_config.seed)
-        from show_attend_tell.features import load_for_model, store_stage
+    dataset: PreparedDataset
+    features: torch.Tensor | None  # (N, P, E) grid features or (N, h*w, C) a block's output; None: images
+    stage: str  # the block whose output `features` holds ("" for grid features)
+    train_rows: list[int]  # training images with at least one caption
+    caption_rows: dict[int, list[int]]  # image row -> its caption rows (the first captions_per_image)
 
-        encoder = None
-        # a store of a block's output (not grid features) leaves the rest of the trunk to run in training
-        if not data.features or model_config.fine_tune_blocks or store_stage(data.features):
-            encoder = Encoder(model_config, pretrained=pretrained_encoder)
-        from show_attend_tell.weights import ENCODER_WEIGHTS
 
-        self.encoder_sha256 = ENCODER_WEIGHTS[model_config.encoder].sha256() if pretrained_encoder else "untrained"
-        self.model = CaptionModel(model_config, encoder=encoder).to(self.device)
-        self.features, self.stage = None, ""
-        if data.features:
-            paths = [image.path for image in self.dataset.images]
-            self.features, self.stage = load_for_model(data.features, model_config, paths, self.encoder_sha256, encoder)
-        if train_config.init_from:
-            from show_attend_tell.checkpoint import load_model, read_config
+@dataclasses.dataclass
+class Progress:
+    """Where a run is; saved in last/state.json."""
 
-            # a decoder that learned on fine-tuned blocks starts with them, and goes on tuning them
-            inherited = tuple(read_config(train_config.init_from)["model"].get("fine_tune_blocks", ()))
-            if not set(inherited) <= set(model_config.fine_tune_blocks):
-                raise InputError(
-                    f"{train_config.init_from}: its decoder learned on an encoder with {' '.join(inherited)} "
-                    f"fine-tuned; fine-tune them here too (--fine-tune-blocks {' '.join(inherited)})"
-                )
-            initial, _, _ = load_model(
-                train_config.init_from, with_encoder=bool(inherited), pretrained_encoder=pretrained_encoder
-            )
-            self.model.decoder.load_state_dict(initial.decoder.state_dict())
-            if inherited:
-                prefixes = tuple(initial.encoder.tuned_prefixes())
-                tuned = {k: v for k, v in initial.encoder.state_dict().items() if k.startswith(prefixes)}
-                self.model.encoder.load_state_dict(tuned, strict=False)
-        self.cider = None
-        if train_config.self_critical:
-            from show_attend_tell.scst import CiderD
-            from show_attend_tell.text import tokenize
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = float("-inf")
+    best_step: int = -1
+    bad_validations: int = 0
+    saved_step: int = -1  # the global step of the state in last/ (-1: none yet)
 
-            # rows of the CIDEr-D corpus are the training images, in train_rows order
-            self.cider_row = {image: n for n, image in enumerate(self.dataset.indices("train"))}
-            self.cider = CiderD(
-                [[tokenize(c) for c in self.dataset.images[i].captions] for i in self.dataset.indices("train")]
-            )
-        groups = [{"params": list(self.model.decoder.parameters()), "lr": train_config.decoder_lr}]
-        if encoder is not None and model_config.fine_tune_blocks:
-            tuned = [p for p in encoder.parameters() if p.requires_grad]
-            groups.append({"params": tuned, "lr": train_config.encoder_lr})
-        self.optimizer = torch.optim.Adam(groups, weight_decay=train_config.weight_decay)
-        self.train_rows = self.dataset.indices("train")
-        captions_by_image: dict[int, list[int]] = {}
-        for caption, image in enumerate(self.dataset.image_index.tolist()):
-            captions_by_image.setdefault(image, []).append(caption)
-        self.caption_rows = {i: rows[: data.captions_per_image] for i, rows in captions_by_image.items()}
-        self.train_rows = [i for i in self.train_rows if self.caption_rows.get(i)]
-        self.steps_per_epoch = len(
-            epoch_batches(self.train_rows, self.caption_rows, train_config.batch_size, 0, train_config.seed)
+
+@dataclasses.dataclass
+class Run:
+    """One training run: its directory and configuration, the data, the model and its optimisation state."""
+
+    run_dir: Path
+    model_config: ModelConfig
+    config: TrainConfig
+    data_config: DataConfig
+    data: TrainingData
+    model: CaptionModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    encoder_sha256: str
+    rank: int = 0
+    world_size: int = 1
+    java: bool | None = None  # None: use Java (PTB tokenizer, METEOR) when it works
+    cider: object = None  # scst.CiderD over the training references, for self-critical training
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    console: bool = False  # progress bars and a line per validation on the terminal (rank 0)
+    writer: object = None  # TensorBoard SummaryWriter, opened at the first log line
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(batches_of_epoch(self, 0))
+
+    @property
+    def last_step_epoch(self) -> int:
+        """The epoch of the last step taken, counting from 1: what log.jsonl and the console call the epoch."""
+        return -(-self.progress.global_step // self.steps_per_epoch)
+
+
+def batches_of_epoch(run: Run, epoch: int) -> list[list[int]]:
+    data = run.data
+    return epoch_batches(data.train_rows, data.caption_rows, run.config.batch_size, epoch, run.config.seed)
+
+
+def new_run(
+    run_dir: str | Path,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data_config: DataConfig,
+    *,
+    pretrained_encoder: bool = True,
+    device: str = "cpu",
+    java: bool | None = None,
+) -> Run:
+    """A new run in `run_dir` (refused if it already holds one); rank 0 writes its config.json."""
+    run_dir = Path(run_dir)
+    if (run_dir / STATE_DIR).exists():
+        raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    run = _build(run_dir, model_config, train_config, data_config, pretrained_encoder, device, java)
+    if run.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(resolved_config(run), run_dir / "config.json")
+    return run
+
+
+def resume_run(run_dir: str | Path, *, pretrained_encoder: bool = True, device: str = "cpu", java=None) -> Run:
+    """The run in `run_dir` exactly where its last/ state left it."""
+    run_dir = Path(run_dir)
+    state_dir = run_dir / STATE_DIR
+    if not (state_dir / "state.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: no resumable state ({STATE_DIR}/state.json missing)")
+    resolved = json.loads((run_dir / "config.json").read_text())
+    run = _build(
+        run_dir,
+        from_dict(ModelConfig, resolved["model"]),
+        from_dict(TrainConfig, resolved["train"]),
+        from_dict(DataConfig, resolved["data"]),
+        pretrained_encoder,
+        device,
+        java,
+    )
+    load_state(run, state_dir)
+    return run
+
+
+def _build(run_dir, model_config, train_config, data_config, pretrained_encoder, device, java) -> Run:
+    rank, world_size = distributed()
+    device = torch.device(device)
+    dataset = PreparedDataset.load(data_config.prepared, limit=data_config.limit)
+    torch.manual_seed(train_config.seed)
+    from show_attend_tell.features import load_for_model, store_stage
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    encoder = None
+    # a store of a block's output (not grid features) leaves the rest of the trunk to run in training
+    if not data_config.features or model_config.fine_tune_blocks or store_stage(data_config.features):
+        encoder = Encoder(model_config, pretrained=pretrained_encoder)
+    encoder_sha256 = ENCODER_WEIGHTS[model_config.encoder].sha256() if pretrained_encoder else "untrained"
+    model = CaptionModel(model_config, encoder=encoder).to(device)
+    features, stage = None, ""
+    if data_config.features:
+        paths = [image.path for image in dataset.images]
+        features, stage = load_for_model(data_config.features, model_config, paths, encoder_sha256, encoder)
+    if train_config.init_from:
+        _initialise_from(model, train_config.init_from, pretrained_encoder)
+    cider = None
+    if train_config.self_critical:
+        from show_attend_tell.scst import CiderD
+        from show_attend_tell.text import tokenize
+
+        # rows of the CIDEr-D corpus are the training images, in dataset.indices("train") order
+        cider = CiderD([[tokenize(c) for c in dataset.images[i].captions] for i in dataset.indices("train")])
+    groups = [{"params": list(model.decoder.parameters()), "lr": train_config.decoder_lr}]
+    if encoder is not None and model_config.fine_tune_blocks:
+        groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": train_config.encoder_lr})
+    optimizer = torch.optim.Adam(groups, weight_decay=train_config.weight_decay)
+    captions_by_image: dict[int, list[int]] = {}
+    for caption, image in enumerate(dataset.image_index.tolist()):
+        captions_by_image.setdefault(image, []).append(caption)
+    caption_rows = {i: rows[: data_config.captions_per_image] for i, rows in captions_by_image.items()}
+    train_rows = [i for i in dataset.indices("train") if caption_rows.get(i)]
+    data = TrainingData(dataset, features, stage, train_rows, caption_rows)
+    total_steps = len(epoch_batches(train_rows, caption_rows, train_config.batch_size, 0, train_config.seed))
+    total_steps *= train_config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, train_config))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    return Run(
+        run_dir=run_dir,
+        model_config=model_config,
+        config=train_config,
+        data_config=data_config,
+        data=data,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        device=device,
+        encoder_sha256=encoder_sha256,
+        rank=rank,
+        world_size=world_size,
+        java=java,
+        cider=cider,
+    )
+
+
+def _initialise_from(model: CaptionModel, directory: str, pretrained_encoder: bool) -> None:
+    """Start from a checkpoint's decoder, and its fine-tuned blocks (which this run must go on tuning)."""
+    from show_attend_tell.checkpoint import load_model, read_config
+
+    inherited = tuple(read_config(directory)["model"].get("fine_tune_blocks", ()))
+    if not set(inherited) <= set(model.config.fine_tune_blocks):
+        raise InputError(
+            f"{directory}: its decoder learned on an encoder with {' '.join(inherited)} "
+            f"fine-tuned; fine-tune them here too (--fine-tune-blocks {' '.join(inherited)})"
         )
-        self.total_steps = self.steps_per_epoch * train_config.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, self.total_steps, train_config)
+    initial, _, _ = load_model(directory, with_encoder=bool(inherited), pretrained_encoder=pretrained_encoder)
+    model.decoder.load_state_dict(initial.decoder.state_dict())
+    if inherited:
+        prefixes = tuple(initial.encoder.tuned_prefixes())
+        tuned = {k: v for k, v in initial.encoder.state_dict().items() if k.startswith(prefixes)}
+        model.encoder.load_state_dict(tuned, strict=False)
+
+
+def resolved_config(run: Run) -> dict:
+    return {
+        "model": to_dict(run.model_config),
+        "train": to_dict(run.config),
+        "data": to_dict(run.data_config),
+        "encoder_sha256": run.encoder_sha256,
+        "world_size": run.world_size,
+    }
+
+
+# ----- state --------------------------------------------------------------------------------------------------
+def save_state(run: Run) -> None:
+    """All that is needed to continue exactly, atomically: tensors as safetensors, the rest JSON (rank 0)."""
+    run.progress.saved_step = run.progress.global_step
+    if run.rank != 0:
+        return
+    directory = run.run_dir / STATE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_tensors(run.model).items()}
+    optimizer = run.optimizer.state_dict()
+    for index, values in optimizer["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    state = {
+        **dataclasses.asdict(run.progress),
+        "param_groups": optimizer["param_groups"],
+        "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
+        "scaler": run.scaler.state_dict(),
+    }
+    write_atomically(directory / "state.safetensors", lambda p: save_file(tensors, p))
+    write_atomically(directory / "state.json", lambda p: save_json(state, p))
+
+
+def load_state(run: Run, directory: Path) -> None:
+    tensors = load_file(directory / "state.safetensors")
+    state = json.loads((directory / "state.json").read_text())
+    model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    run.model.decoder.load_state_dict({k[len("decoder.") :]: v for k, v in model.items() if k.startswith("decoder.")})
+    if run.model.encoder is not None and run.model_config.fine_tune_blocks:
+        load_encoder_state(
+            run.model.encoder,
+            {k[len("encoder.") :]: v for k, v in model.items() if k.startswith("encoder.")},
+            directory / "state.safetensors",
         )
-        self.ddp_model = self.model
-        if self.world_size > 1 and not train_config.self_critical:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model)
-        self.amp = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best_metric, self.bad_validations = float("-inf"), 0
-        self.writer = None
+    optimizer_state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[key] = value
+    run.optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["param_groups"]})
+    run.scheduler.load_state_dict({**run.scheduler.state_dict(), **state["scheduler"]})
+    run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    fields = {field.name for field in dataclasses.fields(Progress)}
+    run.progress = Progress(**{k: v for k, v in state.items() if k in fields})
+    run.progress.saved_step = run.progress.global_step
+    _truncate_log(run)
 
-    # ----- construction -------------------------------------------------------------------------------------
-    @classmethod
-    def create(
-        cls,
-        run_dir: str | Path,
-        model_config: ModelConfig,
-        train_config: TrainConfig,
-        data: DataConfig,
-        **kwargs,
-    ) -> Trainer:
-        run_dir = Path(run_dir)
-        if (run_dir / STATE_DIR).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-        trainer = cls(run_dir, model_config, train_config, data, **kwargs)
-        if trainer.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_json(trainer.resolved_config(), run_dir / "config.json")
-        return trainer
 
-    @classmethod
-    def resume(cls, run_dir: str | Path, **kwargs) -> Trainer:
-        run_dir = Path(run_dir)
-        state_dir = run_dir / STATE_DIR
-        if not (state_dir / "state.json").is_file():
-            raise FileNotFoundError(f"{run_dir}: no resumable state ({STATE_DIR}/state.json missing)")
-        resolved = json.loads((run_dir / "config.json").read_text())
-        trainer = cls(
-            run_dir,
-            from_dict(ModelConfig, resolved["model"]),
-            from_dict(TrainConfig, resolved["train"]),
-            from_dict(DataConfig, resolved["data"]),
-            **kwargs,
+def _truncate_log(run: Run) -> None:
+    """Drop log lines written after the state we resume from, so the log tells one consistent story."""
+    path = run.run_dir / "log.jsonl"
+    if run.rank != 0 or not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= run.progress.global_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----- data ---------------------------------------------------------------------------------------------------
+def batch_features(run: Run, rows: list[int], *, train: bool) -> torch.Tensor:
+    """(B, P, E) float features for image rows: from the cache, or by running the encoder on images."""
+    data, model = run.data, run.model
+    if data.features is not None:
+        cached = data.features[rows].to(run.device, non_blocking=True).float()
+        return model.encoder.forward_from(cached, data.stage) if data.stage else cached
+    from show_attend_tell.images import load_image
+    from show_attend_tell.inference import image_features
+    from show_attend_tell.model import image_transform
+
+    paths = [data.dataset.images[i].path for i in rows]
+    if train and run.model_config.fine_tune_blocks:
+        augment = image_transform(run.model_config, augment=True)
+        images = torch.stack([augment(load_image(path)) for path in paths]).to(run.device)
+        if run.amp:
+            images = images.to(memory_format=torch.channels_last)
+        return model.encoder(images)
+    return image_features(model.encoder, [load_image(path) for path in paths], run.model_config, run.device)
+
+
+def batch_captions(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Captions of the image rows -> tokens (N, T), lengths (N,), image_index (N,) into `rows`."""
+    captions, owners = [], []
+    for position, image in enumerate(rows):
+        captions += run.data.caption_rows[image]
+        owners += [position] * len(run.data.caption_rows[image])
+    index = torch.tensor(captions)
+    lengths = run.data.dataset.lengths[index]
+    tokens = run.data.dataset.tokens[index][:, : int(lengths.max())].long()
+    return tokens.to(run.device), lengths.to(run.device), torch.tensor(owners, device=run.device)
+
+
+def global_sums(run: Run, *values: float) -> list[float]:
+    """Each value summed over the ranks (itself in one process)."""
+    totals = torch.tensor(values, dtype=torch.float64)
+    if run.world_size > 1:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+# ----- one step -----------------------------------------------------------------------------------------------
+def _no_mark(phase: str) -> None:
+    pass
+
+
+def cross_entropy_step(run: Run, rows: list[int], mark: Callable[[str], None] = _no_mark) -> dict:
+    """One teacher-forced optimisation step on a global batch of image rows (this rank takes its share).
+
+    `mark(phase)` is called as each phase ends (data, encoder, decoder_forward, loss; then _optimise's):
+    benchmarks/train_speed.py times this very function with it."""
+    run.model.train()
+    local = rows[run.rank :: run.world_size]
+    tokens, lengths, owners = batch_captions(run, local)
+    words_here = float((lengths - 1).sum())
+    words, captions = global_sums(run, words_here, float(len(lengths)))
+    mark("data")
+    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
+        features = batch_features(run, local, train=True)
+        mark("encoder")
+        log_probs, alphas = run.model(features, tokens, lengths, owners)
+        mark("decoder_forward")
+        loss, cross_entropy = caption_loss(
+            log_probs.float(),
+            alphas.float(),
+            tokens,
+            doubly_stochastic=run.config.doubly_stochastic,
+            label_smoothing=run.config.label_smoothing,
+            words=words / run.world_size,
+            captions_count=captions / run.world_size,
         )
-        trainer.load_state(state_dir)
-        return trainer
+    mark("loss")
+    _optimise(run, loss, mark)
+    loss_sum, cross_entropy_sum = global_sums(run, float(loss.detach()), float(cross_entropy) * words_here)
+    return {
+        "loss": loss_sum / run.world_size,
+        "cross_entropy": cross_entropy_sum / words,
+        "captions": int(captions),
+        "lr": run.scheduler.get_last_lr()[0],
+    }
 
-    def resolved_config(self) -> dict:
-        return {
-            "model": to_dict(self.model_config),
-            "train": to_dict(self.config),
-            "data": to_dict(self.data),
-            "encoder_sha256": self.encoder_sha256,
-            "world_size": self.world_size,
-        }
 
-    # ----- state --------------------------------------------------------------------------------------------
-    def save_state(self) -> None:
-        """All that is needed to continue exactly, atomically: tensors as safetensors, the rest JSON."""
-        if self.rank != 0:
-            return
-        directory = self.run_dir / STATE_DIR
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_tensors(self.model).items()}
-        optimizer = self.optimizer.state_dict()
-        for index, values in optimizer["state"].items():
-            for key, value in values.items():
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        state = {
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "best_metric": self.best_metric,
-            "bad_validations": self.bad_validations,
-            "param_groups": optimizer["param_groups"],
-            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
-            "scaler": self.scaler.state_dict(),
-        }
-        _atomic(directory / "state.safetensors", lambda p: save_file(tensors, p))
-        _atomic(directory / "state.json", lambda p: save_json(state, p))
+def self_critical_step(run: Run, rows: list[int]) -> dict:
+    """One SCST step: sample `scst_samples` captions per image, reward CIDEr-D, REINFORCE.
 
-    def load_state(self, directory: Path) -> None:
-        tensors = load_file(directory / "state.safetensors")
-        state = json.loads((directory / "state.json").read_text())
-        model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.model.decoder.load_state_dict(
-            {k[len("decoder.") :]: v for k, v in model.items() if k.startswith("decoder.")}
+    Sampling runs without dropout: the policy improved is the one decoding uses (with dropout on, a Flickr8k
+    model's samples were mostly word salad). The gradient is that of the sampling policy itself, the model
+    renormalised over the words allowed at each step (see `rollout`); before that fix plain SCST collapsed
+    on Flickr8k within ~100 steps. `scst_xe_weight` > 0 mixes in the references' cross-entropy
+    (results/flickr8k_val_selection.json)."""
+    from show_attend_tell.decoding import rollout
+    from show_attend_tell.scst import self_critical_loss
+
+    run.model.eval()
+    local = rows[run.rank :: run.world_size]
+    samples = run.config.scst_samples
+    train_rows = run.data.dataset.indices("train")
+    corpus_row = {image: n for n, image in enumerate(train_rows)}  # the CIDEr-D corpus is in this order
+    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
+        features = batch_features(run, local, train=True)
+        encoded = run.model.decoder.encode(features)  # the `samples` rows of an image share its features
+        tokens, log_probs, _ = rollout(
+            run.model.decoder, encoded, max_length=run.config.max_caption_length, sample=True, per_image=samples
+        )  # (N, T) each
+        captions = [run.data.dataset.vocab.decode(row) for row in tokens.tolist()]
+        images = [corpus_row[image] for image in local for _ in range(samples)]
+        rewards = torch.tensor([run.cider.score(w, i) for w, i in zip(captions, images, strict=True)])
+        words, count, reward_sum = global_sums(
+            run, float((tokens != 0).sum()), float(len(captions)), float(rewards.sum())
         )
-        if self.model.encoder is not None and self.model_config.fine_tune_blocks:
-            load_encoder_state(
-                self.model.encoder,
-                {k[len("encoder.") :]: v for k, v in model.items() if k.startswith("encoder.")},
-                directory / "state.safetensors",
-            )
-        optimizer_state: dict[int, dict] = {}
-        for name, value in tensors.items():
-            if name.startswith("optimizer."):
-                _, index, key = name.split(".", 2)
-                optimizer_state.setdefault(int(index), {})[key] = value
-        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": state["param_groups"]})
-        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["scheduler"]})
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.global_step = state["global_step"]
-        self.best_metric, self.bad_validations = state["best_metric"], state["bad_validations"]
-        self._truncate_log()
-
-    def _truncate_log(self) -> None:
-        """Drop log lines written after the state we resume from, so the log tells one consistent story."""
-        path = self.run_dir / "log.jsonl"
-        if self.rank != 0 or not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.global_step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    # ----- data ---------------------------------------------------------------------------------------------
-    def batch_features(self, rows: list[int], *, train: bool) -> torch.Tensor:
-        """(B, P, E) float features for image rows: from the cache, or by running the encoder on images."""
-        if self.features is not None:
-            cached = self.features[rows].to(self.device, non_blocking=True).float()
-            if not self.stage:
-                return cached
-            return self.model.encoder.forward_from(cached, self.stage)
-        from show_attend_tell.evaluate import image_features
-
-        paths = [self.dataset.images[i].path for i in rows]
-        if train and self.model_config.fine_tune_blocks:
-            images = torch.stack([self.augment(path) for path in paths]).to(self.device)
-            if self.amp:
-                images = images.to(memory_format=torch.channels_last)
-            return self.model.encoder(images)
-        return image_features(self.model, paths, self.device)
-
-    def augment(self, path: Path) -> torch.Tensor:
-        """Light augmentation for encoder fine-tuning: a mild random crop and colour jitter (no flips: they
-        swap 'left' and 'right')."""
-        from torchvision import transforms
-
-        from show_attend_tell.images import load_image
-        from show_attend_tell.weights import ENCODER_WEIGHTS
-
-        weights = ENCODER_WEIGHTS[self.model_config.encoder]
-        size = self.model_config.image_size
-        transform = transforms.Compose(
-            [
-                transforms.RandomResizedCrop((size, size), scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-                transforms.ColorJitter(0.1, 0.1, 0.1),
-                transforms.ToTensor(),
-                transforms.Normalize(weights.mean, weights.std),
-            ]
+        loss = self_critical_loss(
+            log_probs.float(), tokens, rewards.to(run.device), samples, words=words / run.world_size
         )
-        return transform(load_image(path))
-
-    def batch_captions(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Captions of the image rows -> tokens (N, T), lengths (N,), image_index (N,) into `rows`."""
-        captions, owners = [], []
-        for position, image in enumerate(rows):
-            captions += self.caption_rows[image]
-            owners += [position] * len(self.caption_rows[image])
-        index = torch.tensor(captions)
-        lengths = self.dataset.lengths[index]
-        tokens = self.dataset.tokens[index][:, : int(lengths.max())].long()
-        return tokens.to(self.device), lengths.to(self.device), torch.tensor(owners, device=self.device)
-
-    # ----- loop ---------------------------------------------------------------------------------------------
-    def train_step(self, rows: list[int]) -> dict:
-        """One optimisation step on a global batch of image rows (this rank takes its share)."""
-        self.ddp_model.train()
-        local = rows[self.rank :: self.world_size]
-        tokens, lengths, owners = self.batch_captions(local)
-        words_here = float((lengths - 1).sum())
-        totals = torch.tensor([words_here, float(len(lengths))])
-        if self.world_size > 1:
-            dist.all_reduce(totals)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            features = self.batch_features(local, train=True)
-            log_probs, alphas = self.ddp_model(features, tokens, lengths, owners)
-            loss, cross_entropy = caption_loss(
+        if run.config.scst_xe_weight > 0:
+            references, lengths, owners = batch_captions(run, local)
+            reference_words, reference_count = global_sums(run, float((lengths - 1).sum()), float(len(lengths)))
+            log_probs, alphas = run.model(features, references, lengths, owners)
+            cross_entropy, _ = caption_loss(
                 log_probs.float(),
                 alphas.float(),
-                tokens,
-                doubly_stochastic=self.config.doubly_stochastic,
-                label_smoothing=self.config.label_smoothing,
-                words=float(totals[0]) / self.world_size,
-                captions_count=float(totals[1]) / self.world_size,
-            )
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.global_step} (epoch {self.epoch}); the last good "
-                f"checkpoint is kept in {self.run_dir / STATE_DIR}. Lower --lr or enable --grad-clip."
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        stats = torch.tensor([float(cross_entropy) * words_here, float(loss.detach())])
-        if self.world_size > 1:
-            dist.all_reduce(stats)
-        return {
-            "loss": float(stats[1]) / self.world_size,
-            "cross_entropy": float(stats[0]) / float(totals[0]),
-            "captions": int(totals[1]),
-            "lr": self.scheduler.get_last_lr()[0],
-        }
-
-    def self_critical_step(self, rows: list[int]) -> dict:
-        """One SCST step: sample `scst_samples` captions per image, reward CIDEr-D, REINFORCE.
-
-        Sampling runs without dropout: the policy improved is the one decoding uses (with dropout on, a Flickr8k
-        model's samples were mostly word salad). The gradient is that of the sampling policy itself, the model
-        renormalised over the words allowed at each step (see `rollout`); before that fix plain SCST collapsed
-        on Flickr8k within ~100 steps. `scst_xe_weight` > 0 mixes in the references' cross-entropy
-        (results/flickr8k_val_selection.json)."""
-        from show_attend_tell.decoding import rollout
-        from show_attend_tell.scst import self_critical_loss
-
-        self.model.eval()
-        local = rows[self.rank :: self.world_size]
-        samples = self.config.scst_samples
-        features = self.batch_features(local, train=True)
-        encoded = self.model.decoder.encode(features)  # the `samples` rows of an image share its features
-        tokens, log_probs, _ = rollout(
-            self.model.decoder, encoded, max_length=self.config.max_caption_length, sample=True, per_image=samples
-        )  # (N, T) each
-        captions = [self.vocab.decode(row) for row in tokens.tolist()]
-        images = [self.cider_row[image] for image in local for _ in range(samples)]
-        rewards = torch.tensor([self.cider.score(w, i) for w, i in zip(captions, images, strict=True)])
-        words_here = float((tokens != 0).sum())
-        totals = torch.tensor([words_here, float(len(captions)), float(rewards.sum())])
-        if self.world_size > 1:
-            dist.all_reduce(totals)
-        loss = self_critical_loss(
-            log_probs, tokens, rewards.to(self.device), samples, words=float(totals[0]) / self.world_size
-        )
-        if self.config.scst_xe_weight > 0:
-            references, lengths, owners = self.batch_captions(local)
-            reference_totals = torch.tensor([float((lengths - 1).sum()), float(len(lengths))])
-            if self.world_size > 1:
-                dist.all_reduce(reference_totals)
-            cross_entropy, _ = caption_loss(
-                *self.model(features, references, lengths, owners),
                 references,
-                doubly_stochastic=self.config.doubly_stochastic,
-                words=float(reference_totals[0]) / self.world_size,
-                captions_count=float(reference_totals[1]) / self.world_size,
+                doubly_stochastic=run.config.doubly_stochastic,
+                words=reference_words / run.world_size,
+                captions_count=reference_count / run.world_size,
             )
-            loss = loss + self.config.scst_xe_weight * cross_entropy
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.world_size > 1:
-            # SCST decodes outside forward(), so gradients (tuned encoder blocks' too) are averaged by hand
-            for parameter in self.model.parameters():
-                if parameter.grad is not None:
-                    dist.all_reduce(parameter.grad)
-                    parameter.grad /= self.world_size
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        return {
-            "loss": float(loss.detach()),
-            "reward": float(totals[2]) / float(totals[1]),
-            "captions": int(totals[1]),
-            "lr": self.scheduler.get_last_lr()[0],
-        }
+            loss = loss + run.config.scst_xe_weight * cross_entropy
+    _optimise(run, loss)
+    return {
+        "loss": float(loss.detach()),
+        "reward": reward_sum / count,
+        "captions": int(count),
+        "lr": run.scheduler.get_last_lr()[0],
+    }
 
-    def validate(self) -> dict:
-        """Decode the val split for real (split across ranks) and score it with the coco-caption metrics."""
-        from show_attend_tell.evaluate import decode
 
-        rows = self.dataset.indices("val")
-        if self.config.val_max_images:
-            rows = rows[: self.config.val_max_images]
-
-        def features(batch_rows: list[int]) -> torch.Tensor:
-            return self.batch_features(batch_rows, train=False)
-
-        self.model.eval()
-        if self.world_size == 1:
-            metrics, _ = evaluate(
-                self.model,
-                self.vocab,
-                features,
-                rows,
-                {i: self.dataset.images[i].captions for i in rows},
-                beam_size=self.config.val_beam_size,
-                max_length=self.config.max_caption_length,
-                progress=False,
-                java=self.java,
-            )
-            return metrics
-        from show_attend_tell.metrics import score_captions
-
-        mine = decode(
-            self.model,
-            features,
-            rows[self.rank :: self.world_size],
-            beam_size=self.config.val_beam_size,
-            max_length=self.config.max_caption_length,
-            progress=False,
+def _optimise(run: Run, loss: torch.Tensor, mark: Callable[[str], None] = _no_mark) -> None:
+    """Backward (scaled under AMP), gradients averaged over the ranks, clipped, one optimizer step."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {run.progress.global_step} (epoch {run.progress.epoch}); the last good "
+            f"checkpoint is kept in {run.run_dir / STATE_DIR}. Lower --lr or enable --grad-clip."
         )
-        captions = {i: " ".join(self.vocab.decode(h.tokens)) for i, h in mine.items()}
-        gathered: list[dict] = [{} for _ in range(self.world_size)]
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    average_gradients(run)
+    mark("backward")
+    run.scaler.unscale_(run.optimizer)
+    if run.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    mark("optimizer")
+
+
+def average_gradients(run: Run) -> None:
+    """The one gradient sync, for both objectives: every rank's gradients (decoder and tuned encoder blocks)
+    become their mean, in one all-reduce of one flat buffer. Each rank's loss is normalised by the global
+    batch over the world size, so the mean is the single-process gradient."""
+    if run.world_size == 1:
+        return
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= run.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+# ----- validation ---------------------------------------------------------------------------------------------
+def validate(run: Run) -> dict:
+    """Decode the val split for real (each rank its share, through evaluate.decode) and score it with the
+    coco-caption metrics on rank 0; every rank gets the metrics."""
+    from show_attend_tell.evaluate import decode
+    from show_attend_tell.metrics import score_captions
+
+    rows = run.data.dataset.indices("val")
+    if run.config.val_max_images:
+        rows = rows[: run.config.val_max_images]
+    run.model.eval()
+    mine = decode(
+        run.model,
+        lambda batch: batch_features(run, batch, train=False),
+        rows[run.rank :: run.world_size],
+        beam_size=run.config.val_beam_size,
+        max_length=run.config.max_caption_length,
+        progress=run.console and run.rank == 0,
+        description="validation",
+    )
+    captions = {i: " ".join(run.data.dataset.vocab.decode(h.tokens)) for i, h in mine.items()}
+    if run.world_size > 1:
+        gathered: list[dict] = [{} for _ in range(run.world_size)]
         dist.all_gather_object(gathered, captions)
-        metrics = [None]
-        if self.rank == 0:
-            merged = {k: v for part in gathered for k, v in part.items()}
-            metrics[0] = score_captions(merged, {i: self.dataset.images[i].captions for i in merged}, java=self.java)
+        captions = {k: v for part in gathered for k, v in part.items()}
+    metrics = [None]
+    if run.rank == 0:
+        references = {i: run.data.dataset.images[i].captions for i in captions}
+        metrics[0] = score_captions(captions, references, java=run.java)
+    if run.world_size > 1:
         dist.broadcast_object_list(metrics, src=0)
-        return metrics[0]
+    return metrics[0]
 
-    def log(self, record: dict) -> None:
-        if self.rank != 0:
-            return
-        # "epoch" counts from 1 and is the epoch of the last step taken, so a train and a val record of the same
-        # step agree (self.epoch has already moved on when the epoch-end validation is logged)
-        epoch = -(-self.global_step // self.steps_per_epoch)
-        record = {"step": self.global_step, "epoch": epoch, "time": round(time.time(), 3), **record}
-        with open(self.run_dir / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        prefix = "val" if record.get("kind") == "val" else "train"
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("step", "epoch", "time"):
-                self.writer.add_scalar(f"{prefix}/{key}", value, self.global_step)
-        self.writer.flush()
+def log(run: Run, record: dict) -> None:
+    if run.rank != 0:
+        return
+    # a train and a val record of the same step agree (progress.epoch has already moved on when the epoch-end
+    # validation is logged)
+    record = {"step": run.progress.global_step, "epoch": run.last_step_epoch, "time": round(time.time(), 3), **record}
+    with open(run.run_dir / "log.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    if run.writer is None:
+        from torch.utils.tensorboard import SummaryWriter
 
-    def after_validation(self, metrics: dict) -> bool:
-        """Log, keep the best checkpoint, and say whether to stop early."""
-        value = float(metrics[self.config.early_stop_metric])
-        self.log({"kind": "val", **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-        if value > self.best_metric:
-            self.best_metric, self.bad_validations = value, 0
-            if self.rank == 0:
-                save_model(
-                    self.model,
-                    self.vocab,
-                    self.run_dir / BEST_DIR,
-                    encoder_sha256=self.encoder_sha256,
-                    extra={"train": to_dict(self.config), "step": self.global_step, "val": metrics},
-                )
-        else:
-            self.bad_validations += 1
-        return self.bad_validations >= self.config.patience
+        run.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
+    prefix = "val" if record.get("kind") == "val" else "train"
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key not in ("step", "epoch", "time"):
+            run.writer.add_scalar(f"{prefix}/{key}", value, run.progress.global_step)
+    run.writer.flush()
 
-    def fit(self, *, max_steps: int | None = None, progress: bool = True) -> dict:
-        """Train until the epochs are done, patience runs out, or `max_steps` more steps have run."""
-        summary = self._fit(max_steps=max_steps, progress=progress)
-        if self.world_size > 1:  # a rank that exits while another still saves can abort in gloo's teardown
-            dist.barrier()
-            dist.destroy_process_group()
-        return summary
 
-    def _fit(self, *, max_steps: int | None, progress: bool) -> dict:
-        steps_run = 0
-        stop = False
-        while self.epoch < self.config.epochs and not stop:
-            batches = epoch_batches(
-                self.train_rows, self.caption_rows, self.config.batch_size, self.epoch, self.config.seed
+def after_validation(run: Run, metrics: dict) -> bool:
+    """Log (and show) the metrics, keep the best checkpoint, and say whether to stop early."""
+    progress, metric = run.progress, run.config.early_stop_metric
+    value = float(metrics[metric])
+    log(run, {"kind": "val", **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+    if value > progress.best_metric:
+        progress.best_metric, progress.best_step, progress.bad_validations = value, progress.global_step, 0
+        if run.rank == 0:
+            save_model(
+                run.model,
+                run.data.dataset.vocab,
+                run.run_dir / BEST_DIR,
+                encoder_sha256=run.encoder_sha256,
+                extra={"train": to_dict(run.config), "step": progress.global_step, "val": metrics},
             )
-            bar = tqdm(
-                total=len(batches),
-                initial=self.step_in_epoch,
-                desc=f"epoch {self.epoch + 1}",
-                disable=not progress or self.rank != 0,
-                unit="batch",
-            )
-            started, captions_seen = time.perf_counter(), 0
-            while self.step_in_epoch < len(batches):
-                if max_steps is not None and steps_run >= max_steps:
-                    bar.close()
-                    return {"stopped": "max_steps", "global_step": self.global_step}
-                step = self.self_critical_step if self.config.self_critical else self.train_step
-                stats = step(batches[self.step_in_epoch])
-                self.step_in_epoch += 1
-                self.global_step += 1
-                steps_run += 1
-                captions_seen += stats["captions"]
-                stats["captions_per_second"] = captions_seen / (time.perf_counter() - started)
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", cps=f"{stats['captions_per_second']:.0f}")
-                if self.global_step % self.config.log_every_steps == 0:
-                    self.log({"kind": "train", **stats})
-                if self.config.val_every_steps and self.global_step % self.config.val_every_steps == 0:
-                    stop = self.after_validation(self.validate())
-                if self.global_step % self.config.checkpoint_every_steps == 0:
-                    self.save_state()
-                if stop:
-                    break
-            bar.close()
-            if not stop:
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                if not self.config.val_every_steps:
-                    stop = self.after_validation(self.validate())
-                self.save_state()
-        self.save_state()
-        if self.writer is not None:
-            self.writer.close()
-        return {
-            "stopped": "early" if stop else "epochs",
-            "global_step": self.global_step,
-            "best": self.best_metric,
-        }
+    else:
+        progress.bad_validations += 1
+    if run.console and run.rank == 0:
+        shown = " ".join(
+            f"{k} {100 * metrics[k]:.1f}" for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in metrics
+        )
+        tqdm.write(
+            f"epoch {run.last_step_epoch} step {progress.global_step} val: {shown} "
+            f"(best {metric} {100 * progress.best_metric:.1f} at step {progress.best_step})"
+        )
+    return progress.bad_validations >= run.config.patience
+
+
+# ----- the loop -----------------------------------------------------------------------------------------------
+def fit(run: Run, *, max_steps: int | None = None, progress: bool = True) -> dict:
+    """Train until the epochs are done, patience runs out, or the run has made `max_steps` steps in all
+    (resumed ones included); the state is saved where it stops."""
+    run.console = progress
+    try:
+        summary = _fit(run, max_steps)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+            run.writer = None
+    if run.world_size > 1:  # a rank that exits while another still saves can abort in gloo's teardown
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _fit(run: Run, max_steps: int | None) -> dict:
+    state, config = run.progress, run.config
+    stop = False
+    while state.epoch < config.epochs and not stop:
+        batches = batches_of_epoch(run, state.epoch)
+        bar = tqdm(
+            total=len(batches),
+            initial=state.step_in_epoch,
+            desc=f"epoch {state.epoch + 1}",
+            disable=not run.console or run.rank != 0,
+            unit="batch",
+        )
+        started, captions_seen = time.perf_counter(), 0
+        step = self_critical_step if config.self_critical else cross_entropy_step
+        while state.step_in_epoch < len(batches):
+            if max_steps is not None and state.global_step >= max_steps:
+                bar.close()
+                if state.saved_step != state.global_step:
+                    save_state(run)
+                return {"stopped": "max_steps", "global_step": state.global_step}
+            stats = step(run, batches[state.step_in_epoch])
+            state.step_in_epoch += 1
+            state.global_step += 1
+            captions_seen += stats["captions"]
+            stats["captions_per_second"] = captions_seen / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", cps=f"{stats['captions_per_second']:.0f}")
+            if state.global_step % config.log_every_steps == 0:
+                log(run, {"kind": "train", **stats})
+            if config.val_every_steps and state.global_step % config.val_every_steps == 0:
+                stop = after_validation(run, validate(run))
+            if state.global_step % config.checkpoint_every_steps == 0:
+                save_state(run)
+            if stop:
+                break
+        bar.close()
+        if not stop:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            if not config.val_every_steps:
+                stop = after_validation(run, validate(run))
+            save_state(run)
+    save_state(run)
+    return {"stopped": "early" if stop else "epochs", "global_step": state.global_step, "best": state.best_metric}

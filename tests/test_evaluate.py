@@ -9,12 +9,13 @@ from test_train import make_trainer
 
 from show_attend_tell.cli import main
 from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
+from show_attend_tell.train import fit
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_prepared, tiny_features, tmp_path_factory):
     run = tmp_path_factory.mktemp("eval") / "run"
-    make_trainer(run, tiny_prepared, tiny_features, epochs=15, patience=15).fit(progress=False)
+    fit(make_trainer(run, tiny_prepared, tiny_features, epochs=15, patience=15), progress=False)
     return run / "best"
 
 

@@ -15,9 +15,17 @@ from conftest import REPO, tiny_model_config
 from safetensors.torch import load_file
 
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import TrainConfig
+from show_attend_tell.config import DataConfig, TrainConfig
 from show_attend_tell.prepare import PreparedDataset
-from show_attend_tell.train import DataConfig, NonFiniteLossError, Trainer
+from show_attend_tell.train import (
+    NonFiniteLossError,
+    batch_captions,
+    batch_features,
+    fit,
+    new_run,
+    save_state,
+    self_critical_step,
+)
 
 
 def make_trainer(run_dir, prepared, features, model: dict | None = None, **train):
@@ -26,7 +34,7 @@ def make_trainer(run_dir, prepared, features, model: dict | None = None, **train
         epochs=3, batch_size=10, decoder_lr=1e-2, checkpoint_every_steps=2, patience=5, seed=1, log_every_steps=1
     )
     values.update(train)
-    return Trainer.create(
+    return new_run(
         run_dir,
         tiny_model_config(vocab_size, **(model or {})),
         TrainConfig(**values),
@@ -38,7 +46,7 @@ def make_trainer(run_dir, prepared, features, model: dict | None = None, **train
 
 def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features, tmp_path):
     trainer = make_trainer(tmp_path / "run", tiny_prepared, tiny_features, epochs=20, patience=20)
-    summary = trainer.fit(progress=False)
+    summary = fit(trainer, progress=False)
     assert summary["stopped"] == "epochs" and summary["global_step"] == 20 * trainer.steps_per_epoch
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]
@@ -55,16 +63,16 @@ RUN_SCRIPT = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from test_train import make_trainer
-    from show_attend_tell.train import Trainer
+    from show_attend_tell.train import fit, resume_run
     run, prepared, features, mode = sys.argv[1:5]
     if mode == "resume":
-        Trainer.resume(run, pretrained_encoder=False, java=False).fit(progress=False)
+        fit(resume_run(run, pretrained_encoder=False, java=False), progress=False)
     elif mode == "crash":
         trainer = make_trainer(run, prepared, features)
-        trainer.fit(max_steps=int(sys.argv[5]), progress=False)
+        fit(trainer, max_steps=int(sys.argv[5]), progress=False)
         os.kill(os.getpid(), signal.SIGKILL)  # dies mid-epoch, after the last checkpoint
     else:
-        make_trainer(run, prepared, features).fit(progress=False)
+        fit(make_trainer(run, prepared, features), progress=False)
     """
 )
 
@@ -98,20 +106,20 @@ def test_killed_run_resumes_bit_identical(tiny_prepared, tiny_features, tmp_path
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_prepared, tiny_features, tmp_path):
     trainer = make_trainer(tmp_path / "run", tiny_prepared, tiny_features)
-    trainer.fit(max_steps=2, progress=False)
-    trainer.save_state()
+    fit(trainer, max_steps=2, progress=False)
+    save_state(trainer)
     good = load_file(tmp_path / "run" / "last" / "state.safetensors")
     with torch.no_grad():
         trainer.model.decoder.L_o.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match="loss is nan at step 2"):
-        trainer.fit(progress=False)
+        fit(trainer, progress=False)
     kept = load_file(tmp_path / "run" / "last" / "state.safetensors")
     assert all(torch.equal(good[k], kept[k]) for k in good)
 
 
 def test_self_critical_training_raises_the_reward(tiny_prepared, tiny_features, tmp_path):
     warm = make_trainer(tmp_path / "xe", tiny_prepared, tiny_features, epochs=30, patience=30)
-    warm.fit(progress=False)
+    fit(warm, progress=False)
     scst = make_trainer(
         tmp_path / "scst",
         tiny_prepared,
@@ -122,7 +130,7 @@ def test_self_critical_training_raises_the_reward(tiny_prepared, tiny_features, 
         init_from=str(tmp_path / "xe" / "best"),
         scst_samples=4,
     )
-    scst.fit(progress=False)
+    fit(scst, progress=False)
     rewards = [
         json.loads(line)["reward"]
         for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()
@@ -140,14 +148,14 @@ def test_mixed_objective_adds_the_weighted_cross_entropy_of_the_references(tiny_
         trainer = make_trainer(
             tmp_path / f"w{weight}", tiny_prepared, tiny_features, self_critical=True, scst_xe_weight=weight
         )
-        rows = trainer.train_rows[:2]
+        rows = trainer.data.train_rows[:2]
         trainer.model.eval()
         with torch.no_grad():
-            references, lengths, owners = trainer.batch_captions(rows)
-            features = trainer.batch_features(rows, train=True)
+            references, lengths, owners = batch_captions(trainer, rows)
+            features = batch_features(trainer, rows, train=True)
             expected, _ = caption_loss(*trainer.model(features, references, lengths, owners), references)
         torch.manual_seed(7)  # the same samples for both weights
-        losses[weight] = trainer.self_critical_step(rows)["loss"]
+        losses[weight] = self_critical_step(trainer, rows)["loss"]
     assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * float(expected), rel=1e-4)
 
 
@@ -156,10 +164,10 @@ DDP_SCRIPT = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     from test_train import make_trainer
-    from show_attend_tell.train import exit_worker
+    from show_attend_tell.train import exit_worker, fit
     run, prepared, features = sys.argv[1:4]
     trainer = make_trainer(run, prepared, features, epochs=2, decoder_lr=3e-3)
-    trainer.fit(progress=False)
+    fit(trainer, progress=False)
     if trainer.world_size > 1:
         exit_worker()  # as `sat train` ends a torchrun worker
     """
@@ -206,13 +214,13 @@ GRADIENT_SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     sys.path.insert(0, {tests!r})
     from test_train import STAGE_MODEL, make_trainer
-    from show_attend_tell.train import exit_worker
+    from show_attend_tell.train import cross_entropy_step, exit_worker, self_critical_step
     run, prepared, features, kind = sys.argv[1:5]
     trainer = make_trainer(run, prepared, features, STAGE_MODEL, self_critical=kind == "scst", decoder_lr=0.0,
                            encoder_lr=0.0)
-    rows = trainer.train_rows[:4]
-    step = trainer.self_critical_step if kind == "scst" else trainer.train_step
-    step(rows)
+    rows = trainer.data.train_rows[:4]
+    step = self_critical_step if kind == "scst" else cross_entropy_step
+    step(trainer, rows)
     grads = {{n: p.grad.contiguous() for n, p in trainer.model.named_parameters() if p.grad is not None}}
     if trainer.world_size > 1:
         for name, grad in grads.items():  # every rank must step with the same (averaged) gradient
@@ -228,8 +236,8 @@ GRADIENT_SCRIPT = textwrap.dedent(
 
 
 def test_ddp_averages_the_gradients_of_fine_tuned_blocks(tiny_prepared, tmp_path):
-    """The tuned block runs on the cache outside DDP's forward; its gradients must still be averaged over
-    ranks, both in cross-entropy steps (by DDP) and in SCST steps (by hand)."""
+    """The tuned block runs on the cache beside the decoder; its gradients must be averaged over ranks too, in
+    cross-entropy and in SCST steps (one mechanism for both: train.average_gradients)."""
     from show_attend_tell.features import extract_features
     from show_attend_tell.model import Encoder
 
@@ -276,8 +284,8 @@ def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, f
     extract_features(paths, stage, config=config, encoder=frozen, encoder_sha256="untrained", stage="layer4.1")
     train = TrainConfig(epochs=2, batch_size=10, decoder_lr=1e-2, encoder_lr=1e-3, checkpoint_every_steps=2, seed=1)
     data = DataConfig(prepared=str(tiny_prepared), features=str(stage))
-    trainer = Trainer.create(tmp_path / "run", config, train, data, java=False)
-    trainer.fit(progress=False)
+    trainer = new_run(tmp_path / "run", config, train, data, java=False)
+    fit(trainer, progress=False)
     tuned, before = trainer.model.encoder.state_dict(), frozen.state_dict()
     changed = [k for k in tuned if not torch.equal(tuned[k], before[k])]
     assert changed and all(k.startswith("trunk.7.2.") for k in changed)  # only layer4.2 learned
@@ -300,20 +308,20 @@ def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, f
     grid = tmp_path / "grid"
     extract_features(paths, grid, config=config, encoder=frozen, encoder_sha256="untrained")
     with pytest.raises(InputError, match="holds grid features"):  # nothing of the encoder left to tune
-        Trainer.create(tmp_path / "run2", config, train, DataConfig(str(tiny_prepared), str(grid)), java=False)
+        new_run(tmp_path / "run2", config, train, DataConfig(str(tiny_prepared), str(grid)), java=False)
     assert main([*args, "--features", str(grid)]) == 2  # the pretrained grid is not this model's
     assert "fine-tuned layer4.2; give a store of an earlier block's output" in capsys.readouterr().err
     # a further run from this one starts from its tuned block, and must go on tuning it
     untuned = tiny_model_config(len(dataset.vocab), encoder_dim=2048, grid_size=2)
     again = TrainConfig(epochs=1, batch_size=10, init_from=str(tmp_path / "run" / "best"))
     with pytest.raises(InputError, match="fine-tune them here too"):
-        Trainer.create(tmp_path / "run4", untuned, again, DataConfig(str(tiny_prepared), str(grid)), java=False)
-    follow = Trainer.create(tmp_path / "run5", config, again, data, java=False)
+        new_run(tmp_path / "run4", untuned, again, DataConfig(str(tiny_prepared), str(grid)), java=False)
+    follow = new_run(tmp_path / "run5", config, again, data, java=False)
     assert all(torch.equal(v, best[k]) for k, v in follow.model.encoder.state_dict().items() if k in best)
     late = tmp_path / "late"
     extract_features(paths, late, config=config, encoder=frozen, encoder_sha256="untrained", stage="layer4.2")
     with pytest.raises(InputError, match="fine-tuned block layer4.2 runs before the cached stage layer4.2"):
-        Trainer.create(tmp_path / "run3", config, train, DataConfig(str(tiny_prepared), str(late)), java=False)
+        new_run(tmp_path / "run3", config, train, DataConfig(str(tiny_prepared), str(late)), java=False)
 
 
 def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
@@ -338,7 +346,9 @@ def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     assert main(["train", *data, "--run-dir", str(run), *flags, "--max-steps", "3"]) == 0
     state = json.loads((run / "last" / "state.json").read_text())
     assert state["global_step"] == 3  # saved at the stop, though the periodic checkpoint is every 100 steps
-    assert main(["train", "--resume", str(run), "--max-steps", "1"]) == 0
+    assert main(["train", "--resume", str(run), "--max-steps", "3"]) == 0  # a total: already there
+    assert json.loads((run / "last" / "state.json").read_text())["global_step"] == 3
+    assert main(["train", "--resume", str(run), "--max-steps", "4"]) == 0
     assert json.loads((run / "last" / "state.json").read_text())["global_step"] == 4
     assert main(["train", "--resume", str(run)]) == 0
     state = json.loads((run / "last" / "state.json").read_text())

@@ -1,13 +1,14 @@
-"""Four CPU measurements behind design choices in model.py, recorded rather than remembered.
+"""Four CPU measurements behind design choices in model.py and inference.py, recorded rather than remembered.
 
 1. tanh against sigmoid over an attention energy tensor (K beams x P cells x A): SoftAttention computes the
    paper's w^T tanh(u) through sigmoid, which gives the same alpha (tests/test_model.py).
-2. The ResNet-50 encoder's time per image by batch size at inference, at 224 and 448 px: Encoder.forward runs
-   CPU batches in chunks of CPU_CHUNK_PIXELS input pixels.
-3. torch.ao's dynamically quantized Linear and LSTMCell modules against calling their ops directly
-   (model.Int8Linear, model.Int8LSTMCell), at the decoder's sizes over one photo's 3 beams.
-4. One batched attention step without grad (32 photos x 3 beams, 14x14 cells): the energies as one tensor,
-   in cache-sized chunks, and in chunks in the product form (SoftAttention.project).
+2. The ResNet-50 encoder's time per image by batch size at inference, at 224 and 448 px: inference.encode_images
+   runs CPU batches in chunks of CPU_CHUNK_PIXELS input pixels.
+3. torch.ao's dynamically quantized Linear and LSTMCell modules (activations scaled per batch), their ops called
+   directly, and inference.RowInt8Linear / Int8LSTMCell (each row scaled on its own, so a photo's caption does
+   not depend on its batch), at the decoder's sizes over one photo's 3 beams.
+4. One batched attention step without grad (32 photos x 3 beams, 14x14 cells): the energies as one tensor
+   (model.SoftAttention), in cache-sized chunks, and in chunks in the product form (inference.energy_scores).
 
 Each figure is the median over --repeats rounds, the sizes interleaved within a round (the machine is shared).
 
@@ -27,9 +28,10 @@ import warnings
 import torch
 from torch import nn
 
-import show_attend_tell.model as model_module
+import show_attend_tell.inference as inference
 from show_attend_tell.config import ModelConfig
-from show_attend_tell.model import CPU_CHUNK_PIXELS, Encoded, Encoder, Int8Linear, Int8LSTMCell, SoftAttention
+from show_attend_tell.inference import CPU_CHUNK_PIXELS, Int8LSTMCell, RowInt8Linear, energy_scores, product_terms
+from show_attend_tell.model import Encoded, Encoder, SoftAttention, attend
 from show_attend_tell.records import provenance, write_record
 
 
@@ -72,20 +74,26 @@ def encoder_batches(repeats: int, side: int, sizes: tuple[int, ...]) -> dict:
 
 
 def int8_layers(repeats: int, calls: int = 200) -> dict:
-    """Median us per call of torch.ao's dynamic int8 modules and of the same ops called directly, for 3 rows
-    (one photo's beams) at the shipped decoder's sizes: L_o (512 -> 2542) and the LSTMCell (1024 + 512 -> 512)."""
+    """Median us per call for 3 rows (one photo's beams) at the shipped decoder's sizes, L_o (512 -> 2542) and
+    the LSTMCell (1024 + 512 -> 512): torch.ao's dynamic int8 modules, their ops called directly, and the
+    per-row int8 layers that inference.Int8Decoder uses."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        linear, cell = torch.ao.quantization.quantize_dynamic(
-            nn.ModuleList([nn.Linear(512, 2542), nn.LSTMCell(1024, 512)]), {nn.Linear, nn.LSTMCell}, dtype=torch.qint8
-        )
+        fp32 = nn.ModuleList([nn.Linear(512, 2542), nn.LSTMCell(1024, 512)])
+        linear, cell = torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear, nn.LSTMCell}, dtype=torch.qint8)
     x, inputs, state = torch.randn(3, 512), torch.randn(3, 1024), (torch.randn(3, 512), torch.randn(3, 512))
-    direct_linear, direct_cell = Int8Linear(linear), Int8LSTMCell(cell)
+    packed = linear._packed_params._packed_params
+    cell_weights = (cell._packed_weight_ih, cell._packed_weight_hh, cell.bias_ih, cell.bias_hh)
+    per_row_linear, per_row_cell = RowInt8Linear.of(fp32[0]), Int8LSTMCell(fp32[1])
     calls_by_name = {
         "linear_torch_ao": lambda: linear(x),
-        "linear_direct": lambda: direct_linear(x),
+        "linear_direct": lambda: torch.ops.quantized.linear_dynamic.default(x, packed, True),
+        "linear_per_row": lambda: per_row_linear(x),
         "lstm_cell_torch_ao": lambda: cell(inputs, state),
-        "lstm_cell_direct": lambda: direct_cell(inputs, state),
+        "lstm_cell_direct": lambda: torch.ops.quantized.quantized_lstm_cell_dynamic.default(
+            inputs, state, *cell_weights
+        ),
+        "lstm_cell_per_row": lambda: per_row_cell(inputs, state),
     }
     timings: dict[str, list[float]] = {name: [] for name in calls_by_name}
 
@@ -104,27 +112,40 @@ def int8_layers(repeats: int, calls: int = 200) -> dict:
             "linear": round(medians["linear_torch_ao"] - medians["linear_direct"], 1),
             "lstm_cell": round(medians["lstm_cell_torch_ao"] - medians["lstm_cell_direct"], 1),
         },
+        "per_row_over_direct": {
+            "linear": round(medians["linear_per_row"] / medians["linear_direct"], 2),
+            "lstm_cell": round(medians["lstm_cell_per_row"] / medians["lstm_cell_direct"], 2),
+        },
     }
 
 
 def attention_step(repeats: int, calls: int = 5) -> dict:
-    """Median ms of one SoftAttention call without grad over 32 photos x 3 beams on a 14x14 grid (A = 512)."""
+    """Median ms of one attention call without grad over 32 photos x 3 beams on a 14x14 grid (A = 512)."""
     attention = SoftAttention(feature_dim=512, decoder_dim=512, attention_dim=512).eval()
     features, h = torch.randn(32, 196, 512), torch.randn(96, 512)
-    chunk_bytes = model_module.ENERGY_CHUNK_BYTES
-    forms = {"one_tensor": (1 << 62, False), "chunks": (chunk_bytes, False), "chunks_product_form": (chunk_bytes, True)}
+    w = attention.score.weight
+
+    def one_tensor() -> None:
+        attention(Encoded(features, terms), h)
+
+    def chunks(product: bool) -> None:
+        hidden = attention.decoder_projection(h).mul(2).view(32, 3, 1, 512)
+        if product:
+            hidden = product_terms(hidden)
+        attend(energy_scores(exp_terms if product else terms, hidden, w, product=product), features)
+
+    forms = {"one_tensor": one_tensor, "chunks": lambda: chunks(False), "chunks_product_form": lambda: chunks(True)}
     timings: dict[str, list[float]] = {name: [] for name in forms}
-    try:
-        with torch.inference_mode():
-            for r in range(repeats):
-                for name, (budget, product_form) in forms.items() if r % 2 == 0 else list(forms.items())[::-1]:
-                    model_module.ENERGY_CHUNK_BYTES, attention.product_form = budget, product_form
-                    encoded = Encoded(features, attention.project(features))
-                    calls_ms = seconds(lambda e=encoded: [attention(e, h) for _ in range(calls)]) * 1e3
-                    timings[name].append(calls_ms / calls)
-    finally:
-        model_module.ENERGY_CHUNK_BYTES = chunk_bytes
-    return {"energy_chunk_bytes": chunk_bytes, **{n: round(statistics.median(v), 2) for n, v in timings.items()}}
+    with torch.inference_mode():
+        terms = attention.project(features)
+        exp_terms = product_terms(terms)
+        for r in range(repeats):
+            for name, form in forms.items() if r % 2 == 0 else list(forms.items())[::-1]:
+                timings[name].append(seconds(lambda form=form: [form() for _ in range(calls)]) * 1e3 / calls)
+    return {
+        "energy_chunk_bytes": inference.ENERGY_CHUNK_BYTES,
+        **{n: round(statistics.median(v), 2) for n, v in timings.items()},
+    }
 
 
 def main() -> int:
@@ -132,12 +153,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
     parser.add_argument("--out", help="write the figures as JSON here (e.g. results/cpu_ops.json)")
+    parser.add_argument("--sides", type=int, nargs=2, default=[224, 448], help="encoder input sides (default 224 448)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     record = provenance("python " + shlex.join(sys.argv))
     record["activations"] = activations(args.repeats * 5)
-    record["encoder_ms_per_image"] = encoder_batches(args.repeats, 224, (1, 2, 4, 8, 16, 32))
-    record["encoder_ms_per_image_448px"] = encoder_batches(args.repeats, 448, (1, 2, 4, 8))
+    record["encoder_ms_per_image"] = encoder_batches(args.repeats, args.sides[0], (1, 2, 4, 8, 16, 32))
+    record["encoder_ms_per_image_448px"] = encoder_batches(args.repeats, args.sides[1], (1, 2, 4, 8))
     record["encoder_cpu_chunk_pixels"] = CPU_CHUNK_PIXELS
     record["int8_layers_3_rows"] = int8_layers(args.repeats * 3)
     record["attention_step_32x3_rows_14x14"] = attention_step(args.repeats * 3)

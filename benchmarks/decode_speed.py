@@ -34,7 +34,8 @@ from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import ModelConfig, to_dict
 from show_attend_tell.decoding import Hypothesis, beam_search
 from show_attend_tell.images import load_image
-from show_attend_tell.model import CaptionModel, Encoded, Encoder, image_transform, int8_decoder
+from show_attend_tell.inference import encode_images, for_inference
+from show_attend_tell.model import CaptionModel, Encoder, image_transform
 from show_attend_tell.records import provenance, write_record
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
@@ -59,16 +60,14 @@ def build_model(args: argparse.Namespace) -> tuple[CaptionModel, Vocabulary, str
     """The trained checkpoint when there is one (a real caption length), else a random decoder."""
     model_dir = Path(args.model) if args.model else SHIPPED_MODEL
     if not args.random_decoder and (model_dir / "config.json").is_file():
-        model, vocab, _ = load_model(model_dir, int8=args.int8)
+        model, vocab, _ = load_model(model_dir, inference=True, int8=args.int8)
         return model, vocab, str(model_dir) + (" (int8 decoder)" if args.int8 else "")
     if args.model:
         raise SystemExit(f"{args.model}: no checkpoint here (config.json missing)")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=args.vocab_size)
     vocab = Vocabulary([*SPECIAL_TOKENS, *(f"word{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS)))])
-    model = CaptionModel(config, encoder=Encoder(config)).eval()
-    if args.int8:
-        model.decoder = int8_decoder(model.decoder)
+    model = for_inference(CaptionModel(config, encoder=Encoder(config)), int8=args.int8)
     return model, vocab, "random (untrained)" + (" (int8 decoder)" if args.int8 else "")
 
 
@@ -79,7 +78,7 @@ def steps_taken(beams: list[list[Hypothesis]]) -> int:
 
 def caption_images(model: CaptionModel, vocab: Vocabulary, images: torch.Tensor, args) -> tuple[list, int]:
     """What a user waits for: (B, 3, S, S) image tensors -> the best caption's words for each, and the steps."""
-    encoded = model.encode_images(images)  # (B, P, *)
+    encoded = model.decoder.encode(encode_images(model.encoder, images))  # (B, P, *)
     beams = beam_search(model.decoder, encoded, beam_size=args.beam, max_length=args.max_length)
     return [vocab.decode(hypotheses[0].tokens) for hypotheses in beams], steps_taken(beams)
 
@@ -91,16 +90,16 @@ def measure(args: argparse.Namespace) -> dict:
     tensors = [transform(load_image(path)) for path in paths]
     images = torch.stack([tensors[i % len(tensors)] for i in range(args.batch)])  # (B, 3, S, S)
     B = args.batch
-    encoded = model.decoder.encode(model.encoder(images))  # cached encodings for the decoder-only runs
-    singles = [Encoded(encoded.features[i : i + 1], encoded.projected[i : i + 1]) for i in range(B)]
+    encoded = model.decoder.encode(encode_images(model.encoder, images))  # cached for the decoder-only runs
+    singles = [encoded.select(slice(i, i + 1)) for i in range(B)]
 
-    def decode(rows: Encoded) -> int:
+    def decode(rows) -> int:
         return steps_taken(beam_search(model.decoder, rows, beam_size=args.beam, max_length=args.max_length))
 
     # name -> f(round) -> (seconds per image, decoding steps taken)
     def encoder_alone(r: int):
         start = time.perf_counter()
-        model.encoder(images[r % B : r % B + 1])
+        encode_images(model.encoder, images[r % B : r % B + 1])
         return time.perf_counter() - start, 0
 
     def end_to_end(r: int):

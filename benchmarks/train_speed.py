@@ -1,12 +1,13 @@
 """Training throughput (issue #4): captions per second from cached features vs images, and the cost split.
 
-The headline captions/s is `Trainer.train_step` itself, what `sat train` runs, on batches of whole images
-(5 captions each) of about --batch-captions captions. The split per step (data loading, encoder, decoder
-forward, loss, backward, optimizer step) comes from the same phases re-run with a timer around each. Target:
+The headline captions/s is `train.cross_entropy_step` itself, what `sat train` runs, on batches of whole
+images (5 captions each) of about --batch-captions captions. The split per step (captions, encoder with its
+image loading, decoder forward, loss, backward, optimizer step) comes from the same function, run again with a
+timer at the end of each phase (its `mark` argument). Target:
 at least 50 captions/s from cached features with the default model (E=2048, A=D=M=512) on a 2-core CPU.
 
-The machine is shared and noisy, so each round runs every (source, batch size) once, both as train_step and
-as timed phases, in alternating order, and the figures are medians over rounds; the cached/images ratio is
+The machine is shared and noisy, so each round runs every (source, batch size) once, both plain and
+with phase marks, in alternating order, and the figures are medians over rounds; the cached/images ratio is
 the median of per-round ratios on the same batch.
 
 Data: a real prepared dataset (--data, with --features for the cached runs), or by default a synthetic one
@@ -34,14 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from show_attend_tell.config import ModelConfig, TrainConfig, to_dict
+from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from show_attend_tell.datasets import read_folder
 from show_attend_tell.features import extract_features
-from show_attend_tell.images import load_image
-from show_attend_tell.model import caption_loss, image_transform
 from show_attend_tell.prepare import PreparedDataset, prepare
 from show_attend_tell.records import provenance, write_record
-from show_attend_tell.train import DataConfig, Trainer, epoch_batches
+from show_attend_tell.train import Run, cross_entropy_step, epoch_batches, new_run
 from show_attend_tell.weights import ENCODER_WEIGHTS
 
 FLICKR8K_VOCAB_SIZE = 2542
@@ -103,38 +102,10 @@ def synthetic_features(prepared: Path, out: Path, config: ModelConfig) -> Path:
     return out
 
 
-def timed_phases(trainer: Trainer, rows: list[int], transform) -> dict[str, float]:
-    """`Trainer.train_step`'s phases (one process on CPU: no AMP, no DDP) with a timer around each, in s."""
-    trainer.model.train()
-    marks = [time.perf_counter()]  # one more after each phase
-    tokens, lengths, owners = trainer.batch_captions(rows)
-    if trainer.features is not None:
-        features = trainer.batch_features(rows, train=True)  # (B, P, E)
-        marks += [time.perf_counter()] * 2  # no encoder
-    else:
-        images = torch.stack([transform(load_image(trainer.dataset.images[i].path)) for i in rows])
-        marks.append(time.perf_counter())
-        with torch.no_grad():
-            features = trainer.model.encoder(images)  # (B, P, E)
-        marks.append(time.perf_counter())
-    log_probs, alphas = trainer.model(features, tokens, lengths, owners)
-    marks.append(time.perf_counter())
-    loss, _ = caption_loss(
-        log_probs,
-        alphas,
-        tokens,
-        doubly_stochastic=trainer.config.doubly_stochastic,
-        label_smoothing=trainer.config.label_smoothing,
-    )
-    marks.append(time.perf_counter())
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    marks.append(time.perf_counter())
-    if trainer.config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip)
-    trainer.optimizer.step()
-    trainer.scheduler.step()
-    marks.append(time.perf_counter())
+def timed_phases(run: Run, rows: list[int]) -> dict[str, float]:
+    """`cross_entropy_step`'s phases, in s: the step itself, timed at each of its phase marks."""
+    marks = [time.perf_counter()]
+    cross_entropy_step(run, rows, mark=lambda phase: marks.append(time.perf_counter()))
     return {phase: end - start for phase, (start, end) in zip(PHASES, pairwise(marks), strict=True)}
 
 
@@ -154,7 +125,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     sources = [s for s in args.sources if s != "features" or features]
     trainers = {}
     for source in sources:
-        trainers[source] = Trainer.create(
+        trainers[source] = new_run(
             workdir / f"run-{source}",
             model_config,
             TrainConfig(batch_size=max(args.batch_captions), seed=0),
@@ -164,11 +135,10 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     first = trainers[sources[0]]
     batches = {}
     for size in args.batch_captions:
-        every = epoch_batches(first.train_rows, first.caption_rows, size, epoch=0, seed=0)
-        batches[size] = [rows for rows in every if sum(len(first.caption_rows[i]) for i in rows) >= size]
+        every = epoch_batches(first.data.train_rows, first.data.caption_rows, size, epoch=0, seed=0)
+        batches[size] = [rows for rows in every if sum(len(first.data.caption_rows[i]) for i in rows) >= size]
         if not batches[size]:
-            raise SystemExit(f"{len(first.train_rows)} training images do not make one batch of {size} captions")
-    transform = image_transform(model_config)
+            raise SystemExit(f"{len(first.data.train_rows)} training images do not make one batch of {size} captions")
     tasks = [(source, size, kind) for source in sources for size in args.batch_captions for kind in ("step", "phases")]
     throughput = {(s, n): [] for s in sources for n in args.batch_captions}
     step_seconds = {(s, n): [] for s in sources for n in args.batch_captions}
@@ -180,14 +150,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             trainer = trainers[source]
             if kind == "step":
                 start = time.perf_counter()
-                stats = trainer.train_step(rows)
+                stats = cross_entropy_step(trainer, rows)
                 seconds = time.perf_counter() - start
                 if r >= 0:
                     throughput[source, size].append(stats["captions"] / seconds)
                     step_seconds[source, size].append(seconds)
                     captions[source, size].append(stats["captions"])
             else:
-                split = timed_phases(trainer, rows, transform)
+                split = timed_phases(trainer, rows)
                 if r >= 0:
                     for phase, seconds in split.items():
                         phases[source, size][phase].append(seconds)
@@ -223,7 +193,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         "parameters": {
             "data": str(prepared) if args.data else "synthetic",
             "features": features if args.data else "synthetic (random)",
-            "train_images": len(first.train_rows),
+            "train_images": len(first.data.train_rows),
             "caption_words_mean": round(float(words.mean()), 2),
             "caption_words_max": int(words.max()),
             "batch_captions": args.batch_captions,

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format browser notebook clean
+.PHONY: install demo test test-fast lint format browser notebook clean
 
 # Re-installs only when pyproject.toml changes, so repeated runs are fast.
 $(STAMP): pyproject.toml
@@ -22,6 +22,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# The edit loop: everything but the tests marked slow (torchrun, browser, shipped model, full ResNet builds).
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -31,7 +31,7 @@ import torch
 from show_attend_tell import decoding
 from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import ModelConfig, to_dict
+from show_attend_tell.config import DEFAULT_MAX_LENGTH, ModelConfig, to_dict
 from show_attend_tell.decoding import Hypothesis, beam_search
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import encode_images, for_inference
@@ -212,7 +212,7 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=FLICKR8K_VOCAB_SIZE, help="random decoder's vocabulary")
     parser.add_argument("--images", nargs="+", default=[str(REPO / "examples")], help="files or folders")
     parser.add_argument("--beam", type=int, default=3)
-    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--batch", type=int, default=32, help="images in the batched runs (photos are cycled)")
     parser.add_argument("--repeats", type=int, default=15, help="measured rounds")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")

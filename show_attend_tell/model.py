@@ -375,8 +375,9 @@ def caption_loss(
     """Cross-entropy per predicted word plus lambda * mean_i (1 - sum_t alpha_ti)^2 (paper eq. 14).
 
     log_probs (N, T-1, V), alphas (N, T-1, P), captions (N, T). `words` and `captions_count` normalise the
-    sums (default: this batch's counts; DDP passes the global counts over the world size, so that averaging
-    the ranks' gradients gives exactly the single-process loss). Returns (loss, mean word cross-entropy).
+    sums (default: this batch's counts; under torchrun, train.py passes the global counts over the world size,
+    so that averaging the ranks' gradients gives exactly the single-process loss). Returns (loss, mean word
+    cross-entropy).
     """
     targets = captions[:, 1 : log_probs.size(1) + 1]  # (N, T-1)
     mask = targets != PAD_ID  # (N, T-1)

@@ -20,7 +20,7 @@ from test_server import EXAMPLES, PHOTO, load_captioner
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.server import create_app
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

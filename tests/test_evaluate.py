@@ -8,7 +8,7 @@ import pytest
 from test_train import make_trainer
 
 from show_attend_tell.cli import main
-from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
+from show_attend_tell.config import DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
 from show_attend_tell.train import fit
 
 
@@ -32,7 +32,7 @@ def test_evaluate_scores_beams_and_rescoring_its_results_file_agrees(trained, ti
     assert set(results) == {"beam1", "beam2"}
     # the decoding settings are part of the record
     assert results["beam2"]["length_penalty"] == DEFAULT_LENGTH_PENALTY and results["beam1"]["length_penalty"] is None
-    assert results["beam2"]["max_length"] == 20
+    assert results["beam2"]["max_length"] == DEFAULT_MAX_LENGTH
     for beam in ("beam1", "beam2"):
         assert results[beam]["n_images"] == 2 and results[beam]["comparable"] is False
         captions = json.loads((out / f"captions_val_{beam}.json").read_text())

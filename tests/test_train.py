@@ -353,3 +353,35 @@ def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     assert main(["train", "--resume", str(run)]) == 0
     state = json.loads((run / "last" / "state.json").read_text())
     assert state["epoch"] == 2 and state["global_step"] > 4
+
+
+def test_cli_shows_each_validation_and_says_how_to_resume_after_ctrl_c(
+    tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights, monkeypatch, capsys
+):
+    from show_attend_tell import train
+    from show_attend_tell.cli import main
+
+    run = tmp_path / "run"
+    tiny = "--image-size 64 --encoder-dim 12 --feature-dim 10 --attention-dim 16 --decoder-dim 16 --embed-dim 8"
+    flags = [*tiny.split(), "--grid-size", "2", "--batch-size", "10", "--checkpoint-every-steps", "2"]
+    data = ["--data", str(tiny_prepared), "--features", str(tiny_features)]
+    assert main(["train", *data, "--run-dir", str(run), *flags, "--epochs", "1"]) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if " val: " in line]
+    assert len(lines) == 1 and "CIDEr" in lines[0] and "(best CIDEr" in lines[0], out
+    assert "validation beam=1" in err  # the validation's progress bar
+
+    real_step, calls = train.cross_entropy_step, []
+
+    def interrupted_at_the_fourth_step(run_, rows, **kwargs):
+        calls.append(rows)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(run_, rows, **kwargs)
+
+    monkeypatch.setattr(train, "cross_entropy_step", interrupted_at_the_fourth_step)
+    assert main(["train", *data, "--run-dir", str(tmp_path / "stopped"), *flags, "--epochs", "3"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 3" in err and f"{tmp_path / 'stopped' / 'last'} holds step 2" in err
+    assert f"sat train --resume {tmp_path / 'stopped'}" in err
+    assert json.loads((tmp_path / "stopped" / "last" / "state.json").read_text())["global_step"] == 2

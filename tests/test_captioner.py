@@ -17,6 +17,8 @@ from show_attend_tell.decoding import length_normalised
 
 EXAMPLES = REPO / "examples"
 
+pytestmark = pytest.mark.slow  # the shipped model's 448 px encoder on every photo
+
 
 @pytest.fixture(scope="module")
 def captioner() -> Captioner:

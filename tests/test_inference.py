@@ -23,6 +23,7 @@ from show_attend_tell.inference import (
 from show_attend_tell.model import CaptionModel, Encoded, Encoder
 
 
+@pytest.mark.slow  # a full ResNet-50 runs
 def test_cpu_inference_runs_the_encoder_in_chunks_with_the_same_features(monkeypatch):
     assert [cpu_chunk(side * side) for side in (224, 320, 448)] == [4, 1, 1]
     monkeypatch.setattr(inference, "CPU_CHUNK_PIXELS", 4 * 64 * 64)  # 4 images per chunk at 64 px

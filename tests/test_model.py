@@ -150,6 +150,7 @@ def test_loss_terms():
     torch.testing.assert_close(smoothed, loss)
 
 
+@pytest.mark.slow  # full ResNet-50 builds and runs
 def test_encoder_grid_shapes_and_frozen_batchnorm():
     config = ModelConfig(vocab_size=10, grid_size=7, fine_tune_blocks=("layer4",))
     encoder = Encoder(config, pretrained=False)
@@ -165,6 +166,7 @@ def test_encoder_grid_shapes_and_frozen_batchnorm():
         assert encoder(torch.randn(1, 3, 448, 448)).shape == (1, 196, 2048)
 
 
+@pytest.mark.slow  # full ResNet-50 builds and runs
 def test_encoder_stages_split_the_trunk_exactly():
     config = ModelConfig(vocab_size=10, image_size=100, grid_size=2, fine_tune_blocks=("layer4.1", "layer4.2"))
     encoder = Encoder(config, pretrained=False).eval()

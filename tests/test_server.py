@@ -22,6 +22,8 @@ from show_attend_tell.server import MAX_BEAM_SIZE, create_app
 
 EXAMPLES = REPO / "examples"
 PHOTO = EXAMPLES / "flickr8k_3385593926_d3e9c21170.jpg"
+pytestmark = pytest.mark.slow  # the shipped model's 448 px encoder on every upload
+
 WORDS = ["a", "dog", "dogs", "cat", "runs", "sits", "on", "in", "the", "grass", "snow", "cup", "of", "coffee", "man"]
 
 

@@ -84,6 +84,7 @@ def run_script(tmp_path, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # three training processes
 def test_killed_run_resumes_bit_identical(tiny_prepared, tiny_features, tmp_path):
     straight = run_script(tmp_path, tmp_path / "straight", tiny_prepared, tiny_features, "full")
     assert straight.returncode == 0, straight.stderr
@@ -174,6 +175,7 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # torchrun
 def test_ddp_on_two_gloo_processes_matches_one_process(tiny_prepared, tiny_features, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))
@@ -235,6 +237,7 @@ GRADIENT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # torchrun
 def test_ddp_averages_the_gradients_of_fine_tuned_blocks(tiny_prepared, tmp_path):
     """The tuned block runs on the cache beside the decoder; its gradients must be averaged over ranks too, in
     cross-entropy and in SCST steps (one mechanism for both: train.average_gradients)."""
@@ -268,6 +271,7 @@ def test_ddp_averages_the_gradients_of_fine_tuned_blocks(tiny_prepared, tmp_path
     assert any(k.startswith("encoder.") for k in load_file(tmp_path / "ddp_scst.grads.safetensors"))
 
 
+@pytest.mark.slow  # full ResNet-50 runs
 def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, fixed_encoder_weights, capsys):
     """`sat features --stage layer4.1` caches the input of layer4.2, which then trains on it; the checkpoint
     holds that block only, and scoring it from the cache or from the images gives the same captions."""

@@ -74,6 +74,7 @@ def test_resnet50_v1_moves_the_stride_to_the_first_1x1() -> None:
     assert ENCODER_WEIGHTS["resnet50"].build(pretrained=False).training is False
 
 
+@pytest.mark.slow  # the real ResNet-50
 def test_conversion_is_faithful(resnet50_file: Path, resnet50: torch.nn.Module) -> None:
     result = resnet50_v1().load_state_dict(load_file(resnet50_file), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
@@ -96,6 +97,7 @@ def test_keras_labels_are_in_torchvision_order(tarball: Path) -> None:
     assert all(c.startswith(k) for k, c in zip(keras, categories, strict=True))
 
 
+@pytest.mark.slow  # the real ResNet-50
 def test_caffe_fold_matches_explicit_keras_preprocessing(tarball: Path, resnet50: torch.nn.Module) -> None:
     keras_input = resnet50_v1().eval()
     keras_input.load_state_dict(convert_keras_resnet50(read_keras_resnet50(tarball)), strict=True)
@@ -116,6 +118,7 @@ def test_caffe_fold_matches_explicit_keras_preprocessing(tarball: Path, resnet50
     assert logits_difference < 0.02
 
 
+@pytest.mark.slow  # the real ResNet-50
 def test_weights_stay_fp32_because_running_var_overflows_fp16(resnet50_file: Path, resnet50: torch.nn.Module) -> None:
     state = load_file(resnet50_file)
     assert {t.dtype for name, t in state.items() if not name.endswith("num_batches_tracked")} == {torch.float32}
@@ -185,6 +188,7 @@ def test_resnet101_without_weights_says_how_to_provide_them(monkeypatch: pytest.
         ENCODER_WEIGHTS["resnet101"].build()
 
 
+@pytest.mark.slow  # the real ResNet-50
 def test_cli_fetch_prints_top5_path_and_sha(resnet50_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["weights", "fetch"]) == 0
     out = capsys.readouterr().out

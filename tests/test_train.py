@@ -63,14 +63,20 @@ RUN_SCRIPT = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from test_train import make_trainer
+    from show_attend_tell import train
     from show_attend_tell.train import fit, resume_run
     run, prepared, features, mode = sys.argv[1:5]
     if mode == "resume":
         fit(resume_run(run, pretrained_encoder=False, java=False), progress=False)
     elif mode == "crash":
-        trainer = make_trainer(run, prepared, features)
-        fit(trainer, max_steps=int(sys.argv[5]), progress=False)
-        os.kill(os.getpid(), signal.SIGKILL)  # dies mid-epoch, after the last checkpoint
+        step, steps = train.cross_entropy_step, []
+        def dies_after(run, rows, **options):
+            if len(steps) == int(sys.argv[5]):
+                os.kill(os.getpid(), signal.SIGKILL)  # dies mid-epoch, after the last checkpoint
+            steps.append(rows)
+            return step(run, rows, **options)
+        train.cross_entropy_step = dies_after
+        fit(make_trainer(run, prepared, features), progress=False)
     else:
         fit(make_trainer(run, prepared, features), progress=False)
     """

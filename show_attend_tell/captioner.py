@@ -24,7 +24,7 @@ from show_attend_tell.config import (
     DEFAULT_MAX_LENGTH,
 )
 from show_attend_tell.decoding import best_captions
-from show_attend_tell.guidance import Guidance, GuideWord, LabelHead, positions
+from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import image_features
 
@@ -70,7 +70,9 @@ class Captioner:
         self.model, self.vocab, self.config = model, vocab, config
         self.device = torch.device(device)
         self.guidance = Guidance(vocab, threshold=guidance_threshold)
-        self.labels = LabelHead.for_encoder(model.config.encoder).to(self.device)
+        self.labels = label_head(model.config)  # None: this model's features are not the classifier's
+        if self.labels is not None:
+            self.labels.to(self.device)
 
     @classmethod
     def load(
@@ -116,7 +118,10 @@ class Captioner:
         pictures = [load_image(image) for image in images]  # RGB, upright, fully decoded
         features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
         encoded = self.model.decoder.encode(features)  # (B, P, *)
-        labels = self.guidance.label_words(self.labels(features)) if guide else [[] for _ in pictures]
+        if guide and self.labels is not None:
+            labels = self.guidance.label_words(self.labels(features))
+        else:
+            labels = [[] for _ in pictures]
         guides = [self.guidance.combine(words, users) for words in labels]
         beams = best_captions(
             self.model.decoder,

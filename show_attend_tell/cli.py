@@ -514,9 +514,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     guidance = None
     if args.guidance:
-        from show_attend_tell.guidance import Guidance, LabelHead
+        from show_attend_tell.guidance import Guidance, label_head
 
-        guidance = (Guidance(vocab, threshold=args.guidance_threshold), LabelHead.for_encoder(model.config.encoder))
+        head = label_head(model.config)
+        guidance = (Guidance(vocab, threshold=args.guidance_threshold), head) if head is not None else None
     results = {}
     for beam in args.beam:
         metrics, captions = evaluate(

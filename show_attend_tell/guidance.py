@@ -71,6 +71,13 @@ class LabelHead(torch.nn.Module):
         return self.classifier(features.float().mean(dim=1)).softmax(dim=1)
 
 
+def label_head(config) -> LabelHead | None:
+    """The classifier of a model's encoder (a ModelConfig), or None when it cannot read the model's features
+    (a model whose encoder_dim is not the classifier's input, as in small test configurations)."""
+    head = LabelHead.for_encoder(config.encoder)
+    return head if head.classifier.in_features == config.encoder_dim else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Concept:
     word: str

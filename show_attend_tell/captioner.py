@@ -20,7 +20,7 @@ from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.decoding import constrained_beam_search, greedy
 from show_attend_tell.guidance import Guidance, GuideWord, LabelHead, positions
-from show_attend_tell.images import load_image
+from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
 from show_attend_tell.model import image_transform
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
@@ -92,6 +92,18 @@ class Captioner:
     def grid_size(self) -> int:
         return self.model.config.grid_size
 
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    def encoder_inputs(self, images: Sequence[Image.Image | str | Path], *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        """(B, 3, S, S) encoder input, each photo decoded, shrunk and transformed before the next is read: memory
+        holds one photo's decode at a time, whatever the batch's pixel counts (see images.load_image's `size`)."""
+        batch = torch.empty(len(images), 3, self.image_size, self.image_size)
+        for i, image in enumerate(images):
+            batch[i] = self.transform(load_image(image, size=self.image_size, max_pixels=max_pixels))
+        return batch
+
     @torch.no_grad()
     def caption_batch(
         self,
@@ -109,11 +121,10 @@ class Captioner:
         vocabulary is an InputError naming the closest ones it knows. guide: let the encoder's ImageNet labels
         add a word when one is confident enough (see `Captioner.load`'s guidance_threshold)."""
         users = self.guidance.user_words(mentions)
-        pictures = [load_image(image) for image in images]  # RGB, upright, fully decoded
-        batch = torch.stack([self.transform(picture) for picture in pictures]).to(self.device)
+        batch = self.encoder_inputs(images).to(self.device)
         features = self.model.encoder(batch)  # (B, P, E)
         encoded = self.model.decoder.encode(features)  # (B, P, *)
-        labels = self.guidance.label_words(self.labels(features)) if guide else [[] for _ in pictures]
+        labels = self.guidance.label_words(self.labels(features)) if guide else [[] for _ in images]
         guides = [self.guidance.combine(words, users) for words in labels]
         if beam_size == 1 and not any(guides):
             beams = [[h] for h in greedy(self.model.decoder, encoded, max_length=max_length)]

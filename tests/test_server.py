@@ -134,7 +134,7 @@ def test_bad_files_are_4xx_with_the_reason_and_the_server_keeps_serving(client, 
     assert_error(post(client, b"not an image at all", name="notes.jpg"), 422, "notes.jpg", "not an image")
     assert_error(post(client, data[: len(data) // 2], name="cut.jpg"), 422, "cut.jpg", "truncated")
     assert_error(post(client, b"", name="empty.jpg"), 422, "empty.jpg", "empty file (0 bytes)")
-    assert_error(post(client, png_bomb(), name="bomb.png", content_type="image/png"), 422, "bomb.png", "too large")
+    assert_error(post(client, png_bomb(), name="bomb.png", content_type="image/png"), 413, "bomb.png", "too large")
     # the part's declared type: a text file is refused whatever its bytes; an unknown binary type is judged by them
     assert_error(post(client, data, content_type="text/plain"), 415, "text/plain", "expected an image")
     assert post(client, data, name="photo", content_type="application/octet-stream").status_code == 200
@@ -220,6 +220,7 @@ class BlockingCaptioner:
     """A stand-in model: each caption waits until the test lets it go, and records how many ran at once."""
 
     grid_size = 2
+    image_size = 32
 
     def __init__(self) -> None:
         self.started = threading.Semaphore(0)

@@ -11,11 +11,14 @@ epoch, the model, optimizer, scheduler and RNG states, that is everything needed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from show_attend_tell.checkpoint import _atomic, load_encoder_state, model_tensors, save_model
+from show_attend_tell.checkpoint import _atomic, check_model_config, load_encoder_state, model_tensors, save_model
 from show_attend_tell.config import ModelConfig, TrainConfig, from_dict, save_json, to_dict
 from show_attend_tell.errors import InputError
 from show_attend_tell.evaluate import evaluate
@@ -70,6 +73,34 @@ def exit_worker(code: int = 0):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# Write failures that are the run directory's, not a bug: one line, and the last saved state stays as it was
+# (every file of it is written under a temporary name and renamed).
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def writing_to(run_dir: Path):
+    """Turn a write refused by the file system (read-only, permissions, full) into one InputError line."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        where = error.filename or run_dir
+        raise InputError(
+            f"{where}: cannot write ({error.strerror}); the run directory {run_dir} must be writable. "
+            "Its last saved state is intact"
+        ) from None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail now, not at the first checkpoint an hour from now, when the run directory cannot be written."""
+    with writing_to(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
 
 
 def epoch_batches(image_rows: list[int], caption_rows: dict[int, list[int]], batch_size: int, epoch: int, seed: int):
@@ -203,8 +234,9 @@ class Trainer:
             raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
         trainer = cls(run_dir, model_config, train_config, data, **kwargs)
         if trainer.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_json(trainer.resolved_config(), run_dir / "config.json")
+            check_writable(run_dir)
+            with writing_to(run_dir):
+                save_json(trainer.resolved_config(), run_dir / "config.json")
         return trainer
 
     @classmethod
@@ -213,14 +245,22 @@ class Trainer:
         state_dir = run_dir / STATE_DIR
         if not (state_dir / "state.json").is_file():
             raise FileNotFoundError(f"{run_dir}: no resumable state ({STATE_DIR}/state.json missing)")
-        resolved = json.loads((run_dir / "config.json").read_text())
-        trainer = cls(
-            run_dir,
-            from_dict(ModelConfig, resolved["model"]),
-            from_dict(TrainConfig, resolved["train"]),
-            from_dict(DataConfig, resolved["data"]),
-            **kwargs,
-        )
+        if distributed()[0] == 0:
+            check_writable(run_dir)
+        config_path = run_dir / "config.json"
+        try:
+            resolved = json.loads(config_path.read_text(encoding="utf-8"))
+            parts = (resolved["model"], resolved["train"], resolved["data"])
+            configs = (
+                check_model_config(parts[0], str(config_path)),
+                from_dict(TrainConfig, parts[1]),
+                from_dict(DataConfig, parts[2]),
+            )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InputError(f"{config_path}: not a readable JSON file ({error})") from None
+        except (TypeError, ValueError, KeyError) as error:
+            raise InputError(f"{config_path}: not the config of a run ({type(error).__name__}: {error})") from None
+        trainer = cls(run_dir, *configs, **kwargs)
         trainer.load_state(state_dir)
         return trainer
 
@@ -238,6 +278,10 @@ class Trainer:
         """All that is needed to continue exactly, atomically: tensors as safetensors, the rest JSON."""
         if self.rank != 0:
             return
+        with writing_to(self.run_dir):
+            self._save_state()
+
+    def _save_state(self) -> None:
         directory = self.run_dir / STATE_DIR
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_tensors(self.model).items()}
@@ -537,7 +581,8 @@ class Trainer:
 
     def fit(self, *, max_steps: int | None = None, progress: bool = True) -> dict:
         """Train until the epochs are done, patience runs out, or `max_steps` more steps have run."""
-        summary = self._fit(max_steps=max_steps, progress=progress)
+        with writing_to(self.run_dir):
+            summary = self._fit(max_steps=max_steps, progress=progress)
         if self.world_size > 1:  # a rank that exits while another still saves can abort in gloo's teardown
             dist.barrier()
             dist.destroy_process_group()

@@ -133,7 +133,7 @@ def test_read_karpathy_unknown_split(tmp_path) -> None:
 
 def test_read_karpathy_malformed(tmp_path) -> None:
     (tmp_path / "bad.json").write_text('{"images": [')
-    with pytest.raises(InputError, match="bad.json: not a readable JSON"):
+    with pytest.raises(InputError, match="bad.json:1: not a readable JSON"):
         read_karpathy(tmp_path / "bad.json", tmp_path)
     source = karpathy_json(tmp_path / "d.json", [{"filename": "x.jpg", "split": "train", "sentences": [{"x": 1}]}])
     with pytest.raises(InputError, match=r"images\[0\] \(x\.jpg\): sentences\[0\]: expected an object with a 'raw'"):

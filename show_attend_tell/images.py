@@ -231,9 +231,9 @@ def _decode_shrunk(image: Image.Image, size: int, draft: bool) -> Image.Image:
         image.draft(None, (least, least))  # the DCT decodes at 1/2, 1/4 or 1/8 scale: the full size never exists
     image.load()
     orientation = image.getexif().get(EXIF_ORIENTATION)  # read after load: a PNG's eXIf chunk may follow the data
-    factors = (max(1, image.width // least), max(1, image.height // least))
-    if factors != (1, 1):
-        image = _reducible(image).reduce(factors)
+    factor = max(1, min(image.size) // least)  # one factor for both sides: the photo keeps its shape
+    if factor > 1:
+        image = _reducible(image).reduce(factor)
     rgb = _to_rgb(image)
     if orientation in ORIENTATION_TRANSPOSE:
         rgb = rgb.transpose(ORIENTATION_TRANSPOSE[orientation])

@@ -343,3 +343,82 @@ def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     assert main(["train", "--resume", str(run)]) == 0
     state = json.loads((run / "last" / "state.json").read_text())
     assert state["epoch"] == 2 and state["global_step"] > 4
+
+
+# A run directory that cannot be written (issue 14): one line, at the start or when saving; the state is intact.
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make a directory unwritable: by its permissions, or for root (whom permissions do not stop) by refusing
+    the temporary files every write of a run goes through, as a read-only file system would."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    changed: list[Path] = []
+
+    def make(directory: Path) -> None:
+        directory = Path(directory).resolve()
+        if os.geteuid() != 0:
+            for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+                path.chmod(0o555)
+                changed.append(path)
+            return
+
+        def refuse(original):
+            def wrapper(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir).resolve().is_relative_to(directory):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+                return original(*args, dir=dir, **kwargs)
+
+            return wrapper
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse(tempfile.mkstemp))
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse(tempfile.TemporaryFile))
+
+    yield make
+    for path in changed:
+        path.chmod(0o755)
+
+
+def test_a_read_only_run_directory_is_one_line_at_the_start(tiny_prepared, tiny_features, tmp_path, read_only):
+    from show_attend_tell.errors import InputError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    read_only(run)
+    with pytest.raises(InputError, match="cannot write .*Permission denied.*must be writable"):
+        make_trainer(run, tiny_prepared, tiny_features)
+    assert list(run.iterdir()) == []
+
+
+def test_a_run_directory_that_turns_read_only_keeps_its_last_state(tiny_prepared, tiny_features, tmp_path, read_only):
+    from show_attend_tell.errors import InputError
+
+    run = tmp_path / "run"
+    trainer = make_trainer(run, tiny_prepared, tiny_features, checkpoint_every_steps=100)
+    trainer.fit(max_steps=2, progress=False)
+    trainer.save_state()
+    saved = {path.name: path.read_bytes() for path in (run / "last").iterdir()}
+    read_only(run)
+    with pytest.raises(InputError, match="cannot write .*the run directory .* must be writable. Its last saved state"):
+        trainer.fit(progress=False)  # mid-run: the first checkpoint or validation it writes fails
+    assert {path.name: path.read_bytes() for path in (run / "last").iterdir()} == saved
+    with pytest.raises(InputError, match="must be writable"):
+        Trainer.resume(run, pretrained_encoder=False, java=False)
+
+
+def test_sat_train_on_a_read_only_run_directory_prints_one_line(
+    tiny_prepared, tiny_features, tmp_path, read_only, capsys, fixed_encoder_weights
+):
+    from show_attend_tell.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    read_only(run)
+    tiny = "--image-size 64 --encoder-dim 12 --feature-dim 10 --attention-dim 16 --decoder-dim 16 --embed-dim 8"
+    data = ["--data", str(tiny_prepared), "--features", str(tiny_features), "--run-dir", str(run)]
+    assert main(["train", *data, *tiny.split(), "--grid-size", "2", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sat train: error: ") and err.count("\n") == 1 and "must be writable" in err

@@ -336,6 +336,12 @@ def test_sat_serve_listens_on_loopback_with_the_given_limits(captioner, monkeypa
     with TestClient(served["app"]) as client:
         health = client.get("/api/health").json()
     assert health["max_upload_bytes"] == 2**19 and health["queue_size"] == 3
+    # the flags' defaults (literals, so that `sat` does not import the server to parse) are the library's
+    from show_attend_tell.images import DEFAULT_MAX_PIXELS
+    from show_attend_tell.server import DEFAULT_MAX_UPLOADS, DEFAULT_READ_TIMEOUT
+
+    assert (health["max_pixels"], health["max_uploads"]) == (DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOADS)
+    assert health["read_timeout"] == DEFAULT_READ_TIMEOUT
     assert capsys.readouterr().err == ""  # no warning on loopback
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "8080"]) == 0
     assert (served["host"], served["port"]) == ("0.0.0.0", 8080)

@@ -34,8 +34,9 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Shrinking for the model keeps each side at least this many times the model's input side (Pillow's own
 # `reducing_gap` for thumbnails): the final antialiased resize then looks as if it started from the full photo.
 REDUCING_GAP = 2
-# Modes whose pixels Image.reduce can average as they are (not palettes, 1-bit or 16-bit; see _reducible).
-REDUCIBLE_MODES = ("L", "RGB", "CMYK", "RGBa", "I", "F")
+# Modes whose pixels Image.reduce can average as they are (not palettes or 1-bit, see _reducible; 16-bit modes
+# have their own, _shrink_sixteen_bit).
+REDUCIBLE_MODES = ("L", "RGB", "CMYK", "RGBa", "F")
 ORIGINAL_SIZE = "original_size"  # key of Image.info: (width, height) of the upright photo before shrinking
 EXIF_ORIENTATION = 0x0112
 ORIENTATION_TRANSPOSE = {
@@ -227,12 +228,14 @@ def _decode_shrunk(image: Image.Image, size: int, draft: bool) -> Image.Image:
     """Decode at no less than REDUCING_GAP x size per side, convert the small image, then turn it upright."""
     least = REDUCING_GAP * size
     width, height = image.size
-    if draft and image.format == "JPEG":
+    if draft and image.format in ("JPEG", "MPO"):
         image.draft(None, (least, least))  # the DCT decodes at 1/2, 1/4 or 1/8 scale: the full size never exists
     image.load()
     orientation = image.getexif().get(EXIF_ORIENTATION)  # read after load: a PNG's eXIf chunk may follow the data
     factor = max(1, min(image.size) // least)  # one factor for both sides: the photo keeps its shape
-    if factor > 1:
+    if factor > 1 and image.mode in SIXTEEN_BIT_MODES:
+        image = _shrink_sixteen_bit(image, factor)
+    elif factor > 1:
         image = _reducible(image).reduce(factor)
     rgb = _to_rgb(image)
     if orientation in ORIENTATION_TRANSPOSE:
@@ -244,13 +247,9 @@ def _decode_shrunk(image: Image.Image, size: int, draft: bool) -> Image.Image:
 
 
 def _reducible(image: Image.Image) -> Image.Image:
-    """The same picture in a mode whose pixels Image.reduce can average (see REDUCIBLE_MODES), at most one
-    full-size copy later: 16-bit values are averaged as 32-bit ones and scaled once small, and transparency is
-    flattened onto the background first (averaging straight alpha would bleed invisible pixels' colours)."""
-    if image.mode in SIXTEEN_BIT_MODES and not isinstance(image.info.get("transparency"), int):
-        return image.convert("I")
-    if image.mode in SIXTEEN_BIT_MODES:
-        image = _sixteen_bit_to_eight(image)  # a 16-bit colour key must be matched before averaging
+    """The same 8-bit picture in a mode whose pixels Image.reduce can average (see REDUCIBLE_MODES), at most one
+    full-size copy later: transparency is flattened onto the background first (averaging straight alpha would
+    bleed invisible pixels' colours into visible ones)."""
     if image.mode in ("RGBA", "LA", "PA", "P", "RGBa") or "transparency" in image.info:
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         flat = Image.new("RGB", rgba.size, BACKGROUND[:3])
@@ -259,6 +258,37 @@ def _reducible(image: Image.Image) -> Image.Image:
     if image.mode in REDUCIBLE_MODES:
         return image
     return image.convert("RGB")
+
+
+def _shrink_sixteen_bit(image: Image.Image, factor: int) -> Image.Image:
+    """16-bit grey averaged over factor x factor blocks and scaled to 8 bits, a band of rows at a time, so that
+    no full-size copy exists beside the decoded image (Image.reduce refuses 16-bit modes). A tRNS colour key
+    is matched before averaging: it becomes the blocks' coverage (alpha), and only opaque pixels are averaged.
+    The last width % factor columns and height % factor rows are left out."""
+    key = image.info.get("transparency")
+    key = key if isinstance(key, int) and not isinstance(key, bool) else None
+    width, height = image.width // factor, image.height // factor
+    grey = np.empty((height, width), dtype=np.uint8)
+    alpha = np.empty((height, width), dtype=np.uint8) if key is not None else None
+    band = max(1, (1 << 20) // (width * factor * factor))  # output rows per band: about 1 M input pixels
+    for top in range(0, height, band):
+        rows = min(band, height - top)
+        values = np.asarray(image.crop((0, top * factor, width * factor, (top + rows) * factor)))
+        if values.dtype.itemsize > 2:  # mode "I": 32-bit values read as 16-bit data
+            values = np.clip(values, 0, 65535)
+        blocks = values.reshape(rows, factor, width, factor)
+        if key is None:
+            mean = blocks.sum(axis=(1, 3), dtype=np.uint64) / factor**2
+        else:
+            opaque = blocks != key
+            count = opaque.sum(axis=(1, 3))
+            mean = np.where(opaque, blocks, 0).sum(axis=(1, 3), dtype=np.uint64) / np.maximum(count, 1)
+            alpha[top : top + rows] = np.round(count * 255 / factor**2).astype(np.uint8)
+        grey[top : top + rows] = np.round(mean / 257).astype(np.uint8)
+    shrunk = Image.fromarray(grey)
+    if alpha is not None:
+        shrunk.putalpha(Image.fromarray(alpha))
+    return shrunk
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -279,9 +309,7 @@ def _sixteen_bit_to_eight(image: Image.Image) -> Image.Image:
     values = np.asarray(image)
     if values.dtype.itemsize > 2:  # mode "I": 32-bit values read as 16-bit data
         values = np.clip(values, 0, 65535)
-    scaled = (values.astype(np.uint32) * 2 + 257) // 514  # round(v / 257)
-    grey = Image.fromarray(scaled.astype(np.uint8))
-    del scaled
+    grey = Image.fromarray(((values.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8))  # round(v / 257)
     transparent = image.info.get("transparency")
     if isinstance(transparent, int):
         # The tRNS colour key is a 16-bit value: it must be matched before scaling merges neighbours.

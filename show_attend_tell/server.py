@@ -198,8 +198,8 @@ class ClientGone(Exception):
     """The client hung up before its request reached the model."""
 
 
-class Counter:
-    """Requests in one stage (e.g. being received), at most `size`."""
+class Slots:
+    """Requests in one stage (being received), at most `size`; used from the event loop only."""
 
     def __init__(self, size: int) -> None:
         self.size, self.count = size, 0
@@ -309,7 +309,7 @@ def create_app(
     if not read_timeout > 0:
         raise InputError(f"read timeout must be positive, got {read_timeout} s")
     queue = InferenceQueue(queue_size)
-    uploads = Counter(max_uploads)
+    uploads = Slots(max_uploads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -534,8 +534,11 @@ async def _read_upload(request: Request, boundary: bytes, max_bytes: int) -> Upl
 
 async def _client_gone(request: Request) -> None:
     """Returns when the client hangs up (the ASGI server's http.disconnect once the body has been read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a connection the server can no longer read from is as gone as a closed one
+        return
 
 
 def _busy(message: str, retry_after: int) -> HTTPException:

@@ -446,3 +446,16 @@ print(len(kept), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) /
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     count, megabytes = map(int, done.stdout.split())
     assert count == 6 and megabytes < 200, megabytes  # one decode: 64 MB RGBA + a 48 MB flattened copy
+
+
+def test_a_large_sixteen_bit_photo_with_a_colour_key_is_shrunk_with_its_transparency(tmp_path):
+    values = np.full((600, 900), 30_000, dtype=np.uint16)  # grey 117
+    values[:, :300] = 4321  # the transparent colour key: the left third
+    values[::2, 300:600] = 65_535  # the middle third: white and black rows, mid grey on average
+    values[1::2, 300:600] = 0
+    path = _save(Image.fromarray(values), tmp_path / "keyed.png", transparency=4321)
+    full, small = load_image(path), load_image(path, size=64)
+    assert small.size == (225, 150) and small.info["original_size"] == (900, 600)  # reduced by 4
+    assert full.getpixel((10, 10)) == small.getpixel((2, 2)) == WHITE
+    assert full.getpixel((800, 10)) == small.getpixel((200, 2)) == (117, 117, 117)
+    assert abs(small.getpixel((110, 50))[0] - 128) <= 1  # averaged, not picked

@@ -361,7 +361,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import json
 
-    from show_attend_tell.config import ModelConfig, TrainConfig
+    from show_attend_tell.checkpoint import check_model_config
+    from show_attend_tell.config import ModelConfig, TrainConfig, check_train_config, to_dict
     from show_attend_tell.features import check_grid
     from show_attend_tell.prepare import PreparedDataset
     from show_attend_tell.train import DataConfig, NonFiniteLossError, Trainer
@@ -374,11 +375,14 @@ def _run_train(args: argparse.Namespace) -> int:
                 raise InputError("--data and --run-dir are required for a new run (or give --resume RUN_DIR)")
             vocab_size = len(PreparedDataset.load(args.data).vocab)
             model_config = _dataclass_from_flags(ModelConfig, args, vocab_size=vocab_size, **_encoder_settings(args))
+            train_config = _dataclass_from_flags(TrainConfig, args)
+            check_model_config(to_dict(model_config), "sat train flags")
+            check_train_config(train_config, "sat train flags")
             check_grid(model_config)
             trainer = Trainer.create(
                 args.run_dir,
                 model_config,
-                _dataclass_from_flags(TrainConfig, args),
+                train_config,
                 DataConfig(
                     prepared=args.data,
                     features=args.features,

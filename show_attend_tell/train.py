@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from show_attend_tell.checkpoint import _atomic, check_model_config, load_encoder_state, model_tensors, save_model
-from show_attend_tell.config import ModelConfig, TrainConfig, from_dict, save_json, to_dict
+from show_attend_tell.config import ModelConfig, TrainConfig, check_train_config, from_dict, save_json, to_dict
 from show_attend_tell.errors import InputError
 from show_attend_tell.evaluate import evaluate
 from show_attend_tell.model import CaptionModel, Encoder, caption_loss
@@ -260,6 +260,7 @@ class Trainer:
             raise InputError(f"{config_path}: not a readable JSON file ({error})") from None
         except (TypeError, ValueError, KeyError) as error:
             raise InputError(f"{config_path}: not the config of a run ({type(error).__name__}: {error})") from None
+        check_train_config(configs[1], str(config_path))
         trainer = cls(run_dir, *configs, **kwargs)
         trainer.load_state(state_dir)
         return trainer

@@ -422,3 +422,40 @@ def test_sat_train_on_a_read_only_run_directory_prints_one_line(
     assert main(["train", *data, *tiny.split(), "--grid-size", "2", "--max-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sat train: error: ") and err.count("\n") == 1 and "must be writable" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "train.batch_size (--batch-size) must be at least 1, got 0"),
+        (["--epochs", "-1"], "train.epochs (--epochs) must be at least 1, got -1"),
+        (["--decoder-lr", "nan"], "train.decoder_lr (--decoder-lr) must be positive, got nan"),
+        (["--lr-schedule", "linear"], "train.lr_schedule (--lr-schedule) must be one of cosine, constant"),
+        (["--scst-samples", "1"], "train.scst_samples (--scst-samples) must be at least 2"),
+        (["--grid-size", "0"], "model.grid_size must be a whole number from 1 to 64, got 0"),
+    ],
+)
+def test_sat_train_refuses_flags_that_would_train_silently_wrong(tiny_prepared, tmp_path, capsys, flags, message):
+    from show_attend_tell.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_prepared), "--run-dir", str(run), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()  # refused before anything was written
+
+
+def test_resume_refuses_a_hand_edited_run_config(tiny_prepared, tiny_features, tmp_path):
+    from show_attend_tell.errors import InputError
+
+    run = tmp_path / "run"
+    trainer = make_trainer(run, tiny_prepared, tiny_features)
+    trainer.save_state()
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["batch_size"] = "10"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"train.batch_size \(--batch-size\) must be of type int, got '10'"):
+        Trainer.resume(run, pretrained_encoder=False, java=False)
+    config["train"]["batch_size"], config["model"]["grid_size"] = 10, [2]
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="model.grid_size must be a whole number"):
+        Trainer.resume(run, pretrained_encoder=False, java=False)

@@ -134,7 +134,7 @@ class InstantCaptioner:
     grid_size, image_size = 2, 32
 
     def caption(self, image, beam_size=3):
-        return Caption("a photo", ["a", "photo"], -1.0, np.full((2, 2, 2), 0.25, dtype=np.float32), [])
+        return Caption("a photo", ["a", "photo"], -1.0, -1.5, np.full((2, 2, 2), 0.25, dtype=np.float32), [])
 
 
 def test_mutants_through_the_api_are_captioned_or_a_4xx(cases, deadline):

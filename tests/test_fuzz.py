@@ -9,6 +9,7 @@ import random
 import signal
 import struct
 import time
+import types
 
 import numpy as np
 import pytest
@@ -132,8 +133,9 @@ def test_mutants_decode_or_raise_the_input_error(cases, deadline):
 
 class InstantCaptioner:
     grid_size, image_size = 2, 32
+    guidance = types.SimpleNamespace(user_words=lambda words: [])
 
-    def caption(self, image, beam_size=3):
+    def caption(self, image, beam_size=3, **options):
         return Caption("a photo", ["a", "photo"], -1.0, -1.5, np.full((2, 2, 2), 0.25, dtype=np.float32), [])
 
 

@@ -8,6 +8,7 @@ import re
 import struct
 import threading
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -221,6 +222,7 @@ class BlockingCaptioner:
 
     grid_size = 2
     image_size = 32
+    guidance = types.SimpleNamespace(user_words=lambda words: [])  # every mention is a word it knows
 
     def __init__(self) -> None:
         self.started = threading.Semaphore(0)
@@ -228,7 +230,7 @@ class BlockingCaptioner:
         self.running = self.most_running = 0
         self.lock = threading.Lock()
 
-    def caption(self, image, beam_size=3):
+    def caption(self, image, beam_size=3, **options):
         with self.lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
@@ -287,7 +289,7 @@ def test_health_openapi_and_the_page(client, captioner):
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/api/caption"]["post"]
     assert "image" in operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert [p["name"] for p in operation["parameters"]] == ["beam_size"]
+    assert [p["name"] for p in operation["parameters"]] == ["beam_size", "mention", "guidance"]
     assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
     assert "/api/health" in schema["paths"]
     docs = client.get("/docs")

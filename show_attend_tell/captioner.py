@@ -25,7 +25,7 @@ from show_attend_tell.config import (
 )
 from show_attend_tell.decoding import best_captions
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions
-from show_attend_tell.images import load_image
+from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
 from show_attend_tell.inference import image_features
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
@@ -98,6 +98,10 @@ class Captioner:
     def grid_size(self) -> int:
         return self.model.config.grid_size
 
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
     @torch.no_grad()
     def caption_batch(
         self,
@@ -108,14 +112,17 @@ class Captioner:
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
         mentions: Sequence[str] = (),
         guide: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> list[Caption]:
         """Caption several images in one encoder pass and one batched beam search.
 
         mentions: words every caption must contain (the user's metadata); a word outside the model's
         vocabulary is an InputError naming the closest ones it knows. guide: let the encoder's ImageNet labels
-        add a word when one is confident enough (see `Captioner.load`'s guidance_threshold)."""
+        add a word when one is confident enough (see `Captioner.load`'s guidance_threshold). max_pixels: a photo
+        with more pixels is refused from its header (images.TooManyPixelsError)."""
         users = self.guidance.user_words(mentions)
-        pictures = [load_image(image) for image in images]  # RGB, upright, fully decoded
+        # each photo decoded only as large as the model needs before the next is read (images.load_image's size)
+        pictures = [load_image(image, size=self.image_size, max_pixels=max_pixels) for image in images]
         features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
         encoded = self.model.decoder.encode(features)  # (B, P, *)
         if guide and self.labels is not None:

@@ -3,15 +3,22 @@
 One loader (`load_model`) is used by evaluation, captioning, the server and training's resume.
 A frozen encoder is not stored: the checkpoint names the sha256 of the encoder weights it was trained on,
 and loading checks that the local encoder weights are those. A fine-tuned encoder is stored with the decoder.
+
+A hand-edited checkpoint is refused, not loaded into nonsense: every field of the model section is checked
+for its type and range, the tensors against the sizes it names, and config.json carries the sha256 of its own
+model section and of the vocabulary (also in the weights file's metadata), so an edited `grid_size` or a
+reordered vocab.json of the right length is caught. Checkpoints written before the checksums still load.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from show_attend_tell.config import ModelConfig, from_dict, save_json, to_dict, write_atomically
@@ -23,6 +30,12 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
+CHECKSUM_KEYS = ("model_sha256", "vocab_sha256")  # in config.json and the weights file's metadata
+# Bounds a config.json is held to. Widths and the vocabulary are also bounded by the weights, which must match
+# them; the image and grid sizes are not, and set the memory of every forward pass.
+MAX_IMAGE_SIZE = 2048
+MAX_GRID_SIZE = 64
+MAX_WIDTH = 1 << 16
 
 
 def model_tensors(model: CaptionModel) -> dict[str, torch.Tensor]:
@@ -71,28 +84,86 @@ def save_model(
         if half and tensor.is_floating_point() and "running_" not in name:
             tensor = tensor.half()
         tensors[name] = tensor
+    checksums = {"model_sha256": model_sha256(to_dict(model.config)), "vocab_sha256": vocabulary_sha256(vocab)}
     config = {
         "format_version": FORMAT_VERSION,
         "model": to_dict(model.config),
         "encoder_sha256": encoder_sha256,
         "dtype": "float16" if half else "float32",
         **(extra or {}),
+        **checksums,
     }
-    write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format_version": "1"}))
+    metadata = {"format_version": "1", **checksums}
+    write_atomically(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=metadata))
     write_atomically(directory / CONFIG_FILE, lambda p: save_json(config, p))
     write_atomically(directory / VOCAB_FILE, vocab.save)
     return directory
 
 
+def model_sha256(model_section: dict) -> str:
+    """sha256 of a config's model section as canonical JSON (sorted keys, tuples as lists)."""
+    text = json.dumps(model_section, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def vocabulary_sha256(vocab: Vocabulary) -> str:
+    """sha256 of the words in id order: any reordering or substitution changes it."""
+    return hashlib.sha256(json.dumps(vocab.words, ensure_ascii=True).encode()).hexdigest()
+
+
+def check_model_config(data: object, where: str) -> ModelConfig:
+    """A config.json model section -> ModelConfig, every field checked for its type and range (InputError
+    naming the field otherwise)."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: field 'model' is missing or not an object")
+    try:
+        config = from_dict(ModelConfig, data)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{where}: bad 'model' section ({error})") from None
+    from show_attend_tell.text import SPECIAL_TOKENS
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    for field in dataclasses.fields(ModelConfig):
+        value = getattr(config, field.name)
+        name = f"{where}: model.{field.name}"
+        if field.name == "fine_tune_blocks":
+            if not isinstance(value, tuple) or not all(isinstance(block, str) for block in value):
+                raise InputError(f'{name} must be a list of block names (e.g. ["layer4"]), got {value!r:.60}')
+        elif field.name == "encoder":
+            if value not in ENCODER_WEIGHTS:
+                raise InputError(f"{name} must be one of {', '.join(ENCODER_WEIGHTS)}, got {value!r:.60}")
+        elif field.name == "deep_output":
+            if not isinstance(value, bool):
+                raise InputError(f"{name} must be true or false, got {value!r:.60}")
+        elif field.name == "dropout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise InputError(f"{name} must be a number in [0, 1), got {value!r:.60}")
+        else:
+            low, high = {
+                "vocab_size": (len(SPECIAL_TOKENS) + 1, 10_000_000),
+                "image_size": (32, MAX_IMAGE_SIZE),
+                "grid_size": (1, MAX_GRID_SIZE),
+                "feature_dim": (0, MAX_WIDTH),
+            }.get(field.name, (1, MAX_WIDTH))
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InputError(f"{name} must be a whole number from {low} to {high}, got {value!r:.60}")
+    return config
+
+
 def read_config(directory: str | Path) -> dict:
-    """config.json of a checkpoint, with its format version checked."""
+    """config.json of a checkpoint, with its format version and the types of its top-level fields checked."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise InputError(f"{directory}: not a model checkpoint ({CONFIG_FILE} missing)")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path}: not valid JSON ({error})") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise InputError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    for key in ("encoder_sha256", *CHECKSUM_KEYS):
+        if key in config and not isinstance(config[key], str):
+            raise InputError(f"{path}: field '{key}' must be a string, got {config[key]!r:.60}")
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise InputError(f"{path}: unknown checkpoint format_version {version!r} (this version reads {FORMAT_VERSION})")
@@ -121,10 +192,7 @@ def load_model(
         raise InputError(f"int8 decoding runs on the CPU only, not on {device}")
     directory = Path(directory)
     config = read_config(directory)
-    try:
-        model_config = from_dict(ModelConfig, config["model"])
-    except (TypeError, ValueError) as error:
-        raise InputError(f"{directory / CONFIG_FILE}: bad 'model' section ({error})") from None
+    model_config = check_model_config(config["model"], str(directory / CONFIG_FILE))
     vocab = Vocabulary.load(directory / VOCAB_FILE)
     if len(vocab) != model_config.vocab_size:
         raise InputError(
@@ -135,14 +203,20 @@ def load_model(
     if not weights_path.is_file():
         raise InputError(f"{weights_path}: missing")
     try:
+        with safe_open(weights_path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{weights_path}: truncated or corrupt safetensors file ({error})") from None
+    check_checksums(directory, config, metadata, model_config, vocab)
 
     encoder_tensors = {k[len("encoder.") :]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
     encoder = None
     if with_encoder:
-        encoder = Encoder(model_config, pretrained=pretrained_encoder)
+        try:
+            encoder = Encoder(model_config, pretrained=pretrained_encoder)
+        except ValueError as error:  # e.g. an unknown fine_tune_blocks name
+            raise InputError(f"{directory / CONFIG_FILE}: {error}") from None
         whole = encoder_tensors.keys() == encoder.state_dict().keys()  # older fine-tuned checkpoints
         if pretrained_encoder and not whole:
             from show_attend_tell.weights import ENCODER_WEIGHTS
@@ -164,6 +238,23 @@ def load_model(
 
         model = for_inference(model, int8=int8)
     return model.to(device), vocab, config
+
+
+def check_checksums(
+    directory: Path, config: dict, metadata: dict, model_config: ModelConfig, vocab: Vocabulary
+) -> None:
+    """The model section and the vocabulary are the ones the weights were saved with: config.json's checksums,
+    and the weights file's copies of them when it has some, must match what is there now."""
+    actual = {"model_sha256": model_sha256(to_dict(model_config)), "vocab_sha256": vocabulary_sha256(vocab)}
+    changed = {"model_sha256": f"{CONFIG_FILE}'s 'model' section", "vocab_sha256": VOCAB_FILE}
+    for key in CHECKSUM_KEYS:
+        for source, recorded in ((CONFIG_FILE, config.get(key)), (WEIGHTS_FILE, metadata.get(key))):
+            if recorded is not None and recorded != actual[key]:
+                raise InputError(
+                    f"{directory}: {changed[key]} was changed after the weights were saved ({key} in {source} "
+                    f"is {recorded[:12]}..., the file now gives {actual[key][:12]}...); it no longer matches "
+                    f"{WEIGHTS_FILE}: restore it"
+                )
 
 
 def load_average(directories: list[str | Path]) -> tuple[CaptionModel, Vocabulary, dict]:

@@ -35,6 +35,47 @@ def _sub_parsers(parser: argparse.ArgumentParser, dest: str) -> argparse._SubPar
     )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (so --batch-size 0 is a usage error, not a traceback later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def positive_int_up_to(high: int):
+    """argparse type: a whole number in 1..high (a typo such as --beam 70000 would exhaust memory)."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be between 1 and {high}, got {value}")
+        return value
+
+    return parse
+
+
+MAX_BEAM = 100  # beams per image; the server allows 10
+MAX_CAPTION_WORDS = 200
+
+
+def port_number(text: str) -> int:
+    return positive_int_up_to(65535)(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sat", description="Show, Attend and Tell image captioning", formatter_class=HelpFormatter
@@ -219,17 +260,17 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--encoder", default=defaults.encoder, choices=sorted(ENCODER_WEIGHTS), help="ImageNet ResNet")
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=defaults.image_size,
         help="photos are resized to this square side in pixels; the shipped model used 448",
     )
     parser.add_argument(
         "--grid-size",
-        type=int,
+        type=positive_int,
         help="attention grid side (default: the encoder's own grid, image size / 32: 7 at 224 px, 14 at 448 px; "
         "smaller pools it, larger is refused)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="images per encoder pass")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per encoder pass")
     parser.add_argument(
         "--stage",
         default="",
@@ -334,7 +375,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import json
 
-    from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig
+    from show_attend_tell.checkpoint import check_model_config
+    from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig, check_train_config, to_dict
     from show_attend_tell.features import check_grid
     from show_attend_tell.prepare import PreparedDataset
     from show_attend_tell.train import NonFiniteLossError, fit, new_run, resume_run
@@ -347,11 +389,14 @@ def _run_train(args: argparse.Namespace) -> int:
                 raise InputError("--data and --run-dir are required for a new run (or give --resume RUN_DIR)")
             vocab_size = len(PreparedDataset.load(args.data).vocab)
             model_config = _dataclass_from_flags(ModelConfig, args, vocab_size=vocab_size, **_encoder_settings(args))
+            train_config = _dataclass_from_flags(TrainConfig, args)
+            check_model_config(to_dict(model_config), "sat train flags")
+            check_train_config(train_config, "sat train flags")
             check_grid(model_config)
             run = new_run(
                 args.run_dir,
                 model_config,
-                _dataclass_from_flags(TrainConfig, args),
+                train_config,
                 DataConfig(
                     prepared=args.data,
                     features=args.features,
@@ -434,7 +479,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "fine-tuned blocks the output of a block before them",
     )
     parser.add_argument(
-        "--beam", type=int, nargs="+", default=[DEFAULT_BEAM_SIZE], help="one or more beam sizes to score"
+        "--beam",
+        type=positive_int_up_to(MAX_BEAM),
+        nargs="+",
+        default=[DEFAULT_BEAM_SIZE],
+        help="one or more beam sizes to score",
     )
     _add_decoding_flags(parser)
     parser.add_argument("--captions", help="score this COCO-format results file instead of decoding")
@@ -456,7 +505,7 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-length",
-        type=int,
+        type=positive_int_up_to(MAX_CAPTION_WORDS),
         default=DEFAULT_MAX_LENGTH,
         help=f"words per caption at most (default {DEFAULT_MAX_LENGTH})",
     )
@@ -556,11 +605,18 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     parser.add_argument(
-        "--beam", type=int, default=DEFAULT_BEAM_SIZE, help=f"beams per image (default {DEFAULT_BEAM_SIZE}; 1: greedy)"
+        "--beam",
+        type=positive_int_up_to(MAX_BEAM),
+        default=DEFAULT_BEAM_SIZE,
+        help=f"beams per image (default {DEFAULT_BEAM_SIZE}; 1: greedy)",
+    )
+    parser.add_argument(
+        "--max-length", type=positive_int_up_to(MAX_CAPTION_WORDS), default=20, help="longest caption in words"
     )
     _add_decoding_flags(parser)
-    parser.add_argument("--batch-size", type=int, default=16, help="photos per encoder pass and beam search")
-    parser.add_argument("--attention-dir", help="write one attention figure per image here")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="photos per encoder pass and beam search")
+    parser.add_argument("--attention-dir", type=folder, help="write one attention figure per image here")
+    _add_max_pixels_flag(parser)
     parser.add_argument(
         "--json",
         action="store_true",
@@ -595,6 +651,26 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def folder(text: str) -> str:
+    """argparse type: a folder to write into; refused at once if the path exists as something else."""
+    from pathlib import Path
+
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return text
+
+
+def _add_max_pixels_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=40_000_000,  # images.DEFAULT_MAX_PIXELS, not imported for every `sat` command
+        help="refuse photos with more pixels (width x height), read from the header before decoding "
+        "(default 40,000,000)",
+    )
+
+
 def _add_int8_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--int8",
@@ -612,20 +688,29 @@ def _run_caption(args: argparse.Namespace) -> int:
     from show_attend_tell.images import iter_image_paths, load_image
     from show_attend_tell.visualize import attention_figure
 
-    paths = iter_image_paths(args.images)
+    problems: list[str] = []
+    paths = iter_image_paths(args.images, problems)
+    for problem in problems:
+        print(f"sat caption: skipped: {problem}", file=sys.stderr)
     if not paths:
-        raise InputError(f"no images found in {' '.join(args.images)}")
+        return 1
     captioner = Captioner.load(args.model, int8=args.int8, guidance_threshold=args.guidance_threshold)
     captioner.guidance.user_words(args.mention)  # an unknown word stops here, before any photo is decoded
     out = Path(args.attention_dir) if args.attention_dir else None
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-    failures = 0
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"--attention-dir {out}: cannot create the folder ({error.strerror or error})") from None
+    figure_names = _figure_names(paths)
+    failures = len(problems)
     for start in range(0, len(paths), args.batch_size):
         loaded = []
         for path in paths[start : start + args.batch_size]:
             try:
-                loaded.append((path, load_image(path)))
+                # decoded only as large as the model needs: memory stays one photo's decode, whatever the batch
+                picture = load_image(path, size=captioner.image_size, max_pixels=args.max_pixels)
+                loaded.append((path, picture))
             except InputError as error:
                 failures += 1
                 print(f"sat caption: skipped: {error}", file=sys.stderr)
@@ -642,7 +727,14 @@ def _run_caption(args: argparse.Namespace) -> int:
         for (path, image), caption in zip(loaded, captions, strict=True):
             figure = None
             if out:
-                figure = attention_figure(image, caption.words, caption.attention, out / f"{path.stem}.png")
+                try:
+                    figure = attention_figure(image, caption.words, caption.attention, out / figure_names[path])
+                except OSError as error:
+                    failures += 1
+                    print(
+                        f"sat caption: {out / figure_names[path]}: cannot write ({error.strerror or error})",
+                        file=sys.stderr,
+                    )
             if args.json:
                 record = {
                     "image": str(path),
@@ -676,20 +768,49 @@ def _run_caption(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _figure_names(paths: list) -> dict:
+    """One figure file name per image: its stem, or for photos sharing a stem (a/good.jpg, b/good.png) the stem
+    with a number, so no figure overwrites another."""
+    names, used = {}, set()
+    for path in paths:
+        name, n = f"{path.stem}.png", 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}-{n}.png"
+        used.add(name)
+        names[path] = name
+    return names
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("serve", help="the web page and HTTP API: upload a photo, see its caption and attention")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: all)"
     )
-    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port")
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
-    parser.add_argument("--max-upload-mb", type=float, default=10, help="larger uploads get 413 (default 10 MB)")
+    parser.add_argument(
+        "--max-upload-mb", type=positive_float, default=10, help="larger uploads get 413 (default 10 MB)"
+    )
     parser.add_argument(
         "--queue-size",
-        type=int,
+        type=positive_int,
         default=16,
-        help="requests admitted at once (uploading, waiting or being captioned); more get 503 (default 16)",
+        help="requests received and waiting for the model or being captioned; more get 503 (default 16)",
     )
+    parser.add_argument(
+        "--max-uploads",
+        type=positive_int,
+        default=32,
+        help="requests being received at once (slow uploads); more get 503 (default 32)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=60.0,
+        help="seconds a client has to send its whole request; then 408 (default 60)",
+    )
+    _add_max_pixels_flag(parser)
     _add_int8_flag(parser)
     parser.set_defaults(run=_run_serve)
 
@@ -701,7 +822,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     from show_attend_tell.server import MEGABYTE, create_app
 
     captioner = Captioner.load(args.model, int8=args.int8)
-    app = create_app(captioner, max_upload_bytes=round(args.max_upload_mb * MEGABYTE), queue_size=args.queue_size)
+    app = create_app(
+        captioner,
+        max_upload_bytes=round(args.max_upload_mb * MEGABYTE),
+        queue_size=args.queue_size,
+        max_uploads=args.max_uploads,
+        max_pixels=args.max_pixels,
+        read_timeout=args.read_timeout,
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"sat serve: listening on {args.host}: anyone who can reach this machine can use it", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -89,6 +90,66 @@ class DataConfig:
     features: str = ""
     captions_per_image: int = 5  # how many of each image's captions a batch uses (the first ones)
     limit: int = 0  # > 0: only the first `limit` images of each split (`--limit`, quick experiments)
+
+
+def _at_least(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda value: value >= low), f"at least {low}"
+
+
+def _between(low: float, high: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda value: low <= value <= high), f"from {low} to {high}"
+
+
+_POSITIVE = ((lambda value: value > 0), "positive")
+# The values TrainConfig's fields may take: a (test, description) for numbers (floats must also be finite), a
+# tuple of choices for strings. A value outside them would train silently wrong (batch_size 0 runs one image
+# per step, epochs -1 trains nothing and keeps a "best" of -inf).
+TRAIN_RANGES: dict[str, Any] = {
+    "epochs": _at_least(1),
+    "batch_size": _at_least(1),
+    "decoder_lr": _POSITIVE,
+    "encoder_lr": _POSITIVE,
+    "weight_decay": _at_least(0),
+    "grad_clip": _at_least(0),  # 0: no clipping
+    "doubly_stochastic": _at_least(0),
+    "label_smoothing": _between(0, 0.99),
+    "warmup_steps": _at_least(0),
+    "lr_schedule": ("cosine", "constant"),
+    "val_every_steps": _at_least(0),
+    "checkpoint_every_steps": _at_least(1),
+    "log_every_steps": _at_least(1),
+    "val_beam_size": _between(1, 100),
+    "val_max_images": _at_least(0),
+    "early_stop_metric": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
+    "patience": _at_least(1),
+    "max_caption_length": _between(1, 200),
+    "scst_samples": _at_least(2),  # each sample's baseline is the mean of the others'
+    "scst_xe_weight": _at_least(0),
+}
+
+
+def check_train_config(config: TrainConfig, where: str) -> None:
+    """Refuse a TrainConfig field of the wrong type or out of TRAIN_RANGES: an InputError naming the field (and
+    its `sat train` flag)."""
+    from show_attend_tell.errors import InputError
+
+    for field in dataclasses.fields(TrainConfig):
+        value, rule = getattr(config, field.name), TRAIN_RANGES.get(field.name)
+        name = f"{where}: train.{field.name} (--{field.name.replace('_', '-')})"
+        expected = type(field.default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not expected:
+            raise InputError(f"{name} must be of type {expected.__name__}, got {value!r:.60}")
+        if rule is None:
+            continue
+        if isinstance(rule[0], str):
+            if value not in rule:
+                raise InputError(f"{name} must be one of {', '.join(rule)}, got {value!r:.60}")
+            continue
+        test, description = rule
+        if (isinstance(value, float) and not math.isfinite(value)) or not test(value):
+            raise InputError(f"{name} must be {description}, got {value!r:.60}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from collections import defaultdict
@@ -15,15 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
 from show_attend_tell.errors import InputError
+from show_attend_tell.images import load_image
 
 SPLITS = ("train", "val", "test")
 # Names other datasets use for our splits: Karpathy's "restval" images are trained on, Flickr8k calls val "dev".
 SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test"}
 DATASET_KINDS = ("flickr8k", "karpathy", "coco", "folder")
+CHECK_SIZE = 64  # check_images decodes at no less than 2x this per side (see images.load_image)
 
 
 @dataclass
@@ -63,22 +65,57 @@ def normalise_split(value: Any, where: str) -> str:
     return split
 
 
-def _read_json(path: Path) -> Any:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; a missing file, a read error or bytes that are not UTF-8 are an InputError naming
+    the file and, for bad bytes, the line and column."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not a readable JSON file ({error})") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise InputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
+
+
+def _read_json(path: Path) -> Any:
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"{path}:{error.lineno}: not a readable JSON file ({error.msg}, column {error.colno})"
+        ) from None
+    except RecursionError:
+        raise InputError(f"{path}: not a usable JSON file (nested too deeply)") from None
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: cannot read ({error})") from None
+    return read_text(path).splitlines()
+
+
+def _inside(root: Path, relative: str, where: str) -> Path:
+    """root / relative, refusing a path that leaves the root (absolute, or with "..") or holds a NUL byte:
+    a dataset file names images, it does not choose which files on the machine are read."""
+    path = Path(relative)
+    if path.is_absolute() or ".." in path.parts or "\0" in relative or not relative.strip():
+        raise InputError(f"{where}: image path {relative!r} must be relative and stay inside {root}")
+    return root / path
+
+
+def _string_field(item: dict, key: str, where: str, *, optional: bool = False) -> str | None:
+    value = item.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{key}' must be a string, got {type(value).__name__} {value!r:.40}")
+    return value
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -197,11 +234,12 @@ def read_karpathy(json_file: Path, images_dir: Path) -> RawDataset:
                 texts.append(sentence["raw"].strip())
             else:
                 raw.skip("empty caption", f"{image['filename']} sentences[{j}]")
-        relative = Path(image.get("filepath") or "") / image["filename"]
+        filepath = _string_field(image, "filepath", where, optional=True) or ""
+        relative = (Path(filepath) / image["filename"]).as_posix()
         if texts:
-            candidates.append(ImageRecord(images_dir / relative, texts, split))
+            candidates.append(ImageRecord(_inside(images_dir, relative, where), texts, split))
         else:
-            raw.skip("image has no captions", str(relative))
+            raw.skip("image has no captions", relative)
     _keep_existing(raw, candidates, str(json_file))
     raw.records = _split_order(raw.records)
     return raw
@@ -275,6 +313,8 @@ def read_coco(
         for i, image in enumerate(data["images"]):
             if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
                 raise InputError(f"{annotation_file}: images[{i}]: expected an object with 'id' and 'file_name'")
+            _image_id(image, "id", f"{annotation_file}: images[{i}]")
+            _inside(images_dir, image["file_name"], f"{annotation_file}: images[{i}]")
             names[image["id"]] = image["file_name"]
         if not split_files:
             split_of.update(_official_splits(annotation_file, list(names.values()), seed))
@@ -282,7 +322,7 @@ def read_coco(
         for i, annotation in enumerate(data["annotations"]):
             if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
                 raise InputError(f"{annotation_file}: annotations[{i}]: expected an object with a 'caption'")
-            image_id = annotation.get("image_id")
+            image_id = _image_id(annotation, "image_id", f"{annotation_file}: annotations[{i}]")
             if image_id not in names:
                 raw.skip("caption for an image id not in its file", f"{annotation_file.name} annotations[{i}]")
             elif annotation["caption"].strip():
@@ -309,6 +349,15 @@ def read_coco(
     return raw
 
 
+def _image_id(item: dict, key: str, where: str) -> int | str:
+    value = item.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(
+            f"{where}: field '{key}' must be an integer or a string, got {type(value).__name__} {value!r:.40}"
+        )
+    return value
+
+
 def _parse_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise InputError(f"split fractions must be three numbers >= 0 (train, val, test) summing to 1, got {fractions}")
@@ -317,10 +366,7 @@ def _parse_fractions(fractions: tuple[float, float, float]) -> tuple[float, floa
 
 def _rows_csv(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
     """(line number, row) pairs of a CSV file with a header naming image, caption and optionally split."""
-    try:
-        handle = path.open(newline="", encoding="utf-8")
-    except OSError as error:
-        raise InputError(f"{path}: cannot read ({error})") from None
+    handle = io.StringIO(read_text(path), newline="")
     with handle:
         reader = csv.reader(handle)
         try:
@@ -337,8 +383,8 @@ def _rows_csv(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
                         f"{path}:{reader.line_num}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}"
                     )
                 yield reader.line_num, dict(zip(header, row, strict=True))
-        except (csv.Error, UnicodeDecodeError) as error:
-            raise InputError(f"{path}:{reader.line_num}: malformed CSV ({error})") from None
+        except csv.Error as error:
+            raise InputError(f"{path}:{max(1, reader.line_num)}: malformed CSV ({error})") from None
 
 
 def _rows_jsonl(path: Path) -> Iterable[tuple[int, dict[str, str]]]:
@@ -415,27 +461,29 @@ def read_folder(
         splits |= {name: "test" for name in names[n_val : n_val + n_test]}
         splits |= {name: "train" for name in names[n_val + n_test :]}
         raw.source["split"] = f"random by image, seed {seed}, fractions {train}/{val}/{test}"
-    candidates = [ImageRecord(images_dir / image, texts, splits[image]) for image, texts in captions.items()]
+    candidates = [
+        ImageRecord(_inside(images_dir, image, str(captions_file)), texts, splits[image])
+        for image, texts in captions.items()
+    ]
     _keep_existing(raw, candidates, str(captions_file))
     raw.records = _split_order(raw.records)
     return raw
 
 
 def check_images(records: list[ImageRecord], progress: bool = True) -> tuple[list[ImageRecord], list[str]]:
-    """Open and decode every image with PIL; returns (readable records, "path: error" for the others).
+    """Decode every image as captioning would (load_image: the same formats, pixel budget and errors); returns
+    (readable records, one "path: error" line for each of the others).
 
-    JPEGs are decoded in draft mode (reduced scale), which still reads the whole file and so catches
-    truncated files, at a fraction of the cost of a full decode.
+    Large JPEGs are decoded at a reduced scale, which still reads the whole file and so catches truncated
+    files, at a fraction of the cost of a full decode.
     """
     readable, unreadable = [], []
     for record in tqdm(records, desc="checking images", unit="img", disable=not progress):
         try:
-            with Image.open(record.path) as image:
-                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-                image.load()
+            load_image(record.path, size=CHECK_SIZE)
             readable.append(record)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            unreadable.append(f"{record.path}: {error}")
+        except InputError as error:
+            unreadable.append(str(error))
     return readable, unreadable
 
 

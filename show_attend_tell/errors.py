@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """Bad input from the user (a file, a field, an argument). The CLI prints it as one line, no traceback."""
+
+
+class TooManyPixelsError(InputError):
+    """An image declaring more pixels than the caller allows (the server answers 413, not 422)."""

@@ -4,11 +4,15 @@ POST /api/caption   multipart field `image` (+ query `beam_size`) -> caption, wo
 GET  /api/health    model loaded, grid size, queue depth
 GET  /              the page (show_attend_tell/web/); OpenAPI at /openapi.json, docs at /docs
 
-The model runs on one worker thread, so requests are captioned one at a time and never share it. At most
-`queue_size` requests are admitted at once (uploading, waiting or being captioned); more are answered 503 with
-Retry-After, so a burst costs at most queue_size uploads of memory. Uploads are read in chunks and refused
-(413) as soon as they pass the limit. Every error is JSON {"error": "..."}; bad input is always a 4xx saying
-what is wrong, and the image checks are load_image's own.
+The model runs on one worker thread, so requests are captioned one at a time and never share it. A request
+is read whole first: in chunks, refused (413) as soon as it passes the upload limit, answered 408 when it takes
+longer than the read deadline, and its image header checked against the pixel budget (413) and the format
+whitelist (422). At most `max_uploads` uploads are read at once (a slow client costs a connection and its
+bytes so far, never model time). Only then does it take one of `queue_size` slots for the model (waiting or
+being captioned); when they are all taken it is answered 503 with Retry-After. A request whose client hangs
+up before its turn is dropped without reaching the model. Photos are decoded on the model's thread, one at
+a time, and only as large as the model needs. Every error is JSON {"error": "..."}; bad input is always a 4xx
+saying what is wrong, and the image checks are load_image's own.
 """
 
 from __future__ import annotations
@@ -36,14 +40,17 @@ from starlette.requests import ClientDisconnect
 
 from show_attend_tell import __version__
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
-from show_attend_tell.errors import InputError
+from show_attend_tell.errors import InputError, TooManyPixelsError
 from show_attend_tell.guidance import MAX_MENTIONS
-from show_attend_tell.images import IMAGE_FORMATS, load_image
+from show_attend_tell.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ORIGINAL_SIZE, image_header, load_image
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 MEGABYTE = 2**20
 DEFAULT_MAX_UPLOAD_BYTES = 10 * MEGABYTE
 DEFAULT_QUEUE_SIZE = 16
+# Uploads read at once: bounds the memory held by clients still sending (each at most the upload limit).
+DEFAULT_MAX_UPLOADS = 32
+DEFAULT_READ_TIMEOUT = 60.0  # seconds to send a whole request; 10 MB takes 8 s at 10 Mbit/s
 MAX_BEAM_SIZE = 10
 FIELD = "image"
 # Room for the multipart boundaries and part headers around the image, and a small extra form field or two.
@@ -114,9 +121,13 @@ class Health(BaseModel):
     status: str
     model_loaded: bool
     grid_size: int
-    queue_depth: int = Field(description="requests admitted and not finished (uploading, waiting or captioned)")
-    queue_size: int = Field(description="requests admitted at most; beyond it, 503 with Retry-After")
+    queue_depth: int = Field(description="requests read and not finished (waiting for the model or captioned)")
+    queue_size: int = Field(description="requests waiting or captioned at most; beyond it, 503 with Retry-After")
+    uploads: int = Field(description="requests still being received")
+    max_uploads: int = Field(description="requests received at once at most; beyond it, 503 with Retry-After")
     max_upload_bytes: int
+    max_pixels: int = Field(description="largest photo accepted, in pixels (width x height); beyond it, 413")
+    read_timeout: float = Field(description="seconds a client has to send its request; beyond it, 408")
     max_beam_size: int
 
 
@@ -150,26 +161,57 @@ class InferenceQueue:
         """Seconds until the queue has likely drained: whole seconds, at least 1 (the header's format)."""
         return max(1, math.ceil(self._depth * self._job_seconds))
 
-    async def run(self, job: Callable[[], Any]) -> Any:
-        """Run `job` on the worker for a caller holding a slot; the slot is freed when the job ends or is
-        cancelled (a request abandoned while waiting costs no model time)."""
+    async def run(self, job: Callable[[threading.Event], Any], gone: asyncio.Future) -> Any:
+        """Run `job(abandoned)` on the worker for a caller holding a slot; the slot is freed when the job ends or
+        is cancelled. When `gone` (the client hung up) completes first, a job still waiting never runs and a
+        running one sees `abandoned` set (it checks before the model), and ClientGone is raised."""
+        abandoned = threading.Event()
         try:
-            future = self._executor.submit(self._timed, job)
+            future = self._executor.submit(self._timed, job, abandoned)
         except BaseException:
             self.release()
             raise
         future.add_done_callback(lambda _: self.release())
-        return await asyncio.wrap_future(future)
+        result = asyncio.wrap_future(future)
+        await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
+        if not result.done():
+            abandoned.set()
+            future.cancel()
+            result.cancel()
+            raise ClientGone()
+        return result.result()
 
-    def _timed(self, job: Callable[[], Any]) -> Any:
+    def _timed(self, job: Callable[[threading.Event], Any], abandoned: threading.Event) -> Any:
+        if abandoned.is_set():
+            raise ClientGone()
         start = time.perf_counter()
         try:
-            return job()
+            return job(abandoned)
         finally:
             self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - start)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ClientGone(Exception):
+    """The client hung up before its request reached the model."""
+
+
+class Slots:
+    """Requests in one stage (being received), at most `size`; used from the event loop only."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.count = size, 0
+
+    def take(self) -> bool:
+        if self.count >= self.size:
+            return False
+        self.count += 1
+        return True
+
+    def give_back(self) -> None:
+        self.count -= 1
 
 
 class Upload:
@@ -250,14 +292,24 @@ def create_app(
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     queue_size: int = DEFAULT_QUEUE_SIZE,
+    max_uploads: int = DEFAULT_MAX_UPLOADS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> FastAPI:
     """The API and the page around `captioner` (a loaded show_attend_tell.captioner.Captioner, or anything
-    with the same `caption(image, beam_size=)` and `grid_size`)."""
+    with the same `caption(image, beam_size=)`, `grid_size` and `image_size`)."""
     if max_upload_bytes < 1:
         raise InputError(f"max upload size must be positive, got {max_upload_bytes} bytes")
     if queue_size < 1:
         raise InputError(f"queue size must be at least 1, got {queue_size}")
+    if max_uploads < 1:
+        raise InputError(f"max uploads must be at least 1, got {max_uploads}")
+    if max_pixels < 1:
+        raise InputError(f"max pixels must be at least 1, got {max_pixels}")
+    if not read_timeout > 0:
+        raise InputError(f"read timeout must be positive, got {read_timeout} s")
     queue = InferenceQueue(queue_size)
+    uploads = Slots(max_uploads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -272,6 +324,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.queue = queue
+    app.state.uploads = uploads
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -290,10 +343,11 @@ def create_app(
         status: {"model": ErrorBody, "description": description}
         for status, description in [
             (400, "malformed multipart body"),
-            (413, "upload larger than the server's limit"),
+            (408, "the request was not received within the read deadline"),
+            (413, "upload larger than the server's limit, or a photo with more pixels than its budget"),
             (415, "not a multipart/form-data upload, or the field is not declared as an image"),
             (422, "missing field, bad beam_size, or a file that is not a readable image"),
-            (503, "queue full: try again after Retry-After seconds"),
+            (503, "too many requests in progress: try again after Retry-After seconds"),
         ]
     }
 
@@ -348,23 +402,33 @@ def create_app(
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_upload_bytes + FORM_OVERHEAD:
             raise HTTPException(413, _too_large(max_upload_bytes))
-        if not queue.reserve():
-            raise HTTPException(
-                503,
-                f"the server is busy ({queue.size} requests in progress); try again shortly",
-                headers={"Retry-After": str(queue.retry_after())},
-            )
+        if not uploads.take():
+            raise _busy(f"the server is busy ({uploads.size} uploads in progress); try again shortly", 1)
         try:
-            upload = await _read_upload(request, boundary, max_upload_bytes)
-        except BaseException:
-            queue.release()
-            raise
+            upload = await asyncio.wait_for(_read_upload(request, boundary, max_upload_bytes), read_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request was not received within {read_timeout:g} s") from None
+        finally:
+            uploads.give_back()
+        name = upload.filename or FIELD
+        try:
+            image_header(upload.data, name=name, max_pixels=max_pixels)
+        except TooManyPixelsError as error:
+            raise HTTPException(413, str(error)) from None
+        except InputError as error:
+            raise HTTPException(422, str(error)) from None
+        if not queue.reserve():
+            message = f"the server is busy ({queue.size} requests in progress); try again shortly"
+            raise _busy(message, queue.retry_after())
 
-        def job() -> dict:
+        def job(abandoned: threading.Event) -> dict:
             started = time.perf_counter()
-            image = load_image(upload.data, name=upload.filename or FIELD)
+            image = load_image(upload.data, name=name, max_pixels=max_pixels, size=captioner.image_size)
             decoded = time.perf_counter()
+            if abandoned.is_set():
+                raise ClientGone()
             result = captioner.caption(image, beam_size=beam_size, mentions=mention, guide=guidance)
+            width, height = image.info[ORIGINAL_SIZE]
             return {
                 "caption": result.text,
                 "words": result.words,
@@ -381,8 +445,8 @@ def create_app(
                 ],
                 "grid_size": captioner.grid_size,
                 "beam_size": beam_size,
-                "width": image.width,
-                "height": image.height,
+                "width": width,
+                "height": height,
                 "timings": {
                     "queue_ms": _ms(started - arrived),
                     "image_ms": _ms(decoded - started),
@@ -390,10 +454,18 @@ def create_app(
                 },
             }
 
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            result = await queue.run(job)
+            result = await queue.run(job, gone)
+        except TooManyPixelsError as error:
+            raise HTTPException(413, str(error)) from None
         except InputError as error:
             raise HTTPException(422, str(error)) from None
+        except ClientGone:
+            # Nobody is listening; the status is for the access log.
+            raise HTTPException(499, "the client closed the connection before its photo was captioned") from None
+        finally:
+            gone.cancel()
         result["timings"]["total_ms"] = _ms(time.perf_counter() - arrived)
         return result
 
@@ -406,7 +478,11 @@ def create_app(
             grid_size=captioner.grid_size,
             queue_depth=queue.depth,
             queue_size=queue.size,
+            uploads=uploads.count,
+            max_uploads=uploads.size,
             max_upload_bytes=max_upload_bytes,
+            max_pixels=max_pixels,
+            read_timeout=read_timeout,
             max_beam_size=MAX_BEAM_SIZE,
         )
 
@@ -454,6 +530,19 @@ async def _read_upload(request: Request, boundary: bytes, max_bytes: int) -> Upl
     if upload.data is None:
         raise HTTPException(422, f"missing the multipart field '{FIELD}' (the photo)")
     return upload
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client hangs up (the ASGI server's http.disconnect once the body has been read)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a connection the server can no longer read from is as gone as a closed one
+        return
+
+
+def _busy(message: str, retry_after: int) -> HTTPException:
+    return HTTPException(503, message, headers={"Retry-After": str(retry_after)})
 
 
 def _too_large(max_bytes: int) -> str:

@@ -16,11 +16,14 @@ batch and the gradients are averaged over ranks (`average_gradients`), so the re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +33,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from show_attend_tell.checkpoint import load_encoder_state, model_tensors, save_model
+from show_attend_tell.checkpoint import check_model_config, load_encoder_state, model_tensors, save_model
 from show_attend_tell.config import (
     DataConfig,
     ModelConfig,
     TrainConfig,
+    check_train_config,
     from_dict,
     save_json,
     to_dict,
@@ -70,6 +74,34 @@ def exit_worker(code: int = 0):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# Write failures that are the run directory's, not a bug: one line, and the last saved state stays as it was
+# (every file of it is written under a temporary name and renamed).
+UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def writing_to(run_dir: Path):
+    """Turn a write refused by the file system (read-only, permissions, full) into one InputError line."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        where = error.filename or run_dir
+        raise InputError(
+            f"{where}: cannot write ({error.strerror}); the run directory {run_dir} must be writable. "
+            "Its last saved state is intact"
+        ) from None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail now, not at the first checkpoint an hour from now, when the run directory cannot be written."""
+    with writing_to(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
 
 
 def epoch_batches(image_rows: list[int], caption_rows: dict[int, list[int]], batch_size: int, epoch: int, seed: int):
@@ -180,8 +212,9 @@ def new_run(
         raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     run = _build(run_dir, model_config, train_config, data_config, pretrained_encoder, device, java)
     if run.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(resolved_config(run), run_dir / "config.json")
+        check_writable(run_dir)
+        with writing_to(run_dir):
+            save_json(resolved_config(run), run_dir / "config.json")
     return run
 
 
@@ -191,16 +224,22 @@ def resume_run(run_dir: str | Path, *, pretrained_encoder: bool = True, device: 
     state_dir = run_dir / STATE_DIR
     if not (state_dir / "state.json").is_file():
         raise FileNotFoundError(f"{run_dir}: no resumable state ({STATE_DIR}/state.json missing)")
-    resolved = json.loads((run_dir / "config.json").read_text())
-    run = _build(
-        run_dir,
-        from_dict(ModelConfig, resolved["model"]),
-        from_dict(TrainConfig, resolved["train"]),
-        from_dict(DataConfig, resolved["data"]),
-        pretrained_encoder,
-        device,
-        java,
-    )
+    if distributed()[0] == 0:
+        check_writable(run_dir)
+    config_path = run_dir / "config.json"
+    try:
+        resolved = json.loads(config_path.read_text(encoding="utf-8"))
+        configs = (
+            check_model_config(resolved["model"], str(config_path)),
+            from_dict(TrainConfig, resolved["train"]),
+            from_dict(DataConfig, resolved["data"]),
+        )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{config_path}: not a readable JSON file ({error})") from None
+    except (TypeError, ValueError, KeyError) as error:
+        raise InputError(f"{config_path}: not the config of a run ({type(error).__name__}: {error})") from None
+    check_train_config(configs[1], str(config_path))
+    run = _build(run_dir, *configs, pretrained_encoder, device, java)
     load_state(run, state_dir)
     return run
 
@@ -614,7 +653,8 @@ def fit(run: Run, *, max_steps: int | None = None, progress: bool = True) -> dic
     (resumed ones included); the state is saved where it stops."""
     run.console = progress
     try:
-        summary = _fit(run, max_steps)
+        with writing_to(run.run_dir):
+            summary = _fit(run, max_steps)
     finally:
         if run.writer is not None:
             run.writer.close()

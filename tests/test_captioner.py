@@ -153,5 +153,71 @@ def test_caption_cli_plain_output_and_missing_path(tmp_path, capsys):
     assert guided.startswith("[guided: coffee (label espresso 0.")
     assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--no-guidance"]) == 0
     assert len(capsys.readouterr().out.strip().split("\t")) == 2
-    assert main(["caption", str(tmp_path / "nope.jpg")]) == 2
-    assert "nope.jpg" in capsys.readouterr().err
+    assert main(["caption", str(tmp_path / "nope.jpg")]) == 1
+    assert "sat caption: skipped: " in capsys.readouterr().err
+
+
+def test_caption_cli_survives_hostile_inputs_and_keeps_every_figure(tmp_path, capsys):
+    """A missing path, a symlink loop, a FIFO named .jpg and a TIFF that makes Pillow raise TypeError, next to
+    two good photos with the same stem: one line each, the good ones captioned, two figures, exit 1."""
+    import os
+    import signal
+
+    from test_images import corrupt_tiff
+
+    for folder, photo in [("a", "coffee.jpg"), ("b", "rocket.jpg")]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "good.jpg").write_bytes((EXAMPLES / photo).read_bytes())
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "bad.tif").write_bytes(corrupt_tiff())
+    inputs = ["a/good.jpg", "missing.jpg", "loop", "pipe.jpg", "bad.tif", "b/good.jpg"]
+    maps = tmp_path / "maps"
+
+    def hung(signum, frame):
+        raise TimeoutError("sat caption blocked (opened the FIFO?)")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        code = main(
+            ["caption", *(str(tmp_path / name) for name in inputs), "--attention-dir", str(maps), "--beam", "1"]
+        )
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    out, err = capsys.readouterr()
+    assert code == 1
+    captioned = [line.split("\t") for line in out.splitlines()]
+    assert [Path(path).relative_to(tmp_path).as_posix() for path, *_ in captioned] == ["a/good.jpg", "b/good.jpg"]
+    assert sorted(path.name for path in maps.iterdir()) == ["good-2.png", "good.png"]
+    assert [figure for *_, figure in captioned] == [f"[{maps / 'good.png'}]", f"[{maps / 'good-2.png'}]"]
+    skipped = [line for line in err.splitlines() if line.startswith("sat caption: skipped: ")]
+    assert len(skipped) == 4 and "Traceback" not in err
+    for name, phrase in [
+        ("missing.jpg", "no such file"),
+        ("loop", "symbolic links"),
+        ("pipe.jpg", "FIFO"),
+        ("bad.tif", "corrupt"),
+    ]:
+        assert any(name in line and phrase in line for line in skipped), (name, skipped)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--beam", "0"], "argument --beam: must be at least 1, got 0"),
+        (["--beam", "100000"], "argument --beam: must be between 1 and 100"),
+        (["--max-length", "-3"], "argument --max-length: must be at least 1"),
+        (["--max-pixels", "many"], "argument --max-pixels: expected a whole number"),
+        (["--attention-dir", "{photo}"], "argument --attention-dir: {photo} exists and is not a folder"),
+    ],
+)
+def test_caption_cli_flags_are_checked_by_the_parser(flags, message, capsys):
+    photo = str(EXAMPLES / "coffee.jpg")
+    with pytest.raises(SystemExit) as exit:
+        main(["caption", photo, *(flag.format(photo=photo) for flag in flags)])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(photo=photo) in err and "Traceback" not in err

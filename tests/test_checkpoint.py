@@ -228,3 +228,89 @@ def test_export_averages_the_fine_tuned_blocks_with_the_decoders(tmp_path, fixed
     ):
         torch.testing.assert_close(tensors[name].float(), (module.weight + 0.5).half().float(), rtol=0, atol=1e-3)
     assert not any(k.startswith("encoder.trunk.7.1.") for k in tensors)
+
+
+# Hand-edited checkpoints (issue 14): refused with the field named, never loaded into nonsense.
+
+
+def edit_config(directory, change) -> None:
+    path = directory / CONFIG_FILE
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("grid_size", "14", "model.grid_size must be a whole number from 1 to 64, got '14'"),
+        ("grid_size", 0, "model.grid_size must be a whole number from 1 to 64, got 0"),
+        ("image_size", 10**6, "model.image_size must be a whole number from 32 to 2048"),
+        ("encoder", "vgg16", "model.encoder must be one of resnet50, resnet101, got 'vgg16'"),
+        ("dropout", 1.5, "model.dropout must be a number in [0, 1)"),
+        ("deep_output", "yes", "model.deep_output must be true or false"),
+        ("fine_tune_blocks", "layer4", "model.fine_tune_blocks must be a list of block names"),
+        ("attention_dim", True, "model.attention_dim must be a whole number"),
+        ("colour", 3, "unknown field(s) colour"),
+    ],
+)
+def test_every_model_field_is_type_and_range_checked(tmp_path, field, value, message):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    edit_config(tmp_path / "c", lambda config: config["model"].update({field: value}))
+    with pytest.raises(InputError) as caught:
+        load_model(tmp_path / "c", pretrained_encoder=False)
+    assert message in str(caught.value) and CONFIG_FILE in str(caught.value)
+
+
+def test_a_config_that_is_not_an_object_or_has_bad_checksum_types(tmp_path):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    (tmp_path / "c" / CONFIG_FILE).write_text("[1, 2]")
+    with pytest.raises(InputError, match="config.json: expected a JSON object, got list"):
+        load_model(tmp_path / "c", pretrained_encoder=False)
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    edit_config(tmp_path / "c", lambda config: config.update(vocab_sha256=7))
+    with pytest.raises(InputError, match="field 'vocab_sha256' must be a string"):
+        load_model(tmp_path / "c", pretrained_encoder=False)
+
+
+def test_an_edited_grid_size_or_a_reordered_vocabulary_is_caught_by_the_checksums(tmp_path):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    load_model(tmp_path / "c", pretrained_encoder=False)  # as saved: loads
+    edit_config(tmp_path / "c", lambda config: config["model"].update(grid_size=14))
+    with pytest.raises(InputError, match="config.json's 'model' section was changed after the weights were saved"):
+        load_model(tmp_path / "c", pretrained_encoder=False)
+    # removing config.json's checksum does not help: the weights file holds a copy
+    edit_config(tmp_path / "c", lambda config: config.pop("model_sha256"))
+    with pytest.raises(InputError, match="model_sha256 in model.safetensors"):
+        load_model(tmp_path / "c", pretrained_encoder=False)
+
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    words = list(vocab.words)
+    words[4], words[5] = words[5], words[4]  # same length, two words swapped
+    Vocabulary(words).save(tmp_path / "c" / VOCAB_FILE)
+    with pytest.raises(InputError, match="vocab.json was changed after the weights were saved"):
+        load_model(tmp_path / "c", pretrained_encoder=False)
+
+
+def test_checkpoints_saved_before_the_checksums_still_load(tmp_path):
+    model, vocab = small_model()
+    save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    edit_config(tmp_path / "c", lambda config: [config.pop(key) for key in ("model_sha256", "vocab_sha256")])
+    weights = tmp_path / "c" / WEIGHTS_FILE
+    save_file(load_file(weights), weights, metadata={"format_version": "1"})  # as save_model used to write it
+    loaded, loaded_vocab, _ = load_model(tmp_path / "c", pretrained_encoder=False)
+    assert loaded_vocab == vocab
+
+
+def test_the_shipped_model_carries_checksums_that_match_it():
+    from show_attend_tell.captioner import SHIPPED_MODEL
+    from show_attend_tell.checkpoint import check_model_config, model_sha256, vocabulary_sha256
+    from show_attend_tell.config import to_dict
+
+    config = json.loads((SHIPPED_MODEL / CONFIG_FILE).read_text())
+    model_config = check_model_config(config["model"], "shipped")
+    assert config["model_sha256"] == model_sha256(to_dict(model_config))
+    assert config["vocab_sha256"] == vocabulary_sha256(Vocabulary.load(SHIPPED_MODEL / VOCAB_FILE))

@@ -133,7 +133,7 @@ def test_read_karpathy_unknown_split(tmp_path) -> None:
 
 def test_read_karpathy_malformed(tmp_path) -> None:
     (tmp_path / "bad.json").write_text('{"images": [')
-    with pytest.raises(InputError, match="bad.json: not a readable JSON"):
+    with pytest.raises(InputError, match="bad.json:1: not a readable JSON"):
         read_karpathy(tmp_path / "bad.json", tmp_path)
     source = karpathy_json(tmp_path / "d.json", [{"filename": "x.jpg", "split": "train", "sentences": [{"x": 1}]}])
     with pytest.raises(InputError, match=r"images\[0\] \(x\.jpg\): sentences\[0\]: expected an object with a 'raw'"):
@@ -363,3 +363,82 @@ def test_read_flickr8k_real_files(flickr8k) -> None:
         "image in no split list": 91,
         "caption for an image file that does not exist": 5,
     }
+
+
+# Hostile dataset files (issue 14): wrong types, paths out of the image root, bad bytes: one line each.
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"filepath": 2014}, r"images\[0\] \(x\.jpg\): field 'filepath' must be a string, got int 2014"),
+        (
+            {"filename": "../../../../../etc/passwd"},
+            r"image path '\.\./\.\./\.\./\.\./\.\./etc/passwd' must be relative",
+        ),
+        ({"filename": "/etc/passwd"}, r"image path '/etc/passwd' must be relative and stay inside"),
+        ({"filepath": "../secret"}, r"image path '\.\./secret/x\.jpg' must be relative"),
+    ],
+)
+def test_read_karpathy_refuses_bad_types_and_paths_out_of_the_image_root(tmp_path, change, message) -> None:
+    jpeg(tmp_path / "x.jpg")
+    source = karpathy_json(tmp_path / "d.json", [{**karpathy_image("x.jpg", "train"), **change}])
+    with pytest.raises(InputError, match=message):
+        read_karpathy(source, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "images, annotations, message",
+    [
+        ([{"id": 1000, "file_name": "x.jpg"}], [{"image_id": [1000], "caption": "A cat."}], "'image_id' must be an"),
+        ([{"id": {"a": 1}, "file_name": "x.jpg"}], [], r"images\[0\]: field 'id' must be an integer or a string"),
+        ([{"id": 1, "file_name": "../x.jpg"}], [], "image path '../x.jpg' must be relative"),
+    ],
+)
+def test_read_coco_refuses_bad_types_and_paths(tmp_path, images, annotations, message) -> None:
+    jpeg(tmp_path / "x.jpg")
+    (tmp_path / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    (tmp_path / "val.txt").write_text("x.jpg\n")
+    with pytest.raises(InputError, match=message):
+        read_coco([tmp_path / "captions_val2014.json"], tmp_path, {"val": [tmp_path / "val.txt"]})
+
+
+def test_read_folder_refuses_image_paths_out_of_the_root(tmp_path) -> None:
+    root = folder_dataset(tmp_path, 2)
+    (root / "c.csv").write_text("image,caption\npics/img00.jpg,A dog.\n../../etc/passwd,A file.\n")
+    with pytest.raises(InputError, match=r"c\.csv: image path '\.\./\.\./etc/passwd' must be relative"):
+        read_folder(root / "c.csv", root)
+
+
+def test_bytes_that_are_not_utf8_are_reported_with_their_line(tmp_path) -> None:
+    root = folder_dataset(tmp_path, 2)
+    (root / "c.csv").write_bytes(b"image,caption\npics/img00.jpg,A dog.\npics/img01.jpg,A caf\xe9.\n")
+    with pytest.raises(InputError, match=r"c\.csv:3: not UTF-8 text \(byte 0xe9 at column 21\)"):
+        read_folder(root / "c.csv", root)
+    (root / "c.jsonl").write_bytes(b'{"image": "pics/img00.jpg", "caption": "A dog."}\n{"caption": "\xff"}\n')
+    with pytest.raises(InputError, match=r"c\.jsonl:2: not UTF-8"):
+        read_folder(root / "c.jsonl", root)
+    (root / "d.json").write_bytes(b'{"images": [\n\n "\x80"]}')
+    with pytest.raises(InputError, match=r"d\.json:3: not UTF-8"):
+        read_karpathy(root / "d.json", root)
+
+
+def test_csv_errors_name_their_line(tmp_path) -> None:
+    root = folder_dataset(tmp_path, 2)
+    (root / "c.csv").write_text("image,caption\npics/img00.jpg,A dog.\npics/img01.jpg,A " + "very " * 40_000 + "\n")
+    with pytest.raises(InputError, match=r"c\.csv:3: malformed CSV \(field larger than field limit"):
+        read_folder(root / "c.csv", root)
+    (root / "c.csv").write_text("")
+    with pytest.raises(InputError, match=r"c\.csv:1: header must name"):
+        read_folder(root / "c.csv", root)
+
+
+def test_check_images_reports_a_file_that_makes_pillow_raise_anything(tmp_path) -> None:
+    from test_images import corrupt_tiff
+
+    good = jpeg(tmp_path / "good.jpg")
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(corrupt_tiff())
+    readable, unreadable = check_images([ImageRecord(p, ["A thing."], "train") for p in (bad, good)], progress=False)
+    assert [r.path for r in readable] == [good]
+    assert len(unreadable) == 1 and unreadable[0].startswith(f"{bad}: ") and "corrupt" in unreadable[0]

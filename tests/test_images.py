@@ -293,3 +293,169 @@ def test_iter_image_paths_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="empty: folder has no images"):
         iter_image_paths([tmp_path / "empty"])
+
+
+# Hostile files (issue 14): whatever Pillow raises is the file's InputError; big photos cost one small decode.
+
+
+def corrupt_tiff() -> bytes:
+    """A 48x48 TIFF whose StripOffsets tag claims the ASCII type: Pillow raises TypeError while decoding it."""
+    buffer = io.BytesIO()
+    _noise(48, 48).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    directory = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[directory : directory + 2])[0]):
+        entry = directory + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 273:  # StripOffsets
+            data[entry + 2 : entry + 4] = struct.pack("<H", 2)  # ASCII
+    return bytes(data)
+
+
+def test_an_exception_of_any_type_inside_pillow_is_the_files_error(tmp_path):
+    data = corrupt_tiff()
+    with pytest.raises(TypeError):  # what Pillow itself does with it
+        Image.open(io.BytesIO(data)).load()
+    path = tmp_path / "bad.tif"
+    path.write_bytes(data)
+    for source in (path, data):
+        message = _error(source, name="bad.tif")
+        assert message.startswith("bad.tif: truncated or corrupt image data")
+    assert "corrupt" in _error(path, size=64)
+
+
+def test_the_default_pixel_budget_refuses_a_small_file_that_declares_a_huge_photo(tmp_path):
+    from show_attend_tell.errors import TooManyPixelsError
+    from show_attend_tell.images import DEFAULT_MAX_PIXELS, image_header
+
+    # Pillow warns from MAX_IMAGE_PIXELS (89 MP) and refuses from twice that
+    assert DEFAULT_MAX_PIXELS <= Image.MAX_IMAGE_PIXELS // 2
+    data = _png_header_only(7900, 7900)
+    with pytest.raises(TooManyPixelsError, match="7900x7900 is 62.4 megapixels"):
+        load_image(data, name="huge.png")
+    with pytest.raises(TooManyPixelsError, match="huge.png: .*7900x7900"):
+        image_header(data, name="huge.png")
+    assert image_header(_png_header_only(7900, 7900), max_pixels=10**8) == (7900, 7900)
+    with pytest.raises(InputError, match="not an image"):
+        image_header(b"GIF89a? no", name="x")
+
+
+def test_a_fifo_or_a_symlink_loop_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    # Opening the FIFO would block until a writer came: a hang here fails the test through its alarm.
+    with _alarm(10):
+        assert "FIFO" in _error(fifo) and "not opened" in _error(fifo)
+        assert "loop.jpg" in _error(loop) and "symbolic links" in _error(loop)
+        good = _save(Image.new("RGB", (4, 4)), tmp_path / "good.png")
+        problems: list[str] = []
+        paths = iter_image_paths([fifo, loop, tmp_path / "gone.jpg", good, tmp_path], problems)
+    assert paths == [good]  # the folder's FIFO is skipped too: it is not a regular file
+    assert len(problems) == 3
+    assert "pipe.jpg: a FIFO" in problems[0] and "loop.jpg" in problems[1] and "gone.jpg" in problems[2]
+
+
+class _alarm:
+    """Fail a test that blocks longer than `seconds` (SIGALRM; the main thread only)."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def timeout(signum, frame):
+            raise TimeoutError(f"blocked for more than {self.seconds} s")
+
+        self.previous = signal.signal(signal.SIGALRM, timeout)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def _resized(image: Image.Image, side: int) -> np.ndarray:
+    return np.asarray(image.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=None), dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [("RGB", "JPEG"), ("RGBA", "PNG"), ("I;16", "PNG"), ("P", "GIF"), ("L", "TIFF"), ("CMYK", "JPEG")],
+)
+def test_decoding_for_the_model_shrinks_large_photos_and_looks_the_same(tmp_path, mode, fmt):
+    side = 64
+    width, height = 1400, 700  # at least 4x the 2 x 64 px kept: shrunk by 10 and 5 while decoded
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    photo = Image.fromarray(smooth).resize((width, height), Image.Resampling.BICUBIC)
+    if mode == "I;16":
+        grey = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
+        photo = Image.fromarray(grey)
+    elif mode == "RGBA":
+        photo = photo.convert("RGBA")
+        photo.putalpha(Image.linear_gradient("L").resize((width, height)))
+    else:
+        photo = photo.convert(mode)
+    path = _save(photo, tmp_path / f"big.{fmt.lower()}")
+    full = load_image(path)
+    small = load_image(path, size=side)
+    assert small.mode == "RGB" and small.info["original_size"] == (width, height) == full.size
+    assert 2 * side <= min(small.size) < 4 * side
+    assert abs(small.width / small.height - width / height) < 0.05  # the same shape
+    difference = np.abs(_resized(full, side) - _resized(small, side))
+    assert difference.mean() < 1.0, difference.mean()  # the same picture at the model's size
+
+
+def test_decoding_for_the_model_turns_the_photo_upright(tmp_path):
+    photo = Image.new("RGB", (1200, 400), (0, 0, 255))
+    photo.paste((255, 0, 0), (0, 0, 300, 400))  # red on the left as stored
+    exif = photo.getexif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: red on top
+    path = _save(photo, tmp_path / "sideways.jpg", exif=exif)
+    small = load_image(path, size=64)
+    assert small.info["original_size"] == (400, 1200) and small.height > small.width
+    red, _, blue = small.getpixel((small.width // 2, 5))
+    assert red > 200 and blue < 60
+
+
+def test_small_photos_are_decoded_exactly_as_in_full(tmp_path):
+    path = _save(_noise(120, 90), tmp_path / "small.jpg", quality=90)
+    assert np.array_equal(np.asarray(load_image(path, size=64)), np.asarray(load_image(path)))
+
+
+def test_memory_for_many_large_photos_is_one_photos_decode(tmp_path):
+    """Peak memory of decoding 6 flat 4000x4000 RGBA PNGs (64 MB each decoded) for a 64 px model stays near
+    one photo's decode; holding them decoded in full would take 6 times as much."""
+    import subprocess
+    import sys
+
+    for n in range(6):
+        Image.new("RGBA", (4000, 4000), (n, 100, 200, 128)).save(tmp_path / f"{n}.png")
+    script = f"""
+import resource, sys
+from pathlib import Path
+from show_attend_tell.images import load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+kept = [load_image(path, size=64) for path in sorted(Path({str(tmp_path)!r}).glob("*.png"))]
+print(len(kept), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    count, megabytes = map(int, done.stdout.split())
+    assert count == 6 and megabytes < 200, megabytes  # one decode: 64 MB RGBA + a 48 MB flattened copy
+
+
+def test_a_large_sixteen_bit_photo_with_a_colour_key_is_shrunk_with_its_transparency(tmp_path):
+    values = np.full((600, 900), 30_000, dtype=np.uint16)  # grey 117
+    values[:, :300] = 4321  # the transparent colour key: the left third
+    values[::2, 300:600] = 65_535  # the middle third: white and black rows, mid grey on average
+    values[1::2, 300:600] = 0
+    path = _save(Image.fromarray(values), tmp_path / "keyed.png", transparency=4321)
+    full, small = load_image(path), load_image(path, size=64)
+    assert small.size == (225, 150) and small.info["original_size"] == (900, 600)  # reduced by 4
+    assert full.getpixel((10, 10)) == small.getpixel((2, 2)) == WHITE
+    assert full.getpixel((800, 10)) == small.getpixel((200, 2)) == (117, 117, 117)
+    assert abs(small.getpixel((110, 50))[0] - 128) <= 1  # averaged, not picked

@@ -8,6 +8,7 @@ import re
 import struct
 import threading
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def test_bad_files_are_4xx_with_the_reason_and_the_server_keeps_serving(client, 
     assert_error(post(client, b"not an image at all", name="notes.jpg"), 422, "notes.jpg", "not an image")
     assert_error(post(client, data[: len(data) // 2], name="cut.jpg"), 422, "cut.jpg", "truncated")
     assert_error(post(client, b"", name="empty.jpg"), 422, "empty.jpg", "empty file (0 bytes)")
-    assert_error(post(client, png_bomb(), name="bomb.png", content_type="image/png"), 422, "bomb.png", "too large")
+    assert_error(post(client, png_bomb(), name="bomb.png", content_type="image/png"), 413, "bomb.png", "too large")
     # the part's declared type: a text file is refused whatever its bytes; an unknown binary type is judged by them
     assert_error(post(client, data, content_type="text/plain"), 415, "text/plain", "expected an image")
     assert post(client, data, name="photo", content_type="application/octet-stream").status_code == 200
@@ -222,6 +223,8 @@ class BlockingCaptioner:
     """A stand-in model: each caption waits until the test lets it go, and records how many ran at once."""
 
     grid_size = 2
+    image_size = 32
+    guidance = types.SimpleNamespace(user_words=lambda words: [])  # every mention is a word it knows
 
     def __init__(self) -> None:
         self.started = threading.Semaphore(0)
@@ -229,7 +232,7 @@ class BlockingCaptioner:
         self.running = self.most_running = 0
         self.lock = threading.Lock()
 
-    def caption(self, image, beam_size=3):
+    def caption(self, image, beam_size=3, **options):
         with self.lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
@@ -288,7 +291,7 @@ def test_health_openapi_and_the_page(client, captioner):
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/api/caption"]["post"]
     assert "image" in operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert [p["name"] for p in operation["parameters"]] == ["beam_size"]
+    assert [p["name"] for p in operation["parameters"]] == ["beam_size", "mention", "guidance"]
     assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
     assert "/api/health" in schema["paths"]
     docs = client.get("/docs")
@@ -337,12 +340,20 @@ def test_sat_serve_listens_on_loopback_with_the_given_limits(captioner, monkeypa
     with TestClient(served["app"]) as client:
         health = client.get("/api/health").json()
     assert health["max_upload_bytes"] == 2**19 and health["queue_size"] == 3
+    # the flags' defaults (literals, so that `sat` does not import the server to parse) are the library's
+    from show_attend_tell.images import DEFAULT_MAX_PIXELS
+    from show_attend_tell.server import DEFAULT_MAX_UPLOADS, DEFAULT_READ_TIMEOUT
+
+    assert (health["max_pixels"], health["max_uploads"]) == (DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOADS)
+    assert health["read_timeout"] == DEFAULT_READ_TIMEOUT
     assert capsys.readouterr().err == ""  # no warning on loopback
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "8080"]) == 0
     assert (served["host"], served["port"]) == ("0.0.0.0", 8080)
     assert "anyone who can reach this machine" in capsys.readouterr().err
-    assert cli.main(["serve", "--queue-size", "0"]) == 2
-    assert "queue size must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # refused by the parser, before the model is loaded
+        cli.main(["serve", "--queue-size", "0"])
+    assert exit.value.code == 2
+    assert "--queue-size: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_the_users_words_and_label_guidance_in_the_api(client, captioner):
@@ -359,3 +370,180 @@ def test_the_users_words_and_label_guidance_in_the_api(client, captioner):
     assert plain["words"] == captioner.caption(EXAMPLES / "chelsea.jpg", beam_size=3, guide=False).words
     assert_error(post(client, photo, query="?mention=sofaa"), 422, "mention 'sofaa'", "closest words")
     assert_error(post(client, photo, query="?" + "&".join(["mention=a"] * 9)), 422)
+
+
+# Hostile clients (issue 14): slow, vanishing and pixel-heavy uploads cost no model time.
+
+
+def multipart(data: bytes, boundary: bytes = b"b0undary", name: str = "photo.jpg") -> bytes:
+    head = f'--{boundary.decode()}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+    return (head + "Content-Type: image/jpeg\r\n\r\n").encode() + data + b"\r\n--" + boundary + b"--\r\n"
+
+
+def asgi_scope(boundary: bytes = b"b0undary") -> dict:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/caption",
+        "raw_path": b"/api/caption",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+
+class Client:
+    """One raw ASGI request: sends `body` (or only its first `stall_after` bytes, then nothing more), and hangs
+    up after the body when `hang_up` (as a client that gave up waiting), else once the response is complete."""
+
+    def __init__(self, body: bytes, *, stall_after: int | None = None, hang_up: bool = False) -> None:
+        self.body, self.stall_after, self.hang_up = body, stall_after, hang_up
+        self.sent = False
+        self.messages: list[dict] = []
+        self.done = asyncio.Event()
+
+    async def receive(self) -> dict:
+        if not self.sent:
+            self.sent = True
+            if self.stall_after is not None:
+                return {"type": "http.request", "body": self.body[: self.stall_after], "more_body": True}
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        if self.stall_after is not None:
+            await asyncio.Event().wait()  # never sends the rest
+        if not self.hang_up:
+            await self.done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.done.set()
+
+    async def run(self, app) -> int | None:
+        await app(asgi_scope(), self.receive, self.send)
+        return self.status
+
+    @property
+    def status(self) -> int | None:
+        return next((m["status"] for m in self.messages if m["type"] == "http.response.start"), None)
+
+
+def test_stalled_uploads_take_no_model_slot_and_get_408_at_the_read_deadline():
+    stub = BlockingCaptioner()
+    stub.go.set()
+    app = create_app(stub, queue_size=1, read_timeout=1.0)
+    body = multipart(PHOTO.read_bytes())
+
+    async def scenario():
+        stalled = [Client(body, stall_after=1024) for _ in range(4)]
+        tasks = [asyncio.ensure_future(client.run(app)) for client in stalled]
+        await asyncio.sleep(0.1)
+        assert app.state.uploads.count == 4 and app.state.queue.depth == 0
+        start = time.perf_counter()
+        assert await Client(body).run(app) == 200  # the only model slot was free all along
+        assert time.perf_counter() - start < 0.9 and not any(task.done() for task in tasks)
+        assert await asyncio.wait_for(asyncio.gather(*tasks), 10) == [408] * 4
+        return stalled
+
+    stalled = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert b"within 1 s" in stalled[0].messages[1]["body"]
+    assert app.state.uploads.count == 0 and app.state.queue.depth == 0
+
+
+def test_too_many_uploads_at_once_get_503():
+    stub = BlockingCaptioner()
+    stub.go.set()
+    app = create_app(stub, max_uploads=2, read_timeout=5.0)
+    body = multipart(PHOTO.read_bytes())
+
+    async def scenario():
+        stalled = [asyncio.ensure_future(Client(body, stall_after=10).run(app)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        busy = Client(body)
+        assert await busy.run(app) == 503
+        for task in stalled:
+            task.cancel()
+        await asyncio.gather(*stalled, return_exceptions=True)
+        assert app.state.uploads.count == 0
+        assert await Client(body).run(app) == 200
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_requests_whose_client_hung_up_never_reach_the_model():
+    stub = BlockingCaptioner()
+    app = create_app(stub, queue_size=8)
+    body = multipart(PHOTO.read_bytes())
+
+    async def scenario():
+        first = asyncio.ensure_future(Client(body).run(app))
+        started = await asyncio.get_running_loop().run_in_executor(None, stub.started.acquire, True, 10)
+        assert started  # the first request holds the model
+        abandoned = [Client(body, hang_up=True) for _ in range(5)]
+        await asyncio.wait_for(asyncio.gather(*(client.run(app) for client in abandoned)), 10)
+        assert app.state.queue.depth == 1  # their slots are free again while the first still runs
+        stub.go.set()
+        assert await asyncio.wait_for(first, 10) == 200
+        assert await Client(body).run(app) == 200
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert stub.started.acquire(blocking=False)  # the last request ran...
+    assert not stub.started.acquire(blocking=False)  # ...and none of the abandoned ones did
+    assert app.state.queue.depth == 0
+
+
+def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_slot():
+    from test_images import _png_header_only
+
+    stub = BlockingCaptioner()
+    data = PHOTO.read_bytes()
+    with TestClient(create_app(stub, queue_size=1, max_pixels=30_000_000)) as client:
+        first, result = in_thread(post, client, data)
+        try:
+            assert stub.started.acquire(timeout=30)  # the only slot is taken
+            huge = post(client, _png_header_only(7900, 7900), name="huge.png", content_type="image/png")
+            assert_error(huge, 413, "huge.png", "7900x7900", "the limit is 30")
+            assert_error(post(client, b"GIF89a\x00", name="bad.gif"), 422, "bad.gif")
+            assert_error(post(client, data), 503, "busy")  # a good photo waits for the slot; the bad ones did not
+            health = client.get("/api/health").json()
+            assert health["max_pixels"] == 30_000_000 and health["uploads"] == 0 and health["max_uploads"] == 32
+        finally:
+            stub.go.set()
+            first.join(timeout=30)
+    assert result[0].status_code == 200
+
+
+def test_a_corrupt_tiff_is_422_with_the_real_model(client):
+    from test_images import corrupt_tiff
+
+    response = post(client, corrupt_tiff(), name="bad.tif", content_type="image/tiff")
+    assert_error(response, 422, "bad.tif", "corrupt")
+    assert client.get("/api/health").json()["queue_depth"] == 0
+
+
+def test_a_large_photo_is_decoded_small_and_reports_its_own_size(client, captioner):
+    big = Image.open(PHOTO).resize((2400, 1800), Image.Resampling.NEAREST)
+    data = jpeg(big, quality=20)
+    assert len(data) < 200_000  # under the test client's upload limit
+    response = post(client, data)
+    assert response.status_code == 200, response.text
+    assert (response.json()["width"], response.json()["height"]) == (2400, 1800)
+
+
+def test_bad_server_limits_are_refused(captioner, capsys):
+    from show_attend_tell import cli
+    from show_attend_tell.errors import InputError
+
+    for option, value in [("max_uploads", 0), ("max_pixels", 0), ("read_timeout", 0.0)]:
+        with pytest.raises(InputError):
+            create_app(captioner, **{option: value})
+    for flag, value in [("--max-pixels", "0"), ("--read-timeout", "-1"), ("--max-uploads", "x"), ("--port", "70000")]:
+        with pytest.raises(SystemExit) as exit:
+            cli.main(["serve", flag, value])
+        assert exit.value.code == 2
+        assert f"argument {flag}:" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from show_attend_tell.train import (
     batch_features,
     fit,
     new_run,
+    resume_run,
     save_state,
     self_critical_step,
 )
@@ -395,3 +396,118 @@ def test_cli_shows_each_validation_and_says_how_to_resume_after_ctrl_c(
     assert "interrupted at step 3" in err and f"{tmp_path / 'stopped' / 'last'} holds step 2" in err
     assert f"sat train --resume {tmp_path / 'stopped'}" in err
     assert json.loads((tmp_path / "stopped" / "last" / "state.json").read_text())["global_step"] == 2
+
+
+# A run directory that cannot be written (issue 14): one line, at the start or when saving; the state is intact.
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make a directory unwritable: by its permissions, or for root (whom permissions do not stop) by refusing
+    the temporary files every write of a run goes through, as a read-only file system would."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    changed: list[Path] = []
+
+    def make(directory: Path) -> None:
+        directory = Path(directory).resolve()
+        if os.geteuid() != 0:
+            for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+                path.chmod(0o555)
+                changed.append(path)
+            return
+
+        def refuse(original):
+            def wrapper(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir).resolve().is_relative_to(directory):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+                return original(*args, dir=dir, **kwargs)
+
+            return wrapper
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse(tempfile.mkstemp))
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse(tempfile.TemporaryFile))
+
+    yield make
+    for path in changed:
+        path.chmod(0o755)
+
+
+def test_a_read_only_run_directory_is_one_line_at_the_start(tiny_prepared, tiny_features, tmp_path, read_only):
+    from show_attend_tell.errors import InputError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    read_only(run)
+    with pytest.raises(InputError, match="cannot write .*Permission denied.*must be writable"):
+        make_trainer(run, tiny_prepared, tiny_features)
+    assert list(run.iterdir()) == []
+
+
+def test_a_run_directory_that_turns_read_only_keeps_its_last_state(tiny_prepared, tiny_features, tmp_path, read_only):
+    from show_attend_tell.errors import InputError
+
+    run = tmp_path / "run"
+    trainer = make_trainer(run, tiny_prepared, tiny_features, checkpoint_every_steps=100)
+    fit(trainer, max_steps=2, progress=False)  # saves its state where it stops
+    saved = {path.name: path.read_bytes() for path in (run / "last").iterdir()}
+    read_only(run)
+    with pytest.raises(InputError, match="cannot write .*the run directory .* must be writable. Its last saved state"):
+        fit(trainer, progress=False)  # mid-run: the first checkpoint or validation it writes fails
+    assert {path.name: path.read_bytes() for path in (run / "last").iterdir()} == saved
+    with pytest.raises(InputError, match="must be writable"):
+        resume_run(run, pretrained_encoder=False, java=False)
+
+
+def test_sat_train_on_a_read_only_run_directory_prints_one_line(
+    tiny_prepared, tiny_features, tmp_path, read_only, capsys, fixed_encoder_weights
+):
+    from show_attend_tell.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    read_only(run)
+    tiny = "--image-size 64 --encoder-dim 12 --feature-dim 10 --attention-dim 16 --decoder-dim 16 --embed-dim 8"
+    data = ["--data", str(tiny_prepared), "--features", str(tiny_features), "--run-dir", str(run)]
+    assert main(["train", *data, *tiny.split(), "--grid-size", "2", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sat train: error: ") and err.count("\n") == 1 and "must be writable" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "train.batch_size (--batch-size) must be at least 1, got 0"),
+        (["--epochs", "-1"], "train.epochs (--epochs) must be at least 1, got -1"),
+        (["--decoder-lr", "nan"], "train.decoder_lr (--decoder-lr) must be positive, got nan"),
+        (["--lr-schedule", "linear"], "train.lr_schedule (--lr-schedule) must be one of cosine, constant"),
+        (["--scst-samples", "1"], "train.scst_samples (--scst-samples) must be at least 2"),
+        (["--grid-size", "0"], "model.grid_size must be a whole number from 1 to 64, got 0"),
+    ],
+)
+def test_sat_train_refuses_flags_that_would_train_silently_wrong(tiny_prepared, tmp_path, capsys, flags, message):
+    from show_attend_tell.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_prepared), "--run-dir", str(run), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()  # refused before anything was written
+
+
+def test_resume_refuses_a_hand_edited_run_config(tiny_prepared, tiny_features, tmp_path):
+    from show_attend_tell.errors import InputError
+
+    run = tmp_path / "run"
+    trainer = make_trainer(run, tiny_prepared, tiny_features)
+    save_state(trainer)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["batch_size"] = "10"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"train.batch_size \(--batch-size\) must be of type int, got '10'"):
+        resume_run(run, pretrained_encoder=False, java=False)
+    config["train"]["batch_size"], config["model"]["grid_size"] = 10, [2]
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="model.grid_size must be a whole number"):
+        resume_run(run, pretrained_encoder=False, java=False)

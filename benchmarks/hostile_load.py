@@ -1,0 +1,277 @@
+"""Hostile load on `sat serve` (issue #14), on loopback only: do normal clients still get their captions, as
+fast as without the attack, while others stall their uploads, hang up on their requests and upload small
+files that declare huge photos?
+
+It starts `sat serve --host 127.0.0.1` as a subprocess on a free port and runs two phases with the same normal
+clients (--clients of them, --requests photos each from examples/, one at a time):
+  1. quiet: the normal clients alone;
+  2. attack: the normal clients again while three groups of --attackers connections each run until the
+     normal clients are done:
+     - stalled: send the headers and 1 KB of a multipart upload, then nothing, until the server answers
+       (408 at --read-timeout) or closes; then again at once;
+     - abandoned: send a whole photo upload and hang up after --hang-up-after seconds without reading; again
+       every --attack-interval seconds;
+     - pixel-heavy: upload a 16-bit 7900x7900 PNG of about 130 KB (62 megapixels; 413 under the pixel budget),
+       again every --attack-interval seconds (a flood as fast as the server answers would measure request
+       rate, not these defects).
+It records every status the server logged (5xx must be zero), the normal clients' p50/p99 in both phases and
+their ratio (target: p99 within 2x), the server's peak resident memory (target: 1.5 GB) and any traceback in
+its log. Bounded: every phase stops at --deadline seconds, attackers stop with the normal clients.
+
+    python benchmarks/hostile_load.py --clients 2 --requests 30 --attackers 16 --out results/hostile_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+from load import HOST, free_port, latency, memory_kb, stop_server, wait_until_healthy
+from PIL import Image
+
+from show_attend_tell.config import DEFAULT_BEAM_SIZE
+from show_attend_tell.records import provenance, write_record
+
+REPO = Path(__file__).resolve().parent.parent
+BOUNDARY = "hostile-load-boundary"
+TARGET_P99_RATIO = 2.0
+TARGET_PEAK_RSS_MB = 1536
+ACCESS_LOG = re.compile(r'"POST /api/caption[^"]*" (\d{3})')
+
+
+def multipart_request(port: int, name: str, data: bytes, content_type: str) -> tuple[bytes, bytes]:
+    """(headers, body) of one raw HTTP upload, for clients that misbehave below what httpx allows."""
+    body = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    headers = (
+        f"POST /api/caption HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    return headers, body
+
+
+def huge_png() -> bytes:
+    """A 16-bit greyscale 7900x7900 PNG: 62 megapixels in about 130 KB."""
+    pixels = np.zeros((7900, 7900), dtype=np.uint16)
+    pixels[::97, ::89] = 40_000  # not perfectly flat
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=9)
+    return buffer.getvalue()
+
+
+def first_status(sock: socket.socket) -> str:
+    """The status code of the server's answer, or how the connection ended without one."""
+    try:
+        reply = sock.recv(64)
+    except TimeoutError:
+        return "no answer"
+    except OSError as error:
+        return f"closed: {type(error).__name__}"
+    if not reply:
+        return "closed without an answer"
+    parts = reply.split(b" ", 2)
+    return parts[1].decode("latin-1") if len(parts) > 1 else "garbled"
+
+
+def attacker(kind: str, port: int, request: tuple[bytes, bytes], args, stop: threading.Event, seen: Counter, lock):
+    """One misbehaving connection after another until `stop`; `seen` counts what each one got back."""
+    headers, body = request
+    while not stop.is_set():
+        started = time.monotonic()
+        outcome = "not connected"
+        try:
+            with socket.create_connection((HOST, port), timeout=args.read_timeout + 15) as sock:
+                if kind == "stalled":
+                    sock.sendall(headers + body[:1024])
+                    outcome = first_status(sock)  # waits: the server's read deadline ends it
+                elif kind == "abandoned":
+                    sock.sendall(headers + body)
+                    stop.wait(args.hang_up_after)
+                    outcome = "hung up"
+                else:
+                    sock.sendall(headers + body)
+                    outcome = first_status(sock)
+        except OSError as error:
+            outcome = f"connection error: {type(error).__name__}"
+            stop.wait(0.1)
+        with lock:
+            seen[outcome] += 1
+        if kind != "stalled":
+            stop.wait(max(0.0, args.attack_interval - (time.monotonic() - started)))
+
+
+def normal_clients(url: str, args, photos: list[tuple[str, bytes]], deadline: float) -> list[dict]:
+    records: list[dict] = []
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=args.read_timeout + 300) as http:
+            for i in range(args.requests):
+                if time.monotonic() > deadline:
+                    return
+                name, data = photos[(offset + i) % len(photos)]
+                start = time.perf_counter()
+                record: dict = {"status": None}
+                try:
+                    response = http.post(
+                        "/api/caption",
+                        params={"beam_size": args.beam_size},
+                        files={"image": (name, data, "image/jpeg")},
+                    )
+                    record["status"] = response.status_code
+                except httpx.HTTPError as error:
+                    record["status"] = f"client error: {type(error).__name__}"
+                record["ms"] = (time.perf_counter() - start) * 1000
+                with lock:
+                    records.append(record)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return records
+
+
+def phase(url: str, port: int, args, photos, attack: dict | None) -> dict:
+    """Run the normal clients, with the attackers of `attack` (kind -> request) alongside when given."""
+    stop, lock = threading.Event(), threading.Lock()
+    seen = {kind: Counter() for kind in attack or {}}
+    threads = [
+        threading.Thread(target=attacker, args=(kind, port, request, args, stop, seen[kind], lock), daemon=True)
+        for kind, request in (attack or {}).items()
+        for _ in range(args.attackers)
+    ]
+    for thread in threads:
+        thread.start()
+    if threads:
+        time.sleep(1.0)  # the attack is under way before the first normal request
+    start = time.perf_counter()
+    records = normal_clients(url, args, photos, time.monotonic() + args.deadline)
+    wall = time.perf_counter() - start
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=args.read_timeout + 20)
+    statuses = Counter(str(r["status"]) for r in records)
+    return {
+        "normal_requests": len(records),
+        "normal_status": dict(statuses),
+        "normal_latency": latency([r["ms"] for r in records if r["status"] == 200]),
+        "wall_seconds": round(wall, 2),
+        "attackers_saw": {kind: dict(counts) for kind, counts in seen.items()},
+        "attackers_still_running_after_stop": sum(thread.is_alive() for thread in threads),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=2, help="normal clients, one request in flight each")
+    parser.add_argument("--requests", type=int, default=30, help="photos each normal client sends per phase")
+    parser.add_argument("--attackers", type=int, default=16, help="connections in each of the three attacks")
+    parser.add_argument("--beam-size", type=int, default=DEFAULT_BEAM_SIZE)
+    parser.add_argument("--read-timeout", type=float, default=10, help="`sat serve --read-timeout` (seconds)")
+    parser.add_argument("--hang-up-after", type=float, default=1.0, help="abandoned requests hang up after this")
+    parser.add_argument(
+        "--attack-interval",
+        type=float,
+        default=2.0,
+        help="seconds between an abandoning or pixel-heavy attacker's requests",
+    )
+    parser.add_argument("--model", help="checkpoint directory for `sat serve` (default: the shipped model)")
+    parser.add_argument("--deadline", type=float, default=900, help="seconds at most per phase")
+    parser.add_argument("--out", help="write the JSON here (e.g. results/hostile_load.json)")
+    args = parser.parse_args()
+    if min(args.clients, args.requests, args.attackers) < 1 or args.read_timeout <= 0:
+        raise SystemExit("--clients, --requests and --attackers must be at least 1, --read-timeout positive")
+
+    record = provenance("python " + shlex.join(sys.argv))
+    photos = [(path.name, path.read_bytes()) for path in sorted((REPO / "examples").glob("*.jpg"))]
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    png = huge_png()
+    attack = {
+        "stalled": multipart_request(port, photos[0][0], photos[0][1], "image/jpeg"),
+        "abandoned": multipart_request(port, photos[1][0], photos[1][1], "image/jpeg"),
+        "pixel_heavy": multipart_request(port, "huge.png", png, "image/png"),
+    }
+    command = [sys.executable, "-m", "show_attend_tell.cli", "serve", "--host", HOST, "--port", str(port)]
+    command += ["--read-timeout", str(args.read_timeout)] + (["--model", args.model] if args.model else [])
+    with tempfile.TemporaryDirectory() as scratch:
+        log_path = Path(scratch) / "server.log"
+        with log_path.open("wb") as log:
+            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                health = wait_until_healthy(server, url, 180, log_path)
+                rss_after_start = memory_kb(server.pid, "VmRSS")
+                quiet = phase(url, port, args, photos, None)
+                peak_quiet = memory_kb(server.pid, "VmHWM")
+                attacked = phase(url, port, args, photos, attack)
+                peak = memory_kb(server.pid, "VmHWM")
+                alive = server.poll() is None and httpx.get(url + "/api/health", timeout=5).status_code == 200
+            finally:
+                stop_server(server)
+        text = log_path.read_text(errors="replace")
+    logged = Counter(ACCESS_LOG.findall(text))
+    server_errors = sum(count for status, count in logged.items() if status.startswith("5"))
+    quiet_p99 = quiet["normal_latency"].get("p99_ms")
+    attacked_p99 = attacked["normal_latency"].get("p99_ms")
+    ratio = round(attacked_p99 / quiet_p99, 2) if quiet_p99 and attacked_p99 else None
+    all_captioned = all(p["normal_status"] == {"200": p["normal_requests"]} for p in (quiet, attacked))
+    results = {
+        "quiet": quiet,
+        "attack": attacked,
+        "normal_p99_ratio_attack_over_quiet": ratio,
+        "server_status_counts_logged": dict(sorted(logged.items())),
+        "server_errors_5xx": server_errors,
+        "server_tracebacks_in_log": text.count("Traceback"),
+        "server_alive_at_end": alive,
+        "server_memory_mb": {
+            "rss_after_start": round(rss_after_start / 1024, 1),
+            "peak_rss_vmhwm_after_quiet": round(peak_quiet / 1024, 1),
+            "peak_rss_vmhwm": round(peak / 1024, 1),
+        },
+        "huge_png_bytes": len(png),
+    }
+    targets = {
+        "zero_5xx": server_errors == 0,
+        "normal_clients_all_captioned": all_captioned,
+        "p99_within_2x": ratio is not None and ratio <= TARGET_P99_RATIO,
+        "peak_rss_within_1_5_gb": peak / 1024 <= TARGET_PEAK_RSS_MB,
+        "no_traceback": results["server_tracebacks_in_log"] == 0 and alive,
+    }
+    record.update(
+        model=args.model or "shipped",
+        grid_size=health["grid_size"],
+        settings={**{k: v for k, v in vars(args).items() if k != "out"}, "host": HOST},
+        results=results,
+        targets=targets,
+        ok=all(targets.values()),
+    )
+    print(json.dumps(record, indent=2))
+    if args.out:
+        write_record(record, args.out)
+    return 0 if record["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

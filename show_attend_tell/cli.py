@@ -610,9 +610,6 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_BEAM_SIZE,
         help=f"beams per image (default {DEFAULT_BEAM_SIZE}; 1: greedy)",
     )
-    parser.add_argument(
-        "--max-length", type=positive_int_up_to(MAX_CAPTION_WORDS), default=20, help="longest caption in words"
-    )
     _add_decoding_flags(parser)
     parser.add_argument("--batch-size", type=positive_int, default=16, help="photos per encoder pass and beam search")
     parser.add_argument("--attention-dir", type=folder, help="write one attention figure per image here")

@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from test_decoding import WORDS, MockDecoder, encoded_for, repeats_an_ngram, tiny_decoder
+from test_decoding import MockDecoder, encoded_for, exhaustive, tiny_decoder
 
-from show_attend_tell.decoding import beam_search, constrained_beam_search, length_normalised
-from show_attend_tell.text import END_ID
-
-
-def exhaustive_constrained(mock, image, max_length, constraints, length_penalty=0.0, no_repeat_ngram=3):
-    """The best caption (by normalised score) holding a word of every constraint set, among all captions of at
-    most max_length tokens (ended by <end>, or cut at max_length without it)."""
-    best = None
-    for n in range(max_length + 1):
-        for words in itertools.product([w for w in WORDS if w != END_ID], repeat=n):
-            if repeats_an_ngram(words, no_repeat_ngram) or not all(set(words) & set(c) for c in constraints):
-                continue
-            tokens = list(words) + [END_ID] if n < max_length else list(words)
-            log_prob = mock.sequence_log_prob(image, tokens)
-            score = length_normalised(log_prob, len(tokens), length_penalty)
-            if best is None or score > best[0]:
-                best = (score, list(words), log_prob)
-    return best
-
+from show_attend_tell.decoding import beam_search, constrained_beam_search
 
 # WORDS without <end> are 4, 5 and 6 (see test_decoding)
 CONSTRAINTS = [[{4}], [{5, 6}], [{4}, {6}], [{6}, {5}], [], [{4}, {5}, {6}]]
@@ -46,8 +26,8 @@ def test_wide_constrained_beam_equals_exhaustive_search(length_penalty, no_repea
         no_repeat_ngram=no_repeat_ngram,
     )
     for image, constraints in enumerate(CONSTRAINTS):
-        score, words, log_prob = exhaustive_constrained(
-            mock, image, max_length, constraints, length_penalty, no_repeat_ngram
+        score, words, log_prob = exhaustive(
+            mock, image, max_length, length_penalty, no_repeat_ngram, tuple(map(set, constraints))
         )
         best = found[image][0]
         assert best.tokens == words

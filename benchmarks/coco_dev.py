@@ -18,19 +18,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from show_attend_tell.captioner import Captioner
+from show_attend_tell.datasets import read_coco
 from show_attend_tell.metrics import score_captions
 from show_attend_tell.records import provenance, write_record
 
 
 def coco_folder(directory: Path) -> tuple[list[Path], list[list[str]]]:
-    """The photos of a COCO-format folder (sorted by id) and their reference captions."""
-    (annotation_file,) = sorted(directory.glob("captions_*.json"))
-    annotations = json.loads(annotation_file.read_text())
-    images = sorted(annotations["images"], key=lambda image: image["id"])
-    captions: dict[int, list[str]] = {}
-    for annotation in annotations["annotations"]:
-        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    return [directory / "images" / image["file_name"] for image in images], [captions[i["id"]] for i in images]
+    """The photos of a COCO-format folder (captions_*.json beside images/), sorted by name, and their captions."""
+    raw = read_coco(sorted(directory.glob("captions_*.json")), directory / "images")
+    records = sorted(raw.records, key=lambda record: record.path.name)
+    return [record.path for record in records], [record.captions for record in records]
 
 
 def main() -> int:

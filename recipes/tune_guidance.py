@@ -24,6 +24,7 @@ from tqdm import tqdm
 from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
+from show_attend_tell.datasets import read_coco
 from show_attend_tell.decoding import constrained_beam_search
 from show_attend_tell.guidance import Guidance, LabelHead
 from show_attend_tell.images import load_image
@@ -36,12 +37,10 @@ THRESHOLDS = [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01]  # 1.01: nev
 
 
 def coco_dev(directory: Path) -> tuple[list[Path], list[list[str]]]:
-    annotations = json.loads((directory / "captions_train2017.json").read_text())
-    images = sorted(annotations["images"], key=lambda image: image["id"])
-    captions: dict[int, list[str]] = {}
-    for annotation in annotations["annotations"]:
-        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    return [directory / "images" / image["file_name"] for image in images], [captions[i["id"]] for i in images]
+    """The photos of a COCO-format folder (captions_*.json beside images/), sorted by name, and their captions."""
+    raw = read_coco(sorted(directory.glob("captions_*.json")), directory / "images")
+    records = sorted(raw.records, key=lambda record: record.path.name)
+    return [record.path for record in records], [record.captions for record in records]
 
 
 def encoded_set(model, head: LabelHead, paths: list[Path], cache: Path) -> tuple[torch.Tensor, torch.Tensor]:

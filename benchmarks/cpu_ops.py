@@ -5,7 +5,7 @@
 2. The ResNet-50 encoder's time per image by batch size at inference, at 224 and 448 px: inference.encode_images
    runs CPU batches in chunks of CPU_CHUNK_PIXELS input pixels.
 3. torch.ao's dynamically quantized Linear and LSTMCell modules (activations scaled per batch), their ops called
-   directly, and inference.RowInt8Linear / Int8LSTMCell (each row scaled on its own, so a photo's caption does
+   directly, and inference.Int8Linear / Int8LSTMCell (input ranges calibrated once, so a photo's caption does
    not depend on its batch), at the decoder's sizes over one photo's 3 beams.
 4. One batched attention step without grad (32 photos x 3 beams, 14x14 cells): the energies as one tensor
    (model.SoftAttention), in cache-sized chunks, and in chunks in the product form (inference.energy_scores).
@@ -30,7 +30,7 @@ from torch import nn
 
 import show_attend_tell.inference as inference
 from show_attend_tell.config import ModelConfig
-from show_attend_tell.inference import CPU_CHUNK_PIXELS, Int8LSTMCell, RowInt8Linear, energy_scores, product_terms
+from show_attend_tell.inference import CPU_CHUNK_PIXELS, Int8Linear, Int8LSTMCell, energy_scores, product_terms
 from show_attend_tell.model import Encoded, Encoder, SoftAttention, attend
 from show_attend_tell.records import provenance, write_record
 
@@ -76,7 +76,7 @@ def encoder_batches(repeats: int, side: int, sizes: tuple[int, ...]) -> dict:
 def int8_layers(repeats: int, calls: int = 200) -> dict:
     """Median us per call for 3 rows (one photo's beams) at the shipped decoder's sizes, L_o (512 -> 2542) and
     the LSTMCell (1024 + 512 -> 512): torch.ao's dynamic int8 modules, their ops called directly, and the
-    per-row int8 layers that inference.Int8Decoder uses."""
+    calibrated (static) int8 layers that inference.Int8Decoder uses."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fp32 = nn.ModuleList([nn.Linear(512, 2542), nn.LSTMCell(1024, 512)])
@@ -84,16 +84,22 @@ def int8_layers(repeats: int, calls: int = 200) -> dict:
     x, inputs, state = torch.randn(3, 512), torch.randn(3, 1024), (torch.randn(3, 512), torch.randn(3, 512))
     packed = linear._packed_params._packed_params
     cell_weights = (cell._packed_weight_ih, cell._packed_weight_hh, cell.bias_ih, cell.bias_hh)
-    per_row_linear, per_row_cell = RowInt8Linear.of(fp32[0]), Int8LSTMCell(fp32[1])
+
+    def calibrated(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        seen = {"input_gates": inputs, "hidden_gates": state[0]}.get(name, x)  # the inputs timed below
+        return Int8Linear(weight, bias, seen.amin(0), seen.amax(0))
+
+    static_linear = calibrated("L_o", fp32[0].weight, fp32[0].bias)
+    static_cell = Int8LSTMCell(fp32[1], calibrated)
     calls_by_name = {
         "linear_torch_ao": lambda: linear(x),
         "linear_direct": lambda: torch.ops.quantized.linear_dynamic.default(x, packed, True),
-        "linear_per_row": lambda: per_row_linear(x),
+        "linear_static": lambda: static_linear(x),
         "lstm_cell_torch_ao": lambda: cell(inputs, state),
         "lstm_cell_direct": lambda: torch.ops.quantized.quantized_lstm_cell_dynamic.default(
             inputs, state, *cell_weights
         ),
-        "lstm_cell_per_row": lambda: per_row_cell(inputs, state),
+        "lstm_cell_static": lambda: static_cell(inputs, state),
     }
     timings: dict[str, list[float]] = {name: [] for name in calls_by_name}
 
@@ -112,9 +118,9 @@ def int8_layers(repeats: int, calls: int = 200) -> dict:
             "linear": round(medians["linear_torch_ao"] - medians["linear_direct"], 1),
             "lstm_cell": round(medians["lstm_cell_torch_ao"] - medians["lstm_cell_direct"], 1),
         },
-        "per_row_over_direct": {
-            "linear": round(medians["linear_per_row"] / medians["linear_direct"], 2),
-            "lstm_cell": round(medians["lstm_cell_per_row"] / medians["lstm_cell_direct"], 2),
+        "static_over_direct": {
+            "linear": round(medians["linear_static"] / medians["linear_direct"], 2),
+            "lstm_cell": round(medians["lstm_cell_static"] / medians["lstm_cell_direct"], 2),
         },
     }
 

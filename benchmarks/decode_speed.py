@@ -34,7 +34,7 @@ from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_MAX_LENGTH, ModelConfig, to_dict
 from show_attend_tell.decoding import Hypothesis, beam_search
 from show_attend_tell.images import load_image
-from show_attend_tell.inference import encode_images, for_inference
+from show_attend_tell.inference import calibrate_int8, encode_images, for_inference
 from show_attend_tell.model import CaptionModel, Encoder, image_transform
 from show_attend_tell.records import provenance, write_record
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
@@ -67,7 +67,11 @@ def build_model(args: argparse.Namespace) -> tuple[CaptionModel, Vocabulary, str
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=args.vocab_size)
     vocab = Vocabulary([*SPECIAL_TOKENS, *(f"word{i}" for i in range(args.vocab_size - len(SPECIAL_TOKENS)))])
-    model = for_inference(CaptionModel(config, encoder=Encoder(config)), int8=args.int8)
+    model = CaptionModel(config, encoder=Encoder(config))
+    ranges = (
+        calibrate_int8(model.decoder, [torch.randn(8, config.grid_size**2, config.encoder_dim)]) if args.int8 else None
+    )
+    model = for_inference(model, int8_ranges=ranges)
     return model, vocab, "random (untrained)" + (" (int8 decoder)" if args.int8 else "")
 
 

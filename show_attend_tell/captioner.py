@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from show_attend_tell.checkpoint import load_model
+from show_attend_tell.checkpoint import has_int8_calibration, load_model, read_config
 from show_attend_tell.config import (
     DEFAULT_BEAM_SIZE,
     DEFAULT_GUIDANCE_THRESHOLD,
@@ -85,13 +85,15 @@ class Captioner:
     ) -> Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
 
-        int8: quantize the decoder for speed (default: on the CPU; see inference.Int8Decoder for what it costs).
+        int8: quantize the decoder for speed (default: on the CPU when the model has an int8 calibration, as the
+        shipped one does; see inference.Int8Decoder for what it costs).
         guidance_threshold: a photo's caption must name a concept of the encoder's ImageNet labels whose
         probability reaches this (see guidance.py); None turns label guidance off.
         """
+        path = path or SHIPPED_MODEL
         if int8 is None:
-            int8 = torch.device(device).type == "cpu"
-        model, vocab, config = load_model(path or SHIPPED_MODEL, device=device, inference=True, int8=int8)
+            int8 = torch.device(device).type == "cpu" and has_int8_calibration(read_config(path))
+        model, vocab, config = load_model(path, device=device, inference=True, int8=int8)
         return cls(model, vocab, config, device, guidance_threshold=guidance_threshold)
 
     @property

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from show_attend_tell.config import ModelConfig, from_dict, save_json, to_dict, write_atomically
 from show_attend_tell.errors import InputError
+from show_attend_tell.inference import InputRanges
 from show_attend_tell.model import CaptionModel, Encoder
 from show_attend_tell.text import Vocabulary
 
@@ -30,6 +31,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
+INT8_FILE = "int8.safetensors"  # the int8 decoder's input ranges, measured once for the weights (`sat calibrate`)
+INT8_KEY = "int8_calibration"  # config.json: what INT8_FILE is for and how it was measured
 CHECKSUM_KEYS = ("model_sha256", "vocab_sha256")  # in config.json and the weights file's metadata
 # Bounds a config.json is held to. Widths and the vocabulary are also bounded by the weights, which must match
 # them; the image and grid sizes are not, and set the memory of every forward pass.
@@ -186,7 +189,8 @@ def load_model(
     with_encoder=False skips the encoder (enough for cached features). pretrained_encoder=False builds an
     untrained encoder (tests); otherwise the local encoder weights must match the recorded sha256.
     inference=True gives the decoder made fast for inference (inference.for_inference; no gradients), int8=True
-    the int8 one (CPU only). Without either it is model.py's, for training or export.
+    the int8 one (CPU only), quantized with the input ranges calibrated for these weights (`sat calibrate`;
+    InputError when there are none). Without either it is model.py's, for training or export.
     """
     if int8 and torch.device(device).type != "cpu":
         raise InputError(f"int8 decoding runs on the CPU only, not on {device}")
@@ -209,6 +213,7 @@ def load_model(
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{weights_path}: truncated or corrupt safetensors file ({error})") from None
     check_checksums(directory, config, metadata, model_config, vocab)
+    int8_ranges = int8_input_ranges(directory, config) if int8 else None
 
     encoder_tensors = {k[len("encoder.") :]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
     encoder = None
@@ -236,8 +241,70 @@ def load_model(
     if inference or int8:
         from show_attend_tell.inference import for_inference
 
-        model = for_inference(model, int8=int8)
+        try:
+            model = for_inference(model, int8_ranges=int8_ranges)
+        except ValueError as error:  # a calibration without one of this decoder's layers
+            raise InputError(f"{directory / CONFIG_FILE}: {INT8_KEY}: {error}; run `sat calibrate` again") from None
     return model.to(device), vocab, config
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def save_int8_calibration(directory: str | Path, input_ranges: InputRanges, about: dict) -> None:
+    """Store the int8 decoder's input ranges (inference.calibrate_int8) beside the weights they were measured
+    for: the tensors in int8.safetensors, and in config.json what they are for and how they were measured."""
+    directory = Path(directory)
+    config = read_config(directory)
+    tensors = {}
+    for name, (low, high) in input_ranges.items():
+        tensors[f"{name}.low"], tensors[f"{name}.high"] = (
+            low.float().cpu().contiguous(),
+            high.float().cpu().contiguous(),
+        )
+    write_atomically(directory / INT8_FILE, lambda p: save_file(tensors, p))
+    config[INT8_KEY] = {
+        "file": INT8_FILE,
+        "sha256": file_sha256(directory / INT8_FILE),
+        "weights_sha256": file_sha256(directory / WEIGHTS_FILE),
+        **about,
+    }
+    write_atomically(directory / CONFIG_FILE, lambda p: save_json(config, p))
+
+
+def has_int8_calibration(config: dict) -> bool:
+    """Whether a checkpoint's config.json names int8 input ranges (`sat calibrate`)."""
+    return INT8_KEY in config
+
+
+def int8_input_ranges(directory: Path, config: dict) -> InputRanges:
+    """The calibrated int8 input ranges, checked: present, unchanged since calibration, for these weights."""
+    where = f"{directory / CONFIG_FILE}: {INT8_KEY}"
+    section = config.get(INT8_KEY)
+    if section is None:
+        raise InputError(
+            f"{directory}: no int8 calibration for these weights; run `sat calibrate {directory} --data DIR` "
+            "once (a few hundred training photos), or decode in fp32 (--no-int8)"
+        )
+    if not isinstance(section, dict) or section.get("file") != INT8_FILE:
+        raise InputError(f"{where}: expected an object naming its file {INT8_FILE!r}")
+    path = directory / INT8_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: missing; run `sat calibrate {directory} --data DIR` again")
+    if section.get("sha256") != file_sha256(path):
+        raise InputError(f"{path}: changed after calibration (its sha256 differs from config.json's); recalibrate")
+    if section.get("weights_sha256") != file_sha256(directory / WEIGHTS_FILE):
+        raise InputError(
+            f"{where}: calibrated for other weights than {WEIGHTS_FILE}; run `sat calibrate {directory} --data DIR`"
+        )
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{path}: truncated or corrupt safetensors file ({error})") from None
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    return {name: (tensors[f"{name}.low"], tensors[f"{name}.high"]) for name in names}
 
 
 def check_checksums(

@@ -7,6 +7,7 @@ import functools
 import sys
 
 from show_attend_tell.config import (
+    CALIBRATION_IMAGES,
     DEFAULT_BEAM_SIZE,
     DEFAULT_GUIDANCE_THRESHOLD,
     DEFAULT_LENGTH_PENALTY,
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_caption(sub)
     _add_export(sub)
+    _add_calibrate(sub)
     _add_serve(sub)
     return parser
 
@@ -849,10 +851,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from show_attend_tell.checkpoint import load_average, save_model
+    from show_attend_tell.checkpoint import INT8_KEY, load_average, save_model
 
     model, vocab, config = load_average(args.model)
-    kept = {k: v for k, v in config.items() if k not in ("format_version", "model", "encoder_sha256", "dtype")}
+    # new weights: an int8 calibration of the old ones does not carry over (`sat calibrate` the export)
+    dropped = ("format_version", "model", "encoder_sha256", "dtype", INT8_KEY)
+    kept = {k: v for k, v in config.items() if k not in dropped}
     sources = args.model[0] if len(args.model) == 1 else args.model  # several: their weights were averaged
     out = save_model(
         model,
@@ -862,7 +866,50 @@ def _run_export(args: argparse.Namespace) -> int:
         half=not args.float32,
         extra={**kept, "exported_from": sources},
     )
-    print(f"exported {' + '.join(args.model)} -> {out}")
+    print(f"exported {' + '.join(args.model)} -> {out}; `sat calibrate {out} --data DIR` for its int8 decoder")
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "calibrate",
+        help="measure the int8 decoder's input ranges on training photos and store them with the model",
+        description="Beam search captions training photos in fp32 while each int8 layer's input range is "
+        "measured; the ranges are stored beside the weights (int8.safetensors, named in config.json), and `sat "
+        "caption`, `sat serve` and `sat evaluate --int8` quantize with them. `sat train` calibrates its best "
+        "checkpoint itself; run this for a checkpoint written otherwise (e.g. by `sat export`).",
+    )
+    parser.add_argument("model", help="checkpoint directory")
+    parser.add_argument("--data", required=True, help="prepared dataset directory (`sat prepare`)")
+    parser.add_argument("--split", default="train", help="photos of this split (default train)")
+    parser.add_argument(
+        "--images",
+        type=positive_int,
+        default=CALIBRATION_IMAGES,
+        help=f"how many photos, drawn at random (default {CALIBRATION_IMAGES})",
+    )
+    parser.add_argument("--features", help="a feature store of the dataset (`sat features`) instead of the encoder")
+    parser.add_argument("--seed", type=int, default=0, help="which photos are drawn")
+    parser.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from show_attend_tell.checkpoint import load_model
+    from show_attend_tell.features import load_for_model, store_stage
+    from show_attend_tell.inference import calibrate_checkpoint
+    from show_attend_tell.prepare import PreparedDataset
+
+    dataset = PreparedDataset.load(args.data)
+    store = None
+    if args.features:
+        stage = store_stage(args.features)
+        if stage:
+            raise InputError(f"{args.features}: holds block {stage}'s output; calibrate from grid features or images")
+        model, _, config = load_model(args.model, with_encoder=False)
+        paths = [image.path for image in dataset.images]
+        store, _ = load_for_model(args.features, model.config, paths, config["encoder_sha256"], None)
+    used = calibrate_checkpoint(args.model, dataset, split=args.split, images=args.images, seed=args.seed, store=store)
+    print(f"calibrated the int8 decoder of {args.model} on {used} {args.split} photos of {args.data}")
     return 0
 
 

@@ -24,6 +24,9 @@ DEFAULT_BEAM_SIZE = 7
 # A photo's caption must name a concept of the encoder's ImageNet labels whose probability reaches this (guidance.py);
 # chosen on coco-dev and Flickr8k val together (results/guidance_tuning.json, "chosen").
 DEFAULT_GUIDANCE_THRESHOLD = 0.3
+# Training photos the int8 decoder's input ranges are measured on (`sat calibrate`, and `sat train` for its best
+# checkpoint): results/int8_calibration.json.
+CALIBRATION_IMAGES = 256
 # Words per caption at most, when decoding (a caption still running is cut there); Flickr8k's references
 # are 11 words on average.
 DEFAULT_MAX_LENGTH = 20
@@ -182,6 +185,9 @@ def write_atomically(path: str | Path, write: Callable[[str], Any]) -> None:
     os.close(handle)
     try:
         write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would make it, not mkstemp's owner-only 0600
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)

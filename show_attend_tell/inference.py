@@ -8,16 +8,19 @@ Shapes use the letters declared in model.py. Why each trick is here, with its me
 
 from __future__ import annotations
 
+import random
 import warnings
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from show_attend_tell.config import ModelConfig
+from show_attend_tell.config import CALIBRATION_IMAGES, DEFAULT_BEAM_SIZE, ModelConfig
+from show_attend_tell.errors import InputError
 from show_attend_tell.model import (
     CaptionDecoder,
     CaptionModel,
@@ -28,6 +31,9 @@ from show_attend_tell.model import (
     image_transform,
     rows_per_image,
 )
+
+if TYPE_CHECKING:
+    from show_attend_tell.prepare import PreparedDataset
 
 # Input pixels per encoder forward on CPU: batches larger than the core's caches ran slower per image
 # (results/cpu_ops.json, encoder_ms_per_image).
@@ -137,53 +143,92 @@ class ChunkedAttention(SoftAttention):
 
 # ----- int8 -------------------------------------------------------------------------------------------------
 # A beam-search step over a few rows is bound by reading fp32 weights; int8 reads a quarter of the bytes and
-# runs VNNI kernels (results/cpu_ops.json, int8_layers_3_rows). Every row's input is quantized with its own
-# scale (its largest magnitude maps to the edge of the int8 grid), so a photo's caption never depends on the
-# photos decoded beside it; torch.ao's dynamic quantization scaled the whole batch at once, and 6 of 11
-# variants of one photo were captioned differently alone and in a folder (tests/test_inference.py).
+# runs VNNI kernels (results/cpu_ops.json, int8_layers_3_rows). Each layer's input is quantized over ranges
+# calibrated once on training photos and stored with the model (calibrate_int8), so a photo's caption never
+# depends on the photos decoded beside it and no step pays for measuring its inputs. torch.ao's dynamic
+# quantization scaled each call's batch (6 of 11 variants of one photo were captioned differently alone and in a
+# folder); scaling each row on its own fixed that but doubled the decoder's step (results/decode_speed*.json).
+# One range per layer was too coarse for inputs whose channels differ in scale (the attended features beside
+# the word embedding): each input channel is divided by its calibrated peak and the weights multiplied by it
+# (SmoothQuant's migration, Xiao et al. 2023, with alpha = 1), which kept the fp32 captions as often as per-row
+# scales did (results/int8_calibration.json).
 _LINEAR = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
-# Inputs divided by their row's peak lie in [-1, 1] -> [1, 127]: 7 bits, as torch.ao's reduce_range, so that
-# the u8 x s8 pairs fbgemm sums in int16 on CPUs without VNNI cannot saturate.
-_INPUT_SCALE, _INPUT_ZERO = 1 / 63, 64
-_TINY = 1e-12  # the peak of an all-zero row
+# Inputs map to [0, 127]: 7 bits, as torch.ao's reduce_range, so that the u8 x s8 pairs fbgemm sums in int16 on
+# CPUs without VNNI cannot saturate.
+_INPUT_LEVELS = 127
+_TINY = 1e-6  # the peak of an input channel that calibration only saw at 0
+INT8_LAYERS = (  # the decoder's quantized layers, by the name their input ranges are stored under
+    "feature_projection",
+    "encoder_projection",
+    "init_h",
+    "init_c",
+    "h_projections",
+    "input_gates",
+    "hidden_gates",
+    "deep_projections",
+    "L_o",
+)
+InputRanges = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (low (in,), high (in,))
+LayerFactory = Callable[[str, torch.Tensor, "torch.Tensor | None"], nn.Module]  # (name, weight, bias) -> a layer
 
 
-class RowInt8Linear(nn.Module):
-    """x W^T + b with int8 weights (one scale per output channel) and each input row quantized on its own:
-    (..., in) fp32 -> (..., out) fp32, row by row the same whatever the other rows."""
+class Int8Linear(nn.Module):
+    """x W^T + b with int8 weights and static input quantization: input channel j, calibrated to lie in
+    [low_j, high_j], is divided by its peak (the weights' column j multiplied by it), and the scaled input is
+    quantized over one fixed range. (..., in) fp32 -> (..., out) fp32, each row the same whatever the other rows;
+    inputs beyond the calibrated ranges saturate."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, low: torch.Tensor, high: torch.Tensor) -> None:
         super().__init__()
-        weight = weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp_min(_TINY) / 127
+        peak = torch.maximum(low.abs(), high.abs()).float().clamp_min(_TINY)  # (in,)
+        weight = weight.detach().float() * peak  # (out, in)
+        scales = weight.abs().amax(dim=1).clamp_min(_TINY) / 127  # one per output channel
         zeros = torch.zeros(weight.size(0), dtype=torch.long)
+        bias = torch.zeros(weight.size(0)) if bias is None else bias.detach().float()
         with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao (no dependency)
             warnings.simplefilter("ignore")
             quantized = torch.quantize_per_channel(weight, scales.double(), zeros, 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.packed = torch.ops.quantized.linear_prepack(quantized, bias)
         self.out_features = weight.size(0)
-        bias = torch.zeros(weight.size(0)) if bias is None else bias.detach().float()
-        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("inverse_peak", 1 / peak, persistent=False)
+        # the scaled inputs' range, within [-1, 1], widened to hold 0 exactly
+        lowest, highest = min(float((low / peak).min()), 0.0), max(float((high / peak).max()), 0.0)
+        self.input_scale = max(highest - lowest, _TINY) / _INPUT_LEVELS
+        self.input_zero = round(-lowest / self.input_scale)
 
-    @classmethod
-    def of(cls, linear: nn.Linear, scale: float = 1.0) -> RowInt8Linear:
-        """From an fp32 Linear, its outputs times `scale` (a power of two keeps the rounding)."""
-        return cls(linear.weight * scale, linear.bias * scale)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = (x * self.inverse_peak).view(-1, x.size(-1))  # (R, in)
+        y = _LINEAR(rows, self.input_scale, self.input_zero, self.packed)  # (R, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class RangeObserver(nn.Module):
+    """An fp32 Linear that widens `ranges[name]`, per input channel (low (in,), high (in,)), to cover every input
+    it sees: an Int8Decoder built with these runs in fp32 and measures the ranges (calibrate_int8)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str, ranges: dict) -> None:
+        super().__init__()
+        self.weight, self.bias = weight.detach().float(), None if bias is None else bias.detach().float()
+        self.name, self.ranges = name, ranges
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))  # (R, in)
-        peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(_TINY)  # (R, 1)
-        y = _LINEAR(rows / peak, _INPUT_SCALE, _INPUT_ZERO, self.packed)  # (R, out)
-        return torch.addcmul(self.bias, y, peak).view(*x.shape[:-1], self.out_features)
+        low, high = rows.amin(dim=0), rows.amax(dim=0)
+        if self.name in self.ranges:
+            seen_low, seen_high = self.ranges[self.name]
+            low, high = torch.minimum(low, seen_low), torch.maximum(high, seen_high)
+        self.ranges[self.name] = (low, high)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Int8LSTMCell(nn.Module):
-    """nn.LSTMCell with RowInt8Linear gates: input (N, I), (h, c) (N, D) each -> (h, c)."""
+    """nn.LSTMCell with int8 gates (`layer` builds them, see Int8Decoder): input (N, I), (h, c) (N, D) each ->
+    (h, c)."""
 
-    def __init__(self, cell: nn.LSTMCell) -> None:
+    def __init__(self, cell: nn.LSTMCell, layer: LayerFactory) -> None:
         super().__init__()
-        self.input_gates = RowInt8Linear(cell.weight_ih, cell.bias_ih + cell.bias_hh)
-        self.hidden_gates = RowInt8Linear(cell.weight_hh, None)
+        self.input_gates = layer("input_gates", cell.weight_ih, cell.bias_ih + cell.bias_hh)
+        self.hidden_gates = layer("hidden_gates", cell.weight_hh, None)
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         h, c = state
@@ -205,39 +250,61 @@ class ProductEncoded(NamedTuple):
 
 class Int8Decoder(nn.Module):
     """CaptionDecoder's step with int8 weights, for CPU inference (a model.Decoder). Captions can differ
-    slightly from fp32: `sat evaluate --int8` measures it (results/flickr8k_test_int8/).
+    slightly from fp32: `sat evaluate --int8` measures it (results/flickr8k_test_int8/). Built by `quantized`
+    for inference, or with RangeObserver layers (fp32) to calibrate the ranges (calibrate_int8).
 
     Beyond the int8 weights: the layers that read the same input are one matmul each, since a beam step over a
     few rows costs a fixed overhead per layer (h -> [2 W_h h; f_beta(h)], [h; beta z] -> L_h h + L_z beta z),
     and the attention runs in the product form, in chunks. The score w (A -> 1) stays fp32: its weights are
     tiny, while quantizing its input would round the whole (N, P, A) energy tensor every step."""
 
-    def __init__(self, decoder: CaptionDecoder) -> None:
+    def __init__(self, decoder: CaptionDecoder, layer: LayerFactory) -> None:
         super().__init__()
         attention = decoder.attention
         self.embedding = decoder.embedding
         projection = decoder.feature_projection
         self.feature_projection = (
-            nn.Sequential(RowInt8Linear.of(projection[0]), nn.ReLU()) if isinstance(projection, nn.Sequential) else None
+            nn.Sequential(layer("feature_projection", projection[0].weight, projection[0].bias), nn.ReLU())
+            if isinstance(projection, nn.Sequential)
+            else None
         )
-        self.encoder_projection = RowInt8Linear.of(attention.encoder_projection, scale=2)  # u = 2 (W_a a + b_a)
-        self.init_h = RowInt8Linear.of(decoder.init_h[0])
-        self.init_c = RowInt8Linear.of(decoder.init_c[0])
+        self.encoder_projection = layer(  # u = 2 (W_a a + b_a)
+            "encoder_projection", 2 * attention.encoder_projection.weight, 2 * attention.encoder_projection.bias
+        )
+        self.init_h = layer("init_h", decoder.init_h[0].weight, decoder.init_h[0].bias)
+        self.init_c = layer("init_c", decoder.init_c[0].weight, decoder.init_c[0].bias)
         self.split = (attention.score.in_features, decoder.f_beta.out_features)  # A, F
-        self.h_projections = RowInt8Linear(  # h -> [2 (W_h h + b_h); f_beta(h)]
+        self.h_projections = layer(  # h -> [2 (W_h h + b_h); f_beta(h)]
+            "h_projections",
             torch.cat([2 * attention.decoder_projection.weight, decoder.f_beta.weight]),
             torch.cat([2 * attention.decoder_projection.bias, decoder.f_beta.bias]),
         )
         self.score = nn.Parameter(attention.score.weight.detach().view(-1).clone(), requires_grad=False)  # w (A,)
-        self.lstm = Int8LSTMCell(decoder.lstm)
+        self.lstm = Int8LSTMCell(decoder.lstm, layer)
         self.deep_projections = (
-            RowInt8Linear(
-                torch.cat([decoder.L_h.weight, decoder.L_z.weight], dim=1), decoder.L_h.bias + decoder.L_z.bias
+            layer(
+                "deep_projections",
+                torch.cat([decoder.L_h.weight, decoder.L_z.weight], dim=1),
+                decoder.L_h.bias + decoder.L_z.bias,
             )
             if decoder.deep_output
             else None
         )
-        self.L_o = RowInt8Linear.of(decoder.L_o)
+        self.L_o = layer("L_o", decoder.L_o.weight, decoder.L_o.bias)
+
+    @classmethod
+    def quantized(cls, decoder: CaptionDecoder, input_ranges: InputRanges) -> Int8Decoder:
+        """The int8 decoder, each layer's input quantized over its calibrated ranges (calibrate_int8)."""
+
+        def layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+            if name not in input_ranges:
+                raise ValueError(f"no calibrated input ranges for the int8 layer {name!r}")
+            low, high = input_ranges[name]
+            if low.shape != (weight.size(1),) or high.shape != low.shape:
+                raise ValueError(f"the input ranges of the int8 layer {name!r} are not for {weight.size(1)} inputs")
+            return Int8Linear(weight, bias, low, high)
+
+        return cls(decoder, layer)
 
     def encode(self, features: torch.Tensor) -> ProductEncoded:
         """(B, P, E) -> features projected to F (if configured) and e^-u, once per image."""
@@ -267,12 +334,72 @@ class Int8Decoder(nn.Module):
 
 
 @torch.no_grad()
-def for_inference(model: CaptionModel, *, int8: bool = False) -> CaptionModel:
-    """The model in eval mode with its decoder made fast for inference: the int8 decoder (CPU only), or the
-    fp32 decoder with chunked attention energies. Not for training: these decoders have no gradients."""
+def calibrate_int8(
+    decoder: CaptionDecoder, features: Iterable[torch.Tensor], *, beam_size: int = DEFAULT_BEAM_SIZE
+) -> InputRanges:
+    """The input ranges of each int8 layer, (low (in,), high (in,)) per input channel: the extremes of what it
+    reads while beam search (the product's default beam) captions `features`, batches of (B, P, E) encoder
+    features of training photos, in fp32."""
+    from show_attend_tell.decoding import beam_search
+
+    ranges: InputRanges = {}
+    observed = Int8Decoder(decoder.eval(), lambda name, weight, bias: RangeObserver(weight, bias, name, ranges))
+    for batch in features:
+        beam_search(observed, observed.encode(batch.float()), beam_size=beam_size)
+    return ranges
+
+
+def calibration_sample(rows: Sequence[int], count: int, seed: int) -> list[int]:
+    """`count` of the image rows drawn at random with `seed` (all when there are fewer), in order."""
+    return sorted(random.Random(seed).sample(list(rows), min(count, len(rows))))
+
+
+def calibrate_checkpoint(
+    directory: str | Path,
+    dataset: PreparedDataset,
+    *,
+    split: str = "train",
+    images: int = CALIBRATION_IMAGES,
+    seed: int = 0,
+    store: Sequence | None = None,
+    progress: bool = True,
+) -> int:
+    """Calibrate the int8 decoder of a checkpoint on `images` photos of `split`, drawn at random with `seed`, and
+    store the ranges with it (checkpoint.save_int8_calibration). `store`: their grid features by image row (a
+    feature store), else the checkpoint's encoder runs on the photos. Returns how many photos were used."""
+    from tqdm import tqdm
+
+    from show_attend_tell.checkpoint import load_model, save_int8_calibration
+    from show_attend_tell.images import load_image
+
+    rows = calibration_sample(dataset.indices(split), images, seed)
+    if not rows:
+        raise InputError(f"{dataset.directory}: no {split} images to calibrate the int8 decoder on")
+    model, _, _ = load_model(directory, with_encoder=store is None)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in tqdm(range(0, len(rows), 32), desc="int8 calibration", unit="batch", disable=not progress):
+            batch = rows[start : start + 32]
+            if store is not None:
+                yield torch.as_tensor(store[batch])
+            else:
+                photos = [load_image(dataset.images[i].path) for i in batch]
+                yield image_features(model.encoder, photos, model.config)
+
+    ranges = calibrate_int8(model.decoder, batches())
+    about = {"images": len(rows), "split": split, "seed": seed, "beam_size": DEFAULT_BEAM_SIZE}
+    save_int8_calibration(directory, ranges, about)
+    return len(rows)
+
+
+@torch.no_grad()
+def for_inference(model: CaptionModel, *, int8_ranges: InputRanges | None = None) -> CaptionModel:
+    """The model in eval mode with its decoder made fast for inference: with `int8_ranges` (calibrate_int8) the
+    int8 decoder (CPU only), else the fp32 decoder with chunked attention energies. Not for training: these
+    decoders have no gradients."""
     model.eval()
-    if int8:
-        model.decoder = Int8Decoder(model.decoder)
+    if int8_ranges is not None:
+        model.decoder = Int8Decoder.quantized(model.decoder, int8_ranges)
     else:
         model.decoder.attention = ChunkedAttention.of(model.decoder.attention)
     return model

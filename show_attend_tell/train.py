@@ -35,6 +35,8 @@ from tqdm import tqdm
 
 from show_attend_tell.checkpoint import check_model_config, load_encoder_state, model_tensors, save_model
 from show_attend_tell.config import (
+    CALIBRATION_IMAGES,
+    DEFAULT_BEAM_SIZE,
     DataConfig,
     ModelConfig,
     TrainConfig,
@@ -634,6 +636,7 @@ def after_validation(run: Run, metrics: dict) -> bool:
                 encoder_sha256=run.encoder_sha256,
                 extra={"train": to_dict(run.config), "step": progress.global_step, "val": metrics},
             )
+            calibrate_int8_of(run, run.run_dir / BEST_DIR)
     else:
         progress.bad_validations += 1
     if run.console and run.rank == 0:
@@ -645,6 +648,21 @@ def after_validation(run: Run, metrics: dict) -> bool:
             f"(best {metric} {100 * progress.best_metric:.1f} at step {progress.best_step})"
         )
     return progress.bad_validations >= run.config.patience
+
+
+def calibrate_int8_of(run: Run, directory: Path) -> None:
+    """Measure the int8 decoder's input ranges of the model as it is now (just saved in `directory` as the best)
+    on CALIBRATION_IMAGES training photos, and store them there: `sat caption` then decodes the best checkpoint
+    in int8 on CPU, as it does the shipped model, with no `sat calibrate` step."""
+    from show_attend_tell.checkpoint import save_int8_calibration
+    from show_attend_tell.inference import calibrate_int8, calibration_sample
+
+    rows = calibration_sample(run.data.train_rows, CALIBRATION_IMAGES, run.config.seed)
+    batches = (batch_features(run, rows[i : i + 32], train=False) for i in range(0, len(rows), 32))
+    with torch.no_grad():
+        ranges = calibrate_int8(run.model.decoder, batches)
+    about = {"images": len(rows), "split": "train", "seed": run.config.seed, "beam_size": DEFAULT_BEAM_SIZE}
+    save_int8_calibration(directory, ranges, about)
 
 
 # ----- the loop -----------------------------------------------------------------------------------------------

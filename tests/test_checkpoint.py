@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from show_attend_tell.checkpoint import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_model, save_model
+from show_attend_tell.checkpoint import (
+    CONFIG_FILE,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
+    load_model,
+    save_int8_calibration,
+    save_model,
+)
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoding import beam_search
 from show_attend_tell.errors import InputError
@@ -166,17 +174,27 @@ def test_cli_export_of_several_checkpoints_writes_the_mean_of_their_weights(tmp_
 
 
 def test_inference_decoders_are_chosen_when_loading_and_close_to_fp32(tmp_path):
-    from show_attend_tell.inference import ChunkedAttention, Int8Decoder, Int8LSTMCell, ProductEncoded, RowInt8Linear
+    from show_attend_tell.inference import (
+        ChunkedAttention,
+        Int8Decoder,
+        Int8Linear,
+        Int8LSTMCell,
+        ProductEncoded,
+        calibrate_int8,
+    )
     from show_attend_tell.model import CaptionDecoder, Encoded, SoftAttention
 
     model, vocab = small_model()
     save_model(model, vocab, tmp_path / "ckpt", encoder_sha256="abc")
     plain, _, _ = load_model(tmp_path / "ckpt", with_encoder=False)
+    torch.manual_seed(1)
+    ranges = calibrate_int8(plain.decoder, [torch.randn(4, 49, 2048)], beam_size=3)
+    save_int8_calibration(tmp_path / "ckpt", ranges, {"images": 4})
     fp32, _, _ = load_model(tmp_path / "ckpt", with_encoder=False, inference=True)
     int8, _, _ = load_model(tmp_path / "ckpt", with_encoder=False, int8=True)
     assert type(plain.decoder.attention) is SoftAttention and type(fp32.decoder.attention) is ChunkedAttention
     assert type(int8.decoder) is Int8Decoder and isinstance(int8.decoder.lstm, Int8LSTMCell)
-    assert isinstance(int8.decoder.h_projections, RowInt8Linear) and isinstance(int8.decoder.L_o, RowInt8Linear)
+    assert isinstance(int8.decoder.h_projections, Int8Linear) and isinstance(int8.decoder.L_o, Int8Linear)
     torch.testing.assert_close(int8.decoder.score, fp32.decoder.attention.score.weight.view(-1))  # w stays fp32
     torch.manual_seed(2)
     features, words = torch.randn(3, 49, 2048), torch.tensor([1, 5, 6])
@@ -196,6 +214,56 @@ def test_inference_decoders_are_chosen_when_loading_and_close_to_fp32(tmp_path):
         fp32.decoder.attention(Encoded(features[:, :, :16], torch.zeros(3, 49, 16)), torch.zeros(3, 16))
     with pytest.raises(InputError, match="CPU only"):
         load_model(tmp_path / "ckpt", with_encoder=False, int8=True, device="cuda")
+
+
+def test_int8_loads_only_with_a_calibration_of_these_weights(tmp_path, capsys):
+    """The int8 decoder's input ranges belong to one weights file: a checkpoint without them, with them changed,
+    or with other weights is refused with a line saying what to run; fp32 still loads."""
+    from safetensors.torch import save_file
+
+    from show_attend_tell.checkpoint import INT8_FILE, has_int8_calibration, read_config
+    from show_attend_tell.cli import main
+    from show_attend_tell.inference import calibrate_int8
+
+    model, vocab = small_model()
+    directory = tmp_path / "ckpt"
+    save_model(model, vocab, directory, encoder_sha256="abc")
+    with pytest.raises(InputError, match="no int8 calibration.*sat calibrate"):
+        load_model(directory, with_encoder=False, int8=True)
+    assert not has_int8_calibration(read_config(directory))
+    torch.manual_seed(1)
+    ranges = calibrate_int8(model.decoder, [torch.randn(4, 49, 2048)], beam_size=3)
+    save_int8_calibration(directory, ranges, {"images": 4})
+    config = read_config(directory)
+    assert has_int8_calibration(config) and config["int8_calibration"]["images"] == 4
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (INT8_FILE, "config.json", "model.safetensors"):  # readable as files open() makes, not 0600
+        assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    load_model(directory, with_encoder=False, int8=True)
+    # the ranges file edited after calibration
+    tensors = {
+        f"{name}.{end}": value for name, (low, high) in ranges.items() for end, value in (("low", low), ("high", high))
+    }
+    save_file({**tensors, "L_o.high": tensors["L_o.high"] * 2}, directory / INT8_FILE)
+    with pytest.raises(InputError, match="changed after calibration"):
+        load_model(directory, with_encoder=False, int8=True)
+    save_int8_calibration(directory, ranges, {"images": 4})
+    # new weights under the old calibration (a checkpoint overwritten by hand)
+    other, _ = small_model()
+    with torch.no_grad():
+        other.decoder.L_o.weight.mul_(2)
+    save_model(other, vocab, tmp_path / "other", encoder_sha256="abc")
+    (directory / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(InputError, match="calibrated for other weights"):
+        load_model(directory, with_encoder=False, int8=True)
+    load_model(directory, with_encoder=False, inference=True)  # fp32 does not need it
+    # an export writes new (fp16) weights: the calibration is not carried over, and the command says so
+    save_model(model, vocab, directory, encoder_sha256="abc")
+    save_int8_calibration(directory, ranges, {"images": 4})
+    assert main(["export", str(directory), "--out", str(tmp_path / "shipped")]) == 0
+    assert "sat calibrate" in capsys.readouterr().out
+    assert not has_int8_calibration(read_config(tmp_path / "shipped"))
 
 
 def test_fine_tuned_blocks_missing_from_the_weights_give_a_clear_error(tmp_path):

@@ -89,3 +89,35 @@ def test_train_from_images_checks_the_grid_and_the_limit(tiny_prepared, tmp_path
     assert "--grid-size 4 is finer than the 2x2 grid" in capsys.readouterr().err
     assert main([*train, "--limit", "-2"]) == 2  # the grid defaults to the encoder's own (2x2 here), so the limit
     assert "--limit must be 0 (everything)" in capsys.readouterr().err
+
+
+def test_calibrate_stores_int8_ranges_that_caption_then_uses(
+    tiny_prepared, tiny_features, tmp_path, capsys, fixed_encoder_weights
+):
+    """`sat calibrate` on a checkpoint without a calibration: from a feature store, the ranges land beside the
+    weights, and Captioner decodes in int8 by default only once they are there."""
+    import torch
+    from conftest import tiny_model_config
+
+    from show_attend_tell.captioner import Captioner
+    from show_attend_tell.checkpoint import read_config, save_model
+    from show_attend_tell.inference import Int8Decoder
+    from show_attend_tell.model import CaptionModel
+    from show_attend_tell.prepare import PreparedDataset
+
+    dataset = PreparedDataset.load(tiny_prepared)
+    torch.manual_seed(0)
+    model = CaptionModel(tiny_model_config(len(dataset.vocab)))
+    checkpoint = tmp_path / "ckpt"
+    save_model(model, dataset.vocab, checkpoint, encoder_sha256="untrained")
+    assert not isinstance(Captioner.load(checkpoint, guidance_threshold=None).model.decoder, Int8Decoder)
+    args = ["calibrate", str(checkpoint), "--data", str(tiny_prepared), "--features", str(tiny_features)]
+    assert main([*args, "--split", "nosuch"]) == 2
+    assert "unknown split 'nosuch'" in capsys.readouterr().err
+    assert main([*args, "--images", "3"]) == 0
+    assert "on 3 train photos" in capsys.readouterr().out
+    section = read_config(checkpoint)["int8_calibration"]
+    assert (section["images"], section["split"], section["beam_size"]) == (3, "train", 7)
+    assert isinstance(Captioner.load(checkpoint, guidance_threshold=None).model.decoder, Int8Decoder)
+    assert main(["calibrate", str(checkpoint), "--data", str(tmp_path / "none")]) == 2
+    assert "prepared dataset directory not found" in capsys.readouterr().err

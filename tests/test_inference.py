@@ -12,9 +12,12 @@ import show_attend_tell.inference as inference
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoding import beam_search
 from show_attend_tell.inference import (
+    INT8_LAYERS,
     ChunkedAttention,
     Int8Decoder,
-    RowInt8Linear,
+    Int8Linear,
+    RangeObserver,
+    calibrate_int8,
     cpu_chunk,
     encode_images,
     energy_scores,
@@ -68,27 +71,66 @@ def test_attention_energies_in_chunks_match_the_readable_attention(monkeypatch, 
     torch.testing.assert_close(chunked_context, context.detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_int8_linear_quantizes_each_row_on_its_own():
+def test_int8_linear_is_close_to_fp32_within_its_calibrated_ranges_and_the_same_row_by_row():
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 24)
-    int8 = RowInt8Linear.of(linear)
-    x = torch.randn(6, 32) * torch.tensor([0.01, 1, 100, 1, 1, 1]).view(6, 1)  # rows of very different scales
-    x[3] = 0
+    channel_scale = torch.logspace(-1, 1, 32)  # input channels of very different ranges
+    x = torch.randn(64, 32) * channel_scale
+    ranges: dict = {}
+    observer = RangeObserver(linear.weight, linear.bias, "layer", ranges)
+    torch.testing.assert_close(observer(x), linear(x).detach())  # observing computes in fp32
+    low, high = ranges["layer"]
+    assert torch.equal(low, x.amin(0)) and torch.equal(high, x.amax(0))
+    int8 = Int8Linear(linear.weight, linear.bias, low, high)
     y = int8(x)
-    for rows in ([0], [1, 2], [2, 0, 5], [3]):  # any companions: bit for bit the same rows
+    for rows in ([0], [1, 2], [2, 0, 5], [63]):  # any companions: bit for bit the same rows
         assert torch.equal(int8(x[rows]), y[rows])
     with torch.no_grad():
-        expected, bias = linear(x), linear.bias.clone()
-    # each row keeps ~1% of its own scale, the tiny row included (a scale shared with the large row would not)
-    error = (y - expected).abs().amax(dim=1) / (expected - bias).abs().amax(dim=1).clamp_min(1e-9)
-    assert float(error[[0, 1, 2, 4, 5]].max()) < 0.03 and torch.equal(y[3], bias)
-    assert int8(x.view(2, 3, 32)).shape == (2, 3, 24)
+        expected = linear(x)
+    assert float((y - expected).abs().max() / expected.abs().max()) < 0.03
+    # the small channels are not rounded away beside the large ones, as they are with one range for all inputs
+    only_small = x.clone()  # channels 0-15 (scale <= 1), which one range over all channels rounds to few levels
+    only_small[:, 16:] = 0
+    with torch.no_grad():
+        expected_small = linear(only_small) - linear.bias
+        error_small = (int8(only_small) - linear.bias - expected_small).abs().max() / expected_small.abs().max()
+        shared = Int8Linear(linear.weight, linear.bias, low.min().expand(32), high.max().expand(32))
+        error_shared = (shared(only_small) - linear.bias - expected_small).abs().max() / expected_small.abs().max()
+    assert float(error_small) < 0.12 < float(error_shared)
+    beyond = x[:1] * 10  # outside the calibrated ranges: saturates, stays finite
+    assert int8(beyond).isfinite().all()
+    assert int8(x.view(8, 8, 32)).shape == (8, 8, 24)
+
+
+def test_calibration_covers_what_each_int8_layer_reads_and_keeps_the_decoder_close_to_fp32():
+    torch.manual_seed(1)
+    decoder = CaptionModel(tiny_decoder_config()).decoder.eval()
+    features = torch.randn(6, 4, 8)
+    ranges = calibrate_int8(decoder, features.split(3), beam_size=3)
+    assert set(ranges) == set(INT8_LAYERS)
+    for name, (low, high) in ranges.items():
+        assert low.shape == high.shape and bool((low <= high).all()), name
+    low, high = ranges["feature_projection"]  # reads the encoder features themselves
+    assert torch.equal(low, features.amin((0, 1))) and torch.equal(high, features.amax((0, 1)))
+    int8 = Int8Decoder.quantized(decoder, ranges)
+    with torch.no_grad():
+        encoded, encoded8 = decoder.encode(features), int8.encode(features)
+        words = torch.tensor([1, 5, 6, 7, 1, 2])
+        log_probs, _, alpha = decoder.step(words, decoder.init_state(encoded), encoded)
+        log_probs8, _, alpha8 = int8.step(words, int8.init_state(encoded8), encoded8)
+    torch.testing.assert_close(log_probs8, log_probs, atol=0.05, rtol=0)
+    torch.testing.assert_close(alpha8, alpha, atol=0.01, rtol=0)
+    with pytest.raises(ValueError, match="L_o"):
+        Int8Decoder.quantized(decoder, {k: v for k, v in ranges.items() if k != "L_o"})
+    with pytest.raises(ValueError, match="inputs"):
+        Int8Decoder.quantized(decoder, {**ranges, "L_o": (torch.zeros(3), torch.ones(3))})
 
 
 def test_int8_beam_search_gives_each_image_the_same_result_whatever_its_batch():
     torch.manual_seed(1)
-    decoder = Int8Decoder(CaptionModel(tiny_decoder_config()).decoder.eval())
+    fp32 = CaptionModel(tiny_decoder_config()).decoder.eval()
     features = torch.randn(5, 4, 8) * torch.tensor([1, 30, 0.1, 3, 1]).view(5, 1, 1)
+    decoder = Int8Decoder.quantized(fp32, calibrate_int8(fp32, [torch.randn(8, 4, 8) * 3]))
     together = beam_search(decoder, decoder.encode(features), beam_size=3, max_length=6)
     for i in range(5):
         alone = beam_search(decoder, decoder.encode(features[i : i + 1]), beam_size=3, max_length=6)[0]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DataConfig, TrainConfig
+from show_attend_tell.inference import calibrate_int8
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.train import (
     NonFiniteLossError,
@@ -57,6 +58,13 @@ def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features,
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     model, vocab, config = load_model(tmp_path / "run" / "best", with_encoder=False)
     assert config["val"]["CIDEr"] == max(r["CIDEr"] for r in val)
+    # the best checkpoint comes calibrated for int8 decoding, on the training photos' features, for its weights
+    assert config["int8_calibration"]["images"] == len(trainer.data.train_rows)  # fewer than CALIBRATION_IMAGES
+    int8, _, _ = load_model(tmp_path / "run" / "best", with_encoder=False, int8=True)
+    features = torch.as_tensor(trainer.data.features[trainer.data.train_rows]).float()
+    low, high = calibrate_int8(model.decoder, [features])["feature_projection"]
+    stored = load_file(tmp_path / "run" / "best" / "int8.safetensors")
+    assert torch.equal(stored["feature_projection.low"], low) and torch.equal(stored["feature_projection.high"], high)
 
 
 RUN_SCRIPT = textwrap.dedent(

@@ -292,3 +292,86 @@ def test_a_tiny_hard_attention_model_learns_a_batch_from_sampled_contexts():
         losses.append(float(cross_entropy))
     assert losses[-1] < 0.3 * losses[0], losses[::10]
     assert isinstance(model.decoder.init_state(model.decoder.encode(features)), HardState)
+
+
+# ----- the product: Captioner, `sat caption`, the int8 rule --------------------------------------------------
+def small_checkpoint(directory, attention: str):
+    """A checkpoint of a small model on the (stand-in) ResNet-50: 64 px photos, a 2 x 2 grid."""
+    from show_attend_tell.checkpoint import save_model
+    from show_attend_tell.config import ModelConfig
+    from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+
+    vocab = Vocabulary([*SPECIAL_TOKENS, "a", "dog", "runs", "on", "the", "grass"])
+    config = ModelConfig(
+        vocab_size=len(vocab),
+        image_size=64,
+        grid_size=2,
+        feature_dim=16,
+        attention_dim=16,
+        decoder_dim=16,
+        embed_dim=8,
+        dropout=0.0,
+        attention=attention,
+    )
+    torch.manual_seed(0)
+    save_model(CaptionModel(config), vocab, directory, encoder_sha256="untrained")
+    return directory
+
+
+@pytest.fixture
+def photos(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for n, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        image = Image.new("RGB", (80, 60), colour)
+        image.paste((250, 250, 250), (0, 0, 30 + 10 * n, 20))
+        paths.append(tmp_path / f"photo{n}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def test_captioner_samples_a_hard_models_locations_from_a_seed_in_fp32_and_never_in_int8(
+    tmp_path, photos, fixed_encoder_weights
+):
+    from show_attend_tell.captioner import Captioner
+    from show_attend_tell.errors import InputError
+    from show_attend_tell.inference import Int8Decoder
+
+    hard = small_checkpoint(tmp_path / "hard", "hard")
+    fp32 = Captioner.load(hard, int8=False)
+    first = fp32.caption_batch(photos, beam_size=3, sample_seed=3)
+    again = fp32.caption_batch(photos, beam_size=3, sample_seed=3)
+    alone = fp32.caption(photos[2], beam_size=3, sample_seed=3)
+    for caption, other in zip(first, again, strict=True):
+        assert (caption.words, caption.locations) == (other.words, other.locations)
+        assert len(caption.locations) == len(caption.words)
+        assert all(0 <= row < 2 and 0 <= column < 2 for row, column in caption.locations)
+    assert (alone.words, alone.locations) == (first[2].words, first[2].locations)  # the same alone as in a batch
+    assert fp32.caption(photos[0], beam_size=3).locations is None  # the expected context: nothing sampled
+    # The int8 decoder decodes a hard model's expected context (its test-time default) but refuses to sample.
+    int8 = Captioner.load(hard, int8=True)
+    assert isinstance(int8.model.decoder, Int8Decoder) and int8.caption(photos[0], beam_size=3).words
+    with pytest.raises(InputError, match="needs the fp32 decoder: load it with int8=False"):
+        int8.caption(photos[0], sample_seed=3)
+    soft = Captioner.load(small_checkpoint(tmp_path / "soft", "soft"), int8=False)
+    with pytest.raises(InputError, match="attends softly"):
+        soft.caption(photos[0], sample_seed=3)
+
+
+def test_sat_caption_hard_attention_sample_writes_the_chosen_cells(tmp_path, photos, fixed_encoder_weights, capsys):
+    import json
+
+    from show_attend_tell.cli import main
+
+    hard = str(small_checkpoint(tmp_path / "hard", "hard"))
+    args = ["caption", str(photos[0]), "--model", hard, "--json", "--beam", "2", "--hard-attention-sample"]
+    assert main([*args, "--seed", "4", "--attention-dir", str(tmp_path / "maps")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["locations"]) == len(record["words"]) and (tmp_path / "maps" / "photo0.png").is_file()
+    assert main([*args, "--seed", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["locations"] == record["locations"]
+    assert main(args[:-1]) == 0
+    assert "locations" not in json.loads(capsys.readouterr().out)  # the expected context by default
+    assert main([*args, "--int8"]) == 2
+    assert "needs the fp32 decoder" in capsys.readouterr().err

@@ -24,9 +24,11 @@ from show_attend_tell.config import (
     DEFAULT_MAX_LENGTH,
 )
 from show_attend_tell.decoding import best_captions
+from show_attend_tell.errors import InputError
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
 from show_attend_tell.inference import image_features
+from show_attend_tell.model import CaptionDecoder, LocationSampling
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
 
@@ -53,6 +55,8 @@ class Caption:
     alternatives: list[Alternative]  # the other beams, best first
     guidance: list[GuideWord] = dataclasses.field(default_factory=list)  # words the caption was asked to hold
     guided_positions: list[int | None] = dataclasses.field(default_factory=list)  # where each is in `words`
+    # hard attention sampled (sample_seed): the grid cell (row, column) whose feature was each word's context
+    locations: list[tuple[int, int]] | None = None
 
 
 class Captioner:
@@ -115,18 +119,25 @@ class Captioner:
         mentions: Sequence[str] = (),
         guide: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        sample_seed: int | None = None,
     ) -> list[Caption]:
         """Caption several images in one encoder pass and one batched beam search.
 
         mentions: words every caption must contain (the user's metadata); a word outside the model's
         vocabulary is an InputError naming the closest ones it knows. guide: let the encoder's ImageNet labels
         add a word when one is confident enough (see `Captioner.load`'s guidance_threshold). max_pixels: a photo
-        with more pixels is refused from its header (images.TooManyPixelsError)."""
+        with more pixels is refused from its header (images.TooManyPixelsError). sample_seed (a hard-attention
+        model): each word's context is the feature of one cell drawn from alpha, each photo's draws from this
+        seed (the same caption alone or in a batch), instead of the expected context (the paper's test time)."""
+        sampling_decoder = self.check_sampling() if sample_seed is not None else None
         users = self.guidance.user_words(mentions)
         # each photo decoded only as large as the model needs before the next is read (images.load_image's size)
         pictures = [load_image(image, size=self.image_size, max_pixels=max_pixels) for image in images]
         features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
-        encoded = self.model.decoder.encode(features)  # (B, P, *)
+        if sampling_decoder is None:
+            encoded = self.model.decoder.encode(features)  # (B, P, *)
+        else:
+            encoded = sampling_decoder.encode(features, LocationSampling.seeded([sample_seed] * len(pictures)))
         if guide and self.labels is not None:
             labels = self.guidance.label_words(self.labels(features))
         else:
@@ -157,9 +168,22 @@ class Captioner:
                     ],
                     guidance=guide_words,
                     guided_positions=positions(words, guide_words),
+                    locations=None if sample_seed is None else [divmod(int(i), g) for i in best.locations],
                 )
             )
         return results
+
+    def check_sampling(self) -> CaptionDecoder:
+        """The decoder that can sample locations: a hard-attention model's, in fp32. The int8 decoder
+        (inference.py) computes the expected context only, which is the test-time default of hard attention too;
+        sampling refuses it rather than silently decoding without samples."""
+        if self.model.config.attention != "hard":
+            raise InputError(
+                "this model attends softly: it has no locations to sample (a model trained with --attention hard has)"
+            )
+        if not isinstance(self.model.decoder, CaptionDecoder):
+            raise InputError("sampling hard attention's locations needs the fp32 decoder: load it with int8=False")
+        return self.model.decoder
 
     def caption(self, image: Image.Image | str | Path, **options) -> Caption:
         """Caption one PIL image or image file; options as for `caption_batch`."""

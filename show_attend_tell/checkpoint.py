@@ -39,6 +39,11 @@ CHECKSUM_KEYS = ("model_sha256", "vocab_sha256")  # in config.json and the weigh
 MAX_IMAGE_SIZE = 2048
 MAX_GRID_SIZE = 64
 MAX_WIDTH = 1 << 16
+# ModelConfig fields added after checkpoints were shipped, with the value every earlier checkpoint means: at that
+# value a field is left out of config.json's model section and of its sha256, so the sections and checksums of
+# earlier checkpoints (the shipped model's among them) are what this version writes too.
+ADDED_FIELDS = {"attention": "soft"}
+ATTENTION = ("soft", "hard")
 
 
 def model_tensors(model: CaptionModel) -> dict[str, torch.Tensor]:
@@ -87,10 +92,10 @@ def save_model(
         if half and tensor.is_floating_point() and "running_" not in name:
             tensor = tensor.half()
         tensors[name] = tensor
-    checksums = {"model_sha256": model_sha256(to_dict(model.config)), "vocab_sha256": vocabulary_sha256(vocab)}
+    checksums = {"model_sha256": model_sha256(model_section(model.config)), "vocab_sha256": vocabulary_sha256(vocab)}
     config = {
         "format_version": FORMAT_VERSION,
-        "model": to_dict(model.config),
+        "model": model_section(model.config),
         "encoder_sha256": encoder_sha256,
         "dtype": "float16" if half else "float32",
         **(extra or {}),
@@ -103,9 +108,14 @@ def save_model(
     return directory
 
 
-def model_sha256(model_section: dict) -> str:
+def model_section(config: ModelConfig) -> dict:
+    """config.json's model section: every field but the ADDED_FIELDS at the value earlier checkpoints mean."""
+    return {k: v for k, v in to_dict(config).items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]}
+
+
+def model_sha256(section: dict) -> str:
     """sha256 of a config's model section as canonical JSON (sorted keys, tuples as lists)."""
-    text = json.dumps(model_section, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    text = json.dumps(section, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -135,6 +145,9 @@ def check_model_config(data: object, where: str) -> ModelConfig:
         elif field.name == "encoder":
             if value not in ENCODER_WEIGHTS:
                 raise InputError(f"{name} must be one of {', '.join(ENCODER_WEIGHTS)}, got {value!r:.60}")
+        elif field.name == "attention":
+            if value not in ATTENTION:
+                raise InputError(f"{name} must be one of {', '.join(ATTENTION)}, got {value!r:.60}")
         elif field.name == "deep_output":
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be true or false, got {value!r:.60}")
@@ -312,7 +325,7 @@ def check_checksums(
 ) -> None:
     """The model section and the vocabulary are the ones the weights were saved with: config.json's checksums,
     and the weights file's copies of them when it has some, must match what is there now."""
-    actual = {"model_sha256": model_sha256(to_dict(model_config)), "vocab_sha256": vocabulary_sha256(vocab)}
+    actual = {"model_sha256": model_sha256(model_section(model_config)), "vocab_sha256": vocabulary_sha256(vocab)}
     changed = {"model_sha256": f"{CONFIG_FILE}'s 'model' section", "vocab_sha256": VOCAB_FILE}
     for key in CHECKSUM_KEYS:
         for source, recorded in ((CONFIG_FILE, config.get(key)), (WEIGHTS_FILE, metadata.get(key))):

@@ -630,6 +630,15 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     )
     _add_guidance_flags(parser)
     _add_int8_flag(parser)
+    parser.add_argument(
+        "--hard-attention-sample",
+        action="store_true",
+        help="a hard-attention model: each word's context is the feature of one cell drawn from alpha (outlined in "
+        "the figures, `locations` in --json) instead of the expected context; runs the fp32 decoder",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the draws of --hard-attention-sample, the same for each photo"
+    )
     parser.set_defaults(run=_run_caption)
 
 
@@ -693,8 +702,11 @@ def _run_caption(args: argparse.Namespace) -> int:
         print(f"sat caption: skipped: {problem}", file=sys.stderr)
     if not paths:
         return 1
-    captioner = Captioner.load(args.model, int8=args.int8, guidance_threshold=args.guidance_threshold)
+    int8 = False if args.hard_attention_sample and args.int8 is None else args.int8  # sampling needs fp32
+    captioner = Captioner.load(args.model, int8=int8, guidance_threshold=args.guidance_threshold)
     captioner.guidance.user_words(args.mention)  # an unknown word stops here, before any photo is decoded
+    if args.hard_attention_sample:
+        captioner.check_sampling()
     out = Path(args.attention_dir) if args.attention_dir else None
     if out:
         try:
@@ -722,12 +734,15 @@ def _run_caption(args: argparse.Namespace) -> int:
             length_penalty=args.length_penalty,
             mentions=args.mention,
             guide=args.guidance,
+            sample_seed=args.seed if args.hard_attention_sample else None,
         )
         for (path, image), caption in zip(loaded, captions, strict=True):
             figure = None
             if out:
                 try:
-                    figure = attention_figure(image, caption.words, caption.attention, out / figure_names[path])
+                    figure = attention_figure(
+                        image, caption.words, caption.attention, out / figure_names[path], locations=caption.locations
+                    )
                 except OSError as error:
                     failures += 1
                     print(
@@ -749,6 +764,8 @@ def _run_caption(args: argparse.Namespace) -> int:
                         for word, position in zip(caption.guidance, caption.guided_positions, strict=True)
                     ],
                 }
+                if caption.locations is not None:
+                    record["locations"] = [list(cell) for cell in caption.locations]  # (row, column) per word
                 if figure:
                     record["attention_figure"] = str(figure)
                 print(json.dumps(record))

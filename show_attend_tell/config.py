@@ -50,6 +50,9 @@ class ModelConfig:
     dropout: float = 0.5
     deep_output: bool = True  # paper eq. 7: logits from embedding, hidden state and context
     fine_tune_blocks: tuple[str, ...] = ()  # e.g. ("layer3", "layer4"); empty = frozen encoder
+    # soft: the context is the expected feature under alpha (section 4.2); hard: the feature of one location
+    # sampled from alpha in training (section 4.1), the expected one when decoding unless sampling is asked for
+    attention: str = "soft"
 
 
 @dataclasses.dataclass
@@ -81,6 +84,12 @@ class TrainConfig:
     # SCST + this x cross-entropy on the images' reference captions (a mixed objective): the reference
     # captions keep the language model from padding captions towards CIDEr-D's preferred length
     scst_xe_weight: float = 0.0
+    # Hard attention (section 4.1, eq. 12): lambda_r, the weight of the REINFORCE term on the sampled locations,
+    # and lambda_e, the weight of the entropy of alpha. The paper set both by cross-validation without giving
+    # them; these are the numbers in the authors' released code (arctic-captions), not tuned here. That code
+    # averages alpha log alpha over the locations too, so its 0.002 weighed the entropy P times less.
+    reinforce_weight: float = 0.1
+    entropy_weight: float = 0.002
 
 
 @dataclasses.dataclass
@@ -128,6 +137,8 @@ TRAIN_RANGES: dict[str, Any] = {
     "max_caption_length": _between(1, 200),
     "scst_samples": _at_least(2),  # each sample's baseline is the mean of the others'
     "scst_xe_weight": _at_least(0),
+    "reinforce_weight": _at_least(0),
+    "entropy_weight": _at_least(0),
 }
 
 

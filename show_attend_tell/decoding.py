@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Sequence
+from typing import NamedTuple
 
 import torch
 
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
-from show_attend_tell.model import Decoder, EncodedImages, select_rows
+from show_attend_tell.model import Decoder, EncodedImages, repeat_rows, sampled_locations, select_rows
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
 # No caption repeats a trigram ("in the water in the water"). Self-critical training otherwise learns to pad
@@ -31,6 +32,9 @@ class Hypothesis:
     score: float  # log_prob after length normalisation; what hypotheses are ranked by
     alphas: torch.Tensor  # (len(tokens), P)
     finished: bool  # produced <end> within the maximum length
+    # hard attention: the location whose feature was each word's context (-1: the expected context); None for a
+    # decoder that always attends softly
+    locations: torch.Tensor | None = None  # (len(tokens),)
 
 
 def length_normalised(log_prob: float, length: int, length_penalty: float) -> float:
@@ -47,11 +51,23 @@ def greedy(
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> list[Hypothesis]:
     """The most probable word at every step, for B images at once."""
-    tokens, log_probs, alphas = rollout(
+    tokens, log_probs, alphas, locations = rollout(
         decoder, encoded, max_length=max_length, sample=False, no_repeat_ngram=no_repeat_ngram
     )
     totals = log_probs.sum(dim=1).tolist()  # zero after <end>, so each is the caption's log p with its <end>
-    return [_hypothesis(tokens[b], totals[b], alphas[b], 0.0) for b in range(tokens.size(0))]
+    return [
+        _hypothesis(tokens[b], totals[b], alphas[b], 0.0, None if locations is None else locations[b])
+        for b in range(tokens.size(0))
+    ]
+
+
+class Rollout(NamedTuple):
+    """N decoded rows (see rollout), each (N, T, ...)."""
+
+    tokens: torch.Tensor  # (N, T) <end> included, <pad> after it
+    log_probs: torch.Tensor  # (N, T) of the chosen words, zero after <end>
+    alphas: torch.Tensor  # (N, T, P)
+    locations: torch.Tensor | None  # (N, T) hard attention's sampled locations (-1: expected context), or None
 
 
 def rollout(
@@ -64,13 +80,14 @@ def rollout(
     generator: torch.Generator | None = None,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
     per_image: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Rollout:
     """Decode N = B*per_image rows (`per_image` consecutive rows for each of the B images in `encoded`) word by
     word, by argmax or by sampling from p(word)^(1/temperature), never repeating an n-gram of size
     `no_repeat_ngram` (0: no limit).
 
     Returns tokens (N, T) (<end> included, <pad> after it), per-token log-probabilities (N, T) of the chosen
-    words (differentiable when grad is on; zero after <end>) and alphas (N, T, P). By argmax they are the
+    words (differentiable when grad is on; zero after <end>), alphas (N, T, P) and, for a decoder with hard
+    attention, the locations of its contexts (N, T). By argmax they are the
     model's log p; when sampling they are the sampling policy's: the model's distribution renormalised over
     the words allowed at that step, at the temperature. That is the policy whose gradient self-critical
     training needs: with the model's raw log p, pushing a sampled word down also pushes up the banned words,
@@ -78,12 +95,13 @@ def rollout(
     """
     N = encoded.features.size(0) * per_image
     device = encoded.features.device
-    state = tuple(part.repeat_interleave(per_image, dim=0) for part in decoder.init_state(encoded))
+    state = repeat_rows(decoder.init_state(encoded), per_image)
     words = torch.full((N,), START_ID, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, chosen_log_probs, alphas = [], [], []
+    tokens, chosen_log_probs, alphas, locations = [], [], [], []
     for _ in range(max_length):  # a caption still running after max_length tokens is cut there
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (N, V), state, (N, P)
+        location = sampled_locations(state)  # (N,) or None
         allowed = log_probs.detach().index_fill(1, _never_next(device), float("-inf"))  # (N, V)
         if tokens:
             rows, banned = repeated_ngram_bans(torch.stack(tokens, 1), no_repeat_ngram)
@@ -99,10 +117,13 @@ def rollout(
         tokens.append(words)
         chosen_log_probs.append(chosen)
         alphas.append(alpha.masked_fill(finished.unsqueeze(1), 0.0))
+        if location is not None:
+            locations.append(location.masked_fill(finished, -1))
         finished = finished | (words == END_ID)
         if bool(finished.all()):
             break
-    return torch.stack(tokens, 1), torch.stack(chosen_log_probs, 1), torch.stack(alphas, 1)
+    stacked = torch.stack(locations, 1) if locations else None
+    return Rollout(torch.stack(tokens, 1), torch.stack(chosen_log_probs, 1), torch.stack(alphas, 1), stacked)
 
 
 def repeated_ngram_bans(history: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +145,15 @@ def _never_next(device: torch.device) -> torch.Tensor:
     return torch.tensor([PAD_ID, START_ID, UNK_ID], device=device)
 
 
-def _hypothesis(tokens: torch.Tensor, log_prob: float, alphas: torch.Tensor, length_penalty: float) -> Hypothesis:
-    """One decoded row, tokens (T,) with its log p and alphas (T, P): cut at <end>/<pad>, keep each word's alpha."""
+def _hypothesis(
+    tokens: torch.Tensor,
+    log_prob: float,
+    alphas: torch.Tensor,
+    length_penalty: float,
+    locations: torch.Tensor | None = None,
+) -> Hypothesis:
+    """One decoded row, tokens (T,) with its log p, alphas (T, P) and locations (T,) (hard attention): cut at
+    <end>/<pad>, keep each word's alpha and location."""
     ids = tokens.tolist()
     n = len(ids)
     for i, word in enumerate(ids):
@@ -139,6 +167,7 @@ def _hypothesis(tokens: torch.Tensor, log_prob: float, alphas: torch.Tensor, len
         score=length_normalised(log_prob, n + finished, length_penalty),  # <end> counts as a token
         alphas=alphas[:n].detach().cpu(),
         finished=finished,
+        locations=None if locations is None else locations[:n].cpu(),
     )
 
 
@@ -163,13 +192,14 @@ def beam_search(
     B, P = encoded.features.shape[:2]
     K = beam_size
     device = encoded.features.device
-    state = tuple(part.repeat_interleave(K, dim=0) for part in decoder.init_state(encoded))  # (B*K, D) each
+    state = repeat_rows(decoder.init_state(encoded), K)  # (B*K, D) each
     words = torch.full((B * K,), START_ID, dtype=torch.long, device=device)  # (A*K,) each beam's last word
     scores = torch.full((B, K), float("-inf"), device=device)  # (A, K) each beam's log p so far
     scores[:, 0] = 0.0  # all beams start identical: let only the first expand at t=0
     # Row a*K + k of the tensors below is beam k of the a-th image still in the batch.
     tokens = torch.zeros(B * K, 0, dtype=torch.long, device=device)  # (A*K, t)
     alphas = torch.zeros(B * K, 0, P, device=device)  # (A*K, t, P)
+    locations = None  # (A*K, t) hard attention's, once a step has returned some
     finished = None  # (A*K,) once some beam has produced <end>
     # An image whose K beams have all ended has its results taken at once; it leaves the batch (its rows stop
     # costing decoder steps) once the finished images are COMPACT_FRACTION of the batch. Dropping them copies
@@ -186,6 +216,7 @@ def beam_search(
     for t in range(max_length):  # a caption still running after max_length tokens is cut there
         A = alive.numel()
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (A*K, V), state, (A*K, P)
+        locations = _grown(locations, sampled_locations(state), tokens.size(1))
         V = log_probs.size(1)
         log_probs.index_fill_(1, never_next, float("-inf"))  # (A*K, V)
         if t >= no_repeat_ngram >= 2:
@@ -201,6 +232,7 @@ def beam_search(
         state = select_rows(state, rows)
         tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)
         alphas = torch.cat([alphas, alpha.unsqueeze(1)], dim=1)[rows]  # finished beams' extra rows are cut later
+        locations = None if locations is None else locations[rows]
         ended = words == END_ID  # (A*K,)
         if finished is None:
             if not bool(ended.any()):
@@ -215,7 +247,7 @@ def beam_search(
         if bool(newly_done.any()):
             for a in newly_done.nonzero().flatten().tolist():
                 beams = slice(a * K, (a + 1) * K)
-                results[int(alive[a])] = _ranked(tokens[beams], alphas[beams], scores[a], length_penalty)
+                results[int(alive[a])] = _ranked(tokens, alphas, locations, beams, scores[a], length_penalty)
             reported = done
             keep = ~done
             kept = int(keep.sum())
@@ -228,22 +260,44 @@ def beam_search(
             alive, scores, encoded = alive[keep], scores[keep], encoded.select(keep)
             first_rows = first_rows[: alive.numel()]
             tokens, alphas, finished = tokens[rows_kept], alphas[rows_kept], finished[rows_kept]
+            locations = None if locations is None else locations[rows_kept]
             state, words = select_rows(state, rows_kept), words[rows_kept]
     for a, image in enumerate(alive.tolist()):
         if bool(reported[a]):
             continue
         beams = slice(a * K, (a + 1) * K)
-        results[image] = _ranked(tokens[beams], alphas[beams], scores[a], length_penalty)
+        results[image] = _ranked(tokens, alphas, locations, beams, scores[a], length_penalty)
     return results
 
 
+def _grown(locations: torch.Tensor | None, location: torch.Tensor | None, steps: int) -> torch.Tensor | None:
+    """Every row's locations so far (R, steps) with this step's (R,) appended: (R, steps + 1); None for a decoder
+    that samples no locations."""
+    if location is None:
+        return None
+    if locations is None:
+        locations = location.new_full((location.size(0), steps), -1)
+    return torch.cat([locations, location.unsqueeze(1)], dim=1)
+
+
 def _ranked(
-    tokens: torch.Tensor, alphas: torch.Tensor, scores: torch.Tensor, length_penalty: float
+    tokens: torch.Tensor,
+    alphas: torch.Tensor,
+    locations: torch.Tensor | None,
+    beams: slice,
+    scores: torch.Tensor,
+    length_penalty: float,
 ) -> list[Hypothesis]:
-    """One image's K beams: tokens (K, t), alphas (K, t, P) and log p (K,) -> its hypotheses, best first by
-    normalised score."""
+    """One image's K beams, rows `beams` of tokens (R, t), alphas (R, t, P) and locations (R, t), and their log p
+    (K,) -> its hypotheses, best first by normalised score."""
     hypotheses = [
-        _hypothesis(tokens[k], log_prob, alphas[k], length_penalty)
+        _hypothesis(
+            tokens[beams][k],
+            log_prob,
+            alphas[beams][k],
+            length_penalty,
+            None if locations is None else locations[beams][k],
+        )
         for k, log_prob in enumerate(scores.tolist())
         if log_prob > float("-inf")  # fewer possible captions than beams
     ]
@@ -305,7 +359,7 @@ def _constrained(
     S = 1 << C
     device = encoded.features.device
     rows_per_image = S * K
-    state = tuple(part.repeat_interleave(rows_per_image, dim=0) for part in decoder.init_state(encoded))
+    state = repeat_rows(decoder.init_state(encoded), rows_per_image)
     words = torch.full((B * rows_per_image,), START_ID, dtype=torch.long, device=device)
     scores = torch.full((B, S, K), float("-inf"), device=device)
     scores[:, 0, 0] = 0.0  # every beam starts in state 0 (nothing satisfied) from one <start>
@@ -313,12 +367,14 @@ def _constrained(
     accepting = row_state == S - 1
     tokens = torch.zeros(B * rows_per_image, 0, dtype=torch.long, device=device)
     alphas = torch.zeros(B * rows_per_image, 0, P, device=device)
+    locations = None  # (B*S*K, t) hard attention's, once a step has returned some
     finished = torch.zeros(B * rows_per_image, dtype=torch.bool, device=device)
     first_rows = (torch.arange(B, device=device) * rows_per_image).unsqueeze(1)  # (B, 1)
     never_next = _never_next(device)
     bits = frozen = None  # (B, V) the constraints each word satisfies, as a bit mask; see beam_search
     for t in range(max_length):
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (B*S*K, V), state, (B*S*K, P)
+        locations = _grown(locations, sampled_locations(state), tokens.size(1))
         if bits is None:
             V = log_probs.size(1)
             bits = torch.zeros(B, V, dtype=torch.long, device=device)
@@ -351,6 +407,7 @@ def _constrained(
         state = select_rows(state, rows)
         tokens = torch.cat([tokens[rows], words.unsqueeze(1)], dim=1)
         alphas = torch.cat([alphas, alpha.unsqueeze(1)], dim=1)[rows]
+        locations = None if locations is None else locations[rows]
         finished = finished[rows] | (words == END_ID)
         # An image is done once its accepting beams have all ended and no running beam scores above them:
         # log p only falls, so nothing can enter the accepting top K any more.
@@ -363,8 +420,9 @@ def _constrained(
             break
     results: list[list[Hypothesis]] = []
     for b in range(B):
-        beams = slice(first_rows[b, 0] + (S - 1) * K, first_rows[b, 0] + S * K)  # the accepting state's
-        results.append(_ranked(tokens[beams], alphas[beams], scores[b, S - 1], length_penalty))
+        start = int(first_rows[b, 0]) + (S - 1) * K
+        beams = slice(start, start + K)  # the accepting state's
+        results.append(_ranked(tokens, alphas, locations, beams, scores[b, S - 1], length_penalty))
     unmet = [b for b, hypotheses in enumerate(results) if not hypotheses]
     if unmet:  # no caption could meet the constraints (too short a max_length): the plain search's
         found = beam_search(

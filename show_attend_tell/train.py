@@ -47,7 +47,17 @@ from show_attend_tell.config import (
     write_atomically,
 )
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import CaptionModel, Encoder, caption_loss
+from show_attend_tell.model import (
+    EXPECTED_CONTEXT_PROBABILITY,
+    CaptionModel,
+    Encoder,
+    LocationSampling,
+    TeacherForced,
+    caption_log_likelihood,
+    caption_loss,
+    hard_attention_loss,
+    moving_average,
+)
 from show_attend_tell.prepare import PreparedDataset
 
 STATE_DIR = "last"
@@ -154,6 +164,7 @@ class Progress:
     best_step: int = -1
     bad_validations: int = 0
     saved_step: int = -1  # the global step of the state in last/ (-1: none yet)
+    reward_baseline: float | None = None  # hard attention's moving average of log p(y | s, a) (None: no batch yet)
 
 
 @dataclasses.dataclass
@@ -453,21 +464,28 @@ def cross_entropy_step(run: Run, rows: list[int], mark: Callable[[str], None] = 
     tokens, lengths, owners = batch_captions(run, local)
     words_here = float((lengths - 1).sum())
     words, captions = global_sums(run, words_here, float(len(lengths)))
+    hard = run.model_config.attention == "hard"
     mark("data")
     with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
         features = batch_features(run, local, train=True)
         mark("encoder")
-        log_probs, alphas = run.model(features, tokens, lengths, owners)
+        sampling = location_sampling(run, local) if hard else None
+        forced = run.model(features, tokens, lengths, owners, sampling=sampling)
+        forced = TeacherForced(forced.log_probs.float(), forced.alphas.float(), forced.locations)
         mark("decoder_forward")
         loss, cross_entropy = caption_loss(
-            log_probs.float(),
-            alphas.float(),
+            forced.log_probs,
+            forced.alphas,
             tokens,
             doubly_stochastic=run.config.doubly_stochastic,
             label_smoothing=run.config.label_smoothing,
             words=words / run.world_size,
             captions_count=captions / run.world_size,
         )
+        hard_stats = {}
+        if hard:
+            hard_loss, hard_stats = _hard_attention_terms(run, forced, tokens, words)
+            loss = loss + hard_loss
     mark("loss")
     _optimise(run, loss, mark)
     loss_sum, cross_entropy_sum = global_sums(run, float(loss.detach()), float(cross_entropy) * words_here)
@@ -476,7 +494,38 @@ def cross_entropy_step(run: Run, rows: list[int], mark: Callable[[str], None] = 
         "cross_entropy": cross_entropy_sum / words,
         "captions": int(captions),
         "lr": run.scheduler.get_last_lr()[0],
+        **hard_stats,
     }
+
+
+def location_sampling(run: Run, rows: list[int]) -> LocationSampling:
+    """Hard attention's locations for a step's images: each image's generator seeded by (seed, step, image row),
+    so its draws are the same on any rank and after a resume; each image takes the expected context instead with
+    the paper's probability 0.5."""
+    seeds = [((run.config.seed * 1_000_003 + run.progress.global_step) * 1_000_003 + row) % 2**63 for row in rows]
+    return LocationSampling.seeded(seeds, expected_probability=EXPECTED_CONTEXT_PROBABILITY)
+
+
+def _hard_attention_terms(run: Run, forced: TeacherForced, tokens: torch.Tensor, words: float):
+    """The REINFORCE and entropy terms of hard attention's loss, with the baseline before this batch (the first
+    batch: its own mean), then the baseline moved by this batch's mean log p(y | s, a) over every rank."""
+    rewards = caption_log_likelihood(forced.log_probs.detach(), tokens)  # (N,) log p(y | s, a)
+    sampled = (forced.locations >= 0).any(dim=1)  # (N,) captions whose locations were sampled
+    reward_sum, count = global_sums(run, float(rewards[sampled].sum()), float(sampled.sum()))
+    progress = run.progress
+    mean = reward_sum / count if count else progress.reward_baseline
+    baseline = progress.reward_baseline if progress.reward_baseline is not None else mean
+    loss = hard_attention_loss(
+        forced,
+        tokens,
+        baseline=0.0 if baseline is None else baseline,  # None: nothing sampled yet, so no REINFORCE term
+        reinforce=run.config.reinforce_weight,
+        entropy=run.config.entropy_weight,
+        words=words / run.world_size,
+    )
+    if count:
+        progress.reward_baseline = moving_average(progress.reward_baseline, mean)
+    return loss, {"reward": mean, "baseline": baseline, "sampled_captions": int(count)}
 
 
 def self_critical_step(run: Run, rows: list[int]) -> dict:
@@ -486,7 +535,8 @@ def self_critical_step(run: Run, rows: list[int]) -> dict:
     model's samples were mostly word salad). The gradient is that of the sampling policy itself, the model
     renormalised over the words allowed at each step (see `rollout`); before that fix plain SCST collapsed
     on Flickr8k within ~100 steps. `scst_xe_weight` > 0 mixes in the references' cross-entropy
-    (results/flickr8k_val_selection.json)."""
+    (results/flickr8k_val_selection.json). A hard-attention model samples its words with the expected context,
+    which is how it decodes: SCST improves that policy, and samples no locations."""
     from show_attend_tell.decoding import rollout
     from show_attend_tell.scst import self_critical_loss
 
@@ -498,7 +548,7 @@ def self_critical_step(run: Run, rows: list[int]) -> dict:
     with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
         features = batch_features(run, local, train=True)
         encoded = run.model.decoder.encode(features)  # the `samples` rows of an image share its features
-        tokens, log_probs, _ = rollout(
+        tokens, log_probs, _, _ = rollout(
             run.model.decoder, encoded, max_length=run.config.max_caption_length, sample=True, per_image=samples
         )  # (N, T) each
         captions = [run.data.dataset.vocab.decode(row) for row in tokens.tolist()]
@@ -513,10 +563,10 @@ def self_critical_step(run: Run, rows: list[int]) -> dict:
         if run.config.scst_xe_weight > 0:
             references, lengths, owners = batch_captions(run, local)
             reference_words, reference_count = global_sums(run, float((lengths - 1).sum()), float(len(lengths)))
-            log_probs, alphas = run.model(features, references, lengths, owners)
+            forced = run.model(features, references, lengths, owners)
             cross_entropy, _ = caption_loss(
-                log_probs.float(),
-                alphas.float(),
+                forced.log_probs.float(),
+                forced.alphas.float(),
                 references,
                 doubly_stochastic=run.config.doubly_stochastic,
                 words=reference_words / run.world_size,

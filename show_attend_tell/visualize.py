@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 # The paper's visualisation (arctic-captions, pyramid_expand(upscale=16, sigma=20)) upsampled its 14x14
@@ -24,6 +25,7 @@ OVERLAY_OPACITY = 0.6  # the photo stays visible under the map
 PANEL_SIDE = 256  # longest side of each figure panel in pixels
 DPI = 100
 TITLE_INCHES = 0.35  # room above each panel for its word
+CHOSEN_CELL_COLOUR = "#e8413c"  # the outline of the cell hard attention sampled for a word
 
 
 def upsample_attention(alpha: np.ndarray, size: tuple[int, int], smooth: bool = True) -> np.ndarray:
@@ -69,12 +71,21 @@ def attention_overlay(
 
 
 def build_attention_figure(
-    image: Image.Image, words: list[str], alphas: np.ndarray, *, smooth: bool = True, columns: int = 5
+    image: Image.Image,
+    words: list[str],
+    alphas: np.ndarray,
+    *,
+    smooth: bool = True,
+    columns: int = 5,
+    locations: list[tuple[int, int]] | None = None,
 ) -> Figure:
-    """A grid of panels: the photo, then one overlay per word titled with the word. alphas: (T, g, g)."""
+    """A grid of panels: the photo, then one overlay per word titled with the word. alphas: (T, g, g).
+    locations (hard attention, sampled): each word's chosen cell (row, column), outlined over its map."""
     alphas = np.asarray(alphas)
     if alphas.ndim != 3 or alphas.shape[0] != len(words):
         raise ValueError(f"alphas must be (T, g, g) with T = {len(words)} words, got shape {alphas.shape}")
+    if locations is not None and len(locations) != len(words):
+        raise ValueError(f"locations must give one cell per word ({len(words)}), got {len(locations)}")
     if columns < 1:
         raise ValueError(f"columns must be at least 1, got {columns}")
     scale = PANEL_SIDE / max(image.size)
@@ -96,6 +107,12 @@ def build_attention_figure(
     for index, (word, alpha) in enumerate(zip(words, alphas, strict=True), start=2):
         axes = figure.add_subplot(rows, grid_columns, index)
         axes.imshow(attention_overlay(photo, alpha, smooth=smooth))
+        if locations is not None:
+            (row, column), (cells_down, cells_across) = locations[index - 2], alpha.shape
+            width, height = photo.width / cells_across, photo.height / cells_down
+            # pixel centres are at whole numbers, so the photo spans -0.5 .. width - 0.5
+            corner = (column * width - 0.5, row * height - 0.5)
+            axes.add_patch(Rectangle(corner, width, height, fill=False, edgecolor=CHOSEN_CELL_COLOUR, linewidth=2))
         # Words are shown verbatim: "<unk>" as is, and "$" must not start matplotlib's maths mode.
         axes.set_title(word, parse_math=False)
         axes.set_axis_off()
@@ -110,10 +127,12 @@ def attention_figure(
     *,
     smooth: bool = True,
     columns: int = 5,
+    locations: list[tuple[int, int]] | None = None,
 ) -> Path:
-    """Write the photo and its per-word attention maps (alphas: (T, g, g)) as one PNG at `path`."""
+    """Write the photo and its per-word attention maps (alphas: (T, g, g)) as one PNG at `path`; with
+    `locations`, each word's sampled cell outlined (see build_attention_figure)."""
     path = Path(path)
-    figure = build_attention_figure(image, words, alphas, smooth=smooth, columns=columns)
+    figure = build_attention_figure(image, words, alphas, smooth=smooth, columns=columns, locations=locations)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path

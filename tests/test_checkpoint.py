@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -375,10 +376,45 @@ def test_checkpoints_saved_before_the_checksums_still_load(tmp_path):
 
 def test_the_shipped_model_carries_checksums_that_match_it():
     from show_attend_tell.captioner import SHIPPED_MODEL
-    from show_attend_tell.checkpoint import check_model_config, model_sha256, vocabulary_sha256
-    from show_attend_tell.config import to_dict
+    from show_attend_tell.checkpoint import check_model_config, model_section, model_sha256, vocabulary_sha256
 
     config = json.loads((SHIPPED_MODEL / CONFIG_FILE).read_text())
     model_config = check_model_config(config["model"], "shipped")
-    assert config["model_sha256"] == model_sha256(to_dict(model_config))
+    assert model_config.attention == "soft"  # written before the field existed: it means soft attention
+    assert json.loads(json.dumps(model_section(model_config))) == config["model"]  # the section written today
+    assert config["model_sha256"] == model_sha256(model_section(model_config))
     assert config["vocab_sha256"] == vocabulary_sha256(Vocabulary.load(SHIPPED_MODEL / VOCAB_FILE))
+
+
+def test_the_shipped_model_loads_with_its_checksums_verified():
+    """ModelConfig gained `attention` after the shipped model was saved: its section, without the field, still
+    verifies against the checksums in config.json and in the weights file, and means soft attention."""
+    from show_attend_tell.captioner import SHIPPED_MODEL
+
+    model, vocab, config = load_model(SHIPPED_MODEL, with_encoder=False)
+    assert model.config.attention == "soft" and not model.decoder.hard_attention
+    assert "attention" not in config["model"] and len(vocab) == model.config.vocab_size
+
+
+def test_a_hard_attention_checkpoint_names_its_attention_and_its_checksum_covers_it(tmp_path):
+    from show_attend_tell.checkpoint import model_section, model_sha256
+
+    vocab = Vocabulary(WORDS)
+    config = ModelConfig(vocab_size=len(vocab), attention_dim=16, decoder_dim=16, embed_dim=8, attention="hard")
+    model = CaptionModel(config).eval()
+    save_model(model, vocab, tmp_path / "hard", encoder_sha256="abc")
+    saved = json.loads((tmp_path / "hard" / CONFIG_FILE).read_text())
+    assert saved["model"]["attention"] == "hard"
+    assert (
+        saved["model_sha256"]
+        == model_sha256(model_section(config))
+        != model_sha256(model_section(dataclasses.replace(config, attention="soft")))
+    )
+    loaded, _, _ = load_model(tmp_path / "hard", with_encoder=False)
+    assert loaded.config.attention == "hard" and loaded.decoder.hard_attention
+    edit_config(tmp_path / "hard", lambda c: c["model"].update(attention="soft"))  # same tensors, other model
+    with pytest.raises(InputError, match="'model' section was changed after the weights were saved"):
+        load_model(tmp_path / "hard", with_encoder=False)
+    edit_config(tmp_path / "hard", lambda c: c["model"].update(attention="stochastic"))
+    with pytest.raises(InputError, match="model.attention must be one of soft, hard, got 'stochastic'"):
+        load_model(tmp_path / "hard", with_encoder=False)

@@ -172,7 +172,7 @@ def test_sampling_returns_the_log_probabilities_of_the_policy_it_samples_from():
     allowed at the step (never <pad>/<start>/<unk>, never a repeated trigram)."""
     mock = MockDecoder(images=2, max_length=8, seed=3)
     generator = torch.Generator().manual_seed(0)
-    tokens, log_probs, _ = rollout(
+    tokens, log_probs, _, _ = rollout(
         mock, encoded_for([0, 1]), max_length=8, sample=True, generator=generator, per_image=4
     )  # (8, T): 4 samples of image 0, then 4 of image 1
     checked = 0

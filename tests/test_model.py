@@ -39,7 +39,8 @@ def test_teacher_forcing_equals_stepping_each_caption_alone(feature_dim):
     model = CaptionModel(tiny_decoder_config(feature_dim=feature_dim)).eval()
     features = torch.randn(2, 4, 8)
     tokens, lengths, image_index = captions_batch()
-    log_probs, alphas = model(features, tokens, lengths, image_index)
+    log_probs, alphas, locations = model(features, tokens, lengths, image_index)
+    assert bool((locations == -1).all())  # soft attention samples no location
     assert log_probs.shape == (5, tokens.size(1) - 1, 15) and alphas.shape == (5, tokens.size(1) - 1, 4)
     for n in range(5):
         encoded = model.decoder.encode(features[image_index[n] : image_index[n] + 1])
@@ -112,7 +113,7 @@ def test_feature_projection_sets_the_width_of_every_per_step_multiply():
 def test_paper_step_without_deep_output_and_no_nans():
     model = CaptionModel(tiny_decoder_config(deep_output=False, dropout=0.5)).train()
     tokens, lengths, image_index = captions_batch()
-    log_probs, alphas = model(torch.randn(2, 4, 8), tokens, lengths, image_index)
+    log_probs, alphas, _ = model(torch.randn(2, 4, 8), tokens, lengths, image_index)
     assert torch.isfinite(log_probs).all()
     valid = (tokens[:, 1:] != PAD_ID).unsqueeze(2)
     torch.testing.assert_close(alphas.sum(2)[valid.squeeze(2)], torch.ones(int(valid.sum())))
@@ -126,7 +127,8 @@ def test_loss_learns_a_tiny_batch():
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
     losses = []
     for _ in range(60):
-        loss, cross_entropy = caption_loss(*model(features, tokens, lengths, image_index), tokens)
+        forced = model(features, tokens, lengths, image_index)
+        loss, cross_entropy = caption_loss(forced.log_probs, forced.alphas, tokens)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

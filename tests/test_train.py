@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -65,6 +66,58 @@ def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features,
     low, high = calibrate_int8(model.decoder, [features])["feature_projection"]
     stored = load_file(tmp_path / "run" / "best" / "int8.safetensors")
     assert torch.equal(stored["feature_projection.low"], low) and torch.equal(stored["feature_projection.high"], high)
+
+
+def test_hard_attention_trains_on_sampled_locations_with_the_moving_average_baseline(
+    tiny_prepared, tiny_features, tmp_path
+):
+    from show_attend_tell.model import moving_average
+
+    run = make_trainer(tmp_path / "run", tiny_prepared, tiny_features, {"attention": "hard"}, epochs=8, patience=8)
+    summary = fit(run, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    assert summary["global_step"] == len(train)
+    # two images a batch, each sampling with probability 0.5: some batches sample none, most some
+    assert len(train) / 2 < sum(r["sampled_captions"] > 0 for r in train) < len(train)
+    assert sum(r["cross_entropy"] for r in train[-4:]) < 0.75 * sum(r["cross_entropy"] for r in train[:4])
+    assert max(r["CIDEr"] for r in val) > val[0]["CIDEr"] + 50
+    # the baseline each step used: the first sampled batch's own mean, then the paper's moving average of the
+    # means of the batches that sampled
+    first = next(r for r in train if r["sampled_captions"])
+    assert first["baseline"] == first["reward"]
+    since = train[train.index(first) :]
+    for before, after in zip(since[:-1], since[1:], strict=True):
+        moved = (
+            moving_average(before["baseline"], before["reward"]) if before["sampled_captions"] else before["baseline"]
+        )
+        assert after["baseline"] == pytest.approx(moved)
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert state["reward_baseline"] == pytest.approx(moving_average(train[-1]["baseline"], train[-1]["reward"]))
+    resumed = resume_run(tmp_path / "run", pretrained_encoder=False, java=False)
+    assert resumed.progress.reward_baseline == state["reward_baseline"]  # exact resume keeps it
+    model, _, config = load_model(tmp_path / "run" / "best", with_encoder=False)
+    assert model.config.attention == "hard" and config["model"]["attention"] == "hard"
+
+
+def test_self_critical_training_of_a_hard_attention_model_samples_words_with_the_expected_context(
+    tiny_prepared, tiny_features, tmp_path, monkeypatch
+):
+    from show_attend_tell import decoding
+
+    run = make_trainer(tmp_path / "run", tiny_prepared, tiny_features, {"attention": "hard"}, self_critical=True)
+    rollouts = []
+    original = decoding.rollout
+
+    def recorded(*args, **kwargs):
+        rollouts.append(original(*args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(decoding, "rollout", recorded)
+    stats = self_critical_step(run, run.data.train_rows[:3])
+    assert math.isfinite(stats["loss"]) and stats["captions"] == 3 * run.config.scst_samples
+    assert bool((rollouts[0].locations == -1).all())  # the policy decoding runs: no sampled location
 
 
 RUN_SCRIPT = textwrap.dedent(
@@ -169,7 +222,8 @@ def test_mixed_objective_adds_the_weighted_cross_entropy_of_the_references(tiny_
         with torch.no_grad():
             references, lengths, owners = batch_captions(trainer, rows)
             features = batch_features(trainer, rows, train=True)
-            expected, _ = caption_loss(*trainer.model(features, references, lengths, owners), references)
+            forced = trainer.model(features, references, lengths, owners)
+            expected, _ = caption_loss(forced.log_probs, forced.alphas, references)
         torch.manual_seed(7)  # the same samples for both weights
         losses[weight] = self_critical_step(trainer, rows)["loss"]
     assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * float(expected), rel=1e-4)
@@ -233,11 +287,15 @@ GRADIENT_SCRIPT = textwrap.dedent(
     from test_train import STAGE_MODEL, make_trainer
     from show_attend_tell.train import cross_entropy_step, exit_worker, self_critical_step
     run, prepared, features, kind = sys.argv[1:5]
-    trainer = make_trainer(run, prepared, features, STAGE_MODEL, self_critical=kind == "scst", decoder_lr=0.0,
+    model = {{**STAGE_MODEL, "attention": "hard"}} if kind.startswith("hard") else STAGE_MODEL
+    trainer = make_trainer(run, prepared, features, model, self_critical=kind.endswith("scst"), decoder_lr=0.0,
                            encoder_lr=0.0)
-    rows = trainer.data.train_rows[:4]
-    step = self_critical_step if kind == "scst" else cross_entropy_step
-    step(trainer, rows)
+    # hard attention: images 2-5, of which (seed 1, step 0) 4 and 5 sample their locations, 2 and 3 take the
+    # expected context, so each rank holds one of each
+    rows = trainer.data.train_rows[2:6] if kind.startswith("hard") else trainer.data.train_rows[:4]
+    step = self_critical_step if kind.endswith("scst") else cross_entropy_step
+    stats = step(trainer, rows)
+    assert kind != "hard" or stats["sampled_captions"] == 10, stats
     grads = {{n: p.grad.contiguous() for n, p in trainer.model.named_parameters() if p.grad is not None}}
     if trainer.world_size > 1:
         for name, grad in grads.items():  # every rank must step with the same (averaged) gradient
@@ -255,7 +313,8 @@ GRADIENT_SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # torchrun
 def test_ddp_averages_the_gradients_of_fine_tuned_blocks(tiny_prepared, tmp_path):
     """The tuned block runs on the cache beside the decoder; its gradients must be averaged over ranks too, in
-    cross-entropy and in SCST steps (one mechanism for both: train.average_gradients)."""
+    cross-entropy and in SCST steps (one mechanism for both: train.average_gradients). Hard attention too: each
+    image's locations are drawn from its own seed, so two ranks draw what one process draws."""
     from show_attend_tell.features import extract_features
     from show_attend_tell.model import Encoder
 
@@ -269,21 +328,25 @@ def test_ddp_averages_the_gradients_of_fine_tuned_blocks(tiny_prepared, tmp_path
     script.write_text(GRADIENT_SCRIPT.format(tests=str(REPO / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for kind in ("xe", "scst"):
+    for kind in ("xe", "scst", "hard", "hard_scst"):
         ddp = subprocess.run(
             [*torchrun, str(script), f"{tmp_path}/ddp_{kind}", tiny_prepared, stage, kind], env=env, capture_output=True
         )
         assert ddp.returncode == 0, ddp.stderr.decode()[-5000:]
-    single = subprocess.run(
-        [sys.executable, str(script), f"{tmp_path}/single_xe", tiny_prepared, stage, "xe"], env=env, capture_output=True
-    )
-    assert single.returncode == 0, single.stderr.decode()[-2000:]
-    a = load_file(tmp_path / "single_xe.grads.safetensors")
-    b = load_file(tmp_path / "ddp_xe.grads.safetensors")
-    assert a.keys() == b.keys() and any(name.startswith("encoder.trunk.7.2.") for name in a)
-    for name in a:  # the mean of the ranks' halves is the whole batch's gradient
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=name)
-    assert any(k.startswith("encoder.") for k in load_file(tmp_path / "ddp_scst.grads.safetensors"))
+    for kind in ("xe", "hard"):
+        single = subprocess.run(
+            [sys.executable, str(script), f"{tmp_path}/single_{kind}", tiny_prepared, stage, kind],
+            env=env,
+            capture_output=True,
+        )
+        assert single.returncode == 0, single.stderr.decode()[-2000:]
+        a = load_file(tmp_path / f"single_{kind}.grads.safetensors")
+        b = load_file(tmp_path / f"ddp_{kind}.grads.safetensors")
+        assert a.keys() == b.keys() and any(name.startswith("encoder.trunk.7.2.") for name in a)
+        for name in a:  # the mean of the ranks' halves is the whole batch's gradient
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=f"{kind}: {name}")
+    for kind in ("scst", "hard_scst"):
+        assert any(k.startswith("encoder.") for k in load_file(tmp_path / f"ddp_{kind}.grads.safetensors"))
 
 
 @pytest.mark.slow  # full ResNet-50 runs

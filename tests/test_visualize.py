@@ -114,3 +114,21 @@ def test_tiny_image_figure(tmp_path):
     path = attention_figure(Image.new("RGB", (1, 1)), ["dot"], _random_alphas(1), tmp_path / "dot.png")
     with Image.open(path) as figure:
         assert figure.size[0] >= 2 * 200  # a 1x1 photo is scaled up to a readable panel
+
+
+def test_sampled_cells_are_outlined_on_their_words_panels():
+    from matplotlib.patches import Rectangle
+
+    alphas = _random_alphas(2)
+    g = alphas.shape[1]
+    figure = build_attention_figure(Image.new("RGB", (64, 48)), ["a", "dog"], alphas, locations=[(0, 1), (g - 1, 0)])
+    panel_width, panel_height = 256 / g, 192 / g  # the photo scaled to 256 x 192 pixels
+    for axes, (row, column) in zip(figure.axes[1:], [(0, 1), (g - 1, 0)], strict=True):
+        (cell,) = [patch for patch in axes.patches if isinstance(patch, Rectangle)]
+        assert cell.get_xy() == pytest.approx((column * panel_width - 0.5, row * panel_height - 0.5))
+        assert (cell.get_width(), cell.get_height()) == pytest.approx((panel_width, panel_height))
+    assert not figure.axes[0].patches  # the photo's own panel
+    plain = build_attention_figure(Image.new("RGB", (64, 48)), ["a", "dog"], alphas)
+    assert not any(axes.patches for axes in plain.axes)
+    with pytest.raises(ValueError, match="one cell per word"):
+        build_attention_figure(Image.new("RGB", (8, 8)), ["a", "b"], alphas, locations=[(0, 0)])

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from show_attend_tell.captioner import Captioner
 from show_attend_tell.datasets import read_coco
+from show_attend_tell.inference import Int8Decoder
 from show_attend_tell.metrics import score_captions
 from show_attend_tell.records import provenance, write_record
 
@@ -43,7 +44,7 @@ def main() -> int:
     captioner = Captioner.load(args.model, int8=args.int8)
     record.update(
         model=args.model or "shipped",
-        int8=args.int8,
+        int8=isinstance(captioner.model.decoder, Int8Decoder),  # as loaded: the default is int8 when calibrated
         guidance_threshold=captioner.guidance.threshold,
         images=len(paths),
         results={},

@@ -684,7 +684,8 @@ def _add_int8_flag(parser: argparse.ArgumentParser) -> None:
         "--int8",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="int8 decoder weights, ~4x faster decoding steps on CPU (default: on for the CPU)",
+        help="int8 decoder weights, ~4x faster decoding steps on CPU (default: on for the CPU when the model has an "
+        "int8 calibration, `sat calibrate`)",
     )
 
 

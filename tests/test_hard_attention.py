@@ -296,9 +296,11 @@ def test_a_tiny_hard_attention_model_learns_a_batch_from_sampled_contexts():
 
 # ----- the product: Captioner, `sat caption`, the int8 rule --------------------------------------------------
 def small_checkpoint(directory, attention: str):
-    """A checkpoint of a small model on the (stand-in) ResNet-50: 64 px photos, a 2 x 2 grid."""
-    from show_attend_tell.checkpoint import save_model
+    """A checkpoint of a small model on the (stand-in) ResNet-50: 64 px photos, a 2 x 2 grid, calibrated for int8
+    on random features."""
+    from show_attend_tell.checkpoint import save_int8_calibration, save_model
     from show_attend_tell.config import ModelConfig
+    from show_attend_tell.inference import calibrate_int8
     from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
     vocab = Vocabulary([*SPECIAL_TOKENS, "a", "dog", "runs", "on", "the", "grass"])
@@ -314,7 +316,9 @@ def small_checkpoint(directory, attention: str):
         attention=attention,
     )
     torch.manual_seed(0)
-    save_model(CaptionModel(config), vocab, directory, encoder_sha256="untrained")
+    model = CaptionModel(config)
+    save_model(model, vocab, directory, encoder_sha256="untrained")
+    save_int8_calibration(directory, calibrate_int8(model.decoder, [torch.rand(4, 4, 2048)], beam_size=3), {})
     return directory
 
 

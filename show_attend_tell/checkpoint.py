@@ -42,8 +42,22 @@ MAX_WIDTH = 1 << 16
 # ModelConfig fields added after checkpoints were shipped, with the value every earlier checkpoint means: at that
 # value a field is left out of config.json's model section and of its sha256, so the sections and checksums of
 # earlier checkpoints (the shipped model's among them) are what this version writes too.
-ADDED_FIELDS = {"attention": "soft"}
-ATTENTION = ("soft", "hard")
+ADDED_FIELDS = {"attention": "soft", "decoder": "lstm"}
+# The Transformer decoder's own fields, which do not apply to the LSTM: an LSTM's section leaves them out too.
+TRANSFORMER_FIELDS = (
+    "transformer_layers",
+    "transformer_heads",
+    "transformer_feedforward_dim",
+    "transformer_positions",
+    "transformer_max_positions",
+)
+MAX_LAYERS = 64
+# The values a string field of ModelConfig may take (besides `encoder`, one of the encoder weights).
+MODEL_CHOICES = {
+    "attention": ("soft", "hard"),
+    "decoder": ("lstm", "transformer"),
+    "transformer_positions": ("learned", "sinusoidal"),
+}
 
 
 def model_tensors(model: CaptionModel) -> dict[str, torch.Tensor]:
@@ -92,10 +106,11 @@ def save_model(
         if half and tensor.is_floating_point() and "running_" not in name:
             tensor = tensor.half()
         tensors[name] = tensor
-    checksums = {"model_sha256": model_sha256(model_section(model.config)), "vocab_sha256": vocabulary_sha256(vocab)}
+    section = model_section(model.config)
+    checksums = {"model_sha256": model_sha256(section), "vocab_sha256": vocabulary_sha256(vocab)}
     config = {
         "format_version": FORMAT_VERSION,
-        "model": model_section(model.config),
+        "model": section,
         "encoder_sha256": encoder_sha256,
         "dtype": "float16" if half else "float32",
         **(extra or {}),
@@ -109,8 +124,13 @@ def save_model(
 
 
 def model_section(config: ModelConfig) -> dict:
-    """config.json's model section: every field but the ADDED_FIELDS at the value earlier checkpoints mean."""
-    return {k: v for k, v in to_dict(config).items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]}
+    """config.json's model section: every field but the ADDED_FIELDS at the value earlier checkpoints mean, and
+    for an LSTM without the Transformer's fields (they do not apply to it)."""
+    section = {k: v for k, v in to_dict(config).items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]}
+    if config.decoder == "lstm":
+        for name in TRANSFORMER_FIELDS:
+            del section[name]
+    return section
 
 
 def model_sha256(section: dict) -> str:
@@ -145,9 +165,9 @@ def check_model_config(data: object, where: str) -> ModelConfig:
         elif field.name == "encoder":
             if value not in ENCODER_WEIGHTS:
                 raise InputError(f"{name} must be one of {', '.join(ENCODER_WEIGHTS)}, got {value!r:.60}")
-        elif field.name == "attention":
-            if value not in ATTENTION:
-                raise InputError(f"{name} must be one of {', '.join(ATTENTION)}, got {value!r:.60}")
+        elif field.name in MODEL_CHOICES:
+            if value not in MODEL_CHOICES[field.name]:
+                raise InputError(f"{name} must be one of {', '.join(MODEL_CHOICES[field.name])}, got {value!r:.60}")
         elif field.name == "deep_output":
             if not isinstance(value, bool):
                 raise InputError(f"{name} must be true or false, got {value!r:.60}")
@@ -160,9 +180,17 @@ def check_model_config(data: object, where: str) -> ModelConfig:
                 "image_size": (32, MAX_IMAGE_SIZE),
                 "grid_size": (1, MAX_GRID_SIZE),
                 "feature_dim": (0, MAX_WIDTH),
+                "transformer_layers": (1, MAX_LAYERS),
             }.get(field.name, (1, MAX_WIDTH))
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InputError(f"{name} must be a whole number from {low} to {high}, got {value!r:.60}")
+    if config.decoder == "transformer" and config.decoder_dim % config.transformer_heads:
+        raise InputError(
+            f"{where}: model.decoder_dim ({config.decoder_dim}) must be a multiple of model.transformer_heads "
+            f"({config.transformer_heads}): each head reads an equal share"
+        )
+    if config.decoder == "transformer" and config.attention != "soft":
+        raise InputError(f"{where}: model.attention hard is the LSTM's (paper section 4.1), not the Transformer's")
     return config
 
 

@@ -53,6 +53,15 @@ class ModelConfig:
     # soft: the context is the expected feature under alpha (section 4.2); hard: the feature of one location
     # sampled from alpha in training (section 4.1), the expected one when decoding unless sampling is asked for
     attention: str = "soft"
+    # "lstm": the paper's decoder (model.py). "transformer": transformer.py, pre-norm blocks of masked
+    # self-attention, cross-attention over the grid and a feed-forward layer, D = decoder_dim wide; it reads
+    # the fields below and ignores feature_dim, attention_dim, embed_dim and deep_output.
+    decoder: str = "lstm"
+    transformer_layers: int = 3
+    transformer_heads: int = 8  # decoder_dim must be a multiple
+    transformer_feedforward_dim: int = 2048
+    transformer_positions: str = "learned"  # learned or sinusoidal position embeddings
+    transformer_max_positions: int = 64  # learned positions: <start> and the words after it, at most
 
 
 @dataclasses.dataclass

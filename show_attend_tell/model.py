@@ -13,6 +13,7 @@ Section 4.1 (hard attention, `ModelConfig.attention = "hard"`): the same alpha_t
 feature of one location s_t ~ Multinoulli(alpha_t), drawn where the caller asks for it (`LocationSampling`), and
 training adds REINFORCE and entropy terms (`hard_attention_loss`). Without sampling, hard attention's context is
 its expected value, soft attention's: the paper's choice at test time.
+`ModelConfig.decoder = "transformer"` swaps in the Transformer decoder of transformer.py behind the same interface.
 The CPU speed-ups (chunked encoder and attention, the int8 decoder) live beside this file, in inference.py.
 """
 
@@ -49,9 +50,9 @@ class Decoder(Protocol):
     `encode` runs once per image; `init_state` gives one state row per image; `step` advances N = B*K rows,
     K consecutive rows per image of `encoded` (K = 1: one row per image; beams or samples otherwise). A state
     is a tuple of tensors whose first dimension is N, so search can reorder any decoder's state with
-    `select_rows`. The LSTM below satisfies it, with soft or hard attention; a Transformer decoder can too. A
-    decoder whose context can be one sampled location (hard attention) returns a `HardState`, whose `location`
-    search keeps for every word beside alpha."""
+    `select_rows`. The LSTM below satisfies it, with soft or hard attention, and so does
+    transformer.TransformerDecoder. A decoder whose context can be one sampled location (hard attention) returns a
+    `HardState`, whose `location` search keeps for every word beside alpha."""
 
     def encode(self, features: torch.Tensor) -> EncodedImages:
         """(B, P, E) encoder features -> what every step reads."""
@@ -420,13 +421,19 @@ class TeacherForced(NamedTuple):
 
 
 class CaptionModel(nn.Module):
-    """Encoder + decoder. The encoder is optional: training on cached features needs only the decoder."""
+    """Encoder + decoder (the LSTM above, or transformer.py's). The encoder is optional: training on cached
+    features needs only the decoder."""
 
     def __init__(self, config: ModelConfig, *, encoder: Encoder | None = None) -> None:
         super().__init__()
         self.config = config
         self.encoder = encoder
-        self.decoder = CaptionDecoder(config)
+        if config.decoder == "transformer":
+            from show_attend_tell.transformer import TransformerDecoder  # it builds on this module
+
+            self.decoder = TransformerDecoder(config)
+        else:
+            self.decoder = CaptionDecoder(config)
 
     def forward(
         self,
@@ -445,6 +452,8 @@ class CaptionModel(nn.Module):
         log-probabilities (N, T-1, V) of captions[:, 1:], the attention weights (N, T-1, P) and the sampled
         locations (N, T-1).
         """
+        if self.config.decoder == "transformer":  # every position at once, under the causal mask
+            return self.decoder.teacher_forced(features, captions, lengths, image_index)
         encoded = self.decoder.encode(features, sampling)  # (B, P, *)
         initial = self.decoder.init_state(encoded)  # (B, D) each
         # Longest first, so the captions still running at step t are a prefix of the batch. A stable order keeps

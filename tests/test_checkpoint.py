@@ -12,9 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from show_attend_tell.checkpoint import (
     CONFIG_FILE,
+    TRANSFORMER_FIELDS,
     VOCAB_FILE,
     WEIGHTS_FILE,
     load_model,
+    model_section,
     save_int8_calibration,
     save_model,
 )
@@ -22,7 +24,7 @@ from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoding import beam_search
 from show_attend_tell.errors import InputError
 from show_attend_tell.inference import encode_images
-from show_attend_tell.model import CaptionModel, Encoder
+from show_attend_tell.model import CaptionDecoder, CaptionModel, Encoder
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
 WORDS = [*SPECIAL_TOKENS, "a", "dog", "runs", "on", "the", "grass", "cat", "sits"]
@@ -321,6 +323,9 @@ def edit_config(directory, change) -> None:
         ("fine_tune_blocks", "layer4", "model.fine_tune_blocks must be a list of block names"),
         ("attention_dim", True, "model.attention_dim must be a whole number"),
         ("colour", 3, "unknown field(s) colour"),
+        ("decoder", "gru", "model.decoder must be one of lstm, transformer, got 'gru'"),
+        ("transformer_positions", "rotary", "model.transformer_positions must be one of learned, sinusoidal"),
+        ("transformer_layers", 0, "model.transformer_layers must be a whole number from 1 to 64"),
     ],
 )
 def test_every_model_field_is_type_and_range_checked(tmp_path, field, value, message):
@@ -376,11 +381,12 @@ def test_checkpoints_saved_before_the_checksums_still_load(tmp_path):
 
 def test_the_shipped_model_carries_checksums_that_match_it():
     from show_attend_tell.captioner import SHIPPED_MODEL
-    from show_attend_tell.checkpoint import check_model_config, model_section, model_sha256, vocabulary_sha256
+    from show_attend_tell.checkpoint import check_model_config, model_sha256, vocabulary_sha256
 
     config = json.loads((SHIPPED_MODEL / CONFIG_FILE).read_text())
     model_config = check_model_config(config["model"], "shipped")
     assert model_config.attention == "soft"  # written before the field existed: it means soft attention
+    assert model_config.decoder == "lstm"  # the same for the decoder
     assert json.loads(json.dumps(model_section(model_config))) == config["model"]  # the section written today
     assert config["model_sha256"] == model_sha256(model_section(model_config))
     assert config["vocab_sha256"] == vocabulary_sha256(Vocabulary.load(SHIPPED_MODEL / VOCAB_FILE))
@@ -393,11 +399,12 @@ def test_the_shipped_model_loads_with_its_checksums_verified():
 
     model, vocab, config = load_model(SHIPPED_MODEL, with_encoder=False)
     assert model.config.attention == "soft" and not model.decoder.hard_attention
-    assert "attention" not in config["model"] and len(vocab) == model.config.vocab_size
+    assert isinstance(model.decoder, CaptionDecoder) and model.config.decoder == "lstm"
+    assert not {"attention", "decoder"} & set(config["model"]) and len(vocab) == model.config.vocab_size
 
 
 def test_a_hard_attention_checkpoint_names_its_attention_and_its_checksum_covers_it(tmp_path):
-    from show_attend_tell.checkpoint import model_section, model_sha256
+    from show_attend_tell.checkpoint import model_sha256
 
     vocab = Vocabulary(WORDS)
     config = ModelConfig(vocab_size=len(vocab), attention_dim=16, decoder_dim=16, embed_dim=8, attention="hard")
@@ -418,3 +425,45 @@ def test_a_hard_attention_checkpoint_names_its_attention_and_its_checksum_covers
     edit_config(tmp_path / "hard", lambda c: c["model"].update(attention="stochastic"))
     with pytest.raises(InputError, match="model.attention must be one of soft, hard, got 'stochastic'"):
         load_model(tmp_path / "hard", with_encoder=False)
+
+
+def test_an_lstm_saves_the_model_section_it_saved_before_the_transformer_existed(tmp_path):
+    model = CaptionModel(ModelConfig(vocab_size=len(WORDS), attention_dim=16, decoder_dim=16, embed_dim=8))
+    save_model(model, Vocabulary(WORDS), tmp_path / "c", encoder_sha256="abc")
+    section = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())["model"]
+    everything = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(section) == everything - set(TRANSFORMER_FIELDS) - {"attention", "decoder"}
+    assert load_model(tmp_path / "c", with_encoder=False)[0].config == model.config
+
+
+def test_a_transformer_round_trip_gives_identical_captions_and_names_its_decoder(tmp_path):
+    config = ModelConfig(
+        vocab_size=len(WORDS),
+        encoder_dim=8,
+        grid_size=2,
+        decoder="transformer",
+        decoder_dim=16,
+        transformer_layers=2,
+        transformer_heads=4,
+        transformer_feedforward_dim=24,
+        transformer_positions="sinusoidal",
+        dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = CaptionModel(config).eval()
+    save_model(model, Vocabulary(WORDS), tmp_path / "t", encoder_sha256="abc")
+    section = json.loads((tmp_path / "t" / CONFIG_FILE).read_text())["model"]
+    assert section["decoder"] == "transformer" and section["transformer_heads"] == 4
+    loaded, _, _ = load_model(tmp_path / "t", with_encoder=False)
+    assert loaded.config == config
+    features = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        beams = beam_search(model.decoder, model.decoder.encode(features), beam_size=3, max_length=6)
+        again = beam_search(loaded.decoder, loaded.decoder.encode(features), beam_size=3, max_length=6)
+    assert [[(h.tokens, h.log_prob) for h in b] for b in beams] == [[(h.tokens, h.log_prob) for h in b] for b in again]
+    edit_config(tmp_path / "t", lambda c: c["model"].update(transformer_heads=3))
+    with pytest.raises(InputError, match=r"model.decoder_dim \(16\) must be a multiple of model.transformer_heads"):
+        load_model(tmp_path / "t", with_encoder=False)
+    edit_config(tmp_path / "t", lambda c: c["model"].update(transformer_heads=2))
+    with pytest.raises(InputError, match="'model' section was changed after the weights were saved"):
+        load_model(tmp_path / "t", with_encoder=False)

@@ -101,6 +101,11 @@ class Captioner:
         return cls(model, vocab, config, device, guidance_threshold=guidance_threshold)
 
     @property
+    def decoder(self) -> str:
+        """Which decoder writes the captions: "lstm" (the paper's) or "transformer"."""
+        return self.model.config.decoder
+
+    @property
     def grid_size(self) -> int:
         return self.model.config.grid_size
 

@@ -254,6 +254,8 @@ def load_model(
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{weights_path}: truncated or corrupt safetensors file ({error})") from None
     check_checksums(directory, config, metadata, model_config, vocab)
+    if int8 and model_config.decoder == "transformer":
+        raise InputError(f"{directory}: the Transformer decoder has no int8 version yet; decode it in fp32 (--no-int8)")
     int8_ranges = int8_input_ranges(directory, config) if int8 else None
 
     encoder_tensors = {k[len("encoder.") :]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}

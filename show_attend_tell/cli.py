@@ -757,6 +757,7 @@ def _run_caption(args: argparse.Namespace) -> int:
                     "words": caption.words,
                     "score": caption.score,
                     "log_prob": caption.log_prob,
+                    "decoder": captioner.decoder,
                     "alternatives": [
                         {"caption": a.text, "score": a.score, "log_prob": a.log_prob} for a in caption.alternatives
                     ],

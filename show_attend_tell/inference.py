@@ -376,6 +376,8 @@ def calibrate_checkpoint(
     if not rows:
         raise InputError(f"{dataset.directory}: no {split} images to calibrate the int8 decoder on")
     model, _, _ = load_model(directory, with_encoder=store is None)
+    if model.config.decoder == "transformer":
+        raise InputError(f"{directory}: the Transformer decoder has no int8 version yet; it decodes in fp32")
 
     def batches() -> Iterator[torch.Tensor]:
         for start in tqdm(range(0, len(rows), 32), desc="int8 calibration", unit="batch", disable=not progress):
@@ -398,6 +400,10 @@ def for_inference(model: CaptionModel, *, int8_ranges: InputRanges | None = None
     int8 decoder (CPU only), else the fp32 decoder with chunked attention energies. Not for training: these
     decoders have no gradients."""
     model.eval()
+    if model.config.decoder == "transformer":  # transformer.py's decoder as it is: no speed-ups for it yet
+        if int8_ranges is not None:
+            raise ValueError("the Transformer decoder has no int8 version yet")
+        return model
     if int8_ranges is not None:
         model.decoder = Int8Decoder.quantized(model.decoder, int8_ranges)
     else:

@@ -110,6 +110,7 @@ class CaptionResponse(BaseModel):
     log_prob: float = Field(description=LOG_PROB)
     alternatives: list[Alternative] = Field(description="the other beams, best first (highest score)")
     guidance: list[Guide] = Field(description="words the caption had to contain, and where each came from")
+    decoder: str = Field(description='the decoder that wrote the caption: "lstm" (the paper\'s) or "transformer"')
     grid_size: int
     beam_size: int
     width: int = Field(description="width of the photo in pixels, upright (EXIF orientation applied)")
@@ -120,6 +121,7 @@ class CaptionResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model_loaded: bool
+    decoder: str = Field(description='the model\'s decoder: "lstm" (the paper\'s) or "transformer"')
     grid_size: int
     queue_depth: int = Field(description="requests read and not finished (waiting for the model or captioned)")
     queue_size: int = Field(description="requests waiting or captioned at most; beyond it, 503 with Retry-After")
@@ -443,6 +445,7 @@ def create_app(
                     {**word.as_dict(), "position": position}
                     for word, position in zip(result.guidance, result.guided_positions, strict=True)
                 ],
+                "decoder": captioner.decoder,
                 "grid_size": captioner.grid_size,
                 "beam_size": beam_size,
                 "width": width,
@@ -475,6 +478,7 @@ def create_app(
         return Health(
             status="ok",
             model_loaded=captioner is not None,
+            decoder=captioner.decoder,
             grid_size=captioner.grid_size,
             queue_depth=queue.depth,
             queue_size=queue.size,

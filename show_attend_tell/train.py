@@ -703,7 +703,10 @@ def after_validation(run: Run, metrics: dict) -> bool:
 def calibrate_int8_of(run: Run, directory: Path) -> None:
     """Measure the int8 decoder's input ranges of the model as it is now (just saved in `directory` as the best)
     on CALIBRATION_IMAGES training photos, and store them there: `sat caption` then decodes the best checkpoint
-    in int8 on CPU, as it does the shipped model, with no `sat calibrate` step."""
+    in int8 on CPU, as it does the shipped model, with no `sat calibrate` step. The Transformer decoder has no
+    int8 version yet: it decodes in fp32."""
+    if run.model_config.decoder == "transformer":
+        return
     from show_attend_tell.checkpoint import save_int8_calibration
     from show_attend_tell.inference import calibrate_int8, calibration_sample
 

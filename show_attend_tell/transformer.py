@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from show_attend_tell.config import ModelConfig
+from show_attend_tell.errors import InputError
 from show_attend_tell.model import State, TeacherForced, rows_per_image
 from show_attend_tell.text import PAD_ID
 
@@ -152,8 +153,8 @@ class LearnedPositions(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """(T,) positions -> (T, D)."""
-        if int(positions[-1]) >= self.table.num_embeddings:
-            raise ValueError(
+        if int(positions[-1]) >= self.table.num_embeddings:  # e.g. `sat caption --max-length` past them
+            raise InputError(
                 f"this Transformer decoder learned positions for {self.table.num_embeddings} tokens (<start> and "
                 f"{self.table.num_embeddings - 1} words); ask for captions of at most that many words"
             )

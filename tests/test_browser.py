@@ -118,6 +118,8 @@ def test_caption_and_hovering_a_word_draws_its_attention_map(page):
     shown = f"{first['score']:.2f} (log-probability {first['log_prob']:.2f})"
     assert page.locator("#alternatives li").first.inner_text().endswith(shown)
     assert f"score {body['score']:.2f} (log-probability {body['log_prob']:.2f})" in page.inner_text("#score")
+    assert body["decoder"] == "lstm" and "LSTM decoder" in page.inner_text("#score")  # which decoder wrote it
+    assert "LSTM decoder" in page.inner_text("#health")
 
     # the word the model looked at most narrowly makes the clearest picture
     peaks = [max(max(row) for row in alpha) for alpha in body["attention"]]

@@ -137,6 +137,7 @@ def test_caption_cli_handles_odd_images_and_reports_each_broken_one(tmp_path, ca
     assert set(records) == set(odd)
     for record in records.values():
         assert record["words"] and record["log_prob"] <= record["score"] < 0 and len(record["alternatives"]) == 1
+        assert record["decoder"] == "lstm"  # the shipped model's
         assert record["alternatives"][0]["score"] <= record["score"]
         assert Path(record["attention_figure"]).is_file()
     failures = [line for line in err.splitlines() if line.startswith("sat caption: skipped:")]

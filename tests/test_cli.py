@@ -121,3 +121,20 @@ def test_calibrate_stores_int8_ranges_that_caption_then_uses(
     assert isinstance(Captioner.load(checkpoint, guidance_threshold=None).model.decoder, Int8Decoder)
     assert main(["calibrate", str(checkpoint), "--data", str(tmp_path / "none")]) == 2
     assert "prepared dataset directory not found" in capsys.readouterr().err
+
+
+def test_train_decoder_transformer_writes_a_transformer_checkpoint(
+    tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights, capsys
+):
+    from show_attend_tell.checkpoint import load_model
+    from show_attend_tell.transformer import TransformerDecoder
+
+    run = tmp_path / "run"
+    flags = "--encoder-dim 12 --decoder transformer --decoder-dim 16 --transformer-layers 1 --transformer-heads 2"
+    data = ["--data", str(tiny_prepared), "--features", str(tiny_features), "--run-dir", str(run)]
+    assert main(["train", *data, *flags.split(), "--batch-size", "20", "--epochs", "1", "--val-max-images", "1"]) == 0
+    capsys.readouterr()
+    model = json.loads((run / "config.json").read_text())["model"]
+    assert (model["decoder"], model["transformer_layers"], model["transformer_heads"]) == ("transformer", 1, 2)
+    loaded, _, config = load_model(run / "best", with_encoder=False)
+    assert isinstance(loaded.decoder, TransformerDecoder) and config["model"]["decoder"] == "transformer"

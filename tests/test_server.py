@@ -94,6 +94,7 @@ def assert_error(response, status: int, *phrases: str) -> str:
 def assert_caption(body: dict, captioner: Captioner, beam_size: int) -> None:
     g = captioner.grid_size
     assert body["words"] and body["caption"] == " ".join(body["words"])
+    assert body["decoder"] == captioner.decoder == captioner.model.config.decoder
     assert body["grid_size"] == g and body["beam_size"] == beam_size
     attention = np.array(body["attention"])
     assert attention.shape == (len(body["words"]), g, g)
@@ -287,6 +288,7 @@ def test_health_openapi_and_the_page(client, captioner):
     health = client.get("/api/health").json()
     assert health["status"] == "ok"
     assert health["grid_size"] == captioner.grid_size and health["queue_depth"] == 0
+    assert health["decoder"] == captioner.decoder
     assert health["max_upload_bytes"] == 200_000 and health["max_beam_size"] == MAX_BEAM_SIZE
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/api/caption"]["post"]

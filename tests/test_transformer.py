@@ -10,6 +10,7 @@ from test_decoding import exhaustive
 from test_model import captions_batch
 
 from show_attend_tell.decoding import beam_search, constrained_beam_search, greedy, rollout
+from show_attend_tell.errors import InputError
 from show_attend_tell.model import CaptionModel, caption_loss, select_rows
 from show_attend_tell.text import END_ID, START_ID
 from show_attend_tell.transformer import TransformerDecoder
@@ -202,7 +203,7 @@ def test_attention_maps_are_a_chosen_blocks_weights_averaged_over_its_heads():
 def test_learned_positions_refuse_captions_longer_than_they_cover():
     decoder = transformer(transformer_max_positions=4).decoder
     encoded = decoder.encode(torch.randn(1, 4, 8))
-    with pytest.raises(ValueError, match="learned positions for 4 tokens"):
+    with pytest.raises(InputError, match="learned positions for 4 tokens"):
         greedy(decoder, encoded, max_length=6, no_repeat_ngram=0)
     sinusoidal = transformer(transformer_positions="sinusoidal", transformer_max_positions=4).decoder
     assert not any("positions" in name for name in sinusoidal.state_dict())
@@ -227,3 +228,42 @@ def test_loss_learns_a_tiny_batch():
     hypothesis = greedy(model.decoder, model.decoder.encode(features[1:]), max_length=6, no_repeat_ngram=0)[0]
     assert hypothesis.tokens in ([7], [8, 9, 10, 11], [4, 4, 4]) and hypothesis.finished  # one of image 1's captions
     assert END_ID not in hypothesis.tokens
+
+
+def test_a_transformer_checkpoint_captions_draws_maps_and_is_served_saying_its_decoder(tmp_path):
+    from conftest import ColourGrid
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from show_attend_tell.captioner import Captioner
+    from show_attend_tell.checkpoint import load_model, save_model
+    from show_attend_tell.server import create_app
+    from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+    from show_attend_tell.visualize import attention_figure
+
+    vocab = Vocabulary([*SPECIAL_TOKENS, "a", "red", "green", "square", "box", "sky"])
+    config = transformer_config(vocab_size=len(vocab), encoder_dim=12, image_size=64, transformer_max_positions=21)
+    torch.manual_seed(7)
+    save_model(CaptionModel(config), vocab, tmp_path / "t", encoder_sha256="untrained")
+    with pytest.raises(InputError, match="the Transformer decoder has no int8 version yet"):
+        load_model(tmp_path / "t", with_encoder=False, int8=True)
+    model, vocab, saved = load_model(tmp_path / "t", with_encoder=False, inference=True)  # fp32
+    model.encoder = ColourGrid()  # the checkpoint's features: 2x2 grids of 12 channels
+    captioner = Captioner(model, vocab, saved)
+    assert captioner.decoder == "transformer"
+    photos = [Image.new("RGB", (40, 30), colour) for colour in ((200, 30, 30), (30, 200, 30))]
+    for photo, caption in zip(photos, captioner.caption_batch(photos, beam_size=3, max_length=6), strict=True):
+        assert caption.attention.shape == (len(caption.words), 2, 2)
+        if caption.words:  # what `sat caption --attention-dir` writes
+            assert attention_figure(photo, caption.words, caption.attention, tmp_path / "map.png").is_file()
+    upload = tmp_path / "red.jpg"
+    photos[0].save(upload)
+    with TestClient(create_app(captioner)) as client:
+        assert client.get("/api/health").json()["decoder"] == "transformer"
+        response = client.post(
+            "/api/caption?beam_size=3", files={"image": ("red.jpg", upload.read_bytes(), "image/jpeg")}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+    assert body["decoder"] == "transformer" and body["words"] == captioner.caption(upload, beam_size=3).words
+    assert len(body["attention"]) == len(body["words"])

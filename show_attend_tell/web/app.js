@@ -137,7 +137,7 @@ function renderCaption(result) {
   });
   renderGuidance(result);
   // Beams are ranked by the length-normalised score; the raw log-probability favours short captions.
-  elements.score.textContent = `score ${result.score.toFixed(2)} (log-probability ${result.log_prob.toFixed(2)}) · ${result.width}×${result.height} pixels · ${result.grid_size}×${result.grid_size} attention grid`;
+  elements.score.textContent = `score ${result.score.toFixed(2)} (log-probability ${result.log_prob.toFixed(2)}) · ${result.width}×${result.height} pixels · ${result.grid_size}×${result.grid_size} attention grid · ${decoderName(result.decoder)}`;
   elements.score.title = "captions are ranked by score = log-probability / (words + 1)^length penalty";
   elements.alternatives.replaceChildren();
   if (result.alternatives.length === 0) {
@@ -163,6 +163,11 @@ function renderCaption(result) {
 function showError(message) {
   elements.error.textContent = message;
   elements.error.hidden = false;
+}
+
+// Which decoder wrote the caption, as the API names it ("lstm" or "transformer").
+function decoderName(decoder) {
+  return decoder === "transformer" ? "Transformer decoder" : "LSTM decoder (the paper's)";
 }
 
 function megabytes(bytes) {
@@ -273,7 +278,7 @@ fetch("api/health")
   .then((response) => response.json())
   .then((health) => {
     state.maxUpload = health.max_upload_bytes;
-    elements.health.textContent = `Model loaded · ${health.grid_size}×${health.grid_size} attention grid · photos up to ${megabytes(health.max_upload_bytes)}`;
+    elements.health.textContent = `Model loaded · ${decoderName(health.decoder)} · ${health.grid_size}×${health.grid_size} attention grid · photos up to ${megabytes(health.max_upload_bytes)}`;
   })
   .catch(() => {
     elements.health.textContent = "The model server is not reachable.";

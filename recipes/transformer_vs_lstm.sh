@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Issue 16: the Transformer decoder against the paper's LSTM on Flickr8k at equal CPU training time, on the
+# same cached features: val and test metrics at the default beam, training captions/s, one-photo latency and
+# parameter count, gathered into results/transformer_vs_lstm.json. NOT RUN YET (see the README).
+#   recipes/transformer_vs_lstm.sh FLICKR8K_DIR WORK_DIR [BUDGET_MINUTES] [SIDE]
+# BUDGET_MINUTES (default 120) of training per decoder; SIDE (default 448: the shipped model's 14x14 grid; 224
+# gives 7x7 at a quarter of the cost) is the photos' size for the features.
+#
+# Equal CPU time: each decoder first trains PROBE_STEPS steps alone on the machine (flock -x on the shared
+# bench lock), which gives its captions/s; its budget in steps is then BUDGET_MINUTES x 60 x captions/s / batch,
+# and it trains from scratch for that many steps (--max-steps; --epochs so that the cosine schedule ends
+# there). The step budget holds even when the machine is shared later, and the record keeps the measured
+# captions/s and wall times beside it. Validation (greedy, whole val split) runs every VAL_EVERY steps and
+# is not counted in the budget; best/ is the best val CIDEr.
+set -euo pipefail
+data_dir=${1:?usage: recipes/transformer_vs_lstm.sh FLICKR8K_DIR WORK_DIR [BUDGET_MINUTES] [SIDE]}
+work=${2:?usage: recipes/transformer_vs_lstm.sh FLICKR8K_DIR WORK_DIR [BUDGET_MINUTES] [SIDE]}
+budget_minutes=${3:-120}
+side=${4:-448}
+grid=$((side / 32))
+sat=${SAT:-sat}
+python=${PYTHON:-python}
+lock=${BENCH_LOCK:-/work/bench.lock}
+batch=100
+probe_steps=30
+val_every=300
+train_captions=30000 # Flickr8k: 6,000 training photos x 5 captions
+mkdir -p "$work"
+[ -f "$work/prepared/vocab.json" ] || "$sat" prepare --dataset flickr8k --data-dir "$data_dir" --out "$work/prepared"
+features="$work/features$side"
+# resumable; several hours at 448 px on 2 cores (results/flickr8k_pipeline.json, features_448)
+flock -s "$lock" "$sat" features --data "$work/prepared" --out "$features" --image-size "$side" \
+  --grid-size "$grid" --batch-size 32
+
+# The two decoders; everything else (data, features, batch, schedule, seed) is shared.
+declare -A flags=(
+  [lstm]="--decoder lstm --decoder-lr 5e-4"
+  # pre-norm Transformer, 3 blocks of 8 heads, D 512: the usual lower dropout and a warm-up
+  [transformer]="--decoder transformer --transformer-layers 3 --transformer-heads 8 --dropout 0.1 --decoder-lr 3e-4 --warmup-steps 300"
+)
+common=(--data "$work/prepared" --features "$features" --batch-size "$batch" --checkpoint-every-steps 100 --seed 0)
+for decoder in lstm transformer; do
+  # shellcheck disable=SC2086  # the flags are words
+  flock -x "$lock" "$sat" train "${common[@]}" ${flags[$decoder]} --run-dir "$work/probe_$decoder" \
+    --epochs 1 --max-steps "$probe_steps" --log-every-steps 10
+  cps=$("$python" -c 'import json, statistics, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+print(statistics.median(r["captions_per_second"] for r in records if r["kind"] == "train"))' \
+    "$work/probe_$decoder/log.jsonl")
+  steps=$("$python" -c "print(int($budget_minutes * 60 * $cps / $batch))")
+  epochs=$("$python" -c "import math; print(max(1, math.ceil($steps * $batch / $train_captions)))")
+  echo "$decoder: $cps captions/s alone -> $steps steps ($epochs epochs) in $budget_minutes minutes" |
+    tee "$work/budget_$decoder.txt"
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  flock -s "$lock" "$sat" train "${common[@]}" ${flags[$decoder]} --run-dir "$work/$decoder" \
+    --epochs "$epochs" --max-steps "$steps" --val-every-steps "$val_every" --patience 100
+  echo "$decoder train_seconds $(($(date +%s) - start))" >>"$work/budget_$decoder.txt"
+  for split in val test; do
+    flock -s "$lock" "$sat" evaluate "$work/$decoder/best" --data "$work/prepared" --features "$features" \
+      --split "$split" --beam 7 --out "$work/eval_${decoder}_$split"
+  done
+  # one photo at a time and 32 at once, beam 7, encoder included (int8 decoders: sat caption's CPU default)
+  flock -x "$lock" "$python" benchmarks/decode_speed.py --model "$work/$decoder/best" --beam 7 --int8 \
+    --out "$work/decode_speed_$decoder.json"
+done
+
+"$python" - "$work" "$budget_minutes" "$side" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+from show_attend_tell.checkpoint import load_model
+from show_attend_tell.records import provenance
+
+work, budget, side = Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+record = provenance("recipes/transformer_vs_lstm.sh " + " ".join(sys.argv[1:]))
+record.update(budget_minutes_per_decoder=budget, image_size=side, decoders={})
+for decoder in ("lstm", "transformer"):
+    model, _, config = load_model(work / decoder / "best", with_encoder=False)
+    train = [json.loads(l) for l in open(work / decoder / "log.jsonl") if '"train"' in l]
+    record["decoders"][decoder] = {
+        "model": config["model"],
+        "parameters": sum(p.numel() for p in model.decoder.parameters()),
+        "budget": (work / f"budget_{decoder}.txt").read_text().splitlines(),
+        "captions_per_second_median": statistics.median(r["captions_per_second"] for r in train),
+        "best_step": config["step"],
+        "val_beam7": json.loads((work / f"eval_{decoder}_val" / "metrics.json").read_text())["results"],
+        "test_beam7": json.loads((work / f"eval_{decoder}_test" / "metrics.json").read_text())["results"],
+        "decode_speed": json.loads((work / f"decode_speed_{decoder}.json").read_text()),
+    }
+Path("results/transformer_vs_lstm.json").write_text(json.dumps(record, indent=2) + "\n")
+print("results/transformer_vs_lstm.json written")
+EOF

@@ -134,7 +134,7 @@ class Block(nn.Module):
         K = rows_per_image(N, B)
         queries = self.cross_attention.query(h).view(B, K * T, H, Dh).transpose(1, 2)  # (B, H, K*T, Dh)
         attended = F.scaled_dot_product_attention(queries, keys, values)  # (B, H, K*T, Dh)
-        context = self.cross_attention.merge(attended.transpose(1, 2).reshape(N, T, H, Dh).transpose(1, 2))
+        context = self.cross_attention.out(attended.transpose(1, 2).reshape(N, T, D))  # heads merged, (N, T, D)
         if map_heads is None:
             return context, None
         # The weights themselves: the same attention over the identity as values, (B, H, K*T, P), so the maps

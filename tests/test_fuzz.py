@@ -132,7 +132,7 @@ def test_mutants_decode_or_raise_the_input_error(cases, deadline):
 
 
 class InstantCaptioner:
-    grid_size, image_size = 2, 32
+    grid_size, image_size, decoder = 2, 32, "lstm"
     guidance = types.SimpleNamespace(user_words=lambda words: [])
 
     def caption(self, image, beam_size=3, **options):

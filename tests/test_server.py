@@ -225,6 +225,7 @@ class BlockingCaptioner:
 
     grid_size = 2
     image_size = 32
+    decoder = "lstm"
     guidance = types.SimpleNamespace(user_words=lambda words: [])  # every mention is a word it knows
 
     def __init__(self) -> None:

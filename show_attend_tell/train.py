@@ -261,6 +261,14 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     rank, world_size = distributed()
     device = torch.device(device)
     dataset = PreparedDataset.load(data_config.prepared, limit=data_config.limit)
+    if model_config.decoder == "transformer" and model_config.transformer_positions == "learned":
+        # one position per word read: <start> and the words of the longest training caption; validation's captions
+        needed = max(int(dataset.lengths.max()) - 1, train_config.max_caption_length)
+        if needed > model_config.transformer_max_positions:
+            raise InputError(
+                f"--transformer-max-positions {model_config.transformer_max_positions} is too few: the training "
+                f"captions and --max-caption-length {train_config.max_caption_length} need {needed} positions"
+            )
     torch.manual_seed(train_config.seed)
     from show_attend_tell.features import load_for_model, store_stage
     from show_attend_tell.weights import ENCODER_WEIGHTS

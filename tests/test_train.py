@@ -602,6 +602,10 @@ def test_sat_train_on_a_read_only_run_directory_prints_one_line(
         (["--grid-size", "0"], "model.grid_size must be a whole number from 1 to 64, got 0"),
         (["--decoder", "gru"], "model.decoder must be one of lstm, transformer, got 'gru'"),
         (["--decoder", "transformer", "--transformer-heads", "3"], "decoder_dim (512) must be a multiple of"),
+        (
+            ["--decoder", "transformer", "--transformer-max-positions", "12"],
+            "--transformer-max-positions 12 is too few: the training captions and --max-caption-length 20 need 20",
+        ),
     ],
 )
 def test_sat_train_refuses_flags_that_would_train_silently_wrong(tiny_prepared, tmp_path, capsys, flags, message):

@@ -77,6 +77,19 @@ def tiny_decoder_config(**overrides):
     return ModelConfig(**values)
 
 
+def tiny_transformer(**overrides) -> dict:
+    """ModelConfig fields of a Transformer decoder to add to a tiny config: two blocks of two heads, D=8."""
+    values = dict(
+        decoder="transformer",
+        decoder_dim=8,
+        transformer_layers=2,
+        transformer_heads=2,
+        transformer_feedforward_dim=12,
+        transformer_max_positions=24,
+    )
+    return {**values, **overrides}
+
+
 class ColourGrid:
     """A stand-in encoder for fast tests: the image's mean colour on a 2x2 grid, tiled to 12 channels."""
 

@@ -33,12 +33,11 @@ def captions_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tokens, lengths, torch.tensor([0, 1, 1, 0, 1])
 
 
-@pytest.mark.parametrize("feature_dim", [7, 0])
-def test_teacher_forcing_equals_stepping_each_caption_alone(feature_dim):
-    torch.manual_seed(0)
-    model = CaptionModel(tiny_decoder_config(feature_dim=feature_dim)).eval()
+def assert_teacher_forcing_equals_stepping(model: CaptionModel, **tolerance) -> None:
+    """The teacher-forced forward over captions_batch() equals each caption stepped alone from its own image
+    with the decoder's `step`, and is zero past each caption's end."""
     features = torch.randn(2, 4, 8)
-    tokens, lengths, image_index = captions_batch()
+    tokens, lengths, image_index = captions_batch()  # captions of two images, interleaved, different lengths
     log_probs, alphas, locations = model(features, tokens, lengths, image_index)
     assert bool((locations == -1).all())  # soft attention samples no location
     assert log_probs.shape == (5, tokens.size(1) - 1, 15) and alphas.shape == (5, tokens.size(1) - 1, 4)
@@ -47,9 +46,15 @@ def test_teacher_forcing_equals_stepping_each_caption_alone(feature_dim):
         state = model.decoder.init_state(encoded)
         for t in range(int(lengths[n]) - 1):
             expected, state, alpha = model.decoder.step(tokens[n, t : t + 1], state, encoded)
-            torch.testing.assert_close(log_probs[n, t], expected[0])
-            torch.testing.assert_close(alphas[n, t], alpha[0])
-        assert not log_probs[n, int(lengths[n]) - 1 :].any()  # nothing past the caption's end
+            torch.testing.assert_close(log_probs[n, t], expected[0], **tolerance)
+            torch.testing.assert_close(alphas[n, t], alpha[0], **tolerance)
+        assert not log_probs[n, int(lengths[n]) - 1 :].any() and not alphas[n, int(lengths[n]) - 1 :].any()
+
+
+@pytest.mark.parametrize("feature_dim", [7, 0])
+def test_teacher_forcing_equals_stepping_each_caption_alone(feature_dim):
+    torch.manual_seed(0)
+    assert_teacher_forcing_equals_stepping(CaptionModel(tiny_decoder_config(feature_dim=feature_dim)).eval())
 
 
 def test_projection_runs_once_per_image_not_per_caption_or_step():
@@ -119,20 +124,24 @@ def test_paper_step_without_deep_output_and_no_nans():
     torch.testing.assert_close(alphas.sum(2)[valid.squeeze(2)], torch.ones(int(valid.sum())))
 
 
-def test_loss_learns_a_tiny_batch():
-    torch.manual_seed(0)
-    model = CaptionModel(tiny_decoder_config())
-    features = torch.randn(2, 4, 8)
+def learn_tiny_batch(model: CaptionModel, features: torch.Tensor, lr: float, steps: int = 60) -> list[float]:
+    """Adam on captions_batch() for `steps` steps -> the word cross-entropy at each."""
     tokens, lengths, image_index = captions_batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
-    for _ in range(60):
+    for _ in range(steps):
         forced = model(features, tokens, lengths, image_index)
         loss, cross_entropy = caption_loss(forced.log_probs, forced.alphas, tokens)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(cross_entropy))
+    return losses
+
+
+def test_loss_learns_a_tiny_batch():
+    torch.manual_seed(0)
+    losses = learn_tiny_batch(CaptionModel(tiny_decoder_config()), torch.randn(2, 4, 8), lr=3e-2)
     assert losses[-1] < 0.3 * losses[0]
 
 

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, tiny_model_config
+from conftest import REPO, tiny_model_config, tiny_transformer
 from safetensors.torch import load_file
 
 from show_attend_tell.checkpoint import load_model
@@ -189,68 +189,42 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_prepared,
 def test_self_critical_training_raises_the_reward(tiny_prepared, tiny_features, tmp_path):
     warm = make_trainer(tmp_path / "xe", tiny_prepared, tiny_features, epochs=30, patience=30)
     fit(warm, progress=False)
-    scst = make_trainer(
-        tmp_path / "scst",
-        tiny_prepared,
-        tiny_features,
-        epochs=6,
-        self_critical=True,
-        decoder_lr=1e-3,
-        init_from=str(tmp_path / "xe" / "best"),
-        scst_samples=4,
-    )
-    fit(scst, progress=False)
-    rewards = [
-        json.loads(line)["reward"]
-        for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()
-        if json.loads(line)["kind"] == "train"
-    ]
+    rewards = self_critical_rewards(tmp_path, tiny_prepared, tiny_features, epochs=6, decoder_lr=1e-3)
     assert rewards, "no training records logged"
     assert rewards[-1] >= rewards[0]
 
 
-TRANSFORMER = dict(
-    decoder="transformer",
-    decoder_dim=16,
-    transformer_layers=2,
-    transformer_heads=2,
-    transformer_feedforward_dim=32,
-    dropout=0.1,
-)
+def logged(run_dir, kind: str) -> list[dict]:
+    """The run's log.jsonl records of this kind ("train" or "val")."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [record for record in records if record["kind"] == kind]
+
+
+def self_critical_rewards(tmp_path, prepared, features, model: dict | None = None, **train) -> list[float]:
+    """SCST in tmp_path/scst from tmp_path/xe/best (4 samples per image) -> the mean reward of each step."""
+    options = dict(self_critical=True, init_from=str(tmp_path / "xe" / "best"), scst_samples=4, **train)
+    fit(make_trainer(tmp_path / "scst", prepared, features, model=model, **options), progress=False)
+    return [record["reward"] for record in logged(tmp_path / "scst", "train")]
 
 
 def test_a_transformer_decoder_learns_and_trains_self_critically_through_the_same_code(
     tiny_prepared, tiny_features, tmp_path
 ):
+    transformer = tiny_transformer(decoder_dim=16, transformer_feedforward_dim=32, dropout=0.1)
     warm = make_trainer(
-        tmp_path / "xe", tiny_prepared, tiny_features, model=TRANSFORMER, epochs=12, patience=12, decoder_lr=3e-3
+        tmp_path / "xe", tiny_prepared, tiny_features, model=transformer, epochs=12, patience=12, decoder_lr=3e-3
     )
     fit(warm, progress=False)
-    records = [json.loads(line) for line in (tmp_path / "xe" / "log.jsonl").read_text().splitlines()]
-    losses = [r["cross_entropy"] for r in records if r["kind"] == "train"]
-    val = [r["CIDEr"] for r in records if r["kind"] == "val"]
+    losses = [record["cross_entropy"] for record in logged(tmp_path / "xe", "train")]
+    val = [record["CIDEr"] for record in logged(tmp_path / "xe", "val")]
     # five different captions per photo keep the cross-entropy well above 0 (about 1.7 here from 3.1)
     assert losses[-1] < 0.65 * losses[0] and max(val) > val[0] + 50
     model, _, config = load_model(tmp_path / "xe" / "best", with_encoder=False)
     assert config["model"]["decoder"] == "transformer" and type(model.decoder).__name__ == "TransformerDecoder"
-    scst = make_trainer(
-        tmp_path / "scst",
-        tiny_prepared,
-        tiny_features,
-        model=TRANSFORMER,
-        epochs=2,
-        self_critical=True,
-        decoder_lr=1e-4,
-        init_from=str(tmp_path / "xe" / "best"),
-        scst_samples=4,
+    rewards = self_critical_rewards(
+        tmp_path, tiny_prepared, tiny_features, model=transformer, epochs=2, decoder_lr=1e-4
     )
-    fit(scst, progress=False)
-    rewards = [
-        json.loads(line)["reward"]
-        for line in (tmp_path / "scst" / "log.jsonl").read_text().splitlines()
-        if json.loads(line)["kind"] == "train"
-    ]
-    assert len(rewards) == 2 * scst.steps_per_epoch and all(reward > 0 for reward in rewards)
+    assert len(rewards) == 2 * warm.steps_per_epoch and all(reward > 0 for reward in rewards)
 
 
 def test_mixed_objective_adds_the_weighted_cross_entropy_of_the_references(tiny_prepared, tiny_features, tmp_path):

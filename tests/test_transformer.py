@@ -5,28 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_decoder_config
+from conftest import tiny_decoder_config, tiny_transformer
 from test_decoding import exhaustive
-from test_model import captions_batch
+from test_model import assert_teacher_forcing_equals_stepping, captions_batch, learn_tiny_batch
 
 from show_attend_tell.decoding import beam_search, constrained_beam_search, greedy, rollout
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import CaptionModel, caption_loss, select_rows
+from show_attend_tell.model import CaptionModel, select_rows
 from show_attend_tell.text import END_ID, START_ID
 from show_attend_tell.transformer import TransformerDecoder
 
 
 def transformer_config(**overrides):
-    """Two blocks of two heads, D=8 over E=8 features on a 2x2 grid, V=15."""
-    values = dict(
-        decoder="transformer",
-        decoder_dim=8,
-        transformer_layers=2,
-        transformer_heads=2,
-        transformer_feedforward_dim=12,
-        transformer_max_positions=12,
-    )
-    return tiny_decoder_config(**{**values, **overrides})
+    """Two blocks of two heads, D=8 over E=8 features on a 2x2 grid, V=15 (see conftest)."""
+    return tiny_decoder_config(**tiny_transformer(**overrides))
 
 
 def transformer(seed: int = 0, **overrides) -> CaptionModel:
@@ -38,19 +30,7 @@ def transformer(seed: int = 0, **overrides) -> CaptionModel:
 def test_cached_steps_equal_the_teacher_forced_forward(positions):
     model = transformer(transformer_positions=positions)
     assert isinstance(model.decoder, TransformerDecoder)
-    features = torch.randn(2, 4, 8)
-    tokens, lengths, image_index = captions_batch()  # captions of two images, interleaved, different lengths
-    log_probs, alphas = model(features, tokens, lengths, image_index)
-    assert log_probs.shape == (5, tokens.size(1) - 1, 15) and alphas.shape == (5, tokens.size(1) - 1, 4)
-    for n in range(5):
-        encoded = model.decoder.encode(features[image_index[n] : image_index[n] + 1])
-        state = model.decoder.init_state(encoded)
-        for t in range(int(lengths[n]) - 1):
-            expected, state, alpha = model.decoder.step(tokens[n, t : t + 1], state, encoded)
-            assert state[0].shape == (1, 2, t + 1, 4)  # the cache holds every word so far
-            torch.testing.assert_close(log_probs[n, t], expected[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(alphas[n, t], alpha[0], rtol=1e-5, atol=1e-5)
-        assert not log_probs[n, int(lengths[n]) - 1 :].any() and not alphas[n, int(lengths[n]) - 1 :].any()
+    assert_teacher_forcing_equals_stepping(model, rtol=1e-5, atol=1e-5)
 
 
 def test_a_step_computes_one_position_and_the_grid_keys_once_per_image():
@@ -104,7 +84,7 @@ class ForwardScored:
     def sequence_log_prob(self, image: int, tokens: list[int]) -> float:
         captions = torch.tensor([[START_ID, *tokens]])
         with torch.no_grad():
-            log_probs, _ = self.model(
+            log_probs, _, _ = self.model(
                 self.features[image : image + 1], captions, torch.tensor([len(tokens) + 1]), torch.tensor([0])
             )
         return float(log_probs[0].gather(1, captions[0, 1:].unsqueeze(1)).sum())
@@ -168,7 +148,7 @@ def test_sampling_gives_the_policys_log_probabilities_with_gradients():
         for row in range(6):
             words = tokens[row][tokens[row] != 0].tolist()
             captions = torch.tensor([[START_ID, *words]])
-            forward, _ = model(
+            forward, _, _ = model(
                 features[row // 3 : row // 3 + 1], captions, torch.tensor([len(words) + 1]), torch.tensor([0])
             )
             allowed = forward[0].clone()
@@ -214,15 +194,7 @@ def test_loss_learns_a_tiny_batch():
     torch.manual_seed(0)
     model = CaptionModel(transformer_config(dropout=0.1)).train()
     features = torch.randn(2, 4, 8)
-    tokens, lengths, image_index = captions_batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(60):
-        loss, cross_entropy = caption_loss(*model(features, tokens, lengths, image_index), tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(cross_entropy))
+    losses = learn_tiny_batch(model, features, lr=1e-2)
     assert losses[-1] < 0.3 * losses[0]
     model.eval()
     hypothesis = greedy(model.decoder, model.decoder.encode(features[1:]), max_length=6, no_repeat_ngram=0)[0]
@@ -242,7 +214,7 @@ def test_a_transformer_checkpoint_captions_draws_maps_and_is_served_saying_its_d
     from show_attend_tell.visualize import attention_figure
 
     vocab = Vocabulary([*SPECIAL_TOKENS, "a", "red", "green", "square", "box", "sky"])
-    config = transformer_config(vocab_size=len(vocab), encoder_dim=12, image_size=64, transformer_max_positions=21)
+    config = transformer_config(vocab_size=len(vocab), encoder_dim=12, image_size=64)
     torch.manual_seed(7)
     save_model(CaptionModel(config), vocab, tmp_path / "t", encoder_sha256="untrained")
     with pytest.raises(InputError, match="the Transformer decoder has no int8 version yet"):

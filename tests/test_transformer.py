@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_decoder_config, tiny_transformer
 from test_decoding import exhaustive
-from test_model import assert_teacher_forcing_equals_stepping, captions_batch, learn_tiny_batch
+from test_model import assert_teacher_forcing_equals_stepping, learn_tiny_batch
 
 from show_attend_tell.decoding import beam_search, constrained_beam_search, greedy, rollout
 from show_attend_tell.errors import InputError
@@ -137,10 +137,10 @@ def test_sampling_gives_the_policys_log_probabilities_with_gradients():
     features = torch.randn(2, 4, 8)
     encoded = model.decoder.encode(features)
     generator = torch.Generator().manual_seed(0)
-    tokens, log_probs, alphas = rollout(
+    tokens, log_probs, alphas, locations = rollout(
         model.decoder, encoded, max_length=6, sample=True, generator=generator, per_image=3, no_repeat_ngram=0
     )
-    assert tokens.size(0) == 6 and alphas.shape[::2] == (6, 4)
+    assert tokens.size(0) == 6 and alphas.shape[::2] == (6, 4) and locations is None  # soft: no locations
     log_probs.sum().backward()  # what self-critical training differentiates
     assert model.decoder.blocks[0].self_attention.query.weight.grad.abs().sum() > 0
     # with nothing banned but <pad>, <start> and <unk>, the policy is the model renormalised over the rest

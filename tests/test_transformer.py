@@ -239,3 +239,12 @@ def test_a_transformer_checkpoint_captions_draws_maps_and_is_served_saying_its_d
         body = response.json()
     assert body["decoder"] == "transformer" and body["words"] == captioner.caption(upload, beam_size=3).words
     assert len(body["attention"]) == len(body["words"])
+
+
+def test_hard_attention_is_the_lstms_only():
+    from show_attend_tell.checkpoint import check_model_config
+    from show_attend_tell.config import to_dict
+
+    check_model_config(to_dict(transformer_config()), "flags")
+    with pytest.raises(InputError, match="model.attention hard is the LSTM's"):
+        check_model_config(to_dict(transformer_config(attention="hard")), "flags")

@@ -698,12 +698,10 @@ def after_validation(run: Run, metrics: dict) -> bool:
     else:
         progress.bad_validations += 1
     if run.console and run.rank == 0:
-        shown = " ".join(
-            f"{k} {100 * metrics[k]:.1f}" for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in metrics
-        )
+        shown = " ".join(f"{k} {metrics[k]:.1f}" for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in metrics)
         tqdm.write(
             f"epoch {run.last_step_epoch} step {progress.global_step} val: {shown} "
-            f"(best {metric} {100 * progress.best_metric:.1f} at step {progress.best_step})"
+            f"(best {metric} {progress.best_metric:.1f} at step {progress.best_step})"
         )
     return progress.bad_validations >= run.config.patience
 

@@ -469,6 +469,9 @@ def test_cli_shows_each_validation_and_says_how_to_resume_after_ctrl_c(
     out, err = capsys.readouterr()
     lines = [line for line in out.splitlines() if " val: " in line]
     assert len(lines) == 1 and "CIDEr" in lines[0] and "(best CIDEr" in lines[0], out
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    val = next(record for record in logged if record["kind"] == "val")
+    assert f"CIDEr {val['CIDEr']:.1f} " in lines[0] and f"METEOR {val['METEOR']:.1f} " in lines[0]  # x100 once
     assert "validation beam=1" in err  # the validation's progress bar
 
     real_step, calls = train.cross_entropy_step, []

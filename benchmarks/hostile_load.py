@@ -79,18 +79,27 @@ def huge_png() -> bytes:
     return buffer.getvalue()
 
 
-def first_status(sock: socket.socket) -> str:
-    """The status code of the server's answer, or how the connection ended without one."""
+def answer(sock: socket.socket) -> str:
+    """The status code of the server's answer (with the reason of a 5xx, from its JSON error), or how the
+    connection ended without one."""
+    reply = b""
     try:
-        reply = sock.recv(64)
+        while len(reply) < 4096 and (part := sock.recv(4096)):  # Connection: close, so the answer ends with EOF
+            reply += part
     except TimeoutError:
-        return "no answer"
+        if not reply:
+            return "no answer"
     except OSError as error:
-        return f"closed: {type(error).__name__}"
+        if not reply:
+            return f"closed: {type(error).__name__}"
     if not reply:
         return "closed without an answer"
     parts = reply.split(b" ", 2)
-    return parts[1].decode("latin-1") if len(parts) > 1 else "garbled"
+    status = parts[1].decode("latin-1") if len(parts) > 1 else "garbled"
+    if status.startswith("5"):
+        reason = re.search(rb'"error":"([^"]*)"', reply)
+        return f"{status} {reason.group(1).decode('latin-1') if reason else '(no error message)'}"
+    return status
 
 
 def attacker(kind: str, port: int, request: tuple[bytes, bytes], args, stop: threading.Event, seen: Counter, lock):
@@ -103,14 +112,15 @@ def attacker(kind: str, port: int, request: tuple[bytes, bytes], args, stop: thr
             with socket.create_connection((HOST, port), timeout=args.read_timeout + 15) as sock:
                 if kind == "stalled":
                     sock.sendall(headers + body[:1024])
-                    outcome = first_status(sock)  # waits: the server's read deadline ends it
+                    outcome = answer(sock)  # waits: the server's read deadline ends it
                 elif kind == "abandoned":
                     sock.sendall(headers + body)
-                    stop.wait(args.hang_up_after)
-                    outcome = "hung up"
+                    sock.settimeout(args.hang_up_after)  # an answer sooner is counted; then it hangs up
+                    outcome = answer(sock)
+                    outcome = "hung up" if outcome == "no answer" else f"answered before hanging up: {outcome}"
                 else:
                     sock.sendall(headers + body)
-                    outcome = first_status(sock)
+                    outcome = answer(sock)
         except OSError as error:
             outcome = f"connection error: {type(error).__name__}"
             stop.wait(0.1)
@@ -139,6 +149,8 @@ def normal_clients(url: str, args, photos: list[tuple[str, bytes]], deadline: fl
                         files={"image": (name, data, "image/jpeg")},
                     )
                     record["status"] = response.status_code
+                    if response.status_code == 200:  # where the time went, as the server saw it
+                        record["timings"] = response.json()["timings"]
                 except httpx.HTTPError as error:
                     record["status"] = f"client error: {type(error).__name__}"
                 record["ms"] = (time.perf_counter() - start) * 1000
@@ -177,6 +189,10 @@ def phase(url: str, port: int, args, photos, attack: dict | None) -> dict:
         "normal_requests": len(records),
         "normal_status": dict(statuses),
         "normal_latency": latency([r["ms"] for r in records if r["status"] == 200]),
+        "normal_server_timings": {
+            stage: latency([r["timings"][stage] for r in records if "timings" in r])
+            for stage in ("queue_ms", "image_ms", "decode_ms")
+        },
         "wall_seconds": round(wall, 2),
         "attackers_saw": {kind: dict(counts) for kind, counts in seen.items()},
         "attackers_still_running_after_stop": sum(thread.is_alive() for thread in threads),

@@ -8,7 +8,7 @@ result = captioner.caption("photo.jpg")   # .text, .words, .score, .log_prob, .a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +31,14 @@ from show_attend_tell.inference import image_features
 from show_attend_tell.model import CaptionDecoder, LocationSampling
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
+
+
+class Cancelled(Exception):
+    """A caption call stopped early because its caller's `cancelled` said so; nothing is returned."""
+
+
+def _never() -> bool:
+    return False
 
 
 class Alternative(NamedTuple):
@@ -125,6 +133,7 @@ class Captioner:
         guide: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         sample_seed: int | None = None,
+        cancelled: Callable[[], bool] = _never,
     ) -> list[Caption]:
         """Caption several images in one encoder pass and one batched beam search.
 
@@ -133,12 +142,25 @@ class Captioner:
         add a word when one is confident enough (see `Captioner.load`'s guidance_threshold). max_pixels: a photo
         with more pixels is refused from its header (images.TooManyPixelsError). sample_seed (a hard-attention
         model): each word's context is the feature of one cell drawn from alpha, each photo's draws from this
-        seed (the same caption alone or in a batch), instead of the expected context (the paper's test time)."""
+        seed (the same caption alone or in a batch), instead of the expected context (the paper's test time).
+        cancelled: asked before each stage (each photo's decode, the encoder, the decoder's setup and the labels,
+        the beam search); once it answers True the call raises Cancelled instead of starting the next one (a
+        server whose client hung up).
+        """
         sampling_decoder = self.check_sampling() if sample_seed is not None else None
+
+        def check() -> None:
+            if cancelled():
+                raise Cancelled()
+
         users = self.guidance.user_words(mentions)
-        # each photo decoded only as large as the model needs before the next is read (images.load_image's size)
-        pictures = [load_image(image, size=self.image_size, max_pixels=max_pixels) for image in images]
+        pictures = []
+        for image in images:  # each decoded only as large as the model needs before the next is read
+            check()
+            pictures.append(load_image(image, size=self.image_size, max_pixels=max_pixels))
+        check()
         features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
+        check()
         if sampling_decoder is None:
             encoded = self.model.decoder.encode(features)  # (B, P, *)
         else:
@@ -148,6 +170,7 @@ class Captioner:
         else:
             labels = [[] for _ in pictures]
         guides = [self.guidance.combine(words, users) for words in labels]
+        check()
         beams = best_captions(
             self.model.decoder,
             encoded,

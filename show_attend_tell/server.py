@@ -10,9 +10,9 @@ longer than the read deadline, and its image header checked against the pixel bu
 whitelist (422). At most `max_uploads` uploads are read at once (a slow client costs a connection and its
 bytes so far, never model time). Only then does it take one of `queue_size` slots for the model (waiting or
 being captioned); when they are all taken it is answered 503 with Retry-After. A request whose client hangs
-up before its turn is dropped without reaching the model. Photos are decoded on the model's thread, one at
-a time, and only as large as the model needs. Every error is JSON {"error": "..."}; bad input is always a 4xx
-saying what is wrong, and the image checks are load_image's own.
+up is dropped before it reaches the model and between the model's stages (Captioner's `cancelled`). Photos
+are decoded on the model's thread, one at a time, and only as large as the model needs. Every error is JSON
+{"error": "..."}; bad input is always a 4xx saying what is wrong, and the image checks are load_image's own.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from show_attend_tell import __version__
+from show_attend_tell.captioner import Cancelled
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.errors import InputError, TooManyPixelsError
 from show_attend_tell.guidance import MAX_MENTIONS
@@ -197,7 +198,7 @@ class InferenceQueue:
 
 
 class ClientGone(Exception):
-    """The client hung up before its request reached the model."""
+    """The client hung up before its request was captioned."""
 
 
 class Slots:
@@ -427,9 +428,12 @@ def create_app(
             started = time.perf_counter()
             image = load_image(upload.data, name=name, max_pixels=max_pixels, size=captioner.image_size)
             decoded = time.perf_counter()
-            if abandoned.is_set():
-                raise ClientGone()
-            result = captioner.caption(image, beam_size=beam_size, mentions=mention, guide=guidance)
+            try:
+                result = captioner.caption(
+                    image, beam_size=beam_size, mentions=mention, guide=guidance, cancelled=abandoned.is_set
+                )
+            except Cancelled:
+                raise ClientGone() from None
             width, height = image.info[ORIGINAL_SIZE]
             return {
                 "caption": result.text,

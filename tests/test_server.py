@@ -402,10 +402,18 @@ def asgi_scope(boundary: bytes = b"b0undary") -> dict:
 
 class Client:
     """One raw ASGI request: sends `body` (or only its first `stall_after` bytes, then nothing more), and hangs
-    up after the body when `hang_up` (as a client that gave up waiting), else once the response is complete."""
+    up after the body when `hang_up` (as a client that gave up waiting) or once `hang_up_on` is set, else once
+    the response is complete."""
 
-    def __init__(self, body: bytes, *, stall_after: int | None = None, hang_up: bool = False) -> None:
-        self.body, self.stall_after, self.hang_up = body, stall_after, hang_up
+    def __init__(
+        self,
+        body: bytes,
+        *,
+        stall_after: int | None = None,
+        hang_up: bool = False,
+        hang_up_on: asyncio.Event | None = None,
+    ) -> None:
+        self.body, self.stall_after, self.hang_up, self.hang_up_on = body, stall_after, hang_up, hang_up_on
         self.sent = False
         self.messages: list[dict] = []
         self.done = asyncio.Event()
@@ -418,7 +426,9 @@ class Client:
             return {"type": "http.request", "body": self.body, "more_body": False}
         if self.stall_after is not None:
             await asyncio.Event().wait()  # never sends the rest
-        if not self.hang_up:
+        if self.hang_up_on is not None:
+            await self.hang_up_on.wait()
+        elif not self.hang_up:
             await self.done.wait()
         return {"type": "http.disconnect"}
 
@@ -498,6 +508,95 @@ def test_requests_whose_client_hung_up_never_reach_the_model():
     assert stub.started.acquire(blocking=False)  # the last request ran...
     assert not stub.started.acquire(blocking=False)  # ...and none of the abandoned ones did
     assert app.state.queue.depth == 0
+
+
+class HeldEncoder:
+    """conftest's ColourGrid encoder that, when `hold` is set, waits inside each call until `release`."""
+
+    def __init__(self) -> None:
+        from conftest import ColourGrid
+
+        self.grid = ColourGrid()
+        self.calls = 0
+        self.hold, self.entered, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.hold.is_set():
+            self.entered.set()
+            assert self.release.wait(timeout=30)
+        return self.grid(images)
+
+
+def tiny_captioner(monkeypatch) -> tuple[Captioner, HeldEncoder, list]:
+    """A real Captioner on a tiny random model whose encoder is HeldEncoder, and the list of its beam searches
+    (one entry per call of decoding.best_captions, the decoder's only way in)."""
+    import torch
+    from conftest import tiny_model_config
+
+    from show_attend_tell import captioner as captioner_module
+    from show_attend_tell.model import CaptionModel
+    from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+
+    vocab = Vocabulary([*SPECIAL_TOKENS, *WORDS])
+    encoder = HeldEncoder()
+    torch.manual_seed(0)
+    model = CaptionModel(tiny_model_config(len(vocab), dropout=0.0), encoder=encoder).eval()
+    searches = []
+    search = captioner_module.best_captions
+
+    def counted(*args, **kwargs):
+        searches.append(len(args[2]))  # the images in the call (one list of required words each)
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(captioner_module, "best_captions", counted)
+    return Captioner(model, vocab, {}), encoder, searches
+
+
+def test_a_client_that_hangs_up_during_the_encoder_never_reaches_the_decoder(monkeypatch):
+    captioner, encoder, searches = tiny_captioner(monkeypatch)
+    app = create_app(captioner)
+    body = multipart(PHOTO.read_bytes())
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        encoder.hold.set()
+        hang_up = asyncio.Event()
+        client = Client(body, hang_up_on=hang_up)
+        task = asyncio.ensure_future(client.run(app))
+        assert await loop.run_in_executor(None, encoder.entered.wait, 10)  # the request is in the encoder
+        hang_up.set()
+        await asyncio.wait_for(task, 10)  # the server has seen the client go...
+        encoder.release.set()  # ...before the encoder finishes
+        while app.state.queue.depth:  # the job has ended
+            await asyncio.sleep(0.01)
+        assert encoder.calls == 1 and searches == []
+        encoder.hold.clear()
+        assert await Client(body).run(app) == 200  # a client that stays gets its caption
+        assert searches == [1]
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.parametrize(("answers_before_true", "encoder_calls", "searches_run"), [(1, 0, 0), (4, 1, 0), (6, 1, 1)])
+def test_a_cancelled_batch_stops_before_its_next_stage(monkeypatch, answers_before_true, encoder_calls, searches_run):
+    from show_attend_tell.captioner import Cancelled
+
+    captioner, encoder, searches = tiny_captioner(monkeypatch)
+    photos = [Image.new("RGB", (40, 30), colour) for colour in ("red", "green", "blue")]
+    asked = []
+
+    def cancelled() -> bool:  # asked before each photo's decode, the encoder, the decoder's setup, the search
+        asked.append(True)
+        return len(asked) > answers_before_true
+
+    if searches_run:
+        assert len(captioner.caption_batch(photos, beam_size=2, cancelled=cancelled)) == 3
+    else:
+        with pytest.raises(Cancelled):
+            captioner.caption_batch(photos, beam_size=2, cancelled=cancelled)
+    assert (encoder.calls, len(searches)) == (encoder_calls, searches_run)
+    assert len(asked) == min(answers_before_true + 1, 6)
 
 
 def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_slot():

@@ -813,14 +813,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--queue-size",
         type=positive_int,
-        default=16,
-        help="requests received and waiting for the model or being captioned; more get 503 (default 16)",
+        default=32,
+        help="requests received and waiting for the model or being captioned; more get 503 (default 32)",
     )
     parser.add_argument(
-        "--max-uploads",
-        type=positive_int,
-        default=32,
-        help="requests being received at once (slow uploads); more get 503 (default 32)",
+        "--upload-memory-mb",
+        type=positive_float,
+        default=320,
+        help="request bodies held at once (being received, waiting or captioned), charged as their bytes arrive, "
+        "so a stalled upload costs only what it sent; beyond it, 503 (default 320 MB)",
     )
     parser.add_argument(
         "--read-timeout",
@@ -837,17 +838,17 @@ def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from show_attend_tell.captioner import Captioner
-    from show_attend_tell.server import MEGABYTE, create_app
+    from show_attend_tell.server import MEGABYTE, check_limits, create_app
 
-    captioner = Captioner.load(args.model, int8=args.int8)
-    app = create_app(
-        captioner,
+    limits = dict(
         max_upload_bytes=round(args.max_upload_mb * MEGABYTE),
         queue_size=args.queue_size,
-        max_uploads=args.max_uploads,
+        upload_memory_bytes=round(args.upload_memory_mb * MEGABYTE),
         max_pixels=args.max_pixels,
         read_timeout=args.read_timeout,
     )
+    check_limits(**limits)  # before the model is loaded
+    app = create_app(Captioner.load(args.model, int8=args.int8), **limits)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"sat serve: listening on {args.host}: anyone who can reach this machine can use it", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port)

@@ -7,12 +7,14 @@ GET  /              the page (show_attend_tell/web/); OpenAPI at /openapi.json, 
 The model runs on one worker thread, so requests are captioned one at a time and never share it. A request
 is read whole first: in chunks, refused (413) as soon as it passes the upload limit, answered 408 when it takes
 longer than the read deadline, and its image header checked against the pixel budget (413) and the format
-whitelist (422). At most `max_uploads` uploads are read at once (a slow client costs a connection and its
-bytes so far, never model time). Only then does it take one of `queue_size` slots for the model (waiting or
-being captioned); when they are all taken it is answered 503 with Retry-After. A request whose client hangs
-up is dropped before it reaches the model and between the model's stages (Captioner's `cancelled`). Photos
-are decoded on the model's thread, one at a time, and only as large as the model needs. Every error is JSON
-{"error": "..."}; bad input is always a 4xx saying what is wrong, and the image checks are load_image's own.
+whitelist (422). What bounds the uploads is memory, not their number: the bodies held at once (being received,
+waiting or captioned) share `upload_memory_bytes`, charged as their bytes arrive, so a slow client costs a
+connection and the bytes it sent, never model time or a place another client needs. Only then does a request
+take one of `queue_size` slots for the model (waiting or being captioned). When the queue or the memory is
+full the server is at capacity and says so: 503 with Retry-After. A request whose client hangs up is dropped
+before it reaches the model and between the model's stages (Captioner's `cancelled`). Photos are decoded on the
+model's thread, one at a time, and only as large as the model needs. Every error is JSON {"error": "..."}; bad
+input is always a 4xx saying what is wrong, and the image checks are load_image's own.
 """
 
 from __future__ import annotations
@@ -48,9 +50,12 @@ from show_attend_tell.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ORIGINAL_
 WEB_DIR = Path(__file__).resolve().parent / "web"
 MEGABYTE = 2**20
 DEFAULT_MAX_UPLOAD_BYTES = 10 * MEGABYTE
-DEFAULT_QUEUE_SIZE = 16
-# Uploads read at once: bounds the memory held by clients still sending (each at most the upload limit).
-DEFAULT_MAX_UPLOADS = 32
+# Requests waiting for the model or captioned. Room for the attack of issue #14 (16 clients each holding a
+# request until it hangs up) beside the normal clients; a queue of 16 turned normal clients away with 503
+# (results/hostile_load.json). At the default beam a full queue is under 20 s of work on a 2-core CPU.
+DEFAULT_QUEUE_SIZE = 32
+# Request bodies held at once (being received, waiting or captioned): as much as 32 uploads of the default limit.
+DEFAULT_UPLOAD_MEMORY_BYTES = 32 * DEFAULT_MAX_UPLOAD_BYTES
 DEFAULT_READ_TIMEOUT = 60.0  # seconds to send a whole request; 10 MB takes 8 s at 10 Mbit/s
 MAX_BEAM_SIZE = 10
 FIELD = "image"
@@ -127,7 +132,8 @@ class Health(BaseModel):
     queue_depth: int = Field(description="requests read and not finished (waiting for the model or captioned)")
     queue_size: int = Field(description="requests waiting or captioned at most; beyond it, 503 with Retry-After")
     uploads: int = Field(description="requests still being received")
-    max_uploads: int = Field(description="requests received at once at most; beyond it, 503 with Retry-After")
+    upload_bytes: int = Field(description="bytes of request bodies held now (received, waiting or captioned)")
+    upload_memory_bytes: int = Field(description="bytes of request bodies held at most; beyond it, 503")
     max_upload_bytes: int
     max_pixels: int = Field(description="largest photo accepted, in pixels (width x height); beyond it, 413")
     read_timeout: float = Field(description="seconds a client has to send its request; beyond it, 408")
@@ -201,20 +207,22 @@ class ClientGone(Exception):
     """The client hung up before its request was captioned."""
 
 
-class Slots:
-    """Requests in one stage (being received), at most `size`; used from the event loop only."""
+class BodyMemory:
+    """Bytes of request bodies held at once, at most `size`: charged chunk by chunk as they arrive and given back
+    when the request ends. Used from the event loop only."""
 
     def __init__(self, size: int) -> None:
-        self.size, self.count = size, 0
+        self.size, self.used = size, 0
+        self.receiving = 0  # requests still being received, for /api/health
 
-    def take(self) -> bool:
-        if self.count >= self.size:
+    def take(self, count: int) -> bool:
+        if self.used + count > self.size:
             return False
-        self.count += 1
+        self.used += count
         return True
 
-    def give_back(self) -> None:
-        self.count -= 1
+    def give_back(self, count: int) -> None:
+        self.used -= count
 
 
 class Upload:
@@ -225,6 +233,7 @@ class Upload:
         self.data: bytearray | None = None  # None until the field is seen
         self.filename: str | None = None
         self.complete = False  # the closing boundary was seen
+        self.held = 0  # bytes of the body charged to the server's BodyMemory
         self._in_image = False
         self._header_name = b""
         self._header_value = b""
@@ -295,24 +304,21 @@ def create_app(
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     queue_size: int = DEFAULT_QUEUE_SIZE,
-    max_uploads: int = DEFAULT_MAX_UPLOADS,
+    upload_memory_bytes: int = DEFAULT_UPLOAD_MEMORY_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> FastAPI:
     """The API and the page around `captioner` (a loaded show_attend_tell.captioner.Captioner, or anything
     with the same `caption(image, beam_size=)`, `grid_size` and `image_size`)."""
-    if max_upload_bytes < 1:
-        raise InputError(f"max upload size must be positive, got {max_upload_bytes} bytes")
-    if queue_size < 1:
-        raise InputError(f"queue size must be at least 1, got {queue_size}")
-    if max_uploads < 1:
-        raise InputError(f"max uploads must be at least 1, got {max_uploads}")
-    if max_pixels < 1:
-        raise InputError(f"max pixels must be at least 1, got {max_pixels}")
-    if not read_timeout > 0:
-        raise InputError(f"read timeout must be positive, got {read_timeout} s")
+    check_limits(
+        max_upload_bytes=max_upload_bytes,
+        queue_size=queue_size,
+        upload_memory_bytes=upload_memory_bytes,
+        max_pixels=max_pixels,
+        read_timeout=read_timeout,
+    )
     queue = InferenceQueue(queue_size)
-    uploads = Slots(max_uploads)
+    memory = BodyMemory(upload_memory_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -327,7 +333,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.queue = queue
-    app.state.uploads = uploads
+    app.state.memory = memory
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -350,7 +356,7 @@ def create_app(
             (413, "upload larger than the server's limit, or a photo with more pixels than its budget"),
             (415, "not a multipart/form-data upload, or the field is not declared as an image"),
             (422, "missing field, bad beam_size, or a file that is not a readable image"),
-            (503, "too many requests in progress: try again after Retry-After seconds"),
+            (503, "at capacity (the queue or the upload memory is full): try again after Retry-After seconds"),
         ]
     }
 
@@ -405,14 +411,22 @@ def create_app(
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_upload_bytes + FORM_OVERHEAD:
             raise HTTPException(413, _too_large(max_upload_bytes))
-        if not uploads.take():
-            raise _busy(f"the server is busy ({uploads.size} uploads in progress); try again shortly", 1)
+        upload = Upload(boundary, max_upload_bytes)
         try:
-            upload = await asyncio.wait_for(_read_upload(request, boundary, max_upload_bytes), read_timeout)
+            return await caption_upload(request, upload, arrived, beam_size, mention, guidance)
+        finally:
+            memory.give_back(upload.held)
+
+    async def caption_upload(
+        request: Request, upload: Upload, arrived: float, beam_size: int, mention: list[str], guidance: bool
+    ) -> dict:
+        memory.receiving += 1
+        try:
+            await asyncio.wait_for(_read_upload(request, upload, memory, queue), read_timeout)
         except asyncio.TimeoutError:
             raise HTTPException(408, f"the request was not received within {read_timeout:g} s") from None
         finally:
-            uploads.give_back()
+            memory.receiving -= 1
         name = upload.filename or FIELD
         try:
             image_header(upload.data, name=name, max_pixels=max_pixels)
@@ -486,8 +500,9 @@ def create_app(
             grid_size=captioner.grid_size,
             queue_depth=queue.depth,
             queue_size=queue.size,
-            uploads=uploads.count,
-            max_uploads=uploads.size,
+            uploads=memory.receiving,
+            upload_bytes=memory.used,
+            upload_memory_bytes=memory.size,
             max_upload_bytes=max_upload_bytes,
             max_pixels=max_pixels,
             read_timeout=read_timeout,
@@ -507,6 +522,25 @@ def create_app(
     return app
 
 
+def check_limits(
+    *, max_upload_bytes: int, queue_size: int, upload_memory_bytes: int, max_pixels: int, read_timeout: float
+) -> None:
+    """An InputError naming the first limit of create_app that makes no sense."""
+    if max_upload_bytes < 1:
+        raise InputError(f"max upload size must be positive, got {max_upload_bytes} bytes")
+    if queue_size < 1:
+        raise InputError(f"queue size must be at least 1, got {queue_size}")
+    if upload_memory_bytes < max_upload_bytes + FORM_OVERHEAD:
+        raise InputError(
+            f"upload memory must hold one upload of the limit and its form ({_mb(max_upload_bytes + FORM_OVERHEAD)} "
+            f"MB), got {_mb(upload_memory_bytes)} MB"
+        )
+    if max_pixels < 1:
+        raise InputError(f"max pixels must be at least 1, got {max_pixels}")
+    if not read_timeout > 0:
+        raise InputError(f"read timeout must be positive, got {read_timeout} s")
+
+
 def _multipart_boundary(request: Request) -> bytes:
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
@@ -518,15 +552,17 @@ def _multipart_boundary(request: Request) -> bytes:
     return boundary
 
 
-async def _read_upload(request: Request, boundary: bytes, max_bytes: int) -> Upload:
-    """Stream the body into an Upload, never holding more than the limit."""
-    upload = Upload(boundary, max_bytes)
-    received = 0
+async def _read_upload(request: Request, upload: Upload, memory: BodyMemory, queue: InferenceQueue) -> None:
+    """Stream the body into `upload`, never holding more than the limit, each chunk charged to `memory`."""
+    max_bytes = upload.max_bytes
     try:
         async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes + FORM_OVERHEAD:
+            if upload.held + len(chunk) > max_bytes + FORM_OVERHEAD:
                 raise HTTPException(413, _too_large(max_bytes))
+            if not memory.take(len(chunk)):
+                message = f"the server is busy (uploads hold {_mb(memory.used)} MB); try again shortly"
+                raise _busy(message, queue.retry_after())
+            upload.held += len(chunk)
             upload.write(chunk)
         upload.finish()
     except FormParserError as error:
@@ -537,7 +573,6 @@ async def _read_upload(request: Request, boundary: bytes, max_bytes: int) -> Upl
         raise HTTPException(400, "incomplete multipart body: it ends before the closing boundary")
     if upload.data is None:
         raise HTTPException(422, f"missing the multipart field '{FIELD}' (the photo)")
-    return upload
 
 
 async def _client_gone(request: Request) -> None:
@@ -554,7 +589,11 @@ def _busy(message: str, retry_after: int) -> HTTPException:
 
 
 def _too_large(max_bytes: int) -> str:
-    return f"upload too large: the limit is {max_bytes / MEGABYTE:.3g} MB"
+    return f"upload too large: the limit is {_mb(max_bytes)} MB"
+
+
+def _mb(count: int) -> str:
+    return f"{count / MEGABYTE:.3g}"
 
 
 def _validation_message(error: RequestValidationError) -> str:

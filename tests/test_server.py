@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Alternative, Caption, Captioner
-from show_attend_tell.server import MAX_BEAM_SIZE, create_app
+from show_attend_tell.server import FORM_OVERHEAD, MAX_BEAM_SIZE, create_app
 
 EXAMPLES = REPO / "examples"
 PHOTO = EXAMPLES / "flickr8k_3385593926_d3e9c21170.jpg"
@@ -345,14 +345,20 @@ def test_sat_serve_listens_on_loopback_with_the_given_limits(captioner, monkeypa
     assert health["max_upload_bytes"] == 2**19 and health["queue_size"] == 3
     # the flags' defaults (literals, so that `sat` does not import the server to parse) are the library's
     from show_attend_tell.images import DEFAULT_MAX_PIXELS
-    from show_attend_tell.server import DEFAULT_MAX_UPLOADS, DEFAULT_READ_TIMEOUT
+    from show_attend_tell.server import DEFAULT_QUEUE_SIZE, DEFAULT_READ_TIMEOUT, DEFAULT_UPLOAD_MEMORY_BYTES
 
-    assert (health["max_pixels"], health["max_uploads"]) == (DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOADS)
+    assert (health["max_pixels"], health["upload_memory_bytes"]) == (DEFAULT_MAX_PIXELS, DEFAULT_UPLOAD_MEMORY_BYTES)
     assert health["read_timeout"] == DEFAULT_READ_TIMEOUT
     assert capsys.readouterr().err == ""  # no warning on loopback
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "8080"]) == 0
     assert (served["host"], served["port"]) == ("0.0.0.0", 8080)
     assert "anyone who can reach this machine" in capsys.readouterr().err
+    with TestClient(served["app"]) as client:
+        assert client.get("/api/health").json()["queue_size"] == DEFAULT_QUEUE_SIZE
+    # limits that contradict each other: one line, before the model is loaded
+    monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, path=None, **_: pytest.fail("model loaded")))
+    assert cli.main(["serve", "--max-upload-mb", "20", "--upload-memory-mb", "10"]) == 2
+    assert "upload memory must hold one upload of the limit" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit:  # refused by the parser, before the model is loaded
         cli.main(["serve", "--queue-size", "0"])
     assert exit.value.code == 2
@@ -456,7 +462,8 @@ def test_stalled_uploads_take_no_model_slot_and_get_408_at_the_read_deadline():
         stalled = [Client(body, stall_after=1024) for _ in range(4)]
         tasks = [asyncio.ensure_future(client.run(app)) for client in stalled]
         await asyncio.sleep(0.1)
-        assert app.state.uploads.count == 4 and app.state.queue.depth == 0
+        assert app.state.memory.receiving == 4 and app.state.memory.used == 4 * 1024
+        assert app.state.queue.depth == 0
         start = time.perf_counter()
         assert await Client(body).run(app) == 200  # the only model slot was free all along
         assert time.perf_counter() - start < 0.9 and not any(task.done() for task in tasks)
@@ -465,27 +472,38 @@ def test_stalled_uploads_take_no_model_slot_and_get_408_at_the_read_deadline():
 
     stalled = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert b"within 1 s" in stalled[0].messages[1]["body"]
-    assert app.state.uploads.count == 0 and app.state.queue.depth == 0
+    assert app.state.memory.receiving == 0 and app.state.memory.used == 0 and app.state.queue.depth == 0
 
 
-def test_too_many_uploads_at_once_get_503():
+def test_stalled_uploads_cost_only_their_bytes_and_full_upload_memory_is_503():
     stub = BlockingCaptioner()
     stub.go.set()
-    app = create_app(stub, max_uploads=2, read_timeout=5.0)
+    app = create_app(stub, max_upload_bytes=100_000, upload_memory_bytes=100_000 + FORM_OVERHEAD, read_timeout=10.0)
     body = multipart(PHOTO.read_bytes())
+    heavy = multipart(bytes(90_000))
 
     async def scenario():
-        stalled = [asyncio.ensure_future(Client(body, stall_after=10).run(app)) for _ in range(2)]
+        # more stalled clients than any count of uploads would have allowed: they hold 40 KB, the others get in
+        stalled = [asyncio.ensure_future(Client(body, stall_after=1024).run(app)) for _ in range(40)]
         await asyncio.sleep(0.1)
+        assert app.state.memory.receiving == 40 and app.state.memory.used == 40 * 1024
+        assert await Client(body).run(app) == 200
+        # two that stall after sending 50 KB each: the next photo no longer fits in the memory
+        stalled += [asyncio.ensure_future(Client(heavy, stall_after=50_000).run(app)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert app.state.memory.used == 40 * 1024 + 2 * 50_000
         busy = Client(body)
         assert await busy.run(app) == 503
         for task in stalled:
             task.cancel()
         await asyncio.gather(*stalled, return_exceptions=True)
-        assert app.state.uploads.count == 0
+        assert app.state.memory.receiving == 0 and app.state.memory.used == 0
         assert await Client(body).run(app) == 200
+        return busy
 
-    asyncio.run(asyncio.wait_for(scenario(), 30))
+    busy = asyncio.run(asyncio.wait_for(scenario(), 30))
+    headers = dict(busy.messages[0]["headers"])
+    assert int(headers[b"retry-after"]) >= 1 and b"busy" in busy.messages[1]["body"]
 
 
 def test_requests_whose_client_hung_up_never_reach_the_model():
@@ -613,7 +631,8 @@ def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_sl
             assert_error(post(client, b"GIF89a\x00", name="bad.gif"), 422, "bad.gif")
             assert_error(post(client, data), 503, "busy")  # a good photo waits for the slot; the bad ones did not
             health = client.get("/api/health").json()
-            assert health["max_pixels"] == 30_000_000 and health["uploads"] == 0 and health["max_uploads"] == 32
+            assert health["max_pixels"] == 30_000_000 and health["uploads"] == 0
+            assert len(data) < health["upload_bytes"] < len(data) + 1000  # the photo being captioned, and its form
         finally:
             stub.go.set()
             first.join(timeout=30)
@@ -641,10 +660,11 @@ def test_bad_server_limits_are_refused(captioner, capsys):
     from show_attend_tell import cli
     from show_attend_tell.errors import InputError
 
-    for option, value in [("max_uploads", 0), ("max_pixels", 0), ("read_timeout", 0.0)]:
+    for option, value in [("upload_memory_bytes", 10**6), ("max_pixels", 0), ("read_timeout", 0.0)]:
         with pytest.raises(InputError):
             create_app(captioner, **{option: value})
-    for flag, value in [("--max-pixels", "0"), ("--read-timeout", "-1"), ("--max-uploads", "x"), ("--port", "70000")]:
+    flags = [("--max-pixels", "0"), ("--read-timeout", "-1"), ("--upload-memory-mb", "x"), ("--port", "70000")]
+    for flag, value in flags:
         with pytest.raises(SystemExit) as exit:
             cli.main(["serve", flag, value])
         assert exit.value.code == 2

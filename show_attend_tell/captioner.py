@@ -8,7 +8,8 @@ result = captioner.caption("photo.jpg")   # .text, .words, .score, .log_prob, .a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,6 +40,19 @@ class Cancelled(Exception):
 
 def _never() -> bool:
     return False
+
+
+@contextmanager
+def _checked_between_blocks(encoder, check: Callable[[], None]) -> Iterator[None]:
+    """Run `check` before each residual block of the encoder (model.Encoder.blocks; none for a stand-in without
+    them), so a cancelled call leaves the encoder within one block instead of finishing the photo."""
+    blocks = getattr(encoder, "blocks", {}).values()
+    handles = [block.register_forward_pre_hook(lambda module, inputs: check()) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Alternative(NamedTuple):
@@ -143,9 +157,9 @@ class Captioner:
         with more pixels is refused from its header (images.TooManyPixelsError). sample_seed (a hard-attention
         model): each word's context is the feature of one cell drawn from alpha, each photo's draws from this
         seed (the same caption alone or in a batch), instead of the expected context (the paper's test time).
-        cancelled: asked before each stage (each photo's decode, the encoder, the decoder's setup and the labels,
-        the beam search); once it answers True the call raises Cancelled instead of starting the next one (a
-        server whose client hung up).
+        cancelled: asked before each stage (each photo's decode, the encoder and each of its residual blocks, the
+        decoder's setup and the labels, the beam search); once it answers True the call raises Cancelled
+        instead of starting the next one (a server whose client hung up).
         """
         sampling_decoder = self.check_sampling() if sample_seed is not None else None
 
@@ -159,7 +173,8 @@ class Captioner:
             check()
             pictures.append(load_image(image, size=self.image_size, max_pixels=max_pixels))
         check()
-        features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
+        with _checked_between_blocks(self.model.encoder, check):
+            features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
         check()
         if sampling_decoder is None:
             encoded = self.model.decoder.encode(features)  # (B, P, *)

@@ -546,9 +546,9 @@ class HeldEncoder:
         return self.grid(images)
 
 
-def tiny_captioner(monkeypatch) -> tuple[Captioner, HeldEncoder, list]:
-    """A real Captioner on a tiny random model whose encoder is HeldEncoder, and the list of its beam searches
-    (one entry per call of decoding.best_captions, the decoder's only way in)."""
+def tiny_captioner(monkeypatch, encoder=None) -> tuple[Captioner, HeldEncoder, list]:
+    """A real Captioner on a tiny random model whose encoder is `encoder` (default a HeldEncoder), and the list
+    of its beam searches (one entry per call of decoding.best_captions, the decoder's only way in)."""
     import torch
     from conftest import tiny_model_config
 
@@ -557,7 +557,7 @@ def tiny_captioner(monkeypatch) -> tuple[Captioner, HeldEncoder, list]:
     from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
     vocab = Vocabulary([*SPECIAL_TOKENS, *WORDS])
-    encoder = HeldEncoder()
+    encoder = encoder or HeldEncoder()
     torch.manual_seed(0)
     model = CaptionModel(tiny_model_config(len(vocab), dropout=0.0), encoder=encoder).eval()
     searches = []
@@ -615,6 +615,45 @@ def test_a_cancelled_batch_stops_before_its_next_stage(monkeypatch, answers_befo
             captioner.caption_batch(photos, beam_size=2, cancelled=cancelled)
     assert (encoder.calls, len(searches)) == (encoder_calls, searches_run)
     assert len(asked) == min(answers_before_true + 1, 6)
+
+
+def test_a_cancelled_call_leaves_the_encoder_between_two_residual_blocks(monkeypatch):
+    import torch
+    from conftest import ColourGrid
+
+    from show_attend_tell.captioner import Cancelled
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, images):
+            self.calls += 1
+            return images
+
+    class BlockEncoder(torch.nn.Module):  # as model.Encoder: its residual blocks by name, run in order
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = Block(), Block()
+            self.blocks = {"layer1.0": self.first, "layer1.1": self.second}
+
+        def forward(self, images):
+            return ColourGrid()(self.second(self.first(images)))
+
+    encoder = BlockEncoder()
+    captioner, _, searches = tiny_captioner(monkeypatch, encoder)
+    asked = []
+
+    def cancelled() -> bool:  # before the photo's decode, the encoder, block layer1.0, block layer1.1 ...
+        asked.append(True)
+        return len(asked) > 3
+
+    with pytest.raises(Cancelled):
+        captioner.caption(Image.new("RGB", (40, 30), "red"), beam_size=2, cancelled=cancelled)
+    assert (encoder.first.calls, encoder.second.calls, searches) == (1, 0, [])
+    assert captioner.caption(Image.new("RGB", (40, 30), "red"), beam_size=2).words is not None
+    assert (encoder.first.calls, encoder.second.calls, searches) == (2, 1, [1])  # and no check is left behind
 
 
 def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_slot():

@@ -151,6 +151,8 @@ def normal_clients(url: str, args, photos: list[tuple[str, bytes]], deadline: fl
                     record["status"] = response.status_code
                     if response.status_code == 200:  # where the time went, as the server saw it
                         record["timings"] = response.json()["timings"]
+                    else:
+                        record["error"] = f"{response.status_code} {response.text[:200]}"
                 except httpx.HTTPError as error:
                     record["status"] = f"client error: {type(error).__name__}"
                 record["ms"] = (time.perf_counter() - start) * 1000
@@ -188,6 +190,7 @@ def phase(url: str, port: int, args, photos, attack: dict | None) -> dict:
     return {
         "normal_requests": len(records),
         "normal_status": dict(statuses),
+        "normal_errors": dict(Counter(r["error"] for r in records if "error" in r)),
         "normal_latency": latency([r["ms"] for r in records if r["status"] == 200]),
         "normal_server_timings": {
             stage: latency([r["timings"][stage] for r in records if "timings" in r])

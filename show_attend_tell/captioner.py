@@ -8,6 +8,7 @@ result = captioner.caption("photo.jpg")   # .text, .words, .score, .log_prob, .a
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,9 +46,15 @@ def _never() -> bool:
 @contextmanager
 def _checked_between_blocks(encoder, check: Callable[[], None]) -> Iterator[None]:
     """Run `check` before each residual block of the encoder (model.Encoder.blocks; none for a stand-in without
-    them), so a cancelled call leaves the encoder within one block instead of finishing the photo."""
-    blocks = getattr(encoder, "blocks", {}).values()
-    handles = [block.register_forward_pre_hook(lambda module, inputs: check()) for block in blocks]
+    them), so a cancelled call leaves the encoder within one block instead of finishing the photo. Only in this
+    thread: a call running in another thread on the same model is not this call's to stop."""
+    thread = threading.get_ident()
+
+    def hook(module, inputs) -> None:
+        if threading.get_ident() == thread:
+            check()
+
+    handles = [block.register_forward_pre_hook(hook) for block in getattr(encoder, "blocks", {}).values()]
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -33,7 +34,6 @@ def load_captioner(directory: Path) -> Captioner:
     saved to `directory` (the API and the page behave the same; only the captions are nonsense)."""
     if (SHIPPED_MODEL / "config.json").is_file():
         return Captioner.load()
-    import torch
 
     from show_attend_tell.checkpoint import save_model
     from show_attend_tell.config import ModelConfig
@@ -549,7 +549,6 @@ class HeldEncoder:
 def tiny_captioner(monkeypatch, encoder=None) -> tuple[Captioner, HeldEncoder, list]:
     """A real Captioner on a tiny random model whose encoder is `encoder` (default a HeldEncoder), and the list
     of its beam searches (one entry per call of decoding.best_captions, the decoder's only way in)."""
-    import torch
     from conftest import tiny_model_config
 
     from show_attend_tell import captioner as captioner_module
@@ -617,29 +616,40 @@ def test_a_cancelled_batch_stops_before_its_next_stage(monkeypatch, answers_befo
     assert len(asked) == min(answers_before_true + 1, 6)
 
 
+class Block(torch.nn.Module):
+    """A residual block's stand-in: counts its calls and, in the thread named by `held_in`, waits in its forward
+    until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.held_in: int | None = None
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, images):
+        self.calls += 1
+        if threading.get_ident() == self.held_in:
+            self.entered.set()
+            assert self.release.wait(timeout=30)
+        return images
+
+
+class BlockEncoder(torch.nn.Module):
+    """As model.Encoder: its residual blocks by name, run in order, then conftest's ColourGrid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = Block(), Block()
+        self.blocks = {"layer1.0": self.first, "layer1.1": self.second}
+
+    def forward(self, images):
+        from conftest import ColourGrid
+
+        return ColourGrid()(self.second(self.first(images)))
+
+
 def test_a_cancelled_call_leaves_the_encoder_between_two_residual_blocks(monkeypatch):
-    import torch
-    from conftest import ColourGrid
-
     from show_attend_tell.captioner import Cancelled
-
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, images):
-            self.calls += 1
-            return images
-
-    class BlockEncoder(torch.nn.Module):  # as model.Encoder: its residual blocks by name, run in order
-        def __init__(self) -> None:
-            super().__init__()
-            self.first, self.second = Block(), Block()
-            self.blocks = {"layer1.0": self.first, "layer1.1": self.second}
-
-        def forward(self, images):
-            return ColourGrid()(self.second(self.first(images)))
 
     encoder = BlockEncoder()
     captioner, _, searches = tiny_captioner(monkeypatch, encoder)
@@ -654,6 +664,36 @@ def test_a_cancelled_call_leaves_the_encoder_between_two_residual_blocks(monkeyp
     assert (encoder.first.calls, encoder.second.calls, searches) == (1, 0, [])
     assert captioner.caption(Image.new("RGB", (40, 30), "red"), beam_size=2).words is not None
     assert (encoder.first.calls, encoder.second.calls, searches) == (2, 1, [1])  # and no check is left behind
+
+
+def test_a_cancelled_call_does_not_stop_another_threads_call_on_the_same_model(monkeypatch):
+    from show_attend_tell.captioner import Cancelled
+
+    encoder = BlockEncoder()
+    captioner, _, searches = tiny_captioner(monkeypatch, encoder)
+    photo = Image.new("RGB", (40, 30), "red")
+    stop = threading.Event()
+    outcome = []
+
+    def cancelled_call() -> None:
+        encoder.first.held_in = threading.get_ident()
+        try:
+            captioner.caption(photo, beam_size=2, cancelled=stop.is_set)
+            outcome.append("captioned")
+        except Cancelled:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=cancelled_call)
+    thread.start()
+    try:
+        assert encoder.first.entered.wait(timeout=10)  # inside the encoder, its checks registered
+        stop.set()
+        assert captioner.caption(photo, beam_size=2).words is not None  # this thread's call is not stopped
+        assert searches == [1] and encoder.second.calls == 1
+    finally:
+        encoder.first.release.set()
+        thread.join(timeout=30)
+    assert outcome == ["cancelled"] and encoder.second.calls == 1 and searches == [1]
 
 
 def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_slot():

@@ -50,9 +50,9 @@ from show_attend_tell.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ORIGINAL_
 WEB_DIR = Path(__file__).resolve().parent / "web"
 MEGABYTE = 2**20
 DEFAULT_MAX_UPLOAD_BYTES = 10 * MEGABYTE
-# Requests waiting for the model or captioned. Room for the attack of issue #14 (16 clients each holding a
-# request until it hangs up) beside the normal clients; a queue of 16 turned normal clients away with 503
-# (results/hostile_load.json). At the default beam a full queue is under 20 s of work on a 2-core CPU.
+# Requests waiting for the model or captioned: room for issue #14's 16 clients that each hold a request until they
+# hang up, beside the normal clients (a queue of 16 turned normal clients away: results/hostile_load_before.json).
+# The longest wait it allows is this many photos' decode_ms (results/hostile_load.json).
 DEFAULT_QUEUE_SIZE = 32
 # Request bodies held at once (being received, waiting or captioned): as much as 32 uploads of the default limit.
 DEFAULT_UPLOAD_MEMORY_BYTES = 32 * DEFAULT_MAX_UPLOAD_BYTES

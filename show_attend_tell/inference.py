@@ -150,8 +150,8 @@ class ChunkedAttention(SoftAttention):
 # folder); scaling each row on its own fixed that but doubled the decoder's step (results/decode_speed*.json).
 # One range per layer was too coarse for inputs whose channels differ in scale (the attended features beside
 # the word embedding): each input channel is divided by its calibrated peak and the weights multiplied by it
-# (SmoothQuant's migration, Xiao et al. 2023, with alpha = 1), which kept the fp32 captions as often as per-row
-# scales did (results/int8_calibration.json).
+# (SmoothQuant's migration, Xiao et al. 2023, with alpha = 1), which keeps the fp32 captions more often than one
+# range per layer (results/int8_calibration.json).
 _LINEAR = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
 # Inputs map to [0, 127]: 7 bits, as torch.ao's reduce_range, so that the u8 x s8 pairs fbgemm sums in int16 on
 # CPUs without VNNI cannot saturate.

@@ -10,13 +10,7 @@ sat=${SAT:-sat}
 mkdir -p "$work"
 times="$work/stage_seconds.txt"
 : >"$times"
-stage() {  # stage NAME COMMAND...: run it, append "NAME SECONDS" to $times
-  local name=$1 start
-  shift
-  start=$(date +%s)
-  "$@"
-  echo "$name $(($(date +%s) - start))" | tee -a "$times"
-}
+source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...: run it, append "NAME SECONDS" to $times
 stage prepare "$sat" prepare --dataset flickr8k --data-dir "$data_dir" --out "$work/prepared"
 stage features "$sat" features --data "$work/prepared" --out "$work/features" --batch-size 32
 common=(--data "$work/prepared" --features "$work/features" --batch-size 100 --checkpoint-every-steps 100)

@@ -24,13 +24,7 @@ weights=(--reinforce-weight "${REINFORCE:-0.1}" --entropy-weight "${ENTROPY:-0.0
 mkdir -p "$work" "$out"
 times="$out/stage_seconds.txt"
 : >"$times"
-stage() { # stage NAME COMMAND...: run it, append "NAME SECONDS" to $times
-  local name=$1 start
-  shift
-  start=$(date +%s)
-  "$@"
-  echo "$name $(($(date +%s) - start))" | tee -a "$times"
-}
+source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...: run it, append "NAME SECONDS" to $times
 [ -f "$work/prepared/vocab.json" ] ||
   stage prepare "$sat" prepare --dataset flickr8k --data-dir "$data_dir" --out "$work/prepared"
 features() { # features SIDE GRID: the store at SIDE px, unless there

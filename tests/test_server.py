@@ -191,21 +191,7 @@ def test_upload_limit_is_enforced_while_streaming(captioner):
     async def send(message):
         messages.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/api/caption",
-        "raw_path": b"/api/caption",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    asyncio.run(app(scope, receive, send))
+    asyncio.run(app(asgi_scope(boundary), receive, send))
     assert messages[0]["status"] == 413
     assert sum(sent) <= 100_000 + 2 * chunk_size  # read up to the limit, not the 16 MB
     assert app.state.queue.depth == 0

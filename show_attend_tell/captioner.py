@@ -27,6 +27,7 @@ from show_attend_tell.config import (
 )
 from show_attend_tell.decoding import best_captions
 from show_attend_tell.errors import InputError
+from show_attend_tell.fast_encoder import AUTO, resolve_precision
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
 from show_attend_tell.inference import image_features
@@ -114,25 +115,34 @@ class Captioner:
         *,
         device: str | torch.device = "cpu",
         int8: bool | None = None,
+        encoder_precision: str = AUTO,
         guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
     ) -> Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
 
         int8: quantize the decoder for speed (default: on the CPU when the model has an int8 calibration, as the
         shipped one does; see inference.Int8Decoder for what it costs).
+        encoder_precision: "fp32", "bf16" or "int8" (fast_encoder.py), or "auto": the fastest this device
+        supports among those that keep the captions.
         guidance_threshold: a photo's caption must name a concept of the encoder's ImageNet labels whose
         probability reaches this (see guidance.py); None turns label guidance off.
         """
         path = path or SHIPPED_MODEL
         if int8 is None:
             int8 = torch.device(device).type == "cpu" and has_int8_calibration(read_config(path))
-        model, vocab, config = load_model(path, device=device, inference=True, int8=int8)
+        precision = resolve_precision(encoder_precision, device)
+        model, vocab, config = load_model(path, device=device, inference=True, int8=int8, encoder_precision=precision)
         return cls(model, vocab, config, device, guidance_threshold=guidance_threshold)
 
     @property
     def decoder(self) -> str:
         """Which decoder writes the captions: "lstm" (the paper's) or "transformer"."""
         return self.model.config.decoder
+
+    @property
+    def encoder_precision(self) -> str:
+        """The precision the encoder runs in: "fp32", "bf16" or "int8" (fast_encoder.py)."""
+        return getattr(self.model.encoder, "precision", "fp32")
 
     @property
     def grid_size(self) -> int:

@@ -33,6 +33,8 @@ CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 INT8_FILE = "int8.safetensors"  # the int8 decoder's input ranges, measured once for the weights (`sat calibrate`)
 INT8_KEY = "int8_calibration"  # config.json: what INT8_FILE is for and how it was measured
+ENCODER_INT8_FILE = "encoder_int8.safetensors"  # the int8 encoder's activation observers (`--encoder-int8`)
+ENCODER_INT8_KEY = "encoder_int8_calibration"  # config.json: the same for ENCODER_INT8_FILE
 CHECKSUM_KEYS = ("model_sha256", "vocab_sha256")  # in config.json and the weights file's metadata
 # Bounds a config.json is held to. Widths and the vocabulary are also bounded by the weights, which must match
 # them; the image and grid sizes are not, and set the memory of every forward pass.
@@ -224,6 +226,7 @@ def load_model(
     pretrained_encoder: bool = True,
     inference: bool = False,
     int8: bool = False,
+    encoder_precision: str | None = None,
 ) -> tuple[CaptionModel, Vocabulary, dict]:
     """Load a checkpoint directory -> (model in eval mode, vocabulary, config dict).
 
@@ -232,6 +235,8 @@ def load_model(
     inference=True gives the decoder made fast for inference (inference.for_inference; no gradients), int8=True
     the int8 one (CPU only), quantized with the input ranges calibrated for these weights (`sat calibrate`;
     InputError when there are none). Without either it is model.py's, for training or export.
+    encoder_precision: run the encoder as fast_encoder.FastEncoder in "fp32", "bf16" or "int8" (calibrated by
+    `sat calibrate --encoder-int8`); None keeps model.Encoder. fast_encoder.resolve_precision turns "auto" into one.
     """
     if int8 and torch.device(device).type != "cpu":
         raise InputError(f"int8 decoding runs on the CPU only, not on {device}")
@@ -281,6 +286,16 @@ def load_model(
     if encoder is not None and model_config.fine_tune_blocks:
         load_encoder_state(encoder, encoder_tensors, weights_path)
     model.eval()
+    if encoder is not None and encoder_precision is not None:
+        from show_attend_tell.fast_encoder import FastEncoder
+
+        calibration = encoder_int8_calibration(directory, config) if encoder_precision == "int8" else None
+        try:
+            model.encoder = FastEncoder(
+                encoder, encoder_precision, calibration=calibration, image_size=model_config.image_size
+            )
+        except ValueError as error:  # a calibration of another trunk
+            raise InputError(f"{directory / CONFIG_FILE}: {ENCODER_INT8_KEY}: {error}; recalibrate") from None
     if inference or int8:
         from show_attend_tell.inference import for_inference
 
@@ -300,20 +315,30 @@ def save_int8_calibration(directory: str | Path, input_ranges: InputRanges, abou
     """Store the int8 decoder's input ranges (inference.calibrate_int8) beside the weights they were measured
     for: the tensors in int8.safetensors, and in config.json what they are for and how they were measured."""
     directory = Path(directory)
-    config = read_config(directory)
     tensors = {}
     for name, (low, high) in input_ranges.items():
         tensors[f"{name}.low"], tensors[f"{name}.high"] = (
             low.float().cpu().contiguous(),
             high.float().cpu().contiguous(),
         )
-    write_atomically(directory / INT8_FILE, lambda p: save_file(tensors, p))
-    config[INT8_KEY] = {
-        "file": INT8_FILE,
-        "sha256": file_sha256(directory / INT8_FILE),
-        "weights_sha256": file_sha256(directory / WEIGHTS_FILE),
-        **about,
-    }
+    section = {"weights_sha256": file_sha256(directory / WEIGHTS_FILE), **about}
+    _save_calibration(directory, INT8_KEY, INT8_FILE, tensors, section)
+
+
+def save_encoder_int8_calibration(directory: str | Path, observers: dict[str, torch.Tensor], about: dict) -> None:
+    """Store the int8 encoder's activation observers (fast_encoder.calibrate_int8_encoder) with the model, for
+    the encoder weights it was trained on (config.json's encoder_sha256)."""
+    directory = Path(directory)
+    tensors = {name: tensor.float().cpu().contiguous() for name, tensor in observers.items()}
+    section = {"encoder_sha256": read_config(directory).get("encoder_sha256"), **about}
+    _save_calibration(directory, ENCODER_INT8_KEY, ENCODER_INT8_FILE, tensors, section)
+
+
+def _save_calibration(directory: Path, key: str, file: str, tensors: dict[str, torch.Tensor], section: dict) -> None:
+    """The tensors in `file`, and config.json's `key` naming the file with its sha256 and what it is bound to."""
+    write_atomically(directory / file, lambda p: save_file(tensors, p))
+    config = read_config(directory)
+    config[key] = {"file": file, "sha256": file_sha256(directory / file), **section}
     write_atomically(directory / CONFIG_FILE, lambda p: save_json(config, p))
 
 
@@ -324,30 +349,56 @@ def has_int8_calibration(config: dict) -> bool:
 
 def int8_input_ranges(directory: Path, config: dict) -> InputRanges:
     """The calibrated int8 input ranges, checked: present, unchanged since calibration, for these weights."""
-    where = f"{directory / CONFIG_FILE}: {INT8_KEY}"
-    section = config.get(INT8_KEY)
-    if section is None:
-        raise InputError(
-            f"{directory}: no int8 calibration for these weights; run `sat calibrate {directory} --data DIR` "
-            "once (a few hundred training photos), or decode in fp32 (--no-int8)"
-        )
-    if not isinstance(section, dict) or section.get("file") != INT8_FILE:
-        raise InputError(f"{where}: expected an object naming its file {INT8_FILE!r}")
-    path = directory / INT8_FILE
-    if not path.is_file():
-        raise InputError(f"{path}: missing; run `sat calibrate {directory} --data DIR` again")
-    if section.get("sha256") != file_sha256(path):
-        raise InputError(f"{path}: changed after calibration (its sha256 differs from config.json's); recalibrate")
-    if section.get("weights_sha256") != file_sha256(directory / WEIGHTS_FILE):
-        raise InputError(
-            f"{where}: calibrated for other weights than {WEIGHTS_FILE}; run `sat calibrate {directory} --data DIR`"
-        )
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise InputError(f"{path}: truncated or corrupt safetensors file ({error})") from None
+    tensors = _calibration_tensors(
+        directory,
+        config,
+        INT8_KEY,
+        INT8_FILE,
+        bound={"weights_sha256": (file_sha256(directory / WEIGHTS_FILE), f"other weights than {WEIGHTS_FILE}")},
+        command=f"sat calibrate {directory} --data DIR",
+        instead="decode in fp32 (--no-int8)",
+    )
     names = {key.rsplit(".", 1)[0] for key in tensors}
     return {name: (tensors[f"{name}.low"], tensors[f"{name}.high"]) for name in names}
+
+
+def encoder_int8_calibration(directory: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The int8 encoder's calibrated activation observers, checked like the decoder's ranges, for the encoder
+    weights this model was trained on."""
+    return _calibration_tensors(
+        directory,
+        config,
+        ENCODER_INT8_KEY,
+        ENCODER_INT8_FILE,
+        bound={"encoder_sha256": (config.get("encoder_sha256"), "other encoder weights than this model's")},
+        command=f"sat calibrate {directory} --data DIR --encoder-int8",
+        instead="run the encoder in bf16 or fp32 (--encoder-precision)",
+    )
+
+
+def _calibration_tensors(
+    directory: Path, config: dict, key: str, file: str, *, bound: dict[str, tuple], command: str, instead: str
+) -> dict[str, torch.Tensor]:
+    """config.json's `key` section and its file, checked: present, unchanged since calibration, and each `bound`
+    field equal to what it must be now ({field: (value, what a mismatch means)})."""
+    where = f"{directory / CONFIG_FILE}: {key}"
+    section = config.get(key)
+    if section is None:
+        raise InputError(f"{directory}: no {key.replace('_', ' ')}; run `{command}` once, or {instead}")
+    if not isinstance(section, dict) or section.get("file") != file:
+        raise InputError(f"{where}: expected an object naming its file {file!r}")
+    path = directory / file
+    if not path.is_file():
+        raise InputError(f"{path}: missing; run `{command}` again")
+    if section.get("sha256") != file_sha256(path):
+        raise InputError(f"{path}: changed after calibration (its sha256 differs from config.json's); recalibrate")
+    for field, (value, meaning) in bound.items():
+        if section.get(field) != value:
+            raise InputError(f"{where}: calibrated for {meaning}; run `{command}`")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{path}: truncated or corrupt safetensors file ({error})") from None
 
 
 def check_checksums(

@@ -281,6 +281,7 @@ def _add_features(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
+    _add_encoder_precision_flag(parser)
     _add_limit_flag(parser)
     parser.set_defaults(run=_run_features)
 
@@ -297,6 +298,7 @@ def _run_features(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from show_attend_tell.config import ModelConfig
+    from show_attend_tell.fast_encoder import FastEncoder, resolve_precision
     from show_attend_tell.features import check_grid, extract_features, native_grid_size
     from show_attend_tell.model import Encoder
     from show_attend_tell.prepare import PreparedDataset
@@ -314,6 +316,13 @@ def _run_features(args: argparse.Namespace) -> int:
             encoder.check_stage(args.stage)
         except ValueError as error:
             raise InputError(f"--stage: {error}") from None
+    if args.encoder_precision == "int8":
+        raise InputError(
+            "--encoder-precision int8 needs a model's encoder calibration (`sat calibrate --encoder-int8`); a "
+            "feature store is filled in bf16 or fp32"
+        )
+    device = _device(args.device)
+    encoder = FastEncoder(encoder, resolve_precision(args.encoder_precision, device))
     paths = [image.path for image in dataset.images]
     options = dict(
         stage=args.stage,
@@ -322,7 +331,7 @@ def _run_features(args: argparse.Namespace) -> int:
         encoder_sha256=ENCODER_WEIGHTS[args.encoder].sha256(),
         batch_size=args.batch_size,
         world_size=world_size,
-        device=_device(args.device),
+        device=device,
     )
     if world_size > 1 and rank != 0:
         dist.barrier()  # rank 0 creates the store first
@@ -492,6 +501,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="write metrics JSON and captions (COCO results format) here")
     parser.add_argument("--no-java", action="store_true", help="pure-Python tokenizer, no METEOR (not comparable)")
     parser.add_argument("--int8", action="store_true", help="score the int8 decoder that `sat caption` uses on CPU")
+    _add_encoder_precision_flag(parser)
     _add_limit_flag(parser)
     _add_guidance_flags(parser)
     parser.set_defaults(run=_run_evaluate)
@@ -544,14 +554,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from show_attend_tell.inference import image_features
 
     model_dir = args.model or SHIPPED_MODEL
-    from show_attend_tell.features import load_for_model, store_stage
+    from show_attend_tell.fast_encoder import resolve_precision
+    from show_attend_tell.features import load_for_model, store_precision, store_stage
 
     # a store of grid features replaces the encoder; one of a block's output (--stage) replaces the part before
     with_encoder = not args.features or bool(store_stage(args.features))
-    model, vocab, config = load_model(model_dir, with_encoder=with_encoder, inference=True, int8=args.int8)
+    # a store's precision is its own (features.json); the encoder's is resolved only when it runs on photos
+    precision = resolve_precision(args.encoder_precision) if not args.features else None
+    model, vocab, config = load_model(
+        model_dir, with_encoder=with_encoder, inference=True, int8=args.int8, encoder_precision=precision
+    )
     if args.features:
         paths = [image.path for image in dataset.images]
         store, stage = load_for_model(args.features, model.config, paths, config["encoder_sha256"], model.encoder)
+        used_precision = store_precision(args.features)
 
         def features(batch):
             if not stage:
@@ -559,6 +575,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 return model.encoder.forward_from(store[batch].float(), stage)
     else:
+        used_precision = precision
 
         def features(batch):
             return image_features(model.encoder, [load_image(dataset.images[i].path) for i in batch], model.config)
@@ -583,7 +600,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             java=java,
             guidance=guidance,
         )
-        metrics.update(model=str(model_dir), split=args.split, n_images=len(rows), int8=args.int8)
+        metrics.update(
+            model=str(model_dir), split=args.split, n_images=len(rows), int8=args.int8, encoder_precision=used_precision
+        )
         results[f"beam{beam}"] = metrics
         print(json.dumps({"beam": beam, **{k: v for k, v in metrics.items() if isinstance(v, float)}}))
         if out:
@@ -630,6 +649,7 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
     )
     _add_guidance_flags(parser)
     _add_int8_flag(parser)
+    _add_encoder_precision_flag(parser)
     parser.add_argument(
         "--hard-attention-sample",
         action="store_true",
@@ -689,6 +709,16 @@ def _add_int8_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_encoder_precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--encoder-precision",
+        choices=["auto", "fp32", "bf16", "int8"],  # fast_encoder.ENCODER_PRECISIONS, not imported for every command
+        default="auto",
+        help="the encoder's arithmetic: auto (default) picks bf16 on CPUs with native bf16 (avx512_bf16 or AMX), "
+        "else fp32; int8 is faster still but changes more captions (it needs `sat calibrate --encoder-int8`)",
+    )
+
+
 def _run_caption(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -704,7 +734,9 @@ def _run_caption(args: argparse.Namespace) -> int:
     if not paths:
         return 1
     int8 = False if args.hard_attention_sample and args.int8 is None else args.int8  # sampling needs fp32
-    captioner = Captioner.load(args.model, int8=int8, guidance_threshold=args.guidance_threshold)
+    captioner = Captioner.load(
+        args.model, int8=int8, encoder_precision=args.encoder_precision, guidance_threshold=args.guidance_threshold
+    )
     captioner.guidance.user_words(args.mention)  # an unknown word stops here, before any photo is decoded
     if args.hard_attention_sample:
         captioner.check_sampling()
@@ -758,6 +790,7 @@ def _run_caption(args: argparse.Namespace) -> int:
                     "score": caption.score,
                     "log_prob": caption.log_prob,
                     "decoder": captioner.decoder,
+                    "encoder_precision": captioner.encoder_precision,
                     "alternatives": [
                         {"caption": a.text, "score": a.score, "log_prob": a.log_prob} for a in caption.alternatives
                     ],
@@ -831,6 +864,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     _add_max_pixels_flag(parser)
     _add_int8_flag(parser)
+    _add_encoder_precision_flag(parser)
     parser.set_defaults(run=_run_serve)
 
 
@@ -848,7 +882,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         read_timeout=args.read_timeout,
     )
     check_limits(**limits)  # before the model is loaded
-    app = create_app(Captioner.load(args.model, int8=args.int8), **limits)
+    app = create_app(Captioner.load(args.model, int8=args.int8, encoder_precision=args.encoder_precision), **limits)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"sat serve: listening on {args.host}: anyone who can reach this machine can use it", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port)
@@ -871,11 +905,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from show_attend_tell.checkpoint import INT8_KEY, load_average, save_model
+    from show_attend_tell.checkpoint import ENCODER_INT8_KEY, INT8_KEY, load_average, save_model
 
     model, vocab, config = load_average(args.model)
-    # new weights: an int8 calibration of the old ones does not carry over (`sat calibrate` the export)
-    dropped = ("format_version", "model", "encoder_sha256", "dtype", INT8_KEY)
+    # new weights: an int8 calibration of the old ones does not carry over (`sat calibrate` the export), nor the
+    # encoder's, whose file stays behind
+    dropped = ("format_version", "model", "encoder_sha256", "dtype", INT8_KEY, ENCODER_INT8_KEY)
     kept = {k: v for k, v in config.items() if k not in dropped}
     sources = args.model[0] if len(args.model) == 1 else args.model  # several: their weights were averaged
     out = save_model(
@@ -905,11 +940,16 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--images",
         type=positive_int,
-        default=CALIBRATION_IMAGES,
-        help=f"how many photos, drawn at random (default {CALIBRATION_IMAGES})",
+        help=f"how many photos, drawn at random (default {CALIBRATION_IMAGES}; 64 with --encoder-int8)",
     )
     parser.add_argument("--features", help="a feature store of the dataset (`sat features`) instead of the encoder")
     parser.add_argument("--seed", type=int, default=0, help="which photos are drawn")
+    parser.add_argument(
+        "--encoder-int8",
+        action="store_true",
+        help="calibrate the int8 encoder instead (--encoder-precision int8): its activation ranges, measured on "
+        "--images photos (default 64), stored as encoder_int8.safetensors",
+    )
     parser.set_defaults(run=_run_calibrate)
 
 
@@ -920,6 +960,15 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from show_attend_tell.prepare import PreparedDataset
 
     dataset = PreparedDataset.load(args.data)
+    if args.encoder_int8:
+        from show_attend_tell.fast_encoder import ENCODER_CALIBRATION_IMAGES, calibrate_encoder_checkpoint
+
+        if args.features:
+            raise InputError("--encoder-int8 calibrates on photos; --features cannot stand in for the encoder")
+        images = args.images or ENCODER_CALIBRATION_IMAGES
+        used = calibrate_encoder_checkpoint(args.model, dataset, split=args.split, images=images, seed=args.seed)
+        print(f"calibrated the int8 encoder of {args.model} on {used} {args.split} photos of {args.data}")
+        return 0
     store = None
     if args.features:
         stage = store_stage(args.features)
@@ -928,7 +977,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         model, _, config = load_model(args.model, with_encoder=False)
         paths = [image.path for image in dataset.images]
         store, _ = load_for_model(args.features, model.config, paths, config["encoder_sha256"], None)
-    used = calibrate_checkpoint(args.model, dataset, split=args.split, images=args.images, seed=args.seed, store=store)
+    images = args.images or CALIBRATION_IMAGES
+    used = calibrate_checkpoint(args.model, dataset, split=args.split, images=images, seed=args.seed, store=store)
     print(f"calibrated the int8 decoder of {args.model} on {used} {args.split} photos of {args.data}")
     return 0
 

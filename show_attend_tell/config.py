@@ -99,6 +99,9 @@ class TrainConfig:
     # averages alpha log alpha over the locations too, so its 0.002 weighed the entropy P times less.
     reinforce_weight: float = 0.1
     entropy_weight: float = 0.002
+    # Autocast in training: auto is fp16 with loss scaling on CUDA and fp32 on the CPU, where bf16 autocast was not
+    # faster on the 2-core AMD EPYC (results/train_speed_bf16.json); bf16 needs no loss scaling.
+    precision: str = "auto"
 
 
 @dataclasses.dataclass
@@ -148,6 +151,7 @@ TRAIN_RANGES: dict[str, Any] = {
     "scst_xe_weight": _at_least(0),
     "reinforce_weight": _at_least(0),
     "entropy_weight": _at_least(0),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
 }
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.errors import InputError
+from show_attend_tell.fast_encoder import FastEncoder
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.model import Encoder, stage_shape
@@ -26,6 +27,8 @@ from show_attend_tell.model import Encoder, stage_shape
 FEATURES_FILE = "features.npy"
 DONE_FILE = "done.npy"
 META_FILE = "features.json"
+# What a features.json written before a key existed means by its absence.
+LEGACY_META = {"encoder_precision": "fp32"}
 
 
 def native_grid_size(config: ModelConfig) -> int:
@@ -52,9 +55,13 @@ def images_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def expected_meta(config: ModelConfig, paths: list[Path], encoder_sha256: str, stage: str = "") -> dict:
+def expected_meta(
+    config: ModelConfig, paths: list[Path], encoder_sha256: str, stage: str = "", precision: str | None = None
+) -> dict:
     """What features.json must say. stage="" is the grid features; a residual block name (e.g. layer4.0) is
-    that block's output, (N, h*w, C), for fine-tuning the blocks after it without rerunning the rest."""
+    that block's output, (N, h*w, C), for fine-tuning the blocks after it without rerunning the rest.
+    precision: the encoder's (fast_encoder.py), required when filling a store so that one store never mixes
+    precisions; None accepts any (training reads a store of any precision)."""
     meta = {
         "format_version": 1,
         "encoder": config.encoder,
@@ -67,6 +74,8 @@ def expected_meta(config: ModelConfig, paths: list[Path], encoder_sha256: str, s
     if stage:
         side, channels = stage_shape(config, stage)
         meta.update(stage=stage, shape=[len(paths), side * side, channels])
+    if precision is not None:
+        meta["encoder_precision"] = precision
     return meta
 
 
@@ -84,6 +93,11 @@ def read_meta(directory: str | Path) -> dict:
 def store_stage(directory: str | Path) -> str:
     """The stage a store holds ("" for grid features)."""
     return read_meta(directory).get("stage", "")
+
+
+def store_precision(directory: str | Path) -> str:
+    """The precision of the encoder that filled a store (fp32 for stores older than the key)."""
+    return read_meta(directory).get("encoder_precision", LEGACY_META["encoder_precision"])
 
 
 def load_for_model(
@@ -108,10 +122,11 @@ def load_for_model(
 
 def _check_meta(directory: Path, found: dict, expected: dict) -> None:
     for key, value in expected.items():
-        if found.get(key) != value:
+        if found.get(key, LEGACY_META.get(key)) != value:
             raise InputError(
                 f"{directory / META_FILE}: {key} is {found.get(key)!r} but {value!r} was expected; "
-                "these features belong to another dataset, --limit or encoder (use a new --out or --overwrite)"
+                "these features belong to another dataset, --limit, encoder or encoder precision (use a new --out "
+                "or --overwrite)"
             )
 
 
@@ -158,7 +173,7 @@ def extract_features(
     directory: str | Path,
     *,
     config: ModelConfig,
-    encoder: Encoder,
+    encoder: Encoder | FastEncoder,
     encoder_sha256: str,
     batch_size: int = 16,
     overwrite: bool = False,
@@ -169,13 +184,14 @@ def extract_features(
     stage: str = "",
 ) -> dict:
     """Fill (or resume filling) the store at `directory` with encoder(image) for every path, or with the
-    output of residual block `stage` (see expected_meta).
+    output of residual block `stage` (see expected_meta), in the encoder's precision (model.Encoder: fp32; a
+    fast_encoder.FastEncoder: its own), which the store records.
 
     With world_size > 1 each rank takes every world_size-th pending image; rank 0 creates the store and
     the caller must barrier before other ranks call this. Returns a summary (done, failed files, seconds).
     """
     directory = Path(directory)
-    meta = expected_meta(config, paths, encoder_sha256, stage)
+    meta = expected_meta(config, paths, encoder_sha256, stage, getattr(encoder, "precision", "fp32"))
     if rank == 0 and (overwrite or not (directory / META_FILE).is_file()):
         _create(directory, meta)
     _, _, _ = open_store(directory, meta)  # verifies before any work

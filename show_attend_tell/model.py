@@ -255,8 +255,10 @@ class SoftAttention(nn.Module):
         K = rows_per_image(h.size(0), B)
         hidden = self.decoder_projection(h).mul(2).view(B, K, 1, A)  # v = 2 (W_h h + b_h)
         energy = torch.add(encoded.projected.unsqueeze(1), hidden).sigmoid_()  # (B, K, P, A)
-        # 2 (w^T sigmoid + b) in one op; b cannot move alpha, but trains
-        scores = torch.addmv(self.score.bias, energy.view(-1, A), self.score.weight.view(A), beta=2, alpha=2)
+        # 2 (w^T sigmoid + b) in one op; b cannot move alpha, but trains. CPU autocast leaves addmv out, so under
+        # bf16 training w and b are cast to the energies' dtype here (a no-op in fp32)
+        w, b = self.score.weight.view(A).to(energy.dtype), self.score.bias.to(energy.dtype)
+        scores = torch.addmv(b, energy.view(-1, A), w, beta=2, alpha=2)
         return attend(scores.view(B, K, P), encoded.features)
 
 

@@ -117,6 +117,7 @@ class CaptionResponse(BaseModel):
     alternatives: list[Alternative] = Field(description="the other beams, best first (highest score)")
     guidance: list[Guide] = Field(description="words the caption had to contain, and where each came from")
     decoder: str = Field(description='the decoder that wrote the caption: "lstm" (the paper\'s) or "transformer"')
+    encoder_precision: str = Field(description='the precision the encoder ran in: "fp32", "bf16" or "int8"')
     grid_size: int
     beam_size: int
     width: int = Field(description="width of the photo in pixels, upright (EXIF orientation applied)")
@@ -128,6 +129,7 @@ class Health(BaseModel):
     status: str
     model_loaded: bool
     decoder: str = Field(description='the model\'s decoder: "lstm" (the paper\'s) or "transformer"')
+    encoder_precision: str = Field(description='the precision the encoder runs in: "fp32", "bf16" or "int8"')
     grid_size: int
     queue_depth: int = Field(description="requests read and not finished (waiting for the model or captioned)")
     queue_size: int = Field(description="requests waiting or captioned at most; beyond it, 503 with Retry-After")
@@ -464,6 +466,7 @@ def create_app(
                     for word, position in zip(result.guidance, result.guided_positions, strict=True)
                 ],
                 "decoder": captioner.decoder,
+                "encoder_precision": captioner.encoder_precision,
                 "grid_size": captioner.grid_size,
                 "beam_size": beam_size,
                 "width": width,
@@ -497,6 +500,7 @@ def create_app(
             status="ok",
             model_loaded=captioner is not None,
             decoder=captioner.decoder,
+            encoder_precision=captioner.encoder_precision,
             grid_size=captioner.grid_size,
             queue_depth=queue.depth,
             queue_size=queue.size,

@@ -191,8 +191,13 @@ class Run:
     writer: object = None  # TensorBoard SummaryWriter, opened at the first log line
 
     @property
-    def amp(self) -> bool:
-        return self.device.type == "cuda"
+    def autocast_dtype(self) -> torch.dtype | None:
+        return autocast_dtype(self.config.precision, self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward passes' autocast region for config.precision (nothing for fp32)."""
+        dtype = self.autocast_dtype
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -257,6 +262,15 @@ def resume_run(run_dir: str | Path, *, pretrained_encoder: bool = True, device: 
     return run
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype training autocasts to for TrainConfig.precision on `device` (None: fp32, no autocast)."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("--precision fp16 trains on CUDA only; on the CPU use bf16 or fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _build(run_dir, model_config, train_config, data_config, pretrained_encoder, device, java) -> Run:
     rank, world_size = distributed()
     device = torch.device(device)
@@ -305,7 +319,8 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     total_steps = len(epoch_batches(train_rows, caption_rows, train_config.batch_size, 0, train_config.seed))
     total_steps *= train_config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, train_config))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    # fp16's narrow exponent needs the loss scaled; bf16 has fp32's range
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(train_config.precision, device) == torch.float16)
     return Run(
         run_dir=run_dir,
         model_config=model_config,
@@ -431,7 +446,7 @@ def batch_features(run: Run, rows: list[int], *, train: bool) -> torch.Tensor:
     if train and run.model_config.fine_tune_blocks:
         augment = image_transform(run.model_config, augment=True)
         images = torch.stack([augment(load_image(path)) for path in paths]).to(run.device)
-        if run.amp:
+        if run.autocast_dtype is not None:
             images = images.to(memory_format=torch.channels_last)
         return model.encoder(images)
     return image_features(model.encoder, [load_image(path) for path in paths], run.model_config, run.device)
@@ -474,7 +489,7 @@ def cross_entropy_step(run: Run, rows: list[int], mark: Callable[[str], None] = 
     words, captions = global_sums(run, words_here, float(len(lengths)))
     hard = run.model_config.attention == "hard"
     mark("data")
-    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
+    with run.autocast():
         features = batch_features(run, local, train=True)
         mark("encoder")
         sampling = location_sampling(run, local) if hard else None
@@ -553,7 +568,7 @@ def self_critical_step(run: Run, rows: list[int]) -> dict:
     samples = run.config.scst_samples
     train_rows = run.data.dataset.indices("train")
     corpus_row = {image: n for n, image in enumerate(train_rows)}  # the CIDEr-D corpus is in this order
-    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.amp):
+    with run.autocast():
         features = batch_features(run, local, train=True)
         encoded = run.model.decoder.encode(features)  # the `samples` rows of an image share its features
         tokens, log_probs, _, _ = rollout(

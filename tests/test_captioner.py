@@ -12,8 +12,9 @@ from PIL import Image
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Captioner
 from show_attend_tell.cli import main
-from show_attend_tell.config import DEFAULT_LENGTH_PENALTY
+from show_attend_tell.config import DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
 from show_attend_tell.decoding import length_normalised
+from show_attend_tell.fast_encoder import resolve_precision, supported_precisions
 
 EXAMPLES = REPO / "examples"
 
@@ -27,7 +28,7 @@ def captioner() -> Captioner:
 
 @pytest.fixture(scope="module")
 def captioner_fp32() -> Captioner:
-    return Captioner.load(int8=False)
+    return Captioner.load(int8=False, encoder_precision="fp32")
 
 
 def test_shipped_model_is_complete_and_tied_to_its_encoder():
@@ -47,12 +48,12 @@ def test_captions_a_batch_with_words_scores_and_attention(captioner_fp32):
         assert result.words and result.text == " ".join(result.words)
         assert result.attention.shape == (len(result.words), g, g)
         np.testing.assert_allclose(result.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
-        # beams are ranked by `score` = log p / (words + <end>)**DEFAULT_LENGTH_PENALTY, shown beside the log p
+        # beams are ranked by `score` = log p / (words + <end>)**DEFAULT_LENGTH_PENALTY, shown beside the log p; a
+        # beam cut at the length limit has no <end>
         ranked = [(result.text, result.score, result.log_prob), *result.alternatives]
         for text, score, log_prob in ranked:
-            assert log_prob < 0 and score == pytest.approx(
-                length_normalised(log_prob, len(text.split()) + 1, DEFAULT_LENGTH_PENALTY)
-            )
+            tokens = len(text.split()) + (len(text.split()) < DEFAULT_MAX_LENGTH)
+            assert log_prob < 0 and score == pytest.approx(length_normalised(log_prob, tokens, DEFAULT_LENGTH_PENALTY))
         scores = [score for _, score, _ in ranked]
         assert len(ranked) == 3 and scores == sorted(scores, reverse=True)
     # a batch gives each image the caption it gets alone
@@ -138,6 +139,7 @@ def test_caption_cli_handles_odd_images_and_reports_each_broken_one(tmp_path, ca
     for record in records.values():
         assert record["words"] and record["log_prob"] <= record["score"] < 0 and len(record["alternatives"]) == 1
         assert record["decoder"] == "lstm"  # the shipped model's
+        assert record["encoder_precision"] == resolve_precision("auto")  # the fastest this CPU keeps captions in
         assert record["alternatives"][0]["score"] <= record["score"]
         assert Path(record["attention_figure"]).is_file()
     failures = [line for line in err.splitlines() if line.startswith("sat caption: skipped:")]
@@ -226,3 +228,11 @@ def test_caption_cli_flags_are_checked_by_the_parser(flags, message, capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert message.format(photo=photo) in err and "Traceback" not in err
+
+
+def test_caption_cli_runs_the_encoder_in_the_precision_asked_for(capsys):
+    photo = str(EXAMPLES / "chelsea.jpg")
+    assert main(["caption", photo, "--json", "--encoder-precision", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["encoder_precision"] == "fp32"
+    assert main(["caption", photo, "--encoder-precision", "int8"]) == 2  # the shipped model has no encoder calibration
+    assert ("--encoder-int8" if "int8" in supported_precisions() else "no fast int8") in capsys.readouterr().err

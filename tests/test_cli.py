@@ -64,7 +64,7 @@ def test_train_takes_the_stores_settings_and_limit_and_logs_one_epoch_numbering(
     train = ["train", "--data", str(tiny_prepared), "--features", str(store), *tiny.split(), "--run-dir"]
     # the store holds the first 3 images of each split (train 3, val 2, test 2), not the whole dataset
     assert main([*train, str(run), "--epochs", "2"]) == 2
-    assert "these features belong to another dataset, --limit or encoder" in capsys.readouterr().err
+    assert "these features belong to another dataset, --limit, encoder" in capsys.readouterr().err
     assert main([*train, str(run), "--epochs", "2", "--limit", "3"]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["limit"] == 3  # so --resume takes the same images

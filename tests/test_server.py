@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Alternative, Caption, Captioner
+from show_attend_tell.fast_encoder import resolve_precision
 from show_attend_tell.server import FORM_OVERHEAD, MAX_BEAM_SIZE, create_app
 
 EXAMPLES = REPO / "examples"
@@ -95,6 +96,9 @@ def assert_caption(body: dict, captioner: Captioner, beam_size: int) -> None:
     g = captioner.grid_size
     assert body["words"] and body["caption"] == " ".join(body["words"])
     assert body["decoder"] == captioner.decoder == captioner.model.config.decoder
+    # the encoder's precision: auto's choice for this CPU, as the model's encoder says
+    assert body["encoder_precision"] == captioner.encoder_precision == captioner.model.encoder.precision
+    assert captioner.encoder_precision == resolve_precision("auto")
     assert body["grid_size"] == g and body["beam_size"] == beam_size
     attention = np.array(body["attention"])
     assert attention.shape == (len(body["words"]), g, g)
@@ -212,6 +216,7 @@ class BlockingCaptioner:
     grid_size = 2
     image_size = 32
     decoder = "lstm"
+    encoder_precision = "fp32"
     guidance = types.SimpleNamespace(user_words=lambda words: [])  # every mention is a word it knows
 
     def __init__(self) -> None:
@@ -275,7 +280,7 @@ def test_health_openapi_and_the_page(client, captioner):
     health = client.get("/api/health").json()
     assert health["status"] == "ok"
     assert health["grid_size"] == captioner.grid_size and health["queue_depth"] == 0
-    assert health["decoder"] == captioner.decoder
+    assert health["decoder"] == captioner.decoder and health["encoder_precision"] == captioner.encoder_precision
     assert health["max_upload_bytes"] == 200_000 and health["max_beam_size"] == MAX_BEAM_SIZE
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/api/caption"]["post"]

@@ -173,6 +173,35 @@ def test_killed_run_resumes_bit_identical(tiny_prepared, tiny_features, tmp_path
     assert steps == sorted(steps)  # the log holds no lines from the lost steps twice
 
 
+@pytest.mark.parametrize("model", [{}, {"attention": "hard"}, tiny_transformer()], ids=["soft", "hard", "transformer"])
+def test_bf16_autocast_trains_on_the_cpu_and_a_stopped_run_resumes_exactly(
+    tiny_prepared, tiny_features, tmp_path, model
+):
+    """--precision bf16 runs the forward passes under CPU autocast, without loss scaling, through every decoder;
+    a run stopped mid-way and resumed ends bit-identical to one that was not stopped."""
+    straight = make_trainer(tmp_path / "straight", tiny_prepared, tiny_features, model, epochs=2, precision="bf16")
+    assert straight.autocast_dtype == torch.bfloat16 and not straight.scaler.is_enabled()
+    fit(straight, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    stopped = make_trainer(tmp_path / "stopped", tiny_prepared, tiny_features, model, epochs=2, precision="bf16")
+    fit(stopped, max_steps=3, progress=False)
+    fit(resume_run(tmp_path / "stopped", pretrained_encoder=False, java=False), progress=False)
+    a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
+    b = load_file(tmp_path / "stopped" / "last" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_fp16_training_is_refused_on_the_cpu(tiny_prepared, tiny_features, tmp_path):
+    from show_attend_tell.errors import InputError
+
+    with pytest.raises(InputError, match="--precision fp16 trains on CUDA only; on the CPU use bf16 or fp32"):
+        make_trainer(tmp_path / "run", tiny_prepared, tiny_features, precision="fp16")
+    auto = make_trainer(tmp_path / "auto", tiny_prepared, tiny_features)
+    assert auto.autocast_dtype is None and not auto.scaler.is_enabled()  # auto: fp32 on the CPU
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_prepared, tiny_features, tmp_path):
     trainer = make_trainer(tmp_path / "run", tiny_prepared, tiny_features)
     fit(trainer, max_steps=2, progress=False)

@@ -278,7 +278,7 @@ fetch("api/health")
   .then((response) => response.json())
   .then((health) => {
     state.maxUpload = health.max_upload_bytes;
-    elements.health.textContent = `Model loaded · ${decoderName(health.decoder)} · ${health.grid_size}×${health.grid_size} attention grid · photos up to ${megabytes(health.max_upload_bytes)}`;
+    elements.health.textContent = `Model loaded · ${decoderName(health.decoder)} · ${health.encoder_precision} encoder · ${health.grid_size}×${health.grid_size} attention grid · photos up to ${megabytes(health.max_upload_bytes)}`;
   })
   .catch(() => {
     elements.health.textContent = "The model server is not reachable.";

@@ -74,7 +74,13 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
     command += ["--max-upload-mb", str(args.max_upload_mb), "--queue-size", str(args.queue_size)]
     if args.model:
         command += ["--model", args.model]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if args.encoder_precision:
+        command += ["--encoder-precision", args.encoder_precision]
+    # another checkout's package: `python -m` puts the working directory first on the path
+    env = {**os.environ, "PYTHONPATH": args.code} if args.code else None
+    return subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=args.code or None
+    )
 
 
 def wait_until_healthy(server: subprocess.Popen, url: str, timeout: float, log_path: Path) -> dict:
@@ -194,6 +200,10 @@ def main() -> int:
     parser.add_argument("--max-upload-mb", type=float, default=10)
     parser.add_argument("--queue-size", type=int, default=16)
     parser.add_argument("--deadline", type=float, default=900, help="stop sending after this many seconds")
+    parser.add_argument("--encoder-precision", help="passed to `sat serve` (default: its own, auto)")
+    parser.add_argument(
+        "--code", help="serve the package of this source tree instead (e.g. a `git worktree` of an older commit)"
+    )
     parser.add_argument("--out", help="write the JSON here (e.g. results/load.json)")
     args = parser.parse_args()
     if args.requests < 1 or args.clients < 1:
@@ -243,6 +253,8 @@ def main() -> int:
             "beam_size": args.beam_size,
             "max_upload_mb": args.max_upload_mb,
             "queue_size": args.queue_size,
+            "encoder_precision": health.get("encoder_precision", "fp32 (model.Encoder, before fast_encoder.py)"),
+            "code": args.code or str(REPO),
             "host": HOST,
             "mix": "3 in 4 good photos from examples/; 1 in 4 bad, cycling truncated JPEG, text file, "
             "empty file, upload over the limit",

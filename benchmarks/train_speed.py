@@ -122,13 +122,20 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     model_config = ModelConfig(vocab_size=len(dataset.vocab))
     if not args.data and len(dataset.vocab) < args.vocab_size:
         print(f"note: {args.images} synthetic images use only {len(dataset.vocab)} of {args.vocab_size} words")
-    sources = [s for s in args.sources if s != "features" or features]
+    # one run per (source, precision), named by the source alone when one precision is measured
+    variants = {
+        (source if len(args.precisions) == 1 else f"{source}_{precision}"): (source, precision)
+        for source in args.sources
+        if source != "features" or features
+        for precision in args.precisions
+    }
+    sources = list(variants)
     trainers = {}
-    for source in sources:
-        trainers[source] = new_run(
-            workdir / f"run-{source}",
+    for name, (source, precision) in variants.items():
+        trainers[name] = new_run(
+            workdir / f"run-{name}",
             model_config,
-            TrainConfig(batch_size=max(args.batch_captions), seed=0),
+            TrainConfig(batch_size=max(args.batch_captions), seed=0, precision=precision),
             DataConfig(prepared=str(prepared), features=features if source == "features" else ""),
             java=False,
         )
@@ -172,7 +179,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         split = {p: 1e3 * statistics.median(v) for p, v in phases[source, size].items()}
         cps = statistics.median(values)
         results[f"{source}_batch_{size}"] = {
-            "source": "cached features" if source == "features" else "images through the encoder",
+            "source": "cached features" if variants[source][0] == "features" else "images through the encoder",
+            "precision": variants[source][1],
             "batch_captions_requested": size,
             "batch_captions_mean": statistics.mean(captions[source, size]),
             "captions_per_second_median": round(cps, 2),
@@ -219,6 +227,13 @@ def main() -> int:
     parser.add_argument("--features", help="its `sat features` store (for the cached-features runs)")
     parser.add_argument("--sources", nargs="+", choices=["features", "images"], default=["features", "images"])
     parser.add_argument("--batch-captions", type=int, nargs="+", default=[64, 160])
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["auto", "fp32", "bf16"],
+        default=["auto"],
+        help="train.precision of the runs; several are interleaved like the sources (e.g. fp32 bf16)",
+    )
     parser.add_argument("--repeats", type=int, default=10, help="measured rounds")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")

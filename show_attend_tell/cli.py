@@ -104,6 +104,25 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     )
     fetch.add_argument("--force", action="store_true", help="convert again even if a verified file is cached")
     fetch.set_defaults(run=_run_weights_fetch)
+    add = weights_sub.add_parser(
+        "add",
+        help="check a weights file you have (torchvision's resnet101-63fe2227.pth) against its published checksum "
+        "and copy it into the cache",
+    )
+    add.add_argument("encoder", choices=("resnet101",), help="which encoder the file holds")
+    add.add_argument("file", help="the .pth file, under any name")
+    add.set_defaults(run=_run_weights_add)
+
+
+def _run_weights_add(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from show_attend_tell.weights import add_resnet101, file_sha256
+
+    path = add_resnet101(Path(args.file))
+    print(f"weights: {path}")
+    print(f"sha256: {file_sha256(path)}")
+    return 0
 
 
 def _run_weights_fetch(args: argparse.Namespace) -> int:

@@ -9,8 +9,9 @@ best checkpoint (by the early-stopping metric) under `best/`, loadable by `check
 
 Batches are groups of whole images with all their captions, so each image's attention projection is shared
 by its captions. Their cached features come from a store held in memory, or one read from disk batch by batch
-(`cached_batches`) when it does not fit (DataConfig.feature_loading). The data order of epoch e is a permutation seeded by (seed, e); with the step within the
-epoch, the model, optimizer, scheduler and RNG states, that is everything needed to continue exactly.
+(`cached_batches`) when it does not fit (DataConfig.feature_loading). The data order of epoch e is a permutation
+seeded by (seed, e) (`epoch_order`); with the step within the epoch, the model, optimizer, scheduler and RNG
+states, that is everything needed to continue exactly.
 Under torchrun each rank takes every world_size-th image of a batch, the loss is normalised by the global
 batch and the gradients are averaged over ranks (`average_gradients`), so the result matches one process.
 """

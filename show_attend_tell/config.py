@@ -102,6 +102,11 @@ class TrainConfig:
     # Autocast in training: auto is fp16 with loss scaling on CUDA and fp32 on the CPU, where bf16 autocast was not
     # faster on the 2-core AMD EPYC (results/train_speed_bf16.json); bf16 needs no loss scaling.
     precision: str = "auto"
+    # 0: each epoch visits the training images in a random order (a permutation). N > 0: for feature stores on
+    # disks that seek slowly (disks that spin, network storage), blocks of N consecutive images in a random
+    # order, the images of every SHUFFLE_WINDOW_BLOCKS blocks shuffled together (train.epoch_order)
+    shuffle_block: int = 0
+    compile: bool = False  # torch.compile the decoder's step, which training and decoding run (worth it on GPUs)
 
 
 @dataclasses.dataclass
@@ -114,6 +119,11 @@ class DataConfig:
     features: str = ""
     captions_per_image: int = 5  # how many of each image's captions a batch uses (the first ones)
     limit: int = 0  # > 0: only the first `limit` images of each split (`--limit`, quick experiments)
+    # memory: read the whole store into RAM; stream: read each batch's rows from disk (memory bounded by a few
+    # batches, for stores larger than RAM: COCO's 14x14 store is 99 GB); auto: memory when the store takes
+    # under half the memory available
+    feature_loading: str = "auto"
+    loader_workers: int = 2  # processes reading a streamed store's batches ahead of training (0: in the loop)
 
 
 def _at_least(low: float) -> tuple[Callable[[float], bool], str]:
@@ -152,7 +162,9 @@ TRAIN_RANGES: dict[str, Any] = {
     "reinforce_weight": _at_least(0),
     "entropy_weight": _at_least(0),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "shuffle_block": _at_least(0),
 }
+FEATURE_LOADING = ("auto", "memory", "stream")
 
 
 def check_train_config(config: TrainConfig, where: str) -> None:

@@ -1,23 +1,28 @@
 """Feature cache: run the frozen encoder once over a prepared dataset and keep the grid features on disk.
 
-The store is a directory of memory-mapped arrays: `features.npy` (N, P, E) float16 in the order of the
-prepared dataset's images, `done.npy` (N,) uint8 marking finished rows, and `features.json` describing what
-produced them (encoder name and weights sha256, grid, image size, a fingerprint of the image list). Rows are
-written and flushed before they are marked done, so an interrupted run resumes where it stopped; disjoint rows
-let torchrun ranks fill one store at once. Training then reads these instead of running a ResNet per batch.
+A store is a directory: `features.json` describing what produced the rows (encoder name and weights sha256,
+grid, image size, a fingerprint of the image list, the dtype) and how they are laid out, and one or more shards,
+each a pair of .npy files holding a contiguous slice of rows: `features.npy` (n, P, E) float16 (or float32) in
+the order of the prepared dataset's images and `done.npy` (n,) uint8 marking finished rows. A store made by one
+process has one shard with those names; under torchrun each rank fills shards of its own
+(`features-00001-of-00004.npy`...), on one machine or several, and the shard files moved into one directory
+are the whole store. Rows are written and flushed before they are marked done, so an interrupted run resumes
+where it stopped. Training and evaluation then read rows from disk as they need them (`FeatureStore`), or
+load a store that fits into memory, instead of running a ResNet per batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from show_attend_tell.config import ModelConfig
+from show_attend_tell.config import ModelConfig, write_atomically
 from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import FastEncoder
 from show_attend_tell.images import load_image
@@ -102,9 +107,10 @@ def store_precision(directory: str | Path) -> str:
 
 def load_for_model(
     directory: str | Path, config: ModelConfig, paths: list[Path], encoder_sha256: str, encoder: Encoder | None
-) -> tuple[torch.Tensor, str]:
-    """A complete store that fits a model -> (features, stage): grid features for a frozen encoder, or the
-    output of a block before every fine-tuned one (run the rest with `encoder.forward_from(features, stage)`)."""
+) -> tuple[FeatureStore, str]:
+    """A complete store that fits a model -> (store, stage): grid features for a frozen encoder, or the
+    output of a block before every fine-tuned one (run the rest with `encoder.forward_from(features, stage)`).
+    The store reads rows from disk when indexed; `store.load()` holds it all in memory instead."""
     stage = store_stage(directory)
     if config.fine_tune_blocks and not stage:
         raise InputError(
@@ -117,7 +123,9 @@ def load_for_model(
             encoder.check_stage(stage)
         except ValueError as error:
             raise InputError(f"{directory}: {error}") from None
-    return load_features(directory, expected_meta(config, paths, encoder_sha256, stage)), stage
+    store = open_store(directory, expected_meta(config, paths, encoder_sha256, stage))
+    store.check_complete()
+    return store, stage
 
 
 def _check_meta(directory: Path, found: dict, expected: dict) -> None:
@@ -130,41 +138,217 @@ def _check_meta(directory: Path, found: dict, expected: dict) -> None:
             )
 
 
-def open_store(directory: str | Path, expected: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Open a store read-only -> (features memmap (N, P, E) fp16, done (N,) uint8, meta), verified.
+def shard_layout(rows: int, shards: int) -> list[dict]:
+    """Contiguous row slices of about equal size, one per shard: [{features, done, start, stop}]. A one-shard
+    store keeps the names of format 1 (features.npy, done.npy)."""
+    if shards < 1 or shards > max(1, rows):
+        raise InputError(f"--shards must be from 1 to the number of images ({rows}), got {shards}")
+    bounds = np.linspace(0, rows, shards + 1).round().astype(int).tolist()
+    if shards == 1:
+        return [{"features": FEATURES_FILE, "done": DONE_FILE, "start": 0, "stop": rows}]
+    return [
+        {
+            "features": f"features-{i:05d}-of-{shards:05d}.npy",
+            "done": f"done-{i:05d}-of-{shards:05d}.npy",
+            "start": bounds[i],
+            "stop": bounds[i + 1],
+        }
+        for i in range(shards)
+    ]
 
-    `expected` (from `expected_meta`) is compared key by key; the array shapes are always checked.
+
+def _shards(meta: dict) -> list[dict]:
+    """The shard list of a store's meta (format 1 stores have one implicit shard)."""
+    return meta.get("shards") or shard_layout(meta["shape"][0], 1)
+
+
+class FeatureStore:
+    """A feature store opened read-only: rows (N, P, E) in one or several shard files, read from disk on demand.
+
+    Indexing reads just the rows asked for (`os.preadv` into a fresh array; runs of consecutive rows in one
+    call), so memory is bounded by the batch, not by the store: COCO's 14x14 store is 99 GB in fp16. The pages
+    read stay in the kernel's page cache, not in this process, which is why rows are not read through a
+    memory map (mapped pages count towards the process's RSS until the kernel reclaims them). Shards are files
+    that torchrun ranks (on one machine or several) filled side by side; they are read where they lie.
     """
+
+    def __init__(self, directory: Path, meta: dict):
+        self.directory = directory
+        self.meta = meta
+        self._files: dict[int, int] = {}  # shard -> file descriptor, opened on first read (per process)
+        self.shards = _shards(meta)
+        rows, per_row = meta["shape"][0], tuple(meta["shape"][1:])
+        self.shape = (rows, *per_row)
+        if [s["start"] for s in self.shards] != [0] + [s["stop"] for s in self.shards[:-1]] or (
+            self.shards[-1]["stop"] != rows
+        ):
+            raise InputError(f"{directory / META_FILE}: shards do not cover rows 0-{rows} in order")
+        self._arrays = []  # per shard: (features file, its header's length)
+        self.dtype: np.dtype | None = None
+        done = []
+        for shard in self.shards:
+            features = self._open_array(shard["features"], (shard["stop"] - shard["start"], *per_row))
+            flags = self._open_array(shard["done"], (shard["stop"] - shard["start"],))
+            if flags.dtype != np.uint8:
+                raise InputError(f"{directory / shard['done']}: dtype {flags.dtype}, expected uint8")
+            self._arrays.append((directory / shard["features"], features.offset))
+            done.append(np.array(flags))
+            if self.dtype is None:
+                self.dtype = features.dtype
+            elif features.dtype != self.dtype:
+                raise InputError(f"{directory / shard['features']}: dtype {features.dtype}, other shards {self.dtype}")
+        self.done = np.concatenate(done)  # (N,) 1 for finished rows
+        self.starts = np.array([s["start"] for s in self.shards])
+        self.row_bytes = int(np.prod(per_row)) * self.dtype.itemsize
+
+    def _open_array(self, name: str, shape: tuple) -> np.memmap:
+        path = self.directory / name
+        if not path.is_file():
+            hint = ""
+            if len(self.shards) > 1:
+                hint = (
+                    "; it is written by the torchrun rank that runs this shard: copy it here from that machine, or "
+                    "rerun `sat features` with the same --out to compute it"
+                )
+            raise InputError(f"{path}: missing{hint}")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise InputError(f"{path}: not a readable .npy array ({error})") from None
+        if array.shape != shape:
+            raise InputError(f"{path}: shape {list(array.shape)} does not match {META_FILE}, which says {list(shape)}")
+        return array
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.row_bytes
+
+    def check_complete(self) -> None:
+        """Refuse a store with rows not computed yet, naming the shard files they are in."""
+        missing = int((self.done == 0).sum())
+        if missing:
+            incomplete = [s["features"] for s in self.shards if not self.done[s["start"] : s["stop"]].all()]
+            raise InputError(
+                f"{self.directory}: {missing} of {len(self.done)} images have no features yet "
+                f"(in {', '.join(incomplete)}); rerun `sat features`"
+            )
+
+    def _descriptor(self, shard: int) -> int:
+        if shard not in self._files:
+            self._files[shard] = os.open(self._arrays[shard][0], os.O_RDONLY)
+        return self._files[shard]
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        """Rows (a list or 1-d tensor of row numbers, any order, repeats allowed) -> (B, P, E) in the store's
+        dtype, read from disk."""
+        rows = np.asarray(rows.tolist() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row out of range for a store of {len(self)} images")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        order = np.argsort(rows, kind="stable")
+        flat = out.reshape(len(rows), self.row_bytes // self.dtype.itemsize)
+        position = 0
+        while position < len(order):
+            # a run of consecutive rows in one shard: one read into consecutive places of a sorted buffer
+            first = rows[order[position]]
+            shard = int(np.searchsorted(self.starts, first, side="right") - 1)
+            stop = self.shards[shard]["stop"]
+            end = position + 1
+            while end < len(order) and rows[order[end]] == rows[order[end - 1]] + 1 and rows[order[end]] < stop:
+                end += 1
+            self._read(shard, first - self.shards[shard]["start"], [flat[i] for i in order[position:end]])
+            position = end
+            while position < len(order) and rows[order[position]] == rows[order[position - 1]]:
+                flat[order[position]] = flat[order[position - 1]]  # a repeated row
+                position += 1
+        return torch.from_numpy(out)
+
+    def _read(self, shard: int, local_row: int, buffers: list[np.ndarray]) -> None:
+        path, offset = self._arrays[shard]
+        start = offset + local_row * self.row_bytes
+        wanted = self.row_bytes * len(buffers)
+        got = os.preadv(self._descriptor(shard), [memoryview(b).cast("B") for b in buffers], start)
+        while got < wanted:  # preadv may stop early (signals, huge requests); continue where it stopped
+            row, within = divmod(got, self.row_bytes)
+            views = [memoryview(buffers[row]).cast("B")[within:]] + [
+                memoryview(b).cast("B") for b in buffers[row + 1 :]
+            ]
+            more = os.preadv(self._descriptor(shard), views, start + got)
+            if more == 0:
+                raise InputError(f"{path}: ends early; the file is truncated")
+            got += more
+
+    def load(self, progress: bool = False) -> torch.Tensor:
+        """The whole store as one (N, P, E) tensor in memory, read shard by shard."""
+        out = torch.empty(self.shape, dtype=torch.from_numpy(np.empty(0, self.dtype)).dtype)
+        chunk = max(1, (64 << 20) // self.row_bytes)
+        with tqdm(total=len(self), desc="loading features", unit="img", disable=not progress) as bar:
+            for start in range(0, len(self), chunk):
+                rows = list(range(start, min(len(self), start + chunk)))
+                out[start : start + len(rows)] = self[rows]
+                bar.update(len(rows))
+        return out
+
+    def close(self) -> None:
+        for descriptor in self._files.values():
+            os.close(descriptor)
+        self._files = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": {}}  # a DataLoader worker opens its own descriptors
+
+    def __del__(self):
+        self.close()
+
+
+def open_store(directory: str | Path, expected: dict | None = None) -> FeatureStore:
+    """Open a store read-only, verified: `expected` (from `expected_meta`) is compared key by key, every shard
+    file must be there with the shape features.json gives it. Rows may still be missing (see `done`)."""
     directory = Path(directory)
     meta = read_meta(directory)
     if expected is not None:
         _check_meta(directory, meta, expected)
-    try:
-        features = np.load(directory / FEATURES_FILE, mmap_mode="r")
-        done = np.load(directory / DONE_FILE, mmap_mode="r")
-    except (OSError, ValueError) as error:
-        raise InputError(f"{directory}: feature arrays missing or corrupt ({error})") from None
-    if list(features.shape) != meta["shape"] or done.shape != (meta["shape"][0],):
-        raise InputError(
-            f"{directory / FEATURES_FILE}: shape {list(features.shape)} does not match {META_FILE} {meta['shape']}"
-        )
-    return features, done, meta
+    return FeatureStore(directory, meta)
 
 
 def load_features(directory: str | Path, expected: dict | None = None) -> torch.Tensor:
-    """The complete store as one (N, P, E) fp16 tensor in memory; refuses a store with missing rows."""
-    features, done, _ = open_store(directory, expected)
-    missing = int((done == 0).sum())
-    if missing:
-        raise InputError(f"{directory}: {missing} of {len(done)} images have no features yet; rerun `sat features`")
-    return torch.from_numpy(np.array(features))  # a writable copy in memory
+    """The complete store as one (N, P, E) tensor in memory; refuses a store with missing rows."""
+    store = open_store(directory, expected)
+    store.check_complete()
+    return store.load()
 
 
-def _create(directory: Path, meta: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    np.lib.format.open_memmap(directory / FEATURES_FILE, mode="w+", dtype=np.float16, shape=tuple(meta["shape"]))
-    np.lib.format.open_memmap(directory / DONE_FILE, mode="w+", dtype=np.uint8, shape=(meta["shape"][0],))
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+def _write_meta(directory: Path, meta: dict) -> None:
+    write_atomically(directory / META_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
+def remove_store(directory: str | Path) -> None:
+    """Delete a store's features.json and the shard files it lists (`sat features --overwrite`)."""
+    directory = Path(directory)
+    try:
+        shards = _shards(read_meta(directory))
+    except InputError:  # no store here, or another rank sharing this disk removed it first
+        return
+    for shard in shards:
+        for key in ("features", "done"):
+            (directory / shard[key]).unlink(missing_ok=True)
+    (directory / META_FILE).unlink(missing_ok=True)
+
+
+def _create_shard(directory: Path, shard: dict, per_row: tuple, dtype: str) -> None:
+    rows = shard["stop"] - shard["start"]
+    # each file is made under a temporary name: it is either complete (zeros, nothing done) or not there
+    for key, shape, kind in (("features", (rows, *per_row), dtype), ("done", (rows,), "uint8")):
+        write_atomically(
+            directory / shard[key],
+            lambda path, shape=shape, kind=kind: np.lib.format.open_memmap(path, mode="w+", dtype=kind, shape=shape),
+        )
+
+
+STORE_DTYPES = ("float16", "float32")
 
 
 @torch.no_grad()
@@ -179,6 +363,8 @@ def extract_features(
     overwrite: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    shards: int = 0,
+    dtype: str = "float16",
     device: str | torch.device = "cpu",
     progress: bool = True,
     stage: str = "",
@@ -187,37 +373,62 @@ def extract_features(
     output of residual block `stage` (see expected_meta), in the encoder's precision (model.Encoder: fp32; a
     fast_encoder.FastEncoder: its own), which the store records.
 
-    With world_size > 1 each rank takes every world_size-th pending image; rank 0 creates the store and
-    the caller must barrier before other ranks call this. Returns a summary (done, failed files, seconds).
+    The store is `shards` files of contiguous rows (0: one per rank); rank r of `world_size` fills shards r,
+    r + world_size, ... . Every rank writes the same features.json and creates its own shard files, so ranks
+    on machines that share no disk each fill a directory of their own, and moving the shard files into one
+    directory merges them (nothing is rewritten). A store that exists keeps its layout, whatever the number of
+    ranks now. Rows are flushed before they are marked done, so an interrupted run resumes where it stopped.
+    `overwrite` removes the store first (one process; under torchrun `sat features --overwrite` has each rank
+    remove it before a barrier). Returns a summary (images, rows computed, failed files).
     """
     directory = Path(directory)
+    if overwrite:
+        remove_store(directory)
+    if dtype not in STORE_DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
     meta = expected_meta(config, paths, encoder_sha256, stage, getattr(encoder, "precision", "fp32"))
-    if rank == 0 and (overwrite or not (directory / META_FILE).is_file()):
-        _create(directory, meta)
-    _, _, _ = open_store(directory, meta)  # verifies before any work
-    features = np.load(directory / FEATURES_FILE, mmap_mode="r+")
-    done = np.load(directory / DONE_FILE, mmap_mode="r+")
-    pending = [i for i in np.flatnonzero(done == 0).tolist() if i % world_size == rank]
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / META_FILE).is_file():
+        found = read_meta(directory)
+        _check_meta(directory, found, meta)
+        meta = found
+    else:
+        meta.update(dtype=dtype, shards=shard_layout(len(paths), shards or world_size))
+        _write_meta(directory, meta)
+    layout = _shards(meta)
+    mine = list(range(rank, len(layout), world_size))
+    per_row = tuple(meta["shape"][1:])
+    for index in mine:
+        if not (directory / layout[index]["done"]).is_file():
+            _create_shard(directory, layout[index], per_row, meta.get("dtype", "float16"))
     encoder = encoder.to(device).eval()
     failed: dict[str, str] = {}
-    bar = tqdm(total=len(pending), desc="features", unit="img", disable=not progress or rank != 0)
-    for start in range(0, len(pending), batch_size):
-        rows, pictures = [], []
-        for i in pending[start : start + batch_size]:
-            try:
-                pictures.append(load_image(paths[i]))
-                rows.append(i)
-            except InputError as error:
-                failed[str(paths[i])] = str(error)
-        if rows:
-            grid = image_features(encoder, pictures, config, device, stage=stage)  # (B, h*w, C) or (B, P, E)
-            grid = grid.half().cpu().numpy()
-            order = np.argsort(rows)
-            rows_sorted = np.asarray(rows)[order]
-            features[rows_sorted] = grid[order]
-            features.flush()  # the rows reach the disk before they are marked done
-            done[rows_sorted] = 1
-            done.flush()
-        bar.update(len(pending[start : start + batch_size]))
+    work = []  # (shard, its pending rows as store rows)
+    for index in mine:
+        shard = layout[index]
+        done = np.load(directory / shard["done"], mmap_mode="r")
+        work.append((shard, (np.flatnonzero(done == 0) + shard["start"]).tolist()))
+    total = sum(len(pending) for _, pending in work)
+    description = f"features (rank {rank} of {world_size})" if world_size > 1 else "features"
+    bar = tqdm(total=total, desc=description, unit="img", disable=not progress or rank != 0)
+    for shard, pending in work:
+        features = np.load(directory / shard["features"], mmap_mode="r+")
+        done = np.load(directory / shard["done"], mmap_mode="r+")
+        for start in range(0, len(pending), batch_size):
+            rows, pictures = [], []
+            for i in pending[start : start + batch_size]:
+                try:
+                    pictures.append(load_image(paths[i]))
+                    rows.append(i - shard["start"])
+                except InputError as error:
+                    failed[str(paths[i])] = str(error)
+            if rows:
+                grid = image_features(encoder, pictures, config, device, stage=stage)  # (B, h*w, C) or (B, P, E)
+                features[rows] = grid.float().cpu().numpy().astype(features.dtype)  # bf16 has no numpy type
+                features.flush()  # the rows reach the disk before they are marked done
+                done[rows] = 1
+                done.flush()
+            bar.update(len(pending[start : start + batch_size]))
+        del features, done
     bar.close()
-    return {"images": len(paths), "computed": len(pending) - len(failed), "failed": failed}
+    return {"images": len(paths), "computed": total - len(failed), "failed": failed}

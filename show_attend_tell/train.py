@@ -8,8 +8,10 @@ step and per validation), TensorBoard scalars under `tensorboard/`, the resumabl
 best checkpoint (by the early-stopping metric) under `best/`, loadable by `checkpoint.load_model`.
 
 Batches are groups of whole images with all their captions, so each image's attention projection is shared
-by its captions. The data order of epoch e is a permutation seeded by (seed, e); with the step within the
-epoch, the model, optimizer, scheduler and RNG states, that is everything needed to continue exactly.
+by its captions. Their cached features come from a store held in memory, or one read from disk batch by batch
+(`cached_batches`) when it does not fit (DataConfig.feature_loading). The data order of epoch e is a permutation
+seeded by (seed, e) (`epoch_order`); with the step within the epoch, the model, optimizer, scheduler and RNG
+states, that is everything needed to continue exactly.
 Under torchrun each rank takes every world_size-th image of a batch, the loss is normalised by the global
 batch and the gradients are averaged over ranks (`average_gradients`), so the result matches one process.
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +40,7 @@ from show_attend_tell.checkpoint import check_model_config, load_encoder_state, 
 from show_attend_tell.config import (
     CALIBRATION_IMAGES,
     DEFAULT_BEAM_SIZE,
+    FEATURE_LOADING,
     DataConfig,
     ModelConfig,
     TrainConfig,
@@ -47,6 +51,7 @@ from show_attend_tell.config import (
     write_atomically,
 )
 from show_attend_tell.errors import InputError
+from show_attend_tell.features import FeatureStore
 from show_attend_tell.model import (
     EXPECTED_CONTEXT_PROBABILITY,
     CaptionModel,
@@ -69,10 +74,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group once."""
+    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group once. With GPUs the
+    backend is NCCL and each process takes the GPU of its LOCAL_RANK ("cuda" then means that one)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -116,10 +124,40 @@ def check_writable(run_dir: Path) -> None:
             pass
 
 
-def epoch_batches(image_rows: list[int], caption_rows: dict[int, list[int]], batch_size: int, epoch: int, seed: int):
-    """One epoch's batches: lists of image rows, each list holding about batch_size captions."""
+# With TrainConfig.shuffle_block N, the images of this many blocks of N are shuffled together: a stretch of the
+# epoch reads from SHUFFLE_WINDOW_BLOCKS * N consecutive rows of the store only.
+SHUFFLE_WINDOW_BLOCKS = 8
+
+
+def epoch_order(image_rows: list[int], epoch: int, seed: int, block: int = 0) -> list[int]:
+    """The order epoch `epoch` visits the images in, seeded by (seed, epoch): each image exactly once.
+
+    block 0: a random permutation. block N: the rows sorted, cut into blocks of N consecutive rows, the blocks
+    in a random order and the rows of each window of SHUFFLE_WINDOW_BLOCKS blocks shuffled together, so that
+    reads from a feature store on a disk that seeks slowly stay within a window of the file."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = [image_rows[i] for i in torch.randperm(len(image_rows), generator=generator).tolist()]
+    if not block:
+        return [image_rows[i] for i in torch.randperm(len(image_rows), generator=generator).tolist()]
+    rows = sorted(image_rows)
+    blocks = [rows[start : start + block] for start in range(0, len(rows), block)]
+    blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
+    order = []
+    for start in range(0, len(blocks), SHUFFLE_WINDOW_BLOCKS):
+        window = [row for rows_of_block in blocks[start : start + SHUFFLE_WINDOW_BLOCKS] for row in rows_of_block]
+        order += [window[i] for i in torch.randperm(len(window), generator=generator).tolist()]
+    return order
+
+
+def epoch_batches(
+    image_rows: list[int],
+    caption_rows: dict[int, list[int]],
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    block: int = 0,
+):
+    """One epoch's batches: lists of image rows, each list holding about batch_size captions."""
+    order = epoch_order(image_rows, epoch, seed, block)
     batches, current, count = [], [], 0
     for image in order:
         current.append(image)
@@ -147,7 +185,9 @@ class TrainingData:
     """The prepared dataset, its cached features (if any) and the captions each training image uses."""
 
     dataset: PreparedDataset
-    features: torch.Tensor | None  # (N, P, E) grid features or (N, h*w, C) a block's output; None: images
+    # (N, P, E) grid features or (N, h*w, C) a block's output, in memory (a tensor) or read from disk as needed
+    # (features.FeatureStore); None: images
+    features: torch.Tensor | FeatureStore | None
     stage: str  # the block whose output `features` holds ("" for grid features)
     train_rows: list[int]  # training images with at least one caption
     caption_rows: dict[int, list[int]]  # image row -> its caption rows (the first captions_per_image)
@@ -210,8 +250,10 @@ class Run:
 
 
 def batches_of_epoch(run: Run, epoch: int) -> list[list[int]]:
-    data = run.data
-    return epoch_batches(data.train_rows, data.caption_rows, run.config.batch_size, epoch, run.config.seed)
+    data, config = run.data, run.config
+    return epoch_batches(
+        data.train_rows, data.caption_rows, config.batch_size, epoch, config.seed, config.shuffle_block
+    )
 
 
 def new_run(
@@ -293,10 +335,14 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
         encoder = Encoder(model_config, pretrained=pretrained_encoder)
     encoder_sha256 = ENCODER_WEIGHTS[model_config.encoder].sha256() if pretrained_encoder else "untrained"
     model = CaptionModel(model_config, encoder=encoder).to(device)
+    if train_config.compile:
+        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)  # the state dict keeps its names
     features, stage = None, ""
     if data_config.features:
         paths = [image.path for image in dataset.images]
         features, stage = load_for_model(data_config.features, model_config, paths, encoder_sha256, encoder)
+        if _in_memory(features, data_config):
+            features = features.load(progress=rank == 0 and features.nbytes > 1 << 30)
     if train_config.init_from:
         _initialise_from(model, train_config.init_from, pretrained_encoder)
     cider = None
@@ -316,8 +362,10 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     caption_rows = {i: rows[: data_config.captions_per_image] for i, rows in captions_by_image.items()}
     train_rows = [i for i in dataset.indices("train") if caption_rows.get(i)]
     data = TrainingData(dataset, features, stage, train_rows, caption_rows)
-    total_steps = len(epoch_batches(train_rows, caption_rows, train_config.batch_size, 0, train_config.seed))
-    total_steps *= train_config.epochs
+    batches = epoch_batches(
+        train_rows, caption_rows, train_config.batch_size, 0, train_config.seed, train_config.shuffle_block
+    )
+    total_steps = len(batches) * train_config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, train_config))
     # fp16's narrow exponent needs the loss scaled; bf16 has fp32's range
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(train_config.precision, device) == torch.float16)
@@ -338,6 +386,30 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
         java=java,
         cider=cider,
     )
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable; free pages where /proc is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _in_memory(store: FeatureStore, config: DataConfig) -> bool:
+    """Whether training holds the store in memory (DataConfig.feature_loading): auto does when the store takes
+    under half the memory available to each of this machine's processes."""
+    if config.feature_loading not in FEATURE_LOADING:
+        raise InputError(f"feature_loading must be one of {', '.join(FEATURE_LOADING)}, got {config.feature_loading!r}")
+    if config.loader_workers < 0:
+        raise InputError(f"loader_workers (--loader-workers) must be 0 or more, got {config.loader_workers}")
+    if config.feature_loading != "auto":
+        return config.feature_loading == "memory"
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return store.nbytes * processes <= available_memory() // 2
 
 
 def _initialise_from(model: CaptionModel, directory: str, pretrained_encoder: bool) -> None:
@@ -432,11 +504,46 @@ def _truncate_log(run: Run) -> None:
 
 
 # ----- data ---------------------------------------------------------------------------------------------------
-def batch_features(run: Run, rows: list[int], *, train: bool) -> torch.Tensor:
-    """(B, P, E) float features for image rows: from the cache, or by running the encoder on images."""
+class _StoreRows(torch.utils.data.Dataset):
+    """A streamed store as a DataLoader dataset whose items are batches: store[rows] for a list of rows."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, rows: list[int]) -> torch.Tensor:
+        return self.store[rows]
+
+
+def cached_batches(run: Run, batches: list[list[int]]) -> Iterator[torch.Tensor | None]:
+    """This rank's cached features of each batch, in order: read ahead from a streamed store by
+    DataConfig.loader_workers processes (two batches each; pinned memory on CUDA), or None for every batch when
+    the store is in memory or there is none (the step reads them itself)."""
+    store = run.data.features
+    if not isinstance(store, FeatureStore):
+        return itertools.repeat(None, len(batches))
+    workers = run.data_config.loader_workers
+    loader = torch.utils.data.DataLoader(
+        _StoreRows(store),
+        batch_size=None,  # each item is already a batch
+        sampler=[rows[run.rank :: run.world_size] for rows in batches],
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        pin_memory=run.device.type == "cuda",
+        generator=torch.Generator(),  # the workers' seeds come from here, not from the training's RNG state
+    )
+    return iter(loader)
+
+
+def batch_features(run: Run, rows: list[int], *, train: bool, cached: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, P, E) float features for image rows: `cached` (read ahead by `cached_batches`), from the store, or
+    by running the encoder on images."""
     data, model = run.data, run.model
     if data.features is not None:
-        cached = data.features[rows].to(run.device, non_blocking=True).float()
+        cached = data.features[rows] if cached is None else cached
+        cached = cached.to(run.device, non_blocking=True).float()
         return model.encoder.forward_from(cached, data.stage) if data.stage else cached
     from show_attend_tell.images import load_image
     from show_attend_tell.inference import image_features
@@ -468,6 +575,8 @@ def global_sums(run: Run, *values: float) -> list[float]:
     """Each value summed over the ranks (itself in one process)."""
     totals = torch.tensor(values, dtype=torch.float64)
     if run.world_size > 1:
+        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            totals = totals.to(run.device)
         dist.all_reduce(totals)
     return totals.tolist()
 
@@ -477,8 +586,11 @@ def _no_mark(phase: str) -> None:
     pass
 
 
-def cross_entropy_step(run: Run, rows: list[int], mark: Callable[[str], None] = _no_mark) -> dict:
-    """One teacher-forced optimisation step on a global batch of image rows (this rank takes its share).
+def cross_entropy_step(
+    run: Run, rows: list[int], mark: Callable[[str], None] = _no_mark, *, cached: torch.Tensor | None = None
+) -> dict:
+    """One teacher-forced optimisation step on a global batch of image rows (this rank takes its share;
+    `cached`: its rows' features, read ahead).
 
     `mark(phase)` is called as each phase ends (data, encoder, decoder_forward, loss; then _optimise's):
     benchmarks/train_speed.py times this very function with it."""
@@ -490,7 +602,7 @@ def cross_entropy_step(run: Run, rows: list[int], mark: Callable[[str], None] = 
     hard = run.model_config.attention == "hard"
     mark("data")
     with run.autocast():
-        features = batch_features(run, local, train=True)
+        features = batch_features(run, local, train=True, cached=cached)
         mark("encoder")
         sampling = location_sampling(run, local) if hard else None
         forced = run.model(features, tokens, lengths, owners, sampling=sampling)
@@ -551,7 +663,7 @@ def _hard_attention_terms(run: Run, forced: TeacherForced, tokens: torch.Tensor,
     return loss, {"reward": mean, "baseline": baseline, "sampled_captions": int(count)}
 
 
-def self_critical_step(run: Run, rows: list[int]) -> dict:
+def self_critical_step(run: Run, rows: list[int], *, cached: torch.Tensor | None = None) -> dict:
     """One SCST step: sample `scst_samples` captions per image, reward CIDEr-D, REINFORCE.
 
     Sampling runs without dropout: the policy improved is the one decoding uses (with dropout on, a Flickr8k
@@ -569,7 +681,7 @@ def self_critical_step(run: Run, rows: list[int]) -> dict:
     train_rows = run.data.dataset.indices("train")
     corpus_row = {image: n for n, image in enumerate(train_rows)}  # the CIDEr-D corpus is in this order
     with run.autocast():
-        features = batch_features(run, local, train=True)
+        features = batch_features(run, local, train=True, cached=cached)
         encoded = run.model.decoder.encode(features)  # the `samples` rows of an image share its features
         tokens, log_probs, _, _ = rollout(
             run.model.decoder, encoded, max_length=run.config.max_caption_length, sample=True, per_image=samples
@@ -771,13 +883,15 @@ def _fit(run: Run, max_steps: int | None) -> dict:
         )
         started, captions_seen = time.perf_counter(), 0
         step = self_critical_step if config.self_critical else cross_entropy_step
+        cached = cached_batches(run, batches[state.step_in_epoch :])
         while state.step_in_epoch < len(batches):
             if max_steps is not None and state.global_step >= max_steps:
                 bar.close()
+                del cached  # stops the loader's processes
                 if state.saved_step != state.global_step:
                     save_state(run)
                 return {"stopped": "max_steps", "global_step": state.global_step}
-            stats = step(run, batches[state.step_in_epoch])
+            stats = step(run, batches[state.step_in_epoch], cached=next(cached))
             state.step_in_epoch += 1
             state.global_step += 1
             captions_seen += stats["captions"]
@@ -793,6 +907,7 @@ def _fit(run: Run, max_steps: int | None) -> dict:
             if stop:
                 break
         bar.close()
+        del cached
         if not stop:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             if not config.val_every_steps:

@@ -16,7 +16,11 @@ state dict (safetensors, fp32) in `cache_dir()`. The conversion is exact up to f
   1x1 convolution (torchvision puts it on the 3x3), so `resnet50_v1` moves the strides; the keys are the same.
 - The largest BatchNorm running variance is about 8.4e4, beyond float16's 65504: the file stays fp32.
 
-ResNet-101 uses torchvision's own IMAGENET1K_V1 file from the torch hub cache, when it is there.
+ResNet-101, the encoder of the seed's COCO recipe, uses torchvision's own IMAGENET1K_V1 file, which needs a model
+hub this project does not reach: a user who has it (downloaded elsewhere) gives its path to
+`sat weights add resnet101 FILE`, which checks it and copies it into `cache_dir()`, or leaves it in torch's hub
+cache. Either way the file must have the sha256 torchvision publishes for it: the hex digits in its name
+(`resnet101-63fe2227.pth`, the check torchvision's own download makes), whatever the name of the file given.
 """
 
 from __future__ import annotations
@@ -97,9 +101,10 @@ class EncoderWeights:
         if not path.is_file():
             url = ResNet101_Weights.IMAGENET1K_V1.url
             raise InputError(
-                f"resnet101: torchvision weights not found at {path}. Download {url} on a machine with "
-                f"internet and copy it there (or point TORCH_HOME at a directory holding hub/checkpoints/"
-                f"{path.name}); or use encoder resnet50, whose weights `sat weights fetch` provides offline"
+                f"resnet101: torchvision weights not found at {cache_dir() / RESNET101_FILE} nor {path}. Download "
+                f"{url} on a machine with internet and give it to `sat weights add resnet101 FILE` (or point "
+                f"TORCH_HOME at a directory holding hub/checkpoints/{path.name}); or use encoder resnet50, whose "
+                "weights `sat weights fetch` provides offline"
             )
         return path
 
@@ -112,14 +117,7 @@ class EncoderWeights:
         model = resnet50_v1() if self.name == "resnet50" else torchvision.models.resnet101()
         if pretrained:
             path = self.path()
-            if self.name == "resnet50":
-                state = load_file(path)
-            else:
-                # torchvision names its files <arch>-<first hex digits of the sha256>.pth.
-                expected = path.stem.rsplit("-", 1)[-1]
-                if not file_sha256(path).startswith(expected):
-                    raise InputError(f"{path}: sha256 does not start with {expected}; the file is corrupt")
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path) if self.name == "resnet50" else check_resnet101(path)
             model.load_state_dict(state, strict=True)
         return model.eval()
 
@@ -143,8 +141,45 @@ ENCODER_WEIGHTS: dict[str, EncoderWeights] = {
 }
 
 
+RESNET101_FILE = Path(ResNet101_Weights.IMAGENET1K_V1.url).name  # resnet101-63fe2227.pth
+# torchvision names its files <arch>-<first hex digits of the file's sha256>.pth and checks them on download
+RESNET101_SHA256_PREFIX = Path(RESNET101_FILE).stem.rsplit("-", 1)[-1]
+
+
 def _resnet101_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ResNet101_Weights.IMAGENET1K_V1.url).name
+    """The ResNet-101 file: `sat weights add`'s copy in cache_dir(), else torch's hub cache (the one named in
+    errors when neither is there)."""
+    added = cache_dir() / RESNET101_FILE
+    return added if added.is_file() else Path(torch.hub.get_dir()) / "checkpoints" / RESNET101_FILE
+
+
+def check_resnet101(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a torchvision ResNet-101 weights file, refused (InputError naming the file) unless its
+    sha256 starts with the digits torchvision publishes and it fits torchvision's resnet101 exactly."""
+    digest = file_sha256(path)
+    if not digest.startswith(RESNET101_SHA256_PREFIX):
+        raise InputError(
+            f"{path}: sha256 {digest} does not start with {RESNET101_SHA256_PREFIX}, the checksum torchvision "
+            f"publishes for {RESNET101_FILE} (IMAGENET1K_V1); the file is corrupt, partial or other weights"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        torchvision.models.resnet101().load_state_dict(state, strict=True)
+    except Exception as error:  # a pickle that is not a state dict, or one of another network
+        raise InputError(f"{path}: not torchvision's resnet101 state dict ({type(error).__name__}: {error})") from None
+    return state
+
+
+def add_resnet101(source: Path) -> Path:
+    """Verify a ResNet-101 weights file (`check_resnet101`) and copy it into cache_dir(), where every command
+    finds it; the copy is written atomically. Returns its path."""
+    if not source.is_file():
+        raise InputError(f"{source}: file not found (torchvision's {RESNET101_FILE} is expected)")
+    check_resnet101(source)
+    destination = cache_dir() / RESNET101_FILE
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(destination, lambda temporary: shutil.copyfile(source, temporary))
+    return destination
 
 
 def resnet50_v1() -> ResNet:

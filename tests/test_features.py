@@ -76,8 +76,7 @@ def test_broken_image_is_reported_and_the_rest_is_done(tiny_prepared, tmp_path):
     )
     assert summary["computed"] == 2
     assert "empty file" in summary["failed"][str(broken)]
-    _, done, _ = open_store(tmp_path / "s")
-    assert done.tolist() == [1, 1, 0]
+    assert open_store(tmp_path / "s").done.tolist() == [1, 1, 0]
 
 
 def test_cli_refuses_an_unknown_stage_before_any_work(tiny_prepared, tmp_path, fixed_encoder_weights, capsys):
@@ -87,3 +86,107 @@ def test_cli_refuses_an_unknown_stage_before_any_work(tiny_prepared, tmp_path, f
     assert main([*args, "--stage", "layer9.0"]) == 2
     assert "--stage: unknown encoder stage 'layer9.0'" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_store_reads_the_rows_asked_for_from_disk_in_any_order(tiny_features):
+    store = open_store(tiny_features)
+    whole = np.load(tiny_features / FEATURES_FILE)
+    rows = [7, 2, 3, 4, 11, 0, 3, 3]  # runs, repeats, any order
+    np.testing.assert_array_equal(store[rows].numpy(), whole[rows])
+    np.testing.assert_array_equal(store[torch.tensor([5])].numpy(), whole[[5]])
+    assert store[[]].shape == (0, 4, 12)
+    with pytest.raises(IndexError):
+        store[[12]]
+    np.testing.assert_array_equal(store.load().numpy(), whole)
+
+
+def test_shards_filled_by_separate_ranks_merge_by_moving_their_files(tiny_prepared, tiny_features, tmp_path):
+    """Two ranks on machines that share no disk each fill their own directory; the shard files moved into one
+    directory are the store, equal to one process's; a store with a shard file missing names it."""
+    paths, config, encoder = setup(tiny_prepared)
+    options = dict(config=config, encoder=encoder, encoder_sha256="untrained", progress=False, batch_size=5)
+    for rank in (0, 1):
+        extract_features(paths, tmp_path / f"machine{rank}", rank=rank, world_size=2, **options)
+    names = sorted(p.name for p in (tmp_path / "machine1").iterdir())
+    assert names == ["done-00001-of-00002.npy", "features-00001-of-00002.npy", "features.json"]
+    single = load_features(tiny_features)
+    with pytest.raises(InputError, match="features-00001-of-00002.npy: missing; it is written by the torchrun rank"):
+        open_store(tmp_path / "machine0")
+    for name in names[:2]:
+        (tmp_path / "machine1" / name).rename(tmp_path / "machine0" / name)
+    merged = open_store(tmp_path / "machine0", expected_meta(config, paths, "untrained"))
+    assert [(s["start"], s["stop"]) for s in merged.shards] == [(0, 6), (6, 12)]
+    assert torch.equal(merged.load(), single)
+    assert torch.equal(merged[[5, 6, 7, 0]], single[[5, 6, 7, 0]])  # a run across the shards' border
+
+
+def test_a_sharded_store_resumes_with_any_number_of_processes(tiny_prepared, tiny_features, tmp_path):
+    paths, config, encoder = setup(tiny_prepared)
+    options = dict(config=config, encoder=encoder, encoder_sha256="untrained", progress=False)
+    extract_features(paths, tmp_path / "s", rank=1, world_size=3, **options)  # rank 1 of 3 only
+    with pytest.raises(InputError, match="features-00000-of-00003.npy: missing"):
+        open_store(tmp_path / "s")
+    summary = extract_features(paths, tmp_path / "s", shards=5, **options)  # one process does 0 and 2; 3 shards stay
+    assert summary["computed"] == 8
+    store = open_store(tmp_path / "s")
+    assert len(store.shards) == 3
+    assert torch.equal(store.load(), load_features(tiny_features))
+
+
+def test_a_float32_store_keeps_the_encoder_output_exactly(tiny_prepared, tiny_features, tmp_path):
+    paths, config, encoder = setup(tiny_prepared)
+    extract_features(
+        paths, tmp_path / "s", config=config, encoder=encoder, encoder_sha256="x", dtype="float32", progress=False
+    )
+    store = load_features(tmp_path / "s")
+    assert store.dtype == torch.float32
+    assert torch.equal(store.half(), load_features(tiny_features))
+    with pytest.raises(InputError, match="--dtype must be one of float16, float32"):
+        extract_features(paths, tmp_path / "t", config=config, encoder=encoder, encoder_sha256="x", dtype="int8")
+
+
+def test_a_truncated_shard_is_refused_naming_it(tiny_features, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_features, tmp_path / "s")
+    path = tmp_path / "s" / FEATURES_FILE
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(InputError, match=f"{path}: not a readable .npy array"):
+        open_store(tmp_path / "s")
+
+
+SHARD_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import ColourGrid, tiny_model_config
+from show_attend_tell.features import extract_features
+from show_attend_tell.prepare import PreparedDataset
+from show_attend_tell.train import distributed, exit_worker
+rank, world_size = distributed()
+dataset = PreparedDataset.load(sys.argv[1])
+config = tiny_model_config(len(dataset.vocab))
+paths = [image.path for image in dataset.images]
+extract_features(paths, sys.argv[2], config=config, encoder=ColourGrid(), encoder_sha256="untrained", rank=rank,
+                 world_size=world_size, batch_size=4, progress=False)
+if world_size > 1:
+    exit_worker()
+"""
+
+
+@pytest.mark.slow  # torchrun
+def test_two_gloo_processes_fill_a_store_equal_to_one_process(tiny_prepared, tiny_features, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "shards.py"
+    script.write_text(SHARD_SCRIPT.format(tests=str(REPO / "tests")))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ran = subprocess.run([*torchrun, str(script), tiny_prepared, tmp_path / "s"], env=env, capture_output=True)
+    assert ran.returncode == 0, ran.stderr.decode()[-5000:]
+    store = open_store(tmp_path / "s")
+    assert [s["features"] for s in store.shards] == ["features-00000-of-00002.npy", "features-00001-of-00002.npy"]
+    assert torch.equal(store.load(), load_features(tiny_features))

@@ -17,12 +17,17 @@ from safetensors.torch import load_file
 
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DataConfig, TrainConfig
+from show_attend_tell.features import FeatureStore
 from show_attend_tell.inference import calibrate_int8
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.train import (
+    SHUFFLE_WINDOW_BLOCKS,
     NonFiniteLossError,
     batch_captions,
     batch_features,
+    cross_entropy_step,
+    epoch_batches,
+    epoch_order,
     fit,
     new_run,
     resume_run,
@@ -31,7 +36,7 @@ from show_attend_tell.train import (
 )
 
 
-def make_trainer(run_dir, prepared, features, model: dict | None = None, **train):
+def make_trainer(run_dir, prepared, features, model: dict | None = None, data: dict | None = None, **train):
     vocab_size = len(PreparedDataset.load(prepared).vocab)
     values = dict(
         epochs=3, batch_size=10, decoder_lr=1e-2, checkpoint_every_steps=2, patience=5, seed=1, log_every_steps=1
@@ -41,7 +46,7 @@ def make_trainer(run_dir, prepared, features, model: dict | None = None, **train
         run_dir,
         tiny_model_config(vocab_size, **(model or {})),
         TrainConfig(**values),
-        DataConfig(prepared=str(prepared), features=str(features)),
+        DataConfig(prepared=str(prepared), features=str(features), **(data or {})),
         pretrained_encoder=False,
         java=False,
     )
@@ -200,6 +205,92 @@ def test_fp16_training_is_refused_on_the_cpu(tiny_prepared, tiny_features, tmp_p
         make_trainer(tmp_path / "run", tiny_prepared, tiny_features, precision="fp16")
     auto = make_trainer(tmp_path / "auto", tiny_prepared, tiny_features)
     assert auto.autocast_dtype is None and not auto.scaler.is_enabled()  # auto: fp32 on the CPU
+
+
+def test_training_from_a_streamed_store_equals_training_from_memory(tiny_prepared, tiny_features, tmp_path):
+    """Rows read from disk batch by batch (by loader processes, or in the loop) train exactly what the store
+    held in memory trains, validation and the int8 calibration included."""
+    states = {}
+    for name, data in [
+        ("memory", dict(feature_loading="memory")),
+        ("stream", dict(feature_loading="stream", loader_workers=2)),
+        ("stream_in_loop", dict(feature_loading="stream", loader_workers=0)),
+    ]:
+        trainer = make_trainer(tmp_path / name, tiny_prepared, tiny_features, data=data, epochs=2, self_critical=False)
+        assert isinstance(trainer.data.features, FeatureStore) == (name != "memory")
+        fit(trainer, progress=False)
+        states[name] = load_file(tmp_path / name / "last" / "state.safetensors")
+        assert (tmp_path / name / "best" / "int8.safetensors").is_file()
+    for name in ("stream", "stream_in_loop"):
+        assert states[name].keys() == states["memory"].keys()
+        for key, value in states["memory"].items():
+            assert torch.equal(states[name][key], value), (name, key)
+
+
+def test_a_streamed_run_stopped_by_max_steps_resumes_exactly(tiny_prepared, tiny_features, tmp_path):
+    stream = dict(feature_loading="stream", loader_workers=1)
+    straight = make_trainer(tmp_path / "straight", tiny_prepared, tiny_features, data=stream, epochs=2)
+    fit(straight, progress=False)
+    stopped = make_trainer(tmp_path / "stopped", tiny_prepared, tiny_features, data=stream, epochs=2)
+    assert fit(stopped, max_steps=straight.steps_per_epoch + 1, progress=False)["stopped"] == "max_steps"
+    fit(resume_run(tmp_path / "stopped", pretrained_encoder=False, java=False), progress=False)
+    a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
+    b = load_file(tmp_path / "stopped" / "last" / "state.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("block", [0, 1, 3, 7])
+def test_every_training_image_is_seen_once_per_epoch(block):
+    rows = [row for row in range(200) if row % 7]  # train rows with val/test rows between them
+    orders = [epoch_order(rows, epoch, seed=4, block=block) for epoch in range(3)]
+    for order in orders:
+        assert sorted(order) == rows
+    assert orders[0] != orders[1] != orders[2]
+    assert orders[0] == epoch_order(rows, 0, seed=4, block=block)  # seeded: a resumed run sees the same
+    if block:  # the epoch is windows one after another, each the whole of a few blocks of consecutive rows
+        seen, blocks = set(), set()
+        for row in orders[1]:
+            seen.add(row)
+            blocks.add(rows.index(row) // block)
+            assert len(blocks) <= SHUFFLE_WINDOW_BLOCKS
+            if seen == {r for b in blocks for r in rows[b * block : (b + 1) * block]}:
+                seen, blocks = set(), set()  # a window ends
+        assert not seen
+    caption_rows = {row: [row, row] for row in rows}
+    batches = epoch_batches(rows, caption_rows, batch_size=10, epoch=2, seed=4, block=block)
+    assert sorted(row for batch in batches for row in batch) == rows
+
+
+@pytest.mark.parametrize("self_critical", [False, True])
+def test_autocast_on_the_cpu_runs_both_objectives_in_low_precision(
+    tiny_prepared, tiny_features, tmp_path, self_critical
+):
+    """The GPU path's autocast, with CPU standing in (bf16: CPU training refuses fp16): in cross-entropy and in
+    self-critical steps the decoder's layers compute in bf16 and the loss stays finite and near fp32's."""
+    precision = "bf16"
+    losses = {}
+    for name in ("fp32", precision):
+        trainer = make_trainer(
+            tmp_path / name, tiny_prepared, tiny_features, precision=name, self_critical=self_critical, decoder_lr=0.0
+        )
+        seen = []
+        trainer.model.decoder.init_h[0].register_forward_hook(lambda m, i, output, seen=seen: seen.append(output.dtype))
+        step = self_critical_step if self_critical else cross_entropy_step
+        torch.manual_seed(0)
+        losses[name] = step(trainer, trainer.data.train_rows[:4])["loss"]
+        assert seen and set(seen) == {torch.float32 if name == "fp32" else torch.bfloat16}
+    assert math.isfinite(losses[precision])
+    assert losses[precision] == pytest.approx(losses["fp32"], rel=0.05, abs=0.05)
+
+
+@pytest.mark.slow  # inductor compiles the step with the C++ compiler (about a minute on 2 cores)
+def test_a_compiled_decoder_step_trains_as_the_plain_one(tiny_prepared, tiny_features, tmp_path):
+    losses = {}
+    for compiled in (False, True):
+        trainer = make_trainer(tmp_path / str(compiled), tiny_prepared, tiny_features, compile=compiled)
+        torch.manual_seed(0)
+        losses[compiled] = [cross_entropy_step(trainer, trainer.data.train_rows[i : i + 4])["loss"] for i in (0, 4)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_prepared, tiny_features, tmp_path):

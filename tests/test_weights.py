@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torchvision
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms
@@ -179,13 +180,53 @@ def test_corrupt_cache_is_reconverted_to_the_pinned_bytes(
 
 def test_resnet101_without_weights_says_how_to_provide_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("SAT_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(InputError, match=r"resnet101: torchvision weights not found at .*resnet101-63fe2227\.pth"):
         ENCODER_WEIGHTS["resnet101"].sha256()
     checkpoint = tmp_path / "hub" / "checkpoints" / "resnet101-63fe2227.pth"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"partial download")
-    with pytest.raises(InputError, match="corrupt"):
+    with pytest.raises(InputError, match="does not start with 63fe2227, the checksum torchvision publishes"):
         ENCODER_WEIGHTS["resnet101"].build()
+
+
+@pytest.fixture(scope="module")
+def random_resnet101(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised torchvision ResNet-101 saved as torchvision saves its published weights (a state
+    dict, torch.save), under a name of the user's choosing."""
+    path = tmp_path_factory.mktemp("resnet101") / "downloaded.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet101().state_dict(), path)
+    return path
+
+
+@pytest.mark.slow  # full ResNet-101 builds
+def test_a_resnet101_file_is_checked_added_and_used(
+    random_resnet101: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sat weights add resnet101 FILE` checks the file against torchvision's published checksum (here the
+    random network's own: the real file's digits cannot be met without it), copies it into the cache, and the
+    encoder then builds from it; a file of other bytes or another network is refused naming the file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("SAT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["weights", "add", "resnet101", str(random_resnet101)]) == 2  # the published checksum refuses it
+    assert "does not start with 63fe2227" in capsys.readouterr().err
+    digest = file_sha256(random_resnet101)
+    monkeypatch.setattr(weights, "RESNET101_SHA256_PREFIX", digest[:8])
+    assert main(["weights", "add", "resnet101", str(random_resnet101)]) == 0
+    added = tmp_path / "cache" / "resnet101-63fe2227.pth"
+    assert f"weights: {added}\nsha256: {digest}" in capsys.readouterr().out
+    assert ENCODER_WEIGHTS["resnet101"].sha256() == digest
+    model = ENCODER_WEIGHTS["resnet101"].build()
+    expected = torch.load(random_resnet101, weights_only=True)
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
+    other = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), other)
+    monkeypatch.setattr(weights, "RESNET101_SHA256_PREFIX", file_sha256(other)[:8])
+    with pytest.raises(InputError, match=f"{other}: not torchvision's resnet101 state dict"):
+        weights.add_resnet101(other)
+    with pytest.raises(InputError, match="nothing.pth: file not found"):
+        weights.add_resnet101(tmp_path / "nothing.pth")
 
 
 @pytest.mark.slow  # the real ResNet-50

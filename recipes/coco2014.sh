@@ -32,10 +32,8 @@ read -ra launch <<<"${LAUNCH:-${SAT:-sat}}"
 read -ra extra <<<"${EXTRA_TRAIN:-}"
 encoder=${ENCODER:-resnet101}
 image_size=${IMAGE_SIZE:-448}
-mkdir -p "$work"
-times="$work/stage_seconds.txt"
-: >"$times"
 source "$(dirname "$0")/stage.sh" # stage NAME COMMAND...: run it, append "NAME SECONDS" to $times
+stages_in "$work"
 for file in annotations/captions_train2014.json annotations/captions_val2014.json karpathy_train_images.txt \
   karpathy_val_images.txt karpathy_test_images.txt; do
   [ -f "$coco/$file" ] || { echo "recipes/coco2014.sh: $coco/$file is missing (see the README, Datasets)" >&2; exit 2; }

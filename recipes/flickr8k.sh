@@ -7,10 +7,8 @@ set -euo pipefail
 data_dir=${1:?usage: recipes/flickr8k.sh FLICKR8K_DIR WORK_DIR}
 work=${2:?usage: recipes/flickr8k.sh FLICKR8K_DIR WORK_DIR}
 sat=${SAT:-sat}
-mkdir -p "$work"
-times="$work/stage_seconds.txt"
-: >"$times"
 source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...: run it, append "NAME SECONDS" to $times
+stages_in "$work"
 stage prepare "$sat" prepare --dataset flickr8k --data-dir "$data_dir" --out "$work/prepared"
 stage features "$sat" features --data "$work/prepared" --out "$work/features" --batch-size 32
 common=(--data "$work/prepared" --features "$work/features" --batch-size 100 --checkpoint-every-steps 100)

@@ -21,10 +21,9 @@ sat=${SAT:-sat}
 out=${OUT:-results/flickr8k_hard}
 shipped=${SHIPPED:-show_attend_tell/pretrained/flickr8k}
 weights=(--reinforce-weight "${REINFORCE:-0.1}" --entropy-weight "${ENTROPY:-0.002}")
-mkdir -p "$work" "$out"
-times="$out/stage_seconds.txt"
-: >"$times"
+mkdir -p "$work"
 source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...: run it, append "NAME SECONDS" to $times
+stages_in "$out"
 [ -f "$work/prepared/vocab.json" ] ||
   stage prepare "$sat" prepare --dataset flickr8k --data-dir "$data_dir" --out "$work/prepared"
 features() { # features SIDE GRID: the store at SIDE px, unless there

@@ -1,5 +1,11 @@
-# Shared by the recipes: `source recipes/stage.sh` after setting $times (a file), then
+# Shared by the recipes: `source recipes/stage.sh`, then
+#   stages_in DIR           makes DIR and starts DIR/stage_seconds.txt ($times) afresh;
 #   stage NAME COMMAND...   runs COMMAND and appends "NAME SECONDS" (its wall time) to $times.
+stages_in() {
+  mkdir -p "$1"
+  times="$1/stage_seconds.txt"
+  : >"$times"
+}
 stage() {
   local name=$1 start
   shift

@@ -132,7 +132,7 @@ def test_mutants_decode_or_raise_the_input_error(cases, deadline):
 
 
 class InstantCaptioner:
-    grid_size, image_size, decoder = 2, 32, "lstm"
+    grid_size, image_size, decoder, encoder_precision = 2, 32, "lstm", "fp32"
     guidance = types.SimpleNamespace(user_words=lambda words: [])
 
     def caption(self, image, beam_size=3, **options):

@@ -29,6 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from show_attend_tell.errors import InputError
 from show_attend_tell.model import Encoder
+from show_attend_tell.records import cpuinfo
 
 if TYPE_CHECKING:
     from show_attend_tell.prepare import PreparedDataset
@@ -46,13 +47,7 @@ ENCODER_CALIBRATION_IMAGES = 64
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none: then only fp32 is fast)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset(cpuinfo("flags").split())
 
 
 def supported_precisions(device: str | torch.device = "cpu", flags: frozenset[str] | None = None) -> list[str]:

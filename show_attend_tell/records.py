@@ -25,13 +25,18 @@ def provenance(command: str) -> dict:
 
 def cpu_model() -> str:
     """The processor's name (speed figures differ between machines of one kind: AMD EPYC, Intel Xeon...)."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpuinfo(field: str) -> str:
+    """The first processor's `field` in /proc/cpuinfo ("model name", "flags"...); "" where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
 
 
 def write_record(record: dict, path: str | Path) -> None:

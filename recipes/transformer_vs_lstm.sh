@@ -2,17 +2,19 @@
 # Issue 16: the Transformer decoder against the paper's LSTM on Flickr8k at equal CPU training time, on the
 # same cached features: val and test metrics at the default beam, training captions/s, one-photo latency and
 # parameter count, gathered into results/transformer_vs_lstm.json. NOT RUN YET on Flickr8k (see the README);
-# run end to end on a 12-photo prepared set at 64 px (BATCH=10 PROBE_STEPS=2 VAL_EVERY=2 DECODE_REPEATS=1).
+# run end to end on a 12-photo prepared set at 64 px (BATCH=10 PROBE_STEPS=2 VALIDATIONS=1 DECODE_REPEATS=1).
 #   recipes/transformer_vs_lstm.sh FLICKR8K_DIR WORK_DIR [BUDGET_MINUTES] [SIDE]
 # BUDGET_MINUTES (default 120) of training per decoder; SIDE (default 448: the shipped model's 14x14 grid; 224
 # gives 7x7 at a quarter of the cost) is the photos' size for the features.
 #
 # Equal CPU time: each decoder first trains PROBE_STEPS steps alone on the machine (flock -x on the shared
 # bench lock), which gives its captions/s; its budget in steps is then BUDGET_MINUTES x 60 x captions/s / batch,
-# rounded down to a multiple of VAL_EVERY, and it trains from scratch for that many steps (--max-steps;
+# rounded down to a multiple of VALIDATIONS (a few steps at most), and it trains from scratch for that many steps (--max-steps;
 # --epochs so that the cosine schedule ends near there). The step budget holds even when the machine is shared later, and the record keeps the measured
-# captions/s and wall times beside it. Validation (greedy, whole val split) runs every VAL_EVERY steps and
+# captions/s and wall times beside it. Validation (greedy, whole val split) runs VALIDATIONS (default 6) times, evenly, the last at the end, and
 # is not counted in the budget; best/ is the best val CIDEr.
+# TRAIN_THREADS (default: torch's choice) caps the trainings' threads when another job shares the machine;
+# the probes always run with torch's default, alone.
 set -euo pipefail
 data_dir=${1:?usage: recipes/transformer_vs_lstm.sh FLICKR8K_DIR WORK_DIR [BUDGET_MINUTES] [SIDE]}
 work=${2:?usage: recipes/transformer_vs_lstm.sh FLICKR8K_DIR WORK_DIR [BUDGET_MINUTES] [SIDE]}
@@ -25,7 +27,7 @@ lock=${BENCH_LOCK:-/work/bench.lock}
 # overridable for a smoke run on a small prepared dataset (WORK_DIR/prepared made beforehand)
 batch=${BATCH:-100}
 probe_steps=${PROBE_STEPS:-30}
-val_every=${VAL_EVERY:-300}
+validations=${VALIDATIONS:-6}
 out=${OUT:-results/transformer_vs_lstm.json}
 train_captions=30000 # Flickr8k: 6,000 training photos x 5 captions
 mkdir -p "$work"
@@ -42,31 +44,47 @@ declare -A flags=(
   [transformer]="--decoder transformer --transformer-layers 3 --transformer-heads 8 --dropout 0.1 --decoder-lr 3e-4 --warmup-steps 300"
 )
 common=(--data "$work/prepared" --features "$features" --batch-size "$batch" --checkpoint-every-steps 100 --seed 0)
+# Resumable: a stage whose output is there is skipped (a probe's log, a training's line "DECODER train_seconds"
+# in WORK_DIR/budget_DECODER.txt, an evaluation's metrics.json, a decode benchmark's JSON).
+# Both probes first, alone on the machine, so that the trainings after them may share it (TRAIN_THREADS).
 for decoder in lstm transformer; do
+  [ -f "$work/probe_$decoder/log.jsonl" ] && continue
   # shellcheck disable=SC2086  # the flags are words
   flock -x "$lock" "$sat" train "${common[@]}" ${flags[$decoder]} --run-dir "$work/probe_$decoder" \
     --epochs 1 --max-steps "$probe_steps" --log-every-steps "$probe_steps"
-  # one record, at the probe's end: its captions over its wall time
-  cps=$("$python" -c 'import json, sys; print(json.loads(open(sys.argv[1]).readlines()[-1])["captions_per_second"])' \
-    "$work/probe_$decoder/log.jsonl")
-  # rounded down to a validation, so that the last steps are validated too
-  steps=$("$python" -c "print(max(1, int($budget_minutes * 60 * $cps / $batch) // $val_every) * $val_every)")
-  epochs=$("$python" -c "import math; print(max(1, math.ceil($steps * $batch / $train_captions)))")
-  echo "$decoder: $cps captions/s alone -> $steps steps ($epochs epochs) in $budget_minutes minutes" |
-    tee "$work/budget_$decoder.txt"
-  start=$(date +%s)
-  # shellcheck disable=SC2086
-  flock -s "$lock" "$sat" train "${common[@]}" ${flags[$decoder]} --run-dir "$work/$decoder" \
-    --epochs "$epochs" --max-steps "$steps" --val-every-steps "$val_every" --patience 100
-  echo "$decoder train_seconds $(($(date +%s) - start))" >>"$work/budget_$decoder.txt"
+done
+for decoder in lstm transformer; do
+  if ! grep -qs train_seconds "$work/budget_$decoder.txt"; then
+    # one record, at the probe's end: its captions over its wall time
+    cps=$("$python" -c 'import json, sys; print(json.loads(open(sys.argv[1]).readlines()[-1])["captions_per_second"])' \
+      "$work/probe_$decoder/log.jsonl")
+    # rounded down to a multiple of the validations, so that the last steps are validated too
+    val_every=$("$python" -c "print(max(1, int($budget_minutes * 60 * $cps / $batch) // $validations))")
+    steps=$((val_every * validations))
+    epochs=$("$python" -c "import math; print(max(1, math.ceil($steps * $batch / $train_captions)))")
+    echo "$decoder: $cps captions/s alone -> $steps steps ($epochs epochs) in $budget_minutes minutes" |
+      tee "$work/budget_$decoder.txt"
+    rm -rf "${work:?}/$decoder" # a training cut short starts again: its wall time is part of the record
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    flock -s "$lock" env ${TRAIN_THREADS:+OMP_NUM_THREADS=$TRAIN_THREADS} \
+      "$sat" train "${common[@]}" ${flags[$decoder]} --run-dir "$work/$decoder" \
+      --epochs "$epochs" --max-steps "$steps" --val-every-steps "$val_every" --patience 100
+    echo "$decoder train_seconds $(($(date +%s) - start))" >>"$work/budget_$decoder.txt"
+  fi
   for split in val test; do
-    flock -s "$lock" "$sat" evaluate "$work/$decoder/best" --data "$work/prepared" --features "$features" \
-      --split "$split" --beam 7 --out "$work/eval_${decoder}_$split"
+    [ -f "$work/eval_${decoder}_$split/metrics.json" ] ||
+      flock -s "$lock" "$sat" evaluate "$work/$decoder/best" --data "$work/prepared" --features "$features" \
+        --split "$split" --beam 7 --out "$work/eval_${decoder}_$split"
   done
-  # one photo at a time and 32 at once, beam 7, encoder included; fp32 for both (the Transformer has no int8
-  # version yet; the LSTM's int8 figures are results/decode_speed*.json's)
-  flock -x "$lock" "$python" benchmarks/decode_speed.py --model "$work/$decoder/best" --beam 7 --no-int8 \
-    --repeats "${DECODE_REPEATS:-15}" --out "$work/decode_speed_$decoder.json"
+done
+# Timed last, alone (flock -x waits for every other job on the lock): one photo at a time and 32 at once, beam 7,
+# encoder included; fp32 for both (the Transformer has no int8 version yet; the LSTM's int8 figures are
+# results/decode_speed*.json's).
+for decoder in lstm transformer; do
+  [ -f "$work/decode_speed_$decoder.json" ] ||
+    flock -x "$lock" "$python" benchmarks/decode_speed.py --model "$work/$decoder/best" --beam 7 --no-int8 \
+      --repeats "${DECODE_REPEATS:-15}" --out "$work/decode_speed_$decoder.json"
 done
 
 "$python" - "$work" "$budget_minutes" "$side" "$out" <<'EOF'

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Hard attention (Xu et al. section 4.1, `--attention hard`) on Flickr8k, compared with the shipped soft-attention
-# model and the paper's two rows; recorded under results/flickr8k_hard/. Not run yet: it needs the 448 px (14x14)
-# feature store of recipes/flickr8k.sh, which this machine does not hold yet.
+# model and the paper's two rows; recorded under results/flickr8k_hard/. Run on 2026-11-30 with CYCLES=1 and
+# OMP_NUM_THREADS=1 (another job on the other core); its four evaluations ran in two parallel one-thread
+# streams with these same commands (results/flickr8k_hard/stage_seconds.txt has every stage's wall time).
 #   recipes/flickr8k_hard.sh FLICKR8K_DIR WORK_DIR     (run from the repository root)
 # WORK_DIR is recipes/flickr8k.sh's: prepared/ and features448/ are reused when there, made otherwise.
 #
@@ -69,10 +70,12 @@ stage evaluate_test evaluate "$work/hard" test "$out/test"
 stage evaluate_test_shipped evaluate "$shipped" test "$out/test_shipped"
 # The comparison: hard against soft (the shipped model) at each beam, on val and test from the same feature store
 # (so in the same encoder precision), beside the paper's rows.
-python3 - "$out" <<'EOF'
+"${PYTHON:-python}" - "$out" "$@" <<'EOF'
 import json
 import sys
 from pathlib import Path
+
+from show_attend_tell.records import provenance
 
 out = Path(sys.argv[1])
 keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -85,6 +88,8 @@ def rows(path):
 
 hard_val, soft_val = rows(out / "val" / "metrics.json"), rows(out / "val_shipped" / "metrics.json")
 comparison = {
+    **provenance("recipes/flickr8k_hard.sh " + " ".join(sys.argv[2:])),
+    "stage_seconds": (out / "stage_seconds.txt").read_text().splitlines(),
     "val": {"hard": hard_val, "soft (shipped)": soft_val},
     "test": {"hard": rows(out / "test" / "metrics.json"), "soft (shipped)": rows(out / "test_shipped" / "metrics.json")},
     "paper (Xu et al. 2015, Table 1, Flickr8k)": {

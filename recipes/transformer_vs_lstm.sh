@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Issue 16: the Transformer decoder against the paper's LSTM on Flickr8k at equal CPU training time, on the
 # same cached features: val and test metrics at the default beam, training captions/s, one-photo latency and
-# parameter count, gathered into results/transformer_vs_lstm.json. NOT RUN YET on Flickr8k (see the README);
-# run end to end on a 12-photo prepared set at 64 px (BATCH=10 PROBE_STEPS=2 VALIDATIONS=1 DECODE_REPEATS=1).
+# parameter count, gathered into results/transformer_vs_lstm.json (run on 2026-11-30 with BUDGET_MINUTES 18.5,
+# SIDE 224, TRAIN_THREADS=1: see its notes). Also run end to end on a 12-photo prepared set at 64 px
+# (BUDGET_MINUTES 0.015, BATCH=10 PROBE_STEPS=2 VALIDATIONS=1 DECODE_REPEATS=1, WORK_DIR/prepared made
+# beforehand with --limit 12).
 #   recipes/transformer_vs_lstm.sh FLICKR8K_DIR WORK_DIR [BUDGET_MINUTES] [SIDE]
 # BUDGET_MINUTES (default 120) of training per decoder; SIDE (default 448: the shipped model's 14x14 grid; 224
 # gives 7x7 at a quarter of the cost) is the photos' size for the features.
 #
 # Equal CPU time: each decoder first trains PROBE_STEPS steps alone on the machine (flock -x on the shared
 # bench lock), which gives its captions/s; its budget in steps is then BUDGET_MINUTES x 60 x captions/s / batch,
-# rounded down to a multiple of VALIDATIONS (a few steps at most), and it trains from scratch for that many steps (--max-steps;
-# --epochs so that the cosine schedule ends near there). The step budget holds even when the machine is shared later, and the record keeps the measured
-# captions/s and wall times beside it. Validation (greedy, whole val split) runs VALIDATIONS (default 6) times, evenly, the last at the end, and
-# is not counted in the budget; best/ is the best val CIDEr.
+# rounded down to a multiple of VALIDATIONS (a few steps at most), and it trains from scratch for that many
+# steps (--max-steps; --epochs so that the cosine schedule ends near there). The step budget holds even when the
+# machine is shared later, and the record keeps the measured captions/s and wall times beside it. Validation
+# (greedy, whole val split) runs VALIDATIONS (default 6) times, evenly, the last at the end, and is not counted
+# in the budget; best/ is the best val CIDEr.
 # TRAIN_THREADS (default: torch's choice) caps the trainings' threads when another job shares the machine;
 # the probes always run with torch's default, alone.
 set -euo pipefail

@@ -56,3 +56,37 @@ def test_file_tree_names_existing_files_and_every_module():
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "show_attend_tell").glob("*.py")}
     assert modules <= set(paths), f"README file tree misses {sorted(modules - set(paths))}"
     assert "notebooks/show_attend_tell.ipynb" in paths
+
+
+def table_row(label: str) -> list[str]:
+    line = next(line for line in README.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")[1:]]
+
+
+def test_transformer_comparison_table_equals_its_record():
+    record = json.loads((RESULTS / "transformer_vs_lstm.json").read_text())
+    assert f"{record['budget_minutes_per_decoder']} minutes" in README
+    labels = {"lstm": "LSTM (soft attention)", "transformer": "Transformer (3 blocks)"}
+    for decoder, label in labels.items():
+        run = record["decoders"][decoder]
+        val, test = run["val_beam7"]["beam7"], run["test_beam7"]["beam7"]
+        expected = [
+            f"{run['parameters'] / 1e6:.1f} M",
+            f"{run['train_captions_per_second_alone']:.0f}",
+            str(run["best_step"]),
+            *(f"{split[key]:.1f}" for split in (val, test) for key in ("BLEU-4", "METEOR", "CIDEr")),
+            f"{run['decode_speed']['median_ms_per_image']['end_to_end']:.0f} ms",
+        ]
+        assert table_row(label) == expected, decoder
+
+
+def test_hard_attention_table_equals_its_record():
+    comparison = json.loads((RESULTS / "flickr8k_hard" / "comparison.json").read_text())
+    rows = {"soft attention (shipped)": "_shipped", "hard attention": ""}
+    for split in ("val", "test"):
+        for label, suffix in rows.items():
+            metrics = json.loads((RESULTS / "flickr8k_hard" / f"{split}{suffix}" / "metrics.json").read_text())
+            beam7 = metrics["results"]["beam7"]
+            expected = [f"{beam7[key]:.1f}" for key in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")]
+            assert table_row(f"{split}, {label}") == expected, (split, label)
+    assert comparison["ship_hard"] is False and "so it is not shipped" in README

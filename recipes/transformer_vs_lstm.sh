@@ -47,17 +47,20 @@ declare -A flags=(
   [transformer]="--decoder transformer --transformer-layers 3 --transformer-heads 8 --dropout 0.1 --decoder-lr 3e-4 --warmup-steps 300"
 )
 common=(--data "$work/prepared" --features "$features" --batch-size "$batch" --checkpoint-every-steps 100 --seed 0)
-# Resumable: a stage whose output is there is skipped (a probe's log, a training's line "DECODER train_seconds"
-# in WORK_DIR/budget_DECODER.txt, an evaluation's metrics.json, a decode benchmark's JSON).
+# Resumable: a stage whose output is there is skipped (a probe's final record, a training's line "DECODER
+# train_seconds" in WORK_DIR/budget_DECODER.txt and its best/ checkpoint, an evaluation's metrics.json, a decode
+# benchmark's JSON).
 # Both probes first, alone on the machine, so that the trainings after them may share it (TRAIN_THREADS).
 for decoder in lstm transformer; do
-  [ -f "$work/probe_$decoder/log.jsonl" ] && continue
+  # its one record, at step PROBE_STEPS
+  grep -qs "\"step\": $probe_steps, .*captions_per_second" "$work/probe_$decoder/log.jsonl" && continue
+  rm -rf "${work:?}/probe_$decoder" # a probe cut short starts again
   # shellcheck disable=SC2086  # the flags are words
   flock -x "$lock" "$sat" train "${common[@]}" ${flags[$decoder]} --run-dir "$work/probe_$decoder" \
     --epochs 1 --max-steps "$probe_steps" --log-every-steps "$probe_steps"
 done
 for decoder in lstm transformer; do
-  if ! grep -qs train_seconds "$work/budget_$decoder.txt"; then
+  if ! grep -qs train_seconds "$work/budget_$decoder.txt" || [ ! -f "$work/$decoder/best/config.json" ]; then
     # one record, at the probe's end: its captions over its wall time
     cps=$("$python" -c 'import json, sys; print(json.loads(open(sys.argv[1]).readlines()[-1])["captions_per_second"])' \
       "$work/probe_$decoder/log.jsonl")

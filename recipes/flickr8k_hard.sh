@@ -12,7 +12,7 @@
 #                    two cycles on 14x14: about the cost of the shipped model's last two cycles;
 #   FROM_SCRATCH=1   the shipped model's whole schedule with --attention hard (four 7x7 cycles, two 10x10, two
 #                    14x14; features at 224 and 320 px too): the like-for-like comparison, about 3.5 hours.
-# CYCLES=1 stops after the first 14x14 cycle (about 30 minutes of training on 2 cores instead of an hour).
+# CYCLES=1 stops after the first 14x14 cycle: half the training (53 min on one thread beside another job here).
 # The REINFORCE and entropy weights are TrainConfig's defaults (0.1 and 0.002, the authors' code's); REINFORCE=
 # and ENTROPY= override them. At test time the model reads the expected context (the paper's choice).
 # Ship the hard model only if it beats the shipped one on val at the default beam (CIDEr, then METEOR).

@@ -438,6 +438,38 @@ def _constrained(
     return results
 
 
+@torch.no_grad()
+def forced(
+    decoder: Decoder,
+    encoded: EncodedImages,
+    captions: Sequence[Sequence[int]],
+    *,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
+) -> list[Hypothesis]:
+    """Given captions, one per image (word ids without <start>/<end>), read by the decoder word by word as if it
+    had written them: each one's log-probability with its <end> under the model, its normalised score and the
+    decoder's attention while it wrote each word (a template caption's attention maps, guidance.Template)."""
+    B = len(captions)
+    device = encoded.features.device
+    steps = max(len(caption) for caption in captions) + 1  # the last word of each is <end>
+    targets = torch.full((B, steps), PAD_ID, dtype=torch.long, device=device)
+    for b, caption in enumerate(captions):
+        targets[b, : len(caption)] = torch.tensor(list(caption), dtype=torch.long, device=device)
+        targets[b, len(caption)] = END_ID
+    state = decoder.init_state(encoded)
+    words = torch.full((B,), START_ID, dtype=torch.long, device=device)
+    log_probs, alphas = [], []
+    for t in range(steps):
+        step_log_probs, state, alpha = decoder.step(words, state, encoded)  # (B, V), state, (B, P)
+        target = targets[:, t]
+        log_probs.append(step_log_probs.gather(1, target.unsqueeze(1)).squeeze(1).masked_fill(target == PAD_ID, 0.0))
+        alphas.append(alpha)
+        words = target.masked_fill(target == PAD_ID, END_ID)  # a caption that ended reads <end> until all have
+    totals = torch.stack(log_probs, dim=1).sum(dim=1).tolist()  # (B,)
+    attention = torch.stack(alphas, dim=1)  # (B, steps, P)
+    return [_hypothesis(targets[b], totals[b], attention[b], length_penalty) for b in range(B)]
+
+
 def best_captions(
     decoder: Decoder,
     encoded: EncodedImages,

@@ -1,4 +1,5 @@
-"""Constrained beam search against exhaustive search over the captions that meet the constraints (mock decoder)."""
+"""Constrained beam search against exhaustive search over the captions that meet the constraints (mock decoder),
+and reading a given caption (a template's) as the search would have scored it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from test_decoding import MockDecoder, encoded_for, exhaustive, tiny_decoder
 
-from show_attend_tell.decoding import beam_search, constrained_beam_search
+from show_attend_tell.decoding import beam_search, constrained_beam_search, forced, length_normalised
+from show_attend_tell.text import END_ID
 
 # WORDS without <end> are 4, 5 and 6 (see test_decoding)
 CONSTRAINTS = [[{4}], [{5, 6}], [{4}, {6}], [{6}, {5}], [], [{4}, {5}, {6}]]
@@ -73,3 +75,30 @@ def test_real_decoder_batch_equals_one_image_at_a_time_and_maps_each_word():
         assert all(set(best.tokens) & c for c in constraints[b])
         assert best.alphas.shape == (len(best.tokens), 4)
         assert torch.allclose(best.alphas.sum(1), torch.ones(len(best.tokens)), atol=1e-5)
+
+
+def test_reading_a_given_caption_scores_it_as_the_search_that_wrote_it():
+    # mock: log p of each caption (with <end>) from its table; a batch of different lengths reads each alone
+    mock = MockDecoder(images=3, max_length=6, seed=7)
+    captions = [[4, 5, 6], [6], [5, 4, 5, 6, 4]]
+    read = forced(mock, encoded_for([0, 1, 2]), captions, length_penalty=0.5)
+    for image, caption in enumerate(captions):
+        expected = mock.sequence_log_prob(image, [*caption, END_ID])
+        assert read[image].tokens == caption and read[image].finished
+        assert read[image].log_prob == pytest.approx(expected, abs=1e-5)
+        assert read[image].score == pytest.approx(length_normalised(expected, len(caption) + 1, 0.5), abs=1e-5)
+        assert read[image].alphas.shape == (len(caption), 4)
+    # the real decoder reading the captions beam search wrote: the same log p and the same attention maps
+    decoder = tiny_decoder(seed=3).eval()
+    with torch.no_grad():
+        decoder.L_o.bias[END_ID] += 1.0  # captions that end within max_length, so their log p holds <end>
+    torch.manual_seed(0)
+    encoded = decoder.encode(torch.randn(3, 4, 8))
+    beams = beam_search(decoder, encoded, beam_size=5, max_length=8)
+    found = [max((h for h in hypotheses if h.finished), key=lambda h: len(h.tokens)) for hypotheses in beams]
+    assert len({len(h.tokens) for h in found}) > 1 and min(len(h.tokens) for h in found) > 0
+    read = forced(decoder, encoded, [h.tokens for h in found])
+    for written, again in zip(found, read, strict=True):
+        assert again.tokens == written.tokens
+        assert again.log_prob == pytest.approx(written.log_prob, abs=1e-5)
+        torch.testing.assert_close(again.alphas, written.alphas, atol=1e-5, rtol=1e-4)

@@ -9,7 +9,7 @@ from conftest import tiny_decoder_config, tiny_transformer
 from test_decoding import exhaustive
 from test_model import assert_teacher_forcing_equals_stepping, learn_tiny_batch
 
-from show_attend_tell.decoding import beam_search, constrained_beam_search, greedy, rollout
+from show_attend_tell.decoding import beam_search, constrained_beam_search, forced, greedy, rollout
 from show_attend_tell.errors import InputError
 from show_attend_tell.model import CaptionModel, select_rows
 from show_attend_tell.text import END_ID, START_ID
@@ -112,6 +112,13 @@ def test_wide_beam_search_through_the_cache_equals_exhaustive_search_by_the_forw
             assert found[image][0].tokens == words
             assert found[image][0].log_prob == pytest.approx(log_prob, abs=1e-4)
             assert found[image][0].score == pytest.approx(score, abs=1e-4)
+    # a given caption (a template's) read through the cache: the log p the search found for it
+    ended = [image for image in range(4) if plain[image][0].finished]
+    assert ended
+    read = forced(model.decoder, encoded.select(torch.tensor(ended)), [plain[i][0].tokens for i in ended])
+    for image, again in zip(ended, read, strict=True):
+        assert again.log_prob == pytest.approx(plain[image][0].log_prob, abs=1e-4)
+        torch.testing.assert_close(again.alphas, plain[image][0].alphas, atol=1e-5, rtol=1e-4)
 
 
 def test_batch_gives_the_same_captions_as_one_image_at_a_time():

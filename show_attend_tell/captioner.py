@@ -24,11 +24,12 @@ from show_attend_tell.config import (
     DEFAULT_GUIDANCE_THRESHOLD,
     DEFAULT_LENGTH_PENALTY,
     DEFAULT_MAX_LENGTH,
+    DEFAULT_TEMPLATE_THRESHOLD,
 )
 from show_attend_tell.decoding import best_captions
 from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
-from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions
+from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions, template_first
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.model import CaptionDecoder, LocationSampling
@@ -82,9 +83,12 @@ class Caption:
     score: float
     log_prob: float  # log-probability of the caption (with <end>) under the model
     attention: np.ndarray  # (len(words), g, g): alpha for each word over the grid, each map sums to 1
-    alternatives: list[Alternative]  # the other beams, best first
+    alternatives: list[Alternative]  # the other beams, best first (all of them when the caption is a template)
     guidance: list[GuideWord] = dataclasses.field(default_factory=list)  # words the caption was asked to hold
     guided_positions: list[int | None] = dataclasses.field(default_factory=list)  # where each is in `words`
+    # the words are the template of the label concept in `guidance` (guidance.Template), not the decoder's own:
+    # the decoder read them for `attention`, score and log_prob, and its own best caption is alternatives[0]
+    template: bool = False
     # hard attention sampled (sample_seed): the grid cell (row, column) whose feature was each word's context
     locations: list[tuple[int, int]] | None = None
 
@@ -100,10 +104,11 @@ class Captioner:
         device: str | torch.device = "cpu",
         *,
         guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
+        template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
     ) -> None:
         self.model, self.vocab, self.config = model, vocab, config
         self.device = torch.device(device)
-        self.guidance = Guidance(vocab, threshold=guidance_threshold)
+        self.guidance = Guidance(vocab, threshold=guidance_threshold, template_threshold=template_threshold)
         self.labels = label_head(model.config)  # None: this model's features are not the classifier's
         if self.labels is not None:
             self.labels.to(self.device)
@@ -117,6 +122,7 @@ class Captioner:
         int8: bool | None = None,
         encoder_precision: str = AUTO,
         guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
+        template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
     ) -> Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
 
@@ -126,13 +132,22 @@ class Captioner:
         supports among those that keep the captions.
         guidance_threshold: a photo's caption must name a concept of the encoder's ImageNet labels whose
         probability reaches this (see guidance.py); None turns label guidance off.
+        template_threshold: a photo whose most probable label concept has a template caption ("a cup of coffee
+        on a table") and reaches this gets that caption (see guidance.py); None: never.
         """
         path = path or SHIPPED_MODEL
         if int8 is None:
             int8 = torch.device(device).type == "cpu" and has_int8_calibration(read_config(path))
         precision = resolve_precision(encoder_precision, device)
         model, vocab, config = load_model(path, device=device, inference=True, int8=int8, encoder_precision=precision)
-        return cls(model, vocab, config, device, guidance_threshold=guidance_threshold)
+        return cls(
+            model,
+            vocab,
+            config,
+            device,
+            guidance_threshold=guidance_threshold,
+            template_threshold=template_threshold,
+        )
 
     @property
     def decoder(self) -> str:
@@ -162,6 +177,7 @@ class Captioner:
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
         mentions: Sequence[str] = (),
         guide: bool = True,
+        templates: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         sample_seed: int | None = None,
         cancelled: Callable[[], bool] = _never,
@@ -170,7 +186,9 @@ class Captioner:
 
         mentions: words every caption must contain (the user's metadata); a word outside the model's
         vocabulary is an InputError naming the closest ones it knows. guide: let the encoder's ImageNet labels
-        add a word when one is confident enough (see `Captioner.load`'s guidance_threshold). max_pixels: a photo
+        add a word when one is confident enough (see `Captioner.load`'s guidance_threshold). templates (with
+        guide, and no mentions or sample_seed): a photo whose most probable label concept has a template caption
+        and is confident enough gets it (`Captioner.load`'s template_threshold). max_pixels: a photo
         with more pixels is refused from its header (images.TooManyPixelsError). sample_seed (a hard-attention
         model): each word's context is the feature of one cell drawn from alpha, each photo's draws from this
         seed (the same caption alone or in a batch), instead of the expected context (the paper's test time).
@@ -197,8 +215,12 @@ class Captioner:
             encoded = self.model.decoder.encode(features)  # (B, P, *)
         else:
             encoded = sampling_decoder.encode(features, LocationSampling.seeded([sample_seed] * len(pictures)))
+        chosen_templates = [None] * len(pictures)
         if guide and self.labels is not None:
-            labels = self.guidance.label_words(self.labels(features))
+            class_probabilities = self.labels(features)
+            labels = self.guidance.label_words(class_probabilities)
+            if templates and not users and sample_seed is None:
+                chosen_templates = self.guidance.templates(class_probabilities)
         else:
             labels = [[] for _ in pictures]
         guides = [self.guidance.combine(words, users) for words in labels]
@@ -211,10 +233,12 @@ class Captioner:
             max_length=max_length,
             length_penalty=length_penalty,
         )
+        beams = template_first(self.model.decoder, encoded, beams, chosen_templates, length_penalty=length_penalty)
         g = self.grid_size
         results = []
-        for hypotheses, guide_words in zip(beams, guides, strict=True):
+        for hypotheses, guide_words, template in zip(beams, guides, chosen_templates, strict=True):
             best = hypotheses[0]
+            guide_words = [template.guide] if template is not None else guide_words
             words = self.vocab.decode(best.tokens)
             results.append(
                 Caption(
@@ -229,6 +253,7 @@ class Captioner:
                     guidance=guide_words,
                     guided_positions=positions(words, guide_words),
                     locations=None if sample_seed is None else [divmod(int(i), g) for i in best.locations],
+                    template=template is not None,
                 )
             )
         return results

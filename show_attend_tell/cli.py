@@ -12,6 +12,7 @@ from show_attend_tell.config import (
     DEFAULT_GUIDANCE_THRESHOLD,
     DEFAULT_LENGTH_PENALTY,
     DEFAULT_MAX_LENGTH,
+    DEFAULT_TEMPLATE_THRESHOLD,
 )
 from show_attend_tell.errors import InputError
 
@@ -639,7 +640,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         from show_attend_tell.guidance import Guidance, label_head
 
         head = label_head(model.config)
-        guidance = (Guidance(vocab, threshold=args.guidance_threshold), head) if head is not None else None
+        template_threshold = args.template_threshold if args.templates else None
+        rule = Guidance(vocab, threshold=args.guidance_threshold, template_threshold=template_threshold)
+        guidance = (rule, head) if head is not None else None
     results = {}
     for beam in args.beam:
         metrics, captions = evaluate(
@@ -731,6 +734,20 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
         help="label probability from which a concept guides the caption "
         f"(default {DEFAULT_GUIDANCE_THRESHOLD}, chosen on coco-dev and Flickr8k val: results/guidance_tuning.json)",
     )
+    parser.add_argument(
+        "--templates",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --guidance: a photo whose most probable label concept is a still life or a room with a template "
+        "caption ('a cup of coffee on a table') gets it when the concept reaches --template-threshold (default: on)",
+    )
+    parser.add_argument(
+        "--template-threshold",
+        type=float,
+        default=DEFAULT_TEMPLATE_THRESHOLD,
+        help="label probability from which a concept's template is the caption "
+        f"(default {DEFAULT_TEMPLATE_THRESHOLD}, chosen on coco-dev and Flickr8k val: results/guidance_tuning.json)",
+    )
 
 
 def folder(text: str) -> str:
@@ -789,7 +806,11 @@ def _run_caption(args: argparse.Namespace) -> int:
         return 1
     int8 = False if args.hard_attention_sample and args.int8 is None else args.int8  # sampling needs fp32
     captioner = Captioner.load(
-        args.model, int8=int8, encoder_precision=args.encoder_precision, guidance_threshold=args.guidance_threshold
+        args.model,
+        int8=int8,
+        encoder_precision=args.encoder_precision,
+        guidance_threshold=args.guidance_threshold,
+        template_threshold=args.template_threshold,
     )
     captioner.guidance.user_words(args.mention)  # an unknown word stops here, before any photo is decoded
     if args.hard_attention_sample:
@@ -821,6 +842,7 @@ def _run_caption(args: argparse.Namespace) -> int:
             length_penalty=args.length_penalty,
             mentions=args.mention,
             guide=args.guidance,
+            templates=args.templates,
             sample_seed=args.seed if args.hard_attention_sample else None,
         )
         for (path, image), caption in zip(loaded, captions, strict=True):
@@ -852,6 +874,7 @@ def _run_caption(args: argparse.Namespace) -> int:
                         {**word.as_dict(), "position": position}
                         for word, position in zip(caption.guidance, caption.guided_positions, strict=True)
                     ],
+                    "template": caption.template,
                 }
                 if caption.locations is not None:
                     record["locations"] = [list(cell) for cell in caption.locations]  # (row, column) per word
@@ -865,7 +888,7 @@ def _run_caption(args: argparse.Namespace) -> int:
                 )
                 print(
                     f"{path}\t{caption.text}"
-                    + (f"\t[guided: {guided}]" if guided else "")
+                    + (f"\t[{'template' if caption.template else 'guided'}: {guided}]" if guided else "")
                     + (f"\t[{figure}]" if figure else "")
                 )
     if out:

@@ -24,6 +24,9 @@ DEFAULT_BEAM_SIZE = 7
 # A photo's caption must name a concept of the encoder's ImageNet labels whose probability reaches this (guidance.py);
 # chosen on coco-dev and Flickr8k val together (results/guidance_tuning.json, "chosen").
 DEFAULT_GUIDANCE_THRESHOLD = 0.3
+# An image's most probable label concept gives its template caption ("a cup of coffee on a table") when its
+# probability reaches this (guidance.py); chosen the same way (results/guidance_tuning.json, "chosen_template").
+DEFAULT_TEMPLATE_THRESHOLD = 0.4
 # Training photos the int8 decoder's input ranges are measured on (`sat calibrate`, and `sat train` for its best
 # checkpoint): results/int8_calibration.json.
 CALIBRATION_IMAGES = 256

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from show_attend_tell.config import DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
 from show_attend_tell.decoding import Hypothesis, best_captions
-from show_attend_tell.guidance import Guidance, LabelHead
+from show_attend_tell.guidance import Guidance, LabelHead, template_first
 from show_attend_tell.model import CaptionModel
 from show_attend_tell.text import Vocabulary
 
@@ -30,7 +30,8 @@ def decode(
     description: str = "decode",
 ) -> dict[int, Hypothesis]:
     """Best hypothesis for each image index, decoded in batches; `features(rows)` -> (B, P, E) for them.
-    With `guidance`, each caption must name the label concepts that guidance finds in the features."""
+    With `guidance`, each caption must name the label concepts that guidance finds in the features, and an image
+    whose most probable concept has a confident template gets the template (guidance.py)."""
     model.eval()
     best: dict[int, Hypothesis] = {}
     indices = list(indices)
@@ -40,10 +41,12 @@ def decode(
         rows = indices[start : start + batch_size]
         grid = features(rows).float()  # (B, P, E)
         encoded = model.decoder.encode(grid)
-        constraints = None
+        constraints, templates = None, [None] * len(rows)
         if guidance is not None:
             rule, head = guidance
-            constraints = [rule.constraints(words) for words in rule.label_words(head(grid))]
+            class_probabilities = head(grid)
+            constraints = [rule.constraints(words) for words in rule.label_words(class_probabilities)]
+            templates = rule.templates(class_probabilities)
         beams = best_captions(
             model.decoder,
             encoded,
@@ -52,6 +55,7 @@ def decode(
             max_length=max_length,
             length_penalty=length_penalty,
         )
+        beams = template_first(model.decoder, encoded, beams, templates, length_penalty=length_penalty)
         best.update(zip(rows, [beam[0] for beam in beams], strict=True))
     return best
 
@@ -92,6 +96,7 @@ def evaluate(
         length_penalty=length_penalty if beam_size > 1 else None,  # greedy ranks nothing
         max_length=max_length,
         guidance_threshold=guidance[0].threshold if guidance else None,
+        template_threshold=guidance[0].template_threshold if guidance else None,
         decode_seconds=round(decode_seconds, 2),
         score_seconds=round(time.perf_counter() - start - decode_seconds, 2),
     )

@@ -6,6 +6,12 @@ head, run on the same features, says "Egyptian cat 0.78". `LabelHead` is that he
 image's class probabilities and the user's words into disjunctive constraints for
 `decoding.constrained_beam_search`. A concept guides the caption when the sum of its classes' probabilities
 reaches `threshold`, chosen on coco-dev and Flickr8k val together (results/guidance_tuning.json).
+
+Still-life and room concepts also have a template caption ("a cup of coffee on a table"): a Flickr8k decoder,
+even guided to say "coffee", has no words around it ("a coffee is sitting on a red slide"). When such a concept
+is an image's most probable one and reaches `template_threshold` (chosen the same way), the template is the
+caption; the decoder reads it word by word for its attention maps and score, and its own beams become the
+alternatives.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD
+from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY, DEFAULT_TEMPLATE_THRESHOLD
+from show_attend_tell.decoding import Hypothesis, forced
 from show_attend_tell.errors import InputError
+from show_attend_tell.model import Decoder, EncodedImages
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary, tokenize
 
 LABEL_WORDS = Path(__file__).resolve().parent / "labels" / "imagenet_words.json"
@@ -83,6 +91,16 @@ class Concept:
     word: str
     forms: tuple[str, ...]  # those in the vocabulary
     classes: torch.Tensor  # (n,) ImageNet class indices
+    template: tuple[str, ...] | None = None  # its template caption's words, when the vocabulary has them all
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A caption written for an image's most probable concept, and that concept as a guide word."""
+
+    words: tuple[str, ...]
+    tokens: tuple[int, ...]
+    guide: GuideWord
 
 
 @cache
@@ -94,7 +112,9 @@ class Guidance:
     """Turns class probabilities and the user's words into constraints over one model's vocabulary.
 
     threshold: a concept guides the caption when its probability reaches it (None: labels never guide);
-    max_label_words: at most this many label concepts per image, the most probable first.
+    max_label_words: at most this many label concepts per image, the most probable first;
+    template_threshold: an image's most probable concept that has a template gives the caption when its
+    probability reaches this (None: never).
     """
 
     def __init__(
@@ -103,14 +123,18 @@ class Guidance:
         *,
         threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
         max_label_words: int = DEFAULT_MAX_LABEL_WORDS,
+        template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
     ) -> None:
         self.vocab, self.threshold, self.max_label_words = vocab, threshold, max_label_words
+        self.template_threshold = template_threshold
         self.concepts = []
         for entry in _label_words()["concepts"]:
             forms = tuple(form for form in entry["forms"] if form in vocab)
             if forms:
                 classes = torch.tensor([int(index) for index in entry["classes"]])
-                self.concepts.append(Concept(entry["word"], forms, classes))
+                template = tuple(entry.get("template", "").split())
+                writable = template and all(word in vocab and word not in SPECIAL_TOKENS for word in template)
+                self.concepts.append(Concept(entry["word"], forms, classes, template if writable else None))
         self._names = {int(i): name for entry in _label_words()["concepts"] for i, name in entry["classes"].items()}
 
     def concept_probabilities(self, class_probabilities: torch.Tensor) -> torch.Tensor:
@@ -130,13 +154,31 @@ class Guidance:
                 probability = float(probabilities[b, index])
                 if probability < self.threshold:
                     break
-                concept = self.concepts[index]
-                top_class = int(concept.classes[class_probabilities[b, concept.classes].argmax()])
-                chosen.append(
-                    GuideWord(concept.word, concept.forms, "label", self._names[top_class], round(probability, 4))
-                )
+                chosen.append(self._label_word(self.concepts[index], probability, class_probabilities[b]))
             words.append(chosen)
         return words
+
+    def _label_word(self, concept: Concept, probability: float, class_probabilities: torch.Tensor) -> GuideWord:
+        """A label concept as a guide word, named after its most probable class (class_probabilities: (1000,))."""
+        top_class = int(concept.classes[class_probabilities[concept.classes].argmax()])
+        return GuideWord(concept.word, concept.forms, "label", self._names[top_class], round(probability, 4))
+
+    def templates(self, class_probabilities: torch.Tensor) -> list[Template | None]:
+        """For each image, the template of its most probable concept when it has one that reaches
+        template_threshold, else None."""
+        if self.template_threshold is None or not self.concepts:
+            return [None] * class_probabilities.size(0)
+        probabilities = self.concept_probabilities(class_probabilities)  # (B, concepts)
+        found: list[Template | None] = []
+        for b, index in enumerate(probabilities.argmax(dim=1).tolist()):
+            concept, probability = self.concepts[index], float(probabilities[b, index])
+            if concept.template is None or probability < self.template_threshold:
+                found.append(None)
+                continue
+            tokens = tuple(self.vocab.id(word) for word in concept.template)
+            guide = self._label_word(concept, probability, class_probabilities[b])
+            found.append(Template(concept.template, tokens, guide))
+        return found
 
     def user_words(self, mentions: Sequence[str]) -> list[GuideWord]:
         """The user's words, each with its plural or singular when the vocabulary has it; a word the model
@@ -167,6 +209,27 @@ class Guidance:
     def constraints(self, words: Sequence[GuideWord]) -> list[set[int]]:
         """Word-id sets for constrained_beam_search, one per guide word."""
         return [{self.vocab.id(form) for form in word.forms} for word in words]
+
+
+def template_first(
+    decoder: Decoder,
+    encoded: EncodedImages,
+    beams: list[list[Hypothesis]],
+    templates: Sequence[Template | None],
+    *,
+    length_penalty: float = DEFAULT_LENGTH_PENALTY,
+) -> list[list[Hypothesis]]:
+    """Each image's hypotheses with its template's caption, as the decoder reads it (decoding.forced), first;
+    the decoder's own beams follow it."""
+    chosen = [b for b, template in enumerate(templates) if template is not None]
+    if not chosen:
+        return beams
+    index = torch.tensor(chosen, device=encoded.features.device)
+    read = forced(decoder, encoded.select(index), [templates[b].tokens for b in chosen], length_penalty=length_penalty)
+    out = list(beams)
+    for b, hypothesis in zip(chosen, read, strict=True):
+        out[b] = [hypothesis, *beams[b]]
+    return out
 
 
 def positions(words: Sequence[str], guide: Sequence[GuideWord]) -> list[int | None]:

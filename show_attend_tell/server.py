@@ -114,8 +114,14 @@ class CaptionResponse(BaseModel):
     )
     score: float = Field(description=SCORE)
     log_prob: float = Field(description=LOG_PROB)
-    alternatives: list[Alternative] = Field(description="the other beams, best first (highest score)")
+    alternatives: list[Alternative] = Field(
+        description="the other beams, best first (highest score); after a template caption, all of the decoder's"
+    )
     guidance: list[Guide] = Field(description="words the caption had to contain, and where each came from")
+    template: bool = Field(
+        description="the words are the template caption of the label concept in `guidance` ('a cup of coffee on a "
+        "table'), read by the decoder for the attention maps and score; its own best caption is alternatives[0]"
+    )
     decoder: str = Field(description='the decoder that wrote the caption: "lstm" (the paper\'s) or "transformer"')
     encoder_precision: str = Field(description='the precision the encoder ran in: "fp32", "bf16" or "int8"')
     grid_size: int
@@ -402,6 +408,13 @@ def create_app(
         guidance: Annotated[
             bool, Query(description="let the encoder's ImageNet labels add a word when they are confident")
         ] = True,
+        templates: Annotated[
+            bool,
+            Query(
+                description="with guidance: a photo whose most probable label is a still life or a room with a "
+                "template caption gets it when the label is confident"
+            ),
+        ] = True,
     ) -> CaptionResponse:
         """Caption the uploaded photo, with one attention map per word."""
         arrived = time.perf_counter()
@@ -415,12 +428,18 @@ def create_app(
             raise HTTPException(413, _too_large(max_upload_bytes))
         upload = Upload(boundary, max_upload_bytes)
         try:
-            return await caption_upload(request, upload, arrived, beam_size, mention, guidance)
+            return await caption_upload(request, upload, arrived, beam_size, mention, guidance, templates)
         finally:
             memory.give_back(upload.held)
 
     async def caption_upload(
-        request: Request, upload: Upload, arrived: float, beam_size: int, mention: list[str], guidance: bool
+        request: Request,
+        upload: Upload,
+        arrived: float,
+        beam_size: int,
+        mention: list[str],
+        guidance: bool,
+        templates: bool,
     ) -> dict:
         memory.receiving += 1
         try:
@@ -446,7 +465,12 @@ def create_app(
             decoded = time.perf_counter()
             try:
                 result = captioner.caption(
-                    image, beam_size=beam_size, mentions=mention, guide=guidance, cancelled=abandoned.is_set
+                    image,
+                    beam_size=beam_size,
+                    mentions=mention,
+                    guide=guidance,
+                    templates=templates,
+                    cancelled=abandoned.is_set,
                 )
             except Cancelled:
                 raise ClientGone() from None
@@ -465,6 +489,7 @@ def create_app(
                     {**word.as_dict(), "position": position}
                     for word, position in zip(result.guidance, result.guided_positions, strict=True)
                 ],
+                "template": result.template,
                 "decoder": captioner.decoder,
                 "encoder_precision": captioner.encoder_precision,
                 "grid_size": captioner.grid_size,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -35,6 +36,10 @@ def test_shipped_label_words_are_the_builders_output_and_map_each_class_once():
     assert by_word["cat"]["classes"]["285"] == "Egyptian cat"
     assert by_word["coffee"]["classes"]["967"] == "espresso"
     assert "Labrador retriever" in by_word["dog"]["classes"].values()
+    assert by_word["coffee"]["template"] == "a cup of coffee on a table"
+    assert "template" not in by_word["dog"]  # the decoder's own sentences about dogs say more
+    for concept in shipped["concepts"]:  # a template names its concept, so guidance positions find it
+        assert "template" not in concept or set(concept["template"].split()) & set(concept["forms"])
 
 
 def test_concepts_sum_their_classes_and_only_confident_ones_guide():
@@ -56,6 +61,29 @@ def test_concepts_sum_their_classes_and_only_confident_ones_guide():
         "cat",
         "dog",
     }
+
+
+def test_templates_come_from_the_most_probable_concept_when_it_is_confident():
+    words = ("a", "cup", "of", "coffee", "on", "table", "pizza", "cat", "bathroom")
+    guidance = Guidance(vocabulary(*words), template_threshold=0.4)
+    concepts = {c.word: c for c in guidance.concepts}
+    assert concepts["coffee"].template == ("a", "cup", "of", "coffee", "on", "a", "table")
+    assert concepts["bathroom"].template is None  # "a bathroom with a toilet": the vocabulary lacks two words
+    assert concepts["cat"].template is None  # no template: the decoder writes about cats
+    probabilities = torch.zeros(5, 1000)
+    probabilities[0, 967] = 0.5  # espresso
+    probabilities[1, 967] = 0.35  # below the threshold
+    probabilities[2, 285], probabilities[2, 967] = 0.6, 0.3  # a cat first: it has no template
+    probabilities[3, 896] = 0.9  # washbasin: the template cannot be written
+    probabilities[4, 967], probabilities[4, 963] = 0.45, 0.5  # pizza is the more probable
+    coffee, below, cat, bathroom, pizza = guidance.templates(probabilities)
+    assert coffee.words == concepts["coffee"].template
+    assert coffee.tokens == tuple(guidance.vocab.id(word) for word in coffee.words)
+    assert (coffee.guide.word, coffee.guide.label, coffee.guide.probability) == ("coffee", "espresso", 0.5)
+    assert coffee.guide.forms == ("coffee", "cup")
+    assert below is None and cat is None and bathroom is None
+    assert " ".join(pizza.words) == "a pizza on a table" and pizza.guide.label == "pizza"
+    assert Guidance(guidance.vocab, template_threshold=None).templates(probabilities) == [None] * 5
 
 
 def test_users_words_get_their_plurals_and_unknown_words_name_close_ones():
@@ -108,6 +136,32 @@ def test_labels_make_the_shipped_model_name_the_cat_and_the_coffee(captioner):
     assert cat.attention.shape == (len(cat.words), captioner.grid_size, captioner.grid_size)
 
 
+def test_a_confident_still_life_gets_its_template_read_by_the_decoder(captioner, capsys):
+    coffee, cat = captioner.caption_batch([EXAMPLES / "coffee.jpg", EXAMPLES / "chelsea.jpg"])
+    decoded = captioner.caption(EXAMPLES / "coffee.jpg", templates=False)
+    assert coffee.template and coffee.text == "a cup of coffee on a table"
+    (guide,) = coffee.guidance
+    assert guide.label == "espresso" and guide.probability >= captioner.guidance.template_threshold
+    assert coffee.words[coffee.guided_positions[0]] == "cup"
+    # the decoder's own (guided) caption is the first alternative, and every template word has its map
+    assert not decoded.template and coffee.alternatives[0].text == decoded.text
+    g = captioner.grid_size
+    assert coffee.attention.shape == (len(coffee.words), g, g)
+    np.testing.assert_allclose(coffee.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
+    assert coffee.log_prob < decoded.log_prob  # the decoder would not have written it
+    assert not cat.template and "cat" in cat.words  # no template for cats: the guided decoder's caption
+    # the user's words, no guidance or no templates: the decoder writes
+    assert not captioner.caption(EXAMPLES / "coffee.jpg", mentions=["table"]).template
+    assert not captioner.caption(EXAMPLES / "coffee.jpg", guide=False).template
+    assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["template"] and record["caption"] == coffee.text and record["guidance"][0]["position"] == 1
+    assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--template-threshold", "0.95"]) == 0
+    assert "[guided: coffee (label espresso" in capsys.readouterr().out  # 0.88 is below it
+    assert main(["caption", str(EXAMPLES / "coffee.jpg")]) == 0
+    assert "a cup of coffee on a table\t[template: coffee (label espresso" in capsys.readouterr().out
+
+
 def test_the_users_words_guide_every_photo_and_unknown_ones_stop_the_cli(captioner, capsys):
     result = captioner.caption(EXAMPLES / "chelsea.jpg", mentions=["sofa"], beam_size=3)
     assert "sofa" in result.words and result.guidance[0].source == "user"
@@ -125,3 +179,5 @@ def test_shipped_model_has_the_everyday_words():
     vocab = json.loads((SHIPPED_MODEL / "vocab.json").read_text())["words"]
     usable = Guidance(Vocabulary(vocab)).concepts
     assert {"cat", "dog", "coffee", "pizza", "bus", "train", "kitchen", "bathroom", "couch"} <= {c.word for c in usable}
+    templates = {c["word"] for c in json.loads(LABEL_WORDS.read_text())["concepts"] if "template" in c}
+    assert {c.word for c in usable if c.template} == templates  # it can write every template

@@ -285,7 +285,7 @@ def test_health_openapi_and_the_page(client, captioner):
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/api/caption"]["post"]
     assert "image" in operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert [p["name"] for p in operation["parameters"]] == ["beam_size", "mention", "guidance"]
+    assert [p["name"] for p in operation["parameters"]] == ["beam_size", "mention", "guidance", "templates"]
     assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
     assert "/api/health" in schema["paths"]
     docs = client.get("/docs")
@@ -369,6 +369,15 @@ def test_the_users_words_and_label_guidance_in_the_api(client, captioner):
     assert plain["guidance"] == []
     assert plain["words"] == captioner.caption(EXAMPLES / "chelsea.jpg", beam_size=3, guide=False).words
     assert_error(post(client, photo, query="?mention=sofaa"), 422, "mention 'sofaa'", "closest words")
+    assert body["template"] is False and plain["template"] is False
+    if (SHIPPED_MODEL / "config.json").is_file():  # a confident still life: its template, read by the decoder
+        coffee = (EXAMPLES / "coffee.jpg").read_bytes()
+        body = post(client, coffee, query="?beam_size=3").json()
+        assert body["template"] and body["caption"] == "a cup of coffee on a table"
+        assert body["guidance"][0]["label"] == "espresso" and body["words"][body["guidance"][0]["position"]] == "cup"
+        assert np.array(body["attention"]).shape == (len(body["words"]), captioner.grid_size, captioner.grid_size)
+        decoded = post(client, coffee, query="?beam_size=3&templates=false").json()
+        assert not decoded["template"] and body["alternatives"][0]["caption"] == decoded["caption"]
     assert_error(post(client, photo, query="?" + "&".join(["mention=a"] * 9)), 422)
 
 

@@ -14,6 +14,7 @@ const elements = {
   result: $("result"), figure: $("figure"), photo: $("photo"), overlay: $("overlay"), shown: $("shown"),
   caption: $("caption"), score: $("score"), alternatives: $("alternatives"), timings: $("timings"),
   health: $("health"), mention: $("mention"), guidance: $("guidance"), guided: $("guided"),
+  templates: $("templates"),
 };
 const state = { file: null, result: null, pinned: null, request: 0, maxUpload: 0, photoUrl: null };
 
@@ -103,8 +104,14 @@ function renderGuidance(result) {
     const met = guide.position === null ? " (no caption could use it)" : "";
     return `${guide.word} (${guideSource(guide)})${met}`;
   });
-  elements.guided.textContent = notes.length ? `Guided by: ${notes.join("; ")}` : "";
-  elements.guided.hidden = notes.length === 0;
+  let text = notes.length ? `Guided by: ${notes.join("; ")}` : "";
+  if (result.template) {
+    // The words are a template's, not the decoder's: say so, and show what the decoder itself wrote.
+    const own = result.alternatives.length ? ` The model's own caption: "${result.alternatives[0].caption}".` : "";
+    text = `Written from a template for ${notes.join("; ")}.${own}`;
+  }
+  elements.guided.textContent = text;
+  elements.guided.hidden = text === "";
 }
 
 function renderCaption(result) {
@@ -188,7 +195,11 @@ async function caption(file) {
   document.body.classList.add("busy");
   const form = new FormData();
   form.append("image", file, file.name);
-  const query = new URLSearchParams({ beam_size: elements.beam.value, guidance: elements.guidance.checked });
+  const query = new URLSearchParams({
+    beam_size: elements.beam.value,
+    guidance: elements.guidance.checked,
+    templates: elements.templates.checked,
+  });
   for (const word of elements.mention.value.split(/[\s,]+/).filter(Boolean)) query.append("mention", word);
   let response;
   let body;
@@ -236,6 +247,7 @@ elements.file.addEventListener("change", () => {
 });
 elements.beam.addEventListener("change", () => caption(state.file));
 elements.guidance.addEventListener("change", () => caption(state.file));
+elements.templates.addEventListener("change", () => caption(state.file));
 elements.mention.addEventListener("change", () => caption(state.file)); // on Enter or leaving the box
 // Small photos are shown larger and large ones smaller: as wide as the column, at most 70% of the window high.
 function fitPhoto() {

@@ -1,10 +1,11 @@
 """How the product captions everyday photos: `Captioner` at its defaults over the coco-dev photos, scored with the
-coco-caption metrics against their 5 COCO captions each, with and without label guidance.
+coco-caption metrics against their 5 COCO captions each: at the defaults (label guidance and template captions),
+with guidance but no templates, and with neither.
 
     python benchmarks/coco_dev.py --coco-dev ../shared/data/coco-dev --out results/coco_dev.json
 
 Any folder in the COCO caption format works (`captions_*.json` beside an `images/` folder). The record holds the
-metrics (x100) of each variant and every photo's captions, so a reader can see what guidance changed.
+metrics (x100) of each variant and every photo's captions, so a reader can see what guidance and templates changed.
 """
 
 from __future__ import annotations
@@ -46,27 +47,34 @@ def main() -> int:
         model=args.model or "shipped",
         int8=isinstance(captioner.model.decoder, Int8Decoder),  # as loaded: the default is int8 when calibrated
         guidance_threshold=captioner.guidance.threshold,
+        template_threshold=captioner.guidance.template_threshold,
         images=len(paths),
         results={},
         captions={},
     )
-    for variant, guide in (("guided", True), ("unguided", False)):
-        captions, guides = [], []
+    variants = (("guided", True, True), ("guided_without_templates", True, False), ("unguided", False, False))
+    for variant, guide, templates in variants:
+        captions, guides, written = [], [], []
         for start in tqdm(range(0, len(paths), args.batch_size), desc=variant):
-            for caption in captioner.caption_batch(paths[start : start + args.batch_size], guide=guide):
+            batch = paths[start : start + args.batch_size]
+            for caption in captioner.caption_batch(batch, guide=guide, templates=templates):
                 captions.append(caption.text)
                 guides.append([word.as_dict() for word in caption.guidance])
+                written.append(caption.template)
         metrics = score_captions(dict(enumerate(captions)), dict(enumerate(references)))
         record["results"][variant] = {
             "guided_photos": sum(bool(g) for g in guides),
+            "template_photos": sum(written),
             **{k: round(metrics[k], 2) for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
         }
         print(variant, json.dumps(record["results"][variant]), flush=True)
-        for path, caption, guide_words in zip(paths, captions, guides, strict=True):
+        for path, caption, guide_words, template in zip(paths, captions, guides, written, strict=True):
             entry = record["captions"].setdefault(path.name, {})
             entry[variant] = caption
-            if guide_words:
-                entry["guidance"] = guide_words
+            if variant == "guided" and guide_words:
+                entry["guidance"] = guide_words  # the defaults' (a template's concept, for a template caption)
+            if variant == "guided" and template:
+                entry["template"] = True
     write_record(record, args.out)
     return 0
 

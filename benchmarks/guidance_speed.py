@@ -1,5 +1,5 @@
-"""What guided captions cost: `Captioner` photo to caption with label guidance against without, one photo at a
-time and in one batch, on the same photos.
+"""What guided captions cost: `Captioner` photo to caption with label guidance (and its template captions)
+against without, one photo at a time and in one batch, on the same photos.
 
 The machine is shared and noisy: each round runs every variant once (A B C D, then D C B A in the next round),
 and each ratio is the median of the per-round ratios, whose two sides ran seconds apart.
@@ -58,7 +58,8 @@ def main() -> int:
         "batch_unguided": lambda: batched(False),
         "batch_guided": lambda: batched(True),
     }
-    guided = sum(bool(c.guidance) for c in captioner.caption_batch(photos))
+    captions = captioner.caption_batch(photos)
+    guided, templates = sum(bool(c.guidance) for c in captions), sum(c.template for c in captions)
     for run in variants.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -73,6 +74,8 @@ def main() -> int:
     record.update(
         photos=len(photos),
         guided_photos=guided,
+        template_photos=templates,  # of the guided photos, those whose caption is a template (guidance.py)
+        encoder_precision=captioner.encoder_precision,
         batch=args.batch,
         repeats=args.repeats,
         int8=captioner.model.decoder is not None and "Int8" in type(captioner.model.decoder.lstm).__name__,

@@ -7,7 +7,14 @@ Each photo is encoded once (grid features and ImageNet class probabilities, cach
 at the default beam without guidance and, when its most probable label concept reaches the lowest threshold,
 with that concept as a constraint (--max-label-words 2: its two most probable). A threshold only selects which
 of these captions a photo gets, so every threshold is scored without decoding again. The record lists
-BLEU-4, METEOR, ROUGE-L and CIDEr on both sets for each threshold.
+BLEU-4, METEOR, ROUGE-L and CIDEr on both sets for each threshold; its "chosen" is the threshold with the
+largest coco-dev CIDEr (ties: the higher, which changes fewer Flickr8k captions).
+
+Then the template threshold, at the default guidance threshold: a photo whose most probable concept has a
+template caption (labels/imagenet_words.json) gets it when the concept reaches the threshold, else its guided
+caption. The record's "chosen_template" is the threshold with the largest coco-dev CIDEr among those that keep
+Flickr8k val CIDEr within VAL_TOLERANCE of no templates (ties: the higher threshold, which changes fewer
+captions).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from tqdm import tqdm
 
 from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.datasets import read_coco
 from show_attend_tell.decoding import constrained_beam_search
 from show_attend_tell.guidance import Guidance, LabelHead
@@ -34,6 +41,9 @@ from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
 
 THRESHOLDS = [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01]  # 1.01: never guide
+TEMPLATE_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]  # 1.01: no templates
+VAL_TOLERANCE = 0.5  # CIDEr points a template threshold may cost Flickr8k val (the issue's tolerance on test)
+METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
 def coco_dev(directory: Path) -> tuple[list[Path], list[list[str]]]:
@@ -103,7 +113,14 @@ def main() -> int:
         "coco_dev": coco_dev(args.coco_dev),
         f"flickr8k_{args.split}": ([dataset.images[i].path for i in rows], [dataset.images[i].captions for i in rows]),
     }
-    record.update(model=str(args.model), beam_size=args.beam, thresholds=THRESHOLDS, sets={})
+    record.update(
+        model=str(args.model),
+        beam_size=args.beam,
+        thresholds=THRESHOLDS,
+        template_thresholds=TEMPLATE_THRESHOLDS,
+        template_guidance_threshold=DEFAULT_GUIDANCE_THRESHOLD,
+        sets={},
+    )
     for name, (paths, references) in sets.items():
         features, probabilities = encoded_set(model, head, paths, args.cache / f"{name}.pt")
         labels = guidance.label_words(probabilities)  # each photo's most probable concepts above the lowest
@@ -137,16 +154,85 @@ def main() -> int:
                     "max_label_words": max_words,
                     "threshold": threshold,
                     "changed_captions": guided_count,
-                    **{k: round(metrics[k], 2) for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
+                    **{k: round(metrics[k], 2) for k in METRICS},
                 }
                 print(name, json.dumps(results[f"max{max_words}_t{threshold}"]), flush=True)
         record["sets"][name] = {
             "images": len(paths),
             "results": results,
             "examples": _examples(paths, labels, captions),
+            "templates": _templates(guidance, probabilities, labels, captions, refs, paths, name),
         }
+    record["chosen"] = _chosen(record["sets"], f"flickr8k_{args.split}")
+    record["chosen_template"] = _chosen_template(record["sets"], f"flickr8k_{args.split}")
     write_record(record, args.out)
     return 0
+
+
+def _templates(guidance, probabilities, labels, captions, refs, paths, name) -> dict:
+    """Each template threshold's scores, over the captions guided at the default guidance threshold."""
+    templates = Guidance(guidance.vocab, template_threshold=min(TEMPLATE_THRESHOLDS)).templates(probabilities)
+    guided = [
+        captions["top1" if words and words[0].probability >= DEFAULT_GUIDANCE_THRESHOLD else "none"][i]
+        for i, words in enumerate(labels)
+    ]
+    results, examples = {}, []
+    for threshold in TEMPLATE_THRESHOLDS:
+        chosen = list(guided)
+        for i, template in enumerate(templates):
+            if template is not None and template.guide.probability >= threshold:
+                chosen[i] = " ".join(template.words)
+        metrics = score_captions(dict(enumerate(chosen)), refs)
+        changed = sum(c != g for c, g in zip(chosen, guided, strict=True))
+        results[f"t{threshold}"] = {
+            "threshold": threshold,
+            "changed_captions": changed,
+            **{k: round(metrics[k], 2) for k in METRICS},
+        }
+        print(name, "template", json.dumps(results[f"t{threshold}"]), flush=True)
+    for i, template in enumerate(templates):
+        if template is not None:
+            examples.append(
+                {
+                    "image": Path(paths[i]).name,
+                    "label": template.guide.as_dict(),
+                    "guided": guided[i],
+                    "template": " ".join(template.words),
+                }
+            )
+    return {"results": results, "examples": examples}
+
+
+def _chosen(sets: dict, val: str) -> dict:
+    """The guidance threshold (one label word) with the largest coco-dev CIDEr; of equals, the higher threshold,
+    which changes fewer Flickr8k captions."""
+    coco, flickr = sets["coco_dev"]["results"], sets[val]["results"]
+    keys = [key for key in coco if coco[key]["max_label_words"] == 1]
+    best = max(keys, key=lambda key: (coco[key]["CIDEr"], coco[key]["threshold"]))
+    never = f"max1_t{max(THRESHOLDS)}"
+    return {
+        "threshold": coco[best]["threshold"],
+        "max_label_words": 1,
+        "rule": "the largest coco-dev CIDEr; of equals, the higher threshold, which changes fewer val captions",
+        "coco_dev": {"chosen": coco[best], "unguided": coco[never]},
+        val: {"chosen": flickr[best], "unguided": flickr[never]},
+    }
+
+
+def _chosen_template(sets: dict, val: str) -> dict:
+    """The template threshold with the largest coco-dev CIDEr that keeps val CIDEr within VAL_TOLERANCE of no
+    templates; of equals, the higher threshold."""
+    coco, flickr = sets["coco_dev"]["templates"]["results"], sets[val]["templates"]["results"]
+    never = f"t{max(TEMPLATE_THRESHOLDS)}"
+    allowed = [key for key in coco if flickr[key]["CIDEr"] >= flickr[never]["CIDEr"] - VAL_TOLERANCE]
+    best = max(allowed, key=lambda key: (coco[key]["CIDEr"], coco[key]["threshold"]))
+    return {
+        "template_threshold": coco[best]["threshold"],
+        "rule": f"the largest coco-dev CIDEr among thresholds that keep {val} CIDEr within {VAL_TOLERANCE} of no "
+        "templates; of equals, the higher threshold",
+        "coco_dev": {"chosen": coco[best], "no_templates": coco[never]},
+        val: {"chosen": flickr[best], "no_templates": flickr[never]},
+    }
 
 
 def _examples(paths, labels, captions, count: int = 12) -> list[dict]:

@@ -7,6 +7,8 @@ import re
 
 from conftest import REPO
 
+from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_TEMPLATE_THRESHOLD
+
 README = (REPO / "README.md").read_text()
 RESULTS = REPO / "results"
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -90,3 +92,35 @@ def test_hard_attention_table_equals_its_record():
             expected = [f"{beam7[key]:.1f}" for key in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")]
             assert table_row(f"{split}, {label}") == expected, (split, label)
     assert comparison["ship_hard"] is False and "so it is not shipped" in README
+
+
+def test_guidance_table_equals_its_records():
+    coco = json.loads((RESULTS / "coco_dev.json").read_text())["results"]
+    tests = {
+        name: json.loads((RESULTS / name / "metrics.json").read_text())["results"]["beam7"]
+        for name in ("flickr8k_test", "flickr8k_test_int8_guided_no_templates", "flickr8k_test_int8_guided")
+    }
+    rows = {
+        "coco-dev, 80 everyday photos, unguided": coco["unguided"],
+        f"coco-dev, guided, no templates ({coco['guided_without_templates']['guided_photos']} photos guided)": coco[
+            "guided_without_templates"
+        ],
+        f"coco-dev, the product's defaults: guided, {coco['guided']['template_photos']} of them templates": coco[
+            "guided"
+        ],
+        "Flickr8k test, the shipped model alone (fp32)": tests["flickr8k_test"],
+        "Flickr8k test, guided, no templates": tests["flickr8k_test_int8_guided_no_templates"],
+        "Flickr8k test, the product's defaults (1 template caption)": tests["flickr8k_test_int8_guided"],
+    }
+    for label, metrics in rows.items():
+        assert table_row(label) == [f"{metrics[key]:.1f}" for key in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")], label
+    assert "template_threshold" not in tests["flickr8k_test_int8_guided_no_templates"] or (
+        tests["flickr8k_test_int8_guided_no_templates"]["template_threshold"] is None
+    )
+    # the defaults are the thresholds the tuning record chose, and the README says which they are
+    tuning = json.loads((RESULTS / "guidance_tuning.json").read_text())
+    assert tuning["chosen"]["threshold"] == DEFAULT_GUIDANCE_THRESHOLD
+    assert tuning["chosen_template"]["template_threshold"] == DEFAULT_TEMPLATE_THRESHOLD
+    assert tests["flickr8k_test_int8_guided"]["template_threshold"] == DEFAULT_TEMPLATE_THRESHOLD
+    assert f"reaches {DEFAULT_TEMPLATE_THRESHOLD}, its sentence is the" in README
+    assert f"its classes) reaches {DEFAULT_GUIDANCE_THRESHOLD}, the caption" in README

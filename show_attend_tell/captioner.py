@@ -233,7 +233,14 @@ class Captioner:
             max_length=max_length,
             length_penalty=length_penalty,
         )
-        beams = template_first(self.model.decoder, encoded, beams, chosen_templates, length_penalty=length_penalty)
+        # greedy ranks nothing: its caption's score is its log p, and so is a template's
+        beams = template_first(
+            self.model.decoder,
+            encoded,
+            beams,
+            chosen_templates,
+            length_penalty=length_penalty if beam_size > 1 else 0.0,
+        )
         g = self.grid_size
         results = []
         for hypotheses, guide_words, template in zip(beams, guides, chosen_templates, strict=True):

@@ -55,7 +55,10 @@ def decode(
             max_length=max_length,
             length_penalty=length_penalty,
         )
-        beams = template_first(model.decoder, encoded, beams, templates, length_penalty=length_penalty)
+        # greedy ranks nothing: its caption's score is its log p, and so is a template's
+        beams = template_first(
+            model.decoder, encoded, beams, templates, length_penalty=length_penalty if beam_size > 1 else 0.0
+        )
         best.update(zip(rows, [beam[0] for beam in beams], strict=True))
     return best
 

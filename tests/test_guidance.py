@@ -150,6 +150,8 @@ def test_a_confident_still_life_gets_its_template_read_by_the_decoder(captioner,
     np.testing.assert_allclose(coffee.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
     assert coffee.log_prob < decoded.log_prob  # the decoder would not have written it
     assert not cat.template and "cat" in cat.words  # no template for cats: the guided decoder's caption
+    greedy = captioner.caption(EXAMPLES / "coffee.jpg", beam_size=1)  # ranks nothing: the score is the log p
+    assert greedy.template and greedy.score == greedy.log_prob and len(greedy.alternatives) == 1
     # the user's words, no guidance or no templates: the decoder writes
     assert not captioner.caption(EXAMPLES / "coffee.jpg", mentions=["table"]).template
     assert not captioner.caption(EXAMPLES / "coffee.jpg", guide=False).template

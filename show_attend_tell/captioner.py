@@ -131,7 +131,7 @@ class Captioner:
         encoder_precision: "fp32", "bf16" or "int8" (fast_encoder.py), or "auto": the fastest this device
         supports among those that keep the captions.
         guidance_threshold: a photo's caption must name a concept of the encoder's ImageNet labels whose
-        probability reaches this (see guidance.py); None turns label guidance off.
+        probability reaches this (see guidance.py); None turns label guidance off, templates too.
         template_threshold: a photo whose most probable label concept has a template caption ("a cup of coffee
         on a table") and reaches this gets that caption (see guidance.py); None: never.
         """

@@ -111,7 +111,8 @@ def _label_words() -> dict:
 class Guidance:
     """Turns class probabilities and the user's words into constraints over one model's vocabulary.
 
-    threshold: a concept guides the caption when its probability reaches it (None: labels never guide);
+    threshold: a concept guides the caption when its probability reaches it (None: labels never guide, nor give
+    templates);
     max_label_words: at most this many label concepts per image, the most probable first;
     template_threshold: an image's most probable concept that has a template gives the caption when its
     probability reaches this (None: never).
@@ -166,7 +167,7 @@ class Guidance:
     def templates(self, class_probabilities: torch.Tensor) -> list[Template | None]:
         """For each image, the template of its most probable concept when it has one that reaches
         template_threshold, else None."""
-        if self.template_threshold is None or not self.concepts:
+        if self.threshold is None or self.template_threshold is None or not self.concepts:
             return [None] * class_probabilities.size(0)
         probabilities = self.concept_probabilities(class_probabilities)  # (B, concepts)
         found: list[Template | None] = []

@@ -84,6 +84,7 @@ def test_templates_come_from_the_most_probable_concept_when_it_is_confident():
     assert below is None and cat is None and bathroom is None
     assert " ".join(pizza.words) == "a pizza on a table" and pizza.guide.label == "pizza"
     assert Guidance(guidance.vocab, template_threshold=None).templates(probabilities) == [None] * 5
+    assert Guidance(guidance.vocab, threshold=None).templates(probabilities) == [None] * 5  # labels off
 
 
 def test_users_words_get_their_plurals_and_unknown_words_name_close_ones():

@@ -46,6 +46,7 @@ def main() -> int:
     record.update(
         model=args.model or "shipped",
         int8=isinstance(captioner.model.decoder, Int8Decoder),  # as loaded: the default is int8 when calibrated
+        encoder_precision=captioner.encoder_precision,  # as loaded: auto picks bf16 on CPUs with native bf16
         guidance_threshold=captioner.guidance.threshold,
         template_threshold=captioner.guidance.template_threshold,
         images=len(paths),

@@ -1,7 +1,7 @@
 """Build show_attend_tell/labels/imagenet_words.json: which caption words each ImageNet class stands for.
 
-Run `python recipes/imagenet_words.py` after editing CONCEPTS; tests/test_guidance.py checks the shipped JSON
-is this script's output. How it was built: every rule below was written by hand from the 1,000 ImageNet
+Run `python recipes/imagenet_words.py` after editing CONCEPTS or TEMPLATES; tests/test_guidance.py checks the
+shipped JSON is this script's output. How it was built: every rule below was written by hand from the 1,000 ImageNet
 class names (torchvision's list), each range checked against the names it covers. A class maps to a concept
 only when a photo that the classifier gives that class is normally described with one of the concept's words
 (a Labrador retriever is "a dog", an espresso is "coffee", a stove is in "a kitchen"); classes with no such
@@ -9,15 +9,15 @@ everyday word (clothing, most tools, rare animals) are left out, so they never g
 concept's word, its plural and close synonyms a caption may use instead: a guided caption must contain one of
 them (a disjunctive constraint). A model whose vocabulary lacks every form of a concept never uses it.
 
-Templates: a caption written for a concept that a model trained on Flickr8k's people and dogs has no words
-around. Its captions mention a cup, mug or coffee in 99 of 40,460 and never open with one, so guided decoding
-still writes "a small child is sitting on a red plastic cup" of the espresso. A template is one everyday
-sentence per still-life or room concept (food and drink on a table, a computer on a desk, a bathroom with a
-toilet), written by hand from the concept's classes with words the shipped model's vocabulary has, and not
-changed after it was scored. It replaces the decoded caption only when the concept is the image's most
-probable one and reaches the template threshold, chosen on coco-dev and Flickr8k val
-(recipes/tune_guidance.py). Animals, vehicles, sports and outdoor scenes have none: there the decoder's own
-sentence, guided to the label's word, says more than a template.
+Templates: a caption written for a concept that a model trained on Flickr8k's people and dogs has no words around.
+Its captions mention a cup, mug or coffee in 99 of 40,460 and never open with one, so guided decoding still writes
+"a small child is sitting on a red plastic cup" of the espresso. A template is one everyday sentence per still-life
+or room concept (food and drink on a table, a computer on a desk, a bathroom with a toilet), written by hand from
+the concept's classes with words the shipped model's vocabulary has. None was reworded after scoring; one was
+dropped after a review of its classes ("a book on a table" for book, whose classes include bookcase, bookshop and
+library). It replaces the decoded caption only when the concept is the image's most probable one and reaches the
+template threshold, chosen on coco-dev and Flickr8k val (recipes/tune_guidance.py). Animals, vehicles, sports and
+outdoor scenes have none: there the decoder's own sentence, guided to the label's word, says more than a template.
 """
 
 from __future__ import annotations
@@ -145,7 +145,6 @@ TEMPLATES: dict[str, str] = {
     "wine": "a glass of wine on a table",
     "beer": "a glass of beer on a table",
     "bottle": "a bottle on a table",
-    "book": "a book on a table",
     "computer": "a laptop computer on a desk",
     "desk": "a desk in an office",
     "kitchen": "a kitchen with a stove and a refrigerator",
@@ -178,7 +177,7 @@ def build() -> dict:
     return {
         "format": 2,
         "built_by": "recipes/imagenet_words.py",
-        "how": __doc__.split("\n\n", 1)[1].strip().replace("\n", " "),
+        "how": " ".join(__doc__.split("\n\n", 1)[1].split()),
         "concepts": concepts,
     }
 

@@ -180,7 +180,7 @@ def _templates(guidance, probabilities, labels, captions, refs, paths, name) -> 
     for threshold in TEMPLATE_THRESHOLDS:
         chosen = list(guided)
         for i, template in enumerate(templates):
-            if template is not None and template.guide.probability >= threshold:
+            if template is not None and template.probability >= threshold:
                 chosen[i] = " ".join(template.words)
         metrics = score_captions(dict(enumerate(chosen)), refs)
         changed = sum(c != g for c, g in zip(chosen, guided, strict=True))

@@ -26,7 +26,7 @@ from show_attend_tell.config import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
 )
-from show_attend_tell.decoding import best_captions
+from show_attend_tell.decoding import best_captions, ranking_penalty
 from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions, template_first
@@ -233,14 +233,8 @@ class Captioner:
             max_length=max_length,
             length_penalty=length_penalty,
         )
-        # greedy ranks nothing: its caption's score is its log p, and so is a template's
-        beams = template_first(
-            self.model.decoder,
-            encoded,
-            beams,
-            chosen_templates,
-            length_penalty=length_penalty if beam_size > 1 else 0.0,
-        )
+        penalty = ranking_penalty(beam_size, length_penalty)  # a template is scored as the beams were
+        beams = template_first(self.model.decoder, encoded, beams, chosen_templates, length_penalty=penalty)
         g = self.grid_size
         results = []
         for hypotheses, guide_words, template in zip(beams, guides, chosen_templates, strict=True):

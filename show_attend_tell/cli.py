@@ -738,8 +738,9 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
         "--templates",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="with --guidance: a photo whose most probable label concept is a still life or a room with a template "
-        "caption ('a cup of coffee on a table') gets it when the concept reaches --template-threshold (default: on)",
+        help="with --guidance, and without --mention or --hard-attention-sample: a photo whose most probable label "
+        "concept is a still life or a room with a template caption ('a cup of coffee on a table') gets it when the "
+        "concept reaches --template-threshold (default: on)",
     )
     parser.add_argument(
         "--template-threshold",

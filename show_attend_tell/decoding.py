@@ -1,4 +1,5 @@
-"""Decoders: greedy, sampling (for self-critical training) and batched beam search, all through one `step`.
+"""Decoders: greedy, sampling (for self-critical training) and batched beam search, all through one `step`, and
+`forced`, which reads a given caption through it.
 
 Each takes any `model.Decoder` (the LSTM of model.py, the int8 one of inference.py, ...) and what its `encode`
 returned for a batch of B images; shapes use the letters declared in model.py.
@@ -35,6 +36,12 @@ class Hypothesis:
     # hard attention: the location whose feature was each word's context (-1: the expected context); None for a
     # decoder that always attends softly
     locations: torch.Tensor | None = None  # (len(tokens),)
+
+
+def ranking_penalty(beam_size: int, length_penalty: float) -> float:
+    """The length penalty a caption's score is given with: none for beam size 1, which ranks nothing (greedy's
+    score is its log p, and so is a constrained search's or a template's at one beam)."""
+    return length_penalty if beam_size > 1 else 0.0
 
 
 def length_normalised(log_prob: float, length: int, length_penalty: float) -> float:
@@ -480,7 +487,9 @@ def best_captions(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
 ) -> list[list[Hypothesis]]:
     """Per image, its hypotheses best first: greedy for beam_size 1 (one hypothesis), else beam search;
-    constrained beam search for the images with `constraints` (see constrained_beam_search)."""
+    constrained beam search for the images with `constraints` (see constrained_beam_search). At beam size 1 every
+    score is the log p (ranking_penalty)."""
+    length_penalty = ranking_penalty(beam_size, length_penalty)
     options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
     if constraints is not None and any(constraints):
         return constrained_beam_search(decoder, encoded, constraints, **options)

@@ -100,7 +100,8 @@ class Template:
 
     words: tuple[str, ...]
     tokens: tuple[int, ...]
-    guide: GuideWord
+    guide: GuideWord  # its probability rounded for display
+    probability: float  # the concept's, as compared with template_threshold
 
 
 @cache
@@ -178,7 +179,7 @@ class Guidance:
                 continue
             tokens = tuple(self.vocab.id(word) for word in concept.template)
             guide = self._label_word(concept, probability, class_probabilities[b])
-            found.append(Template(concept.template, tokens, guide))
+            found.append(Template(concept.template, tokens, guide, probability))
         return found
 
     def user_words(self, mentions: Sequence[str]) -> list[GuideWord]:

@@ -79,7 +79,10 @@ class ErrorBody(BaseModel):
     error: str = Field(description="what is wrong, in one sentence")
 
 
-SCORE = "what beams are ranked by: log_prob / (words + <end>)**length_penalty (beam size 1: log_prob)"
+SCORE = (
+    "what beams are ranked by: log_prob / (words + <end>)**length_penalty (beam size 1: log_prob); a template caption "
+    "comes first whatever its score"
+)
 LOG_PROB = "log-probability of the caption (with <end>)"
 
 
@@ -411,8 +414,8 @@ def create_app(
         templates: Annotated[
             bool,
             Query(
-                description="with guidance: a photo whose most probable label is a still life or a room with a "
-                "template caption gets it when the label is confident"
+                description="with guidance and no mention: a photo whose most probable label is a still life or a "
+                "room with a template caption gets it when the label is confident"
             ),
         ] = True,
     ) -> CaptionResponse:

@@ -191,6 +191,23 @@ def test_dropping_a_photo_with_greedy_decoding(page, server_url):
         expect(page.locator("#alternatives li")).to_contain_text([decoded["caption"]])
         expect(page.locator("#guided")).to_contain_text("Written from a template for coffee (ImageNet label: espresso")
         expect(page.locator("#guided")).to_contain_text(f'The model\'s own caption: "{decoded["caption"]}"')
+        # the box turns templates off: the decoder's caption, and beam size 1 has no other
+        with page.expect_response(lambda r: "templates=false" in r.url) as answer:
+            page.uncheck("#templates")
+        body = answer.value.json()
+        assert not body["template"] and body["caption"] == decoded["caption"]
+        expect(page.locator("#caption .word")).to_have_text(body["words"])
+        expect(page.locator("#guided")).not_to_contain_text("template")
+        expect(page.locator("#alternatives li")).to_have_text(["none with beam size 1"])
+        # without label guidance there are no templates to offer: the box is disabled until guidance is back
+        with page.expect_response(lambda r: "guidance=false" in r.url):
+            page.uncheck("#guidance")
+        expect(page.locator("#templates")).to_be_disabled()
+        with page.expect_response(lambda r: "guidance=true" in r.url):
+            page.check("#guidance")
+        expect(page.locator("#templates")).to_be_enabled()
+        with page.expect_response(lambda r: "templates=true" in r.url):
+            page.check("#templates")
     else:
         expect(page.locator("#alternatives li")).to_have_text(["none with beam size 1"])
     expect(page.locator("#error")).to_be_hidden()

@@ -61,6 +61,11 @@ def test_captions_a_batch_with_words_scores_and_attention(captioner_fp32):
     # a batch gives each image the caption it gets alone
     alone = captioner.caption(paths[1], beam_size=3)
     assert alone.words == results[1].words and alone.score == pytest.approx(results[1].score, abs=1e-4)
+    # and a template the decoder reads in the batch reads as it does alone (its row of the batch's grids)
+    coffee = paths.index(EXAMPLES / "coffee.jpg")
+    template = captioner.caption(paths[coffee], beam_size=3)
+    assert template.template and template.log_prob == pytest.approx(results[coffee].log_prob, abs=1e-4)
+    np.testing.assert_allclose(template.attention, results[coffee].attention, atol=1e-5)
     # a PIL image works as well as a path
     assert captioner.caption(Image.open(paths[1]), beam_size=3).words == alone.words
 

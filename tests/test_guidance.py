@@ -73,7 +73,7 @@ def test_templates_come_from_the_most_probable_concept_when_it_is_confident():
     probabilities = torch.zeros(5, 1000)
     probabilities[0, 967] = 0.5  # espresso
     probabilities[1, 967] = 0.35  # below the threshold
-    probabilities[2, 285], probabilities[2, 967] = 0.6, 0.3  # a cat first: it has no template
+    probabilities[2, 285], probabilities[2, 967] = 0.5, 0.45  # a cat first: it has no template, coffee is second
     probabilities[3, 896] = 0.9  # washbasin: the template cannot be written
     probabilities[4, 967], probabilities[4, 963] = 0.45, 0.5  # pizza is the more probable
     coffee, below, cat, bathroom, pizza = guidance.templates(probabilities)
@@ -126,8 +126,11 @@ def captioner() -> Captioner:
     return Captioner.load(int8=False)
 
 
+@pytest.mark.slow  # the shipped model's 448 px encoder
 def test_labels_make_the_shipped_model_name_the_cat_and_the_coffee(captioner):
-    guided = captioner.caption_batch([EXAMPLES / "chelsea.jpg", EXAMPLES / "coffee.jpg"])
+    # the decoder guided to the labels' words (templates off: the coffee's would say "cup" whatever it wrote)
+    guided = captioner.caption_batch([EXAMPLES / "chelsea.jpg", EXAMPLES / "coffee.jpg"], templates=False)
+    assert not any(caption.template for caption in guided)
     plain = captioner.caption_batch([EXAMPLES / "chelsea.jpg", EXAMPLES / "coffee.jpg"], guide=False)
     assert "cat" not in plain[0].words and not {"coffee", "cup", "mug"} & set(plain[1].words)
     cat, coffee = guided
@@ -137,6 +140,7 @@ def test_labels_make_the_shipped_model_name_the_cat_and_the_coffee(captioner):
     assert cat.attention.shape == (len(cat.words), captioner.grid_size, captioner.grid_size)
 
 
+@pytest.mark.slow
 def test_a_confident_still_life_gets_its_template_read_by_the_decoder(captioner, capsys):
     coffee, cat = captioner.caption_batch([EXAMPLES / "coffee.jpg", EXAMPLES / "chelsea.jpg"])
     decoded = captioner.caption(EXAMPLES / "coffee.jpg", templates=False)
@@ -165,6 +169,7 @@ def test_a_confident_still_life_gets_its_template_read_by_the_decoder(captioner,
     assert "a cup of coffee on a table\t[template: coffee (label espresso" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_users_words_guide_every_photo_and_unknown_ones_stop_the_cli(captioner, capsys):
     result = captioner.caption(EXAMPLES / "chelsea.jpg", mentions=["sofa"], beam_size=3)
     assert "sofa" in result.words and result.guidance[0].source == "user"

@@ -145,7 +145,9 @@ function renderCaption(result) {
   renderGuidance(result);
   // Beams are ranked by the length-normalised score; the raw log-probability favours short captions.
   elements.score.textContent = `score ${result.score.toFixed(2)} (log-probability ${result.log_prob.toFixed(2)}) · ${result.width}×${result.height} pixels · ${result.grid_size}×${result.grid_size} attention grid · ${decoderName(result.decoder)}`;
-  elements.score.title = "captions are ranked by score = log-probability / (words + 1)^length penalty";
+  elements.score.title = result.template
+    ? "a template caption comes first; the model's own beams follow, ranked by score"
+    : "captions are ranked by score = log-probability / (words + 1)^length penalty";
   elements.alternatives.replaceChildren();
   if (result.alternatives.length === 0) {
     const item = document.createElement("li");
@@ -246,7 +248,11 @@ elements.file.addEventListener("change", () => {
   elements.file.value = ""; // choosing the same file again still triggers a caption
 });
 elements.beam.addEventListener("change", () => caption(state.file));
-elements.guidance.addEventListener("change", () => caption(state.file));
+// Templates come from the labels: without label guidance there are none to offer.
+elements.guidance.addEventListener("change", () => {
+  elements.templates.disabled = !elements.guidance.checked;
+  caption(state.file);
+});
 elements.templates.addEventListener("change", () => caption(state.file));
 elements.mention.addEventListener("change", () => caption(state.file)); // on Enter or leaving the box
 // Small photos are shown larger and large ones smaller: as wide as the column, at most 70% of the window high.

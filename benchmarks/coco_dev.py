@@ -37,12 +37,13 @@ def main() -> int:
     parser.add_argument("--coco-dev", type=Path, required=True, help="folder with captions_*.json and images/")
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
     paths, references = coco_folder(args.coco_dev)
-    captioner = Captioner.load(args.model, int8=args.int8)
+    captioner = Captioner.load(args.model, int8=args.int8, encoder_precision=args.encoder_precision)
     record.update(
         model=args.model or "shipped",
         int8=isinstance(captioner.model.decoder, Int8Decoder),  # as loaded: the default is int8 when calibrated

@@ -117,10 +117,38 @@ def test_guidance_table_equals_its_records():
     assert "template_threshold" not in tests["flickr8k_test_int8_guided_no_templates"] or (
         tests["flickr8k_test_int8_guided_no_templates"]["template_threshold"] is None
     )
+    fp32 = json.loads((RESULTS / "coco_dev_fp32_encoder.json").read_text())
+    assert (
+        fp32["encoder_precision"] == "fp32"
+        and json.loads((RESULTS / "coco_dev.json").read_text())["encoder_precision"] == "bf16"
+    )
+    claim = "reads {:.1f} unguided, {:.1f} guided and {:.1f} with templates".format(
+        *(fp32["results"][variant]["CIDEr"] for variant in ("unguided", "guided_without_templates", "guided"))
+    )
+    assert claim in " ".join(README.split())
+    speed = json.loads((RESULTS / "guidance_speed.json").read_text())
+    ms = speed["ms_per_photo_median"]
+    claim = (
+        f"costs {ms['one_photo_guided']:.0f} ms guided against {ms['one_photo_unguided']:.0f} ms unguided "
+        f"({speed['guided_over_unguided_one_photo']:.2f}×"
+    )
+    assert claim in " ".join(README.split()) and speed["template_photos"] == 1
     # the defaults are the thresholds the tuning record chose, and the README says which they are
     tuning = json.loads((RESULTS / "guidance_tuning.json").read_text())
     assert tuning["chosen"]["threshold"] == DEFAULT_GUIDANCE_THRESHOLD
     assert tuning["chosen_template"]["template_threshold"] == DEFAULT_TEMPLATE_THRESHOLD
     assert tests["flickr8k_test_int8_guided"]["template_threshold"] == DEFAULT_TEMPLATE_THRESHOLD
     assert f"reaches {DEFAULT_TEMPLATE_THRESHOLD}, its sentence is the" in README
+    coco_t, val_t = tuning["chosen_template"]["coco_dev"], tuning["chosen_template"]["flickr8k_val"]
+    claim = (
+        f"templates at {DEFAULT_TEMPLATE_THRESHOLD} changed {coco_t['chosen']['changed_captions']} coco-dev captions "
+        f"and raised its CIDEr from {coco_t['no_templates']['CIDEr']:.1f} to {coco_t['chosen']['CIDEr']:.1f}"
+    )
+    assert claim in " ".join(README.split())
+    claim = (
+        f"changed {val_t['chosen']['changed_captions']} of 1,000 Flickr8k val captions at a cost of "
+        f"{val_t['no_templates']['CIDEr'] - val_t['chosen']['CIDEr']:.1f} CIDEr ({val_t['chosen']['CIDEr']:.1f} "
+        f"against {val_t['no_templates']['CIDEr']:.1f})"
+    )
+    assert claim in " ".join(README.split())
     assert f"its classes) reaches {DEFAULT_GUIDANCE_THRESHOLD}, the caption" in README

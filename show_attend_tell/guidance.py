@@ -8,10 +8,10 @@ image's class probabilities and the user's words into disjunctive constraints fo
 reaches `threshold`, chosen on coco-dev and Flickr8k val together (results/guidance_tuning.json).
 
 Still-life and room concepts also have a template caption ("a cup of coffee on a table"): a Flickr8k decoder,
-even guided to say "coffee", has no words around it ("a coffee is sitting on a red slide"). When such a concept
-is an image's most probable one and reaches `template_threshold` (chosen the same way), the template is the
-caption; the decoder reads it word by word for its attention maps and score, and its own beams become the
-alternatives.
+even guided to name the cup, has no words around it ("a small child is sitting on a red plastic cup"). When such
+a concept is an image's most probable one and reaches `template_threshold` (chosen on the same two sets, with
+Flickr8k val's CIDEr kept within 0.5), the template is the caption; the decoder reads it word by word for its
+attention maps and score, and its own beams become the alternatives.
 """
 
 from __future__ import annotations

@@ -203,13 +203,20 @@ def _templates(guidance, probabilities, labels, captions, refs, paths, name) -> 
     return {"results": results, "examples": examples}
 
 
+def _best(coco: dict, flickr: dict, never: str, tolerance: float = float("inf")) -> str:
+    """The key with the largest coco-dev CIDEr among those whose val CIDEr is within `tolerance` of `never`'s;
+    of equals, the higher threshold, which changes fewer captions."""
+    allowed = [key for key in coco if flickr[key]["CIDEr"] >= flickr[never]["CIDEr"] - tolerance]
+    return max(allowed, key=lambda key: (coco[key]["CIDEr"], coco[key]["threshold"]))
+
+
 def _chosen(sets: dict, val: str) -> dict:
-    """The guidance threshold (one label word) with the largest coco-dev CIDEr; of equals, the higher threshold,
-    which changes fewer Flickr8k captions."""
-    coco, flickr = sets["coco_dev"]["results"], sets[val]["results"]
-    keys = [key for key in coco if coco[key]["max_label_words"] == 1]
-    best = max(keys, key=lambda key: (coco[key]["CIDEr"], coco[key]["threshold"]))
+    """The guidance threshold (one label word) with the largest coco-dev CIDEr (no bound on val)."""
     never = f"max1_t{max(THRESHOLDS)}"
+    coco, flickr = (
+        {k: v for k, v in sets[name]["results"].items() if k.startswith("max1_")} for name in ("coco_dev", val)
+    )
+    best = _best(coco, flickr, never)
     return {
         "threshold": coco[best]["threshold"],
         "max_label_words": 1,
@@ -221,11 +228,10 @@ def _chosen(sets: dict, val: str) -> dict:
 
 def _chosen_template(sets: dict, val: str) -> dict:
     """The template threshold with the largest coco-dev CIDEr that keeps val CIDEr within VAL_TOLERANCE of no
-    templates; of equals, the higher threshold."""
+    templates."""
     coco, flickr = sets["coco_dev"]["templates"]["results"], sets[val]["templates"]["results"]
     never = f"t{max(TEMPLATE_THRESHOLDS)}"
-    allowed = [key for key in coco if flickr[key]["CIDEr"] >= flickr[never]["CIDEr"] - VAL_TOLERANCE]
-    best = max(allowed, key=lambda key: (coco[key]["CIDEr"], coco[key]["threshold"]))
+    best = _best(coco, flickr, never, VAL_TOLERANCE)
     return {
         "template_threshold": coco[best]["threshold"],
         "rule": f"the largest coco-dev CIDEr among thresholds that keep {val} CIDEr within {VAL_TOLERANCE} of no "

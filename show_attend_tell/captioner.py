@@ -26,10 +26,10 @@ from show_attend_tell.config import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
 )
-from show_attend_tell.decoding import best_captions, ranking_penalty
+from show_attend_tell.decoding import best_captions
 from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
-from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions, template_first
+from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.model import CaptionDecoder, LocationSampling
@@ -229,12 +229,11 @@ class Captioner:
             self.model.decoder,
             encoded,
             [self.guidance.constraints(words) for words in guides],
+            given=[None if template is None else template.tokens for template in chosen_templates],
             beam_size=beam_size,
             max_length=max_length,
             length_penalty=length_penalty,
         )
-        penalty = ranking_penalty(beam_size, length_penalty)  # a template is scored as the beams were
-        beams = template_first(self.model.decoder, encoded, beams, chosen_templates, length_penalty=penalty)
         g = self.grid_size
         results = []
         for hypotheses, guide_words, template in zip(beams, guides, chosen_templates, strict=True):

@@ -482,17 +482,27 @@ def best_captions(
     encoded: EncodedImages,
     constraints: Sequence[Sequence[Collection[int]]] | None = None,
     *,
+    given: Sequence[Sequence[int] | None] | None = None,
     beam_size: int = DEFAULT_BEAM_SIZE,
     max_length: int = DEFAULT_MAX_LENGTH,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
 ) -> list[list[Hypothesis]]:
     """Per image, its hypotheses best first: greedy for beam_size 1 (one hypothesis), else beam search;
-    constrained beam search for the images with `constraints` (see constrained_beam_search). At beam size 1 every
-    score is the log p (ranking_penalty)."""
+    constrained beam search for the images with `constraints` (see constrained_beam_search). An image with a
+    `given` caption (word ids: a template's, guidance.Template) gets it first, as the decoder reads it (`forced`),
+    and its searched hypotheses after it. At beam size 1 every score is the log p (ranking_penalty)."""
     length_penalty = ranking_penalty(beam_size, length_penalty)
     options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
     if constraints is not None and any(constraints):
-        return constrained_beam_search(decoder, encoded, constraints, **options)
-    if beam_size == 1:
-        return [[h] for h in greedy(decoder, encoded, max_length=max_length)]
-    return beam_search(decoder, encoded, **options)
+        found = constrained_beam_search(decoder, encoded, constraints, **options)
+    elif beam_size == 1:
+        found = [[h] for h in greedy(decoder, encoded, max_length=max_length)]
+    else:
+        found = beam_search(decoder, encoded, **options)
+    chosen = [b for b, caption in enumerate(given or []) if caption is not None]
+    if chosen:
+        index = torch.tensor(chosen, device=encoded.features.device)
+        read = forced(decoder, encoded.select(index), [given[b] for b in chosen], length_penalty=length_penalty)
+        for b, hypothesis in zip(chosen, read, strict=True):
+            found[b] = [hypothesis, *found[b]]
+    return found

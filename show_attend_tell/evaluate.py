@@ -9,8 +9,8 @@ import torch
 from tqdm import tqdm
 
 from show_attend_tell.config import DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
-from show_attend_tell.decoding import Hypothesis, best_captions, ranking_penalty
-from show_attend_tell.guidance import Guidance, LabelHead, template_first
+from show_attend_tell.decoding import Hypothesis, best_captions
+from show_attend_tell.guidance import Guidance, LabelHead
 from show_attend_tell.model import CaptionModel
 from show_attend_tell.text import Vocabulary
 
@@ -51,12 +51,11 @@ def decode(
             model.decoder,
             encoded,
             constraints,
+            given=[None if template is None else template.tokens for template in templates],
             beam_size=beam_size,
             max_length=max_length,
             length_penalty=length_penalty,
         )
-        penalty = ranking_penalty(beam_size, length_penalty)  # a template is scored as the beams were
-        beams = template_first(model.decoder, encoded, beams, templates, length_penalty=penalty)
         best.update(zip(rows, [beam[0] for beam in beams], strict=True))
     return best
 

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY, DEFAULT_TEMPLATE_THRESHOLD
-from show_attend_tell.decoding import Hypothesis, forced
+from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_TEMPLATE_THRESHOLD
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import Decoder, EncodedImages
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary, tokenize
 
 LABEL_WORDS = Path(__file__).resolve().parent / "labels" / "imagenet_words.json"
@@ -211,27 +209,6 @@ class Guidance:
     def constraints(self, words: Sequence[GuideWord]) -> list[set[int]]:
         """Word-id sets for constrained_beam_search, one per guide word."""
         return [{self.vocab.id(form) for form in word.forms} for word in words]
-
-
-def template_first(
-    decoder: Decoder,
-    encoded: EncodedImages,
-    beams: list[list[Hypothesis]],
-    templates: Sequence[Template | None],
-    *,
-    length_penalty: float = DEFAULT_LENGTH_PENALTY,
-) -> list[list[Hypothesis]]:
-    """Each image's hypotheses with its template's caption, as the decoder reads it (decoding.forced), first;
-    the decoder's own beams follow it."""
-    chosen = [b for b, template in enumerate(templates) if template is not None]
-    if not chosen:
-        return beams
-    index = torch.tensor(chosen, device=encoded.features.device)
-    read = forced(decoder, encoded.select(index), [templates[b].tokens for b in chosen], length_penalty=length_penalty)
-    out = list(beams)
-    for b, hypothesis in zip(chosen, read, strict=True):
-        out[b] = [hypothesis, *beams[b]]
-    return out
 
 
 def positions(words: Sequence[str], guide: Sequence[GuideWord]) -> list[int | None]:

@@ -384,7 +384,12 @@ def _run_features(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "failed"}))
         for reason in summary["failed"].values():
             print(f"failed: {reason}", file=sys.stderr)
-    return 1 if summary["failed"] else 0
+    code = 1 if summary["failed"] else 0
+    if world_size > 1:
+        from show_attend_tell.train import exit_worker
+
+        exit_worker(code)  # every rank's rows are written and gathered; see exit_worker
+    return code
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

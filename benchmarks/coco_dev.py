@@ -1,11 +1,13 @@
 """How the product captions everyday photos: `Captioner` at its defaults over the coco-dev photos, scored with the
-coco-caption metrics against their 5 COCO captions each: at the defaults (label guidance and template captions),
-with guidance but no templates, and with neither.
+coco-caption metrics against their 5 COCO captions each, and for object hallucination against their COCO object
+annotations (CHAIR-i, CHAIR-s, and photos without people captioned with people): at the defaults (label guidance,
+templates and the COCO detector), with each guidance source alone, and unguided.
 
     python benchmarks/coco_dev.py --coco-dev ../shared/data/coco-dev --out results/coco_dev.json
 
-Any folder in the COCO caption format works (`captions_*.json` beside an `images/` folder). The record holds the
-metrics (x100) of each variant and every photo's captions, so a reader can see what guidance and templates changed.
+Any folder in the COCO caption format works (`captions_*.json` beside an `images/` folder; CHAIR where an
+`instances_*.json` is there too). The record holds the metrics (x100) of each variant and every photo's captions,
+so a reader can see what each source of guidance changed.
 """
 
 from __future__ import annotations
@@ -19,17 +21,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from show_attend_tell.captioner import Captioner
-from show_attend_tell.datasets import read_coco
+from show_attend_tell.chair import chair, coco_objects, people_without_people
+from show_attend_tell.datasets import coco_folder
+from show_attend_tell.guidance import Guidance
 from show_attend_tell.inference import Int8Decoder
 from show_attend_tell.metrics import score_captions
 from show_attend_tell.records import provenance, write_record
-
-
-def coco_folder(directory: Path) -> tuple[list[Path], list[list[str]]]:
-    """The photos of a COCO-format folder (captions_*.json beside images/), sorted by name, and their captions."""
-    raw = read_coco(sorted(directory.glob("captions_*.json")), directory / "images")
-    records = sorted(raw.records, key=lambda record: record.path.name)
-    return [record.path for record in records], [record.captions for record in records]
 
 
 def main() -> int:
@@ -38,28 +35,55 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
+    parser.add_argument("--detector", default="centernet", help="the COCO detector of the defaults ('none': none)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
     paths, references = coco_folder(args.coco_dev)
-    captioner = Captioner.load(args.model, int8=args.int8, encoder_precision=args.encoder_precision)
+    instances = sorted(args.coco_dev.glob("instances_*.json"))
+    objects = coco_objects(instances[0], [p.name for p in paths]) if instances else None
+    detector = None if args.detector == "none" else args.detector
+    captioner = Captioner.load(args.model, int8=args.int8, encoder_precision=args.encoder_precision, detector=detector)
     record.update(
         model=args.model or "shipped",
         int8=isinstance(captioner.model.decoder, Int8Decoder),  # as loaded: the default is int8 when calibrated
         encoder_precision=captioner.encoder_precision,  # as loaded: auto picks bf16 on CPUs with native bf16
         guidance_threshold=captioner.guidance.threshold,
         template_threshold=captioner.guidance.template_threshold,
+        detector=captioner.detector_name,
+        detector_settings={
+            key: getattr(captioner.guidance, key)
+            for key in ("detection_threshold", "presence_threshold", "person_penalty", "object_penalty")
+        },
         images=len(paths),
         results={},
         captions={},
     )
-    variants = (("guided", True, True), ("guided_without_templates", True, False), ("unguided", False, False))
-    for variant, guide, templates in variants:
+    defaults = captioner.guidance
+    detector_alone = Guidance(
+        defaults.vocab,
+        threshold=None,
+        new_words=defaults.new_words,
+        **record["detector_settings"],
+    )
+    # name: (the guidance, guide, templates, detect)
+    variants = {
+        "guided": (defaults, True, True, True),
+        "labels_and_templates": (defaults, True, True, False),
+        "guided_without_templates": (defaults, True, False, True),
+        "labels_alone": (defaults, True, False, False),
+        "detector_alone": (detector_alone, True, False, True),
+        "unguided": (defaults, False, False, False),
+    }
+    for variant, (guidance, guide, templates, detect) in variants.items():
+        if detect and captioner.detector is None:
+            continue
+        captioner.guidance = guidance
         captions, guides, written = [], [], []
         for start in tqdm(range(0, len(paths), args.batch_size), desc=variant):
             batch = paths[start : start + args.batch_size]
-            for caption in captioner.caption_batch(batch, guide=guide, templates=templates):
+            for caption in captioner.caption_batch(batch, guide=guide, templates=templates, detect=detect):
                 captions.append(caption.text)
                 guides.append([word.as_dict() for word in caption.guidance])
                 written.append(caption.template)
@@ -69,6 +93,12 @@ def main() -> int:
             "template_photos": sum(written),
             **{k: round(metrics[k], 2) for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")},
         }
+        if objects is not None:
+            hallucination = chair(captions, objects)
+            record["results"][variant].update(
+                {key: hallucination[key] for key in ("CHAIR-i", "CHAIR-s")},
+                people_without_people=people_without_people(captions, objects),
+            )
         print(variant, json.dumps(record["results"][variant]), flush=True)
         for path, caption, guide_words, template in zip(paths, captions, guides, written, strict=True):
             entry = record["captions"].setdefault(path.name, {})
@@ -77,6 +107,8 @@ def main() -> int:
                 entry["guidance"] = guide_words  # the defaults' (a template's concept, for a template caption)
             if variant == "guided" and template:
                 entry["template"] = True
+            if variant == "guided" and objects is not None:
+                entry["hallucinated"] = chair([caption], [objects[paths.index(path)]])["hallucinated"][0]
     write_record(record, args.out)
     return 0
 

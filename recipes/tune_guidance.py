@@ -31,7 +31,7 @@ from tqdm import tqdm
 from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
-from show_attend_tell.datasets import read_coco
+from show_attend_tell.datasets import coco_folder
 from show_attend_tell.decoding import constrained_beam_search
 from show_attend_tell.guidance import Guidance, LabelHead
 from show_attend_tell.images import load_image
@@ -44,13 +44,6 @@ THRESHOLDS = [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01]  # 1.01: nev
 TEMPLATE_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]  # 1.01: no templates
 VAL_TOLERANCE = 0.5  # CIDEr points a template threshold may cost Flickr8k val (the issue's tolerance on test)
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-
-
-def coco_dev(directory: Path) -> tuple[list[Path], list[list[str]]]:
-    """The photos of a COCO-format folder (captions_*.json beside images/), sorted by name, and their captions."""
-    raw = read_coco(sorted(directory.glob("captions_*.json")), directory / "images")
-    records = sorted(raw.records, key=lambda record: record.path.name)
-    return [record.path for record in records], [record.captions for record in records]
 
 
 def encoded_set(model, head: LabelHead, paths: list[Path], cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +103,7 @@ def main() -> int:
     dataset = PreparedDataset.load(args.data)
     rows = dataset.indices(args.split)
     sets = {
-        "coco_dev": coco_dev(args.coco_dev),
+        "coco_dev": coco_folder(args.coco_dev),
         f"flickr8k_{args.split}": ([dataset.images[i].path for i in rows], [dataset.images[i].captions for i in rows]),
     }
     record.update(

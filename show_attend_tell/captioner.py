@@ -26,11 +26,11 @@ from show_attend_tell.config import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
 )
-from show_attend_tell.decoding import best_captions
+from show_attend_tell.detector import Detection, Detector, load_detector
 from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
-from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions
-from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
+from show_attend_tell.guidance import Guidance, GuideWord, label_head, new_word_pairs, positions, search
+from show_attend_tell.images import DEFAULT_MAX_PIXELS, ORIGINAL_SIZE, load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.model import CaptionDecoder, LocationSampling
 
@@ -64,6 +64,17 @@ def _checked_between_blocks(encoder, check: Callable[[], None]) -> Iterator[None
             handle.remove()
 
 
+def _in_photo_pixels(detections: list[Detection], picture: Image.Image) -> list[Detection]:
+    """Detections on a decoded picture with their boxes in the pixels of the photo it was shrunk from."""
+    width, height = picture.info.get(ORIGINAL_SIZE, picture.size)
+    sx, sy = width / picture.width, height / picture.height
+    if sx == sy == 1:
+        return detections
+    return [
+        dataclasses.replace(d, box=(d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy)) for d in detections
+    ]
+
+
 class Alternative(NamedTuple):
     """Another beam: its text, the score it was ranked by and its log-probability (as in `Caption`)."""
 
@@ -91,6 +102,33 @@ class Caption:
     template: bool = False
     # hard attention sampled (sample_seed): the grid cell (row, column) whose feature was each word's context
     locations: list[tuple[int, int]] | None = None
+    # the COCO detector's detections at the guidance's presence threshold, best first (boxes in the photo's pixels)
+    detections: list[Detection] = dataclasses.field(default_factory=list)
+    # COCO classes nothing saw, whose words the search discouraged ("person": people)
+    discouraged: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        """The caption as JSON-ready data, as `sat caption --json`, the API and bulk captioning give it (without
+        the attention maps, which only the API sends)."""
+        record = {
+            "caption": self.text,
+            "words": self.words,
+            "score": float(self.score),
+            "log_prob": float(self.log_prob),
+            "alternatives": [
+                {"caption": a.text, "score": float(a.score), "log_prob": float(a.log_prob)} for a in self.alternatives
+            ],
+            "guidance": [
+                {**word.as_dict(), "position": position}
+                for word, position in zip(self.guidance, self.guided_positions, strict=True)
+            ],
+            "template": self.template,
+            "detections": [detection.as_dict() for detection in self.detections],
+            "discouraged": list(self.discouraged),
+        }
+        if self.locations is not None:
+            record["locations"] = [list(cell) for cell in self.locations]  # (row, column) per word
+        return record
 
 
 class Captioner:
@@ -105,13 +143,23 @@ class Captioner:
         *,
         guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
         template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
+        detector: Detector | None = None,
+        new_words: Sequence[str] = (),
+        **guidance_options,
     ) -> None:
         self.model, self.vocab, self.config = model, vocab, config
         self.device = torch.device(device)
-        self.guidance = Guidance(vocab, threshold=guidance_threshold, template_threshold=template_threshold)
+        self.guidance = Guidance(
+            vocab,
+            threshold=guidance_threshold,
+            template_threshold=template_threshold,
+            new_words=new_words,
+            **guidance_options,
+        )
         self.labels = label_head(model.config)  # None: this model's features are not the classifier's
         if self.labels is not None:
             self.labels.to(self.device)
+        self.detector = detector
 
     @classmethod
     def load(
@@ -123,6 +171,8 @@ class Captioner:
         encoder_precision: str = AUTO,
         guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
         template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
+        detector: str | None = "centernet",
+        **guidance_options,
     ) -> Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
 
@@ -134,12 +184,18 @@ class Captioner:
         probability reaches this (see guidance.py); None turns label guidance off, templates too.
         template_threshold: a photo whose most probable label concept has a template caption ("a cup of coffee
         on a table") and reaches this gets that caption (see guidance.py); None: never.
+        detector: the COCO detector that guides captions beside the labels ("centernet", the offline default, or
+        another detector.DETECTORS name); None: none. Its words the vocabulary lacks are added (new_words.py).
+        guidance_options: the detector's thresholds and penalties (guidance.Guidance).
         """
         path = path or SHIPPED_MODEL
         if int8 is None:
             int8 = torch.device(device).type == "cpu" and has_int8_calibration(read_config(path))
         precision = resolve_precision(encoder_precision, device)
-        model, vocab, config = load_model(path, device=device, inference=True, int8=int8, encoder_precision=precision)
+        pairs = new_word_pairs() if detector is not None else {}
+        model, vocab, config = load_model(
+            path, device=device, inference=True, int8=int8, encoder_precision=precision, new_words=pairs
+        )
         return cls(
             model,
             vocab,
@@ -147,12 +203,20 @@ class Captioner:
             device,
             guidance_threshold=guidance_threshold,
             template_threshold=template_threshold,
+            detector=None if detector is None else load_detector(detector, device),
+            new_words=[word for word in pairs if word in vocab],
+            **guidance_options,
         )
 
     @property
     def decoder(self) -> str:
         """Which decoder writes the captions: "lstm" (the paper's) or "transformer"."""
         return self.model.config.decoder
+
+    @property
+    def detector_name(self) -> str | None:
+        """The COCO detector that guides captions (detector.DETECTORS), or None."""
+        return None if self.detector is None else self.detector.name
 
     @property
     def encoder_precision(self) -> str:
@@ -178,6 +242,7 @@ class Captioner:
         mentions: Sequence[str] = (),
         guide: bool = True,
         templates: bool = True,
+        detect: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         sample_seed: int | None = None,
         cancelled: Callable[[], bool] = _never,
@@ -188,7 +253,8 @@ class Captioner:
         vocabulary is an InputError naming the closest ones it knows. guide: let the encoder's ImageNet labels
         add a word when one is confident enough (see `Captioner.load`'s guidance_threshold). templates (with
         guide, and no mentions or sample_seed): a photo whose most probable label concept has a template caption
-        and is confident enough gets it (`Captioner.load`'s template_threshold). max_pixels: a photo
+        and is confident enough gets it (`Captioner.load`'s template_threshold). detect (with guide): the COCO
+        detector's detections guide the caption too, when a detector is loaded. max_pixels: a photo
         with more pixels is refused from its header (images.TooManyPixelsError). sample_seed (a hard-attention
         model): each word's context is the feature of one cell drawn from alpha, each photo's draws from this
         seed (the same caption alone or in a batch), instead of the expected context (the paper's test time).
@@ -215,30 +281,34 @@ class Captioner:
             encoded = self.model.decoder.encode(features)  # (B, P, *)
         else:
             encoded = sampling_decoder.encode(features, LocationSampling.seeded([sample_seed] * len(pictures)))
-        chosen_templates = [None] * len(pictures)
-        if guide and self.labels is not None:
-            class_probabilities = self.labels(features)
-            labels = self.guidance.label_words(class_probabilities)
-            if templates and not users and sample_seed is None:
-                chosen_templates = self.guidance.templates(class_probabilities)
-        else:
-            labels = [[] for _ in pictures]
-        guides = [self.guidance.combine(words, users) for words in labels]
+        class_probabilities = self.labels(features) if guide and self.labels is not None else None
+        detections = None
+        if guide and detect and self.detector is not None:
+            check()
+            detections = self.detector.detect(pictures, min_score=self.guidance.presence_threshold)
+            detections = [_in_photo_pixels(found, picture) for found, picture in zip(detections, pictures, strict=True)]
+        plans = self.guidance.plan(
+            len(pictures),
+            class_probabilities=class_probabilities,
+            detections=detections,
+            users=users,
+            templates=templates and sample_seed is None,
+        )
         check()
-        beams = best_captions(
+        beams = search(
             self.model.decoder,
             encoded,
-            [self.guidance.constraints(words) for words in guides],
-            given=[None if template is None else template.tokens for template in chosen_templates],
+            self.guidance,
+            plans,
             beam_size=beam_size,
             max_length=max_length,
             length_penalty=length_penalty,
         )
         g = self.grid_size
         results = []
-        for hypotheses, guide_words, template in zip(beams, guides, chosen_templates, strict=True):
-            best = hypotheses[0]
-            guide_words = [template.guide] if template is not None else guide_words
+        for hypotheses, plan in zip(beams, plans, strict=True):
+            best, template = hypotheses[0], plan.template
+            guide_words = [template.guide] if template is not None else plan.guides
             words = self.vocab.decode(best.tokens)
             results.append(
                 Caption(
@@ -254,6 +324,8 @@ class Captioner:
                     guided_positions=positions(words, guide_words),
                     locations=None if sample_seed is None else [divmod(int(i), g) for i in best.locations],
                     template=template is not None,
+                    detections=plan.detections,
+                    discouraged=plan.discouraged,
                 )
             )
         return results

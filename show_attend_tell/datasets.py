@@ -349,6 +349,14 @@ def read_coco(
     return raw
 
 
+def coco_folder(directory: Path) -> tuple[list[Path], list[list[str]]]:
+    """The photos of a COCO-format folder (captions_*.json beside images/, as coco-dev), sorted by name, and their
+    captions: what the dev-set benchmarks and tuning recipes read."""
+    raw = read_coco(sorted(Path(directory).glob("captions_*.json")), Path(directory) / "images")
+    records = sorted(raw.records, key=lambda record: record.path.name)
+    return [record.path for record in records], [record.captions for record in records]
+
+
 def _image_id(item: dict, key: str, where: str) -> int | str:
     value = item.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, str)):

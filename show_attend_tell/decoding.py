@@ -187,9 +187,12 @@ def beam_search(
     max_length: int = DEFAULT_MAX_LENGTH,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
+    word_penalties: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search: B images x K beams advance as one (B*K)-row tensor program; no beam repeats an
-    n-gram of size `no_repeat_ngram` (0: no limit).
+    n-gram of size `no_repeat_ngram` (0: no limit). `word_penalties` (B, V), added to every step's log p of
+    image b's beams, discourage words without banning them (guidance.Plan); a caption that still holds such a
+    word has them in its log_prob and score.
 
     A finished beam keeps its slot and its score (its only continuation is <pad> at log p 0), so with K
     at least the number of possible captions this is exhaustive search. Beams are ranked by raw
@@ -220,11 +223,14 @@ def beam_search(
     never_next = _never_next(device)
     first_rows = (torch.arange(B, device=device) * K).unsqueeze(1)  # (A, 1) image a's first row is a*K
     frozen = None  # (V,) the only continuation of a finished beam: <pad> at log p 0
+    row_penalties = None if word_penalties is None else word_penalties.repeat_interleave(K, dim=0)  # (A*K, V)
     for t in range(max_length):  # a caption still running after max_length tokens is cut there
         A = alive.numel()
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (A*K, V), state, (A*K, P)
         locations = _grown(locations, sampled_locations(state), tokens.size(1))
         V = log_probs.size(1)
+        if row_penalties is not None:
+            log_probs = log_probs + row_penalties
         log_probs.index_fill_(1, never_next, float("-inf"))  # (A*K, V)
         if t >= no_repeat_ngram >= 2:
             ban_rows, ban_words = repeated_ngram_bans(tokens, no_repeat_ngram)
@@ -267,6 +273,7 @@ def beam_search(
             alive, scores, encoded = alive[keep], scores[keep], encoded.select(keep)
             first_rows = first_rows[: alive.numel()]
             tokens, alphas, finished = tokens[rows_kept], alphas[rows_kept], finished[rows_kept]
+            row_penalties = None if row_penalties is None else row_penalties[rows_kept]
             locations = None if locations is None else locations[rows_kept]
             state, words = select_rows(state, rows_kept), words[rows_kept]
     for a, image in enumerate(alive.tolist()):
@@ -321,6 +328,7 @@ def constrained_beam_search(
     max_length: int = DEFAULT_MAX_LENGTH,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
+    word_penalties: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Constrained beam search (Anderson et al. 2017): image b's caption must contain, for each of its
     constraints `constraints[b]`, one word of that set (a disjunctive constraint: {cat, cats}).
@@ -340,6 +348,7 @@ def constrained_beam_search(
     for count, images in groups.items():
         index = torch.tensor(images, device=encoded.features.device)
         part = encoded.select(index)
+        options["word_penalties"] = None if word_penalties is None else word_penalties[index]
         if count == 0:
             found = beam_search(decoder, part, no_repeat_ngram=no_repeat_ngram, **options)
         else:
@@ -358,6 +367,7 @@ def _constrained(
     beam_size: int,
     max_length: int,
     length_penalty: float,
+    word_penalties: torch.Tensor | None,
 ) -> list[list[Hypothesis]]:
     """constrained_beam_search for B images with C >= 1 constraints each. Row (b*S + s)*K + k is beam k of
     image b in state s, the bit mask of the constraints its words satisfy (S = 2^C, state S-1 accepts)."""
@@ -379,9 +389,12 @@ def _constrained(
     first_rows = (torch.arange(B, device=device) * rows_per_image).unsqueeze(1)  # (B, 1)
     never_next = _never_next(device)
     bits = frozen = None  # (B, V) the constraints each word satisfies, as a bit mask; see beam_search
+    row_penalties = None if word_penalties is None else word_penalties.repeat_interleave(rows_per_image, dim=0)
     for t in range(max_length):
         log_probs, state, alpha = decoder.step(words, state, encoded)  # (B*S*K, V), state, (B*S*K, P)
         locations = _grown(locations, sampled_locations(state), tokens.size(1))
+        if row_penalties is not None:
+            log_probs = log_probs + row_penalties
         if bits is None:
             V = log_probs.size(1)
             bits = torch.zeros(B, V, dtype=torch.long, device=device)
@@ -439,6 +452,7 @@ def _constrained(
             max_length=max_length,
             length_penalty=length_penalty,
             no_repeat_ngram=no_repeat_ngram,
+            word_penalties=None if word_penalties is None else word_penalties[unmet],
         )
         for b, hypotheses in zip(unmet, found, strict=True):
             results[b] = hypotheses
@@ -486,15 +500,22 @@ def best_captions(
     beam_size: int = DEFAULT_BEAM_SIZE,
     max_length: int = DEFAULT_MAX_LENGTH,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
+    word_penalties: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Per image, its hypotheses best first: greedy for beam_size 1 (one hypothesis), else beam search;
-    constrained beam search for the images with `constraints` (see constrained_beam_search). An image with a
-    `given` caption (word ids: a template's, guidance.Template) gets it first, as the decoder reads it (`forced`),
-    and its searched hypotheses after it. At beam size 1 every score is the log p (ranking_penalty)."""
+    constrained beam search for the images with `constraints` (see constrained_beam_search); `word_penalties`
+    (B, V) as in beam_search (at beam size 1, beam search with one beam, which is greedy with them). An image
+    with a `given` caption (word ids: a template's, guidance.Template) gets it first, as the decoder reads it
+    (`forced`, without penalties), and its searched hypotheses after it. At beam size 1 every score is the log p
+    (ranking_penalty)."""
     length_penalty = ranking_penalty(beam_size, length_penalty)
     options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+    if word_penalties is not None and not bool(word_penalties.any()):
+        word_penalties = None
     if constraints is not None and any(constraints):
-        found = constrained_beam_search(decoder, encoded, constraints, **options)
+        found = constrained_beam_search(decoder, encoded, constraints, word_penalties=word_penalties, **options)
+    elif word_penalties is not None:
+        found = beam_search(decoder, encoded, word_penalties=word_penalties, **options)
     elif beam_size == 1:
         found = [[h] for h in greedy(decoder, encoded, max_length=max_length)]
     else:

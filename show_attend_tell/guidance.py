@@ -25,12 +25,25 @@ from pathlib import Path
 
 import torch
 
-from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_TEMPLATE_THRESHOLD
+from show_attend_tell.config import (
+    DEFAULT_DETECTION_THRESHOLD,
+    DEFAULT_GUIDANCE_THRESHOLD,
+    DEFAULT_OBJECT_PENALTY,
+    DEFAULT_PERSON_PENALTY,
+    DEFAULT_PRESENCE_THRESHOLD,
+    DEFAULT_TEMPLATE_THRESHOLD,
+)
+from show_attend_tell.decoding import Hypothesis, best_captions
+from show_attend_tell.detector import Detection
 from show_attend_tell.errors import InputError
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary, tokenize
 
 LABEL_WORDS = Path(__file__).resolve().parent / "labels" / "imagenet_words.json"
+COCO_WORDS = Path(__file__).resolve().parent / "labels" / "coco_words.json"
 DEFAULT_MAX_LABEL_WORDS = 1
+# COCO's animals: ImageNet tells them apart far better than the detector, which calls a cat a dog and a dog in the
+# snow a horse; when a label already names one, the detector's other animals are not taken as seen.
+ANIMALS = frozenset({"bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"})
 # Words one request may ask for: each doubles the states of the constrained search, and so its beams.
 MAX_MENTIONS = 4
 
@@ -41,9 +54,9 @@ class GuideWord:
 
     word: str
     forms: tuple[str, ...]
-    source: str  # "label": from the encoder's ImageNet head; "user": asked for
-    label: str | None = None  # the concept's most probable ImageNet class (source "label")
-    probability: float | None = None  # the concept's probability: the sum over its classes (source "label")
+    source: str  # "label": from the encoder's ImageNet head; "detector": a COCO detection; "user": asked for
+    label: str | None = None  # the concept's most probable ImageNet class (source "label"), the COCO class (detector)
+    probability: float | None = None  # the concept's probability (the sum over its classes), a detection's score
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None} | {"forms": list(self.forms)}
@@ -102,9 +115,32 @@ class Template:
     probability: float  # the concept's, as compared with template_threshold
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one photo's caption is guided: the words it must name, a template caption or none, the words the search
+    discourages (word id -> a negative number added to their log p), and the detections that decided it."""
+
+    guides: list[GuideWord]
+    template: Template | None = None
+    penalties: dict[int, float] = dataclasses.field(default_factory=dict)
+    detections: list[Detection] = dataclasses.field(default_factory=list)  # those at presence_threshold or above
+    discouraged: tuple[str, ...] = ()  # the COCO classes whose words were discouraged ("person": no people seen)
+
+
 @cache
 def _label_words() -> dict:
     return json.loads(LABEL_WORDS.read_text())
+
+
+@cache
+def coco_words() -> dict[str, dict]:
+    """labels/coco_words.json by COCO class: its mention forms, the words that name it, phrases, new words."""
+    return {entry["class"]: entry for entry in json.loads(COCO_WORDS.read_text())["classes"]}
+
+
+def new_word_pairs() -> dict[str, str]:
+    """Every reviewed new word and the known word it starts from (new_words.py)."""
+    return {new: known for entry in coco_words().values() for new, known in entry.get("new_words", {}).items()}
 
 
 class Guidance:
@@ -115,6 +151,12 @@ class Guidance:
     max_label_words: at most this many label concepts per image, the most probable first;
     template_threshold: an image's most probable concept that has a template gives the caption when its
     probability reaches this (None: never).
+
+    With a detector's detections (`plan`): a COCO class detected at detection_threshold or above must be named
+    (at most max_detection_words of them, the best first; person words never are: the decoder names people
+    unasked); a class detected at presence_threshold or above is there, and the words of every other COCO class
+    that no guide word names are discouraged by person_penalty (person words) or object_penalty (the rest).
+    new_words: words the decoder was given (new_words.py); banned unless a guide word asks for them.
     """
 
     def __init__(
@@ -124,9 +166,25 @@ class Guidance:
         threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
         max_label_words: int = DEFAULT_MAX_LABEL_WORDS,
         template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
+        detection_threshold: float | None = DEFAULT_DETECTION_THRESHOLD,
+        presence_threshold: float = DEFAULT_PRESENCE_THRESHOLD,
+        person_penalty: float = DEFAULT_PERSON_PENALTY,
+        object_penalty: float = DEFAULT_OBJECT_PENALTY,
+        max_detection_words: int = 1,
+        new_words: Sequence[str] = (),
     ) -> None:
         self.vocab, self.threshold, self.max_label_words = vocab, threshold, max_label_words
         self.template_threshold = template_threshold
+        self.detection_threshold, self.presence_threshold = detection_threshold, presence_threshold
+        self.person_penalty, self.object_penalty = person_penalty, object_penalty
+        self.max_detection_words = max_detection_words
+        self.new_words = tuple(word for word in new_words if word in vocab)
+        # each COCO class: the forms that can name it in a caption, and the word ids of every word that names it
+        self.coco = {}
+        for name, entry in coco_words().items():
+            forms = tuple(form for form in entry["mention"] if form in vocab)
+            ids = tuple(sorted({vocab.id(word) for word in entry["words"] if word in vocab}))
+            self.coco[name] = (forms, ids)
         self.concepts = []
         for entry in _label_words()["concepts"]:
             forms = tuple(form for form in entry["forms"] if form in vocab)
@@ -201,14 +259,106 @@ class Guidance:
             words.append(GuideWord(word, forms, "user"))
         return words
 
-    def combine(self, labels: list[GuideWord], users: list[GuideWord]) -> list[GuideWord]:
-        """The user's words, then the label words that none of them already covers."""
-        covered = {form for word in users for form in word.forms}
-        return users + [word for word in labels if not covered & set(word.forms)]
+    def combine(self, labels: list[GuideWord], users: list[GuideWord], detected: Sequence[GuideWord] = ()) -> list:
+        """The user's words, then the label words and then the detected ones that none before already covers: one
+        constraint per concept, whichever sources saw it."""
+        combined = list(users)
+        for word in [*labels, *detected]:
+            if not {form for chosen in combined for form in chosen.forms} & set(word.forms):
+                combined.append(word)
+        return combined
+
+    def detected_words(self, detections: Sequence[Detection]) -> list[GuideWord]:
+        """The COCO classes (not person) detected at detection_threshold or above that the vocabulary can name,
+        best first, at most max_detection_words."""
+        if self.detection_threshold is None:
+            return []
+        words, seen = [], set()
+        for detection in detections:  # best first
+            forms = self.coco[detection.name][0]
+            if detection.score < self.detection_threshold or len(words) == self.max_detection_words:
+                break
+            if detection.name == "person" or detection.name in seen or not forms:
+                continue
+            seen.add(detection.name)
+            words.append(GuideWord(forms[0], forms, "detector", detection.name, round(detection.score, 4)))
+        return words
+
+    def plan(
+        self,
+        count: int,
+        *,
+        class_probabilities: torch.Tensor | None = None,
+        detections: Sequence[Sequence[Detection]] | None = None,
+        users: Sequence[GuideWord] = (),
+        templates: bool = True,
+    ) -> list[Plan]:
+        """The plan of each of `count` photos from what was seen of them: the encoder's ImageNet class
+        probabilities (B, 1000) (None: labels do not guide), the detector's detections, best first (None: no
+        detector ran) and the user's words. templates: a confident label concept may give the caption (never
+        with user words)."""
+        users = list(users)
+        labels = self.label_words(class_probabilities) if class_probabilities is not None else [[]] * count
+        chosen = (
+            self.templates(class_probabilities)
+            if class_probabilities is not None and templates and not users
+            else [None] * count
+        )
+        animal_ids = {i for name in ANIMALS for i in self.coco[name][1]}
+        plans = []
+        for b in range(count):
+            seen = [d for d in detections[b] if d.score >= self.presence_threshold] if detections is not None else []
+            labelled_animal = any(self.vocab.id(form) in animal_ids for word in labels[b] for form in word.forms)
+            if labelled_animal:
+                named_by_labels = {form for word in labels[b] for form in word.forms}
+                seen = [d for d in seen if d.name not in ANIMALS or set(self.coco[d.name][0]) & named_by_labels]
+            guides = self.combine(labels[b], users, self.detected_words(seen))
+            named = {form for word in guides for form in word.forms}
+            if chosen[b] is not None:
+                named |= set(chosen[b].guide.forms) | set(chosen[b].words)
+            penalties = {self.vocab.id(word): float("-inf") for word in self.new_words if word not in named}
+            discouraged = []
+            if detections is not None:
+                present = {d.name for d in seen}
+                for name, (_, ids) in self.coco.items():
+                    if name in present:
+                        continue
+                    penalty = -(self.person_penalty if name == "person" else self.object_penalty)
+                    free = [i for i in ids if self.vocab.words[i] not in named and i not in penalties]
+                    if penalty < 0 and free:
+                        discouraged.append(name)
+                        penalties.update(dict.fromkeys(free, penalty))
+            plans.append(Plan(guides, chosen[b], penalties, seen, tuple(discouraged)))
+        return plans
+
+    def penalty_matrix(self, plans: Sequence[Plan], device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The plans' penalties as word_penalties for decoding.best_captions: (B, V), or None when none has any."""
+        if not any(plan.penalties for plan in plans):
+            return None
+        matrix = torch.zeros(len(plans), len(self.vocab), device=device)
+        for b, plan in enumerate(plans):
+            if plan.penalties:
+                ids = torch.tensor(list(plan.penalties), dtype=torch.long)
+                matrix[b, ids.to(device)] = torch.tensor(list(plan.penalties.values()), device=device)
+        return matrix
 
     def constraints(self, words: Sequence[GuideWord]) -> list[set[int]]:
         """Word-id sets for constrained_beam_search, one per guide word."""
         return [{self.vocab.id(form) for form in word.forms} for word in words]
+
+
+def search(decoder, encoded, guidance: Guidance, plans: Sequence[Plan], **options) -> list[list[Hypothesis]]:
+    """decoding.best_captions for a batch of photos with their plans (constraints, templates, penalties); options
+    as for best_captions (beam_size, max_length, length_penalty). The one place a plan meets the search, for
+    captioning, evaluation and the tuning recipes."""
+    return best_captions(
+        decoder,
+        encoded,
+        [guidance.constraints(plan.guides) for plan in plans],
+        given=[None if plan.template is None else plan.template.tokens for plan in plans],
+        word_penalties=guidance.penalty_matrix(plans, encoded.features.device),
+        **options,
+    )
 
 
 def positions(words: Sequence[str], guide: Sequence[GuideWord]) -> list[int | None]:

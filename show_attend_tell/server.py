@@ -95,10 +95,23 @@ class Alternative(BaseModel):
 class Guide(BaseModel):
     word: str = Field(description="the word the caption was asked to contain")
     forms: list[str] = Field(description="any of these words met it")
-    source: str = Field(description='"label": the encoder\'s ImageNet head; "user": the request\'s `mention`')
-    label: str | None = Field(None, description="source label: the concept's most probable ImageNet class")
-    probability: float | None = Field(None, description="source label: the concept's probability")
+    source: str = Field(
+        description='"label": the encoder\'s ImageNet head; "detector": a COCO detection; "user": the request\'s '
+        "`mention`"
+    )
+    label: str | None = Field(
+        None, description="source label: the concept's most probable ImageNet class; detector: the COCO class"
+    )
+    probability: float | None = Field(
+        None, description="source label: the concept's probability; detector: the detection's score"
+    )
     position: int | None = Field(description="index in `words` of the word that meets it (null: none could)")
+
+
+class DetectionModel(BaseModel):
+    class_: str = Field(alias="class", description="the COCO class")
+    score: float = Field(description="the detector's confidence")
+    box: list[float] = Field(description="x1, y1, x2, y2 in the photo's pixels (upright)")
 
 
 class Timings(BaseModel):
@@ -125,8 +138,13 @@ class CaptionResponse(BaseModel):
         description="the words are the template caption of the label concept in `guidance` ('a cup of coffee on a "
         "table'), read by the decoder for the attention maps and score; its own best caption is alternatives[0]"
     )
+    detections: list[DetectionModel] = Field(
+        description="the COCO detector's detections that guided the caption (at the presence threshold), best first"
+    )
+    discouraged: list[str] = Field(description="COCO classes nothing saw, whose words the search discouraged")
     decoder: str = Field(description='the decoder that wrote the caption: "lstm" (the paper\'s) or "transformer"')
     encoder_precision: str = Field(description='the precision the encoder ran in: "fp32", "bf16" or "int8"')
+    detector: str | None = Field(description="the COCO detector that guided the caption (null: none)")
     grid_size: int
     beam_size: int
     width: int = Field(description="width of the photo in pixels, upright (EXIF orientation applied)")
@@ -139,6 +157,7 @@ class Health(BaseModel):
     model_loaded: bool
     decoder: str = Field(description='the model\'s decoder: "lstm" (the paper\'s) or "transformer"')
     encoder_precision: str = Field(description='the precision the encoder runs in: "fp32", "bf16" or "int8"')
+    detector: str | None = Field(description="the COCO detector that guides captions (null: none)")
     grid_size: int
     queue_depth: int = Field(description="requests read and not finished (waiting for the model or captioned)")
     queue_size: int = Field(description="requests waiting or captioned at most; beyond it, 503 with Retry-After")
@@ -418,6 +437,13 @@ def create_app(
                 "room with a template caption gets it when the label is confident"
             ),
         ] = True,
+        detector: Annotated[
+            bool,
+            Query(
+                description="with guidance: the COCO detector names what it finds and discourages people and objects "
+                "it does not see"
+            ),
+        ] = True,
     ) -> CaptionResponse:
         """Caption the uploaded photo, with one attention map per word."""
         arrived = time.perf_counter()
@@ -431,7 +457,7 @@ def create_app(
             raise HTTPException(413, _too_large(max_upload_bytes))
         upload = Upload(boundary, max_upload_bytes)
         try:
-            return await caption_upload(request, upload, arrived, beam_size, mention, guidance, templates)
+            return await caption_upload(request, upload, arrived, beam_size, mention, guidance, templates, detector)
         finally:
             memory.give_back(upload.held)
 
@@ -443,6 +469,7 @@ def create_app(
         mention: list[str],
         guidance: bool,
         templates: bool,
+        detector: bool,
     ) -> dict:
         memory.receiving += 1
         try:
@@ -473,28 +500,18 @@ def create_app(
                     mentions=mention,
                     guide=guidance,
                     templates=templates,
+                    detect=detector,
                     cancelled=abandoned.is_set,
                 )
             except Cancelled:
                 raise ClientGone() from None
             width, height = image.info[ORIGINAL_SIZE]
             return {
-                "caption": result.text,
-                "words": result.words,
+                **result.as_dict(),
                 "attention": np.round(np.asarray(result.attention, dtype=np.float64), ATTENTION_DECIMALS).tolist(),
-                "score": float(result.score),
-                "log_prob": float(result.log_prob),
-                "alternatives": [
-                    {"caption": a.text, "score": float(a.score), "log_prob": float(a.log_prob)}
-                    for a in result.alternatives
-                ],
-                "guidance": [
-                    {**word.as_dict(), "position": position}
-                    for word, position in zip(result.guidance, result.guided_positions, strict=True)
-                ],
-                "template": result.template,
                 "decoder": captioner.decoder,
                 "encoder_precision": captioner.encoder_precision,
+                "detector": captioner.detector_name,
                 "grid_size": captioner.grid_size,
                 "beam_size": beam_size,
                 "width": width,
@@ -529,6 +546,7 @@ def create_app(
             model_loaded=captioner is not None,
             decoder=captioner.decoder,
             encoder_precision=captioner.encoder_precision,
+            detector=captioner.detector_name,
             grid_size=captioner.grid_size,
             queue_depth=queue.depth,
             queue_size=queue.size,

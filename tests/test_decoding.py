@@ -192,3 +192,59 @@ def test_sampling_returns_the_log_probabilities_of_the_policy_it_samples_from():
             assert float(log_probs[n, t]) == pytest.approx(float(expected), abs=1e-5)
             previous, checked = word, checked + 1
     assert checked > 16
+
+
+def penalised_exhaustive(mock: MockDecoder, image: int, max_length: int, penalties: torch.Tensor, constraints=()):
+    """exhaustive() with each word's penalty added to the caption's log p (what the search ranks by)."""
+    best = None
+    for n in range(max_length + 1):
+        for words in itertools.product([w for w in WORDS if w != END_ID], repeat=n):
+            if repeats_an_ngram(words, 3) or not all(set(words) & c for c in constraints):
+                continue
+            tokens = list(words) + [END_ID] if n < max_length else list(words)
+            total = mock.sequence_log_prob(image, tokens) + float(sum(penalties[w] for w in tokens))
+            if best is None or total > best[0]:
+                best = (total, list(words))
+    return best
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_word_penalties_are_what_the_search_ranks_by(constrained):
+    from show_attend_tell.decoding import best_captions
+
+    max_length, images = 5, 5
+    mock = MockDecoder(images=images, max_length=max_length, seed=7)
+    penalties = torch.zeros(images, V)
+    penalties[:, 4] = -3.0  # one word discouraged in every image
+    penalties[1, 5] = -float("inf")  # and one banned in image 1
+    constraints = [[{6}] for _ in range(images)] if constrained else None
+    found = best_captions(
+        mock,
+        encoded_for(list(range(images))),
+        constraints,
+        beam_size=400,
+        max_length=max_length,
+        length_penalty=0.0,
+        word_penalties=penalties,
+    )
+    changed = 0
+    for image, hypotheses in enumerate(found):
+        sets = ({6},) if constrained else ()
+        total, words = penalised_exhaustive(mock, image, max_length, penalties[image], sets)
+        assert hypotheses[0].tokens == words
+        assert hypotheses[0].log_prob == pytest.approx(total, abs=1e-5)
+        assert 5 not in hypotheses[0].tokens if image == 1 else True
+        changed += words != exhaustive(mock, image, max_length, constraints=sets)[1]
+    assert changed  # the penalties changed some caption, so the test tells them apart
+
+
+def test_word_penalties_keep_batch_and_alone_equal():
+    from show_attend_tell.decoding import best_captions
+
+    mock = MockDecoder(images=8, max_length=7, seed=4)
+    penalties = torch.zeros(8, V)
+    penalties[::2, 4] = -2.0
+    batched = best_captions(mock, encoded_for(list(range(8))), beam_size=3, max_length=7, word_penalties=penalties)
+    for i in range(8):
+        alone = best_captions(mock, encoded_for([i]), beam_size=3, max_length=7, word_penalties=penalties[i : i + 1])
+        assert [(h.tokens, h.log_prob) for h in alone[0]] == [(h.tokens, h.log_prob) for h in batched[i]]

@@ -132,7 +132,7 @@ def test_mutants_decode_or_raise_the_input_error(cases, deadline):
 
 
 class InstantCaptioner:
-    grid_size, image_size, decoder, encoder_precision = 2, 32, "lstm", "fp32"
+    grid_size, image_size, decoder, encoder_precision, detector_name = 2, 32, "lstm", "fp32", None
     guidance = types.SimpleNamespace(user_words=lambda words: [])
 
     def caption(self, image, beam_size=3, **options):

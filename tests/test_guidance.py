@@ -189,3 +189,95 @@ def test_shipped_model_has_the_everyday_words():
     assert {"cat", "dog", "coffee", "pizza", "bus", "train", "kitchen", "bathroom", "couch"} <= {c.word for c in usable}
     templates = {c["word"] for c in json.loads(LABEL_WORDS.read_text())["concepts"] if "template" in c}
     assert {c.word for c in usable if c.template} == templates  # it can write every template
+
+
+def detections(*pairs: tuple[str, float]):
+    from show_attend_tell.detector import Detection
+
+    return [Detection(name, score, (0.0, 0.0, 10.0, 10.0)) for name, score in pairs]
+
+
+PLAN_WORDS = ("a", "man", "people", "dog", "dogs", "cat", "horse", "table", "bench", "giraffe", "frisbee")
+
+
+def test_a_plan_names_confident_detections_and_discourages_what_nothing_saw():
+    guidance = Guidance(
+        vocabulary(*PLAN_WORDS),
+        detection_threshold=0.5,
+        presence_threshold=0.2,
+        person_penalty=3.0,
+        object_penalty=1.5,
+    )
+    vocab = guidance.vocab
+    plans = guidance.plan(3, detections=[detections(("frisbee", 0.7), ("dog", 0.3)), detections(("person", 0.25)), []])
+    first = plans[0]
+    assert [(w.word, w.source, w.label) for w in first.guides] == [("frisbee", "detector", "frisbee")]
+    assert first.penalties[vocab.id("man")] == first.penalties[vocab.id("people")] == -3.0  # no person seen
+    assert first.penalties[vocab.id("table")] == -1.5 and vocab.id("dog") not in first.penalties  # a dog is there
+    assert vocab.id("frisbee") not in first.penalties and vocab.id("a") not in first.penalties
+    assert "person" in first.discouraged and "dog" not in first.discouraged
+    assert [d.name for d in first.detections] == ["frisbee", "dog"]
+    second = plans[1]
+    assert second.guides == [] and vocab.id("man") not in second.penalties  # people seen: named freely
+    assert set(guidance.plan(1, detections=None)[0].penalties) == set()  # no detector, nothing known to be absent
+    matrix = guidance.penalty_matrix(plans)
+    assert matrix.shape == (3, len(vocab)) and matrix[0, vocab.id("man")] == -3.0 and matrix[1].min() == -1.5
+    assert guidance.penalty_matrix(guidance.plan(2)) is None
+
+
+def test_detector_words_merge_with_labels_and_defer_to_their_animal():
+    guidance = Guidance(vocabulary(*PLAN_WORDS), threshold=0.3, detection_threshold=0.4, max_detection_words=2)
+    probabilities = torch.zeros(2, 1000)
+    probabilities[:, 285] = 0.9  # Egyptian cat
+    plans = guidance.plan(
+        2,
+        class_probabilities=probabilities,
+        detections=[detections(("dog", 0.45), ("bench", 0.5)), detections(("cat", 0.6))],
+    )
+    # the detector's dog is not taken as seen where ImageNet says cat; the bench is named
+    assert [(w.word, w.source) for w in plans[0].guides] == [("cat", "label"), ("bench", "detector")]
+    assert guidance.vocab.id("dog") in plans[0].penalties
+    assert [(w.word, w.source) for w in plans[1].guides] == [("cat", "label")]  # one constraint per concept
+    users = guidance.user_words(["dog"])
+    assert [w.source for w in guidance.plan(1, detections=[detections(("dog", 0.9))], users=users)[0].guides] == [
+        "user"
+    ]
+
+
+def test_new_words_are_banned_unless_a_guide_word_asks_for_them():
+    guidance = Guidance(vocabulary(*PLAN_WORDS), detection_threshold=0.4, new_words=["giraffe", "zebra"])
+    assert guidance.new_words == ("giraffe",)  # a word the vocabulary lacks is no new word of this model
+    giraffe = guidance.vocab.id("giraffe")
+    unseen, seen = guidance.plan(2, detections=[[], detections(("giraffe", 0.8))])
+    assert unseen.penalties[giraffe] == float("-inf")
+    assert giraffe not in seen.penalties and seen.guides[0].forms == ("giraffe",)
+    assert guidance.plan(1)[0].penalties == {giraffe: float("-inf")}  # banned with no detector at all
+
+
+def test_new_words_start_as_copies_of_their_known_words():
+    from conftest import tiny_decoder_config
+
+    from show_attend_tell.model import CaptionDecoder
+    from show_attend_tell.new_words import add_words, missing_words
+
+    vocab = vocabulary(*[f"w{i}" for i in range(11)])  # 15 ids, as the tiny decoder's vocabulary
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(tiny_decoder_config()).eval()
+    pairs = missing_words(vocab, {"giraffe": "w3", "w4": "w5", "zebra": "unknown"})
+    assert pairs == {"giraffe": "w3"}
+    features = torch.randn(2, 4, 8)
+    encoded = decoder.encode(features)
+    words = torch.tensor([vocab.id("w3"), vocab.id("w7")])
+    before, _, _ = decoder.step(words, decoder.init_state(encoded), encoded)
+    grown = add_words(decoder, vocab, pairs)
+    giraffe = grown.id("giraffe")
+    assert giraffe == len(vocab) and grown.words[: len(vocab)] == vocab.words
+    after, _, _ = decoder.step(words, decoder.init_state(encoded), encoded)
+    assert after.shape == (2, len(vocab) + 1)
+    assert torch.allclose(after[:, giraffe], after[:, vocab.id("w3")])  # the same logit as its known word
+    # the other words keep their logits: log p only shifts by the renormalisation over one more word
+    shift = (before - after[:, : len(vocab)])[:, :1]
+    assert torch.allclose(before - after[:, : len(vocab)], shift.expand_as(before), atol=1e-5)
+    giraffe_step, _, _ = decoder.step(torch.tensor([giraffe, giraffe]), decoder.init_state(encoded), encoded)
+    w3_step, _, _ = decoder.step(torch.tensor([vocab.id("w3")] * 2), decoder.init_state(encoded), encoded)
+    assert torch.allclose(giraffe_step, w3_step)  # reading the new word is reading its known word

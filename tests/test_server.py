@@ -217,6 +217,7 @@ class BlockingCaptioner:
     image_size = 32
     decoder = "lstm"
     encoder_precision = "fp32"
+    detector_name = None
     guidance = types.SimpleNamespace(user_words=lambda words: [])  # every mention is a word it knows
 
     def __init__(self) -> None:

@@ -1,0 +1,235 @@
+"""Choose how the COCO detector guides captions, on coco-dev and Flickr8k val together.
+
+    python recipes/tune_detector.py --coco-dev ../shared/data/coco-dev --flickr8k ../shared/data/flickr8k \
+        --cache work/detector --out results/detector_tuning.json
+
+The product as it runs by default (`Captioner.load()`: its encoder precision, its decoder, the CenterNet detector,
+label guidance and templates) sees each photo once: grid features, ImageNet class probabilities and detections
+down to the lowest presence threshold are cached in --cache. Then guidance.Guidance's detector settings are tuned
+one at a time (coordinate descent, --passes times over SETTINGS, starting from the defaults in config.py), each
+setting decoded at the default beam through the same plan and search as `sat caption` (guidance.search), a photo
+decoded again only when its plan changed. Every setting tried is scored: BLEU-4, METEOR, ROUGE-L, CIDEr on both
+sets, and on coco-dev (whose COCO object annotations say what is there) CHAIR-i, CHAIR-s and the share of photos
+without people captioned with people.
+
+The rule: among settings that keep Flickr8k val CIDEr and METEOR within VAL_TOLERANCE of the detector off, those
+that meet the hallucination targets (CHAIR-s <= 25, people in at most 15% of empty photos) if any, and of those the
+largest coco-dev CIDEr. coco-dev figures at the chosen setting are then in-sample; other COCO photos judge it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from show_attend_tell.captioner import Captioner
+from show_attend_tell.chair import chair, coco_objects, people_without_people
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
+from show_attend_tell.datasets import coco_folder, read_flickr8k
+from show_attend_tell.detector import Detection
+from show_attend_tell.guidance import Guidance, search
+from show_attend_tell.images import load_image
+from show_attend_tell.inference import image_features
+from show_attend_tell.metrics import score_captions
+from show_attend_tell.records import provenance, write_record
+
+# Each setting's candidates, tried in this order; None: the detector names nothing (it still discourages).
+SETTINGS = {
+    "person_penalty": [0.0, 1.0, 2.0, 4.0, 8.0],
+    "object_penalty": [0.0, 1.0, 2.0, 4.0],
+    "presence_threshold": [0.15, 0.2, 0.3],
+    "detection_threshold": [0.3, 0.4, 0.5, 0.6, None],
+}
+LOWEST_SCORE = min(SETTINGS["presence_threshold"])
+VAL_TOLERANCE = 0.3  # CIDEr and METEOR points val may lose (the issue's bound on Flickr8k test)
+CHAIR_S_TARGET, PEOPLE_TARGET = 25.0, 15.0
+METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def seen(captioner: Captioner, paths: list[Path], cache: Path, batch_size: int = 8) -> dict:
+    """Features (fp16), class probabilities and detections of `paths` at the product's defaults, cached."""
+    if cache.is_file():
+        stored = torch.load(cache, weights_only=False)
+        if stored["paths"] == [str(p) for p in paths]:
+            return stored
+    features, probabilities, detections = [], [], []
+    for start in tqdm(range(0, len(paths), batch_size), desc=f"see {cache.stem}"):
+        pictures = [load_image(path, size=captioner.image_size) for path in paths[start : start + batch_size]]
+        with torch.no_grad():
+            grid = image_features(captioner.model.encoder, pictures, captioner.model.config)
+            probabilities.append(captioner.labels(grid))
+        features.append(grid.half())
+        found = captioner.detector.detect(pictures, min_score=LOWEST_SCORE)
+        detections += [[dataclasses.astuple(d) for d in photo] for photo in found]
+    stored = {
+        "paths": [str(p) for p in paths],
+        "features": torch.cat(features),
+        "probabilities": torch.cat(probabilities),
+        "detections": detections,
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(stored, cache)
+    return stored
+
+
+class Decoder:
+    """Decodes a set's photos under a guidance, each photo's caption remembered by its plan."""
+
+    def __init__(self, captioner: Captioner, stored: dict) -> None:
+        self.captioner, self.stored = captioner, stored
+        self.detections = [[Detection(name, score, tuple(box)) for name, score, box in p] for p in stored["detections"]]
+        self.memo: list[dict] = [{} for _ in self.detections]
+
+    @staticmethod
+    def key(plan) -> tuple:
+        return (
+            tuple(tuple(word.forms) for word in plan.guides),
+            None if plan.template is None else plan.template.tokens,
+            tuple(sorted(plan.penalties.items())),
+        )
+
+    def captions(self, guidance: Guidance, detect: bool = True, batch_size: int = 40) -> list[str]:
+        """Every photo's caption under `guidance`; detect=False: as with no detector (labels and templates)."""
+        plans = guidance.plan(
+            len(self.detections),
+            class_probabilities=self.stored["probabilities"],
+            detections=self.detections if detect else None,
+        )
+        keys = [self.key(plan) for plan in plans]
+        todo = [i for i, key in enumerate(keys) if key not in self.memo[i]]
+        decoder = self.captioner.model.decoder
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start : start + batch_size]
+            with torch.no_grad():
+                encoded = decoder.encode(self.stored["features"][rows].float())
+                found = search(
+                    decoder,
+                    encoded,
+                    guidance,
+                    [plans[i] for i in rows],
+                    beam_size=DEFAULT_BEAM_SIZE,
+                    length_penalty=DEFAULT_LENGTH_PENALTY,
+                )
+            for i, hypotheses in zip(rows, found, strict=True):
+                self.memo[i][keys[i]] = " ".join(guidance.vocab.decode(hypotheses[0].tokens))
+        return [self.memo[i][key] for i, key in enumerate(keys)]
+
+
+def scored(captions: list[str], references: list[list[str]], objects: list[set[str]] | None) -> dict:
+    metrics = score_captions(dict(enumerate(captions)), dict(enumerate(references)))
+    result = {k: round(metrics[k], 2) for k in METRICS}
+    if objects is not None:
+        hallucination = chair(captions, objects)
+        result.update(
+            {"CHAIR-i": hallucination["CHAIR-i"], "CHAIR-s": hallucination["CHAIR-s"]},
+            people_in_empty_photos=people_without_people(captions, objects)["share"],
+        )
+    return result
+
+
+def choose(tried: list[dict], baseline: dict) -> dict:
+    """The rule of the module's docstring over the settings tried."""
+    val = [
+        t
+        for t in tried
+        if t["flickr8k_val"]["CIDEr"] >= baseline["flickr8k_val"]["CIDEr"] - VAL_TOLERANCE
+        and t["flickr8k_val"]["METEOR"] >= baseline["flickr8k_val"]["METEOR"] - VAL_TOLERANCE
+    ]
+    meeting = [
+        t
+        for t in val
+        if t["coco_dev"]["CHAIR-s"] <= CHAIR_S_TARGET and t["coco_dev"]["people_in_empty_photos"] <= PEOPLE_TARGET
+    ]
+    return max(meeting or val, key=lambda t: t["coco_dev"]["CIDEr"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coco-dev", type=Path, required=True, help="folder with captions_*.json, instances_*.json")
+    parser.add_argument("--flickr8k", type=Path, required=True, help="the Flickr8k folder (Flickr8k.token.txt ...)")
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    record = provenance(shlex.join(["python", *sys.argv]))
+    captioner = Captioner.load()
+    coco_paths, coco_references = coco_folder(args.coco_dev)
+    objects = coco_objects(sorted(args.coco_dev.glob("instances_*.json"))[0], [p.name for p in coco_paths])
+    val = [r for r in read_flickr8k(args.flickr8k).records if r.split == "val"]
+    sets = {
+        "coco_dev": (coco_paths, coco_references, objects),
+        "flickr8k_val": ([r.path for r in val], [r.captions for r in val], None),
+    }
+    decoders = {}
+    for name, (paths, *_) in sets.items():
+        decoders[name] = Decoder(captioner, seen(captioner, paths, args.cache / f"{name}.pt"))
+    record.update(
+        encoder_precision=captioner.encoder_precision,
+        decoder=type(captioner.model.decoder).__name__,
+        detector=f"{captioner.detector.name} ({captioner.detector.precision})",
+        beam_size=DEFAULT_BEAM_SIZE,
+        settings=SETTINGS,
+        images={name: len(paths) for name, (paths, *_) in sets.items()},
+    )
+    base = captioner.guidance
+
+    def guidance(**settings) -> Guidance:
+        return Guidance(
+            base.vocab,
+            threshold=base.threshold,
+            template_threshold=base.template_threshold,
+            new_words=base.new_words,
+            **settings,
+        )
+
+    def run(settings: dict, detector: bool = True) -> dict:
+        result = {"settings": settings if detector else "detector off"}
+        for name, (_, references, objects_of) in sets.items():
+            captions = decoders[name].captions(guidance(**settings), detect=detector)
+            result[name] = scored(captions, references, objects_of)
+            result[name + "_captions"] = captions if name == "coco_dev" else None
+        print(json.dumps({k: v for k, v in result.items() if not k.endswith("_captions")}), flush=True)
+        return result
+
+    baseline = run({}, detector=False)
+    current = {
+        "person_penalty": base.person_penalty,
+        "object_penalty": base.object_penalty,
+        "presence_threshold": base.presence_threshold,
+        "detection_threshold": base.detection_threshold,
+    }
+    tried: dict[str, dict] = {}
+    for _ in range(args.passes):
+        for setting, values in SETTINGS.items():
+            for value in values:
+                candidate = {**current, setting: value}
+                key = json.dumps(candidate, sort_keys=True)
+                if key not in tried:
+                    tried[key] = run(candidate)
+            current = choose(list(tried.values()), baseline)["settings"]
+    chosen = choose(list(tried.values()), baseline)
+    record["detector_off"] = {k: v for k, v in baseline.items() if not k.endswith("_captions")}
+    record["tried"] = [{k: v for k, v in t.items() if not k.endswith("_captions")} for t in tried.values()]
+    record["chosen"] = {
+        "rule": f"among settings within {VAL_TOLERANCE} of the detector off on val CIDEr and METEOR: those meeting "
+        f"CHAIR-s <= {CHAIR_S_TARGET} and people in <= {PEOPLE_TARGET}% of empty photos if any, then the largest "
+        "coco-dev CIDEr (coco-dev is in-sample at the chosen setting)",
+        **{k: v for k, v in chosen.items() if not k.endswith("_captions")},
+    }
+    record["captions"] = {
+        path.name: {"detector_off": off, "chosen": on}
+        for path, off, on in zip(coco_paths, baseline["coco_dev_captions"], chosen["coco_dev_captions"], strict=True)
+    }
+    write_record(record, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,6 @@
-"""What guided captions cost: `Captioner` photo to caption with label guidance (and its template captions)
-against without, one photo at a time and in one batch, on the same photos.
+"""What guided captions cost: `Captioner` photo to caption at the defaults (labels, templates and the COCO
+detector), with label guidance alone (the defaults before the detector) and unguided, one photo at a time and in one
+batch, on the same photos.
 
 The machine is shared and noisy: each round runs every variant once (A B C D, then D C B A in the next round),
 and each ratio is the median of the per-round ratios, whose two sides ran seconds apart.
@@ -41,23 +42,27 @@ def main() -> int:
     photos = [load_image(p) for p in sorted(args.images.iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
     batch = [photos[i % len(photos)] for i in range(args.batch)]
 
-    def one_at_a_time(guide: bool) -> float:
+    def one_at_a_time(guide: bool, detect: bool) -> float:
         start = time.perf_counter()
         for photo in photos:
-            captioner.caption(photo, guide=guide)
+            captioner.caption(photo, guide=guide, detect=detect)
         return (time.perf_counter() - start) / len(photos)
 
-    def batched(guide: bool) -> float:
+    def batched(guide: bool, detect: bool) -> float:
         start = time.perf_counter()
-        captioner.caption_batch(batch, guide=guide)
+        captioner.caption_batch(batch, guide=guide, detect=detect)
         return (time.perf_counter() - start) / len(batch)
 
     variants = {
-        "one_photo_unguided": lambda: one_at_a_time(False),
-        "one_photo_guided": lambda: one_at_a_time(True),
-        "batch_unguided": lambda: batched(False),
-        "batch_guided": lambda: batched(True),
+        "one_photo_unguided": lambda: one_at_a_time(False, False),
+        "one_photo_guided": lambda: one_at_a_time(True, False),
+        "one_photo_defaults": lambda: one_at_a_time(True, True),
+        "batch_unguided": lambda: batched(False, False),
+        "batch_guided": lambda: batched(True, False),
+        "batch_defaults": lambda: batched(True, True),
     }
+    if captioner.detector is None:
+        variants = {name: run for name, run in variants.items() if not name.endswith("defaults")}
     captions = captioner.caption_batch(photos)
     guided, templates = sum(bool(c.guidance) for c in captions), sum(c.template for c in captions)
     for run in variants.values():  # warm-up
@@ -85,6 +90,13 @@ def main() -> int:
         one_at_a_time_over_batched_guided=ratio("one_photo_guided", "batch_guided"),
         one_at_a_time_over_batched_unguided=ratio("one_photo_unguided", "batch_unguided"),
     )
+    if captioner.detector is not None:
+        record.update(
+            detector=f"{captioner.detector_name} ({captioner.detector.precision})",
+            defaults_over_labels_one_photo=ratio("one_photo_defaults", "one_photo_guided"),
+            defaults_over_labels_batched=ratio("batch_defaults", "batch_guided"),
+            one_at_a_time_over_batched_defaults=ratio("one_photo_defaults", "batch_defaults"),
+        )
     print(json.dumps({k: v for k, v in record.items() if k != "command"}, indent=2))
     if args.out:
         write_record(record, args.out)

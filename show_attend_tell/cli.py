@@ -582,6 +582,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _add_encoder_precision_flag(parser)
     _add_limit_flag(parser)
     _add_guidance_flags(parser)
+    _add_detector_flags(parser)
     parser.set_defaults(run=_run_evaluate)
 
 
@@ -634,13 +635,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     model_dir = args.model or SHIPPED_MODEL
     from show_attend_tell.fast_encoder import resolve_precision
     from show_attend_tell.features import load_for_model, store_precision, store_stage
+    from show_attend_tell.guidance import new_word_pairs
+
+    detector_name = args.detector if args.guidance else None
 
     # a store of grid features replaces the encoder; one of a block's output (--stage) replaces the part before
     with_encoder = not args.features or bool(store_stage(args.features))
     # a store's precision is its own (features.json); the encoder's is resolved only when it runs on photos
     precision = resolve_precision(args.encoder_precision) if not args.features else None
     model, vocab, config = load_model(
-        model_dir, with_encoder=with_encoder, inference=True, int8=args.int8, encoder_precision=precision
+        model_dir,
+        with_encoder=with_encoder,
+        inference=True,
+        int8=args.int8,
+        encoder_precision=precision,
+        new_words=new_word_pairs() if detector_name else None,
     )
     if args.features:
         paths = [image.path for image in dataset.images]
@@ -658,14 +667,30 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         def features(batch):
             return image_features(model.encoder, [load_image(dataset.images[i].path) for i in batch], model.config)
 
-    guidance = None
+    guidance, detections = None, None
     if args.guidance:
         from show_attend_tell.guidance import Guidance, label_head
 
         head = label_head(model.config)
         template_threshold = args.template_threshold if args.templates else None
-        rule = Guidance(vocab, threshold=args.guidance_threshold, template_threshold=template_threshold)
-        guidance = (rule, head) if head is not None else None
+        rule = Guidance(
+            vocab,
+            threshold=args.guidance_threshold if head is not None else None,
+            template_threshold=template_threshold,
+            new_words=new_word_pairs() if detector_name else (),
+        )
+        guidance = (rule, head)
+    if detector_name:
+        from show_attend_tell.captioner import _in_photo_pixels
+        from show_attend_tell.detector import load_detector
+
+        detector = load_detector(detector_name, precision=resolve_precision(args.encoder_precision))
+
+        def detections(batch):  # the photos as the captioner reads them, whatever the features came from
+            pictures = [load_image(dataset.images[i].path, size=model.config.image_size) for i in batch]
+            found = detector.detect(pictures, min_score=rule.presence_threshold)
+            return [_in_photo_pixels(f, p) for f, p in zip(found, pictures, strict=True)]
+
     results = {}
     for beam in args.beam:
         metrics, captions = evaluate(
@@ -679,9 +704,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             length_penalty=args.length_penalty,
             java=java,
             guidance=guidance,
+            detections=detections,
         )
         metrics.update(
-            model=str(model_dir), split=args.split, n_images=len(rows), int8=args.int8, encoder_precision=used_precision
+            model=str(model_dir),
+            split=args.split,
+            n_images=len(rows),
+            int8=args.int8,
+            encoder_precision=used_precision,
+            detector=detector_name,
         )
         results[f"beam{beam}"] = metrics
         print(json.dumps({"beam": beam, **{k: v for k, v in metrics.items() if isinstance(v, float)}}))

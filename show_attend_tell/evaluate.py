@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from show_attend_tell.config import DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
 from show_attend_tell.decoding import Hypothesis, best_captions
-from show_attend_tell.guidance import Guidance, LabelHead
+from show_attend_tell.detector import Detection
+from show_attend_tell.guidance import Guidance, LabelHead, search
 from show_attend_tell.model import CaptionModel
 from show_attend_tell.text import Vocabulary
 
@@ -26,12 +27,14 @@ def decode(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     batch_size: int = 50,
     progress: bool = True,
-    guidance: tuple[Guidance, LabelHead] | None = None,
+    guidance: tuple[Guidance, LabelHead | None] | None = None,
+    detections: Callable[[list[int]], list[list[Detection]]] | None = None,
     description: str = "decode",
 ) -> dict[int, Hypothesis]:
     """Best hypothesis for each image index, decoded in batches; `features(rows)` -> (B, P, E) for them.
-    With `guidance`, each caption must name the label concepts that guidance finds in the features, and an image
-    whose most probable concept has a confident template gets the template (guidance.py)."""
+    With `guidance` (the rule and the label head), each image is decoded through its guidance.Plan, as `sat caption`
+    does: the label concepts found in its features, a confident template, and with `detections(rows)` the COCO
+    detector's words to name and to discourage."""
     model.eval()
     best: dict[int, Hypothesis] = {}
     indices = list(indices)
@@ -41,21 +44,17 @@ def decode(
         rows = indices[start : start + batch_size]
         grid = features(rows).float()  # (B, P, E)
         encoded = model.decoder.encode(grid)
-        constraints, templates = None, [None] * len(rows)
+        options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
         if guidance is not None:
             rule, head = guidance
-            class_probabilities = head(grid)
-            constraints = [rule.constraints(words) for words in rule.label_words(class_probabilities)]
-            templates = rule.templates(class_probabilities)
-        beams = best_captions(
-            model.decoder,
-            encoded,
-            constraints,
-            given=[None if template is None else template.tokens for template in templates],
-            beam_size=beam_size,
-            max_length=max_length,
-            length_penalty=length_penalty,
-        )
+            plans = rule.plan(
+                len(rows),
+                class_probabilities=None if head is None else head(grid),
+                detections=None if detections is None else detections(rows),
+            )
+            beams = search(model.decoder, encoded, rule, plans, **options)
+        else:
+            beams = best_captions(model.decoder, encoded, **options)
         best.update(zip(rows, [beam[0] for beam in beams], strict=True))
     return best
 
@@ -72,7 +71,8 @@ def evaluate(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     java: bool | None = None,
     progress: bool = True,
-    guidance: tuple[Guidance, LabelHead] | None = None,
+    guidance: tuple[Guidance, LabelHead | None] | None = None,
+    detections: Callable[[list[int]], list[list[Detection]]] | None = None,
 ) -> tuple[dict, dict[int, str]]:
     """Decode each image once and score -> (metrics with timings, {image index: caption})."""
     from show_attend_tell.metrics import score_captions
@@ -87,6 +87,7 @@ def evaluate(
         length_penalty=length_penalty,
         progress=progress,
         guidance=guidance,
+        detections=detections,
     )
     decode_seconds = time.perf_counter() - start
     captions = {i: " ".join(vocab.decode(h.tokens)) for i, h in hypotheses.items()}

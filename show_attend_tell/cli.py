@@ -244,9 +244,15 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field (the dataclass stays the single source of truth and its defaults)."""
+    """One --flag per dataclass field (the dataclass stays the single source of truth and its defaults); a string
+    field with a closed set of values gets them as choices, so --help lists them."""
     import dataclasses
 
+    from show_attend_tell.config import MODEL_CHOICES, TRAIN_RANGES
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    closed = {name: rule for name, rule in TRAIN_RANGES.items() if isinstance(rule[0], str)}
+    closed.update(MODEL_CHOICES, encoder=tuple(ENCODER_WEIGHTS))
     group = parser.add_argument_group(f"{cls.__name__} (defaults as shown)")
     for field in dataclasses.fields(cls):
         if field.name in skip:
@@ -258,7 +264,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
         elif isinstance(default, tuple):
             group.add_argument(flag, nargs="*", default=None, help=f"(default {list(default)})")
         else:
-            group.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+            choices = closed.get(field.name)
+            group.add_argument(flag, type=type(default), default=None, choices=choices, help=f"(default {default})")
 
 
 def _dataclass_from_flags(cls, args: argparse.Namespace, **fixed):
@@ -393,7 +400,7 @@ def _run_features(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from show_attend_tell.config import ModelConfig, TrainConfig
+    from show_attend_tell.config import FEATURE_LOADING, ModelConfig, TrainConfig
 
     parser = sub.add_parser(
         "train",
@@ -413,7 +420,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--feature-loading",
         default="auto",
-        choices=("auto", "memory", "stream"),
+        choices=FEATURE_LOADING,
         help="hold the --features store in memory, or stream each batch's rows from disk (stores larger than "
         "RAM); auto: memory when the store takes under half the memory available",
     )
@@ -539,10 +546,12 @@ def _resume_hint(run) -> str:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from show_attend_tell.datasets import SPLITS
+
     parser = sub.add_parser("evaluate", help="score a model (or a results file) with the coco-caption metrics")
     parser.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--data", required=True, help="directory written by `sat prepare` (the references)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="the split to score")
     parser.add_argument(
         "--features",
         default="",
@@ -1009,6 +1018,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from show_attend_tell.datasets import SPLITS
+
     parser = sub.add_parser(
         "calibrate",
         help="measure the int8 decoder's input ranges on training photos and store them with the model",
@@ -1019,7 +1030,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", help="checkpoint directory")
     parser.add_argument("--data", required=True, help="prepared dataset directory (`sat prepare`)")
-    parser.add_argument("--split", default="train", help="photos of this split (default train)")
+    parser.add_argument("--split", default="train", choices=SPLITS, help="photos of this split (default train)")
     parser.add_argument(
         "--images",
         type=positive_int,

@@ -169,6 +169,13 @@ TRAIN_RANGES: dict[str, Any] = {
     "shuffle_block": _at_least(0),
 }
 FEATURE_LOADING = ("auto", "memory", "stream")
+# The values a string field of ModelConfig may take (besides `encoder`, one of the encoder weights): checked in a
+# checkpoint's config.json and listed by `sat train --help`.
+MODEL_CHOICES = {
+    "attention": ("soft", "hard"),
+    "decoder": ("lstm", "transformer"),
+    "transformer_positions": ("learned", "sinusoidal"),
+}
 
 
 def check_train_config(config: TrainConfig, where: str) -> None:

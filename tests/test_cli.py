@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from show_attend_tell.cli import build_parser, main
 
 
@@ -15,6 +17,35 @@ def sub_commands(parser: argparse.ArgumentParser, prefix: str = "sat"):
             for name, child in action.choices.items():
                 yield f"{prefix} {name}", child
                 yield from sub_commands(child, f"{prefix} {name}")
+
+
+# Options whose values are open-ended (paths, words, addresses, block names, numbers written as text); every other
+# option taking a string must list its values as argparse choices.
+FREE_FORM = {
+    "--data-dir", "--images", "--captions", "--split-file", "--split-fractions", "--out", "--data", "--stage",
+    "--device", "--features", "--run-dir", "--resume", "--fine-tune-blocks", "--init-from", "--model",
+    "--attention-dir", "--mention", "--host",
+}  # fmt: skip
+
+
+def test_help_lists_the_values_of_every_closed_flag():
+    from show_attend_tell.config import MODEL_CHOICES, TRAIN_RANGES
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    commands = dict(sub_commands(build_parser()))
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or action.type not in (None, str):
+                continue  # positionals, switches, numbers
+            flag = action.option_strings[-1]
+            assert action.choices or flag in FREE_FORM, f"{name} {flag}: a closed set of values without choices"
+    train = {action.option_strings[-1]: action.choices for action in commands["sat train"]._actions}
+    closed = {**MODEL_CHOICES, **{k: v for k, v in TRAIN_RANGES.items() if isinstance(v[0], str)}}
+    for field, values in {**closed, "encoder": tuple(ENCODER_WEIGHTS)}.items():
+        assert tuple(train["--" + field.replace("_", "-")]) == tuple(values), field
+    text = " ".join(commands["sat train"].format_help().split())
+    assert "--attention {soft,hard} (default soft)" in text
+    assert "--decoder {lstm,transformer} (default lstm)" in text
 
 
 def test_help_shows_every_default():
@@ -112,8 +143,9 @@ def test_calibrate_stores_int8_ranges_that_caption_then_uses(
     save_model(model, dataset.vocab, checkpoint, encoder_sha256="untrained")
     assert not isinstance(Captioner.load(checkpoint, guidance_threshold=None).model.decoder, Int8Decoder)
     args = ["calibrate", str(checkpoint), "--data", str(tiny_prepared), "--features", str(tiny_features)]
-    assert main([*args, "--split", "nosuch"]) == 2
-    assert "unknown split 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([*args, "--split", "nosuch"])
+    assert "invalid choice: 'nosuch'" in capsys.readouterr().err
     assert main([*args, "--images", "3"]) == 0
     assert "on 3 train photos" in capsys.readouterr().out
     section = read_config(checkpoint)["int8_calibration"]

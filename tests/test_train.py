@@ -694,10 +694,8 @@ def test_sat_train_on_a_read_only_run_directory_prints_one_line(
         (["--batch-size", "0"], "train.batch_size (--batch-size) must be at least 1, got 0"),
         (["--epochs", "-1"], "train.epochs (--epochs) must be at least 1, got -1"),
         (["--decoder-lr", "nan"], "train.decoder_lr (--decoder-lr) must be positive, got nan"),
-        (["--lr-schedule", "linear"], "train.lr_schedule (--lr-schedule) must be one of cosine, constant"),
         (["--scst-samples", "1"], "train.scst_samples (--scst-samples) must be at least 2"),
         (["--grid-size", "0"], "model.grid_size must be a whole number from 1 to 64, got 0"),
-        (["--decoder", "gru"], "model.decoder must be one of lstm, transformer, got 'gru'"),
         (["--decoder", "transformer", "--transformer-heads", "3"], "decoder_dim (512) must be a multiple of"),
         (
             ["--decoder", "transformer", "--transformer-max-positions", "12"],
@@ -729,3 +727,46 @@ def test_resume_refuses_a_hand_edited_run_config(tiny_prepared, tiny_features, t
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="model.grid_size must be a whole number"):
         resume_run(run, pretrained_encoder=False, java=False)
+
+
+def test_a_second_run_in_a_run_directory_being_written_is_refused(tiny_prepared, tiny_features, tmp_path):
+    import os
+
+    from show_attend_tell.errors import InputError
+
+    first = make_trainer(tmp_path / "run", tiny_prepared, tiny_features)  # holds the directory until fit ends
+    config = (tmp_path / "run" / "config.json").read_bytes()
+    refusal = f"run is being written by another process \\(pid {os.getpid()}\\); wait for it to end"
+    with pytest.raises(InputError, match=refusal):
+        make_trainer(tmp_path / "run", tiny_prepared, tiny_features, epochs=1)
+    save_state(first)  # a resumable state, as the first checkpoint leaves
+    with pytest.raises(InputError, match=refusal):
+        resume_run(tmp_path / "run", pretrained_encoder=False, java=False)
+    assert (tmp_path / "run" / "config.json").read_bytes() == config
+    fit(first, max_steps=2, progress=False)
+    fit(resume_run(tmp_path / "run", pretrained_encoder=False, java=False), max_steps=3, progress=False)
+
+
+def test_sat_train_refuses_a_run_directory_another_process_writes(tiny_prepared, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from show_attend_tell.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, os, sys, time; f = open({str(run / '.lock')!r}, 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); print('held', flush=True); "
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(["train", "--data", str(tiny_prepared), "--run-dir", str(run), "--max-steps", "1"]) == 2
+    finally:
+        holder.communicate("")
+    err = capsys.readouterr().err
+    assert err == f"sat train: error: {run} is being written by another process (pid {holder.pid}); wait for it to " \
+        "end, or use another --run-dir\n"  # fmt: skip
+    assert sorted(path.name for path in run.iterdir()) == [".lock"]

@@ -14,7 +14,7 @@ from show_attend_tell.config import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
 )
-from show_attend_tell.errors import InputError
+from show_attend_tell.errors import InputError, file_system_error
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -1085,6 +1085,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except InputError as error:
         print(f"sat {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        line = file_system_error(error)
+        if line is None:
+            raise
+        print(f"sat {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sat {args.command}: interrupted", file=sys.stderr)

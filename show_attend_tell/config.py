@@ -228,7 +228,10 @@ def write_atomically(path: str | Path, write: Callable[[str], Any]) -> None:
     """write(temporary path) in `path`'s folder, then one rename: readers never see a partial file, and a
     failed write (an exception) leaves `path` as it was."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # name the file being written, not a temporary name the user never chose
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     os.close(handle)
     try:
         write(temporary)

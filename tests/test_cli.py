@@ -170,3 +170,77 @@ def test_train_decoder_transformer_writes_a_transformer_checkpoint(
     assert (model["decoder"], model["transformer_layers"], model["transformer_heads"]) == ("transformer", 1, 2)
     loaded, _, config = load_model(run / "best", with_encoder=False)
     assert isinstance(loaded.decoder, TransformerDecoder) and config["model"]["decoder"] == "transformer"
+
+
+# Outputs that cannot be written (issue 31): one line naming the path, no traceback.
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_prepared, tmp_path):
+    from conftest import tiny_model_config
+
+    from show_attend_tell.checkpoint import save_model
+    from show_attend_tell.model import CaptionModel
+    from show_attend_tell.prepare import PreparedDataset
+
+    vocab = PreparedDataset.load(tiny_prepared).vocab
+    return save_model(CaptionModel(tiny_model_config(len(vocab))), vocab, tmp_path / "ckpt", encoder_sha256="untrained")
+
+
+def _one_line_error(capsys, command: str, *parts: str) -> None:
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]  # after any progress bar
+    assert line.startswith(f"sat {command}: error: ") and "Traceback" not in err, err
+    assert all(part in line for part in parts), err
+
+
+TINY_MODEL_FLAGS = [
+    "--encoder-dim",
+    "12",
+    "--feature-dim",
+    "10",
+    "--attention-dim",
+    "16",
+    "--decoder-dim",
+    "16",
+    "--embed-dim",
+    "8",
+]
+
+
+def _commands(out, prepared, features, checkpoint) -> dict:
+    raw = prepared.parent
+    return {
+        "prepare": ["prepare", "--dataset", "folder", "--data-dir", raw, "--images", raw / "images"],
+        "features": ["features", "--data", prepared, "--image-size", "64", "--grid-size", "2"],
+        "export": ["export", checkpoint],
+        "train": ["train", "--data", prepared, "--features", features, "--max-steps", "1", *TINY_MODEL_FLAGS],
+    } | {"out": out}
+
+
+@pytest.mark.parametrize("command", ["prepare", "features", "export", "train"])
+def test_an_output_under_a_file_is_one_line(
+    command, tiny_prepared, tiny_features, tiny_checkpoint, tmp_path, capsys, fixed_encoder_weights
+):
+    (tmp_path / "somefile").write_text("")
+    out = tmp_path / "somefile" / "x"
+    args = _commands(out, tiny_prepared, tiny_features, tiny_checkpoint)[command]
+    flag = "--run-dir" if command == "train" else "--out"
+    assert main([str(arg) for arg in [*args, flag, out]]) == 2
+    _one_line_error(capsys, command, str(out), "a part of it is a file")
+
+
+@pytest.mark.parametrize("command", ["features", "export", "calibrate"])
+def test_an_output_in_a_read_only_folder_is_one_line(
+    command, tiny_prepared, tiny_features, tiny_checkpoint, tmp_path, capsys, read_only, fixed_encoder_weights
+):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if command == "calibrate":
+        folder = tiny_checkpoint  # its int8 calibration is written beside the weights
+        args = ["calibrate", folder, "--data", tiny_prepared, "--features", tiny_features, "--images", "2"]
+    else:
+        args = [*_commands(None, tiny_prepared, tiny_features, tiny_checkpoint)[command], "--out", folder / "x"]
+    read_only(folder)
+    assert main([str(arg) for arg in args]) == 2
+    _one_line_error(capsys, command, str(folder), "cannot write (Permission denied)")

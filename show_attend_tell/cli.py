@@ -993,12 +993,30 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="directory to write (e.g. show_attend_tell/pretrained/NAME)")
     parser.add_argument("--float32", action="store_true", help="keep fp32 weights instead of fp16")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace what --out holds (refused without it unless it is empty)"
+    )
     parser.set_defaults(run=_run_export)
+
+
+def _check_export_destination(out: str, sources: list[str], overwrite: bool) -> None:
+    """Refuse to write onto a checkpoint being exported (its fp32 weights and calibration would be replaced) or,
+    without --overwrite, into a folder that holds anything."""
+    from pathlib import Path
+
+    out_path = Path(out)
+    if any(Path(source).resolve() == out_path.resolve() for source in sources):
+        raise InputError(f"--out {out} is the checkpoint being exported; choose another folder")
+    if out_path.exists() and not out_path.is_dir():
+        raise InputError(f"--out {out}: already exists and is not a folder")
+    if not overwrite and out_path.is_dir() and any(out_path.iterdir()):
+        raise InputError(f"--out {out}: not empty; give --overwrite to replace what it holds, or a new folder")
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from show_attend_tell.checkpoint import ENCODER_INT8_KEY, INT8_KEY, load_average, save_model
 
+    _check_export_destination(args.out, args.model, args.overwrite)
     model, vocab, config = load_average(args.model)
     # new weights: an int8 calibration of the old ones does not carry over (`sat calibrate` the export), nor the
     # encoder's, whose file stays behind

@@ -244,3 +244,22 @@ def test_an_output_in_a_read_only_folder_is_one_line(
     read_only(folder)
     assert main([str(arg) for arg in args]) == 2
     _one_line_error(capsys, command, str(folder), "cannot write (Permission denied)")
+
+
+def test_export_never_writes_onto_its_source_nor_a_full_folder_without_overwrite(tiny_checkpoint, tmp_path, capsys):
+    before = {path.name: path.read_bytes() for path in tiny_checkpoint.iterdir()}
+    for flags in ([], ["--overwrite"]):
+        assert main(["export", str(tiny_checkpoint), "--out", str(tiny_checkpoint), *flags]) == 2
+        _one_line_error(capsys, "export", "is the checkpoint being exported")
+    assert {path.name: path.read_bytes() for path in tiny_checkpoint.iterdir()} == before
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    assert main(["export", str(tiny_checkpoint), "--out", str(full)]) == 2
+    _one_line_error(capsys, "export", f"--out {full}: not empty; give --overwrite")
+    assert [path.name for path in full.iterdir()] == ["notes.txt"]
+    assert main(["export", str(tiny_checkpoint), "--out", str(full), "--overwrite"]) == 0
+    assert (full / "model.safetensors").is_file()
+    assert main(["export", str(tiny_checkpoint), "--out", str(full / "notes.txt")]) == 2
+    _one_line_error(capsys, "export", "notes.txt: already exists and is not a folder")
+    assert main(["export", str(tiny_checkpoint), "--out", str(tmp_path / "new")]) == 0

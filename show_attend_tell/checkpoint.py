@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from show_attend_tell.config import ModelConfig, from_dict, save_json, to_dict, write_atomically
+from show_attend_tell.config import MODEL_CHOICES, ModelConfig, from_dict, save_json, to_dict, write_atomically
 from show_attend_tell.errors import InputError
 from show_attend_tell.inference import InputRanges
 from show_attend_tell.model import CaptionModel, Encoder
@@ -55,12 +55,6 @@ TRANSFORMER_FIELDS = (
     "transformer_max_positions",
 )
 MAX_LAYERS = 64
-# The values a string field of ModelConfig may take (besides `encoder`, one of the encoder weights).
-MODEL_CHOICES = {
-    "attention": ("soft", "hard"),
-    "decoder": ("lstm", "transformer"),
-    "transformer_positions": ("learned", "sinusoidal"),
-}
 
 
 def model_tensors(model: CaptionModel) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from show_attend_tell.config import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
 )
-from show_attend_tell.errors import InputError
+from show_attend_tell.errors import InputError, file_system_error
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -262,9 +262,15 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per dataclass field (the dataclass stays the single source of truth and its defaults)."""
+    """One --flag per dataclass field (the dataclass stays the single source of truth and its defaults); a string
+    field with a closed set of values gets them as choices, so --help lists them."""
     import dataclasses
 
+    from show_attend_tell.config import MODEL_CHOICES, TRAIN_RANGES
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    closed = {name: rule for name, rule in TRAIN_RANGES.items() if isinstance(rule[0], str)}
+    closed.update(MODEL_CHOICES, encoder=tuple(ENCODER_WEIGHTS))
     group = parser.add_argument_group(f"{cls.__name__} (defaults as shown)")
     for field in dataclasses.fields(cls):
         if field.name in skip:
@@ -276,7 +282,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, 
         elif isinstance(default, tuple):
             group.add_argument(flag, nargs="*", default=None, help=f"(default {list(default)})")
         else:
-            group.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+            choices = closed.get(field.name)
+            group.add_argument(flag, type=type(default), default=None, choices=choices, help=f"(default {default})")
 
 
 def _dataclass_from_flags(cls, args: argparse.Namespace, **fixed):
@@ -411,7 +418,7 @@ def _run_features(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from show_attend_tell.config import ModelConfig, TrainConfig
+    from show_attend_tell.config import FEATURE_LOADING, ModelConfig, TrainConfig
 
     parser = sub.add_parser(
         "train",
@@ -431,7 +438,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--feature-loading",
         default="auto",
-        choices=("auto", "memory", "stream"),
+        choices=FEATURE_LOADING,
         help="hold the --features store in memory, or stream each batch's rows from disk (stores larger than "
         "RAM); auto: memory when the store takes under half the memory available",
     )
@@ -557,10 +564,12 @@ def _resume_hint(run) -> str:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from show_attend_tell.datasets import SPLITS
+
     parser = sub.add_parser("evaluate", help="score a model (or a results file) with the coco-caption metrics")
     parser.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--data", required=True, help="directory written by `sat prepare` (the references)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="the split to score")
     parser.add_argument(
         "--features",
         default="",
@@ -1046,12 +1055,30 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="directory to write (e.g. show_attend_tell/pretrained/NAME)")
     parser.add_argument("--float32", action="store_true", help="keep fp32 weights instead of fp16")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace what --out holds (refused without it unless it is empty)"
+    )
     parser.set_defaults(run=_run_export)
+
+
+def _check_export_destination(out: str, sources: list[str], overwrite: bool) -> None:
+    """Refuse to write onto a checkpoint being exported (its fp32 weights and calibration would be replaced) or,
+    without --overwrite, into a folder that holds anything."""
+    from pathlib import Path
+
+    out_path = Path(out)
+    if any(Path(source).resolve() == out_path.resolve() for source in sources):
+        raise InputError(f"--out {out} is the checkpoint being exported; choose another folder")
+    if out_path.exists() and not out_path.is_dir():
+        raise InputError(f"--out {out}: already exists and is not a folder")
+    if not overwrite and out_path.is_dir() and any(out_path.iterdir()):
+        raise InputError(f"--out {out}: not empty; give --overwrite to replace what it holds, or a new folder")
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from show_attend_tell.checkpoint import ENCODER_INT8_KEY, INT8_KEY, load_average, save_model
 
+    _check_export_destination(args.out, args.model, args.overwrite)
     model, vocab, config = load_average(args.model)
     # new weights: an int8 calibration of the old ones does not carry over (`sat calibrate` the export), nor the
     # encoder's, whose file stays behind
@@ -1071,6 +1098,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from show_attend_tell.datasets import SPLITS
+
     parser = sub.add_parser(
         "calibrate",
         help="measure the int8 decoder's input ranges on training photos and store them with the model",
@@ -1081,7 +1110,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", help="checkpoint directory")
     parser.add_argument("--data", required=True, help="prepared dataset directory (`sat prepare`)")
-    parser.add_argument("--split", default="train", help="photos of this split (default train)")
+    parser.add_argument("--split", default="train", choices=SPLITS, help="photos of this split (default train)")
     parser.add_argument(
         "--images",
         type=positive_int,
@@ -1136,6 +1165,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except InputError as error:
         print(f"sat {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        line = file_system_error(error)
+        if line is None:
+            raise
+        print(f"sat {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sat {args.command}: interrupted", file=sys.stderr)

@@ -176,6 +176,13 @@ TRAIN_RANGES: dict[str, Any] = {
     "shuffle_block": _at_least(0),
 }
 FEATURE_LOADING = ("auto", "memory", "stream")
+# The values a string field of ModelConfig may take (besides `encoder`, one of the encoder weights): checked in a
+# checkpoint's config.json and listed by `sat train --help`.
+MODEL_CHOICES = {
+    "attention": ("soft", "hard"),
+    "decoder": ("lstm", "transformer"),
+    "transformer_positions": ("learned", "sinusoidal"),
+}
 
 
 def check_train_config(config: TrainConfig, where: str) -> None:
@@ -228,7 +235,10 @@ def write_atomically(path: str | Path, write: Callable[[str], Any]) -> None:
     """write(temporary path) in `path`'s folder, then one rename: readers never see a partial file, and a
     failed write (an exception) leaves `path` as it was."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # name the file being written, not a temporary name the user never chose
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     os.close(handle)
     try:
         write(temporary)

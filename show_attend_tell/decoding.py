@@ -22,6 +22,9 @@ from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 # sampling all apply it, so training optimises the policy that decoding runs.
 NO_REPEAT_NGRAM = 3
 COMPACT_FRACTION = 0.25  # beam search drops finished images once they are this fraction of its batch
+# Beams per image of a constrained search at most: it keeps K beams in each of 2^C states, so each constraint
+# doubles its cost. Up to this, K (8 states at the server's largest beam, 10, fit); beyond, fewer beams a state.
+MAX_CONSTRAINED_BEAMS = 80
 
 
 @dataclasses.dataclass
@@ -329,33 +332,45 @@ def constrained_beam_search(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
     word_penalties: torch.Tensor | None = None,
+    max_beams: int = MAX_CONSTRAINED_BEAMS,
 ) -> list[list[Hypothesis]]:
     """Constrained beam search (Anderson et al. 2017): image b's caption must contain, for each of its
     constraints `constraints[b]`, one word of that set (a disjunctive constraint: {cat, cats}).
 
     The search keeps K beams for each subset of satisfied constraints (a finite-state machine with 2^C states);
     a word moves a beam to the state with that word's constraints added, and only beams that satisfied every
-    constraint may end. Images are grouped by their number of constraints and each group is searched as one
-    batch through the decoder's `step`; an image without constraints gets plain `beam_search`. Returns, per
-    image, up to K hypotheses that meet every constraint, best first by normalised score; if none can (too
-    short a max_length), plain beam search's.
+    constraint may end. K is beam_size, or fewer when 2^C states of them would exceed `max_beams`; a constraint
+    met whenever another is (the same set, or one holding it) is dropped first. Images are grouped by their
+    number of constraints and each group is searched as one batch through the decoder's `step`; an image
+    without constraints gets plain `beam_search`. Returns, per image, up to K hypotheses that meet every
+    constraint, best first by normalised score; if none can (too short a max_length), plain beam search's.
     """
     results: list[list[Hypothesis]] = [[] for _ in range(encoded.features.size(0))]
-    options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+    options = dict(max_length=max_length, length_penalty=length_penalty)
+    needed = [_needed(sets) for sets in constraints]
     groups: dict[int, list[int]] = {}
-    for image, sets in enumerate(constraints):
+    for image, sets in enumerate(needed):
         groups.setdefault(len(sets), []).append(image)
     for count, images in groups.items():
         index = torch.tensor(images, device=encoded.features.device)
         part = encoded.select(index)
         options["word_penalties"] = None if word_penalties is None else word_penalties[index]
         if count == 0:
-            found = beam_search(decoder, part, no_repeat_ngram=no_repeat_ngram, **options)
+            found = beam_search(decoder, part, beam_size=beam_size, no_repeat_ngram=no_repeat_ngram, **options)
         else:
-            found = _constrained(decoder, part, [constraints[i] for i in images], no_repeat_ngram, **options)
+            per_state = max(1, min(beam_size, max_beams >> count))
+            sets = [needed[i] for i in images]
+            found = _constrained(decoder, part, sets, no_repeat_ngram, beam_size=per_state, **options)
         for image, hypotheses in zip(images, found, strict=True):
             results[image] = hypotheses
     return results
+
+
+def _needed(sets: Sequence[Collection[int]]) -> list[frozenset[int]]:
+    """The constraints left once those met whenever another is met are dropped: a repeated set, or a set that
+    holds all of another's words ({dog, dogs} is met by any caption that meets {dog})."""
+    unique = list(dict.fromkeys(frozenset(words) for words in sets))
+    return [words for words in unique if not any(other < words for other in unique)]
 
 
 def _constrained(

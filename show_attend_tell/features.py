@@ -13,6 +13,7 @@ load a store that fits into memory, instead of running a ResNet per batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import FastEncoder
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import image_features
+from show_attend_tell.locks import hold, release, waiting_for
 from show_attend_tell.model import Encoder, stage_shape
 
 FEATURES_FILE = "features.npy"
@@ -326,16 +328,39 @@ def _write_meta(directory: Path, meta: dict) -> None:
 
 
 def remove_store(directory: str | Path) -> None:
-    """Delete a store's features.json and the shard files it lists (`sat features --overwrite`)."""
+    """Delete a store's features.json and the shard files it lists (`sat features --overwrite`); refused while
+    another process fills one of them."""
     directory = Path(directory)
-    try:
-        shards = _shards(read_meta(directory))
-    except InputError:  # no store here, or another rank sharing this disk removed it first
+    if not directory.is_dir():
         return
-    for shard in shards:
-        for key in ("features", "done"):
-            (directory / shard[key]).unlink(missing_ok=True)
-    (directory / META_FILE).unlink(missing_ok=True)
+    with waiting_for(directory / SETUP_LOCK):
+        try:
+            shards = _shards(read_meta(directory))
+        except InputError:  # no store here, or another rank sharing this disk removed it first
+            return
+        with _lock_shards(directory, shards):
+            for shard in shards:
+                for key in ("features", "done"):
+                    (directory / shard[key]).unlink(missing_ok=True)
+            (directory / META_FILE).unlink(missing_ok=True)
+
+
+# Writers of a store: each process locks the shards it fills for as long as it fills them (torchrun's ranks fill
+# different shards side by side), and sets the store up (features.json, new shard files) one at a time.
+SETUP_LOCK = ".features.json.lock"
+
+
+def _lock_shards(directory: Path, shards: list[dict]) -> contextlib.ExitStack:
+    """Locks on the shards' files, let go when the returned stack closes (or when one is refused)."""
+    with contextlib.ExitStack() as held:
+        for shard in shards:
+            lock = hold(
+                directory / f".{shard['features']}.lock",
+                str(directory / shard["features"]),
+                "wait for it to end, or use another --out",
+            )
+            held.callback(release, lock)
+        return held.pop_all()
 
 
 def _create_shard(directory: Path, shard: dict, per_row: tuple, dtype: str) -> None:
@@ -388,47 +413,51 @@ def extract_features(
         raise InputError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
     meta = expected_meta(config, paths, encoder_sha256, stage, getattr(encoder, "precision", "fp32"))
     directory.mkdir(parents=True, exist_ok=True)
-    if (directory / META_FILE).is_file():
-        found = read_meta(directory)
-        _check_meta(directory, found, meta)
-        meta = found
-    else:
-        meta.update(dtype=dtype, shards=shard_layout(len(paths), shards or world_size))
-        _write_meta(directory, meta)
-    layout = _shards(meta)
-    mine = list(range(rank, len(layout), world_size))
-    per_row = tuple(meta["shape"][1:])
-    for index in mine:
-        if not (directory / layout[index]["done"]).is_file():
-            _create_shard(directory, layout[index], per_row, meta.get("dtype", "float16"))
-    encoder = encoder.to(device).eval()
-    failed: dict[str, str] = {}
-    work = []  # (shard, its pending rows as store rows)
-    for index in mine:
-        shard = layout[index]
-        done = np.load(directory / shard["done"], mmap_mode="r")
-        work.append((shard, (np.flatnonzero(done == 0) + shard["start"]).tolist()))
-    total = sum(len(pending) for _, pending in work)
-    description = f"features (rank {rank} of {world_size})" if world_size > 1 else "features"
-    bar = tqdm(total=total, desc=description, unit="img", disable=not progress or rank != 0)
-    for shard, pending in work:
-        features = np.load(directory / shard["features"], mmap_mode="r+")
-        done = np.load(directory / shard["done"], mmap_mode="r+")
-        for start in range(0, len(pending), batch_size):
-            rows, pictures = [], []
-            for i in pending[start : start + batch_size]:
-                try:
-                    pictures.append(load_image(paths[i]))
-                    rows.append(i - shard["start"])
-                except InputError as error:
-                    failed[str(paths[i])] = str(error)
-            if rows:
-                grid = image_features(encoder, pictures, config, device, stage=stage)  # (B, h*w, C) or (B, P, E)
-                features[rows] = grid.float().cpu().numpy().astype(features.dtype)  # bf16 has no numpy type
-                features.flush()  # the rows reach the disk before they are marked done
-                done[rows] = 1
-                done.flush()
-            bar.update(len(pending[start : start + batch_size]))
-        del features, done
-    bar.close()
-    return {"images": len(paths), "computed": total - len(failed), "failed": failed}
+    with waiting_for(directory / SETUP_LOCK):
+        fresh = not (directory / META_FILE).is_file()
+        if fresh:
+            meta.update(dtype=dtype, shards=shard_layout(len(paths), shards or world_size))
+        else:
+            found = read_meta(directory)
+            _check_meta(directory, found, meta)
+            meta = found
+        layout = _shards(meta)
+        mine = [layout[index] for index in range(rank, len(layout), world_size)]
+        held = _lock_shards(directory, mine)  # before anything is written: a refused writer changes nothing
+        if fresh:
+            _write_meta(directory, meta)
+        per_row = tuple(meta["shape"][1:])
+        for shard in mine:
+            if not (directory / shard["done"]).is_file():
+                _create_shard(directory, shard, per_row, meta.get("dtype", "float16"))
+    with held:  # until every row of this process is written
+        encoder = encoder.to(device).eval()
+        failed: dict[str, str] = {}
+        work = []  # (shard, its pending rows as store rows)
+        for shard in mine:
+            done = np.load(directory / shard["done"], mmap_mode="r")
+            work.append((shard, (np.flatnonzero(done == 0) + shard["start"]).tolist()))
+        total = sum(len(pending) for _, pending in work)
+        description = f"features (rank {rank} of {world_size})" if world_size > 1 else "features"
+        bar = tqdm(total=total, desc=description, unit="img", disable=not progress or rank != 0)
+        for shard, pending in work:
+            features = np.load(directory / shard["features"], mmap_mode="r+")
+            done = np.load(directory / shard["done"], mmap_mode="r+")
+            for start in range(0, len(pending), batch_size):
+                rows, pictures = [], []
+                for i in pending[start : start + batch_size]:
+                    try:
+                        pictures.append(load_image(paths[i]))
+                        rows.append(i - shard["start"])
+                    except InputError as error:
+                        failed[str(paths[i])] = str(error)
+                if rows:
+                    grid = image_features(encoder, pictures, config, device, stage=stage)  # (B, h*w, C) or (B, P, E)
+                    features[rows] = grid.float().cpu().numpy().astype(features.dtype)  # bf16 has no numpy type
+                    features.flush()  # the rows reach the disk before they are marked done
+                    done[rows] = 1
+                    done.flush()
+                bar.update(len(pending[start : start + batch_size]))
+            del features, done
+        bar.close()
+        return {"images": len(paths), "computed": total - len(failed), "failed": failed}

@@ -239,11 +239,10 @@ class Guidance:
         return found
 
     def user_words(self, mentions: Sequence[str]) -> list[GuideWord]:
-        """The user's words, each with its plural or singular when the vocabulary has it; a word the model
-        cannot write is an InputError naming the closest words it knows."""
-        if len(mentions) > MAX_MENTIONS:
-            raise InputError(f"mention: at most {MAX_MENTIONS} words, got {len(mentions)}")
-        words = []
+        """The user's words, each with its plural or singular when the vocabulary has it, once each (a word
+        repeated, or given as singular and plural, is one constraint); a word the model cannot write is an
+        InputError naming the closest words it knows."""
+        words: list[GuideWord] = []
         for mention in mentions:
             tokens = tokenize(mention)
             if len(tokens) != 1:
@@ -256,7 +255,10 @@ class Guidance:
                 raise InputError(f"mention {mention!r}: the model's vocabulary has no word {word!r}{hint}")
             variants = [word, word + "s", word + "es", word[:-1] if word.endswith("s") else ""]
             forms = tuple(dict.fromkeys(v for v in variants if v and v in self.vocab))
-            words.append(GuideWord(word, forms, "user"))
+            if all(set(forms) != set(known.forms) for known in words):
+                words.append(GuideWord(word, forms, "user"))
+            if len(words) > MAX_MENTIONS:
+                raise InputError(f"mention: at most {MAX_MENTIONS} different words, got more")
         return words
 
     def combine(self, labels: list[GuideWord], users: list[GuideWord], detected: Sequence[GuideWord] = ()) -> list:

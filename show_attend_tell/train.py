@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,7 @@ from show_attend_tell.config import (
 )
 from show_attend_tell.errors import InputError
 from show_attend_tell.features import FeatureStore
+from show_attend_tell.locks import hold, release
 from show_attend_tell.model import (
     EXPECTED_CONTEXT_PROBABILITY,
     CaptionModel,
@@ -67,6 +69,7 @@ from show_attend_tell.prepare import PreparedDataset
 
 STATE_DIR = "last"
 BEST_DIR = "best"
+LOCK_FILE = ".lock"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -229,6 +232,7 @@ class Run:
     progress: Progress = dataclasses.field(default_factory=Progress)
     console: bool = False  # progress bars and a line per validation on the terminal (rank 0)
     writer: object = None  # TensorBoard SummaryWriter, opened at the first log line
+    lock: IO | None = None  # rank 0's lock on run_dir (locks.hold), from new_run/resume_run until fit ends
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -266,16 +270,26 @@ def new_run(
     device: str = "cpu",
     java: bool | None = None,
 ) -> Run:
-    """A new run in `run_dir` (refused if it already holds one); rank 0 writes its config.json."""
+    """A new run in `run_dir` (refused if it already holds one, or another process writes there); rank 0 writes
+    its config.json."""
     run_dir = Path(run_dir)
     if (run_dir / STATE_DIR).exists():
         raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     run = _build(run_dir, model_config, train_config, data_config, pretrained_encoder, device, java)
+    run.lock = lock_run_dir(run_dir)
     if run.rank == 0:
-        check_writable(run_dir)
         with writing_to(run_dir):
             save_json(resolved_config(run), run_dir / "config.json")
     return run
+
+
+def lock_run_dir(run_dir: Path) -> IO | None:
+    """Rank 0 checks that it can write `run_dir` and locks it for the life of the run (None on other ranks):
+    two runs writing one directory would interleave their logs and replace each other's checkpoints."""
+    if distributed()[0] != 0:
+        return None
+    check_writable(run_dir)
+    return hold(run_dir / LOCK_FILE, str(run_dir), "wait for it to end, or use another --run-dir")
 
 
 def resume_run(run_dir: str | Path, *, pretrained_encoder: bool = True, device: str = "cpu", java=None) -> Run:
@@ -300,6 +314,7 @@ def resume_run(run_dir: str | Path, *, pretrained_encoder: bool = True, device: 
         raise InputError(f"{config_path}: not the config of a run ({type(error).__name__}: {error})") from None
     check_train_config(configs[1], str(config_path))
     run = _build(run_dir, *configs, pretrained_encoder, device, java)
+    run.lock = lock_run_dir(run_dir)
     load_state(run, state_dir)
     return run
 
@@ -856,6 +871,8 @@ def fit(run: Run, *, max_steps: int | None = None, progress: bool = True) -> dic
     """Train until the epochs are done, patience runs out, or the run has made `max_steps` steps in all
     (resumed ones included); the state is saved where it stops."""
     run.console = progress
+    if run.lock is None:  # fitted before: its lock was let go when that ended
+        run.lock = lock_run_dir(run.run_dir)
     try:
         with writing_to(run.run_dir):
             summary = _fit(run, max_steps)
@@ -863,6 +880,9 @@ def fit(run: Run, *, max_steps: int | None = None, progress: bool = True) -> dic
         if run.writer is not None:
             run.writer.close()
             run.writer = None
+        if run.lock is not None:
+            release(run.lock)
+            run.lock = None
     if run.world_size > 1:  # a rank that exits while another still saves can abort in gloo's teardown
         dist.barrier()
         dist.destroy_process_group()

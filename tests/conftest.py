@@ -141,3 +141,37 @@ def fixed_encoder_weights(monkeypatch):
 
     monkeypatch.setattr(EncoderWeights, "build", seeded)
     monkeypatch.setattr(EncoderWeights, "sha256", lambda self: "untrained")
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make a directory unwritable: by its permissions, or for root (whom permissions do not stop) by refusing
+    the temporary files every write of a run goes through, as a read-only file system would."""
+    import errno
+    import tempfile
+    from pathlib import Path
+
+    changed: list[Path] = []
+
+    def make(directory: Path) -> None:
+        directory = Path(directory).resolve()
+        if os.geteuid() != 0:
+            for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+                path.chmod(0o555)
+                changed.append(path)
+            return
+
+        def refuse(original):
+            def wrapper(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir).resolve().is_relative_to(directory):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+                return original(*args, dir=dir, **kwargs)
+
+            return wrapper
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse(tempfile.mkstemp))
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse(tempfile.TemporaryFile))
+
+    yield make
+    for path in changed:
+        path.chmod(0o755)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from show_attend_tell.cli import build_parser, main
 
 
@@ -15,6 +17,35 @@ def sub_commands(parser: argparse.ArgumentParser, prefix: str = "sat"):
             for name, child in action.choices.items():
                 yield f"{prefix} {name}", child
                 yield from sub_commands(child, f"{prefix} {name}")
+
+
+# Options whose values are open-ended (paths, words, addresses, block names, numbers written as text); every other
+# option taking a string must list its values as argparse choices.
+FREE_FORM = {
+    "--data-dir", "--images", "--captions", "--split-file", "--split-fractions", "--out", "--data", "--stage",
+    "--device", "--features", "--run-dir", "--resume", "--fine-tune-blocks", "--init-from", "--model",
+    "--attention-dir", "--mention", "--host",
+}  # fmt: skip
+
+
+def test_help_lists_the_values_of_every_closed_flag():
+    from show_attend_tell.config import MODEL_CHOICES, TRAIN_RANGES
+    from show_attend_tell.weights import ENCODER_WEIGHTS
+
+    commands = dict(sub_commands(build_parser()))
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0 or action.type not in (None, str):
+                continue  # positionals, switches, numbers
+            flag = action.option_strings[-1]
+            assert action.choices or flag in FREE_FORM, f"{name} {flag}: a closed set of values without choices"
+    train = {action.option_strings[-1]: action.choices for action in commands["sat train"]._actions}
+    closed = {**MODEL_CHOICES, **{k: v for k, v in TRAIN_RANGES.items() if isinstance(v[0], str)}}
+    for field, values in {**closed, "encoder": tuple(ENCODER_WEIGHTS)}.items():
+        assert tuple(train["--" + field.replace("_", "-")]) == tuple(values), field
+    text = " ".join(commands["sat train"].format_help().split())
+    assert "--attention {soft,hard} (default soft)" in text
+    assert "--decoder {lstm,transformer} (default lstm)" in text
 
 
 def test_help_shows_every_default():
@@ -112,8 +143,9 @@ def test_calibrate_stores_int8_ranges_that_caption_then_uses(
     save_model(model, dataset.vocab, checkpoint, encoder_sha256="untrained")
     assert not isinstance(Captioner.load(checkpoint, guidance_threshold=None).model.decoder, Int8Decoder)
     args = ["calibrate", str(checkpoint), "--data", str(tiny_prepared), "--features", str(tiny_features)]
-    assert main([*args, "--split", "nosuch"]) == 2
-    assert "unknown split 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([*args, "--split", "nosuch"])
+    assert "invalid choice: 'nosuch'" in capsys.readouterr().err
     assert main([*args, "--images", "3"]) == 0
     assert "on 3 train photos" in capsys.readouterr().out
     section = read_config(checkpoint)["int8_calibration"]
@@ -138,3 +170,96 @@ def test_train_decoder_transformer_writes_a_transformer_checkpoint(
     assert (model["decoder"], model["transformer_layers"], model["transformer_heads"]) == ("transformer", 1, 2)
     loaded, _, config = load_model(run / "best", with_encoder=False)
     assert isinstance(loaded.decoder, TransformerDecoder) and config["model"]["decoder"] == "transformer"
+
+
+# Outputs that cannot be written (issue 31): one line naming the path, no traceback.
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_prepared, tmp_path):
+    from conftest import tiny_model_config
+
+    from show_attend_tell.checkpoint import save_model
+    from show_attend_tell.model import CaptionModel
+    from show_attend_tell.prepare import PreparedDataset
+
+    vocab = PreparedDataset.load(tiny_prepared).vocab
+    return save_model(CaptionModel(tiny_model_config(len(vocab))), vocab, tmp_path / "ckpt", encoder_sha256="untrained")
+
+
+def _one_line_error(capsys, command: str, *parts: str) -> None:
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]  # after any progress bar
+    assert line.startswith(f"sat {command}: error: ") and "Traceback" not in err, err
+    assert all(part in line for part in parts), err
+
+
+TINY_MODEL_FLAGS = [
+    "--encoder-dim",
+    "12",
+    "--feature-dim",
+    "10",
+    "--attention-dim",
+    "16",
+    "--decoder-dim",
+    "16",
+    "--embed-dim",
+    "8",
+]
+
+
+def _commands(out, prepared, features, checkpoint) -> dict:
+    raw = prepared.parent
+    return {
+        "prepare": ["prepare", "--dataset", "folder", "--data-dir", raw, "--images", raw / "images"],
+        "features": ["features", "--data", prepared, "--image-size", "64", "--grid-size", "2"],
+        "export": ["export", checkpoint],
+        "train": ["train", "--data", prepared, "--features", features, "--max-steps", "1", *TINY_MODEL_FLAGS],
+    } | {"out": out}
+
+
+@pytest.mark.parametrize("command", ["prepare", "features", "export", "train"])
+def test_an_output_under_a_file_is_one_line(
+    command, tiny_prepared, tiny_features, tiny_checkpoint, tmp_path, capsys, fixed_encoder_weights
+):
+    (tmp_path / "somefile").write_text("")
+    out = tmp_path / "somefile" / "x"
+    args = _commands(out, tiny_prepared, tiny_features, tiny_checkpoint)[command]
+    flag = "--run-dir" if command == "train" else "--out"
+    assert main([str(arg) for arg in [*args, flag, out]]) == 2
+    _one_line_error(capsys, command, str(out), "a part of it is a file")
+
+
+@pytest.mark.parametrize("command", ["features", "export", "calibrate"])
+def test_an_output_in_a_read_only_folder_is_one_line(
+    command, tiny_prepared, tiny_features, tiny_checkpoint, tmp_path, capsys, read_only, fixed_encoder_weights
+):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if command == "calibrate":
+        folder = tiny_checkpoint  # its int8 calibration is written beside the weights
+        args = ["calibrate", folder, "--data", tiny_prepared, "--features", tiny_features, "--images", "2"]
+    else:
+        args = [*_commands(None, tiny_prepared, tiny_features, tiny_checkpoint)[command], "--out", folder / "x"]
+    read_only(folder)
+    assert main([str(arg) for arg in args]) == 2
+    _one_line_error(capsys, command, str(folder), "cannot write (Permission denied)")
+
+
+def test_export_never_writes_onto_its_source_nor_a_full_folder_without_overwrite(tiny_checkpoint, tmp_path, capsys):
+    before = {path.name: path.read_bytes() for path in tiny_checkpoint.iterdir()}
+    for flags in ([], ["--overwrite"]):
+        assert main(["export", str(tiny_checkpoint), "--out", str(tiny_checkpoint), *flags]) == 2
+        _one_line_error(capsys, "export", "is the checkpoint being exported")
+    assert {path.name: path.read_bytes() for path in tiny_checkpoint.iterdir()} == before
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    assert main(["export", str(tiny_checkpoint), "--out", str(full)]) == 2
+    _one_line_error(capsys, "export", f"--out {full}: not empty; give --overwrite")
+    assert [path.name for path in full.iterdir()] == ["notes.txt"]
+    assert main(["export", str(tiny_checkpoint), "--out", str(full), "--overwrite"]) == 0
+    assert (full / "model.safetensors").is_file()
+    assert main(["export", str(tiny_checkpoint), "--out", str(full / "notes.txt")]) == 2
+    _one_line_error(capsys, "export", "notes.txt: already exists and is not a folder")
+    assert main(["export", str(tiny_checkpoint), "--out", str(tmp_path / "new")]) == 0

@@ -7,7 +7,13 @@ import pytest
 import torch
 from test_decoding import MockDecoder, encoded_for, exhaustive, tiny_decoder
 
-from show_attend_tell.decoding import beam_search, constrained_beam_search, forced, length_normalised
+from show_attend_tell.decoding import (
+    MAX_CONSTRAINED_BEAMS,
+    beam_search,
+    constrained_beam_search,
+    forced,
+    length_normalised,
+)
 from show_attend_tell.text import END_ID
 
 # WORDS without <end> are 4, 5 and 6 (see test_decoding)
@@ -26,6 +32,7 @@ def test_wide_constrained_beam_equals_exhaustive_search(length_penalty, no_repea
         max_length=max_length,
         length_penalty=length_penalty,
         no_repeat_ngram=no_repeat_ngram,
+        max_beams=400 * 8,
     )
     for image, constraints in enumerate(CONSTRAINTS):
         score, words, log_prob = exhaustive(
@@ -102,3 +109,22 @@ def test_reading_a_given_caption_scores_it_as_the_search_that_wrote_it():
         assert again.tokens == written.tokens
         assert again.log_prob == pytest.approx(written.log_prob, abs=1e-5)
         torch.testing.assert_close(again.alphas, written.alphas, atol=1e-5, rtol=1e-4)
+
+
+def test_repeated_constraints_cost_one_and_many_cost_at_most_the_budget():
+    mock = MockDecoder(images=2, max_length=5, seed=4)
+    rows = []
+    step = mock.step
+    mock.step = lambda words, state, encoded: rows.append(words.size(0)) or step(words, state, encoded)
+    encoded = encoded_for([0, 1])
+    once = constrained_beam_search(mock, encoded, [[{4}], [{5, 6}]], beam_size=10, max_length=5)
+    most = max(rows)
+    rows.clear()
+    # repeated, and a set holding another's word ({5, 6} is met by any caption that meets {5})
+    again = constrained_beam_search(mock, encoded, [[{4}] * 4, [{5, 6}, {6, 5}]], beam_size=10, max_length=5)
+    assert max(rows) == most == 2 * 2 * 10
+    assert [[h.tokens for h in image] for image in again] == [[h.tokens for h in image] for image in once]
+    rows.clear()
+    wide = constrained_beam_search(mock, encoded, [[{4}, {5}, {6}]] * 2, beam_size=20, max_length=5)
+    assert max(rows) == 2 * MAX_CONSTRAINED_BEAMS  # not 2 images x 8 states x 20 beams
+    assert all(all(set(h.tokens) >= {4, 5, 6} for h in image) for image in wide)

@@ -190,3 +190,24 @@ def test_two_gloo_processes_fill_a_store_equal_to_one_process(tiny_prepared, tin
     store = open_store(tmp_path / "s")
     assert [s["features"] for s in store.shards] == ["features-00000-of-00002.npy", "features-00001-of-00002.npy"]
     assert torch.equal(store.load(), load_features(tiny_features))
+
+
+def test_a_store_another_process_fills_is_neither_filled_nor_removed(tiny_prepared, tmp_path):
+    import os
+
+    from show_attend_tell.locks import hold
+
+    paths, config, encoder = setup(tiny_prepared)
+    out = tmp_path / "store"
+    options = dict(config=config, encoder=encoder, encoder_sha256="untrained", progress=False)
+    extract_features(paths, out, **options, shards=2)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with hold(out / ".features-00001-of-00002.npy.lock", "a writer", ""):  # as a process filling shard 1 holds it
+        refusal = f"features-00001-of-00002.npy is being written by another process \\(pid {os.getpid()}\\)"
+        with pytest.raises(InputError, match=refusal):
+            extract_features(paths, out, **options)
+        with pytest.raises(InputError, match=refusal):
+            extract_features(paths, out, **options, overwrite=True)
+        assert {path.name: path.read_bytes() for path in out.iterdir() if path.suffix != ".lock"} == before
+        assert extract_features(paths, out, **options, rank=0, world_size=2)["computed"] == 0  # shard 0 is free
+    assert extract_features(paths, out, **options, overwrite=True)["computed"] == 12

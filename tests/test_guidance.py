@@ -106,6 +106,14 @@ def test_users_words_get_their_plurals_and_unknown_words_name_close_ones():
     assert positions(["a", "cat", "on", "a", "sofa"], [sofa, label]) == [4, 1]
 
 
+def test_a_word_repeated_or_in_both_numbers_is_one_mention():
+    guidance = Guidance(vocabulary("sofa", "cat", "cats", "dog", "cup", "tea", "bed"))
+    assert [w.word for w in guidance.user_words(["cat"] * 50 + ["Cats", "sofa", "cat"])] == ["cat", "sofa"]
+    assert len(guidance.user_words(["cat", "dog", "cup", "tea"] * 3)) == 4
+    with pytest.raises(InputError, match="at most 4 different words"):
+        guidance.user_words(["cat", "dog", "cup", "tea", "bed"])
+
+
 def test_label_head_on_the_grid_is_torchvisions_resnet_classifier():
     from show_attend_tell.config import ModelConfig
     from show_attend_tell.model import Encoder

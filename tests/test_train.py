@@ -613,40 +613,6 @@ def test_cli_shows_each_validation_and_says_how_to_resume_after_ctrl_c(
 # A run directory that cannot be written (issue 14): one line, at the start or when saving; the state is intact.
 
 
-@pytest.fixture
-def read_only(monkeypatch):
-    """Make a directory unwritable: by its permissions, or for root (whom permissions do not stop) by refusing
-    the temporary files every write of a run goes through, as a read-only file system would."""
-    import errno
-    import tempfile
-    from pathlib import Path
-
-    changed: list[Path] = []
-
-    def make(directory: Path) -> None:
-        directory = Path(directory).resolve()
-        if os.geteuid() != 0:
-            for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
-                path.chmod(0o555)
-                changed.append(path)
-            return
-
-        def refuse(original):
-            def wrapper(*args, dir=None, **kwargs):
-                if dir is not None and Path(dir).resolve().is_relative_to(directory):
-                    raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-                return original(*args, dir=dir, **kwargs)
-
-            return wrapper
-
-        monkeypatch.setattr(tempfile, "mkstemp", refuse(tempfile.mkstemp))
-        monkeypatch.setattr(tempfile, "TemporaryFile", refuse(tempfile.TemporaryFile))
-
-    yield make
-    for path in changed:
-        path.chmod(0o755)
-
-
 def test_a_read_only_run_directory_is_one_line_at_the_start(tiny_prepared, tiny_features, tmp_path, read_only):
     from show_attend_tell.errors import InputError
 
@@ -694,10 +660,8 @@ def test_sat_train_on_a_read_only_run_directory_prints_one_line(
         (["--batch-size", "0"], "train.batch_size (--batch-size) must be at least 1, got 0"),
         (["--epochs", "-1"], "train.epochs (--epochs) must be at least 1, got -1"),
         (["--decoder-lr", "nan"], "train.decoder_lr (--decoder-lr) must be positive, got nan"),
-        (["--lr-schedule", "linear"], "train.lr_schedule (--lr-schedule) must be one of cosine, constant"),
         (["--scst-samples", "1"], "train.scst_samples (--scst-samples) must be at least 2"),
         (["--grid-size", "0"], "model.grid_size must be a whole number from 1 to 64, got 0"),
-        (["--decoder", "gru"], "model.decoder must be one of lstm, transformer, got 'gru'"),
         (["--decoder", "transformer", "--transformer-heads", "3"], "decoder_dim (512) must be a multiple of"),
         (
             ["--decoder", "transformer", "--transformer-max-positions", "12"],
@@ -729,3 +693,46 @@ def test_resume_refuses_a_hand_edited_run_config(tiny_prepared, tiny_features, t
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="model.grid_size must be a whole number"):
         resume_run(run, pretrained_encoder=False, java=False)
+
+
+def test_a_second_run_in_a_run_directory_being_written_is_refused(tiny_prepared, tiny_features, tmp_path):
+    import os
+
+    from show_attend_tell.errors import InputError
+
+    first = make_trainer(tmp_path / "run", tiny_prepared, tiny_features)  # holds the directory until fit ends
+    config = (tmp_path / "run" / "config.json").read_bytes()
+    refusal = f"run is being written by another process \\(pid {os.getpid()}\\); wait for it to end"
+    with pytest.raises(InputError, match=refusal):
+        make_trainer(tmp_path / "run", tiny_prepared, tiny_features, epochs=1)
+    save_state(first)  # a resumable state, as the first checkpoint leaves
+    with pytest.raises(InputError, match=refusal):
+        resume_run(tmp_path / "run", pretrained_encoder=False, java=False)
+    assert (tmp_path / "run" / "config.json").read_bytes() == config
+    fit(first, max_steps=2, progress=False)
+    fit(resume_run(tmp_path / "run", pretrained_encoder=False, java=False), max_steps=3, progress=False)
+
+
+def test_sat_train_refuses_a_run_directory_another_process_writes(tiny_prepared, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from show_attend_tell.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, os, sys, time; f = open({str(run / '.lock')!r}, 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); print('held', flush=True); "
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(["train", "--data", str(tiny_prepared), "--run-dir", str(run), "--max-steps", "1"]) == 2
+    finally:
+        holder.communicate("")
+    err = capsys.readouterr().err
+    assert err == f"sat train: error: {run} is being written by another process (pid {holder.pid}); wait for it to " \
+        "end, or use another --run-dir\n"  # fmt: skip
+    assert sorted(path.name for path in run.iterdir()) == [".lock"]

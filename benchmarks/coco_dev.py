@@ -54,7 +54,13 @@ def main() -> int:
         detector=captioner.detector_name,
         detector_settings={
             key: getattr(captioner.guidance, key)
-            for key in ("detection_threshold", "presence_threshold", "person_penalty", "object_penalty")
+            for key in (
+                "detection_threshold",
+                "presence_threshold",
+                "person_presence_threshold",
+                "person_penalty",
+                "object_penalty",
+            )
         },
         images=len(paths),
         results={},

@@ -42,12 +42,13 @@ from show_attend_tell.records import provenance, write_record
 
 # Each setting's candidates, tried in this order; None: the detector names nothing (it still discourages).
 SETTINGS = {
-    "person_penalty": [0.0, 1.0, 2.0, 4.0, 8.0],
-    "object_penalty": [0.0, 1.0, 2.0, 4.0],
+    "person_penalty": [0.0, 1.0, 2.0, 4.0, 8.0, 12.0],
+    "object_penalty": [0.0, 0.5, 1.0, 2.0, 4.0],
+    "person_presence_threshold": [0.15, 0.2, 0.3],
     "presence_threshold": [0.15, 0.2, 0.3],
     "detection_threshold": [0.3, 0.4, 0.5, 0.6, None],
 }
-LOWEST_SCORE = min(SETTINGS["presence_threshold"])
+LOWEST_SCORE = min(SETTINGS["presence_threshold"] + SETTINGS["person_presence_threshold"])
 VAL_TOLERANCE = 0.3  # CIDEr and METEOR points val may lose (the issue's bound on Flickr8k test)
 CHAIR_S_TARGET, PEOPLE_TARGET = 25.0, 15.0
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -156,6 +157,11 @@ def main() -> int:
     parser.add_argument("--flickr8k", type=Path, required=True, help="the Flickr8k folder (Flickr8k.token.txt ...)")
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument(
+        "--only",
+        type=json.loads,
+        help="a JSON object of settings to try instead of SETTINGS' lists, e.g. '{\"person_penalty\": [8, 12]}'",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
@@ -199,15 +205,12 @@ def main() -> int:
         return result
 
     baseline = run({}, detector=False)
-    current = {
-        "person_penalty": base.person_penalty,
-        "object_penalty": base.object_penalty,
-        "presence_threshold": base.presence_threshold,
-        "detection_threshold": base.detection_threshold,
-    }
+    current = {setting: getattr(base, setting) for setting in SETTINGS}
     tried: dict[str, dict] = {}
+    search_space = args.only or SETTINGS
+    record["searched"] = search_space
     for _ in range(args.passes):
-        for setting, values in SETTINGS.items():
+        for setting, values in search_space.items():
             for value in values:
                 candidate = {**current, setting: value}
                 key = json.dumps(candidate, sort_keys=True)

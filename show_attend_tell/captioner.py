@@ -285,7 +285,7 @@ class Captioner:
         detections = None
         if guide and detect and self.detector is not None:
             check()
-            detections = self.detector.detect(pictures, min_score=self.guidance.presence_threshold)
+            detections = self.detector.detect(pictures, min_score=self.guidance.lowest_presence)
             detections = [_in_photo_pixels(found, picture) for found, picture in zip(detections, pictures, strict=True)]
         plans = self.guidance.plan(
             len(pictures),

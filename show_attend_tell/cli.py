@@ -697,7 +697,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
         def detections(batch):  # the photos as the captioner reads them, whatever the features came from
             pictures = [load_image(dataset.images[i].path, size=model.config.image_size) for i in batch]
-            found = detector.detect(pictures, min_score=rule.presence_threshold)
+            found = detector.detect(pictures, min_score=rule.lowest_presence)
             return [_in_photo_pixels(f, p) for f, p in zip(found, pictures, strict=True)]
 
     results = {}

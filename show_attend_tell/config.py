@@ -27,13 +27,15 @@ DEFAULT_GUIDANCE_THRESHOLD = 0.3
 # An image's most probable label concept gives its template caption ("a cup of coffee on a table") when its
 # probability reaches this (guidance.py); chosen the same way (results/guidance_tuning.json, "chosen_template").
 DEFAULT_TEMPLATE_THRESHOLD = 0.4
-# The COCO detector's guidance (guidance.Guidance): a detected class is named at DEFAULT_DETECTION_THRESHOLD; a class
-# detected at DEFAULT_PRESENCE_THRESHOLD is there, and the words of classes not there are discouraged by these
-# penalties (added to their log p). Chosen on coco-dev and Flickr8k val together: results/detector_tuning.json.
+# The COCO detector's guidance (guidance.Guidance): a detected class is named at DEFAULT_DETECTION_THRESHOLD; a
+# class detected at DEFAULT_PRESENCE_THRESHOLD (a person at DEFAULT_PERSON_PRESENCE_THRESHOLD) is there, and the
+# words of classes not there are discouraged by these penalties (added to their log p). Chosen on coco-dev and
+# Flickr8k val together: results/detector_tuning.json.
 DEFAULT_DETECTION_THRESHOLD = 0.4
 DEFAULT_PRESENCE_THRESHOLD = 0.2
-DEFAULT_PERSON_PENALTY = 2.0
-DEFAULT_OBJECT_PENALTY = 2.0
+DEFAULT_PERSON_PRESENCE_THRESHOLD = 0.15
+DEFAULT_PERSON_PENALTY = 8.0
+DEFAULT_OBJECT_PENALTY = 1.0
 # Training photos the int8 decoder's input ranges are measured on (`sat calibrate`, and `sat train` for its best
 # checkpoint): results/int8_calibration.json.
 CALIBRATION_IMAGES = 256

@@ -207,13 +207,60 @@ def _legacy_resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x
 
 
+def _fused_activations(program: Sequence[dict], weights: dict[str, torch.Tensor]) -> list[dict]:
+    """The program with MobileNetV3's activations as one op each: x * relu6(x + 3) * c (four graph ops) is
+    F.hardswish(x) * 6c, relu6(x + 3) * c F.hardsigmoid(x) * 6c, where c is the graph's 1/6 as stored in float16
+    (6c = 0.99976: kept, so the result is the graph's within float rounding). Element-wise passes over the large
+    early maps were about half of the network's time in a profile; tests/test_detector.py holds the fused program
+    to the original graph's outputs."""
+
+    def constant(name: str, value: float) -> bool:
+        tensor = weights.get(name)
+        return tensor is not None and tensor.numel() == 1 and abs(float(tensor) / value - 1) < 1e-3
+
+    by_name = {step["name"]: step for step in program}
+    uses: dict[str, int] = {}
+    for step in program:
+        for source in step["inputs"]:
+            uses[source] = uses.get(source, 0) + 1
+
+    def relu6_of_x_plus_3(name: str) -> str | None:
+        """x when `name` is Relu6(Add(x, 3)), used once, else None."""
+        relu = by_name.get(name)
+        add = relu and relu["op"] == "Relu6" and by_name.get(relu["inputs"][0])
+        if not add or add["op"] != "Add" or not constant(add["inputs"][1], 3.0) or uses[add["name"]] != 1:
+            return None
+        return add["inputs"][0]
+
+    replaced: dict[str, dict] = {}
+    dropped: set[str] = set()
+    for step in program:
+        if step["op"] != "Mul" or len(step["inputs"]) != 2:
+            continue
+        first, second = step["inputs"]
+        inner = by_name.get(first)
+        if inner and inner["op"] == "Mul" and constant(inner["inputs"][0], 1 / 6) and uses[first] == 1:
+            x = relu6_of_x_plus_3(second)
+            if x is not None and inner["inputs"][1] == x and uses[second] == 1:  # x/6 * relu6(x + 3)
+                scale = 6 * float(weights[inner["inputs"][0]])
+                replaced[step["name"]] = {"name": step["name"], "op": "HardSwish", "inputs": [x], "scale": scale}
+                dropped |= {first, second, by_name[second]["inputs"][0]}
+        elif constant(first, 1 / 6) and uses[second] == 1:
+            x = relu6_of_x_plus_3(second)
+            if x is not None:  # relu6(x + 3) / 6
+                scale = 6 * float(weights[first])
+                replaced[step["name"]] = {"name": step["name"], "op": "HardSigmoid", "inputs": [x], "scale": scale}
+                dropped |= {second, by_name[second]["inputs"][0]}
+    return [replaced.get(step["name"], step) for step in program if step["name"] not in dropped]
+
+
 class CenterNet(nn.Module):
     """The converted graph: (B, 3, 512, 512) RGB in 0-255 -> class heat map (B, 80, 128, 128) in [0, 1] and box
     sides (B, 4, 128, 128) in input pixels (left, top, right, bottom of the box from each heat-map cell)."""
 
     def __init__(self, program: Sequence[dict], weights: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.program = list(program)
+        self.program = _fused_activations(program, weights)
         self.convs = nn.ModuleDict()
         self.constants: dict[str, torch.Tensor] = {}
         for step in self.program:
@@ -259,12 +306,16 @@ class CenterNet(nn.Module):
 
     def _convolve(self, step: dict, x: torch.Tensor) -> torch.Tensor:
         conv = self.convs[self._key(step["name"])]
+        padding = (0, 0)
         if step["padding"] == "SAME":
             (top, bottom), (left, right) = (
                 _same_padding(x.size(axis), conv.kernel_size[i], conv.stride[i]) for i, axis in enumerate((2, 3))
             )
-            x = F.pad(x, (left, right, top, bottom))
-        x = conv(x)
+            if (top, left) == (bottom, right):
+                padding = (top, left)  # symmetric: the convolution pads, without copying its input
+            else:
+                x = F.pad(x, (left, right, top, bottom))
+        x = F.conv2d(x, conv.weight, conv.bias, conv.stride, padding, 1, conv.groups)
         return F.relu(x) if "Relu" in step.get("fused", ()) else x
 
     def _value(self, values: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -286,6 +337,10 @@ class CenterNet(nn.Module):
                 out = F.relu6(values[inputs[0]])
             elif op == "Sigmoid":
                 out = torch.sigmoid(values[inputs[0]])
+            elif op == "HardSwish":
+                out = F.hardswish(values[inputs[0]]).mul_(step["scale"])
+            elif op == "HardSigmoid":
+                out = F.hardsigmoid(values[inputs[0]]).mul_(step["scale"])
             elif op == "Mean":  # over NHWC axes 1, 2: the squeeze-and-excite pool
                 out = values[inputs[0]].mean(dim=(2, 3), keepdim=step["keep_dims"])
             elif op == "ConcatV2":  # along NHWC's channel axis

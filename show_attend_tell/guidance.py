@@ -30,6 +30,7 @@ from show_attend_tell.config import (
     DEFAULT_GUIDANCE_THRESHOLD,
     DEFAULT_OBJECT_PENALTY,
     DEFAULT_PERSON_PENALTY,
+    DEFAULT_PERSON_PRESENCE_THRESHOLD,
     DEFAULT_PRESENCE_THRESHOLD,
     DEFAULT_TEMPLATE_THRESHOLD,
 )
@@ -154,8 +155,10 @@ class Guidance:
 
     With a detector's detections (`plan`): a COCO class detected at detection_threshold or above must be named
     (at most max_detection_words of them, the best first; person words never are: the decoder names people
-    unasked); a class detected at presence_threshold or above is there, and the words of every other COCO class
-    that no guide word names are discouraged by person_penalty (person words) or object_penalty (the rest).
+    unasked); a class detected at presence_threshold or above is there (a person at person_presence_threshold:
+    the person penalty is the strongest, so a faint person is enough to lift it), and the words of every other
+    COCO class that no guide word names are discouraged by person_penalty (person words) or object_penalty (the
+    rest).
     new_words: words the decoder was given (new_words.py); banned unless a guide word asks for them.
     """
 
@@ -168,6 +171,7 @@ class Guidance:
         template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
         detection_threshold: float | None = DEFAULT_DETECTION_THRESHOLD,
         presence_threshold: float = DEFAULT_PRESENCE_THRESHOLD,
+        person_presence_threshold: float | None = DEFAULT_PERSON_PRESENCE_THRESHOLD,
         person_penalty: float = DEFAULT_PERSON_PENALTY,
         object_penalty: float = DEFAULT_OBJECT_PENALTY,
         max_detection_words: int = 1,
@@ -176,6 +180,9 @@ class Guidance:
         self.vocab, self.threshold, self.max_label_words = vocab, threshold, max_label_words
         self.template_threshold = template_threshold
         self.detection_threshold, self.presence_threshold = detection_threshold, presence_threshold
+        self.person_presence_threshold = (
+            presence_threshold if person_presence_threshold is None else person_presence_threshold
+        )
         self.person_penalty, self.object_penalty = person_penalty, object_penalty
         self.max_detection_words = max_detection_words
         self.new_words = tuple(word for word in new_words if word in vocab)
@@ -309,7 +316,7 @@ class Guidance:
         animal_ids = {i for name in ANIMALS for i in self.coco[name][1]}
         plans = []
         for b in range(count):
-            seen = [d for d in detections[b] if d.score >= self.presence_threshold] if detections is not None else []
+            seen = [d for d in detections[b] if d.score >= self._presence(d.name)] if detections is not None else []
             labelled_animal = any(self.vocab.id(form) in animal_ids for word in labels[b] for form in word.forms)
             if labelled_animal:
                 named_by_labels = {form for word in labels[b] for form in word.forms}
@@ -332,6 +339,15 @@ class Guidance:
                         penalties.update(dict.fromkeys(free, penalty))
             plans.append(Plan(guides, chosen[b], penalties, seen, tuple(discouraged)))
         return plans
+
+    def _presence(self, name: str) -> float:
+        """The score from which a detection of class `name` counts as there."""
+        return self.person_presence_threshold if name == "person" else self.presence_threshold
+
+    @property
+    def lowest_presence(self) -> float:
+        """The lowest score a detection needs to count: what to ask the detector for."""
+        return min(self.presence_threshold, self.person_presence_threshold)
 
     def penalty_matrix(self, plans: Sequence[Plan], device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The plans' penalties as word_penalties for decoding.best_captions: (B, V), or None when none has any."""

@@ -511,7 +511,7 @@ def create_app(
                 "attention": np.round(np.asarray(result.attention, dtype=np.float64), ATTENTION_DECIMALS).tolist(),
                 "decoder": captioner.decoder,
                 "encoder_precision": captioner.encoder_precision,
-                "detector": captioner.detector_name,
+                "detector": captioner.detector_name if guidance and detector else None,
                 "grid_size": captioner.grid_size,
                 "beam_size": beam_size,
                 "width": width,

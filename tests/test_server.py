@@ -286,7 +286,8 @@ def test_health_openapi_and_the_page(client, captioner):
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/api/caption"]["post"]
     assert "image" in operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert [p["name"] for p in operation["parameters"]] == ["beam_size", "mention", "guidance", "templates"]
+    assert [p["name"] for p in operation["parameters"]] == ["beam_size", "mention", "guidance", "templates", "detector"]
+    assert health["detector"] == captioner.detector_name
     assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
     assert "/api/health" in schema["paths"]
     docs = client.get("/docs")
@@ -380,6 +381,20 @@ def test_the_users_words_and_label_guidance_in_the_api(client, captioner):
         decoded = post(client, coffee, query="?beam_size=3&templates=false").json()
         assert not decoded["template"] and body["alternatives"][0]["caption"] == decoded["caption"]
     assert_error(post(client, photo, query="?" + "&".join(["mention=a"] * 9)), 422)
+
+
+def test_the_detector_in_the_api(client, captioner):
+    coffee = (EXAMPLES / "coffee.jpg").read_bytes()
+    body = post(client, coffee, query="?beam_size=3").json()
+    assert body["detector"] == "centernet"
+    cup = body["detections"][0]
+    assert cup["class"] == "cup" and cup["score"] > 0.4
+    x1, y1, x2, y2 = cup["box"]
+    assert 0 <= x1 < x2 <= body["width"] and 0 <= y1 < y2 <= body["height"]  # in the photo's pixels
+    assert "person" in body["discouraged"]  # nobody in the photo: people words discouraged
+    off = post(client, coffee, query="?beam_size=3&detector=false").json()
+    assert off["detections"] == [] and off["discouraged"] == []
+    assert off["words"] == captioner.caption(EXAMPLES / "coffee.jpg", beam_size=3, detect=False).words
 
 
 # Hostile clients (issue 14): slow, vanishing and pixel-heavy uploads cost no model time.
@@ -549,10 +564,11 @@ class HeldEncoder:
 
 def tiny_captioner(monkeypatch, encoder=None) -> tuple[Captioner, HeldEncoder, list]:
     """A real Captioner on a tiny random model whose encoder is `encoder` (default a HeldEncoder), and the list
-    of its beam searches (one entry per call of decoding.best_captions, the decoder's only way in)."""
+    of its beam searches (one entry per call of decoding.best_captions through guidance.search, the decoder's only
+    way in)."""
     from conftest import tiny_model_config
 
-    from show_attend_tell import captioner as captioner_module
+    from show_attend_tell import guidance as guidance_module
     from show_attend_tell.model import CaptionModel
     from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
 
@@ -561,13 +577,13 @@ def tiny_captioner(monkeypatch, encoder=None) -> tuple[Captioner, HeldEncoder, l
     torch.manual_seed(0)
     model = CaptionModel(tiny_model_config(len(vocab), dropout=0.0), encoder=encoder).eval()
     searches = []
-    search = captioner_module.best_captions
+    search = guidance_module.best_captions
 
     def counted(*args, **kwargs):
         searches.append(len(args[2]))  # the images in the call (one list of required words each)
         return search(*args, **kwargs)
 
-    monkeypatch.setattr(captioner_module, "best_captions", counted)
+    monkeypatch.setattr(guidance_module, "best_captions", counted)
     return Captioner(model, vocab, {}), encoder, searches
 
 

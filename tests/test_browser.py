@@ -1,7 +1,8 @@
 """The page in a real browser: Debian's chromium, headless, driven by Playwright against `sat serve` on loopback.
 
-Upload a photo, wait for the caption, hover a word and check that its attention map is drawn over the photo;
-a rejected file gets a clear message. The screenshot is left in test-artifacts/browser.png.
+Upload a photo, wait for the caption, hover a word and check that its attention map is drawn over the photo and
+the COCO detector's boxes too; a rejected file gets a clear message. Screenshots are left in test-artifacts/
+(browser.png, browser-boxes.png).
 """
 
 from __future__ import annotations
@@ -199,13 +200,16 @@ def test_dropping_a_photo_with_greedy_decoding(page, server_url):
         expect(page.locator("#caption .word")).to_have_text(body["words"])
         expect(page.locator("#guided")).not_to_contain_text("template")
         expect(page.locator("#alternatives li")).to_have_text(["none with beam size 1"])
-        # without label guidance there are no templates to offer: the box is disabled until guidance is back
+        # without label guidance there are no templates to offer and the detector guides nothing: their boxes are
+        # disabled until guidance is back
         with page.expect_response(lambda r: "guidance=false" in r.url):
             page.uncheck("#guidance")
         expect(page.locator("#templates")).to_be_disabled()
+        expect(page.locator("#detector")).to_be_disabled()
         with page.expect_response(lambda r: "guidance=true" in r.url):
             page.check("#guidance")
         expect(page.locator("#templates")).to_be_enabled()
+        expect(page.locator("#detector")).to_be_enabled()
         with page.expect_response(lambda r: "templates=true" in r.url):
             page.check("#templates")
     else:
@@ -237,3 +241,155 @@ def test_guided_words_are_marked_with_their_source_and_the_users_words_are_sent(
     assert answer.value.status == 422
     expect(page.locator("#error")).to_contain_text("no word 'zzzzq'")
     page.fill("#mention", "")
+
+
+def fresh(page, server_url) -> None:
+    """A fresh page (every box back to its default), the model loaded."""
+    page.goto(server_url)
+    page.wait_for_selector("#health:has-text('Model loaded')")
+
+
+def box_geometry(page) -> dict:
+    """The displayed photo's rectangle and each drawn box's, in CSS pixels, in drawing order."""
+    return page.evaluate(
+        """() => {
+          const rect = (element) => {
+            const r = element.getBoundingClientRect();
+            return [r.left, r.top, r.right, r.bottom];
+          };
+          return {
+            photo: rect(document.getElementById("photo")),
+            boxes: [...document.querySelectorAll("#boxes .box")].map(rect),
+            labels: [...document.querySelectorAll("#boxes .box span")].map(rect),
+          };
+        }"""
+    )
+
+
+def assert_boxes_follow_the_photo(page, body: dict) -> None:
+    geometry = box_geometry(page)
+    left, top, right, bottom = geometry["photo"]
+    sx, sy = (right - left) / body["width"], (bottom - top) / body["height"]
+    # best first in the answer, drawn last (on top)
+    for detection, drawn in zip(body["detections"], reversed(geometry["boxes"]), strict=True):
+        x1, y1, x2, y2 = detection["box"]
+        expected = [left + sx * x1, top + sy * y1, left + sx * x2, top + sy * y2]
+        assert drawn == pytest.approx(expected, abs=1.5), detection
+    # the labels of boxes that nearly coincide are stacked, not drawn over each other
+    labels = geometry["labels"]
+    for i, (l1, t1, r1, b1) in enumerate(labels):
+        for l2, t2, r2, b2 in labels[:i]:
+            assert not (l1 < r2 and l2 < r1 and t1 < b2 and t2 < b1), "two labels overlap"
+
+
+def test_the_detectors_boxes_are_drawn_over_the_photo_and_the_toggle_hides_them(page, server_url):
+    fresh(page, server_url)
+    body = upload(page, EXAMPLES / "coffee.jpg")
+    assert body["detector"] == "centernet"
+    best = body["detections"][0]
+    assert best["class"] == "cup" and best["score"] > 0.4  # the shipped detector sees the cup
+    boxes = page.locator("#boxes .box")
+    expect(boxes).to_have_count(len(body["detections"]))
+    expect(boxes.last.locator("span")).to_have_text(f"cup {int(100 * best['score'] + 0.5)}%")
+    expect(page.locator("#boxes-toggle")).to_have_text(f"show the COCO detector's {len(body['detections'])} boxes")
+    page.evaluate("() => document.getElementById('photo').decode()")
+    assert_boxes_follow_the_photo(page, body)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-boxes.png"), full_page=True)
+
+    # the boxes scale with the photo as the window does
+    left, _, right, _ = box_geometry(page)["photo"]
+    page.set_viewport_size({"width": 560, "height": 600})
+    page.wait_for_function(
+        "(width) => document.getElementById('photo').getBoundingClientRect().width < width", arg=right - left - 100
+    )
+    assert_boxes_follow_the_photo(page, body)
+    page.set_viewport_size({"width": 1100, "height": 900})
+
+    # the toggle only hides and shows them: nothing is sent
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if "/api/caption" in r.url else None)
+    page.uncheck("#show-boxes")
+    expect(page.locator("#boxes")).to_be_hidden()
+    expect(boxes.first).to_be_hidden()
+    page.check("#show-boxes")
+    expect(boxes.first).to_be_visible()
+    assert sent == []
+
+
+def test_unchecking_the_detector_box_sends_detector_false(page, server_url):
+    fresh(page, server_url)
+    with page.expect_request(lambda r: "/api/caption" in r.url) as request:
+        body = upload(page, EXAMPLES / "coffee.jpg")
+    assert "detector=true" in request.value.url
+    # no person in the photo: the note says people words were discouraged, and counts the rest
+    assert "person" in body["discouraged"]
+    others = len(body["discouraged"]) - 1
+    expect(page.locator("#discouraged")).to_have_text(
+        f"No person seen: people words discouraged. {others} other COCO objects not seen: their words discouraged."
+    )
+    assert page.get_attribute("#discouraged", "title") == f"discouraged: {', '.join(body['discouraged'])}"
+
+    with page.expect_response(lambda r: "/api/caption" in r.url and "detector=false" in r.url) as answer:
+        page.uncheck("#detector")
+    body = answer.value.json()
+    assert body["detections"] == [] and body["discouraged"] == []
+    expect(page.locator("#caption .word")).to_have_text(body["words"])
+    expect(page.locator("#boxes .box")).to_have_count(0)
+    expect(page.locator("#boxes-toggle")).to_be_hidden()
+    expect(page.locator("#discouraged")).to_be_hidden()
+    with page.expect_response(lambda r: "detector=true" in r.url) as answer:
+        page.check("#detector")
+    expect(page.locator("#boxes .box")).to_have_count(len(answer.value.json()["detections"]))
+
+
+MARKUP = '<img src="x" onerror="document.body.dataset.injected = 1">'
+
+
+def test_detector_words_and_discouraged_classes_are_named_and_shown_as_text(page, server_url):
+    """A detector guide word and the discouraged classes as the note gives them, and markup in an answer shown as
+    text. The shipped examples have no detector word, so a real answer is rewritten and served to the page again
+    (an intercepted request loses its file: Playwright does not carry a form's blob)."""
+    fresh(page, server_url)
+    body = upload(page, EXAMPLES / "coffee.jpg")
+    body["words"][-1] = "giraffe"
+    body["guidance"] = [
+        {"word": "giraffe", "forms": ["giraffe"], "source": "detector", "label": "giraffe", "probability": 0.81}
+        | {"position": len(body["words"]) - 1},
+        {"word": MARKUP, "forms": [MARKUP], "source": "label", "label": MARKUP, "probability": 0.5, "position": None},
+    ]
+    body["template"] = False
+    body["detections"] = [{"class": MARKUP, "score": 0.5, "box": [1, 2, 30, 40]}]
+    body["discouraged"] = ["bowl", MARKUP]
+    page.route("**/api/caption*", lambda route: route.fulfill(json=body))
+    try:
+        upload(page, EXAMPLES / "coffee.jpg")
+    finally:
+        page.unroute("**/api/caption*")
+    guided = page.locator("#guided")
+    expect(guided).to_contain_text("giraffe (detected giraffe, 81%)")
+    expect(page.locator("#caption .word.guided")).to_have_attribute("title", "guided: detected giraffe, 81%")
+    expect(guided).to_contain_text(f"{MARKUP} (ImageNet label: {MARKUP}, 50%) (no caption could use it)")
+    expect(page.locator("#boxes .box span")).to_have_text(f"{MARKUP} 50%")
+    # a person was seen here (not discouraged): the note names the few classes that were
+    expect(page.locator("#discouraged")).to_have_text(f"Not seen: bowl, {MARKUP}, their words discouraged.")
+    expect(page.locator("#result img")).to_have_count(1)  # the photo, and no other
+    assert page.evaluate("() => document.body.dataset.injected") is None
+
+
+def test_without_a_detector_on_the_server_its_box_is_disabled(page, server_url):
+    def no_detector(route):
+        response = route.fetch()
+        route.fulfill(response=response, json={**response.json(), "detector": None})
+
+    page.route("**/api/health", no_detector)
+    try:
+        fresh(page, server_url)
+    finally:
+        page.unroute("**/api/health")
+    expect(page.locator("#health")).to_contain_text("no COCO detector")
+    expect(page.locator("#detector")).to_be_disabled()
+    page.uncheck("#guidance")
+    page.check("#guidance")  # guidance back: the detector box stays disabled
+    expect(page.locator("#templates")).to_be_enabled()
+    expect(page.locator("#detector")).to_be_disabled()

@@ -1,5 +1,7 @@
 // The page: send a photo to /api/caption, show the caption, and draw a word's attention map over the photo.
 // The map (g x g, summing to 1) covers the whole photo, since the encoder sees the photo resized to a square.
+// The COCO detector's boxes are drawn over it too. Whatever the response holds is shown as text (textContent),
+// never parsed as HTML.
 "use strict";
 
 // As in the paper's figures (and visualize.py): the map is upsampled to 224 x 224 and blurred with a
@@ -14,9 +16,12 @@ const elements = {
   result: $("result"), figure: $("figure"), photo: $("photo"), overlay: $("overlay"), shown: $("shown"),
   caption: $("caption"), score: $("score"), alternatives: $("alternatives"), timings: $("timings"),
   health: $("health"), mention: $("mention"), guidance: $("guidance"), guided: $("guided"),
-  templates: $("templates"),
+  templates: $("templates"), detector: $("detector"), discouraged: $("discouraged"), boxes: $("boxes"),
+  boxesToggle: $("boxes-toggle"), showBoxes: $("show-boxes"), boxesLabel: $("boxes-label"),
 };
-const state = { file: null, result: null, pinned: null, request: 0, maxUpload: 0, photoUrl: null };
+const state = {
+  file: null, result: null, pinned: null, request: 0, maxUpload: 0, photoUrl: null, detectorLoaded: true,
+};
 
 // W[i][c]: how much grid cell c contributes to pixel i along one axis, i.e. the Gaussian blur (renormalised
 // at the borders) of the cell's block of pixels. The smoothed map is then W alpha W^T.
@@ -92,11 +97,86 @@ function showWord(index) {
   drawAttention(index === null ? state.pinned : index);
 }
 
-// "cat (ImageNet label: Egyptian cat, 96%)" or "sofa (your word)": where a guided word came from.
+function percent(probability) {
+  return `${Math.round(100 * probability)}%`;
+}
+
+// "cat (ImageNet label: Egyptian cat, 96%)", "giraffe (detected giraffe, 81%)" or "sofa (your word)": where a
+// guided word came from.
 function guideSource(guide) {
-  return guide.source === "user"
-    ? "your word"
-    : `ImageNet label: ${guide.label}, ${Math.round(100 * guide.probability)}%`;
+  if (guide.source === "user") return "your word";
+  if (guide.source === "detector") return `detected ${guide.label}, ${percent(guide.probability)}`;
+  return `ImageNet label: ${guide.label}, ${percent(guide.probability)}`;
+}
+
+// The COCO classes nothing saw, whose words the search discouraged: nearly all of the 80 when the detector ran,
+// so the note names people (the words captions invent most) and counts the rest; its tooltip lists them all.
+function renderDiscouraged(result) {
+  const classes = result.discouraged;
+  const others = classes.filter((name) => name !== "person");
+  const notes = [];
+  if (others.length < classes.length) notes.push("No person seen: people words discouraged.");
+  if (others.length > 3) {
+    const other = others.length < classes.length ? " other" : "";
+    notes.push(`${others.length}${other} COCO objects not seen: their words discouraged.`);
+  } else if (others.length) {
+    notes.push(`Not seen: ${others.join(", ")}, their words discouraged.`);
+  }
+  elements.discouraged.textContent = notes.join(" ");
+  elements.discouraged.title = classes.length ? `discouraged: ${classes.join(", ")}` : "";
+  elements.discouraged.hidden = notes.length === 0;
+}
+
+// The detector's boxes over the photo, in percent of its size so that they scale with the displayed photo.
+function renderBoxes(result) {
+  const boxes = result.detections.map((detection) => {
+    const [x1, y1, x2, y2] = detection.box.map(Number);
+    const left = Math.max(0, Math.min(x1, x2) / result.width);
+    const top = Math.max(0, Math.min(y1, y2) / result.height);
+    const right = Math.min(1, Math.max(x1, x2) / result.width);
+    const bottom = Math.min(1, Math.max(y1, y2) / result.height);
+    const box = document.createElement("div");
+    box.className = "box";
+    box.style.left = `${100 * left}%`;
+    box.style.top = `${100 * top}%`;
+    box.style.width = `${100 * Math.max(0, right - left)}%`;
+    box.style.height = `${100 * Math.max(0, bottom - top)}%`;
+    const label = document.createElement("span");
+    label.textContent = `${detection.class} ${percent(detection.score)}`;
+    box.append(label);
+    return box;
+  });
+  elements.boxes.replaceChildren(...boxes.reverse()); // best first in the answer: drawn last, on top
+  const count = boxes.length;
+  elements.boxesLabel.textContent = `show the COCO detector's ${count === 1 ? "box" : `${count} boxes`}`;
+  elements.boxesToggle.hidden = count === 0;
+  showBoxes();
+}
+
+function showBoxes() {
+  elements.boxes.hidden = !elements.showBoxes.checked;
+  placeLabels();
+}
+
+function overlaps(a, b) {
+  return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+}
+
+// The labels of boxes that nearly coincide (the detector often finds an object twice) would cover each other:
+// each label goes down its box, a label's height at a time, until it clears the labels of the better boxes.
+function placeLabels() {
+  if (elements.boxes.hidden) return;
+  const placed = [];
+  for (const label of [...elements.boxes.querySelectorAll(".box span")].reverse()) {
+    label.style.top = "0px";
+    const start = label.getBoundingClientRect();
+    const room = label.parentElement.clientHeight - start.height; // the lowest top that keeps it in its box
+    let shift = 0;
+    const at = (dy) => ({ left: start.left, right: start.right, top: start.top + dy, bottom: start.bottom + dy });
+    while (shift + start.height <= room && placed.some((other) => overlaps(other, at(shift)))) shift += start.height;
+    label.style.top = `${shift}px`;
+    placed.push(at(shift));
+  }
 }
 
 function renderGuidance(result) {
@@ -112,6 +192,7 @@ function renderGuidance(result) {
   }
   elements.guided.textContent = text;
   elements.guided.hidden = text === "";
+  renderDiscouraged(result);
 }
 
 function renderCaption(result) {
@@ -201,6 +282,7 @@ async function caption(file) {
     beam_size: elements.beam.value,
     guidance: elements.guidance.checked,
     templates: elements.templates.checked,
+    detector: elements.detector.checked,
   });
   for (const word of elements.mention.value.split(/[\s,]+/).filter(Boolean)) query.append("mention", word);
   let response;
@@ -235,6 +317,7 @@ async function caption(file) {
   elements.figure.classList.remove("no-photo");
   elements.photo.src = state.photoUrl;
   renderCaption(body);
+  renderBoxes(body);
   drawAttention(null);
   elements.result.hidden = false;
 }
@@ -248,12 +331,19 @@ elements.file.addEventListener("change", () => {
   elements.file.value = ""; // choosing the same file again still triggers a caption
 });
 elements.beam.addEventListener("change", () => caption(state.file));
-// Templates come from the labels: without label guidance there are none to offer.
-elements.guidance.addEventListener("change", () => {
+// Templates and the detector's words join the labels' guidance: without it there are none to offer.
+function enableGuidanceOptions() {
   elements.templates.disabled = !elements.guidance.checked;
+  elements.detector.disabled = !elements.guidance.checked || !state.detectorLoaded;
+}
+
+elements.guidance.addEventListener("change", () => {
+  enableGuidanceOptions();
   caption(state.file);
 });
 elements.templates.addEventListener("change", () => caption(state.file));
+elements.detector.addEventListener("change", () => caption(state.file));
+elements.showBoxes.addEventListener("change", showBoxes);
 elements.mention.addEventListener("change", () => caption(state.file)); // on Enter or leaving the box
 // Small photos are shown larger and large ones smaller: as wide as the column, at most 70% of the window high.
 function fitPhoto() {
@@ -263,6 +353,7 @@ function fitPhoto() {
   const height = 0.7 * window.innerHeight;
   const scale = Math.min(width / photo.naturalWidth, height / photo.naturalHeight);
   photo.style.width = `${Math.floor(photo.naturalWidth * scale)}px`; // the height follows
+  placeLabels();
 }
 
 elements.photo.addEventListener("load", fitPhoto);
@@ -296,7 +387,11 @@ fetch("api/health")
   .then((response) => response.json())
   .then((health) => {
     state.maxUpload = health.max_upload_bytes;
-    elements.health.textContent = `Model loaded · ${decoderName(health.decoder)} · ${health.encoder_precision} encoder · ${health.grid_size}×${health.grid_size} attention grid · photos up to ${megabytes(health.max_upload_bytes)}`;
+    state.detectorLoaded = Boolean(health.detector);
+    enableGuidanceOptions();
+    elements.detector.parentElement.title = health.detector ? "" : "this server runs without a COCO detector";
+    const detector = health.detector ? `${health.detector} COCO detector` : "no COCO detector";
+    elements.health.textContent = `Model loaded · ${decoderName(health.decoder)} · ${health.encoder_precision} encoder · ${detector} · ${health.grid_size}×${health.grid_size} attention grid · photos up to ${megabytes(health.max_upload_bytes)}`;
   })
   .catch(() => {
     elements.health.textContent = "The model server is not reachable.";

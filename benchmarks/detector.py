@@ -100,9 +100,10 @@ def main() -> int:
     instances = sorted(args.coco_dev.glob("instances_*.json"))[0]
     truth = coco_objects(instances, [p.name for p in paths])
     ids = {image["file_name"]: image["id"] for image in json.loads(instances.read_text())["images"]}
-    network = load_centernet(fetch_centernet())
     precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", "cpu") == "bf16" else [])
-    detectors = {precision: CenterNetDetector(network, precision=precision) for precision in precisions}
+    detectors = {  # a network each: a detector casts the one it is given
+        precision: CenterNetDetector(load_centernet(fetch_centernet()), precision=precision) for precision in precisions
+    }
     default = detectors[precisions[-1]]  # what the captioner runs here (auto)
     pictures = [load_image(path, size=IMAGE_SIZE) for path in paths]
     detections = {

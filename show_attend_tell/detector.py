@@ -462,7 +462,8 @@ class CenterNetDetector:
     """The offline default `Detector`: CenterNet on the whole photo resized to 512x512, boxes mapped back.
 
     precision "bf16" runs the network in bfloat16 (CPUs with native bf16, as the encoder's auto precision picks
-    them; results/detector.json measures both), "fp32" otherwise; the box decoding is fp32 either way."""
+    them; results/detector.json measures both), "fp32" otherwise; the box decoding is fp32 either way. The network
+    given is moved and cast in place: it is the detector's from then on."""
 
     name = "centernet"
 

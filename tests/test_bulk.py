@@ -162,6 +162,15 @@ def test_merge_takes_out_and_parts_in_input_order_each_photo_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "c.part-00000-of-00002.csv"]
 
 
+def test_ranks_share_whole_batches_of_one_process_run():
+    for photos, world_size, batch_size in [(12, 2, 5), (1000, 3, 16), (3, 4, 2), (0, 2, 16), (7, 1, 16)]:
+        blocks = [bulk.share(photos, rank, world_size, batch_size) for rank in range(world_size)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == photos
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))  # contiguous, in rank order
+        assert all(start % batch_size == 0 for start, _ in blocks)
+    assert [bulk.share(12, rank, 2, 5) for rank in (0, 1)] == [(0, 5), (5, 12)]
+
+
 TORCHRUN_SCRIPT = """
 import sys
 from pathlib import Path

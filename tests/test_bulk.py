@@ -114,11 +114,13 @@ def test_from_list_and_recursive_folders(photos, sat, tmp_path, capsys, monkeypa
     shutil.copy(photos / "green1.jpg", nested / "b" / "c" / "y.jpg")
     shutil.copy(photos / "blue2.jpg", nested / "b" / "x.jpg")
     shutil.copy(photos / "red3.jpg", nested / ".hidden" / "w.jpg")
+    (nested / "b" / "up").symlink_to(nested)  # a loop, were links followed
     monkeypatch.chdir(tmp_path)
     (tmp_path / "list.txt").write_text("photos/red0.jpg\n\nnested/b/x.jpg\r\nphotos/red0.jpg\n")
     assert main(["caption", "--from-list", "list.txt", "nested", "--recursive"]) == 0
     printed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
-    # the folder's photos, then each subfolder's; .hidden is not entered; a photo named twice is captioned once
+    # the folder's photos, then each subfolder's; .hidden and the link are not entered; a photo named twice
+    # is captioned once
     assert printed == ["nested/z.jpg", "nested/b/x.jpg", "nested/b/c/y.jpg", "photos/red0.jpg"]
     assert main(["caption", "nested"]) == 0  # not recursive: the folder's own photos
     assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["nested/z.jpg"]

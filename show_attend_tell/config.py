@@ -32,10 +32,10 @@ DEFAULT_TEMPLATE_THRESHOLD = 0.4
 # words of classes not there are discouraged by these penalties (added to their log p). Chosen on coco-dev and
 # Flickr8k val together: results/detector_tuning.json.
 DEFAULT_DETECTION_THRESHOLD = 0.4
-DEFAULT_PRESENCE_THRESHOLD = 0.2
-DEFAULT_PERSON_PRESENCE_THRESHOLD = 0.15
+DEFAULT_PRESENCE_THRESHOLD = 0.15
+DEFAULT_PERSON_PRESENCE_THRESHOLD = 0.2
 DEFAULT_PERSON_PENALTY = 8.0
-DEFAULT_OBJECT_PENALTY = 1.0
+DEFAULT_OBJECT_PENALTY = 2.0
 # Training photos the int8 decoder's input ranges are measured on (`sat calibrate`, and `sat train` for its best
 # checkpoint): results/int8_calibration.json.
 CALIBRATION_IMAGES = 256

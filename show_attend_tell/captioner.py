@@ -27,7 +27,7 @@ from show_attend_tell.config import (
     DEFAULT_TEMPLATE_THRESHOLD,
 )
 from show_attend_tell.decoding import best_captions
-from show_attend_tell.errors import InputError
+from show_attend_tell.errors import Cancelled, InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, positions
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
@@ -35,10 +35,6 @@ from show_attend_tell.inference import image_features
 from show_attend_tell.model import CaptionDecoder, LocationSampling
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
-
-
-class Cancelled(Exception):
-    """A caption call stopped early because its caller's `cancelled` said so; nothing is returned."""
 
 
 def _never() -> bool:
@@ -206,7 +202,7 @@ class Captioner:
         pictures = []
         for image in images:  # each decoded only as large as the model needs before the next is read
             check()
-            pictures.append(load_image(image, size=self.image_size, max_pixels=max_pixels))
+            pictures.append(load_image(image, size=self.image_size, max_pixels=max_pixels, cancelled=cancelled))
         check()
         with _checked_between_blocks(self.model.encoder, check):
             features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)

@@ -935,9 +935,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--upload-memory-mb",
         type=positive_float,
-        default=320,
+        default=512,
         help="request bodies held at once (being received, waiting or captioned), charged as their bytes arrive, "
-        "so a stalled upload costs only what it sent; beyond it, 503 (default 320 MB)",
+        "so a stalled upload costs only what it sent, and the pixels of the photos being decoded, charged before "
+        "each decode; beyond it, 503 (default 512 MB)",
     )
     parser.add_argument(
         "--read-timeout",

@@ -7,3 +7,8 @@ class InputError(ValueError):
 
 class TooManyPixelsError(InputError):
     """An image declaring more pixels than the caller allows (the server answers 413, not 422)."""
+
+
+class Cancelled(Exception):
+    """Work stopped early because its caller's `cancelled` said so (a server whose client hung up); nothing is
+    returned."""

@@ -21,6 +21,7 @@ from PIL import Image
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Alternative, Caption, Captioner
 from show_attend_tell.fast_encoder import resolve_precision
+from show_attend_tell.images import load_image
 from show_attend_tell.server import FORM_OVERHEAD, MAX_BEAM_SIZE, create_app
 
 EXAMPLES = REPO / "examples"
@@ -59,8 +60,13 @@ def captioner(tmp_path_factory) -> Captioner:
 
 @pytest.fixture(scope="module")
 def client(captioner):
-    with TestClient(create_app(captioner, max_upload_bytes=200_000, queue_size=4)) as client:
+    with local_client(create_app(captioner, max_upload_bytes=200_000, queue_size=4)) as client:
         yield client
+
+
+def local_client(app) -> TestClient:
+    """A client whose requests name localhost, one of the hosts a server answers by default."""
+    return TestClient(app, base_url="http://localhost")
 
 
 def jpeg(image: Image.Image, **options) -> bytes:
@@ -223,19 +229,22 @@ class BlockingCaptioner:
         self.started = threading.Semaphore(0)
         self.go = threading.Event()
         self.running = self.most_running = 0
+        self.batches: list[int] = []  # photos in each call
         self.lock = threading.Lock()
 
-    def caption(self, image, beam_size=3, **options):
+    def caption_batch(self, images, beam_size=3, **options):
         with self.lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
+            self.batches.append(len(images))
         self.started.release()
         self.go.wait(timeout=30)
         time.sleep(0.01)
         with self.lock:
             self.running -= 1
         alpha = np.full((2, 2, 2), 0.25, dtype=np.float32)
-        return Caption("a photo", ["a", "photo"], -1.5, -2.6, alpha, [Alternative("the photo", -2.0, -3.5)])
+        caption = Caption("a photo", ["a", "photo"], -1.5, -2.6, alpha, [Alternative("the photo", -2.0, -3.5)])
+        return [caption] * len(images)
 
 
 def in_thread(function, *args, **kwargs) -> tuple[threading.Thread, list]:
@@ -248,7 +257,7 @@ def in_thread(function, *args, **kwargs) -> tuple[threading.Thread, list]:
 def test_full_queue_answers_503_with_retry_after():
     stub = BlockingCaptioner()
     data = PHOTO.read_bytes()
-    with TestClient(create_app(stub, queue_size=1)) as client:
+    with local_client(create_app(stub, queue_size=1)) as client:
         first, result = in_thread(post, client, data)
         assert stub.started.acquire(timeout=30)  # the first request holds the only slot
         health = client.get("/api/health").json()
@@ -268,7 +277,7 @@ def test_concurrent_requests_are_captioned_one_at_a_time():
     stub = BlockingCaptioner()
     stub.go.set()
     data = PHOTO.read_bytes()
-    with TestClient(create_app(stub, queue_size=8)) as client:
+    with local_client(create_app(stub, queue_size=8)) as client:
         threads = [in_thread(post, client, data) for _ in range(6)]
         for thread, _ in threads:
             thread.join(timeout=30)
@@ -331,7 +340,7 @@ def test_sat_serve_listens_on_loopback_with_the_given_limits(captioner, monkeypa
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port: served.update(app=app, host=host, port=port))
     assert cli.main(["serve", "--max-upload-mb", "0.5", "--queue-size", "3"]) == 0
     assert (served["host"], served["port"]) == ("127.0.0.1", 8000)
-    with TestClient(served["app"]) as client:
+    with local_client(served["app"]) as client:
         health = client.get("/api/health").json()
     assert health["max_upload_bytes"] == 2**19 and health["queue_size"] == 3
     # the flags' defaults (literals, so that `sat` does not import the server to parse) are the library's
@@ -344,7 +353,7 @@ def test_sat_serve_listens_on_loopback_with_the_given_limits(captioner, monkeypa
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "8080"]) == 0
     assert (served["host"], served["port"]) == ("0.0.0.0", 8080)
     assert "anyone who can reach this machine" in capsys.readouterr().err
-    with TestClient(served["app"]) as client:
+    with local_client(served["app"]) as client:
         assert client.get("/api/health").json()["queue_size"] == DEFAULT_QUEUE_SIZE
     # limits that contradict each other: one line, before the model is loaded
     monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, path=None, **_: pytest.fail("model loaded")))
@@ -400,7 +409,7 @@ def asgi_scope(boundary: bytes = b"b0undary") -> dict:
         "raw_path": b"/api/caption",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"test")],
+        "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"localhost")],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
@@ -479,19 +488,20 @@ def test_stalled_uploads_cost_only_their_bytes_and_full_upload_memory_is_503():
     stub = BlockingCaptioner()
     stub.go.set()
     app = create_app(stub, max_upload_bytes=100_000, upload_memory_bytes=100_000 + FORM_OVERHEAD, read_timeout=10.0)
-    body = multipart(PHOTO.read_bytes())
+    body = multipart(jpeg(Image.new("RGB", (32, 32), "red")))  # its decode costs 8 KB of the memory too
+    photo = multipart(PHOTO.read_bytes())
     heavy = multipart(bytes(90_000))
 
     async def scenario():
         # more stalled clients than any count of uploads would have allowed: they hold 40 KB, the others get in
-        stalled = [asyncio.ensure_future(Client(body, stall_after=1024).run(app)) for _ in range(40)]
+        stalled = [asyncio.ensure_future(Client(photo, stall_after=1024).run(app)) for _ in range(40)]
         await asyncio.sleep(0.1)
         assert app.state.memory.receiving == 40 and app.state.memory.used == 40 * 1024
         assert await Client(body).run(app) == 200
-        # two that stall after sending 50 KB each: the next photo no longer fits in the memory
-        stalled += [asyncio.ensure_future(Client(heavy, stall_after=50_000).run(app)) for _ in range(2)]
+        # two that stall after sending 60 KB each: the next photo's upload fits in the memory, its decode no longer
+        stalled += [asyncio.ensure_future(Client(heavy, stall_after=60_000).run(app)) for _ in range(2)]
         await asyncio.sleep(0.1)
-        assert app.state.memory.used == 40 * 1024 + 2 * 50_000
+        assert app.state.memory.used == 40 * 1024 + 2 * 60_000
         busy = Client(body)
         assert await busy.run(app) == 503
         for task in stalled:
@@ -701,7 +711,7 @@ def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_sl
 
     stub = BlockingCaptioner()
     data = PHOTO.read_bytes()
-    with TestClient(create_app(stub, queue_size=1, max_pixels=30_000_000)) as client:
+    with local_client(create_app(stub, queue_size=1, max_pixels=30_000_000)) as client:
         first, result = in_thread(post, client, data)
         try:
             assert stub.started.acquire(timeout=30)  # the only slot is taken
@@ -711,7 +721,10 @@ def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_sl
             assert_error(post(client, data), 503, "busy")  # a good photo waits for the slot; the bad ones did not
             health = client.get("/api/health").json()
             assert health["max_pixels"] == 30_000_000 and health["uploads"] == 0
-            assert len(data) < health["upload_bytes"] < len(data) + 1000  # the photo being captioned, and its form
+            # the photo being captioned: its form, and its pixels as decoded for the model
+            decoded = load_image(data, size=stub.image_size)
+            held = len(data) + 4 * decoded.width * decoded.height
+            assert held < health["upload_bytes"] < held + 1000
         finally:
             stub.go.set()
             first.join(timeout=30)

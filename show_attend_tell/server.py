@@ -220,6 +220,11 @@ class Batcher:
     def depth(self) -> int:
         return self._depth
 
+    @property
+    def waiting(self) -> int:
+        """Requests decoded and waiting for a batch."""
+        return len(self._waiting)
+
     def reserve(self) -> bool:
         """Take a slot if one is free; the request counts as being decoded until `submit` or `release`."""
         with self._condition:
@@ -863,3 +868,11 @@ def _response(result, image: Image.Image, captioner, beam_size: int) -> dict:
         "width": width,
         "height": height,
     }
+
+
+def warm_up(captioner, max_batch: int) -> None:
+    """Caption a blank photo alone and in a batch of `max_batch`, so that the first requests do not pay for what
+    the CPU libraries prepare on first meeting a shape."""
+    blank = Image.new("RGB", (captioner.image_size, captioner.image_size), "grey")
+    for size in sorted({1, max_batch}):
+        captioner.caption_batch([blank] * size)

@@ -27,6 +27,9 @@ DEFAULT_GUIDANCE_THRESHOLD = 0.3
 # An image's most probable label concept gives its template caption ("a cup of coffee on a table") when its
 # probability reaches this (guidance.py); chosen the same way (results/guidance_tuning.json, "chosen_template").
 DEFAULT_TEMPLATE_THRESHOLD = 0.4
+# Words one request may ask for (guidance.py): each doubles the states of the constrained search, and so its beams.
+# Here rather than in guidance.py so that the server's flags parse without importing torch.
+MAX_MENTIONS = 4
 # Training photos the int8 decoder's input ranges are measured on (`sat calibrate`, and `sat train` for its best
 # checkpoint): results/int8_calibration.json.
 CALIBRATION_IMAGES = 256

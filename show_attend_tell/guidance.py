@@ -25,14 +25,12 @@ from pathlib import Path
 
 import torch
 
-from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_TEMPLATE_THRESHOLD
+from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_TEMPLATE_THRESHOLD, MAX_MENTIONS
 from show_attend_tell.errors import InputError
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary, tokenize
 
 LABEL_WORDS = Path(__file__).resolve().parent / "labels" / "imagenet_words.json"
 DEFAULT_MAX_LABEL_WORDS = 1
-# Words one request may ask for: each doubles the states of the constrained search, and so its beams.
-MAX_MENTIONS = 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,9 +50,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from show_attend_tell import __version__
-from show_attend_tell.config import DEFAULT_BEAM_SIZE
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, MAX_MENTIONS
 from show_attend_tell.errors import Cancelled, InputError, TooManyPixelsError
-from show_attend_tell.guidance import MAX_MENTIONS
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ORIGINAL_SIZE, decode_cost, load_image
 
 WEB_DIR = Path(__file__).resolve().parent / "web"

@@ -41,6 +41,14 @@ def _never() -> bool:
     return False
 
 
+def _checker(cancelled: Callable[[], bool]) -> Callable[[], None]:
+    def check() -> None:
+        if cancelled():
+            raise Cancelled()
+
+    return check
+
+
 @contextmanager
 def _checked_between_blocks(encoder, check: Callable[[], None]) -> Iterator[None]:
     """Run `check` before each residual block of the encoder (model.Encoder.blocks; none for a stand-in without
@@ -192,33 +200,76 @@ class Captioner:
         decoder's setup and the labels, the beam search); once it answers True the call raises Cancelled
         instead of starting the next one (a server whose client hung up).
         """
-        sampling_decoder = self.check_sampling() if sample_seed is not None else None
+        if sample_seed is not None:
+            self.check_sampling()  # before the encoder's work, as a bad mention below
+        self.guidance.user_words(mentions)
+        features = self.encode(images, max_pixels=max_pixels, cancelled=cancelled)
+        return self.caption_features(
+            features,
+            beam_size=beam_size,
+            max_length=max_length,
+            length_penalty=length_penalty,
+            mentions=mentions,
+            guide=guide,
+            templates=templates,
+            sample_seed=sample_seed,
+            cancelled=cancelled,
+        )
 
-        def check() -> None:
-            if cancelled():
-                raise Cancelled()
-
-        users = self.guidance.user_words(mentions)
+    @torch.no_grad()
+    def encode(
+        self,
+        images: Sequence[Image.Image | str | Path],
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cancelled: Callable[[], bool] = _never,
+    ) -> torch.Tensor:
+        """The first half of caption_batch: the encoder's features of `images` (B, P, E), each image decoded only
+        as large as the model needs before the next is read. A server encodes each photo with its own client's
+        `cancelled`, so that one who hangs up stops costing at once, and captions the rest together
+        (caption_features)."""
+        check = _checker(cancelled)
         pictures = []
-        for image in images:  # each decoded only as large as the model needs before the next is read
+        for image in images:
             check()
             pictures.append(load_image(image, size=self.image_size, max_pixels=max_pixels, cancelled=cancelled))
         check()
         with _checked_between_blocks(self.model.encoder, check):
-            features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
+            return image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
+
+    @torch.no_grad()
+    def caption_features(
+        self,
+        features: torch.Tensor,
+        *,
+        beam_size: int = DEFAULT_BEAM_SIZE,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
+        mentions: Sequence[str] = (),
+        guide: bool = True,
+        templates: bool = True,
+        sample_seed: int | None = None,
+        cancelled: Callable[[], bool] = _never,
+    ) -> list[Caption]:
+        """The second half of caption_batch: captions of encoder features (B, P, E) from `encode`, one batched
+        beam search for them all; options as for caption_batch."""
+        sampling_decoder = self.check_sampling() if sample_seed is not None else None
+        check = _checker(cancelled)
+        users = self.guidance.user_words(mentions)
         check()
+        count = features.size(0)
         if sampling_decoder is None:
             encoded = self.model.decoder.encode(features)  # (B, P, *)
         else:
-            encoded = sampling_decoder.encode(features, LocationSampling.seeded([sample_seed] * len(pictures)))
-        chosen_templates = [None] * len(pictures)
+            encoded = sampling_decoder.encode(features, LocationSampling.seeded([sample_seed] * count))
+        chosen_templates = [None] * count
         if guide and self.labels is not None:
             class_probabilities = self.labels(features)
             labels = self.guidance.label_words(class_probabilities)
             if templates and not users and sample_seed is None:
                 chosen_templates = self.guidance.templates(class_probabilities)
         else:
-            labels = [[] for _ in pictures]
+            labels = [[] for _ in range(count)]
         guides = [self.guidance.combine(words, users) for words in labels]
         check()
         beams = best_captions(

@@ -14,6 +14,8 @@ deadline); the body's deadline is the app's read timeout. What was closed is log
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -33,6 +35,8 @@ BACKLOG = 256  # connections the kernel queues; asyncio may accept this many at 
 DESCRIPTOR_RESERVE = BACKLOG + 128
 SETTINGS_VARIABLE = "SAT_SERVE_SETTINGS"  # how worker processes receive the app's settings (JSON)
 ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20
 logger = logging.getLogger("uvicorn.error")
 
 
@@ -221,9 +225,19 @@ def app_from_settings(settings: dict):
     from show_attend_tell.captioner import Captioner
     from show_attend_tell.server import create_app, warm_up
 
+    release_large_frees()
     settings = dict(settings)
     captioner = Captioner.load(
         settings.pop("model"), int8=settings.pop("int8"), encoder_precision=settings.pop("encoder_precision")
     )
     warm_up(captioner, settings["max_batch"])
     return create_app(captioner, **settings)
+
+
+def release_large_frees() -> None:
+    """Have glibc give every allocation of MMAP_THRESHOLD or more its own mapping, returned to the system when it
+    is freed. By default glibc raises that threshold to the largest block freed so far (up to 32 MB), after which
+    a photo's decode buffers (Pillow allocates 16 MB blocks) stay in the heap of the thread that decoded it: under
+    the hang-up flood of issue #31 the server's RSS grew past its memory budget (results/hostile_load.json)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator has its own ways
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)

@@ -330,6 +330,7 @@ class BodyMemory:
     def __init__(self, size: int) -> None:
         self.size, self.used = size, 0
         self.receiving = 0  # requests still being received, for /api/health
+        self._freed = asyncio.Event()  # set (and replaced) whenever bytes are given back
 
     def take(self, count: int) -> bool:
         if self.used + count > self.size:
@@ -337,8 +338,23 @@ class BodyMemory:
         self.used += count
         return True
 
+    async def take_when_free(self, count: int, gone: asyncio.Future) -> bool:
+        """Charge `count` as soon as it fits (True), or False when `gone` completes first. A decode waits for
+        memory as a photo waits for the model: the budget being full is not the client's doing, nor a reason to
+        turn it away while others' decodes end within moments."""
+        while not self.take(count):
+            freed = asyncio.ensure_future(self._freed.wait())
+            await asyncio.wait([freed, gone], return_when=asyncio.FIRST_COMPLETED)
+            freed.cancel()
+            if gone.done():
+                return False
+        return True
+
     def give_back(self, count: int) -> None:
         self.used -= count
+        if count:
+            self._freed.set()
+            self._freed = asyncio.Event()
 
 
 class Upload:
@@ -441,21 +457,36 @@ def create_app(
         max_delay_ms=max_delay_ms,
     )
 
-    def caption_jobs(jobs: list[Job]) -> list[tuple]:
-        """On the model's thread: one batch of equal options -> (caption, batch start, seconds, photos) each."""
+    def caption_jobs(jobs: list[Job]) -> list[tuple | None]:
+        """On the model's thread: one batch of equal options -> (caption, batch start, seconds, photos) each, None
+        for a job whose client left. Each photo is encoded with its own client's cancellation (one who hangs up
+        stops costing at once; on a CPU the encoder takes large photos one at a time anyway, inference.cpu_chunk),
+        then the photos still wanted are captioned together."""
+        import torch  # loaded with the model already; not at import, so that the server's flags parse without it
+
         beam_size, mentions, guide, templates = jobs[0].options
         started = time.perf_counter()
-        captions = captioner.caption_batch(
-            [job.image for job in jobs],
-            beam_size=beam_size,
-            mentions=list(mentions),
-            guide=guide,
-            templates=templates,
-            max_pixels=max_pixels,
-            cancelled=lambda: all(job.abandoned.is_set() for job in jobs),
+        present, features = [], []
+        for job in jobs:
+            try:
+                features.append(captioner.encode([job.image], max_pixels=max_pixels, cancelled=job.abandoned.is_set))
+                present.append(job)
+            except Cancelled:
+                pass
+        if not present:
+            raise Cancelled()
+        captions = iter(
+            captioner.caption_features(
+                torch.cat(features),
+                beam_size=beam_size,
+                mentions=list(mentions),
+                guide=guide,
+                templates=templates,
+                cancelled=lambda: all(job.abandoned.is_set() for job in present),
+            )
         )
         seconds = time.perf_counter() - started
-        return [(caption, started, seconds, len(jobs)) for caption in captions]
+        return [(next(captions), started, seconds, len(present)) if job in present else None for job in jobs]
 
     queue = Batcher(caption_jobs, size=queue_size, max_batch=max_batch, max_delay=max_delay_ms / 1000)
     memory = BodyMemory(upload_memory_bytes)
@@ -634,9 +665,8 @@ def create_app(
         """The photo decoded on a decoding thread, its `cost` charged to the memory budget meanwhile: (image,
         (start, end) of the decode, bytes still charged for the decoded image, to give back when the request
         ends). A client that hangs up stops its decode (ClientGone) within a block of the file."""
-        if not memory.take(cost):
-            message = f"the server is busy (uploads and photos being decoded hold {_mb(memory.used)} MB); try again"
-            raise _busy(message, queue.retry_after())
+        if not await memory.take_when_free(cost, gone):
+            raise ClientGone()
         kept = 0
         abandoned = threading.Event()
         try:
@@ -654,6 +684,7 @@ def create_app(
             if not future.done():
                 abandoned.set()
                 await asyncio.wait([future])  # it stops within a block; its memory is held until it has
+                future.exception()  # retrieved: a decode stopped for a client that left is no error
                 raise ClientGone()
             image = future.result()
             kept = min(cost, image.width * image.height * 4)

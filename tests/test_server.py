@@ -232,11 +232,14 @@ class BlockingCaptioner:
         self.batches: list[tuple[int, int]] = []  # (photos, beam size) of each call
         self.lock = threading.Lock()
 
-    def caption_batch(self, images, beam_size=3, **options):
+    def encode(self, images, **options):
+        return torch.zeros(len(images), 1, 1)
+
+    def caption_features(self, features, beam_size=3, **options):
         with self.lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
-            self.batches.append((len(images), beam_size))
+            self.batches.append((len(features), beam_size))
         self.started.release()
         self.go.wait(timeout=30)
         time.sleep(0.01)
@@ -244,7 +247,7 @@ class BlockingCaptioner:
             self.running -= 1
         alpha = np.full((2, 2, 2), 0.25, dtype=np.float32)
         caption = Caption("a photo", ["a", "photo"], -1.5, -2.6, alpha, [Alternative("the photo", -2.0, -3.5)])
-        return [caption] * len(images)
+        return [caption] * len(features)
 
 
 def in_thread(function, *args, **kwargs) -> tuple[threading.Thread, list]:
@@ -568,15 +571,20 @@ def test_stalled_uploads_cost_only_their_bytes_and_full_upload_memory_is_503():
         await asyncio.sleep(0.1)
         assert app.state.memory.receiving == 40 and app.state.memory.used == 40 * 1024
         assert await Client(body).run(app) == 200
-        # two that stall after sending 60 KB each: the next photo's upload fits in the memory, its decode no longer
+        # two that stall after sending 60 KB each: a larger upload no longer fits in the memory (503)...
         stalled += [asyncio.ensure_future(Client(heavy, stall_after=60_000).run(app)) for _ in range(2)]
         await asyncio.sleep(0.1)
         assert app.state.memory.used == 40 * 1024 + 2 * 60_000
-        busy = Client(body)
+        busy = Client(photo)
         assert await busy.run(app) == 503
+        # ...and a small one's upload does, but not its decode: that waits for memory, as for the model
+        waiting = asyncio.ensure_future(Client(body).run(app))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and len(stub.batches) == 1
         for task in stalled:
             task.cancel()
         await asyncio.gather(*stalled, return_exceptions=True)
+        assert await asyncio.wait_for(waiting, 10) == 200  # decoded once the stalled uploads gave their bytes back
         assert app.state.memory.receiving == 0 and app.state.memory.used == 0
         assert await Client(body).run(app) == 200
         return busy
@@ -871,10 +879,11 @@ def test_a_client_that_hangs_up_leaves_its_batch_and_the_others_get_their_captio
         assert await asyncio.wait_for(tasks[1], 10) == 499  # the middle one has gone...
         encoder.release.set()
         assert await asyncio.wait_for(asyncio.gather(first, tasks[0], tasks[2]), 10) == [200] * 3
-        assert searches == [1, 3]  # ...and its batch went on without stopping
+        assert searches == [1, 2]  # ...its batch went on without stopping, and without its photo
+        assert encoder.calls == len(bodies) + 1 + 2  # alone, the first batch, and not the photo of the one gone
         for i in (0, 2):
             answer = json_body(clients[i])
-            assert answer["timings"]["batch"] == 3
+            assert answer["timings"]["batch"] == 2
             # as alone (the shipped model's whole answer is: test_a_photo_in_a_batch_gets_the_answer_it_gets_alone)
             assert (answer["words"], answer["guidance"]) == (alone[i]["words"], alone[i]["guidance"])
             np.testing.assert_allclose(answer["attention"], alone[i]["attention"], atol=1e-5)

@@ -5,17 +5,19 @@ GET  /api/health    model loaded, grid size, queue depth
 GET  /              the page (show_attend_tell/web/); OpenAPI at /openapi.json, docs at /docs
 
 The model runs on one thread, in batches: the photos waiting for it with equal options are captioned together
-(Batcher, through Captioner.caption_batch, so each gets the caption it gets alone). A request is read whole
-first: in chunks, refused (413) as soon as it passes the upload limit, answered 408 when it takes longer than
-the read deadline, and its image header checked against the pixel budget (413) and the format whitelist (422).
-What bounds the uploads is memory, not their number: the bodies held at once (being received, waiting or
-captioned) and the pixels of the photos being decoded share `upload_memory_bytes`, a body charged as its bytes
-arrive and a decode before it starts, so a slow client costs a connection and the bytes it sent, never model
-time or a place another client needs. Only then does a request take one of `queue_size` slots (being decoded,
-waiting or captioned); its photo is decoded on a decoding thread, only as large as the model needs. When the
-queue or the memory is full the server is at capacity and says so: 503 with Retry-After. A request whose
-client hangs up stops its decode within a block of the file, leaves the queue, or leaves its batch, which goes on
-for the others and stops between the model's stages only when all of its clients are gone (Captioner's
+(Batcher: each photo through Captioner.encode, then one Captioner.caption_features for them all, the two halves
+of caption_batch, so each gets the caption it gets alone). A request is read whole first: in chunks, refused
+(413) as soon as it passes the upload limit, answered 408 when it takes longer than the read deadline, and its
+image header checked against the pixel budget (413) and the format whitelist (422). What bounds the uploads is
+memory, not their number: the bodies held at once (being received, waiting or captioned) and the pixels of the
+photos being decoded share `upload_memory_bytes`, a body charged as its bytes arrive and a decode before it
+starts, so a slow client costs a connection and the bytes it sent, never model time or a place another client
+needs. Only then does a request take one of `queue_size` slots (being decoded, waiting or captioned); its photo
+is decoded on a decoding thread, only as large as the model needs, once its pixels fit in the memory (a decode
+waits for it as a photo waits for the model). When the queue is full, or a body does not fit in the memory, the
+server is at capacity and says so: 503 with Retry-After. A request whose client hangs up stops its decode
+within a block of the file, leaves the queue, or leaves its batch, which goes on for the others without its
+photo; a batch stops between the model's stages only when all of its clients are gone (Captioner's
 `cancelled`). Every response carries security headers, and a Host header the server was not configured to
 answer is refused (Guard). Every error is JSON {"error": "..."}; bad input is always a 4xx saying what is
 wrong, and the image checks are load_image's own.
@@ -196,7 +198,7 @@ class Job:
 
 class Batcher:
     """The model's one thread: it captions the photos that are waiting in batches of up to `max_batch` with
-    equal options (Captioner.caption_batch: each photo gets the caption it gets alone), oldest first. A batch
+    equal options (create_app's caption_jobs: each photo gets the caption it gets alone), oldest first. A batch
     starts once it is full, or `max_delay` seconds after its oldest photo began to wait, or as soon as no other
     request that could join it is still being decoded (so a request alone never waits for company).
 

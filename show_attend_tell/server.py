@@ -527,9 +527,13 @@ def create_app(
     errors = {
         status: {"model": ErrorBody, "description": description}
         for status, description in [
-            (400, "malformed multipart body"),
+            (400, "malformed multipart body, or a Host header this server does not answer to"),
             (408, "the request was not received within the read deadline"),
-            (413, "upload larger than the server's limit, or a photo with more pixels than its budget"),
+            (
+                413,
+                "upload larger than the server's limit, a photo with more pixels than its budget, or one whose decode "
+                "needs more memory than the server has",
+            ),
             (415, "not a multipart/form-data upload, or the field is not declared as an image"),
             (422, "missing field, bad beam_size, or a file that is not a readable image"),
             (503, "at capacity (the queue or the upload memory is full): try again after Retry-After seconds"),

@@ -2,7 +2,7 @@
 fast as without the attack, while others stall their uploads, hang up on their requests and upload small
 files that declare huge photos?
 
-It starts `sat serve --host 127.0.0.1` as a subprocess on a free port and runs two phases with the same normal
+It starts `sat serve --host 127.0.0.1` as a subprocess on a free port and runs three phases with the same normal
 clients (--clients of them, --requests photos each from examples/, one at a time):
   1. quiet: the normal clients alone;
   2. attack: the normal clients again while three groups of --attackers connections each run until the
@@ -13,10 +13,14 @@ clients (--clients of them, --requests photos each from examples/, one at a time
        every --attack-interval seconds;
      - pixel-heavy: upload a 16-bit 7900x7900 PNG of about 130 KB (62 megapixels; 413 under the pixel budget),
        again every --attack-interval seconds (a flood as fast as the server answers would measure request
-       rate, not these defects).
-It records every status the server logged (5xx must be zero), the normal clients' p50/p99 in both phases and
-their ratio (target: p99 within 2x), the server's peak resident memory (target: 1.5 GB) and any traceback in
-its log. Bounded: every phase stops at --deadline seconds, attackers stop with the normal clients.
+       rate, not these defects);
+  3. hang-up flood (issue #31): the normal clients again while --attackers connections each upload a PNG of
+     39.7 megapixels (within the pixel budget, about 120 KB) and hang up after --flood-hang-up-after seconds,
+     then again at once: every one is a decode of 40 megapixels nobody waits for.
+It records every status the server logged (5xx must be zero), the normal clients' p50/p99 in every phase and
+the ratio of each attack's to the quiet one (target: p99 within 2x), the server's peak resident memory (target:
+1.5 GB) and any traceback in its log. Bounded: every phase stops at --deadline seconds, attackers stop with the
+normal clients.
 
     python benchmarks/hostile_load.py --clients 2 --requests 30 --attackers 16 --out results/hostile_load.json
 """
@@ -79,6 +83,15 @@ def huge_png() -> bytes:
     return buffer.getvalue()
 
 
+def in_budget_png() -> bytes:
+    """An RGB 7000x5672 PNG: 39.7 megapixels, under the default pixel budget of 40, in about 120 KB."""
+    pixels = np.zeros((5672, 7000, 3), dtype=np.uint8)
+    pixels[::97, ::89] = 200  # not perfectly flat
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", compress_level=9)
+    return buffer.getvalue()
+
+
 def answer(sock: socket.socket) -> str:
     """The status code of the server's answer (with the reason of a 5xx, from its JSON error), or how the
     connection ended without one."""
@@ -113,9 +126,10 @@ def attacker(kind: str, port: int, request: tuple[bytes, bytes], args, stop: thr
                 if kind == "stalled":
                     sock.sendall(headers + body[:1024])
                     outcome = answer(sock)  # waits: the server's read deadline ends it
-                elif kind == "abandoned":
+                elif kind in ("abandoned", "hang_up_flood"):
                     sock.sendall(headers + body)
-                    sock.settimeout(args.hang_up_after)  # an answer sooner is counted; then it hangs up
+                    # an answer sooner is counted; then it hangs up
+                    sock.settimeout(args.hang_up_after if kind == "abandoned" else args.flood_hang_up_after)
                     outcome = answer(sock)
                     outcome = "hung up" if outcome == "no answer" else f"answered before hanging up: {outcome}"
                 else:
@@ -126,7 +140,7 @@ def attacker(kind: str, port: int, request: tuple[bytes, bytes], args, stop: thr
             stop.wait(0.1)
         with lock:
             seen[outcome] += 1
-        if kind != "stalled":
+        if kind not in ("stalled", "hang_up_flood"):
             stop.wait(max(0.0, args.attack_interval - (time.monotonic() - started)))
 
 
@@ -216,6 +230,9 @@ def main() -> int:
         default=2.0,
         help="seconds between an abandoning or pixel-heavy attacker's requests",
     )
+    parser.add_argument(
+        "--flood-hang-up-after", type=float, default=0.05, help="the hang-up flood's connections hang up after this"
+    )
     parser.add_argument("--model", help="checkpoint directory for `sat serve` (default: the shipped model)")
     parser.add_argument("--deadline", type=float, default=900, help="seconds at most per phase")
     parser.add_argument("--out", help="write the JSON here (e.g. results/hostile_load.json)")
@@ -227,7 +244,8 @@ def main() -> int:
     photos = [(path.name, path.read_bytes()) for path in sorted((REPO / "examples").glob("*.jpg"))]
     port = free_port()
     url = f"http://{HOST}:{port}"
-    png = huge_png()
+    png, in_budget = huge_png(), in_budget_png()
+    flood = {"hang_up_flood": multipart_request(port, "in-budget.png", in_budget, "image/png")}
     attack = {
         "stalled": multipart_request(port, photos[0][0], photos[0][1], "image/jpeg"),
         "abandoned": multipart_request(port, photos[1][0], photos[1][1], "image/jpeg"),
@@ -245,6 +263,8 @@ def main() -> int:
                 quiet = phase(url, port, args, photos, None)
                 peak_quiet = memory_kb(server.pid, "VmHWM")
                 attacked = phase(url, port, args, photos, attack)
+                peak_attack = memory_kb(server.pid, "VmHWM")
+                flooded = phase(url, port, args, photos, flood)
                 peak = memory_kb(server.pid, "VmHWM")
                 alive = server.poll() is None and httpx.get(url + "/api/health", timeout=5).status_code == 200
             finally:
@@ -253,13 +273,19 @@ def main() -> int:
     logged = Counter(ACCESS_LOG.findall(text))
     server_errors = sum(count for status, count in logged.items() if status.startswith("5"))
     quiet_p99 = quiet["normal_latency"].get("p99_ms")
-    attacked_p99 = attacked["normal_latency"].get("p99_ms")
-    ratio = round(attacked_p99 / quiet_p99, 2) if quiet_p99 and attacked_p99 else None
-    all_captioned = all(p["normal_status"] == {"200": p["normal_requests"]} for p in (quiet, attacked))
+
+    def ratio_to_quiet(attacked_phase: dict) -> float | None:
+        p99 = attacked_phase["normal_latency"].get("p99_ms")
+        return round(p99 / quiet_p99, 2) if quiet_p99 and p99 else None
+
+    ratio, flood_ratio = ratio_to_quiet(attacked), ratio_to_quiet(flooded)
+    all_captioned = all(p["normal_status"] == {"200": p["normal_requests"]} for p in (quiet, attacked, flooded))
     results = {
         "quiet": quiet,
         "attack": attacked,
+        "hang_up_flood": flooded,
         "normal_p99_ratio_attack_over_quiet": ratio,
+        "normal_p99_ratio_hang_up_flood_over_quiet": flood_ratio,
         "server_status_counts_logged": dict(sorted(logged.items())),
         "server_errors_5xx": server_errors,
         "server_tracebacks_in_log": text.count("Traceback"),
@@ -267,14 +293,17 @@ def main() -> int:
         "server_memory_mb": {
             "rss_after_start": round(rss_after_start / 1024, 1),
             "peak_rss_vmhwm_after_quiet": round(peak_quiet / 1024, 1),
+            "peak_rss_vmhwm_after_attack": round(peak_attack / 1024, 1),
             "peak_rss_vmhwm": round(peak / 1024, 1),
         },
         "huge_png_bytes": len(png),
+        "in_budget_png_bytes": len(in_budget),
     }
     targets = {
         "zero_5xx": server_errors == 0,
         "normal_clients_all_captioned": all_captioned,
         "p99_within_2x": ratio is not None and ratio <= TARGET_P99_RATIO,
+        "hang_up_flood_p99_within_2x": flood_ratio is not None and flood_ratio <= TARGET_P99_RATIO,
         "peak_rss_within_1_5_gb": peak / 1024 <= TARGET_PEAK_RSS_MB,
         "no_traceback": results["server_tracebacks_in_log"] == 0 and alive,
     }

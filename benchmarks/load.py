@@ -6,7 +6,9 @@ shared by --clients concurrent clients (each sends its next request when its pre
 stops the server at the end. Three requests in four upload a photo from examples/; the fourth cycles through
 bad uploads: a truncated JPEG, a text file, an empty file and an upload over the size limit. It records the
 status codes (5xx must be zero), p50/p99 latency for good and bad requests separately, throughput, the
-server's peak resident memory (VmHWM) and any traceback in its log. Bounded: --deadline seconds at most.
+server's peak resident memory (VmHWM; with --workers, each process's and their sum) and any traceback in its
+log. Bounded: --deadline seconds at most. --max-batch, --max-delay-ms and --workers are passed to `sat serve`
+only when given, so that --code can serve a checkout from before they existed.
 
     python benchmarks/load.py --requests 200 --clients 8 --out results/load.json
 """
@@ -14,6 +16,7 @@ server's peak resident memory (VmHWM) and any traceback in its log. Bounded: --d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -69,6 +72,29 @@ def memory_kb(pid: int, field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a server's worker processes), from /proc."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            children = task / "children"
+            if children.is_file():
+                pending += [int(child) for child in children.read_text().split()]
+    return found
+
+
+def tree_memory_mb(pid: int, field: str) -> dict:
+    """`field` of each process of the server (the supervisor first) and their sum, in MB; a worker's spawn
+    helper (the multiprocessing resource tracker) is counted too, as it is memory the server holds."""
+    each = []
+    for process in process_tree(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            each.append(round(memory_kb(process, field) / 1024, 1))
+    return {"processes": each, "total": round(sum(each), 1)}
+
+
 def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
     command = [sys.executable, "-m", "show_attend_tell.cli", "serve", "--host", HOST, "--port", str(port)]
     command += ["--max-upload-mb", str(args.max_upload_mb), "--queue-size", str(args.queue_size)]
@@ -76,6 +102,11 @@ def start_server(args: argparse.Namespace, port: int, log) -> subprocess.Popen:
         command += ["--model", args.model]
     if args.encoder_precision:
         command += ["--encoder-precision", args.encoder_precision]
+    for flag, value in [("--max-batch", args.max_batch), ("--max-delay-ms", args.max_delay_ms)]:
+        if value is not None:
+            command += [flag, str(value)]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
     # another checkout's package: `python -m` puts the working directory first on the path
     env = {**os.environ, "PYTHONPATH": args.code} if args.code else None
     return subprocess.Popen(
@@ -201,6 +232,9 @@ def main() -> int:
     parser.add_argument("--queue-size", type=int, default=16)
     parser.add_argument("--deadline", type=float, default=900, help="stop sending after this many seconds")
     parser.add_argument("--encoder-precision", help="passed to `sat serve` (default: its own, auto)")
+    parser.add_argument("--max-batch", type=int, help="passed to `sat serve` (default: its own)")
+    parser.add_argument("--max-delay-ms", type=float, help="passed to `sat serve` (default: its own)")
+    parser.add_argument("--workers", type=int, help="passed to `sat serve` (default: its own, one process)")
     parser.add_argument(
         "--code", help="serve the package of this source tree instead (e.g. a `git worktree` of an older commit)"
     )
@@ -224,9 +258,9 @@ def main() -> int:
             server = start_server(args, port, log)
             try:
                 health = wait_until_healthy(server, url, 180, log_path)
-                rss_after_start = memory_kb(server.pid, "VmRSS")
+                rss_after_start = tree_memory_mb(server.pid, "VmRSS")
                 records, wall = run_clients(url, jobs, args.clients, args.beam_size, time.monotonic() + args.deadline)
-                peak, rss_at_end = memory_kb(server.pid, "VmHWM"), memory_kb(server.pid, "VmRSS")
+                peak, rss_at_end = tree_memory_mb(server.pid, "VmHWM"), tree_memory_mb(server.pid, "VmRSS")
                 alive = server.poll() is None and httpx.get(url + "/api/health", timeout=5).status_code == 200
             finally:
                 stop_server(server)
@@ -237,9 +271,10 @@ def main() -> int:
         server_alive_at_end=alive,
         server_tracebacks_in_log=tracebacks,
         server_memory_mb={
-            "rss_after_start": round(rss_after_start / 1024, 1),
-            "peak_rss_vmhwm": round(peak / 1024, 1),
-            "rss_at_end": round(rss_at_end / 1024, 1),
+            "rss_after_start": rss_after_start["total"],
+            "peak_rss_vmhwm": peak["total"],
+            "rss_at_end": rss_at_end["total"],
+            "per_process": {"rss_after_start": rss_after_start, "peak_rss_vmhwm": peak, "rss_at_end": rss_at_end},
         },
     )
     ok = results["server_errors_5xx"] == 0 and results["unexpected_answers"] == 0 and alive and tracebacks == 0
@@ -254,6 +289,9 @@ def main() -> int:
             "max_upload_mb": args.max_upload_mb,
             "queue_size": args.queue_size,
             "encoder_precision": health.get("encoder_precision", "fp32 (model.Encoder, before fast_encoder.py)"),
+            "max_batch": health.get("max_batch", "none (one photo at a time, before batching)"),
+            "max_delay_ms": health.get("max_delay_ms"),
+            "workers": args.workers or 1,
             "code": args.code or str(REPO),
             "host": HOST,
             "mix": "3 in 4 good photos from examples/; 1 in 4 bad, cycling truncated JPEG, text file, "

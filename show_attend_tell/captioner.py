@@ -27,7 +27,7 @@ from show_attend_tell.config import (
     DEFAULT_TEMPLATE_THRESHOLD,
 )
 from show_attend_tell.detector import Detection, Detector, load_detector
-from show_attend_tell.errors import InputError
+from show_attend_tell.errors import Cancelled, InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, new_word_pairs, positions, search
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, ORIGINAL_SIZE, load_image
@@ -37,12 +37,35 @@ from show_attend_tell.model import CaptionDecoder, LocationSampling
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
 
 
-class Cancelled(Exception):
-    """A caption call stopped early because its caller's `cancelled` said so; nothing is returned."""
-
-
 def _never() -> bool:
     return False
+
+
+def _checker(cancelled: Callable[[], bool]) -> Callable[[], None]:
+    def check() -> None:
+        if cancelled():
+            raise Cancelled()
+
+    return check
+
+
+@dataclasses.dataclass
+class Seen:
+    """What Captioner.encode saw of B photos: the encoder's features (B, P, E) and the detector's detections of
+    each (None: no detector ran)."""
+
+    features: torch.Tensor
+    detections: list[list[Detection]] | None = None
+
+    @classmethod
+    def join(cls, parts: Sequence[Seen | torch.Tensor]) -> Seen:
+        """Several encode results as one batch (the detections of all, or None if any part ran no detector); a
+        bare feature tensor counts as a part without detections."""
+        parts = [part if isinstance(part, Seen) else cls(part) for part in parts]
+        detections = None
+        if all(part.detections is not None for part in parts):
+            detections = [photo for part in parts for photo in part.detections]
+        return cls(torch.cat([part.features for part in parts]), detections)
 
 
 @contextmanager
@@ -259,38 +282,85 @@ class Captioner:
         model): each word's context is the feature of one cell drawn from alpha, each photo's draws from this
         seed (the same caption alone or in a batch), instead of the expected context (the paper's test time).
         cancelled: asked before each stage (each photo's decode, the encoder and each of its residual blocks, the
-        decoder's setup and the labels, the beam search); once it answers True the call raises Cancelled
-        instead of starting the next one (a server whose client hung up).
+        detector, the decoder's setup and the labels, the beam search); once it answers True the call raises
+        Cancelled instead of starting the next one (a server whose client hung up).
         """
-        sampling_decoder = self.check_sampling() if sample_seed is not None else None
+        if sample_seed is not None:
+            self.check_sampling()  # before the encoder's work, as a bad mention below
+        self.guidance.user_words(mentions)
+        seen = self.encode(images, max_pixels=max_pixels, detect=guide and detect, cancelled=cancelled)
+        return self.caption_features(
+            seen,
+            beam_size=beam_size,
+            max_length=max_length,
+            length_penalty=length_penalty,
+            mentions=mentions,
+            guide=guide,
+            templates=templates,
+            sample_seed=sample_seed,
+            cancelled=cancelled,
+        )
 
-        def check() -> None:
-            if cancelled():
-                raise Cancelled()
-
-        users = self.guidance.user_words(mentions)
+    @torch.no_grad()
+    def encode(
+        self,
+        images: Sequence[Image.Image | str | Path],
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        detect: bool = True,
+        cancelled: Callable[[], bool] = _never,
+    ) -> Seen:
+        """The first half of caption_batch: the encoder's features of `images` (B, P, E) and, with `detect` and a
+        detector loaded, its detections, each image decoded only as large as the model needs before the next is
+        read. A server encodes each photo with its own client's `cancelled`, so that one who hangs up stops
+        costing at once, and captions the rest together (Seen.join, caption_features)."""
+        check = _checker(cancelled)
         pictures = []
-        for image in images:  # each decoded only as large as the model needs before the next is read
+        for image in images:
             check()
-            pictures.append(load_image(image, size=self.image_size, max_pixels=max_pixels))
+            pictures.append(load_image(image, size=self.image_size, max_pixels=max_pixels, cancelled=cancelled))
         check()
         with _checked_between_blocks(self.model.encoder, check):
             features = image_features(self.model.encoder, pictures, self.model.config, self.device)  # (B, P, E)
+        detections = None
+        if detect and self.detector is not None:
+            check()
+            found = self.detector.detect(pictures, min_score=self.guidance.lowest_presence)
+            detections = [_in_photo_pixels(photo, picture) for photo, picture in zip(found, pictures, strict=True)]
+        return Seen(features, detections)
+
+    @torch.no_grad()
+    def caption_features(
+        self,
+        seen: Seen | torch.Tensor,
+        *,
+        beam_size: int = DEFAULT_BEAM_SIZE,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
+        mentions: Sequence[str] = (),
+        guide: bool = True,
+        templates: bool = True,
+        sample_seed: int | None = None,
+        cancelled: Callable[[], bool] = _never,
+    ) -> list[Caption]:
+        """The second half of caption_batch: captions of what `encode` saw (or of bare encoder features (B, P, E),
+        as with no detector), one batched beam search for them all; options as for caption_batch."""
+        if isinstance(seen, torch.Tensor):
+            seen = Seen(seen, None)
+        features = seen.features
+        sampling_decoder = self.check_sampling() if sample_seed is not None else None
+        check = _checker(cancelled)
+        users = self.guidance.user_words(mentions)
         check()
+        count = features.size(0)
         if sampling_decoder is None:
             encoded = self.model.decoder.encode(features)  # (B, P, *)
         else:
-            encoded = sampling_decoder.encode(features, LocationSampling.seeded([sample_seed] * len(pictures)))
-        class_probabilities = self.labels(features) if guide and self.labels is not None else None
-        detections = None
-        if guide and detect and self.detector is not None:
-            check()
-            detections = self.detector.detect(pictures, min_score=self.guidance.lowest_presence)
-            detections = [_in_photo_pixels(found, picture) for found, picture in zip(detections, pictures, strict=True)]
+            encoded = sampling_decoder.encode(features, LocationSampling.seeded([sample_seed] * count))
         plans = self.guidance.plan(
-            len(pictures),
-            class_probabilities=class_probabilities,
-            detections=detections,
+            count,
+            class_probabilities=self.labels(features) if guide and self.labels is not None else None,
+            detections=seen.detections if guide else None,
             users=users,
             templates=templates and sample_seed is None,
         )

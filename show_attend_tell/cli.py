@@ -1054,9 +1054,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--upload-memory-mb",
         type=positive_float,
-        default=320,
+        default=512,
         help="request bodies held at once (being received, waiting or captioned), charged as their bytes arrive, "
-        "so a stalled upload costs only what it sent; beyond it, 503 (default 320 MB)",
+        "so a stalled upload costs only what it sent, and the pixels of the photos being decoded, charged before "
+        "each decode; beyond it, 503 (default 512 MB)",
     )
     parser.add_argument(
         "--read-timeout",
@@ -1064,17 +1065,64 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=60.0,
         help="seconds a client has to send its whole request; then 408 (default 60)",
     )
+    parser.add_argument(
+        "--max-batch",
+        type=positive_int_up_to(64),
+        default=8,
+        help="photos captioned together at most: those waiting for the model with equal options (default 8)",
+    )
+    parser.add_argument(
+        "--max-delay-ms",
+        type=_delay_ms,
+        default=10.0,
+        help="how long the oldest waiting photo waits for others being decoded to join its batch (default 10)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int_up_to(64),
+        default=1,
+        help="server processes sharing the port, each with its own model (and its own memory) and cores / N "
+        "torch threads (default 1)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=1000,
+        help="connections one process holds at once, kept below its file descriptor limit; beyond it the least "
+        "recently active idle one is closed (default 1000)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a connection has to send a request's headers; then it is closed (default 10)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a name the server answers to in the Host header, besides 127.0.0.1, localhost and ::1 (repeat for "
+        "several; '*': any, e.g. behind a proxy that checks it); other names get 400",
+    )
     _add_max_pixels_flag(parser)
     _add_int8_flag(parser)
     _add_encoder_precision_flag(parser)
     parser.set_defaults(run=_run_serve)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def _delay_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1000 ms, got {text}")
+    return value
 
-    from show_attend_tell.captioner import Captioner
-    from show_attend_tell.server import MEGABYTE, check_limits, create_app
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from show_attend_tell import listener
+    from show_attend_tell.server import LOOPBACK_HOSTS, MEGABYTE, check_limits
 
     limits = dict(
         max_upload_bytes=round(args.max_upload_mb * MEGABYTE),
@@ -1082,12 +1130,32 @@ def _run_serve(args: argparse.Namespace) -> int:
         upload_memory_bytes=round(args.upload_memory_mb * MEGABYTE),
         max_pixels=args.max_pixels,
         read_timeout=args.read_timeout,
+        max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms,
     )
     check_limits(**limits)  # before the model is loaded
-    app = create_app(Captioner.load(args.model, int8=args.int8, encoder_precision=args.encoder_precision), **limits)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    hosts = [*LOOPBACK_HOSTS, *([] if wildcard or args.host in LOOPBACK_HOSTS else [args.host])]
+    hosts += args.allowed_host or []
+    if args.host not in LOOPBACK_HOSTS:
         print(f"sat serve: listening on {args.host}: anyone who can reach this machine can use it", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port)
+    if wildcard and not args.allowed_host:
+        print(
+            "sat serve: answering only requests for 127.0.0.1, localhost and ::1; name the others with "
+            "--allowed-host (the machine's name or address, as clients write it)",
+            file=sys.stderr,
+        )
+    settings = dict(
+        model=args.model, int8=args.int8, encoder_precision=args.encoder_precision, allowed_hosts=hosts, **limits
+    )
+    listener.serve(
+        settings,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+    )
     return 0
 
 

@@ -27,3 +27,8 @@ def file_system_error(error: OSError) -> str | None:
     if error.errno == errno.ENOTDIR:
         return f"{error.filename}: cannot be a folder (a part of it is a file)"
     return f"{error.filename}: cannot write ({error.strerror})"
+
+
+class Cancelled(Exception):
+    """Work stopped early because its caller's `cancelled` said so (a server whose client hung up); nothing is
+    returned."""

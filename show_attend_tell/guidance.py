@@ -33,6 +33,7 @@ from show_attend_tell.config import (
     DEFAULT_PERSON_PRESENCE_THRESHOLD,
     DEFAULT_PRESENCE_THRESHOLD,
     DEFAULT_TEMPLATE_THRESHOLD,
+    MAX_MENTIONS,
 )
 from show_attend_tell.decoding import Hypothesis, best_captions
 from show_attend_tell.detector import Detection
@@ -45,8 +46,6 @@ DEFAULT_MAX_LABEL_WORDS = 1
 # COCO's animals: ImageNet tells them apart far better than the detector, which calls a cat a dog and a dog in the
 # snow a horse; when a label already names one, the detector's other animals are not taken as seen.
 ANIMALS = frozenset({"bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"})
-# Words one request may ask for: each doubles the states of the constrained search, and so its beams.
-MAX_MENTIONS = 4
 
 
 @dataclasses.dataclass(frozen=True)

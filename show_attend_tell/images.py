@@ -9,14 +9,14 @@ import io
 import os
 import stat
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-from show_attend_tell.errors import InputError, TooManyPixelsError
+from show_attend_tell.errors import Cancelled, InputError, TooManyPixelsError
 
 # 40 megapixels: more than most cameras' photos (12-24 MP phones, 24-36 MP cameras), under half of Pillow's
 # warning limit (89 MP). A small file can declare this many pixels (a flat 16-bit PNG compresses ~500:1), and
@@ -37,6 +37,9 @@ REDUCING_GAP = 2
 # Modes whose pixels Image.reduce can average as they are (not palettes or 1-bit, see _reducible; 16-bit modes
 # have their own, _shrink_sixteen_bit).
 REDUCIBLE_MODES = ("L", "RGB", "CMYK", "RGBa", "F")
+# Bytes of encoded data Pillow's decoder is given at a time when a decode may be cancelled: cancellation is asked
+# before each block, so a small one stops a highly compressed photo (a flat PNG inflates ~500:1) soon after.
+STOPPABLE_BLOCK = 16 * 1024
 ORIGINAL_SIZE = "original_size"  # key of Image.info: (width, height) of the upright photo before shrinking
 EXIF_ORIENTATION = 0x0112
 ORIENTATION_TRANSPOSE = {
@@ -56,6 +59,7 @@ def load_image(
     name: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     size: int | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Image.Image:
     """Decode `source` into an upright 8-bit RGB image: in full, or with `size` only as much as a model whose
     input is size x size needs.
@@ -71,6 +75,9 @@ def load_image(
     Image.reduce) to no less than REDUCING_GAP x size per side, before any conversion copies it; the returned
     image's info[ORIGINAL_SIZE] is the upright photo's (width, height). A photo no larger than that is decoded
     exactly as without `size`.
+
+    `cancelled` (bytes sources): asked before each STOPPABLE_BLOCK of the file is decoded and before the
+    conversions; once it answers True the decode raises errors.Cancelled (a server whose client hung up).
     """
     if isinstance(source, Image.Image):
         return _decode(source, name or "<image>", max_pixels, size, mine=False)
@@ -78,7 +85,11 @@ def load_image(
         label = name or "<bytes>"
         if len(source) == 0:
             raise InputError(f"{label}: empty file (0 bytes)")
-        return _open_and_decode(io.BytesIO(source), label, max_pixels, size)
+        if cancelled is None:
+            return _open_and_decode(io.BytesIO(source), label, max_pixels, size)
+        image = _open(_StoppableBytes(source, cancelled), label)
+        image.decodermaxblock = STOPPABLE_BLOCK
+        return _decode(image, label, max_pixels, size, cancelled=cancelled)
 
     path = Path(source)
     label = name or str(path)
@@ -197,12 +208,63 @@ def image_header(
         return image.size
 
 
+def decode_cost(
+    data: bytes | bytearray, *, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, size: int | None = None
+) -> int:
+    """Bytes that load_image(data, size=size) holds at most while it decodes, from the header alone (the
+    checks of image_header included): the pixels as decoded (a JPEG at the scale its DCT will decode it) in
+    Pillow's storage, and the full-size copies the conversion to RGB makes (see _full_size_copies), for charging
+    a memory budget before the decode starts."""
+    if len(data) == 0:
+        raise InputError(f"{name}: empty file (0 bytes)")
+    with _open(io.BytesIO(data), name) as image:
+        _check_pixels(image, name, max_pixels)
+        if size is not None and image.format in ("JPEG", "MPO"):
+            image.draft(None, (REDUCING_GAP * size, REDUCING_GAP * size))  # only sets the scale: nothing decoded
+        width, height = image.size
+        shrunk = size is not None and min(width, height) // (REDUCING_GAP * size) > 1
+        return width * height * (_stored_bytes_per_pixel(image.mode) + 4 * _full_size_copies(image, shrunk))
+
+
+def _full_size_copies(image: Image.Image, shrunk: bool) -> int:
+    """Four-byte-a-pixel copies of the whole photo that _decode_shrunk (`shrunk`: reduced by a factor) or
+    _to_rgb make beside the decoded pixels, at most: transparency is flattened through RGBA, a reducible or 16-bit
+    photo is reduced without a full-size copy, anything else is converted once."""
+    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info
+    if shrunk:
+        return 2 if transparent else 0 if image.mode in (*REDUCIBLE_MODES, *SIXTEEN_BIT_MODES) else 1
+    return 3 if transparent else 1
+
+
+def _stored_bytes_per_pixel(mode: str) -> int:
+    """Pillow keeps one byte a pixel for "1", "L" and "P", two for 16-bit, and four for every other mode (its
+    three-band modes are padded to four)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+class _StoppableBytes(io.BytesIO):
+    """Encoded bytes whose every read first asks `cancelled` (Pillow's decoders read the file a block at a time)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview, cancelled: Callable[[], bool]) -> None:
+        super().__init__(data)
+        self.cancelled = cancelled
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.cancelled():
+            raise Cancelled()
+        return super().read(size)
+
+
 def _open(file: IO[bytes], label: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow warns from about 89 megapixels; _decode applies the caller's explicit limit instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(file, formats=IMAGE_FORMATS)
+    except Cancelled:
+        raise
     except Image.DecompressionBombError as error:
         raise TooManyPixelsError(f"{label}: image too large to decode safely ({_one_line(error)})") from None
     except Image.UnidentifiedImageError:
@@ -224,27 +286,44 @@ def _open_and_decode(file: IO[bytes], label: str, max_pixels: int, size: int | N
     return _decode(_open(file, label), label, max_pixels, size)
 
 
-def _decode(image: Image.Image, label: str, max_pixels: int, size: int | None, mine: bool = True) -> Image.Image:
-    """`mine`: the image was opened here, so it may be decoded at a reduced scale (not a caller's object)."""
+def _decode(
+    image: Image.Image,
+    label: str,
+    max_pixels: int,
+    size: int | None,
+    mine: bool = True,
+    cancelled: Callable[[], bool] | None = None,
+) -> Image.Image:
+    """`mine`: the image was opened here, so it may be decoded at a reduced scale (not a caller's object).
+    `cancelled`: asked once more after the pixels are decoded, before the conversions."""
     _check_pixels(image, label, max_pixels)
     try:
         if size is None:
             image.load()
+            _check(cancelled)
             return _to_rgb(ImageOps.exif_transpose(image))
-        return _decode_shrunk(image, size, mine)
-    except InputError:
+        return _decode_shrunk(image, size, mine, cancelled)
+    except (InputError, Cancelled):
         raise
     except Exception as error:  # whatever Pillow raises on this file's data is this file's error
         raise InputError(f"{label}: truncated or corrupt image data ({_one_line(error)})") from None
 
 
-def _decode_shrunk(image: Image.Image, size: int, draft: bool) -> Image.Image:
+def _check(cancelled: Callable[[], bool] | None) -> None:
+    if cancelled is not None and cancelled():
+        raise Cancelled()
+
+
+def _decode_shrunk(
+    image: Image.Image, size: int, draft: bool, cancelled: Callable[[], bool] | None = None
+) -> Image.Image:
     """Decode at no less than REDUCING_GAP x size per side, convert the small image, then turn it upright."""
     least = REDUCING_GAP * size
     width, height = image.size
     if draft and image.format in ("JPEG", "MPO"):
         image.draft(None, (least, least))  # the DCT decodes at 1/2, 1/4 or 1/8 scale: the full size never exists
     image.load()
+    _check(cancelled)
     orientation = image.getexif().get(EXIF_ORIENTATION)  # read after load: a PNG's eXIf chunk may follow the data
     factor = max(1, min(image.size) // least)  # one factor for both sides: the photo keeps its shape
     if factor > 1 and image.mode in SIXTEEN_BIT_MODES:

@@ -4,48 +4,57 @@ POST /api/caption   multipart field `image` (+ query `beam_size`) -> caption, wo
 GET  /api/health    model loaded, grid size, queue depth
 GET  /              the page (show_attend_tell/web/); OpenAPI at /openapi.json, docs at /docs
 
-The model runs on one worker thread, so requests are captioned one at a time and never share it. A request
-is read whole first: in chunks, refused (413) as soon as it passes the upload limit, answered 408 when it takes
-longer than the read deadline, and its image header checked against the pixel budget (413) and the format
-whitelist (422). What bounds the uploads is memory, not their number: the bodies held at once (being received,
-waiting or captioned) share `upload_memory_bytes`, charged as their bytes arrive, so a slow client costs a
-connection and the bytes it sent, never model time or a place another client needs. Only then does a request
-take one of `queue_size` slots for the model (waiting or being captioned). When the queue or the memory is
-full the server is at capacity and says so: 503 with Retry-After. A request whose client hangs up is dropped
-before it reaches the model and between the model's stages (Captioner's `cancelled`). Photos are decoded on the
-model's thread, one at a time, and only as large as the model needs. Every error is JSON {"error": "..."}; bad
-input is always a 4xx saying what is wrong, and the image checks are load_image's own.
+The model runs on one thread, in batches: the photos waiting for it with equal options are captioned together
+(Batcher: each photo through Captioner.encode, then one Captioner.caption_features for them all, the two halves
+of caption_batch, so each gets the caption it gets alone). A request is read whole first: in chunks, refused
+(413) as soon as it passes the upload limit, answered 408 when it takes longer than the read deadline, and its
+image header checked against the pixel budget (413) and the format whitelist (422). What bounds the uploads is
+memory, not their number: the bodies held at once (being received, waiting or captioned) and the pixels of the
+photos being decoded share `upload_memory_bytes`, a body charged as its bytes arrive and a decode before it
+starts, so a slow client costs a connection and the bytes it sent, never model time or a place another client
+needs. Only then does a request take one of `queue_size` slots (being decoded, waiting or captioned); its photo
+is decoded on a decoding thread, only as large as the model needs, once its pixels fit in the memory (a decode
+waits for it as a photo waits for the model). When the queue is full, or a body does not fit in the memory, the
+server is at capacity and says so: 503 with Retry-After. A request whose client hangs up stops its decode
+within a block of the file, leaves the queue, or leaves its batch, which goes on for the others without its
+photo; a batch stops between the model's stages only when all of its clients are gone (Captioner's
+`cancelled`). Every response carries security headers, and a Host header the server was not configured to
+answer is refused (Guard). Every error is JSON {"error": "..."}; bad input is always a 4xx saying what is
+wrong, and the image checks are load_image's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import math
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
+from PIL import Image
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from show_attend_tell import __version__
-from show_attend_tell.captioner import Cancelled
-from show_attend_tell.config import DEFAULT_BEAM_SIZE
-from show_attend_tell.errors import InputError, TooManyPixelsError
-from show_attend_tell.guidance import MAX_MENTIONS
-from show_attend_tell.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ORIGINAL_SIZE, image_header, load_image
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, MAX_MENTIONS
+from show_attend_tell.errors import Cancelled, InputError, TooManyPixelsError
+from show_attend_tell.images import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ORIGINAL_SIZE, decode_cost, load_image
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 MEGABYTE = 2**20
@@ -54,8 +63,9 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * MEGABYTE
 # hang up, beside the normal clients (a queue of 16 turned normal clients away: results/hostile_load_before.json).
 # The longest wait it allows is this many photos' decode_ms (results/hostile_load.json).
 DEFAULT_QUEUE_SIZE = 32
-# Request bodies held at once (being received, waiting or captioned): as much as 32 uploads of the default limit.
-DEFAULT_UPLOAD_MEMORY_BYTES = 32 * DEFAULT_MAX_UPLOAD_BYTES
+# Request bodies held at once (being received, waiting or captioned) and photos' pixels being decoded: room for
+# a photo of the pixel budget with transparency (images.decode_cost: 480 MB at 40 megapixels) beside its upload.
+DEFAULT_UPLOAD_MEMORY_BYTES = 512 * MEGABYTE
 DEFAULT_READ_TIMEOUT = 60.0  # seconds to send a whole request; 10 MB takes 8 s at 10 Mbit/s
 MAX_BEAM_SIZE = 10
 FIELD = "image"
@@ -66,13 +76,31 @@ MAX_NAME_CHARS = 100  # an uploaded file name is echoed in error messages, short
 # Browsers send image/*; curl sends application/octet-stream for an unknown extension. Which bytes really are
 # an image is load_image's decision, not the declared type's.
 ACCEPTED_PART_TYPES = ("image/", "application/octet-stream")
-PAGE_HEADERS = {
-    # The page needs nothing from elsewhere; blob: is the chosen photo, data: the blank favicon.
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-    "base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+# Photos captioned together at most, and how long the oldest waits for others (see Batcher): chosen with
+# benchmarks/load.py (results/load_batching.json).
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_DELAY_MS = 10.0
+MAX_MAX_BATCH = 64
+# Threads that decode uploaded photos beside the model, each decode charged to the memory budget first.
+DECODE_THREADS = 2
+# The names a server bound to loopback answers to; any other Host header (DNS rebinding: a page on evil.example
+# whose name now resolves to 127.0.0.1) is refused.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ANY_HOST = "*"
+# On every response. The page needs nothing from elsewhere; blob: is the chosen photo, data: the blank favicon.
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+    "form-action 'none'"
+)
+# Swagger UI starts itself from an inline script (FastAPI's docs page), and styles itself inline.
+DOCS_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
+)
+# JSON is never a document to render: nothing may load from it, nothing may frame it.
+API_POLICY = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+DOCS_PATHS = ("/docs", "/redoc")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
 class ErrorBody(BaseModel):
@@ -115,9 +143,10 @@ class DetectionModel(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_ms: float = Field(description="waiting for the model (other requests ahead)")
+    queue_ms: float = Field(description="from the photo's decode to its batch's start (other requests ahead)")
     image_ms: float = Field(description="decoding the uploaded file into pixels")
-    decode_ms: float = Field(description="the model: encoder and beam search")
+    decode_ms: float = Field(description="the model: encoder and beam search, for the whole batch")
+    batch: int = Field(description="photos captioned together in this request's batch")
     total_ms: float = Field(description="from the request's arrival to the response")
 
 
@@ -161,76 +190,153 @@ class Health(BaseModel):
     grid_size: int
     queue_depth: int = Field(description="requests read and not finished (waiting for the model or captioned)")
     queue_size: int = Field(description="requests waiting or captioned at most; beyond it, 503 with Retry-After")
+    max_batch: int = Field(description="photos captioned together at most (equal options only)")
+    max_delay_ms: float = Field(description="how long a waiting photo waits for others to fill its batch, at most")
     uploads: int = Field(description="requests still being received")
-    upload_bytes: int = Field(description="bytes of request bodies held now (received, waiting or captioned)")
-    upload_memory_bytes: int = Field(description="bytes of request bodies held at most; beyond it, 503")
+    upload_bytes: int = Field(
+        description="bytes held now by request bodies (received, waiting or captioned) and photos' pixels (being "
+        "decoded, or decoded and waiting)"
+    )
+    upload_memory_bytes: int = Field(description="bytes of request bodies and pixels held at most; beyond it, 503")
     max_upload_bytes: int
     max_pixels: int = Field(description="largest photo accepted, in pixels (width x height); beyond it, 413")
     read_timeout: float = Field(description="seconds a client has to send its request; beyond it, 408")
     max_beam_size: int
 
 
-class InferenceQueue:
-    """One worker thread runs the jobs in turn; at most `size` requests hold a slot at a time."""
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One decoded photo waiting for the model, with the options it was asked for."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._lock = threading.Lock()
+    image: Image.Image
+    options: tuple  # (beam_size, mentions, guidance, templates): only equal options share a batch
+    abandoned: threading.Event  # its client hung up
+    future: Future
+    ready: float  # time.perf_counter() when it began to wait
+
+
+class Batcher:
+    """The model's one thread: it captions the photos that are waiting in batches of up to `max_batch` with
+    equal options (create_app's caption_jobs: each photo gets the caption it gets alone), oldest first. A batch
+    starts once it is full, or `max_delay` seconds after its oldest photo began to wait, or as soon as no other
+    request that could join it is still being decoded (so a request alone never waits for company).
+
+    At most `size` requests hold a slot at a time, from before their photo is decoded until its batch ends (or
+    until they leave the queue, their client gone)."""
+
+    def __init__(self, run: Callable[[list[Job]], list], *, size: int, max_batch: int, max_delay: float) -> None:
+        self.size, self.max_batch, self.max_delay = size, max_batch, max_delay
+        self._run = run
+        self._condition = threading.Condition()
         self._depth = 0
-        self._job_seconds = 1.0  # running mean of a job's duration, for Retry-After
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sat-caption")
+        self._decoding = 0  # holding a slot, not waiting yet: they may join the next batch
+        self._waiting: list[Job] = []
+        self._stopped = False
+        self._job_seconds = 1.0  # running mean of a batch's duration per photo, for Retry-After
+        self._thread = threading.Thread(target=self._loop, name="sat-caption", daemon=True)
+        self._thread.start()
 
     @property
     def depth(self) -> int:
         return self._depth
 
+    @property
+    def waiting(self) -> int:
+        """Requests decoded and waiting for a batch."""
+        return len(self._waiting)
+
     def reserve(self) -> bool:
-        """Take a slot if one is free."""
-        with self._lock:
+        """Take a slot if one is free; the request counts as being decoded until `submit` or `release`."""
+        with self._condition:
             if self._depth >= self.size:
                 return False
             self._depth += 1
+            self._decoding += 1
             return True
 
     def release(self) -> None:
-        with self._lock:
+        """Give back the slot of a request that never reached `submit` (refused or gone while decoding)."""
+        with self._condition:
             self._depth -= 1
+            self._decoding -= 1
+            self._condition.notify()
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained: whole seconds, at least 1 (the header's format)."""
         return max(1, math.ceil(self._depth * self._job_seconds))
 
-    async def run(self, job: Callable[[threading.Event], Any], gone: asyncio.Future) -> Any:
-        """Run `job(abandoned)` on the worker for a caller holding a slot; the slot is freed when the job ends or
-        is cancelled. When `gone` (the client hung up) completes first, a job still waiting never runs and a
-        running one sees `abandoned` set (it checks before the model), and ClientGone is raised."""
-        abandoned = threading.Event()
-        try:
-            future = self._executor.submit(self._timed, job, abandoned)
-        except BaseException:
-            self.release()
-            raise
-        future.add_done_callback(lambda _: self.release())
-        result = asyncio.wrap_future(future)
+    async def run(self, image: Image.Image, options: tuple, gone: asyncio.Future) -> Any:
+        """Caption `image` in a batch for a caller holding a slot (taken by `reserve`). When `gone` (the client
+        hung up) completes first, the photo leaves the queue, or its batch goes on without it (a batch stops only
+        when all its clients are gone), and ClientGone is raised."""
+        job = Job(image, options, threading.Event(), Future(), time.perf_counter())
+        with self._condition:
+            self._decoding -= 1
+            self._waiting.append(job)
+            self._condition.notify()
+        result = asyncio.wrap_future(job.future)
         await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
         if not result.done():
-            abandoned.set()
-            future.cancel()
+            job.abandoned.set()
+            with self._condition:
+                if job in self._waiting:  # not in a batch yet: it never will be
+                    self._waiting.remove(job)
+                    self._depth -= 1
+                    self._condition.notify()
             result.cancel()
             raise ClientGone()
         return result.result()
 
-    def _timed(self, job: Callable[[threading.Event], Any], abandoned: threading.Event) -> Any:
-        if abandoned.is_set():
-            raise ClientGone()
-        start = time.perf_counter()
-        try:
-            return job(abandoned)
-        finally:
-            self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - start)
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            present = []
+            for job in batch:
+                if job.abandoned.is_set():
+                    job.future.cancel()
+                elif job.future.set_running_or_notify_cancel():
+                    present.append(job)
+            start = time.perf_counter()
+            outcomes: list | Exception = []
+            try:
+                if present:
+                    outcomes = self._run(present)
+            except Exception as error:  # the batch's error is each of its requests' error
+                outcomes = error
+            seconds = (time.perf_counter() - start) / max(1, len(present))
+            self._job_seconds = 0.8 * self._job_seconds + 0.2 * seconds
+            with self._condition:  # the slots are free before anyone is answered
+                self._depth -= len(batch)
+                self._condition.notify()
+            for index, job in enumerate(present):
+                if isinstance(outcomes, Exception):
+                    job.future.set_exception(outcomes)
+                else:
+                    job.future.set_result(outcomes[index])
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._condition:
+            while True:
+                if self._stopped:
+                    return None
+                if self._waiting:
+                    first = self._waiting[0]
+                    batch = [job for job in self._waiting if job.options == first.options][: self.max_batch]
+                    wait = first.ready + self.max_delay - time.perf_counter()
+                    if len(batch) >= self.max_batch or self._decoding == 0 or wait <= 0:
+                        for job in batch:
+                            self._waiting.remove(job)
+                        return batch
+                    self._condition.wait(wait)
+                else:
+                    self._condition.wait()
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._condition:
+            self._stopped = True
+            for job in self._waiting:
+                job.future.cancel()
+            self._waiting.clear()
+            self._condition.notify()
 
 
 class ClientGone(Exception):
@@ -238,12 +344,14 @@ class ClientGone(Exception):
 
 
 class BodyMemory:
-    """Bytes of request bodies held at once, at most `size`: charged chunk by chunk as they arrive and given back
-    when the request ends. Used from the event loop only."""
+    """Bytes of request bodies and decoded pixels held at once, at most `size`: a body charged chunk by chunk as
+    it arrives, a photo's decode before it starts (images.decode_cost), each given back when the request ends.
+    Used from the event loop only."""
 
     def __init__(self, size: int) -> None:
         self.size, self.used = size, 0
         self.receiving = 0  # requests still being received, for /api/health
+        self._freed = asyncio.Event()  # set (and replaced) whenever bytes are given back
 
     def take(self, count: int) -> bool:
         if self.used + count > self.size:
@@ -251,8 +359,23 @@ class BodyMemory:
         self.used += count
         return True
 
+    async def take_when_free(self, count: int, gone: asyncio.Future) -> bool:
+        """Charge `count` as soon as it fits (True), or False when `gone` completes first. A decode waits for
+        memory as a photo waits for the model: the budget being full is not the client's doing, nor a reason to
+        turn it away while others' decodes end within moments."""
+        while not self.take(count):
+            freed = asyncio.ensure_future(self._freed.wait())
+            await asyncio.wait([freed, gone], return_when=asyncio.FIRST_COMPLETED)
+            freed.cancel()
+            if gone.done():
+                return False
+        return True
+
     def give_back(self, count: int) -> None:
         self.used -= count
+        if count:
+            self._freed.set()
+            self._freed = asyncio.Event()
 
 
 class Upload:
@@ -337,23 +460,69 @@ def create_app(
     upload_memory_bytes: int = DEFAULT_UPLOAD_MEMORY_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
+    allowed_hosts: Iterable[str] = LOOPBACK_HOSTS,
 ) -> FastAPI:
     """The API and the page around `captioner` (a loaded show_attend_tell.captioner.Captioner, or anything
-    with the same `caption(image, beam_size=)`, `grid_size` and `image_size`)."""
+    with the same `caption_batch(images, beam_size=, ...)`, `grid_size` and `image_size`).
+
+    allowed_hosts: the names (without port) a request's Host header may give; "*" answers any."""
     check_limits(
         max_upload_bytes=max_upload_bytes,
         queue_size=queue_size,
         upload_memory_bytes=upload_memory_bytes,
         max_pixels=max_pixels,
         read_timeout=read_timeout,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
     )
-    queue = InferenceQueue(queue_size)
+
+    def caption_jobs(jobs: list[Job]) -> list[tuple | None]:
+        """On the model's thread: one batch of equal options -> (caption, batch start, seconds, photos) each, None
+        for a job whose client left. Each photo is encoded with its own client's cancellation (one who hangs up
+        stops costing at once; on a CPU the encoder takes large photos one at a time anyway, inference.cpu_chunk),
+        then the photos still wanted are captioned together."""
+        # loaded with the model already; not at import, so that the server's flags parse without torch
+        from show_attend_tell.captioner import Seen
+
+        beam_size, mentions, guide, templates, detect = jobs[0].options
+        started = time.perf_counter()
+        present, seen = [], []
+        for job in jobs:
+            try:
+                seen.append(
+                    captioner.encode(
+                        [job.image], max_pixels=max_pixels, detect=guide and detect, cancelled=job.abandoned.is_set
+                    )
+                )
+                present.append(job)
+            except Cancelled:
+                pass
+        if not present:
+            raise Cancelled()
+        captions = iter(
+            captioner.caption_features(
+                Seen.join(seen),
+                beam_size=beam_size,
+                mentions=list(mentions),
+                guide=guide,
+                templates=templates,
+                cancelled=lambda: all(job.abandoned.is_set() for job in present),
+            )
+        )
+        seconds = time.perf_counter() - started
+        return [(next(captions), started, seconds, len(present)) if job in present else None for job in jobs]
+
+    queue = Batcher(caption_jobs, size=queue_size, max_batch=max_batch, max_delay=max_delay_ms / 1000)
     memory = BodyMemory(upload_memory_bytes)
+    decoding = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="sat-decode")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         queue.shutdown()
+        decoding.shutdown(wait=False, cancel_futures=True)
 
     # FastAPIOffline serves Swagger UI's files itself: plain FastAPI's /docs loads them from a CDN.
     app = FastAPIOffline(
@@ -364,6 +533,7 @@ def create_app(
     )
     app.state.queue = queue
     app.state.memory = memory
+    app.add_middleware(Guard, allowed_hosts=tuple(allowed_hosts))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -381,9 +551,13 @@ def create_app(
     errors = {
         status: {"model": ErrorBody, "description": description}
         for status, description in [
-            (400, "malformed multipart body"),
+            (400, "malformed multipart body, or a Host header this server does not answer to"),
             (408, "the request was not received within the read deadline"),
-            (413, "upload larger than the server's limit, or a photo with more pixels than its budget"),
+            (
+                413,
+                "upload larger than the server's limit, a photo with more pixels than its budget, or one whose decode "
+                "needs more memory than the server has",
+            ),
             (415, "not a multipart/form-data upload, or the field is not declared as an image"),
             (422, "missing field, bad beam_size, or a file that is not a readable image"),
             (503, "at capacity (the queue or the upload memory is full): try again after Retry-After seconds"),
@@ -480,63 +654,81 @@ def create_app(
             memory.receiving -= 1
         name = upload.filename or FIELD
         try:
-            image_header(upload.data, name=name, max_pixels=max_pixels)
+            cost = decode_cost(upload.data, name=name, max_pixels=max_pixels, size=captioner.image_size)
         except TooManyPixelsError as error:
             raise HTTPException(413, str(error)) from None
         except InputError as error:
             raise HTTPException(422, str(error)) from None
+        if cost > memory.size - upload.held:
+            message = (
+                f"{name}: decoding this photo takes {_mb(cost)} MB, more than the server's memory budget leaves beside "
+                f"its upload ({_mb(memory.size - upload.held)} MB)"
+            )
+            raise HTTPException(413, message)
         if not queue.reserve():
             message = f"the server is busy ({queue.size} requests in progress); try again shortly"
             raise _busy(message, queue.retry_after())
-
-        def job(abandoned: threading.Event) -> dict:
-            started = time.perf_counter()
-            image = load_image(upload.data, name=name, max_pixels=max_pixels, size=captioner.image_size)
-            decoded = time.perf_counter()
-            try:
-                result = captioner.caption(
-                    image,
-                    beam_size=beam_size,
-                    mentions=mention,
-                    guide=guidance,
-                    templates=templates,
-                    detect=detector,
-                    cancelled=abandoned.is_set,
-                )
-            except Cancelled:
-                raise ClientGone() from None
-            width, height = image.info[ORIGINAL_SIZE]
-            return {
-                **result.as_dict(),
-                "attention": np.round(np.asarray(result.attention, dtype=np.float64), ATTENTION_DECIMALS).tolist(),
-                "decoder": captioner.decoder,
-                "encoder_precision": captioner.encoder_precision,
-                "detector": captioner.detector_name if guidance and detector else None,
-                "grid_size": captioner.grid_size,
-                "beam_size": beam_size,
-                "width": width,
-                "height": height,
-                "timings": {
-                    "queue_ms": _ms(started - arrived),
-                    "image_ms": _ms(decoded - started),
-                    "decode_ms": _ms(time.perf_counter() - decoded),
-                },
-            }
-
         gone = asyncio.ensure_future(_client_gone(request))
         try:
-            result = await queue.run(job, gone)
+            try:
+                image, decoded, kept = await decode(upload.data, name, cost, gone)
+            except BaseException:
+                queue.release()
+                raise
+            try:
+                options = (beam_size, tuple(mention), guidance, templates, detector)
+                caption, started, seconds, batch = await queue.run(image, options, gone)
+            finally:
+                memory.give_back(kept)
         except TooManyPixelsError as error:
             raise HTTPException(413, str(error)) from None
         except InputError as error:
             raise HTTPException(422, str(error)) from None
-        except ClientGone:
+        except (ClientGone, Cancelled):
             # Nobody is listening; the status is for the access log.
             raise HTTPException(499, "the client closed the connection before its photo was captioned") from None
         finally:
             gone.cancel()
-        result["timings"]["total_ms"] = _ms(time.perf_counter() - arrived)
+        result = _response(caption, image, captioner, beam_size, guidance and detector)
+        result["timings"] = {
+            "queue_ms": _ms(started - decoded[1]),
+            "image_ms": _ms(decoded[1] - decoded[0]),
+            "decode_ms": _ms(seconds),
+            "batch": batch,
+            "total_ms": _ms(time.perf_counter() - arrived),
+        }
         return result
+
+    async def decode(data: bytearray, name: str, cost: int, gone: asyncio.Future) -> tuple[Image.Image, tuple, int]:
+        """The photo decoded on a decoding thread, its `cost` charged to the memory budget meanwhile: (image,
+        (start, end) of the decode, bytes still charged for the decoded image, to give back when the request
+        ends). A client that hangs up stops its decode (ClientGone) within a block of the file."""
+        if not await memory.take_when_free(cost, gone):
+            raise ClientGone()
+        kept = 0
+        abandoned = threading.Event()
+        try:
+            started = time.perf_counter()
+            read = functools.partial(
+                load_image,
+                data,
+                name=name,
+                max_pixels=max_pixels,
+                size=captioner.image_size,
+                cancelled=abandoned.is_set,
+            )
+            future = asyncio.get_running_loop().run_in_executor(decoding, read)
+            await asyncio.wait([future, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not future.done():
+                abandoned.set()
+                await asyncio.wait([future])  # it stops within a block; its memory is held until it has
+                future.exception()  # retrieved: a decode stopped for a client that left is no error
+                raise ClientGone()
+            image = future.result()
+            kept = min(cost, image.width * image.height * 4)
+            return image, (started, time.perf_counter()), kept
+        finally:
+            memory.give_back(cost - kept)
 
     @app.get("/api/health", response_model=Health)
     async def health() -> Health:
@@ -550,6 +742,8 @@ def create_app(
             grid_size=captioner.grid_size,
             queue_depth=queue.depth,
             queue_size=queue.size,
+            max_batch=queue.max_batch,
+            max_delay_ms=max_delay_ms,
             uploads=memory.receiving,
             upload_bytes=memory.used,
             upload_memory_bytes=memory.size,
@@ -567,13 +761,20 @@ def create_app(
     async def page(name: str = "index.html") -> FileResponse:
         if name not in pages:
             raise HTTPException(404, f"no such page: /{name}")
-        return FileResponse(pages[name], headers=PAGE_HEADERS)
+        return FileResponse(pages[name])
 
     return app
 
 
 def check_limits(
-    *, max_upload_bytes: int, queue_size: int, upload_memory_bytes: int, max_pixels: int, read_timeout: float
+    *,
+    max_upload_bytes: int,
+    queue_size: int,
+    upload_memory_bytes: int,
+    max_pixels: int,
+    read_timeout: float,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
 ) -> None:
     """An InputError naming the first limit of create_app that makes no sense."""
     if max_upload_bytes < 1:
@@ -589,6 +790,59 @@ def check_limits(
         raise InputError(f"max pixels must be at least 1, got {max_pixels}")
     if not read_timeout > 0:
         raise InputError(f"read timeout must be positive, got {read_timeout} s")
+    if not 1 <= max_batch <= MAX_MAX_BATCH:
+        raise InputError(f"max batch must be between 1 and {MAX_MAX_BATCH}, got {max_batch}")
+    if not 0 <= max_delay_ms <= 1000:
+        raise InputError(f"max delay must be between 0 and 1000 ms, got {max_delay_ms} ms")
+
+
+class Guard:
+    """ASGI middleware in front of the app: a request whose Host header names none of `allowed_hosts` gets 400
+    (a page elsewhere whose name was rebound to this address reads nothing), and every response carries the
+    security headers (SECURITY_HEADERS and the Content-Security-Policy of its kind: the page, the API docs, or
+    JSON). Starlette's TrustedHostMiddleware answers in plain text; this API answers every error in JSON."""
+
+    def __init__(self, app, *, allowed_hosts: tuple[str, ...]) -> None:
+        self.app = app
+        self.any_host = ANY_HOST in allowed_hosts
+        self.allowed_hosts = {host.lower().strip("[]") for host in allowed_hosts}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {**SECURITY_HEADERS, "Content-Security-Policy": _policy(scope["path"])}
+        host = Headers(scope=scope).get("host", "")
+        if not self.any_host and _host_name(host) not in self.allowed_hosts:
+            shown = host[:MAX_NAME_CHARS]
+            message = f"this server does not answer to the host {shown!r} (see sat serve --allowed-host)"
+            await JSONResponse({"error": message}, status_code=400, headers=headers)(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                for name, value in headers.items():
+                    response_headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _policy(path: str) -> str:
+    if path.startswith("/api/") or path == "/openapi.json":
+        return API_POLICY
+    if path.startswith(DOCS_PATHS):
+        return DOCS_POLICY
+    return PAGE_POLICY
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a Host header, without its port: "[::1]:8000" -> "::1"; None when it is not a host."""
+    try:
+        return urlsplit("//" + host).hostname
+    except ValueError:
+        return None
 
 
 def _multipart_boundary(request: Request) -> bytes:
@@ -602,7 +856,7 @@ def _multipart_boundary(request: Request) -> bytes:
     return boundary
 
 
-async def _read_upload(request: Request, upload: Upload, memory: BodyMemory, queue: InferenceQueue) -> None:
+async def _read_upload(request: Request, upload: Upload, memory: BodyMemory, queue: Batcher) -> None:
     """Stream the body into `upload`, never holding more than the limit, each chunk charged to `memory`."""
     max_bytes = upload.max_bytes
     try:
@@ -657,3 +911,27 @@ def _validation_message(error: RequestValidationError) -> str:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
+
+
+def _response(result, image: Image.Image, captioner, beam_size: int, detected: bool) -> dict:
+    """The answer's fields for one caption (CaptionResponse, but for its timings); `detected`: the detector ran."""
+    width, height = image.info[ORIGINAL_SIZE]
+    return {
+        **result.as_dict(),
+        "attention": np.round(np.asarray(result.attention, dtype=np.float64), ATTENTION_DECIMALS).tolist(),
+        "decoder": captioner.decoder,
+        "encoder_precision": captioner.encoder_precision,
+        "detector": captioner.detector_name if detected else None,
+        "grid_size": captioner.grid_size,
+        "beam_size": beam_size,
+        "width": width,
+        "height": height,
+    }
+
+
+def warm_up(captioner, max_batch: int) -> None:
+    """Caption a blank photo alone and in a batch of `max_batch`, so that the first requests do not pay for what
+    the CPU libraries prepare on first meeting a shape."""
+    blank = Image.new("RGB", (captioner.image_size, captioner.image_size), "grey")
+    for size in sorted({1, max_batch}):
+        captioner.caption_batch([blank] * size)

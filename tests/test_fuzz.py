@@ -135,13 +135,19 @@ class InstantCaptioner:
     grid_size, image_size, decoder, encoder_precision, detector_name = 2, 32, "lstm", "fp32", None
     guidance = types.SimpleNamespace(user_words=lambda words: [])
 
-    def caption(self, image, beam_size=3, **options):
-        return Caption("a photo", ["a", "photo"], -1.0, -1.5, np.full((2, 2, 2), 0.25, dtype=np.float32), [])
+    def encode(self, images, **options):
+        import torch
+
+        return torch.zeros(len(images), 1, 1)
+
+    def caption_features(self, features, beam_size=3, **options):
+        alpha = np.full((2, 2, 2), 0.25, dtype=np.float32)
+        return [Caption("a photo", ["a", "photo"], -1.0, -1.5, alpha, []) for _ in features]
 
 
 def test_mutants_through_the_api_are_captioned_or_a_4xx(cases, deadline):
     statuses: dict[int, int] = {}
-    with TestClient(create_app(InstantCaptioner())) as client:
+    with TestClient(create_app(InstantCaptioner()), base_url="http://localhost") as client:
         for fmt, seed, data in cases:
             name = f"{fmt}-{seed}.{FORMATS[fmt]}"
             response = client.post("/api/caption", files={"image": (name, data, "application/octet-stream")})

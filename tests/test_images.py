@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from show_attend_tell.errors import InputError
+from show_attend_tell.errors import InputError, TooManyPixelsError
 from show_attend_tell.images import iter_image_paths, load_image
 
 WHITE = (255, 255, 255)
@@ -324,7 +324,6 @@ def test_an_exception_of_any_type_inside_pillow_is_the_files_error(tmp_path):
 
 
 def test_the_default_pixel_budget_refuses_a_small_file_that_declares_a_huge_photo(tmp_path):
-    from show_attend_tell.errors import TooManyPixelsError
     from show_attend_tell.images import DEFAULT_MAX_PIXELS, image_header
 
     # Pillow warns from MAX_IMAGE_PIXELS (89 MP) and refuses from twice that
@@ -459,3 +458,46 @@ def test_a_large_sixteen_bit_photo_with_a_colour_key_is_shrunk_with_its_transpar
     assert full.getpixel((10, 10)) == small.getpixel((2, 2)) == WHITE
     assert full.getpixel((800, 10)) == small.getpixel((200, 2)) == (117, 117, 117)
     assert abs(small.getpixel((110, 50))[0] - 128) <= 1  # averaged, not picked
+
+
+def test_a_decode_stops_soon_after_it_is_cancelled():
+    import math
+
+    from show_attend_tell.errors import Cancelled
+    from show_attend_tell.images import STOPPABLE_BLOCK
+
+    noise = np.random.default_rng(0).integers(0, 256, (900, 1200), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    data = buffer.getvalue()
+    assert math.ceil(len(data) / STOPPABLE_BLOCK) > 20
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(True)
+        return len(asked) > 4
+
+    with pytest.raises(Cancelled):  # not an InputError: nothing is wrong with the file
+        load_image(data, size=64, cancelled=cancelled)
+    assert len(asked) == 5  # stopped at its fifth block, not after the whole file
+    kept = load_image(data, size=64, cancelled=lambda: False)  # never cancelled: the same photo
+    assert np.array_equal(np.asarray(kept), np.asarray(load_image(data, size=64)))
+
+
+def test_decode_cost_counts_the_pixels_as_they_will_be_decoded():
+    from show_attend_tell.images import decode_cost
+
+    def encoded(mode: str, size: tuple[int, int], fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new(mode, size).save(buffer, fmt)
+        return buffer.getvalue()
+
+    rgb = decode_cost(encoded("RGB", (4000, 3000), "PNG"), size=224)
+    assert rgb == 4000 * 3000 * 4  # Pillow keeps RGB in 4 bytes a pixel; reduced without a full-size copy
+    assert decode_cost(encoded("RGBA", (4000, 3000), "PNG"), size=224) == 4000 * 3000 * (4 + 2 * 4)
+    assert decode_cost(encoded("L", (4000, 3000), "PNG"), size=224) == 4000 * 3000
+    # a JPEG is decoded at the DCT's scale: 1/4 here (1000x750, at least 2 x 224 a side), then converted once
+    assert decode_cost(encoded("RGB", (4000, 3000), "JPEG"), size=224) == 1000 * 750 * (4 + 4)
+    assert decode_cost(encoded("RGB", (4000, 3000), "JPEG")) == 4000 * 3000 * (4 + 4)  # in full: one conversion
+    with pytest.raises(TooManyPixelsError):
+        decode_cost(_png_header_only(7900, 7900))

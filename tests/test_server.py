@@ -21,6 +21,7 @@ from PIL import Image
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Alternative, Caption, Captioner
 from show_attend_tell.fast_encoder import resolve_precision
+from show_attend_tell.images import load_image
 from show_attend_tell.server import FORM_OVERHEAD, MAX_BEAM_SIZE, create_app
 
 EXAMPLES = REPO / "examples"
@@ -59,8 +60,13 @@ def captioner(tmp_path_factory) -> Captioner:
 
 @pytest.fixture(scope="module")
 def client(captioner):
-    with TestClient(create_app(captioner, max_upload_bytes=200_000, queue_size=4)) as client:
+    with local_client(create_app(captioner, max_upload_bytes=200_000, queue_size=4)) as client:
         yield client
+
+
+def local_client(app) -> TestClient:
+    """A client whose requests name localhost, one of the hosts a server answers by default."""
+    return TestClient(app, base_url="http://localhost")
 
 
 def jpeg(image: Image.Image, **options) -> bytes:
@@ -224,19 +230,25 @@ class BlockingCaptioner:
         self.started = threading.Semaphore(0)
         self.go = threading.Event()
         self.running = self.most_running = 0
+        self.batches: list[tuple[int, int]] = []  # (photos, beam size) of each call
         self.lock = threading.Lock()
 
-    def caption(self, image, beam_size=3, **options):
+    def encode(self, images, **options):
+        return torch.zeros(len(images), 1, 1)
+
+    def caption_features(self, features, beam_size=3, **options):
         with self.lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
+            self.batches.append((len(features), beam_size))
         self.started.release()
         self.go.wait(timeout=30)
         time.sleep(0.01)
         with self.lock:
             self.running -= 1
         alpha = np.full((2, 2, 2), 0.25, dtype=np.float32)
-        return Caption("a photo", ["a", "photo"], -1.5, -2.6, alpha, [Alternative("the photo", -2.0, -3.5)])
+        caption = Caption("a photo", ["a", "photo"], -1.5, -2.6, alpha, [Alternative("the photo", -2.0, -3.5)])
+        return [caption] * len(features)
 
 
 def in_thread(function, *args, **kwargs) -> tuple[threading.Thread, list]:
@@ -249,7 +261,7 @@ def in_thread(function, *args, **kwargs) -> tuple[threading.Thread, list]:
 def test_full_queue_answers_503_with_retry_after():
     stub = BlockingCaptioner()
     data = PHOTO.read_bytes()
-    with TestClient(create_app(stub, queue_size=1)) as client:
+    with local_client(create_app(stub, queue_size=1)) as client:
         first, result = in_thread(post, client, data)
         assert stub.started.acquire(timeout=30)  # the first request holds the only slot
         health = client.get("/api/health").json()
@@ -265,16 +277,46 @@ def test_full_queue_answers_503_with_retry_after():
         assert client.get("/api/health").json()["queue_depth"] == 0
 
 
-def test_concurrent_requests_are_captioned_one_at_a_time():
+def test_waiting_requests_are_batched_by_their_options_one_batch_at_a_time():
     stub = BlockingCaptioner()
-    stub.go.set()
     data = PHOTO.read_bytes()
-    with TestClient(create_app(stub, queue_size=8)) as client:
-        threads = [in_thread(post, client, data) for _ in range(6)]
-        for thread, _ in threads:
+    app = create_app(stub, queue_size=16, max_batch=3)
+    with local_client(app) as client:
+        first = in_thread(post, client, data, query="?beam_size=2")
+        assert stub.started.acquire(timeout=30)  # a batch of one holds the model
+        beams = [3, 5, 3, 3, 3, 5, 3]
+        threads = []
+        for beam in beams:  # one after another: each waits before the next is sent
+            threads.append(in_thread(post, client, data, query=f"?beam_size={beam}"))
+            deadline = time.monotonic() + 30
+            while app.state.queue.waiting < len(threads):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        stub.go.set()
+        for thread, _ in [first, *threads]:
             thread.join(timeout=30)
-    assert [result[0].status_code for _, result in threads] == [200] * 6
+    answers = [result[0] for _, result in [first, *threads]]
+    assert [answer.status_code for answer in answers] == [200] * 8
+    # oldest first, equal options together, at most max_batch at once; a batch at a time
+    assert stub.batches == [(1, 2), (3, 3), (2, 5), (2, 3)]
     assert stub.most_running == 1
+    assert sorted(answer.json()["timings"]["batch"] for answer in answers) == [1, 2, 2, 2, 2, 3, 3, 3]
+    assert all(answer.json()["beam_size"] == beam for answer, beam in zip(answers, [2, *beams], strict=True))
+
+
+def test_a_photo_in_a_batch_gets_the_answer_it_gets_alone(captioner):
+    photos = [PHOTO, *(EXAMPLES / name for name in ("chelsea.jpg", "coffee.jpg", "rocket.jpg"))]
+    with local_client(create_app(captioner, max_batch=4, max_delay_ms=1000)) as client:
+        alone = [post(client, path.read_bytes(), query="?beam_size=3").json() for path in photos]
+        threads = [in_thread(post, client, path.read_bytes(), query="?beam_size=3") for path in photos]
+        for thread, _ in threads:
+            thread.join(timeout=120)
+    together = [result[0].json() for _, result in threads]
+    assert [body["timings"]["batch"] for body in alone] == [1] * len(photos)
+    assert max(body["timings"]["batch"] for body in together) > 1  # some were captioned together
+    for one, batched in zip(alone, together, strict=True):
+        del one["timings"], batched["timings"]
+        assert batched == one
 
 
 def test_health_openapi_and_the_page(client, captioner):
@@ -326,36 +368,76 @@ def test_bad_settings_are_refused(captioner):
 def test_sat_serve_listens_on_loopback_with_the_given_limits(captioner, monkeypatch, capsys):
     import uvicorn
 
-    from show_attend_tell import cli
+    from show_attend_tell import cli, listener, server
 
-    served = {}
+    served, warmed = {}, []
+
+    class Server:
+        def __init__(self, config) -> None:
+            self.config = config
+
+        def run(self) -> None:
+            config = self.config
+            served.update(app=config.app, host=config.host, port=config.port, http=config.http)
+            served.update(max_connections=config.max_connections, header_timeout=config.header_timeout)
+
     monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, path=None, **_: captioner))
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: served.update(app=app, host=host, port=port))
-    assert cli.main(["serve", "--max-upload-mb", "0.5", "--queue-size", "3"]) == 0
-    assert (served["host"], served["port"]) == ("127.0.0.1", 8000)
-    with TestClient(served["app"]) as client:
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    monkeypatch.setattr(server, "warm_up", lambda captioner, max_batch: warmed.append(max_batch))
+    flags = ["--max-upload-mb", "0.5", "--queue-size", "3", "--max-batch", "4", "--max-delay-ms", "2.5"]
+    assert cli.main(["serve", *flags, "--max-connections", "50", "--header-timeout", "3"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8000) and warmed == [4]
+    assert served["http"] is listener.GuardedH11Protocol
+    assert (served["max_connections"], served["header_timeout"]) == (50, 3.0)
+    with local_client(served["app"]) as client:
         health = client.get("/api/health").json()
     assert health["max_upload_bytes"] == 2**19 and health["queue_size"] == 3
+    assert (health["max_batch"], health["max_delay_ms"]) == (4, 2.5)
     # the flags' defaults (literals, so that `sat` does not import the server to parse) are the library's
     from show_attend_tell.images import DEFAULT_MAX_PIXELS
-    from show_attend_tell.server import DEFAULT_QUEUE_SIZE, DEFAULT_READ_TIMEOUT, DEFAULT_UPLOAD_MEMORY_BYTES
+    from show_attend_tell.server import (
+        DEFAULT_MAX_BATCH,
+        DEFAULT_MAX_DELAY_MS,
+        DEFAULT_QUEUE_SIZE,
+        DEFAULT_READ_TIMEOUT,
+        DEFAULT_UPLOAD_MEMORY_BYTES,
+    )
 
     assert (health["max_pixels"], health["upload_memory_bytes"]) == (DEFAULT_MAX_PIXELS, DEFAULT_UPLOAD_MEMORY_BYTES)
     assert health["read_timeout"] == DEFAULT_READ_TIMEOUT
     assert capsys.readouterr().err == ""  # no warning on loopback
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "8080"]) == 0
     assert (served["host"], served["port"]) == ("0.0.0.0", 8080)
-    assert "anyone who can reach this machine" in capsys.readouterr().err
-    with TestClient(served["app"]) as client:
-        assert client.get("/api/health").json()["queue_size"] == DEFAULT_QUEUE_SIZE
+    assert (served["max_connections"], served["header_timeout"]) == (
+        listener.DEFAULT_MAX_CONNECTIONS,
+        listener.DEFAULT_HEADER_TIMEOUT,
+    )
+    err = capsys.readouterr().err
+    assert "anyone who can reach this machine" in err and "--allowed-host" in err
+    with TestClient(served["app"], base_url="http://photos.example:8080") as client:
+        assert_error(client.get("/api/health"), 400, "photos.example")  # a name it was not given
+    with local_client(served["app"]) as client:
+        health = client.get("/api/health").json()
+    assert (health["queue_size"], health["max_batch"]) == (DEFAULT_QUEUE_SIZE, DEFAULT_MAX_BATCH)
+    assert health["max_delay_ms"] == DEFAULT_MAX_DELAY_MS
+    assert cli.main(["serve", "--host", "0.0.0.0", "--allowed-host", "photos.example"]) == 0
+    assert "--allowed-host" not in capsys.readouterr().err
+    with TestClient(served["app"], base_url="http://photos.example:8080") as client:
+        assert client.get("/api/health").status_code == 200
     # limits that contradict each other: one line, before the model is loaded
     monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, path=None, **_: pytest.fail("model loaded")))
     assert cli.main(["serve", "--max-upload-mb", "20", "--upload-memory-mb", "10"]) == 2
     assert "upload memory must hold one upload of the limit" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit:  # refused by the parser, before the model is loaded
-        cli.main(["serve", "--queue-size", "0"])
-    assert exit.value.code == 2
-    assert "--queue-size: must be at least 1, got 0" in capsys.readouterr().err
+    for flag, value, message in [
+        ("--queue-size", "0", "must be at least 1, got 0"),
+        ("--max-batch", "65", "must be between 1 and 64, got 65"),
+        ("--max-delay-ms", "-1", "must be between 0 and 1000 ms, got -1"),
+        ("--workers", "0", "must be at least 1, got 0"),
+    ]:
+        with pytest.raises(SystemExit) as exit:  # refused by the parser, before the model is loaded
+            cli.main(["serve", flag, value])
+        assert exit.value.code == 2
+        assert f"{flag}: {message}" in capsys.readouterr().err
 
 
 def test_the_users_words_and_label_guidance_in_the_api(client, captioner):
@@ -416,7 +498,7 @@ def asgi_scope(boundary: bytes = b"b0undary") -> dict:
         "raw_path": b"/api/caption",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"test")],
+        "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary), (b"host", b"localhost")],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
@@ -495,24 +577,30 @@ def test_stalled_uploads_cost_only_their_bytes_and_full_upload_memory_is_503():
     stub = BlockingCaptioner()
     stub.go.set()
     app = create_app(stub, max_upload_bytes=100_000, upload_memory_bytes=100_000 + FORM_OVERHEAD, read_timeout=10.0)
-    body = multipart(PHOTO.read_bytes())
+    body = multipart(jpeg(Image.new("RGB", (32, 32), "red")))  # its decode costs 8 KB of the memory too
+    photo = multipart(PHOTO.read_bytes())
     heavy = multipart(bytes(90_000))
 
     async def scenario():
         # more stalled clients than any count of uploads would have allowed: they hold 40 KB, the others get in
-        stalled = [asyncio.ensure_future(Client(body, stall_after=1024).run(app)) for _ in range(40)]
+        stalled = [asyncio.ensure_future(Client(photo, stall_after=1024).run(app)) for _ in range(40)]
         await asyncio.sleep(0.1)
         assert app.state.memory.receiving == 40 and app.state.memory.used == 40 * 1024
         assert await Client(body).run(app) == 200
-        # two that stall after sending 50 KB each: the next photo no longer fits in the memory
-        stalled += [asyncio.ensure_future(Client(heavy, stall_after=50_000).run(app)) for _ in range(2)]
+        # two that stall after sending 60 KB each: a larger upload no longer fits in the memory (503)...
+        stalled += [asyncio.ensure_future(Client(heavy, stall_after=60_000).run(app)) for _ in range(2)]
         await asyncio.sleep(0.1)
-        assert app.state.memory.used == 40 * 1024 + 2 * 50_000
-        busy = Client(body)
+        assert app.state.memory.used == 40 * 1024 + 2 * 60_000
+        busy = Client(photo)
         assert await busy.run(app) == 503
+        # ...and a small one's upload does, but not its decode: that waits for memory, as for the model
+        waiting = asyncio.ensure_future(Client(body).run(app))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and len(stub.batches) == 1
         for task in stalled:
             task.cancel()
         await asyncio.gather(*stalled, return_exceptions=True)
+        assert await asyncio.wait_for(waiting, 10) == 200  # decoded once the stalled uploads gave their bytes back
         assert app.state.memory.receiving == 0 and app.state.memory.used == 0
         assert await Client(body).run(app) == 200
         return busy
@@ -718,7 +806,7 @@ def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_sl
 
     stub = BlockingCaptioner()
     data = PHOTO.read_bytes()
-    with TestClient(create_app(stub, queue_size=1, max_pixels=30_000_000)) as client:
+    with local_client(create_app(stub, queue_size=1, max_pixels=30_000_000)) as client:
         first, result = in_thread(post, client, data)
         try:
             assert stub.started.acquire(timeout=30)  # the only slot is taken
@@ -728,7 +816,10 @@ def test_pixel_heavy_and_unreadable_uploads_are_refused_before_taking_a_model_sl
             assert_error(post(client, data), 503, "busy")  # a good photo waits for the slot; the bad ones did not
             health = client.get("/api/health").json()
             assert health["max_pixels"] == 30_000_000 and health["uploads"] == 0
-            assert len(data) < health["upload_bytes"] < len(data) + 1000  # the photo being captioned, and its form
+            # the photo being captioned: its form, and its pixels as decoded for the model
+            decoded = load_image(data, size=stub.image_size)
+            held = len(data) + 4 * decoded.width * decoded.height
+            assert held < health["upload_bytes"] < held + 1000
         finally:
             stub.go.set()
             first.join(timeout=30)
@@ -765,3 +856,255 @@ def test_bad_server_limits_are_refused(captioner, capsys):
             cli.main(["serve", flag, value])
         assert exit.value.code == 2
         assert f"argument {flag}:" in capsys.readouterr().err
+
+
+# Batching (issue 32): a client that leaves its batch does not stop it for the others.
+
+
+def json_body(client: Client) -> dict:
+    import json
+
+    return json.loads(b"".join(m.get("body", b"") for m in client.messages if m["type"] == "http.response.body"))
+
+
+def test_a_client_that_hangs_up_leaves_its_batch_and_the_others_get_their_captions(monkeypatch):
+    captioner, encoder, searches = tiny_captioner(monkeypatch)
+    app = create_app(captioner, max_batch=4)
+    bodies = [multipart(jpeg(Image.new("RGB", (40, 30), colour))) for colour in ("red", "green", "blue")]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        alone = []
+        for body in bodies:
+            client = Client(body)
+            assert await client.run(app) == 200
+            alone.append(json_body(client))
+        searches.clear()
+        encoder.hold.set()
+        first = asyncio.ensure_future(Client(multipart(jpeg(Image.new("RGB", (40, 30), "grey")))).run(app))
+        assert await loop.run_in_executor(None, encoder.entered.wait, 10)  # a batch of one in the encoder
+        hang_up = asyncio.Event()
+        clients = [Client(body, hang_up_on=hang_up if i == 1 else None) for i, body in enumerate(bodies)]
+        tasks = [asyncio.ensure_future(client.run(app)) for client in clients]
+        while app.state.queue.waiting < 3:
+            await asyncio.sleep(0.01)
+        held, encoder.release = encoder.release, threading.Event()
+        encoder.entered.clear()
+        held.set()  # the first batch ends; the next, of the three, enters the encoder
+        assert await loop.run_in_executor(None, encoder.entered.wait, 10)
+        hang_up.set()
+        assert await asyncio.wait_for(tasks[1], 10) == 499  # the middle one has gone...
+        encoder.release.set()
+        assert await asyncio.wait_for(asyncio.gather(first, tasks[0], tasks[2]), 10) == [200] * 3
+        assert searches == [1, 2]  # ...its batch went on without stopping, and without its photo
+        assert encoder.calls == len(bodies) + 1 + 2  # alone, the first batch, and not the photo of the one gone
+        for i in (0, 2):
+            answer = json_body(clients[i])
+            assert answer["timings"]["batch"] == 2
+            # as alone (the shipped model's whole answer is: test_a_photo_in_a_batch_gets_the_answer_it_gets_alone)
+            assert (answer["words"], answer["guidance"]) == (alone[i]["words"], alone[i]["guidance"])
+            np.testing.assert_allclose(answer["attention"], alone[i]["attention"], atol=1e-5)
+            assert answer["score"] == pytest.approx(alone[i]["score"], abs=1e-5)
+        assert app.state.queue.depth == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+# Hardening, second round (issue 31): pixel decoding is charged and stoppable, headers, connection floods.
+
+
+def flat_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_decode_is_charged_to_the_memory_budget_and_stops_when_its_client_hangs_up(monkeypatch):
+    from show_attend_tell import server
+    from show_attend_tell.errors import Cancelled
+    from show_attend_tell.images import decode_cost
+
+    stub = BlockingCaptioner()
+    stub.go.set()
+    png = flat_png(3000, 2000)
+    body = multipart(png, name="big.png")
+    cost = decode_cost(png, size=stub.image_size)
+    assert cost >= 3000 * 2000 * 4  # the decoded pixels at least
+    started, outcomes = threading.Event(), []
+
+    def held_decode(data, **options):  # the server's decode, waiting until its client has gone
+        started.set()
+        deadline = time.monotonic() + 10
+        while not options["cancelled"]() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            return load_image(data, **options)
+        except Cancelled:
+            outcomes.append("stopped")
+            raise
+
+    monkeypatch.setattr(server, "load_image", held_decode)
+    app = create_app(stub, queue_size=4)
+
+    async def scenario():
+        hang_up = asyncio.Event()
+        task = asyncio.ensure_future(Client(body, hang_up_on=hang_up).run(app))
+        assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        assert app.state.memory.used == len(body) + cost  # charged before the decode starts
+        hang_up.set()
+        assert await asyncio.wait_for(task, 10) == 499
+        assert outcomes == ["stopped"] and stub.batches == []
+        assert app.state.memory.used == 0 and app.state.queue.depth == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    # a budget that could never hold the decode: 413 saying what it would take
+    monkeypatch.setattr(server, "load_image", load_image)
+    small = create_app(stub, max_upload_bytes=100_000, upload_memory_bytes=100_000 + FORM_OVERHEAD + cost // 2)
+    with local_client(small) as client:
+        assert_error(post(client, png, name="big.png", content_type="image/png"), 413, "big.png", "decoding", "MB")
+        assert post(client, jpeg(Image.new("RGB", (64, 48), "red"))).status_code == 200
+
+
+def test_every_response_carries_the_security_headers_and_other_hosts_are_refused(client):
+    docs = client.get("/docs")
+    asset = re.findall(r'src="([^"]+\.js)"', docs.text)[0]
+    responses = {
+        path: client.get(path) for path in ("/api/health", "/openapi.json", "/", "/app.js", "/no/such/page", asset)
+    }
+    responses["/docs"] = docs
+    responses["POST /api/caption"] = client.post("/api/caption")
+    for path, response in responses.items():
+        headers = response.headers
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert headers["referrer-policy"] == "no-referrer" and headers["x-frame-options"] == "DENY", path
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+    for path in ("/api/health", "/openapi.json", "POST /api/caption"):  # JSON: nothing may load from it
+        assert responses[path].headers["content-security-policy"].startswith("default-src 'none'"), path
+    assert "default-src 'self'" in responses["/"].headers["content-security-policy"]
+    # DNS rebinding: a page elsewhere whose name now resolves to this address reads nothing
+    for host in ("evil.example", "localhost.evil.example:8000", "127.0.0.1.evil.example", "[::2]:8000"):
+        response = client.get("/api/health", headers={"host": host})
+        assert_error(response, 400, "does not answer to the host", host)
+        assert response.headers["x-content-type-options"] == "nosniff"
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST"):
+        assert client.get("/api/health", headers={"host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_and_any_host():
+    stub = BlockingCaptioner()
+    with TestClient(create_app(stub, allowed_hosts=["photos.example"]), base_url="http://photos.example") as client:
+        assert client.get("/api/health").status_code == 200
+        assert client.get("/api/health", headers={"host": "localhost"}).status_code == 400  # only those named
+    with TestClient(create_app(stub, allowed_hosts=["*"]), base_url="http://anything.example") as client:
+        assert client.get("/api/health").status_code == 200
+
+
+def closed(sock, wait: float) -> bool:
+    """Whether the server has closed `sock` (within `wait` seconds)."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_connection_flood_is_bounded_and_timed_out_and_health_still_answers(caplog):
+    import logging
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from show_attend_tell.listener import GuardedConfig
+
+    stub = BlockingCaptioner()
+    stub.go.set()
+    config = GuardedConfig(
+        create_app(stub),
+        host="127.0.0.1",
+        port=0,
+        log_config=None,  # uvicorn's own logging configuration would keep its lines from caplog
+        max_connections=8,
+        header_timeout=1.0,
+        log_interval=0.5,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    sockets = []
+
+    def connect(data: bytes) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(data)
+        sockets.append(sock)
+        time.sleep(0.02)  # in this order
+        return sock
+
+    upload = b"POST /api/caption HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+    try:
+        with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
+            partial = [connect(b"GET /api/health HTTP/1.1\r\nHost: local") for _ in range(8)]  # headers never end
+            stalled = [connect(upload + b"Content-Length: 100000\r\n\r\n" + b"-" * 1024) for _ in range(4)]
+            # the limit is 8: the four least recently active connections were closed to make room
+            assert [closed(sock, 3) for sock in partial[:4]] == [True] * 4
+            start = time.monotonic()
+            response = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5)
+            assert response.status_code == 200 and time.monotonic() - start < 3
+            # the other partial headers are closed at the header deadline; the stalled bodies are the app's to end
+            assert all(closed(sock, 3) for sock in partial[4:])
+            assert not any(closed(sock, 0.2) for sock in stalled)
+            time.sleep(1.0)  # a log line for what was closed in the interval, not one per connection
+        lines = [r.getMessage() for r in caplog.records if "connections closed in the last" in r.getMessage()]
+        assert 1 <= len(lines) <= 3, lines
+        assert "closed to make room" in " ".join(lines) and "headers not received within 1 s" in " ".join(lines)
+        assert "Traceback" not in caplog.text
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_sat_serve_workers_each_load_their_own_model(captioner, monkeypatch):
+    import json
+    import os
+
+    from show_attend_tell import cli, listener, server
+
+    runs = []
+
+    class Multiprocess:
+        def __init__(self, config, sockets) -> None:
+            runs.append((config, sockets))
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(listener, "Multiprocess", Multiprocess)
+    monkeypatch.setattr(listener.GuardedConfig, "bind_socket", lambda self: "the socket")
+    monkeypatch.setenv(listener.SETTINGS_VARIABLE, "")  # restored after the test
+    assert cli.main(["serve", "--workers", "2", "--max-batch", "3", "--port", "8123"]) == 0
+    ((config, sockets),) = runs
+    assert (config.workers, config.factory, sockets) == (2, True, ["the socket"])
+    assert config.app == "show_attend_tell.listener:app_from_environment" and config.port == 8123
+    assert config.http is listener.GuardedH11Protocol
+    settings = json.loads(os.environ[listener.SETTINGS_VARIABLE])
+    assert settings["max_batch"] == 3 and settings["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
+    # what each worker process runs: its own model, its share of the cores
+    monkeypatch.setattr(Captioner, "load", classmethod(lambda cls, path=None, **_: captioner))
+    monkeypatch.setattr(server, "warm_up", lambda captioner, max_batch: None)
+    threads = torch.get_num_threads()
+    try:
+        app = listener.app_from_environment()
+        assert torch.get_num_threads() == settings["torch_threads"]
+    finally:
+        torch.set_num_threads(threads)
+    with local_client(app) as client:
+        assert client.get("/api/health").json()["max_batch"] == 3

@@ -237,7 +237,7 @@ def test_a_transformer_checkpoint_captions_draws_maps_and_is_served_saying_its_d
             assert attention_figure(photo, caption.words, caption.attention, tmp_path / "map.png").is_file()
     upload = tmp_path / "red.jpg"
     photos[0].save(upload)
-    with TestClient(create_app(captioner)) as client:
+    with TestClient(create_app(captioner), base_url="http://localhost") as client:
         assert client.get("/api/health").json()["decoder"] == "transformer"
         response = client.post(
             "/api/caption?beam_size=3", files={"image": ("red.jpg", upload.read_bytes(), "image/jpeg")}

@@ -35,7 +35,7 @@ DEFAULT_DETECTION_THRESHOLD = 0.4
 DEFAULT_PRESENCE_THRESHOLD = 0.15
 DEFAULT_PERSON_PRESENCE_THRESHOLD = 0.2
 DEFAULT_PERSON_PENALTY = 8.0
-DEFAULT_OBJECT_PENALTY = 2.0
+DEFAULT_OBJECT_PENALTY = 1.5
 # Words one request may ask for (guidance.py): each doubles the states of the constrained search, and so its beams.
 # Here rather than in guidance.py so that the server's flags parse without importing torch.
 MAX_MENTIONS = 4

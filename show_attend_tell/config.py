@@ -30,7 +30,7 @@ DEFAULT_TEMPLATE_THRESHOLD = 0.4
 # The COCO detector's guidance (guidance.Guidance): a detected class is named at DEFAULT_DETECTION_THRESHOLD; a
 # class detected at DEFAULT_PRESENCE_THRESHOLD (a person at DEFAULT_PERSON_PRESENCE_THRESHOLD) is there, and the
 # words of classes not there are discouraged by these penalties (added to their log p). Chosen on coco-dev and
-# Flickr8k val together: results/detector_tuning.json.
+# Flickr8k val together: results/detector_tuning/round4.json ("chosen"; README, "A second pair of eyes").
 DEFAULT_DETECTION_THRESHOLD = 0.4
 DEFAULT_PRESENCE_THRESHOLD = 0.15
 DEFAULT_PERSON_PRESENCE_THRESHOLD = 0.2

@@ -25,6 +25,11 @@ from show_attend_tell.config import (
     DEFAULT_LENGTH_PENALTY,
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
+    MAX_BEAM,
+    MAX_CAPTION_WORDS,
+    MAX_LENGTH_PENALTY,
+    MAX_SEED,
+    check_number,
 )
 from show_attend_tell.decoding import best_captions
 from show_attend_tell.errors import InputError
@@ -175,7 +180,7 @@ class Captioner:
         beam_size: int = DEFAULT_BEAM_SIZE,
         max_length: int = DEFAULT_MAX_LENGTH,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
-        mentions: Sequence[str] = (),
+        mentions: Sequence[str] | None = (),
         guide: bool = True,
         templates: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -196,6 +201,11 @@ class Captioner:
         decoder's setup and the labels, the beam search); once it answers True the call raises Cancelled
         instead of starting the next one (a server whose client hung up).
         """
+        check_number(beam_size, "beam_size", 1, MAX_BEAM, whole=True)
+        check_number(max_length, "max_length", 1, MAX_CAPTION_WORDS, whole=True)
+        check_number(length_penalty, "length_penalty", 0, MAX_LENGTH_PENALTY)
+        if sample_seed is not None:
+            check_number(sample_seed, "sample_seed", 0, MAX_SEED, whole=True)
         sampling_decoder = self.check_sampling() if sample_seed is not None else None
 
         def check() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_TEMPLATE_THRESHOLD
+from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_TEMPLATE_THRESHOLD, check_number
 from show_attend_tell.errors import InputError
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary, tokenize
 
@@ -125,6 +125,9 @@ class Guidance:
         max_label_words: int = DEFAULT_MAX_LABEL_WORDS,
         template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
     ) -> None:
+        for name, value in (("guidance_threshold", threshold), ("template_threshold", template_threshold)):
+            if value is not None:  # a probability: nan would let any label guide, 5 none
+                check_number(value, name, 0, 1)
         self.vocab, self.threshold, self.max_label_words = vocab, threshold, max_label_words
         self.template_threshold = template_threshold
         self.concepts = []
@@ -180,12 +183,16 @@ class Guidance:
             found.append(Template(concept.template, tokens, guide, probability))
         return found
 
-    def user_words(self, mentions: Sequence[str]) -> list[GuideWord]:
-        """The user's words, each with its plural or singular when the vocabulary has it, once each (a word
-        repeated, or given as singular and plural, is one constraint); a word the model cannot write is an
-        InputError naming the closest words it knows."""
+    def user_words(self, mentions: Sequence[str] | None) -> list[GuideWord]:
+        """The user's words (None: none), each with its plural or singular when the vocabulary has it, once each
+        (a word repeated, or given as singular and plural, is one constraint); a word the model cannot write is
+        an InputError naming the closest words it knows."""
+        if isinstance(mentions, str):  # iterating it would ask for each of its letters
+            raise InputError(f"mentions must be a list of words, not one string: give [{mentions[:40]!r}]")
         words: list[GuideWord] = []
-        for mention in mentions:
+        for mention in mentions or ():
+            if not isinstance(mention, str):
+                raise InputError(f"mentions must be words (strings), got {mention!r:.40}")
             tokens = tokenize(mention)
             if len(tokens) != 1:
                 raise InputError(f"mention {mention!r}: give one word per mention (got {len(tokens)} words)")

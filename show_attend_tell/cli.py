@@ -860,7 +860,7 @@ def _run_caption(args: argparse.Namespace) -> int:
         except OSError as error:
             raise InputError(f"--attention-dir {out}: cannot create the folder ({error.strerror or error})") from None
     figure_names = _figure_names(paths)
-    failures = len(problems)
+    failures, figures_written = len(problems), 0
     for start in range(0, len(paths), args.batch_size):
         loaded = []
         for path in paths[start : start + args.batch_size]:
@@ -890,6 +890,7 @@ def _run_caption(args: argparse.Namespace) -> int:
                     figure = attention_figure(
                         image, caption.words, caption.attention, out / figure_names[path], locations=caption.locations
                     )
+                    figures_written += 1
                 except OSError as error:
                     failures += 1
                     print(
@@ -929,8 +930,8 @@ def _run_caption(args: argparse.Namespace) -> int:
                     + (f"\t[{'template' if caption.template else 'guided'}: {guided}]" if guided else "")
                     + (f"\t[{figure}]" if figure else "")
                 )
-    if out:
-        print(f"attention figures written to {out}/", file=sys.stderr)
+    if out and figures_written:
+        print(f"{figures_written} attention figure(s) written to {out}/", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -27,3 +27,9 @@ def file_system_error(error: OSError) -> str | None:
     if error.errno == errno.ENOTDIR:
         return f"{error.filename}: cannot be a folder (a part of it is a file)"
     return f"{error.filename}: cannot write ({error.strerror})"
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, cut after `limit` characters: a message names what was given without
+    echoing all of it (an 8 KB word would make an 8 KB error line)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"

@@ -71,7 +71,21 @@ def load_image(
     Image.reduce) to no less than REDUCING_GAP x size per side, before any conversion copies it; the returned
     image's info[ORIGINAL_SIZE] is the upright photo's (width, height). A photo no larger than that is decoded
     exactly as without `size`.
+
+    Pillow's warnings about the file ("Tag data larger than file") are not printed: they would come before, and
+    apart from, the error's one line; a refused file's error ends with the first of them.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return _load_image(source, name, max_pixels, size)
+        except InputError as error:
+            if caught:
+                error.args = (f"{error} (Pillow warned: {' '.join(str(caught[0].message).split())[:200]})",)
+            raise
+
+
+def _load_image(source: str | Path | bytes | Image.Image, name: str | None, max_pixels: int, size: int | None):
     if isinstance(source, Image.Image):
         return _decode(source, name or "<image>", max_pixels, size, mine=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -104,13 +118,14 @@ def iter_image_paths(inputs: Iterable[str | Path], problems: list[str] | None = 
     (a FIFO, device or socket is never opened). Duplicates are dropped, order is kept.
 
     An input that cannot be used (missing, a symlink loop, a FIFO, an unreadable or image-less folder) raises
-    InputError, or with `problems` is described there in one line and left out, so the others still run.
+    InputError, or with `problems` is described there in one line and left out, so the others still run; with
+    `problems`, a folder's images that are not regular files are described there too.
     """
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         try:
-            paths.extend(_expand(path))
+            paths.extend(_expand(path, problems))
         except InputError as error:
             if problems is None:
                 raise
@@ -118,7 +133,7 @@ def iter_image_paths(inputs: Iterable[str | Path], problems: list[str] | None = 
     return list(dict.fromkeys(paths))
 
 
-def _expand(path: Path) -> list[Path]:
+def _expand(path: Path, problems: list[str] | None = None) -> list[Path]:
     try:
         mode = path.stat().st_mode
     except OSError as error:
@@ -134,11 +149,12 @@ def _expand(path: Path) -> list[Path]:
         children = sorted(path.iterdir())
     except OSError as error:
         raise InputError(f"{path}: cannot list the folder ({error.strerror or error})") from None
-    found = [
-        child
-        for child in children
-        if child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".") and child.is_file()
-    ]
+    named = [child for child in children if child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".")]
+    found = [child for child in named if child.is_file()]
+    if problems is not None:  # a FIFO or a symlink loop named like a photo is left out, but said
+        problems.extend(
+            reason for child in named if not child.is_file() and (reason := _not_regular(child, str(child)))
+        )
     if not found:
         raise InputError(f"{path}: folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found

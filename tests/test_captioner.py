@@ -283,3 +283,13 @@ def test_thresholds_are_probabilities(captioner, name, value):
 
     with pytest.raises(InputError, match=f"{name} must be a number from 0 to 1"):
         Captioner(captioner.model, captioner.vocab, captioner.config, **{name: value})
+
+
+def test_caption_cli_says_no_figures_were_written_when_none_could_be(tmp_path, capsys):
+    maps = tmp_path / "maps"
+    (maps / "coffee.png").mkdir(parents=True)  # where the figure goes is taken: it cannot be written
+    assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--attention-dir", str(maps), "--beam", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"sat caption: {maps / 'coffee.png'}: cannot write" in err and "written to" not in err
+    assert main(["caption", str(EXAMPLES / "rocket.jpg"), "--attention-dir", str(maps), "--beam", "1"]) == 0
+    assert f"1 attention figure(s) written to {maps}/" in capsys.readouterr().err

@@ -351,9 +351,15 @@ def test_a_fifo_or_a_symlink_loop_is_refused_without_being_opened(tmp_path):
         good = _save(Image.new("RGB", (4, 4)), tmp_path / "good.png")
         problems: list[str] = []
         paths = iter_image_paths([fifo, loop, tmp_path / "gone.jpg", good, tmp_path], problems)
-    assert paths == [good]  # the folder's FIFO is skipped too: it is not a regular file
-    assert len(problems) == 3
+    assert paths == [good]  # the folder's FIFO and loop are skipped too: they are not regular files
+    assert len(problems) == 5
     assert "pipe.jpg: a FIFO" in problems[0] and "loop.jpg" in problems[1] and "gone.jpg" in problems[2]
+    # and said, not left out silently (sat caption then exits 1)
+    assert (
+        problems[3].startswith(f"{loop}: ")
+        and problems[4] == f"{fifo}: a FIFO (named pipe), not a regular file: not opened"
+    )
+    assert iter_image_paths([tmp_path]) == [good]  # the library's own listing skips them
 
 
 class _alarm:
@@ -459,3 +465,23 @@ def test_a_large_sixteen_bit_photo_with_a_colour_key_is_shrunk_with_its_transpar
     assert full.getpixel((10, 10)) == small.getpixel((2, 2)) == WHITE
     assert full.getpixel((800, 10)) == small.getpixel((200, 2)) == (117, 117, 117)
     assert abs(small.getpixel((110, 50))[0] - 128) <= 1  # averaged, not picked
+
+
+def test_pillows_warnings_on_a_refused_file_end_its_one_line_instead_of_printing(capsys):
+    import warnings
+
+    buffer = io.BytesIO()
+    _noise(16, 16).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    directory = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[directory : directory + 2])[0]):
+        entry = directory + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 258:  # BitsPerSample: its values "past the end"
+            data[entry + 4 : entry + 8] = struct.pack("<I", 10_000)
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        message = _error(bytes(data), name="bad.tif")
+    assert escaped == [] and capsys.readouterr().err == ""
+    assert message.startswith("bad.tif: ") and message.endswith(
+        "(Pillow warned: Tag data larger than file. Skipping tag 258)"
+    )

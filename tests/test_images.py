@@ -300,14 +300,19 @@ def test_iter_image_paths_errors(tmp_path):
 
 def corrupt_tiff() -> bytes:
     """A 48x48 TIFF whose StripOffsets tag claims the ASCII type: Pillow raises TypeError while decoding it."""
+    return _edited_tiff(48, 273, 2, struct.pack("<H", 2))  # StripOffsets: its type (bytes 2-3 of the entry)
+
+
+def _edited_tiff(side: int, tag: int, start: int, value: bytes) -> bytes:
+    """A noise TIFF whose directory entry for `tag` has `value` written from byte `start` of its 12."""
     buffer = io.BytesIO()
-    _noise(48, 48).save(buffer, "TIFF")
+    _noise(side, side).save(buffer, "TIFF")
     data = bytearray(buffer.getvalue())
     directory = struct.unpack("<I", data[4:8])[0]
     for i in range(struct.unpack("<H", data[directory : directory + 2])[0]):
         entry = directory + 2 + 12 * i
-        if struct.unpack("<H", data[entry : entry + 2])[0] == 273:  # StripOffsets
-            data[entry + 2 : entry + 4] = struct.pack("<H", 2)  # ASCII
+        if struct.unpack("<H", data[entry : entry + 2])[0] == tag:
+            data[entry + start : entry + start + len(value)] = value
     return bytes(data)
 
 
@@ -470,17 +475,10 @@ def test_a_large_sixteen_bit_photo_with_a_colour_key_is_shrunk_with_its_transpar
 def test_pillows_warnings_on_a_refused_file_end_its_one_line_instead_of_printing(capsys):
     import warnings
 
-    buffer = io.BytesIO()
-    _noise(16, 16).save(buffer, "TIFF")
-    data = bytearray(buffer.getvalue())
-    directory = struct.unpack("<I", data[4:8])[0]
-    for i in range(struct.unpack("<H", data[directory : directory + 2])[0]):
-        entry = directory + 2 + 12 * i
-        if struct.unpack("<H", data[entry : entry + 2])[0] == 258:  # BitsPerSample: its values "past the end"
-            data[entry + 4 : entry + 8] = struct.pack("<I", 10_000)
+    data = _edited_tiff(16, 258, 4, struct.pack("<I", 10_000))  # BitsPerSample: a count that runs past the end
     with warnings.catch_warnings(record=True) as escaped:
         warnings.simplefilter("always")
-        message = _error(bytes(data), name="bad.tif")
+        message = _error(data, name="bad.tif")
     assert escaped == [] and capsys.readouterr().err == ""
     assert message.startswith("bad.tif: ") and message.endswith(
         "(Pillow warned: Tag data larger than file. Skipping tag 258)"

@@ -25,6 +25,11 @@ from show_attend_tell.config import (
     DEFAULT_LENGTH_PENALTY,
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
+    MAX_BEAM,
+    MAX_CAPTION_WORDS,
+    MAX_LENGTH_PENALTY,
+    MAX_SEED,
+    check_number,
 )
 from show_attend_tell.detector import Detection, Detector, load_detector
 from show_attend_tell.errors import Cancelled, InputError
@@ -262,7 +267,7 @@ class Captioner:
         beam_size: int = DEFAULT_BEAM_SIZE,
         max_length: int = DEFAULT_MAX_LENGTH,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
-        mentions: Sequence[str] = (),
+        mentions: Sequence[str] | None = (),
         guide: bool = True,
         templates: bool = True,
         detect: bool = True,
@@ -285,7 +290,11 @@ class Captioner:
         detector, the decoder's setup and the labels, the beam search); once it answers True the call raises
         Cancelled instead of starting the next one (a server whose client hung up).
         """
+        check_number(beam_size, "beam_size", 1, MAX_BEAM, whole=True)
+        check_number(max_length, "max_length", 1, MAX_CAPTION_WORDS, whole=True)
+        check_number(length_penalty, "length_penalty", 0, MAX_LENGTH_PENALTY)
         if sample_seed is not None:
+            check_number(sample_seed, "sample_seed", 0, MAX_SEED, whole=True)
             self.check_sampling()  # before the encoder's work, as a bad mention below
         self.guidance.user_words(mentions)
         seen = self.encode(images, max_pixels=max_pixels, detect=guide and detect, cancelled=cancelled)

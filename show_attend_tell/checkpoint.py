@@ -399,9 +399,13 @@ def _calibration_tensors(
         if section.get(field) != value:
             raise InputError(f"{where}: calibrated for {meaning}; run `{command}`")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{path}: truncated or corrupt safetensors file ({error})") from None
+    for name, tensor in tensors.items():  # an infinite range quantizes every value to nan
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{path}: {name} holds values that are not finite (nan or infinity); run `{command}`")
+    return tensors
 
 
 def check_checksums(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 
 from show_attend_tell.config import (
@@ -13,6 +14,10 @@ from show_attend_tell.config import (
     DEFAULT_LENGTH_PENALTY,
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
+    MAX_BEAM,
+    MAX_CAPTION_WORDS,
+    MAX_LENGTH_PENALTY,
+    MAX_SEED,
 )
 from show_attend_tell.errors import InputError, file_system_error
 
@@ -70,8 +75,26 @@ def positive_int_up_to(high: int):
     return parse
 
 
-MAX_BEAM = 100  # beams per image; the server allows 10
-MAX_CAPTION_WORDS = 200
+def number_from(low: float, high: float, *, whole: bool = False):
+    """argparse type: a finite number (a whole one when `whole`) from low to high, so nan, a negative seed or a
+    threshold of 5 is a usage error, not a silently odd caption or a traceback later."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a {'whole ' if whole else ''}number, got {text!r:.40}"
+            ) from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text:.40}")
+        return value
+
+    return parse
+
+
+seed = number_from(0, MAX_SEED, whole=True)
+probability = number_from(0, 1)
 
 
 def port_number(text: str) -> int:
@@ -202,7 +225,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         help="folder without a split column: train,val,test fractions of the images (default 0.9,0.05,0.05)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the random split (folder without a split column; coco's val2014)"
+        "--seed", type=seed, default=0, help="seed of the random split (folder without a split column; coco's val2014)"
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--min-count", type=int, default=5, help="keep train words seen this often (default 5)")
@@ -599,7 +622,7 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     """--length-penalty and --max-length, as `sat evaluate` and `sat caption` share them."""
     parser.add_argument(
         "--length-penalty",
-        type=float,
+        type=number_from(0, MAX_LENGTH_PENALTY),
         default=DEFAULT_LENGTH_PENALTY,
         help=f"rank beams by log p / length**this (default {DEFAULT_LENGTH_PENALTY}, chosen on Flickr8k val)",
     )
@@ -800,7 +823,7 @@ def _add_caption(sub: argparse._SubParsersAction) -> None:
         "the figures, `locations` in --json) instead of the expected context; runs the fp32 decoder",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="the draws of --hard-attention-sample, the same for each photo"
+        "--seed", type=seed, default=0, help="the draws of --hard-attention-sample, the same for each photo"
     )
     parser.set_defaults(run=_run_caption)
 
@@ -815,7 +838,7 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guidance-threshold",
-        type=float,
+        type=probability,
         default=DEFAULT_GUIDANCE_THRESHOLD,
         help="label probability from which a concept guides the caption "
         f"(default {DEFAULT_GUIDANCE_THRESHOLD}, chosen on coco-dev and Flickr8k val: results/guidance_tuning.json)",
@@ -830,7 +853,7 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--template-threshold",
-        type=float,
+        type=probability,
         default=DEFAULT_TEMPLATE_THRESHOLD,
         help="label probability from which a concept's template is the caption "
         f"(default {DEFAULT_TEMPLATE_THRESHOLD}, chosen on coco-dev and Flickr8k val: results/guidance_tuning.json)",
@@ -931,7 +954,7 @@ def _run_caption(args: argparse.Namespace) -> int:
         except OSError as error:
             raise InputError(f"--attention-dir {out}: cannot create the folder ({error.strerror or error})") from None
     figure_names = _figure_names(paths)
-    failures = len(problems)
+    failures, figures_written = len(problems), 0
     options = dict(
         beam_size=args.beam,
         max_length=args.max_length,
@@ -943,13 +966,15 @@ def _run_caption(args: argparse.Namespace) -> int:
     )
 
     def figure_of(path, image, caption):
-        nonlocal failures
+        nonlocal failures, figures_written
         if not out:
             return None
         try:
-            return attention_figure(
+            figure = attention_figure(
                 image, caption.words, caption.attention, out / figure_names[path], locations=caption.locations
             )
+            figures_written += 1
+            return figure
         except OSError as error:
             failures += 1
             print(f"sat caption: {out / figure_names[path]}: cannot write ({error.strerror or error})", file=sys.stderr)
@@ -980,8 +1005,8 @@ def _run_caption(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 code = 1
-            if out:
-                print(f"attention figures written to {out}/", file=sys.stderr)
+            if out and figures_written:
+                print(f"{figures_written} attention figure(s) written to {out}/", file=sys.stderr)
         if world_size > 1:
             exit_worker(code)  # every rank's part is written and merged; see exit_worker
         return code
@@ -1006,8 +1031,8 @@ def _run_caption(args: argparse.Namespace) -> int:
                     + (f"\t[{'template' if caption.template else 'guided'}: {guided}]" if guided else "")
                     + (f"\t[{figure}]" if figure else "")
                 )
-    if out:
-        print(f"attention figures written to {out}/", file=sys.stderr)
+    if out and figures_written:
+        print(f"{figures_written} attention figure(s) written to {out}/", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -1233,7 +1258,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help=f"how many photos, drawn at random (default {CALIBRATION_IMAGES}; 64 with --encoder-int8)",
     )
     parser.add_argument("--features", help="a feature store of the dataset (`sat features`) instead of the encoder")
-    parser.add_argument("--seed", type=int, default=0, help="which photos are drawn")
+    parser.add_argument("--seed", type=seed, default=0, help="which photos are drawn")
     parser.add_argument(
         "--encoder-int8",
         action="store_true",

@@ -45,6 +45,25 @@ CALIBRATION_IMAGES = 256
 # Words per caption at most, when decoding (a caption still running is cut there); Flickr8k's references
 # are 11 words on average.
 DEFAULT_MAX_LENGTH = 20
+# Bounds of what a caller may ask for: beams per image (a typo such as 70000 would exhaust memory; the server
+# allows fewer), words per caption, a length penalty, and seeds (torch, numpy and random take 0..2^32-1 alike;
+# a negative seed would alias a large one).
+MAX_BEAM = 100
+MAX_CAPTION_WORDS = 200
+MAX_LENGTH_PENALTY = 10.0
+MAX_SEED = 2**32 - 1
+
+
+def check_number(value: Any, name: str, low: float, high: float, *, whole: bool = False) -> None:
+    """InputError "{name} must be ... from low to high, got value" unless `value` is a finite number (a whole
+    one when `whole`) in [low, high]."""
+    from show_attend_tell.errors import InputError
+
+    kind = (int,) if whole else (int, float)
+    number = isinstance(value, kind) and not isinstance(value, bool)
+    if not number or (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+        what = "a whole number" if whole else "a number"
+        raise InputError(f"{name} must be {what} from {low} to {high}, got {value!r:.40}")
 
 
 @dataclasses.dataclass
@@ -164,6 +183,7 @@ TRAIN_RANGES: dict[str, Any] = {
     "doubly_stochastic": _at_least(0),
     "label_smoothing": _between(0, 0.99),
     "warmup_steps": _at_least(0),
+    "seed": _between(0, MAX_SEED),
     "lr_schedule": ("cosine", "constant"),
     "val_every_steps": _at_least(0),
     "checkpoint_every_steps": _at_least(1),

@@ -32,3 +32,9 @@ def file_system_error(error: OSError) -> str | None:
 class Cancelled(Exception):
     """Work stopped early because its caller's `cancelled` said so (a server whose client hung up); nothing is
     returned."""
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, cut after `limit` characters: a message names what was given without
+    echoing all of it (an 8 KB word would make an 8 KB error line)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"

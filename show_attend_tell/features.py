@@ -159,9 +159,18 @@ def shard_layout(rows: int, shards: int) -> list[dict]:
     ]
 
 
-def _shards(meta: dict) -> list[dict]:
-    """The shard list of a store's meta (format 1 stores have one implicit shard)."""
-    return meta.get("shards") or shard_layout(meta["shape"][0], 1)
+def _shards(meta: dict, directory: Path) -> list[dict]:
+    """The shard list of a store's meta (format 1 stores have one implicit shard), each file checked to be a
+    .npy file of the store itself: features.json is read before anything is opened or removed."""
+    shards = meta.get("shards") or shard_layout(meta["shape"][0], 1)
+    for shard in shards if isinstance(shards, list) else [shards]:
+        names = [shard.get(key) for key in ("features", "done")] if isinstance(shard, dict) else [shard]
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".npy") or name[0] == ".":
+                raise InputError(
+                    f"{directory / META_FILE}: shard file {name!r:.60} is not the name of a .npy file in the store"
+                )
+    return shards
 
 
 class FeatureStore:
@@ -178,7 +187,7 @@ class FeatureStore:
         self.directory = directory
         self.meta = meta
         self._files: dict[int, int] = {}  # shard -> file descriptor, opened on first read (per process)
-        self.shards = _shards(meta)
+        self.shards = _shards(meta, directory)
         rows, per_row = meta["shape"][0], tuple(meta["shape"][1:])
         self.shape = (rows, *per_row)
         if [s["start"] for s in self.shards] != [0] + [s["stop"] for s in self.shards[:-1]] or (
@@ -199,6 +208,9 @@ class FeatureStore:
                 self.dtype = features.dtype
             elif features.dtype != self.dtype:
                 raise InputError(f"{directory / shard['features']}: dtype {features.dtype}, other shards {self.dtype}")
+        stored = meta.get("dtype", str(self.dtype))
+        if stored not in STORE_DTYPES or np.dtype(stored) != self.dtype:
+            raise InputError(f"{directory / META_FILE}: dtype {stored!r:.40} but the shard files hold {self.dtype}")
         self.done = np.concatenate(done)  # (N,) 1 for finished rows
         self.starts = np.array([s["start"] for s in self.shards])
         self.row_bytes = int(np.prod(per_row)) * self.dtype.itemsize
@@ -335,7 +347,7 @@ def remove_store(directory: str | Path) -> None:
         return
     with waiting_for(directory / SETUP_LOCK):
         try:
-            shards = _shards(read_meta(directory))
+            shards = _shards(read_meta(directory), directory)
         except InputError:  # no store here, or another rank sharing this disk removed it first
             return
         with _lock_shards(directory, shards):
@@ -421,7 +433,7 @@ def extract_features(
             found = read_meta(directory)
             _check_meta(directory, found, meta)
             meta = found
-        layout = _shards(meta)
+        layout = _shards(meta, directory)
         mine = [layout[index] for index in range(rank, len(layout), world_size)]
         held = _lock_shards(directory, mine)  # before anything is written: a refused writer changes nothing
         if fresh:

@@ -34,10 +34,11 @@ from show_attend_tell.config import (
     DEFAULT_PRESENCE_THRESHOLD,
     DEFAULT_TEMPLATE_THRESHOLD,
     MAX_MENTIONS,
+    check_number,
 )
 from show_attend_tell.decoding import Hypothesis, best_captions
 from show_attend_tell.detector import Detection
-from show_attend_tell.errors import InputError
+from show_attend_tell.errors import InputError, shown
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary, tokenize
 
 LABEL_WORDS = Path(__file__).resolve().parent / "labels" / "imagenet_words.json"
@@ -176,6 +177,9 @@ class Guidance:
         max_detection_words: int = 1,
         new_words: Sequence[str] = (),
     ) -> None:
+        for name, value in (("guidance_threshold", threshold), ("template_threshold", template_threshold)):
+            if value is not None:  # a probability: nan would let any label guide, 5 none
+                check_number(value, name, 0, 1)
         self.vocab, self.threshold, self.max_label_words = vocab, threshold, max_label_words
         self.template_threshold = template_threshold
         self.detection_threshold, self.presence_threshold = detection_threshold, presence_threshold
@@ -244,21 +248,26 @@ class Guidance:
             found.append(Template(concept.template, tokens, guide, probability))
         return found
 
-    def user_words(self, mentions: Sequence[str]) -> list[GuideWord]:
-        """The user's words, each with its plural or singular when the vocabulary has it, once each (a word
-        repeated, or given as singular and plural, is one constraint); a word the model cannot write is an
-        InputError naming the closest words it knows."""
+    def user_words(self, mentions: Sequence[str] | None) -> list[GuideWord]:
+        """The user's words (None: none), each with its plural or singular when the vocabulary has it, once each
+        (a word repeated, or given as singular and plural, is one constraint); a word the model cannot write is
+        an InputError naming the closest words it knows."""
+        if isinstance(mentions, str):  # iterating it would ask for each of its letters
+            raise InputError(f"mentions must be a list of words, not one string: give [{shown(mentions)}]")
         words: list[GuideWord] = []
-        for mention in mentions:
+        for mention in mentions or ():
+            if not isinstance(mention, str):
+                raise InputError(f"mentions must be words (strings), got {mention!r:.40}")
             tokens = tokenize(mention)
             if len(tokens) != 1:
-                raise InputError(f"mention {mention!r}: give one word per mention (got {len(tokens)} words)")
+                raise InputError(f"mention {shown(mention)}: give one word per mention (got {len(tokens)} words)")
             word = tokens[0]
             if word not in self.vocab or word in SPECIAL_TOKENS:
                 known = [w for w in self.vocab.words if w not in SPECIAL_TOKENS]
                 close = difflib.get_close_matches(word, known, n=5, cutoff=0.6)
                 hint = f"; closest words it knows: {', '.join(close)}" if close else ""
-                raise InputError(f"mention {mention!r}: the model's vocabulary has no word {word!r}{hint}")
+                what = f"no word {word!r}" if len(word) <= 40 else "no such word"
+                raise InputError(f"mention {shown(mention)}: the model's vocabulary has {what}{hint}")
             variants = [word, word + "s", word + "es", word[:-1] if word.endswith("s") else ""]
             forms = tuple(dict.fromkeys(v for v in variants if v and v in self.vocab))
             if all(set(forms) != set(known.forms) for known in words):

@@ -78,7 +78,27 @@ def load_image(
 
     `cancelled` (bytes sources): asked before each STOPPABLE_BLOCK of the file is decoded and before the
     conversions; once it answers True the decode raises errors.Cancelled (a server whose client hung up).
+
+    Pillow's warnings about the file ("Tag data larger than file") are not printed: they would come before, and
+    apart from, the error's one line; a refused file's error ends with the first of them.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return _load_image(source, name, max_pixels, size, cancelled)
+        except InputError as error:
+            if caught:
+                error.args = (f"{error} (Pillow warned: {' '.join(str(caught[0].message).split())[:200]})",)
+            raise
+
+
+def _load_image(
+    source: str | Path | bytes | Image.Image,
+    name: str | None,
+    max_pixels: int,
+    size: int | None,
+    cancelled: Callable[[], bool] | None,
+):
     if isinstance(source, Image.Image):
         return _decode(source, name or "<image>", max_pixels, size, mine=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -119,13 +139,14 @@ def iter_image_paths(
     (a FIFO, device or socket is never opened). Duplicates are dropped, order is kept.
 
     An input that cannot be used (missing, a symlink loop, a FIFO, an unreadable or image-less folder) raises
-    InputError, or with `problems` is described there in one line and left out, so the others still run.
+    InputError, or with `problems` is described there in one line and left out, so the others still run; with
+    `problems`, a folder's images that are not regular files are described there too.
     """
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         try:
-            paths.extend(_expand(path, recursive))
+            paths.extend(_expand(path, recursive, problems))
         except InputError as error:
             if problems is None:
                 raise
@@ -133,7 +154,7 @@ def iter_image_paths(
     return list(dict.fromkeys(paths))
 
 
-def _expand(path: Path, recursive: bool = False) -> list[Path]:
+def _expand(path: Path, recursive: bool = False, problems: list[str] | None = None) -> list[Path]:
     try:
         mode = path.stat().st_mode
     except OSError as error:
@@ -145,27 +166,28 @@ def _expand(path: Path, recursive: bool = False) -> list[Path]:
         if kind:
             raise InputError(kind)
         return [path]
-    found = _folder_images(path, recursive)
+    found = _folder_images(path, recursive, problems)
     if not found:
         where = "folder and its subfolders have" if recursive else "folder has"
         raise InputError(f"{path}: {where} no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return found
 
 
-def _folder_images(folder: Path, recursive: bool) -> list[Path]:
+def _folder_images(folder: Path, recursive: bool, problems: list[str] | None = None) -> list[Path]:
     try:
         children = sorted(folder.iterdir())
     except OSError as error:
         raise InputError(f"{folder}: cannot list the folder ({error.strerror or error})") from None
-    found = [
-        child
-        for child in children
-        if child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".") and child.is_file()
-    ]
+    named = [child for child in children if child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".")]
+    found = [child for child in named if child.is_file()]
+    if problems is not None:  # a FIFO or a symlink loop named like a photo is left out, but said
+        problems.extend(
+            reason for child in named if not child.is_file() and (reason := _not_regular(child, str(child)))
+        )
     if recursive:
         for child in children:
             if not child.name.startswith(".") and child.is_dir() and not child.is_symlink():
-                found.extend(_folder_images(child, recursive))
+                found.extend(_folder_images(child, recursive, problems))
     return found
 
 

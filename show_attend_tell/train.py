@@ -637,7 +637,7 @@ def cross_entropy_step(
             hard_loss, hard_stats = _hard_attention_terms(run, forced, tokens, words)
             loss = loss + hard_loss
     mark("loss")
-    _optimise(run, loss, mark)
+    _optimise(run, loss, mark, inputs=(local, features))
     loss_sum, cross_entropy_sum = global_sums(run, float(loss.detach()), float(cross_entropy) * words_here)
     return {
         "loss": loss_sum / run.world_size,
@@ -723,7 +723,7 @@ def self_critical_step(run: Run, rows: list[int], *, cached: torch.Tensor | None
                 captions_count=reference_count / run.world_size,
             )
             loss = loss + run.config.scst_xe_weight * cross_entropy
-    _optimise(run, loss)
+    _optimise(run, loss, inputs=(local, features))
     return {
         "loss": float(loss.detach()),
         "reward": reward_sum / count,
@@ -732,12 +732,26 @@ def self_critical_step(run: Run, rows: list[int], *, cached: torch.Tensor | None
     }
 
 
-def _optimise(run: Run, loss: torch.Tensor, mark: Callable[[str], None] = _no_mark) -> None:
-    """Backward (scaled under AMP), gradients averaged over the ranks, clipped, one optimizer step."""
+def _optimise(
+    run: Run,
+    loss: torch.Tensor,
+    mark: Callable[[str], None] = _no_mark,
+    *,
+    inputs: tuple[list[int], torch.Tensor] | None = None,
+) -> None:
+    """Backward (scaled under AMP), gradients averaged over the ranks, clipped, one optimizer step. `inputs`:
+    the step's image rows and their features, looked at when the loss is not finite."""
     if not torch.isfinite(loss):
+        if inputs is not None:
+            _check_features(run, *inputs)
+        kept = (
+            f"the last good checkpoint is kept in {run.run_dir / STATE_DIR}"
+            if run.progress.saved_step >= 0
+            else "nothing was saved yet"
+        )
         raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {run.progress.global_step} (epoch {run.progress.epoch}); the last good "
-            f"checkpoint is kept in {run.run_dir / STATE_DIR}. Lower --lr or enable --grad-clip."
+            f"loss is {loss.item()} at step {run.progress.global_step} (epoch {run.progress.epoch}); {kept}. "
+            "Lower --decoder-lr or enable --grad-clip."
         )
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
@@ -750,6 +764,18 @@ def _optimise(run: Run, loss: torch.Tensor, mark: Callable[[str], None] = _no_ma
     run.scaler.update()
     run.scheduler.step()
     mark("optimizer")
+
+
+def _check_features(run: Run, rows: list[int], features: torch.Tensor) -> None:
+    """A feature store holding nan or infinity is why a loss is not finite, whatever the learning rate."""
+    bad = (~torch.isfinite(features.detach())).flatten(1).any(dim=1)  # (B,)
+    if run.data_config.features and bool(bad.any()):
+        names = [run.data.dataset.images[rows[i]].path.name for i in bad.nonzero().flatten().tolist()]
+        raise InputError(
+            f"{run.data_config.features}: the features of {len(names)} image(s) of step {run.progress.global_step} "
+            f"are not finite (nan or infinity), e.g. {', '.join(names[:3])}: the store is corrupt; rebuild it "
+            "with `sat features --overwrite`"
+        )
 
 
 def average_gradients(run: Run) -> None:

@@ -247,3 +247,49 @@ def test_caption_cli_runs_the_encoder_in_the_precision_asked_for(capsys):
     assert json.loads(capsys.readouterr().out)["encoder_precision"] == "fp32"
     assert main(["caption", photo, "--encoder-precision", "int8"]) == 2  # the shipped model has no encoder calibration
     assert ("--encoder-int8" if "int8" in supported_precisions() else "no fast int8") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"mentions": "sofa"}, "mentions must be a list of words, not one string: give ['sofa']"),
+        ({"mentions": [3]}, "mentions must be words (strings), got 3"),
+        ({"beam_size": 0}, "beam_size must be a whole number from 1 to 100, got 0"),
+        ({"beam_size": 2.0}, "beam_size must be a whole number from 1 to 100, got 2.0"),
+        ({"max_length": 0}, "max_length must be a whole number from 1 to 200, got 0"),
+        ({"length_penalty": float("nan")}, "length_penalty must be a number from 0 to 10.0, got nan"),
+        ({"sample_seed": -1}, "sample_seed must be a whole number from 0 to 4294967295, got -1"),
+    ],
+)
+def test_the_python_api_refuses_bad_arguments_in_one_line(captioner, options, message):
+    from show_attend_tell.errors import InputError
+
+    with pytest.raises(InputError) as error:
+        captioner.caption(EXAMPLES / "coffee.jpg", **options)
+    assert str(error.value) == message
+
+
+def test_the_python_api_takes_mentions_none_as_no_mentions(captioner):
+    assert (
+        captioner.caption(EXAMPLES / "coffee.jpg", mentions=None).text
+        == captioner.caption(EXAMPLES / "coffee.jpg").text
+    )
+
+
+@pytest.mark.parametrize("name", ["guidance_threshold", "template_threshold"])
+@pytest.mark.parametrize("value", [float("nan"), -1, 5])
+def test_thresholds_are_probabilities(captioner, name, value):
+    from show_attend_tell.errors import InputError
+
+    with pytest.raises(InputError, match=f"{name} must be a number from 0 to 1"):
+        Captioner(captioner.model, captioner.vocab, captioner.config, **{name: value})
+
+
+def test_caption_cli_says_no_figures_were_written_when_none_could_be(tmp_path, capsys):
+    maps = tmp_path / "maps"
+    (maps / "coffee.png").mkdir(parents=True)  # where the figure goes is taken: it cannot be written
+    assert main(["caption", str(EXAMPLES / "coffee.jpg"), "--attention-dir", str(maps), "--beam", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"sat caption: {maps / 'coffee.png'}: cannot write" in err and "written to" not in err
+    assert main(["caption", str(EXAMPLES / "rocket.jpg"), "--attention-dir", str(maps), "--beam", "1"]) == 0
+    assert f"1 attention figure(s) written to {maps}/" in capsys.readouterr().err

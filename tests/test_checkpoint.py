@@ -467,3 +467,14 @@ def test_a_transformer_round_trip_gives_identical_captions_and_names_its_decoder
     edit_config(tmp_path / "t", lambda c: c["model"].update(transformer_heads=2))
     with pytest.raises(InputError, match="'model' section was changed after the weights were saved"):
         load_model(tmp_path / "t", with_encoder=False)
+
+
+def test_an_int8_calibration_with_infinite_ranges_is_refused_even_with_its_checksum(tmp_path):
+    from show_attend_tell.checkpoint import INT8_FILE, int8_input_ranges, read_config, save_int8_calibration
+
+    model, vocab = small_model()
+    directory = save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")
+    low, high = torch.zeros(3), torch.tensor([1.0, float("inf"), 2.0])
+    save_int8_calibration(directory, {"attention.decoder_projection": (low, high)}, {"images": 1})  # new sha256
+    with pytest.raises(InputError, match=f"{INT8_FILE}: attention.decoder_projection.high holds values that are not"):
+        int8_input_ranges(directory, read_config(directory))

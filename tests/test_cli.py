@@ -263,3 +263,30 @@ def test_export_never_writes_onto_its_source_nor_a_full_folder_without_overwrite
     assert main(["export", str(tiny_checkpoint), "--out", str(full / "notes.txt")]) == 2
     _one_line_error(capsys, "export", "notes.txt: already exists and is not a folder")
     assert main(["export", str(tiny_checkpoint), "--out", str(tmp_path / "new")]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["caption", "x.jpg", "--guidance-threshold", "nan"], "--guidance-threshold: must be from 0 to 1, got nan"),
+        (["caption", "x.jpg", "--guidance-threshold", "-1"], "--guidance-threshold: must be from 0 to 1, got -1"),
+        (["caption", "x.jpg", "--guidance-threshold", "5"], "--guidance-threshold: must be from 0 to 1, got 5"),
+        (["caption", "x.jpg", "--template-threshold", "inf"], "--template-threshold: must be from 0 to 1, got inf"),
+        (["caption", "x.jpg", "--length-penalty", "nan"], "--length-penalty: must be from 0 to 10.0, got nan"),
+        (["evaluate", "--data", "d", "--length-penalty", "-1"], "--length-penalty: must be from 0 to 10.0, got -1"),
+        (["caption", "x.jpg", "--seed", "18446744073709551616"], "--seed: must be from 0 to 4294967295, got 1844"),
+        (["caption", "x.jpg", "--seed", "-1"], "--seed: must be from 0 to 4294967295, got -1"),
+        (["prepare", "--dataset", "folder", "--data-dir", "d", "--out", "o", "--seed", "-5"], "--seed: must be from"),
+        (["calibrate", "m", "--data", "d", "--seed", "2.5"], "--seed: expected a whole number, got '2.5'"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit, match="2"):
+        build_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_sat_train_refuses_a_seed_torch_cannot_take(tiny_prepared, tmp_path, capsys):
+    for seed in ("18446744073709551616", "-1"):
+        assert main(["train", "--data", str(tiny_prepared), "--run-dir", str(tmp_path / "run"), "--seed", seed]) == 2
+        _one_line_error(capsys, "train", f"train.seed (--seed) must be from 0 to 4294967295, got {seed}")

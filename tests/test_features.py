@@ -211,3 +211,38 @@ def test_a_store_another_process_fills_is_neither_filled_nor_removed(tiny_prepar
         assert {path.name: path.read_bytes() for path in out.iterdir() if path.suffix != ".lock"} == before
         assert extract_features(paths, out, **options, rank=0, world_size=2)["computed"] == 0  # shard 0 is free
     assert extract_features(paths, out, **options, overwrite=True)["computed"] == 12
+
+
+@pytest.mark.parametrize("name", ["../victim.npy", "{victim}", "sub/features.npy", ".lock.npy", 7])
+def test_shard_files_named_outside_the_store_are_refused_and_never_removed(tiny_features, tmp_path, name):
+    import json
+    import shutil
+
+    from show_attend_tell.features import META_FILE, remove_store
+
+    victim = tmp_path / "victim.npy"
+    victim.write_bytes(b"keep me")
+    store = tmp_path / "s"
+    shutil.copytree(tiny_features, store)
+    meta = json.loads((store / META_FILE).read_text())
+    name = name.format(victim=victim) if isinstance(name, str) else name
+    meta["shards"] = [{"features": name, "done": DONE_FILE, "start": 0, "stop": meta["shape"][0]}]
+    (store / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=f"{META_FILE}: shard file .* is not the name of a .npy file in the store"):
+        open_store(store)
+    remove_store(store)
+    assert victim.read_bytes() == b"keep me" and (store / META_FILE).is_file()
+
+
+def test_an_edited_dtype_is_refused(tiny_features, tmp_path):
+    import json
+    import shutil
+
+    from show_attend_tell.features import META_FILE
+
+    shutil.copytree(tiny_features, tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / META_FILE).read_text())
+    for dtype in ("float32", "int8"):
+        (tmp_path / "s" / META_FILE).write_text(json.dumps({**meta, "dtype": dtype}))
+        with pytest.raises(InputError, match=f"dtype '{dtype}' but the shard files hold float16"):
+            open_store(tmp_path / "s")

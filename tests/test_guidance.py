@@ -114,6 +114,13 @@ def test_a_word_repeated_or_in_both_numbers_is_one_mention():
         guidance.user_words(["cat", "dog", "cup", "tea", "bed"])
 
 
+@pytest.mark.parametrize("mention", ["x" * 8192, "two " * 2048])
+def test_an_error_about_a_huge_mention_does_not_echo_it(mention):
+    with pytest.raises(InputError) as error:
+        Guidance(vocabulary("cat")).user_words([mention])
+    assert len(str(error.value)) < 200 and f"{mention[:40]!r}... (8192 characters)" in str(error.value)
+
+
 def test_label_head_on_the_grid_is_torchvisions_resnet_classifier():
     from show_attend_tell.config import ModelConfig
     from show_attend_tell.model import Encoder

@@ -300,14 +300,19 @@ def test_iter_image_paths_errors(tmp_path):
 
 def corrupt_tiff() -> bytes:
     """A 48x48 TIFF whose StripOffsets tag claims the ASCII type: Pillow raises TypeError while decoding it."""
+    return _edited_tiff(48, 273, 2, struct.pack("<H", 2))  # StripOffsets: its type (bytes 2-3 of the entry)
+
+
+def _edited_tiff(side: int, tag: int, start: int, value: bytes) -> bytes:
+    """A noise TIFF whose directory entry for `tag` has `value` written from byte `start` of its 12."""
     buffer = io.BytesIO()
-    _noise(48, 48).save(buffer, "TIFF")
+    _noise(side, side).save(buffer, "TIFF")
     data = bytearray(buffer.getvalue())
     directory = struct.unpack("<I", data[4:8])[0]
     for i in range(struct.unpack("<H", data[directory : directory + 2])[0]):
         entry = directory + 2 + 12 * i
-        if struct.unpack("<H", data[entry : entry + 2])[0] == 273:  # StripOffsets
-            data[entry + 2 : entry + 4] = struct.pack("<H", 2)  # ASCII
+        if struct.unpack("<H", data[entry : entry + 2])[0] == tag:
+            data[entry + start : entry + start + len(value)] = value
     return bytes(data)
 
 
@@ -350,9 +355,15 @@ def test_a_fifo_or_a_symlink_loop_is_refused_without_being_opened(tmp_path):
         good = _save(Image.new("RGB", (4, 4)), tmp_path / "good.png")
         problems: list[str] = []
         paths = iter_image_paths([fifo, loop, tmp_path / "gone.jpg", good, tmp_path], problems)
-    assert paths == [good]  # the folder's FIFO is skipped too: it is not a regular file
-    assert len(problems) == 3
+    assert paths == [good]  # the folder's FIFO and loop are skipped too: they are not regular files
+    assert len(problems) == 5
     assert "pipe.jpg: a FIFO" in problems[0] and "loop.jpg" in problems[1] and "gone.jpg" in problems[2]
+    # and said, not left out silently (sat caption then exits 1)
+    assert (
+        problems[3].startswith(f"{loop}: ")
+        and problems[4] == f"{fifo}: a FIFO (named pipe), not a regular file: not opened"
+    )
+    assert iter_image_paths([tmp_path]) == [good]  # the library's own listing skips them
 
 
 class _alarm:
@@ -501,3 +512,16 @@ def test_decode_cost_counts_the_pixels_as_they_will_be_decoded():
     assert decode_cost(encoded("RGB", (4000, 3000), "JPEG")) == 4000 * 3000 * (4 + 4)  # in full: one conversion
     with pytest.raises(TooManyPixelsError):
         decode_cost(_png_header_only(7900, 7900))
+
+
+def test_pillows_warnings_on_a_refused_file_end_its_one_line_instead_of_printing(capsys):
+    import warnings
+
+    data = _edited_tiff(16, 258, 4, struct.pack("<I", 10_000))  # BitsPerSample: a count that runs past the end
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        message = _error(data, name="bad.tif")
+    assert escaped == [] and capsys.readouterr().err == ""
+    assert message.startswith("bad.tif: ") and message.endswith(
+        "(Pillow warned: Tag data larger than file. Skipping tag 258)"
+    )

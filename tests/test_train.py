@@ -23,6 +23,7 @@ from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.train import (
     SHUFFLE_WINDOW_BLOCKS,
     NonFiniteLossError,
+    _optimise,
     batch_captions,
     batch_features,
     cross_entropy_step,
@@ -736,3 +737,24 @@ def test_sat_train_refuses_a_run_directory_another_process_writes(tiny_prepared,
     assert err == f"sat train: error: {run} is being written by another process (pid {holder.pid}); wait for it to " \
         "end, or use another --run-dir\n"  # fmt: skip
     assert sorted(path.name for path in run.iterdir()) == [".lock"]
+
+
+def test_a_store_holding_nan_is_named_as_the_cause_not_the_learning_rate(tiny_prepared, tiny_features, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from show_attend_tell.errors import InputError
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_features, store)
+    features = np.load(store / "features.npy", mmap_mode="r+")
+    features[:] = np.nan
+    features.flush()
+    del features
+    trainer = make_trainer(tmp_path / "run", tiny_prepared, store)
+    with pytest.raises(InputError, match=f"{store}: the features of 2 image\\(s\\) of step 0 are not finite") as error:
+        fit(trainer, progress=False)
+    assert "last" not in str(error.value) and "--overwrite" in str(error.value)
+    with pytest.raises(NonFiniteLossError, match="at step 0 \\(epoch 0\\); nothing was saved yet. Lower --decoder-lr"):
+        _optimise(trainer, torch.tensor(float("nan")))

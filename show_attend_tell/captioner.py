@@ -62,6 +62,9 @@ class Seen:
     features: torch.Tensor
     detections: list[list[Detection]] | None = None
 
+    def __len__(self) -> int:
+        return self.features.size(0)
+
     @classmethod
     def join(cls, parts: Sequence[Seen | torch.Tensor]) -> Seen:
         """Several encode results as one batch (the detections of all, or None if any part ran no detector); a

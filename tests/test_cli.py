@@ -24,7 +24,7 @@ def sub_commands(parser: argparse.ArgumentParser, prefix: str = "sat"):
 FREE_FORM = {
     "--data-dir", "--images", "--captions", "--split-file", "--split-fractions", "--out", "--data", "--stage",
     "--device", "--features", "--run-dir", "--resume", "--fine-tune-blocks", "--init-from", "--model",
-    "--attention-dir", "--mention", "--host", "--from-list",
+    "--attention-dir", "--mention", "--host", "--from-list", "--allowed-host",
 }  # fmt: skip
 
 

@@ -142,7 +142,7 @@ class InstantCaptioner:
 
     def caption_features(self, features, beam_size=3, **options):
         alpha = np.full((2, 2, 2), 0.25, dtype=np.float32)
-        return [Caption("a photo", ["a", "photo"], -1.0, -1.5, alpha, []) for _ in features]
+        return [Caption("a photo", ["a", "photo"], -1.0, -1.5, alpha, []) for _ in range(len(features))]
 
 
 def test_mutants_through_the_api_are_captioned_or_a_4xx(cases, deadline):

@@ -102,15 +102,15 @@ def test_guidance_table_equals_its_records():
     }
     rows = {
         "coco-dev, 80 everyday photos, unguided": coco["unguided"],
-        f"coco-dev, guided, no templates ({coco['guided_without_templates']['guided_photos']} photos guided)": coco[
-            "guided_without_templates"
+        f"coco-dev, labels, no templates ({coco['labels_alone']['guided_photos']} photos guided)": coco[
+            "labels_alone"
         ],
-        f"coco-dev, the product's defaults: guided, {coco['guided']['template_photos']} of them templates": coco[
-            "guided"
+        f"coco-dev, labels and templates, {coco['labels_and_templates']['template_photos']} of them templates": coco[
+            "labels_and_templates"
         ],
         "Flickr8k test, the shipped model alone (fp32)": tests["flickr8k_test"],
-        "Flickr8k test, guided, no templates": tests["flickr8k_test_int8_guided_no_templates"],
-        "Flickr8k test, the product's defaults (1 template caption)": tests["flickr8k_test_int8_guided"],
+        "Flickr8k test, labels, no templates": tests["flickr8k_test_int8_guided_no_templates"],
+        "Flickr8k test, labels and templates (1 template caption)": tests["flickr8k_test_int8_guided"],
     }
     for label, metrics in rows.items():
         assert table_row(label) == [f"{metrics[key]:.1f}" for key in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")], label
@@ -122,7 +122,7 @@ def test_guidance_table_equals_its_records():
         fp32["encoder_precision"] == "fp32"
         and json.loads((RESULTS / "coco_dev.json").read_text())["encoder_precision"] == "bf16"
     )
-    claim = "reads {:.1f} unguided, {:.1f} guided and {:.1f} with templates".format(
+    claim = "reads {:.1f} unguided, {:.1f} guided by labels and {:.1f} with templates".format(
         *(fp32["results"][variant]["CIDEr"] for variant in ("unguided", "guided_without_templates", "guided"))
     )
     assert claim in " ".join(README.split())
@@ -152,6 +152,41 @@ def test_guidance_table_equals_its_records():
     )
     assert claim in " ".join(README.split())
     assert f"its classes) reaches {DEFAULT_GUIDANCE_THRESHOLD}, the caption" in README
+
+
+def test_detector_tables_equal_their_records():
+    coco = json.loads((RESULTS / "coco_dev.json").read_text())
+    test = json.loads((RESULTS / "flickr8k_test_detector" / "metrics.json").read_text())["results"]["beam7"]
+    labels = json.loads((RESULTS / "flickr8k_test_int8_guided" / "metrics.json").read_text())["results"]["beam7"]
+    assert test["detector"] == coco["detector"] == "centernet"
+    for variant, label in DETECTOR_ROWS.items():
+        metrics = coco["results"][variant]
+        people = metrics["people_without_people"]
+        shown = [f"{metrics[key]:.1f}" for key in ("BLEU-4", "METEOR", "CIDEr", "CHAIR-i", "CHAIR-s")]
+        assert table_row(label) == [*shown, f"{people['captioned_with_people']} of {people['photos_without_people']}"]
+    for label, metrics in {"Flickr8k test, the defaults": test, "Flickr8k test, labels and templates": labels}.items():
+        assert table_row(label)[:3] == [f"{metrics[key]:.1f}" for key in ("BLEU-4", "METEOR", "CIDEr")], label
+    tuning = json.loads((RESULTS / "detector_tuning" / "round4.json").read_text())["chosen"]["settings"]
+    from show_attend_tell import config
+
+    assert tuning == {
+        "person_penalty": config.DEFAULT_PERSON_PENALTY,
+        "object_penalty": config.DEFAULT_OBJECT_PENALTY,
+        "person_presence_threshold": config.DEFAULT_PERSON_PRESENCE_THRESHOLD,
+        "presence_threshold": config.DEFAULT_PRESENCE_THRESHOLD,
+        "detection_threshold": config.DEFAULT_DETECTION_THRESHOLD,
+    }
+    speed = json.loads((RESULTS / "guidance_speed.json").read_text())
+    assert f"({speed['defaults_over_labels_one_photo']:.2f}× the labels alone" in " ".join(README.split())
+
+
+DETECTOR_ROWS = {
+    "unguided": "coco-dev, unguided",
+    "labels_and_templates": "coco-dev, labels and templates (the defaults before the detector)",
+    "detector_alone": "coco-dev, the detector alone",
+    "guided_without_templates": "coco-dev, labels and the detector, no templates",
+    "guided": "coco-dev, the defaults: labels, templates and the detector",
+}
 
 
 def test_bulk_captioning_speeds_match_the_record():

@@ -36,7 +36,10 @@ DESCRIPTOR_RESERVE = BACKLOG + 128
 SETTINGS_VARIABLE = "SAT_SERVE_SETTINGS"  # how worker processes receive the app's settings (JSON)
 ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 1 << 20
+# Pillow's block size: a decoded photo's blocks are mapped and unmapped, while the encoder's activations (under
+# 16 MB a photo at 448 px) stay in the heap; at 1 MB, every activation was mapped afresh and captioning slowed
+# (results/load_batching/).
+MMAP_THRESHOLD = 16 << 20
 logger = logging.getLogger("uvicorn.error")
 
 

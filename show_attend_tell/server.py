@@ -26,9 +26,11 @@ wrong, and the image checks are load_image's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -81,8 +83,12 @@ ACCEPTED_PART_TYPES = ("image/", "application/octet-stream")
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_DELAY_MS = 10.0
 MAX_MAX_BATCH = 64
-# Threads that decode uploaded photos beside the model, each decode charged to the memory budget first.
+# Threads that decode uploaded photos beside the model, each decode charged to the memory budget first. They run
+# at a lower priority than the model (a niceness, on Linux): a normal photo's decode is short whatever its
+# priority, while a flood of large ones that are hung up on would otherwise take the cores the model needs
+# (results/hostile_load.json, hang_up_flood).
 DECODE_THREADS = 2
+DECODE_NICENESS = 10
 # The names a server bound to loopback answers to; any other Host header (DNS rebinding: a page on evil.example
 # whose name now resolves to 127.0.0.1) is refused.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -516,7 +522,9 @@ def create_app(
 
     queue = Batcher(caption_jobs, size=queue_size, max_batch=max_batch, max_delay=max_delay_ms / 1000)
     memory = BodyMemory(upload_memory_bytes)
-    decoding = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="sat-decode")
+    decoding = ThreadPoolExecutor(
+        max_workers=DECODE_THREADS, thread_name_prefix="sat-decode", initializer=_lower_this_threads_priority
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -935,3 +943,11 @@ def warm_up(captioner, max_batch: int) -> None:
     blank = Image.new("RGB", (captioner.image_size, captioner.image_size), "grey")
     for size in sorted({1, max_batch}):
         captioner.caption_batch([blank] * size)
+
+
+def _lower_this_threads_priority() -> None:
+    """Give the calling thread DECODE_NICENESS more niceness (Linux schedules threads one by one; elsewhere the
+    call fails and the thread keeps its priority)."""
+    with contextlib.suppress(OSError, AttributeError):
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + DECODE_NICENESS)

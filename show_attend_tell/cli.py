@@ -1132,6 +1132,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _add_max_pixels_flag(parser)
     _add_int8_flag(parser)
     _add_encoder_precision_flag(parser)
+    _add_detector_flags(parser)
     parser.set_defaults(run=_run_serve)
 
 
@@ -1171,7 +1172,12 @@ def _run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     settings = dict(
-        model=args.model, int8=args.int8, encoder_precision=args.encoder_precision, allowed_hosts=hosts, **limits
+        model=args.model,
+        int8=args.int8,
+        encoder_precision=args.encoder_precision,
+        detector=args.detector,
+        allowed_hosts=hosts,
+        **limits,
     )
     listener.serve(
         settings,

@@ -223,15 +223,18 @@ def app_from_environment():
 
 
 def app_from_settings(settings: dict):
-    """Load the model of `settings` ("model", "int8", "encoder_precision"), warm it up, and build the app with
-    the rest of them (server.create_app's limits)."""
+    """Load the model of `settings` ("model", "int8", "encoder_precision", "detector"), warm it up, and build the
+    app with the rest of them (server.create_app's limits)."""
     from show_attend_tell.captioner import Captioner
     from show_attend_tell.server import create_app, warm_up
 
     release_large_frees()
     settings = dict(settings)
     captioner = Captioner.load(
-        settings.pop("model"), int8=settings.pop("int8"), encoder_precision=settings.pop("encoder_precision")
+        settings.pop("model"),
+        int8=settings.pop("int8"),
+        encoder_precision=settings.pop("encoder_precision"),
+        detector=settings.pop("detector", "centernet"),
     )
     warm_up(captioner, settings["max_batch"])
     return create_app(captioner, **settings)

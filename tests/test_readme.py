@@ -102,9 +102,7 @@ def test_guidance_table_equals_its_records():
     }
     rows = {
         "coco-dev, 80 everyday photos, unguided": coco["unguided"],
-        f"coco-dev, labels, no templates ({coco['labels_alone']['guided_photos']} photos guided)": coco[
-            "labels_alone"
-        ],
+        f"coco-dev, labels, no templates ({coco['labels_alone']['guided_photos']} photos guided)": coco["labels_alone"],
         f"coco-dev, labels and templates, {coco['labels_and_templates']['template_photos']} of them templates": coco[
             "labels_and_templates"
         ],

@@ -34,11 +34,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32, help="photos in the batched runs (the folder is cycled)")
     parser.add_argument("--repeats", type=int, default=9, help="measured rounds")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--detector", default="centernet", help="the COCO detector measured beside the labels")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     record = provenance(shlex.join(["python", *sys.argv]))
-    captioner = Captioner.load(args.model)
+    captioner = Captioner.load(args.model, detector=args.detector)
     photos = [load_image(p) for p in sorted(args.images.iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
     batch = [photos[i % len(photos)] for i in range(args.batch)]
 

@@ -1,16 +1,16 @@
 """Choose how the COCO detector guides captions, on coco-dev and Flickr8k val together.
 
     python recipes/tune_detector.py --coco-dev ../shared/data/coco-dev --flickr8k ../shared/data/flickr8k \
-        --cache work/detector --out results/detector_tuning.json
+        --cache work/detector --out results/detector_tuning/round4.json
 
-The product as it runs by default (`Captioner.load()`: its encoder precision, its decoder, the CenterNet detector,
-label guidance and templates) sees each photo once: grid features, ImageNet class probabilities and detections
-down to the lowest presence threshold are cached in --cache. Then guidance.Guidance's detector settings are tuned
-one at a time (coordinate descent, --passes times over SETTINGS, starting from the defaults in config.py), each
-setting decoded at the default beam through the same plan and search as `sat caption` (guidance.search), a photo
-decoded again only when its plan changed. Every setting tried is scored: BLEU-4, METEOR, ROUGE-L, CIDEr on both
-sets, and on coco-dev (whose COCO object annotations say what is there) CHAIR-i, CHAIR-s and the share of photos
-without people captioned with people.
+The product as it runs with the detector (`Captioner.load(detector="centernet")`: its default encoder precision
+and decoder, the CenterNet detector, label guidance and templates) sees each photo once: grid features, ImageNet
+class probabilities and detections down to the lowest presence threshold are cached in --cache. Then
+guidance.Guidance's detector settings are tuned one at a time (coordinate descent, --passes times over SETTINGS or
+--only, starting from the defaults in config.py), each setting decoded at the default beam through the same plan
+and search as `sat caption` (guidance.search), a photo decoded again only when its plan changed. Every setting
+tried is scored: BLEU-4, METEOR, ROUGE-L, CIDEr on both sets, and on coco-dev (whose COCO object annotations say
+what is there) CHAIR-i, CHAIR-s and the share of photos without people captioned with people.
 
 The rule: among settings that keep Flickr8k val CIDEr and METEOR within VAL_TOLERANCE of the detector off, those
 that meet the hallucination targets (CHAIR-s <= 25, people in at most 15% of empty photos) if any, and of those the
@@ -165,7 +165,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
-    captioner = Captioner.load()
+    captioner = Captioner.load(detector="centernet")
     coco_paths, coco_references = coco_folder(args.coco_dev)
     objects = coco_objects(sorted(args.coco_dev.glob("instances_*.json"))[0], [p.name for p in coco_paths])
     val = [r for r in read_flickr8k(args.flickr8k).records if r.split == "val"]

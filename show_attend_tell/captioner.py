@@ -202,7 +202,7 @@ class Captioner:
         encoder_precision: str = AUTO,
         guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
         template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
-        detector: str | None = "centernet",
+        detector: str | None = None,
         **guidance_options,
     ) -> Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
@@ -215,8 +215,9 @@ class Captioner:
         probability reaches this (see guidance.py); None turns label guidance off, templates too.
         template_threshold: a photo whose most probable label concept has a template caption ("a cup of coffee
         on a table") and reaches this gets that caption (see guidance.py); None: never.
-        detector: the COCO detector that guides captions beside the labels ("centernet", the offline default, or
-        another detector.DETECTORS name); None: none. Its words the vocabulary lacks are added (new_words.py).
+        detector: a COCO detector to guide captions beside the labels ("centernet", offline, or another
+        detector.DETECTORS name); None (the default: it misses two of its targets, README "A second pair of eyes"):
+        none. The COCO words the vocabulary lacks are added with it (new_words.py).
         guidance_options: the detector's thresholds and penalties (guidance.Guidance).
         """
         path = path or SHIPPED_MODEL

@@ -234,7 +234,7 @@ def app_from_settings(settings: dict):
         settings.pop("model"),
         int8=settings.pop("int8"),
         encoder_precision=settings.pop("encoder_precision"),
-        detector=settings.pop("detector", "centernet"),
+        detector=settings.pop("detector", None),
     )
     warm_up(captioner, settings["max_batch"])
     return create_app(captioner, **settings)

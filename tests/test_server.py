@@ -50,7 +50,7 @@ def load_captioner(directory: Path) -> Captioner:
     with torch.no_grad():
         model.decoder.attention.score.weight *= 6  # peaked maps, as a trained model's, not near-uniform ones
     save_model(model, vocab, directory, encoder_sha256=ENCODER_WEIGHTS["resnet50"].sha256())
-    return Captioner.load(directory)
+    return Captioner.load(directory, detector="centernet")
 
 
 @pytest.fixture(scope="module")

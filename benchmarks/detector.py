@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from show_attend_tell.captioner import _in_photo_pixels
 from show_attend_tell.chair import coco_objects
 from show_attend_tell.config import DEFAULT_PRESENCE_THRESHOLD
 from show_attend_tell.datasets import coco_folder
@@ -107,8 +106,7 @@ def main() -> int:
     default = detectors[precisions[-1]]  # what the captioner runs here (auto)
     pictures = [load_image(path, size=IMAGE_SIZE) for path in paths]
     detections = {
-        path.name: _in_photo_pixels(default.detect([picture], min_score=0.01)[0], picture)
-        for path, picture in zip(paths, pictures, strict=True)
+        path.name: default.detect([picture], min_score=0.01)[0] for path, picture in zip(paths, pictures, strict=True)
     }
     found = [{} for _ in paths]
     for scores, path in zip(found, paths, strict=True):

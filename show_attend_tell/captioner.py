@@ -35,7 +35,7 @@ from show_attend_tell.detector import Detection, Detector, load_detector
 from show_attend_tell.errors import Cancelled, InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, new_word_pairs, positions, search
-from show_attend_tell.images import DEFAULT_MAX_PIXELS, ORIGINAL_SIZE, load_image
+from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.model import CaptionDecoder, LocationSampling
 
@@ -93,17 +93,6 @@ def _checked_between_blocks(encoder, check: Callable[[], None]) -> Iterator[None
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _in_photo_pixels(detections: list[Detection], picture: Image.Image) -> list[Detection]:
-    """Detections on a decoded picture with their boxes in the pixels of the photo it was shrunk from."""
-    width, height = picture.info.get(ORIGINAL_SIZE, picture.size)
-    sx, sy = width / picture.width, height / picture.height
-    if sx == sy == 1:
-        return detections
-    return [
-        dataclasses.replace(d, box=(d.box[0] * sx, d.box[1] * sy, d.box[2] * sx, d.box[3] * sy)) for d in detections
-    ]
 
 
 class Alternative(NamedTuple):
@@ -338,8 +327,7 @@ class Captioner:
         detections = None
         if detect and self.detector is not None:
             check()
-            found = self.detector.detect(pictures, min_score=self.guidance.lowest_presence)
-            detections = [_in_photo_pixels(photo, picture) for photo, picture in zip(found, pictures, strict=True)]
+            detections = self.detector.detect(pictures, min_score=self.guidance.lowest_presence)
         return Seen(features, detections)
 
     @torch.no_grad()

@@ -713,15 +713,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         )
         guidance = (rule, head)
     if detector_name:
-        from show_attend_tell.captioner import _in_photo_pixels
         from show_attend_tell.detector import load_detector
 
         detector = load_detector(detector_name, precision=resolve_precision(args.encoder_precision))
 
         def detections(batch):  # the photos as the captioner reads them, whatever the features came from
             pictures = [load_image(dataset.images[i].path, size=model.config.image_size) for i in batch]
-            found = detector.detect(pictures, min_score=rule.lowest_presence)
-            return [_in_photo_pixels(f, p) for f, p in zip(found, pictures, strict=True)]
+            return detector.detect(pictures, min_score=rule.lowest_presence)
 
     results = {}
     for beam in args.beam:

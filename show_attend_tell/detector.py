@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from show_attend_tell.errors import InputError
+from show_attend_tell.images import ORIGINAL_SIZE
 from show_attend_tell.weights import (
     add_torchvision_file,
     cache_dir,
@@ -83,7 +84,8 @@ class Detection:
 
 
 class Detector(Protocol):
-    """What guidance needs of a detector: each photo's COCO detections, best first."""
+    """What guidance needs of a detector: each photo's COCO detections, best first, boxes in the pixels of the
+    photo each image was decoded from (photo_size)."""
 
     name: str
 
@@ -437,6 +439,12 @@ def load_centernet(path: Path) -> CenterNet:
         ) from None
 
 
+def photo_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) of the photo an image was decoded from: images.load_image may shrink a large photo
+    while decoding it, and detections are given in the photo's pixels."""
+    return image.info.get(ORIGINAL_SIZE, image.size)
+
+
 def letterbox(image: Image.Image, size: int = INPUT_SIZE) -> torch.Tensor:
     """A photo resized to size x size (the graph's input; the whole frame, as the package feeds it) -> (3, size,
     size) float RGB in 0-255."""
@@ -475,16 +483,17 @@ class CenterNetDetector:
         found = decode(heat.float(), sides.float()).cpu()  # (B, 100, 6)
         results = []
         for image, rows in zip(images, found, strict=True):
-            scale_x, scale_y = image.width / INPUT_SIZE, image.height / INPUT_SIZE
+            width, height = photo_size(image)
+            scale_x, scale_y = width / INPUT_SIZE, height / INPUT_SIZE
             detections = []
             for x1, y1, x2, y2, score, index in rows.tolist():
                 if score < min_score:
                     break  # rows are sorted by score
                 box = (
-                    min(max(x1, 0) * scale_x, image.width),
-                    min(max(y1, 0) * scale_y, image.height),
-                    min(x2 * scale_x, image.width),
-                    min(y2 * scale_y, image.height),
+                    min(max(x1, 0) * scale_x, width),
+                    min(max(y1, 0) * scale_y, height),
+                    min(x2 * scale_x, width),
+                    min(y2 * scale_y, height),
                 )
                 detections.append(Detection(COCO_CLASSES[int(index)], score, box))
             results.append(detections)
@@ -567,13 +576,15 @@ class TorchvisionDetector:
             for image in images
         ]
         results = []
-        for found in self.network(tensors) if tensors else []:
+        for image, found in zip(images, self.network(tensors) if tensors else [], strict=True):
+            width, height = photo_size(image)
+            sx, sy = width / image.width, height / image.height
             detections = []
             rows = zip(found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist(), strict=True)
             for box, score, label in rows:
                 name = self.categories[label]
                 if score >= min_score and name in COCO_CLASSES:
-                    detections.append(Detection(name, score, tuple(box)))
+                    detections.append(Detection(name, score, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)))
             results.append(sorted(detections, key=lambda d: d.score, reverse=True))
         return results
 

@@ -110,7 +110,7 @@ def main() -> None:
             }
         print(name, per_unit[f"encoder_{name}"], flush=True)
     from show_attend_tell.images import load_image
-    from show_attend_tell.model import image_transform
+    from show_attend_tell.weights import image_transform
 
     photo = Path(args.photo)
     with Image.open(photo) as opened:

@@ -30,14 +30,15 @@ import torch
 
 from show_attend_tell import decoding
 from show_attend_tell.captioner import SHIPPED_MODEL
-from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_MAX_LENGTH, ModelConfig, to_dict
 from show_attend_tell.decoding import Hypothesis, beam_search
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import calibrate_int8, encode_images, for_inference
-from show_attend_tell.model import CaptionModel, Encoder, image_transform
+from show_attend_tell.model import CaptionModel, Encoder
 from show_attend_tell.records import provenance, write_record
+from show_attend_tell.runtime import load_model
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+from show_attend_tell.weights import image_transform
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -60,7 +61,7 @@ def build_model(args: argparse.Namespace) -> tuple[CaptionModel, Vocabulary, str
     """The trained checkpoint when there is one (a real caption length), else a random decoder."""
     model_dir = Path(args.model) if args.model else SHIPPED_MODEL
     if not args.random_decoder and (model_dir / "config.json").is_file():
-        model, vocab, _ = load_model(model_dir, inference=True, int8=args.int8)
+        model, vocab, _ = load_model(model_dir, int8=args.int8)
         return model, vocab, str(model_dir) + (" (int8 decoder)" if args.int8 else "")
     if args.model:
         raise SystemExit(f"{args.model}: no checkpoint here (config.json missing)")

@@ -32,15 +32,16 @@ from pathlib import Path
 import torch
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Captioner
-from show_attend_tell.checkpoint import ENCODER_INT8_KEY, load_model, read_config
+from show_attend_tell.checkpoint import ENCODER_INT8_KEY, read_config
 from show_attend_tell.config import to_dict
 from show_attend_tell.fast_encoder import BF16_FLAGS, INT8_FLAGS, cpu_flags, resolve_precision, supported_precisions
 from show_attend_tell.features import extract_features
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import image_features
-from show_attend_tell.model import image_transform
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
+from show_attend_tell.runtime import load_model
+from show_attend_tell.weights import image_transform
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +89,7 @@ def main() -> int:
     precisions = [p for p in supported_precisions("cpu", flags) if p != "int8" or calibrated]
 
     # model.Encoder and the int8 decoder, as `sat caption` ran before fast_encoder.py
-    captioners = {"today": Captioner(*load_model(args.model, inference=True, int8=True))}
+    captioners = {"today": Captioner(*load_model(args.model, int8=True))}
     for precision in precisions:
         captioners[precision] = Captioner.load(args.model, encoder_precision=precision)
     config = captioners["today"].model.config

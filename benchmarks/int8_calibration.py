@@ -17,12 +17,14 @@ import sys
 import torch
 from tqdm import tqdm
 
+from show_attend_tell import runtime
+from show_attend_tell.calibration import calibration_sample
 from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.decoding import beam_search
 from show_attend_tell.images import load_image
-from show_attend_tell.inference import Int8Decoder, Int8Linear, calibrate_int8, calibration_sample, image_features
+from show_attend_tell.inference import Int8Decoder, Int8Linear, calibrate_int8, image_features
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
 
@@ -70,7 +72,7 @@ def main() -> int:
     torch.manual_seed(0)
     dataset = PreparedDataset.load(args.data)
     model, _, _ = load_model(args.model)
-    fp32, _, _ = load_model(args.model, with_encoder=False, inference=True)
+    fp32, _, _ = runtime.load_model(args.model, with_encoder=False)
     compared = dataset.indices(args.split)[: args.images]
     calibration = calibration_sample(dataset.indices("train"), max(args.calibration_images), 0)
     train_features = features_of(model, dataset, calibration, "train photos")

@@ -21,13 +21,13 @@ import torch
 from tqdm import tqdm
 
 from show_attend_tell.captioner import SHIPPED_MODEL
-from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.evaluate import evaluate
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
+from show_attend_tell.runtime import load_model
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     record = provenance(shlex.join([sys.executable, *sys.argv]))
     dataset = PreparedDataset.load(args.data)
     rows = dataset.indices(args.split)[: args.limit or None]
-    model, vocab, _ = load_model(args.model, inference=True, int8=False)
+    model, vocab, _ = load_model(args.model, int8=False)
     grids = []
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), args.batch_size), desc="encoder (fp32)", unit="batch"):

@@ -36,9 +36,9 @@ from show_attend_tell.decoding import constrained_beam_search
 from show_attend_tell.guidance import Guidance, LabelHead
 from show_attend_tell.images import load_image
 from show_attend_tell.metrics import score_captions
-from show_attend_tell.model import image_transform
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
+from show_attend_tell.weights import image_transform
 
 THRESHOLDS = [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01]  # 1.01: never guide
 TEMPLATE_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]  # 1.01: no templates
@@ -97,7 +97,7 @@ def main() -> int:
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
 
-    model, vocab, _ = load_model(args.model, int8=False)
+    model, vocab, _ = load_model(args.model)
     head = LabelHead.for_encoder(model.config.encoder)
     guidance = Guidance(vocab, threshold=min(THRESHOLDS), max_label_words=args.max_label_words)
     dataset = PreparedDataset.load(args.data)

@@ -16,7 +16,7 @@ from conftest import REPO, tiny_model_config, tiny_transformer
 from safetensors.torch import load_file
 
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import DataConfig, TrainConfig
+from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig
 from show_attend_tell.features import FeatureStore
 from show_attend_tell.inference import calibrate_int8
 from show_attend_tell.prepare import PreparedDataset
@@ -815,3 +815,42 @@ def test_a_store_holding_nan_is_named_as_the_cause_not_the_learning_rate(tiny_pr
     assert "last" not in str(error.value) and "--overwrite" in str(error.value)
     with pytest.raises(NonFiniteLossError, match="at step 0 \\(epoch 0\\); nothing was saved yet. Lower --decoder-lr"):
         _optimise(trainer, torch.tensor(float("nan")))
+
+
+def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path):
+    """benchmarks/train_speed.py on a `sat features --image-size 448` store trains the 14x14 model the store fits
+    (as `sat train --features` does), each batching on its own epoch, and reports the padding it measured."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prepared = bench.synthetic_dataset(tmp_path / "data", images=6, vocab_size=40, mean_words=6)
+    config = ModelConfig(vocab_size=len(PreparedDataset.load(prepared).vocab), image_size=448, grid_size=14)
+    store = bench.synthetic_features(prepared, tmp_path / "store", config)
+    args = argparse.Namespace(
+        data=str(prepared),
+        features=str(store),
+        random_features=False,
+        image_size=None,
+        limit=0,
+        sources=["features"],
+        batch_captions=[10],
+        precisions=["auto"],
+        decoders=["lstm"],
+        batching=["random", "length"],
+        phases=False,
+        repeats=0,
+        warmup=0,
+    )
+    record = bench.measure(args, tmp_path / "work")
+    model = record["parameters"]["model"]
+    assert (model["image_size"], model["grid_size"]) == (448, 14)
+    results = record["results"]
+    assert set(results) == {"features_random_batch_10", "features_length_batch_10"}
+    assert all(result["batches"] == 3 and 0 < result["words_over_slots"] <= 1 for result in results.values())
+    assert "features_length_batch_10: length_over_random" in record["ratios"]
+    args.image_size = 224
+    with pytest.raises(SystemExit, match="--image-size is the --features store's"):
+        bench.measure(args, tmp_path / "again")

@@ -191,6 +191,25 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             batches[name, size] = [rows for rows in every if sum(len(data.caption_rows[i]) for i in rows) >= size]
             if not batches[name, size]:
                 raise SystemExit(f"{len(data.train_rows)} training images do not make one batch of {size} captions")
+    words = (dataset.lengths[dataset.caption_indices("train")] - 2).float()
+    parameters = {
+        "data": str(prepared) if args.data else "synthetic",
+        "features": features if args.features else "random grids (synthetic) in place of the encoder's",
+        "limit": args.limit,
+        "train_images": len(first.data.train_rows),
+        "caption_words_mean": round(float(words.mean()), 2),
+        "caption_words_max": int(words.max()),
+        "batch_captions": args.batch_captions,
+        "warmup_rounds": args.warmup,
+        "threads": torch.get_num_threads(),
+        "model": to_dict(first.model_config),
+        "train": to_dict(first.config),
+    }
+    if args.profile:
+        parameters.update(profiled_steps=args.profile, rounds=None)
+        runs = {(name, size) for name in sources for size in args.batch_captions}
+        profiles = {f"{n}_batch_{size}": profile_steps(trainers[n], batches[n, size], args.profile) for n, size in runs}
+        return {"parameters": parameters, "profile": dict(sorted(profiles.items()))}
     kinds = ("step", "phases") if args.phases else ("step",)
     tasks = [(source, size, kind) for source in sources for size in args.batch_captions for kind in kinds]
     rounds = args.repeats or max(len(b) for b in batches.values())
@@ -267,22 +286,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             twin = [other for other, r in results.items() if r[axis] == denominator and _same_but(r, result, axis)]
             if twin:
                 ratios[f"{name}: {numerator}_over_{denominator}"] = round(overall[name] / overall[twin[0]], 3)
-    words = (dataset.lengths[dataset.caption_indices("train")] - 2).float()
+    parameters["rounds"] = rounds if args.repeats else "one epoch of each run (every batch once)"
     return {
-        "parameters": {
-            "data": str(prepared) if args.data else "synthetic",
-            "features": features if args.features else "random grids (synthetic) in place of the encoder's",
-            "limit": args.limit,
-            "train_images": len(first.data.train_rows),
-            "caption_words_mean": round(float(words.mean()), 2),
-            "caption_words_max": int(words.max()),
-            "batch_captions": args.batch_captions,
-            "rounds": rounds if args.repeats else "one epoch of each run (every batch once)",
-            "warmup_rounds": args.warmup,
-            "threads": torch.get_num_threads(),
-            "model": to_dict(first.model_config),
-            "train": to_dict(first.config),
-        },
+        "parameters": parameters,
         "results": results,
         "ratios": ratios,
         "target_features_at_least_50_captions_per_second": {
@@ -290,6 +296,62 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             for name, value in results.items()
             if name.startswith("features")
         },
+    }
+
+
+def profile_steps(run: Run, batches: list[list[int]], steps: int, top: int = 15) -> dict:
+    """Where a step's time goes, from torch.profiler over `steps` steps (after one that is not profiled), as shares
+    of the steps' CPU time: by phase (cross_entropy_step's marks), by the decoder's modules in the forward pass (a
+    module's own and its children's time), by autograd function in the backward pass, and the ops with the most
+    self time (an op's time outside the ops it calls)."""
+    from torch.autograd.profiler import record_function
+
+    cross_entropy_step(run, batches[-1])
+    open_scopes = []
+
+    def enter(name: str) -> None:
+        open_scopes.append(record_function(name))
+        open_scopes[-1].__enter__()
+
+    def leave(*_) -> None:
+        open_scopes.pop().__exit__(None, None, None)
+
+    def mark(phase: str) -> None:
+        leave()
+        if phase != PHASES[-1]:
+            enter(f"phase::{PHASES[PHASES.index(phase) + 1]}")
+
+    hooks = []
+    for name, module in run.model.decoder.named_children():
+        hooks.append(module.register_forward_pre_hook(lambda *_, name=name: enter(f"module::{name}")))
+        hooks.append(module.register_forward_hook(leave))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for rows in batches[:steps]:
+            enter(f"phase::{PHASES[0]}")
+            cross_entropy_step(run, rows, mark=mark)
+    for hook in hooks:
+        hook.remove()
+    events = profiler.key_averages()
+    inclusive = {event.key: event.cpu_time_total for event in events}
+    total = sum(inclusive.get(f"phase::{phase}", 0.0) for phase in PHASES)
+
+    def share(microseconds: float) -> float:
+        return round(microseconds / total, 4)
+
+    backward_prefix = "autograd::engine::evaluate_function: "
+    backward = sorted((e for e in events if e.key.startswith(backward_prefix)), key=lambda e: -e.cpu_time_total)
+    ops = sorted(events, key=lambda event: -event.self_cpu_time_total)
+    return {
+        "steps": min(steps, len(batches)),
+        "step_ms": round(total / 1e3 / min(steps, len(batches)), 1),
+        "phases": {phase: share(inclusive.get(f"phase::{phase}", 0.0)) for phase in PHASES},
+        "forward_modules": {
+            key.removeprefix("module::"): share(value) for key, value in inclusive.items() if key.startswith("module::")
+        },
+        "backward_functions": {e.key.removeprefix(backward_prefix): share(e.cpu_time_total) for e in backward[:top]},
+        "top_ops_self_time": {e.key: share(e.self_cpu_time_total) for e in ops[:top]},
+        "note": "shares of the profiled steps' CPU time (the phases sum to 1); phase::* and module::* rows among the "
+        "ops are Python time outside any op",
     }
 
 
@@ -334,6 +396,13 @@ def main() -> int:
         help="also time each phase of the step (one more step per round)",
     )
     parser.add_argument("--repeats", type=int, default=10, help="measured rounds (0: one epoch of each run)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="instead of timing, profile this many steps of each run (torch.profiler): where a step's time goes",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
     parser.add_argument("--images", type=int, default=200, help="synthetic: training images (5 captions each)")
@@ -353,6 +422,13 @@ def main() -> int:
     record["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     if args.note:
         record["note"] = args.note
+    if args.profile:
+        for name, profile in record["profile"].items():
+            print(name, json.dumps({key: profile[key] for key in ("step_ms", "phases", "forward_modules")}))
+            print("  top ops (share of self time):", json.dumps(profile["top_ops_self_time"]))
+        if args.out:
+            write_record(record, args.out)
+        return 0
     for name, result in record["results"].items():
         split = ", ".join(f"{phase} {ms:.0f}" for phase, ms in result.get("split_ms_median", {}).items())
         print(

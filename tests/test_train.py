@@ -841,6 +841,7 @@ def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path):
         decoders=["lstm"],
         batching=["random", "length"],
         phases=False,
+        profile=0,
         repeats=0,
         warmup=0,
     )
@@ -854,3 +855,7 @@ def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path):
     args.image_size = 224
     with pytest.raises(SystemExit, match="--image-size is the --features store's"):
         bench.measure(args, tmp_path / "again")
+    args.image_size, args.profile, args.batching = None, 2, ["random"]
+    profile = bench.measure(args, tmp_path / "profiled")["profile"]["features_batch_10"]
+    assert profile["steps"] == 2 and sum(profile["phases"].values()) == pytest.approx(1, abs=1e-3)
+    assert profile["phases"]["backward"] > 0 and {"attention", "lstm", "L_o"} <= set(profile["forward_modules"])

@@ -554,13 +554,12 @@ def _encoder_settings(args: argparse.Namespace) -> dict:
     """The encoder, photo size and grid not given as flags: the --features store's (a store made with `sat features
     --image-size 448` trains a 448 px, 14x14 model without repeating its flags), else the encoder's own grid."""
     from show_attend_tell.config import ModelConfig
-    from show_attend_tell.features import native_grid_size, read_meta
+    from show_attend_tell.features import native_grid_size, store_settings
 
     names = ("encoder", "image_size", "grid_size")
     settings = {}
     if args.features:
-        meta = read_meta(args.features)
-        settings = {key: meta[key] for key in names if getattr(args, key) is None and key in meta}
+        settings = {key: value for key, value in store_settings(args.features).items() if getattr(args, key) is None}
     if args.grid_size is None and "grid_size" not in settings:
         given = {key: getattr(args, key) for key in names[:2] if getattr(args, key) is not None}
         settings["grid_size"] = native_grid_size(ModelConfig(vocab_size=1, **{**given, **settings}))

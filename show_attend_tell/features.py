@@ -98,6 +98,12 @@ def read_meta(directory: str | Path) -> dict:
         raise InputError(f"{meta_path}: not valid JSON ({error})") from None
 
 
+def store_settings(directory: str | Path) -> dict:
+    """The ModelConfig fields a store fixes (those its features.json records): encoder, image_size, grid_size."""
+    meta = read_meta(directory)
+    return {key: meta[key] for key in ("encoder", "image_size", "grid_size") if key in meta}
+
+
 def store_stage(directory: str | Path) -> str:
     """The stage a store holds ("" for grid features)."""
     return read_meta(directory).get("stage", "")

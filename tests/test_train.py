@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from show_attend_tell import runtime
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import DataConfig, TrainConfig
+from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig
 from show_attend_tell.features import FeatureStore
 from show_attend_tell.inference import calibrate_int8
 from show_attend_tell.prepare import PreparedDataset
@@ -27,6 +27,7 @@ from show_attend_tell.train import (
     _optimise,
     batch_captions,
     batch_features,
+    batches_of_epoch,
     cross_entropy_step,
     epoch_batches,
     epoch_order,
@@ -261,6 +262,62 @@ def test_every_training_image_is_seen_once_per_epoch(block):
     caption_rows = {row: [row, row] for row in rows}
     batches = epoch_batches(rows, caption_rows, batch_size=10, epoch=2, seed=4, block=block)
     assert sorted(row for batch in batches for row in batch) == rows
+
+
+@pytest.mark.parametrize("block", [0, 3])
+def test_length_bucketed_batches_take_every_caption_once_with_captions_of_one_length_together(block):
+    rows = [row for row in range(300) if row % 7]
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(1, 6, (len(rows),), generator=generator).tolist()  # captions per image
+    caption_rows, start = {}, 0
+    for row, count in zip(rows, counts, strict=True):
+        caption_rows[row], start = list(range(start, start + count)), start + count
+    longest = dict(zip(rows, torch.randint(5, 25, (len(rows),), generator=generator).tolist(), strict=True))
+    epochs = [epoch_batches(rows, caption_rows, 12, epoch, seed=4, block=block, longest=longest) for epoch in (0, 1)]
+    pool = SHUFFLE_WINDOW_BLOCKS * block if block else len(rows)
+    for batches in epochs:
+        assert sorted(c for batch in batches for image in batch for c in caption_rows[image]) == list(range(start))
+        short = [batch for batch in batches if sum(len(caption_rows[image]) for image in batch) < 12]
+        assert len(short) <= -(-len(rows) // pool)  # what is left of each pool
+    assert epochs[0] == epoch_batches(rows, caption_rows, 12, 0, seed=4, block=block, longest=longest)  # resumable
+    assert epochs[0] != epochs[1]
+    images_seen, spans = 0, []
+    for batch in epochs[1]:  # within a pool, the batches' length ranges do not overlap: one sorted run, cut
+        if images_seen % pool == 0 and images_seen:
+            spans = []
+        spans.append((min(longest[i] for i in batch), max(longest[i] for i in batch)))
+        images_seen += len(batch)
+        assert all(high <= low_ or high_ <= low for low, high in spans[:-1] for low_, high_ in spans[-1:])
+    assert [low for low, _ in spans] != sorted(low for low, _ in spans)  # in a random order, not shortest first
+    shuffled = epoch_batches(rows, caption_rows, 12, 1, seed=4, block=block)
+    padded = {
+        name: sum(max(longest[i] for i in b) * len(b) for b in bs)
+        for name, bs in [("bucketed", epochs[1]), ("random", shuffled)]
+    }
+    assert padded["bucketed"] < 0.8 * padded["random"]
+
+
+@pytest.mark.parametrize("model", [{}, tiny_transformer()], ids=["lstm", "transformer"])
+def test_a_length_bucketed_run_stopped_mid_epoch_resumes_exactly(tiny_prepared, tiny_features, tmp_path, model):
+    """Bucketed batches (each padded to its own longest caption) train both decoders; a run stopped mid-way
+    through its second epoch and resumed ends bit-identical to one that was not stopped."""
+    straight = make_trainer(tmp_path / "straight", tiny_prepared, tiny_features, model, epochs=2, bucket_by_length=True)
+    batches = batches_of_epoch(straight, 1)
+    data = straight.data
+    assert batches == epoch_batches(data.train_rows, data.caption_rows, 10, 1, seed=1, longest=data.longest)
+    assert batches != epoch_batches(data.train_rows, data.caption_rows, 10, 1, seed=1)
+    for batch in batches:
+        tokens, lengths, _ = batch_captions(straight, batch)
+        assert tokens.size(1) == max(data.longest[i] for i in batch) == int(lengths.max())
+    fit(straight, progress=False)
+    stopped = make_trainer(tmp_path / "stopped", tiny_prepared, tiny_features, model, epochs=2, bucket_by_length=True)
+    assert fit(stopped, max_steps=straight.steps_per_epoch + 2, progress=False)["stopped"] == "max_steps"
+    resumed = resume_run(tmp_path / "stopped", pretrained_encoder=False, java=False)
+    assert resumed.config.bucket_by_length and resumed.progress.step_in_epoch == 2
+    fit(resumed, progress=False)
+    a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
+    b = load_file(tmp_path / "stopped" / "last" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 @pytest.mark.parametrize("self_critical", [False, True])
@@ -759,3 +816,47 @@ def test_a_store_holding_nan_is_named_as_the_cause_not_the_learning_rate(tiny_pr
     assert "last" not in str(error.value) and "--overwrite" in str(error.value)
     with pytest.raises(NonFiniteLossError, match="at step 0 \\(epoch 0\\); nothing was saved yet. Lower --decoder-lr"):
         _optimise(trainer, torch.tensor(float("nan")))
+
+
+def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path):
+    """benchmarks/train_speed.py on a `sat features --image-size 448` store trains the 14x14 model the store fits
+    (as `sat train --features` does), each batching on its own epoch, and reports the padding it measured."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prepared = bench.synthetic_dataset(tmp_path / "data", images=6, vocab_size=40, mean_words=6)
+    config = ModelConfig(vocab_size=len(PreparedDataset.load(prepared).vocab), image_size=448, grid_size=14)
+    store = bench.synthetic_features(prepared, tmp_path / "store", config)
+    args = argparse.Namespace(
+        data=str(prepared),
+        features=str(store),
+        random_features=False,
+        image_size=None,
+        limit=0,
+        sources=["features"],
+        batch_captions=[10],
+        precisions=["auto"],
+        decoders=["lstm"],
+        batching=["random", "length"],
+        phases=False,
+        profile=0,
+        repeats=0,
+        warmup=0,
+    )
+    record = bench.measure(args, tmp_path / "work")
+    model = record["parameters"]["model"]
+    assert (model["image_size"], model["grid_size"]) == (448, 14)
+    results = record["results"]
+    assert set(results) == {"features_random_batch_10", "features_length_batch_10"}
+    assert all(result["batches"] == 3 and 0 < result["words_over_slots"] <= 1 for result in results.values())
+    assert "features_length_batch_10: length_over_random" in record["ratios"]
+    args.image_size = 224
+    with pytest.raises(SystemExit, match="--image-size is the --features store's"):
+        bench.measure(args, tmp_path / "again")
+    args.image_size, args.profile, args.batching = None, 2, ["random"]
+    profile = bench.measure(args, tmp_path / "profiled")["profile"]["features_batch_10"]
+    assert profile["steps"] == 2 and sum(profile["phases"].values()) == pytest.approx(1, abs=1e-3)
+    assert profile["phases"]["backward"] > 0 and {"attention", "lstm", "L_o"} <= set(profile["forward_modules"])

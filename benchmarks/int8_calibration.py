@@ -21,18 +21,17 @@ from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.decoding import beam_search
-from show_attend_tell.images import load_image
-from show_attend_tell.inference import Int8Decoder, Int8Linear, calibrate_int8, calibration_sample, image_features
+from show_attend_tell.features import dataset_features
+from show_attend_tell.inference import Int8Decoder, Int8Linear, calibrate_int8, calibration_sample
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
 
 
 def features_of(model, dataset: PreparedDataset, rows: list[int], description: str) -> torch.Tensor:
-    batches = []
+    batches, features = [], dataset_features(model, dataset)
     for start in tqdm(range(0, len(rows), 8), desc=description):
-        photos = [load_image(dataset.images[i].path) for i in rows[start : start + 8]]
         with torch.no_grad():
-            batches.append(image_features(model.encoder, photos, model.config).half())
+            batches.append(features(rows[start : start + 8]).half())
     return torch.cat(batches)
 
 

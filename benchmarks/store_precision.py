@@ -24,8 +24,7 @@ from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.evaluate import evaluate
-from show_attend_tell.images import load_image
-from show_attend_tell.inference import image_features
+from show_attend_tell.features import dataset_features
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
 
@@ -44,11 +43,10 @@ def main() -> None:
     dataset = PreparedDataset.load(args.data)
     rows = dataset.indices(args.split)[: args.limit or None]
     model, vocab, _ = load_model(args.model, inference=True, int8=False)
-    grids = []
+    grids, features = [], dataset_features(model, dataset)
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), args.batch_size), desc="encoder (fp32)", unit="batch"):
-            photos = [load_image(dataset.images[i].path) for i in rows[start : start + args.batch_size]]
-            grids.append(image_features(model.encoder, photos, model.config))  # (B, P, E) fp32
+            grids.append(features(rows[start : start + args.batch_size]))  # (B, P, E) fp32
     fp32 = torch.cat(grids)
     position = {row: n for n, row in enumerate(rows)}
     stores = {"float32": fp32, "float16": fp32.half().float()}

@@ -12,17 +12,14 @@ and without people, COCO box AP (pycocotools), and the latency of one photo in e
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from harness import begin_record, benchmark_parser, finish, interleaved, median
 
 from show_attend_tell.chair import coco_objects
 from show_attend_tell.config import DEFAULT_PRESENCE_THRESHOLD
@@ -30,7 +27,6 @@ from show_attend_tell.datasets import coco_folder
 from show_attend_tell.detector import COCO_CLASSES, CenterNetDetector, fetch_centernet, load_centernet
 from show_attend_tell.fast_encoder import resolve_precision
 from show_attend_tell.images import load_image
-from show_attend_tell.records import provenance, write_record
 
 THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5)
 IMAGE_SIZE = 448  # the shipped model's input: photos are decoded as the captioner decodes them
@@ -89,12 +85,11 @@ def box_ap(instances: Path, detections: dict[str, list], ids: dict[str, int]) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="detector.json", required=True)
     parser.add_argument("--coco-dev", type=Path, required=True, help="folder with captions_*.json, instances_*.json")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    record = provenance(shlex.join(["python", *sys.argv]))
+    record = begin_record(args)
     paths, _ = coco_folder(args.coco_dev)
     instances = sorted(args.coco_dev.glob("instances_*.json"))[0]
     truth = coco_objects(instances, [p.name for p in paths])
@@ -122,15 +117,13 @@ def main() -> int:
         }
         for t in THRESHOLDS
     }
-    times: dict[str, list[float]] = {precision: [] for precision in detectors}
     for detector in detectors.values():
         detector.detect(pictures[:2], min_score=0.3)  # warm-up
-    for round_ in range(args.rounds):
-        picture = pictures[round_ % len(pictures)]
-        for precision, detector in detectors.items():
-            start = time.perf_counter()
-            detector.detect([picture], min_score=0.3)
-            times[precision].append(time.perf_counter() - start)
+    variants = {
+        precision: lambda r, d=detector: d.detect([pictures[r % len(pictures)]], min_score=0.3)
+        for precision, detector in detectors.items()
+    }
+    times = interleaved(variants, args.rounds, reverse=False).seconds
     record.update(
         detector=f"centernet ({default.precision}): npm @vladmandic/human@3.3.6 models/centernet, rebuilt",
         images=len(paths),
@@ -143,7 +136,7 @@ def main() -> int:
         box=box_ap(instances, detections, ids),
         latency_ms={
             precision: {
-                "median": round(1000 * statistics.median(values), 1),
+                "median": median(values, scale=1000, digits=1),
                 "rounds": [round(1000 * v, 1) for v in values],
             }
             for precision, values in times.items()
@@ -151,9 +144,7 @@ def main() -> int:
         latency_note="one photo (already decoded) through letterbox, the network and the box decoding; "
         f"{torch.get_num_threads()} torch threads",
     )
-    print(json.dumps({k: record[k] for k in ("image_level", "person", "box", "latency_ms")}, indent=1))
-    write_record(record, args.out)
-    return 0
+    return finish(record, args.out, {k: record[k] for k in ("image_level", "person", "box", "latency_ms")}, indent=1)
 
 
 if __name__ == "__main__":

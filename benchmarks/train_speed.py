@@ -21,9 +21,6 @@ words, like Flickr8k's 10.8) over a --vocab-size vocabulary, and random non-nega
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -33,13 +30,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import (
+    add_note,
+    add_rounds,
+    add_threads,
+    begin_record,
+    benchmark_parser,
+    finish,
+    interleaved,
+    load_at_end,
+    median,
+    per_round_ratio,
+)
 from PIL import Image
 
 from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from show_attend_tell.datasets import read_folder
 from show_attend_tell.features import extract_features
 from show_attend_tell.prepare import PreparedDataset, prepare
-from show_attend_tell.records import provenance, write_record
 from show_attend_tell.train import Run, cross_entropy_step, epoch_batches, new_run
 from show_attend_tell.weights import ENCODER_WEIGHTS
 
@@ -146,38 +154,35 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         batches[size] = [rows for rows in every if sum(len(first.data.caption_rows[i]) for i in rows) >= size]
         if not batches[size]:
             raise SystemExit(f"{len(first.data.train_rows)} training images do not make one batch of {size} captions")
-    tasks = [(source, size, kind) for source in sources for size in args.batch_captions for kind in ("step", "phases")]
-    throughput = {(s, n): [] for s in sources for n in args.batch_captions}
-    step_seconds = {(s, n): [] for s in sources for n in args.batch_captions}
-    captions = {(s, n): [] for s in sources for n in args.batch_captions}
-    phases = {(s, n): {p: [] for p in PHASES} for s in sources for n in args.batch_captions}
-    for r in range(-args.warmup, args.repeats):
-        for source, size, kind in tasks if r % 2 == 0 else tasks[::-1]:
+
+    def task(source: str, size: int, kind: str):
+        def run(r: int):
             rows = batches[size][r % len(batches[size])]
-            trainer = trainers[source]
             if kind == "step":
-                start = time.perf_counter()
-                stats = cross_entropy_step(trainer, rows)
-                seconds = time.perf_counter() - start
-                if r >= 0:
-                    throughput[source, size].append(stats["captions"] / seconds)
-                    step_seconds[source, size].append(seconds)
-                    captions[source, size].append(stats["captions"])
-            else:
-                split = timed_phases(trainer, rows)
-                if r >= 0:
-                    for phase, seconds in split.items():
-                        phases[source, size][phase].append(seconds)
-        if r >= 0:
-            print(
-                f"round {r + 1}/{args.repeats}: "
-                + ", ".join(f"{s} x{n} {v[-1]:.1f} captions/s" for (s, n), v in throughput.items())
-            )
+                return cross_entropy_step(trainers[source], rows)["captions"]
+            return timed_phases(trainers[source], rows)
+
+        return run
+
+    pairs = [(s, n) for s in sources for n in args.batch_captions]
+    tasks = {(source, size, kind): task(source, size, kind) for source, size in pairs for kind in ("step", "phases")}
+
+    def progress(r: int, rounds) -> None:
+        last = {(s, n): rounds.results[s, n, "step"][-1] / rounds.seconds[s, n, "step"][-1] for s, n in pairs}
+        print(
+            f"round {r + 1}/{args.repeats}: " + ", ".join(f"{s} x{n} {v:.1f} captions/s" for (s, n), v in last.items())
+        )
+
+    rounds = interleaved(tasks, args.repeats, warmup=args.warmup, after_round=progress)
+    step_seconds = {(s, n): rounds.seconds[s, n, "step"] for s, n in pairs}
+    captions = {(s, n): rounds.results[s, n, "step"] for s, n in pairs}
+    throughput = {key: [c / t for c, t in zip(captions[key], step_seconds[key], strict=True)] for key in pairs}
+    phases = {(s, n): {p: [split[p] for split in rounds.results[s, n, "phases"]] for p in PHASES} for s, n in pairs}
 
     results = {}
     for (source, size), values in throughput.items():
-        split = {p: 1e3 * statistics.median(v) for p, v in phases[source, size].items()}
-        cps = statistics.median(values)
+        split = {p: median(v, scale=1e3) for p, v in phases[source, size].items()}
+        cps = median(values)
         results[f"{source}_batch_{size}"] = {
             "source": "cached features" if variants[source][0] == "features" else "images through the encoder",
             "precision": variants[source][1],
@@ -185,7 +190,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             "batch_captions_mean": statistics.mean(captions[source, size]),
             "captions_per_second_median": round(cps, 2),
             "captions_per_second_min_max": [round(min(values), 2), round(max(values), 2)],
-            "train_step_ms_median": round(1e3 * statistics.median(step_seconds[source, size]), 1),
+            "train_step_ms_median": median(step_seconds[source, size], scale=1e3, digits=1),
             "split_ms_median": {p: round(v, 1) for p, v in split.items()},
             "split_fraction": {p: round(v / sum(split.values()), 3) for p, v in split.items()},
             "split_sum_ms": round(sum(split.values()), 1),
@@ -194,8 +199,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     ratios = {}
     if "features" in sources and "images" in sources:
         for size in args.batch_captions:
-            per_round = [a / b for a, b in zip(throughput["features", size], throughput["images", size], strict=True)]
-            ratios[f"features_over_images_batch_{size}"] = round(statistics.median(per_round), 2)
+            per_round = per_round_ratio(throughput["features", size], throughput["images", size])
+            ratios[f"features_over_images_batch_{size}"] = median(per_round, digits=2)
     words = (dataset.lengths[dataset.caption_indices("train")] - 2).float()
     return {
         "parameters": {
@@ -222,7 +227,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="train_speed.json")
     parser.add_argument("--data", help="a `sat prepare` directory (default: a synthetic dataset)")
     parser.add_argument("--features", help="its `sat features` store (for the cached-features runs)")
     parser.add_argument("--sources", nargs="+", choices=["features", "images"], default=["features", "images"])
@@ -234,31 +239,24 @@ def main() -> int:
         default=["auto"],
         help="train.precision of the runs; several are interleaved like the sources (e.g. fp32 bf16)",
     )
-    parser.add_argument("--repeats", type=int, default=10, help="measured rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
+    add_rounds(parser, 10, warmup=1)
+    add_threads(parser)
     parser.add_argument("--images", type=int, default=200, help="synthetic: training images (5 captions each)")
     parser.add_argument("--vocab-size", type=int, default=FLICKR8K_VOCAB_SIZE, help="synthetic: vocabulary size")
     parser.add_argument("--mean-words", type=float, default=11.0, help="synthetic: mean caption length in words")
-    parser.add_argument("--note", default="", help="recorded beside the figures, e.g. the machine's state")
-    parser.add_argument("--out", help="write the figures as JSON here (e.g. results/train_speed.json)")
+    add_note(parser)
     args = parser.parse_args()
     if args.features and not args.data:
         parser.error("--features needs --data")
-    torch.set_num_threads(args.threads)
-    record = provenance("python " + shlex.join(sys.argv))
+    record = begin_record(args)
     with tempfile.TemporaryDirectory(prefix="train_speed_") as workdir:
         record.update(measure(args, Path(workdir)))
-    record["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
-    if args.note:
-        record["note"] = args.note
+    load_at_end(record, args.note)
     for name, result in record["results"].items():
         split = ", ".join(f"{phase} {ms:.0f}" for phase, ms in result["split_ms_median"].items())
         print(f"{name}: {result['captions_per_second_median']} captions/s; split (ms): {split}")
-    print(json.dumps({"ratios": record["ratios"], "target": record["target_features_at_least_50_captions_per_second"]}))
-    if args.out:
-        write_record(record, args.out)
-    return 0
+    shown = {"ratios": record["ratios"], "target": record["target_features_at_least_50_captions_per_second"]}
+    return finish(record, args.out, shown, indent=None)
 
 
 if __name__ == "__main__":

@@ -899,9 +899,11 @@ def test_a_client_that_hangs_up_leaves_its_batch_and_the_others_get_their_captio
         assert await loop.run_in_executor(None, encoder.entered.wait, 10)  # a batch of one in the encoder
         hang_up = asyncio.Event()
         clients = [Client(body, hang_up_on=hang_up if i == 1 else None) for i, body in enumerate(bodies)]
-        tasks = [asyncio.ensure_future(client.run(app)) for client in clients]
-        while app.state.queue.waiting < 3:
-            await asyncio.sleep(0.01)
+        tasks = []
+        for client in clients:  # one after another, so that the queue holds them in this order: the first of the
+            tasks.append(asyncio.ensure_future(client.run(app)))  # batch enters the encoder, not the one that leaves
+            while app.state.queue.waiting < len(tasks):
+                await asyncio.sleep(0.01)
         held, encoder.release = encoder.release, threading.Event()
         encoder.entered.clear()
         held.set()  # the first batch ends; the next, of the three, enters the encoder

@@ -527,6 +527,7 @@ def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, f
         new_run(tmp_path / "run3", config, train, DataConfig(str(tiny_prepared), str(late)), java=False)
 
 
+@pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights
 ):
@@ -558,6 +559,7 @@ def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     assert state["epoch"] == 2 and state["global_step"] > 4
 
 
+@pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_cli_shows_each_validation_and_says_how_to_resume_after_ctrl_c(
     tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights, monkeypatch, capsys
 ):

@@ -75,6 +75,7 @@ def main() -> int:
     if captioner.detector is not None:
         record.update(
             detector=f"{captioner.detector_name} ({captioner.detector.precision})",
+            detector_size=getattr(captioner.detector, "size", None),
             defaults_over_labels_one_photo=ratio("one_photo_defaults", "one_photo_guided"),
             defaults_over_labels_batched=ratio("batch_defaults", "batch_guided"),
             one_at_a_time_over_batched_defaults=ratio("one_photo_defaults", "batch_defaults"),

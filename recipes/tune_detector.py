@@ -55,25 +55,33 @@ METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
 def seen(captioner: Captioner, paths: list[Path], cache: Path, batch_size: int = 8) -> dict:
-    """Features (fp16), class probabilities and detections of `paths` at the product's defaults, cached."""
-    if cache.is_file():
-        stored = torch.load(cache, weights_only=False)
-        if stored["paths"] == [str(p) for p in paths]:
+    """Features (fp16), class probabilities and detections of `paths` at the product's defaults, cached. A cache
+    whose detections another detector setting made (name, precision, input size) keeps its features and has its
+    detections made again."""
+    detector = captioner.detector
+    made_by = f"{detector.name} {detector.precision} {getattr(detector, 'size', '')}".strip()
+    stored = torch.load(cache, weights_only=False) if cache.is_file() else {}
+    if stored.get("paths") == [str(p) for p in paths]:
+        if stored.get("detector") == made_by:
             return stored
+    else:
+        stored = {}
     features, probabilities, detections = [], [], []
     for start in tqdm(range(0, len(paths), batch_size), desc=f"see {cache.stem}"):
         pictures = [load_image(path, size=captioner.image_size) for path in paths[start : start + batch_size]]
-        with torch.no_grad():
-            grid = image_features(captioner.model.encoder, pictures, captioner.model.config)
-            probabilities.append(captioner.labels(grid))
-        features.append(grid.half())
-        found = captioner.detector.detect(pictures, min_score=LOWEST_SCORE)
+        if not stored:
+            with torch.no_grad():
+                grid = image_features(captioner.model.encoder, pictures, captioner.model.config)
+                probabilities.append(captioner.labels(grid))
+            features.append(grid.half())
+        found = detector.detect(pictures, min_score=LOWEST_SCORE)
         detections += [[dataclasses.astuple(d) for d in photo] for photo in found]
     stored = {
         "paths": [str(p) for p in paths],
-        "features": torch.cat(features),
-        "probabilities": torch.cat(probabilities),
+        "features": stored.get("features", torch.cat(features) if features else None),
+        "probabilities": stored.get("probabilities", torch.cat(probabilities) if probabilities else None),
         "detections": detections,
+        "detector": made_by,
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(stored, cache)

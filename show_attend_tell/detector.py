@@ -34,6 +34,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from show_attend_tell.config import DEFAULT_DETECTOR_SIZE
 from show_attend_tell.errors import InputError
 from show_attend_tell.images import ORIGINAL_SIZE
 from show_attend_tell.weights import (
@@ -56,6 +57,9 @@ CENTERNET_SHA256 = "fd9784be049889635138e6da574d0e6de938cc911694f8a8da76b40237da
 INPUT_SIZE = 512  # the graph's fixed input: 512x512 RGB in 0-255
 STRIDE = 4  # the heat map is 128x128
 MAX_DETECTIONS = 100  # the graph keeps its 100 best peaks
+# Photos per pass through the network in a batch: a whole batch of 32 at once was slower per photo than one at a
+# time (results/guidance_speed.json), its activations far outgrowing the caches.
+DETECTOR_CHUNK = 4
 
 # COCO's 80 detection classes in the order of the graph's class index (the package's src/object/labels.ts).
 COCO_CLASSES = (
@@ -262,7 +266,10 @@ def _fused_activations(program: Sequence[dict], weights: dict[str, torch.Tensor]
 
 class CenterNet(nn.Module):
     """The converted graph: (B, 3, 512, 512) RGB in 0-255 -> class heat map (B, 80, 128, 128) in [0, 1] and box
-    sides (B, 4, 128, 128) in input pixels (left, top, right, bottom of the box from each heat-map cell)."""
+    sides (B, 4, 128, 128) in input pixels (left, top, right, bottom of the box from each heat-map cell).
+
+    The network is fully convolutional: any input side that is a multiple of 32 runs (a heat map of side / 4),
+    the graph's upsampling sizes scaled with it."""
 
     def __init__(self, program: Sequence[dict], weights: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -351,8 +358,9 @@ class CenterNet(nn.Module):
                 out = values[inputs[0]].mean(dim=(2, 3), keepdim=step["keep_dims"])
             elif op == "ConcatV2":  # along NHWC's channel axis
                 out = torch.cat([values[name] for name in inputs[:-1]], dim=1)
-            elif op == "ResizeBilinear":
-                size = [int(v) for v in self._value(values, inputs[1]).tolist()]
+            elif op == "ResizeBilinear":  # the graph's sizes are for a 512x512 input; other inputs scale them
+                graph_size = self._value(values, inputs[1]).tolist()
+                size = [int(v) * images.size(axis) // INPUT_SIZE for v, axis in zip(graph_size, (2, 3), strict=True)]
                 out = _legacy_resize(values[inputs[0]], size)
             else:  # Identity
                 out = values[inputs[0]]
@@ -360,20 +368,29 @@ class CenterNet(nn.Module):
         return values["tower_0/keypoints"], values["tower_0/wh"]
 
 
-def decode(heat: torch.Tensor, sides: torch.Tensor, top: int = MAX_DETECTIONS) -> torch.Tensor:
+def decode(heat: torch.Tensor, sides: torch.Tensor, top: int = MAX_DETECTIONS, min_score: float = 0.0) -> torch.Tensor:
     """The graph's box decoding: a heat-map cell is a detection where it is the maximum of its 3x3 neighbourhood
     in its class; the `top` best over all cells and classes, each with its box sides read at its cell.
 
-    heat (B, 80, h, w), sides (B, 4, h, w) -> (B, top, 6): x1, y1, x2, y2 in input pixels, score, class."""
+    heat (B, 80, h, w), sides (B, 4, h, w) -> (B, top, 6): x1, y1, x2, y2 in input pixels, score, class. Rows
+    scoring below min_score are zeros (as the graph's rows past its last peak): only the peaks that reach it are
+    ranked, which is much cheaper than ranking every cell."""
     B, C, h, w = heat.shape
     peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)  # (B, C, h, w)
-    # The graph ranks cells in NHWC order (index = (y * w + x) * C + c); ties break the same way.
-    scores, index = peaks.permute(0, 2, 3, 1).reshape(B, -1).topk(top, dim=1)  # (B, top)
-    classes, cell = index % C, index // C
-    y, x = (cell // w).float() * STRIDE, (cell % w).float() * STRIDE
-    at = sides.flatten(2).gather(2, cell.unsqueeze(1).expand(B, 4, top))  # (B, 4, top)
-    boxes = torch.stack([x - at[:, 0], y - at[:, 1], x + at[:, 2], y + at[:, 3]], dim=2)  # (B, top, 4)
-    return torch.cat([boxes, scores.unsqueeze(2), classes.unsqueeze(2).float()], dim=2)
+    # The graph ranks cells in NHWC order (index = (y * w + x) * C + c): a stable sort keeps ties in that order.
+    flat = peaks.permute(0, 2, 3, 1).reshape(B, -1)  # (B, h * w * C)
+    found = heat.new_zeros(B, top, 6)
+    for b in range(B):
+        index = (flat[b] >= min_score).nonzero().squeeze(1)
+        scores, order = flat[b, index].sort(descending=True, stable=True)
+        scores, index = scores[:top], index[order[:top]]
+        n = len(index)
+        classes, cell = index % C, index // C
+        y, x = (cell // w).float() * STRIDE, (cell % w).float() * STRIDE
+        at = sides[b].flatten(1)[:, cell]  # (4, n)
+        found[b, :n, :4] = torch.stack([x - at[0], y - at[1], x + at[2], y + at[3]], dim=1)
+        found[b, :n, 4], found[b, :n, 5] = scores, classes.float()
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,7 +470,10 @@ def letterbox(image: Image.Image, size: int = INPUT_SIZE) -> torch.Tensor:
 
 
 class CenterNetDetector:
-    """The offline default `Detector`: CenterNet on the whole photo resized to 512x512, boxes mapped back.
+    """The offline default `Detector`: CenterNet on the whole photo resized to size x size, boxes mapped back.
+
+    size: the network's input side (a multiple of 32; the graph's own is 512, and results/detector_sizes.json
+    measures what smaller ones find and cost). A batch runs through the network `chunk` photos at a time.
 
     precision "bf16" runs the network in bfloat16 (CPUs with native bf16, as the encoder's auto precision picks
     them; results/detector.json measures both), "fp32" otherwise; the box decoding is fp32 either way. The network
@@ -461,7 +481,17 @@ class CenterNetDetector:
 
     name = "centernet"
 
-    def __init__(self, network: CenterNet, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        network: CenterNet,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        size: int = INPUT_SIZE,
+        chunk: int = DETECTOR_CHUNK,
+    ) -> None:
+        if size < 32 or size % 32:
+            raise InputError(f"detector size {size}: the CenterNet's input side must be a positive multiple of 32")
+        self.size, self.chunk = size, chunk
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.precision = precision
         self.network = network.to(device, self.dtype).to(memory_format=torch.channels_last)
@@ -472,19 +502,22 @@ class CenterNetDetector:
         from show_attend_tell.fast_encoder import resolve_precision
 
         chosen = resolve_precision(precision, device)
-        return cls(load_centernet(fetch_centernet()), device, "bf16" if chosen in ("bf16", "int8") else "fp32")
+        network = load_centernet(fetch_centernet())
+        return cls(network, device, "bf16" if chosen in ("bf16", "int8") else "fp32", size=DEFAULT_DETECTOR_SIZE)
 
     @torch.no_grad()
     def detect(self, images: Sequence[Image.Image], min_score: float) -> list[list[Detection]]:
         if not images:
             return []
-        batch = torch.stack([letterbox(image) for image in images]).to(self.device, self.dtype)
-        heat, sides = self.network(batch.contiguous(memory_format=torch.channels_last))
-        found = decode(heat.float(), sides.float()).cpu()  # (B, 100, 6)
+        found = []
+        for start in range(0, len(images), self.chunk):
+            batch = torch.stack([letterbox(image, self.size) for image in images[start : start + self.chunk]])
+            heat, sides = self.network(batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last))
+            found.extend(decode(heat.float(), sides.float(), min_score=min_score).cpu())  # (chunk, 100, 6)
         results = []
         for image, rows in zip(images, found, strict=True):
             width, height = photo_size(image)
-            scale_x, scale_y = width / INPUT_SIZE, height / INPUT_SIZE
+            scale_x, scale_y = width / self.size, height / self.size
             detections = []
             for x1, y1, x2, y2, score, index in rows.tolist():
                 if score < min_score:

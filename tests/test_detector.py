@@ -75,6 +75,38 @@ def test_the_detector_finds_the_cup_and_maps_boxes_to_the_photo(centernet):
     assert bf16[0].name == "cup" and abs(bf16[0].score - found[0].score) < 0.05
 
 
+@pytest.mark.slow
+def test_smaller_inputs_run_and_a_batch_in_chunks_equals_photos_alone():
+    centernet = detector.load_centernet(detector.fetch_centernet())  # fp32: the module's may have been cast
+    heat, sides = centernet(torch.zeros(1, 3, 384, 384))
+    assert heat.shape == (1, 80, 96, 96) and sides.shape == (1, 4, 96, 96)
+    photos = [Image.open(REPO / "examples" / name) for name in ("coffee.jpg", "chelsea.jpg", "rocket.jpg")]
+    small = CenterNetDetector(centernet, size=384, chunk=2)
+    together = small.detect(photos, min_score=0.2)
+    alone = [small.detect([photo], min_score=0.2)[0] for photo in photos]
+    for a, b in zip(together, alone, strict=True):
+        assert [d.name for d in a] == [d.name for d in b]
+        assert [d.score for d in a] == pytest.approx([d.score for d in b], abs=1e-5)
+    assert together[0][0].name == "cup"  # still found at 384
+    with pytest.raises(InputError, match="multiple of 32"):
+        CenterNetDetector(centernet, size=300)
+
+
+def test_decode_above_a_score_keeps_the_same_rows_as_ranking_every_cell():
+    generator = torch.Generator().manual_seed(0)
+    heat = 0.9 * torch.rand(2, 80, 12, 12, generator=generator) ** 4
+    heat[0, 3, 5, 5] = heat[0, 7, 5, 5] = 0.95  # a tie between classes at one cell: NHWC order puts class 3 first
+    sides = torch.rand(2, 4, 12, 12, generator=generator) * 10
+    every = decode(heat, sides)
+    above = decode(heat, sides, min_score=0.5)
+    for b in range(2):
+        kept = every[b, :, 4] >= 0.5
+        assert kept.sum() > 3
+        assert torch.equal(above[b, : int(kept.sum())], every[b, kept])
+        assert torch.all(above[b, int(kept.sum()) :] == 0)
+    assert every[0, :2, 5].tolist() == [3.0, 7.0]
+
+
 def test_the_converted_file_is_refused_when_it_is_not_one(tmp_path):
     bad = tmp_path / "centernet.safetensors"
     bad.write_bytes(b"not safetensors")

@@ -15,17 +15,14 @@ side (the first is the record's headline), the latencies interleaved across size
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from harness import begin_record, benchmark_parser, finish, interleaved, median
 
 from show_attend_tell.chair import coco_objects
 from show_attend_tell.config import DEFAULT_DETECTOR_SIZE, DEFAULT_PRESENCE_THRESHOLD
@@ -33,7 +30,6 @@ from show_attend_tell.datasets import coco_folder
 from show_attend_tell.detector import COCO_CLASSES, CenterNetDetector, fetch_centernet, load_centernet
 from show_attend_tell.fast_encoder import resolve_precision
 from show_attend_tell.images import load_image
-from show_attend_tell.records import provenance, write_record
 
 THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5)
 IMAGE_SIZE = 448  # the shipped model's input: photos are decoded as the captioner decodes them
@@ -124,13 +120,12 @@ def quality(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="detector.json", required=True)
     parser.add_argument("--coco-dev", type=Path, required=True, help="folder with captions_*.json, instances_*.json")
     parser.add_argument("--sizes", type=int, nargs="+", default=[DEFAULT_DETECTOR_SIZE], help="network input sides")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    record = provenance(shlex.join(["python", *sys.argv]))
+    record = begin_record(args)
     paths, _ = coco_folder(args.coco_dev)
     instances = sorted(args.coco_dev.glob("instances_*.json"))[0]
     truth = coco_objects(instances, [p.name for p in paths])
@@ -143,20 +138,18 @@ def main() -> int:
     default = precisions[-1]  # what the captioner runs here (auto)
     pictures = [load_image(path, size=IMAGE_SIZE) for path in paths]
     found = {size: quality(detectors[size, default], pictures, paths, truth, instances) for size in args.sizes}
-    times: dict[tuple[int, str], list[float]] = {key: [] for key in detectors}
     for detector in detectors.values():
         detector.detect(pictures[:2], min_score=0.3)  # warm-up
-    for round_ in range(args.rounds):
-        picture = pictures[round_ % len(pictures)]
-        for key, detector in detectors.items():
-            start = time.perf_counter()
-            detector.detect([picture], min_score=0.3)
-            times[key].append(time.perf_counter() - start)
+    variants = {
+        key: lambda r, d=detector: d.detect([pictures[r % len(pictures)]], min_score=0.3)
+        for key, detector in detectors.items()
+    }
+    times = interleaved(variants, args.rounds, reverse=False).seconds
 
     def latency(size: int) -> dict:
         return {
             precision: {
-                "median": round(1000 * statistics.median(times[size, precision]), 1),
+                "median": median(times[size, precision], scale=1000, digits=1),
                 "rounds": [round(1000 * v, 1) for v in times[size, precision]],
             }
             for precision in precisions
@@ -182,13 +175,8 @@ def main() -> int:
             }
             for size in args.sizes
         }
-    print(
-        json.dumps(
-            record.get("sizes") or {k: record[k] for k in ("image_level", "person", "box", "latency_ms")}, indent=1
-        )
-    )
-    write_record(record, args.out)
-    return 0
+    shown = record.get("sizes") or {k: record[k] for k in ("image_level", "person", "box", "latency_ms")}
+    return finish(record, args.out, shown, indent=1)
 
 
 if __name__ == "__main__":

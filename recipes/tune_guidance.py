@@ -33,12 +33,11 @@ from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.datasets import coco_folder
 from show_attend_tell.decoding import constrained_beam_search
+from show_attend_tell.features import photo_features
 from show_attend_tell.guidance import Guidance, LabelHead
-from show_attend_tell.images import load_image
 from show_attend_tell.metrics import score_captions
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
-from show_attend_tell.weights import image_transform
 
 THRESHOLDS = [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 1.01]  # 1.01: never guide
 TEMPLATE_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]  # 1.01: no templates
@@ -52,11 +51,10 @@ def encoded_set(model, head: LabelHead, paths: list[Path], cache: Path) -> tuple
         stored = torch.load(cache)
         if stored["paths"] == [str(p) for p in paths]:
             return stored["features"], stored["probabilities"]
-    transform = image_transform(model.config)
     features, probabilities = [], []
     for path in tqdm(paths, desc=f"encode {cache.stem}"):
         with torch.no_grad():
-            grid = model.encoder(transform(load_image(path)).unsqueeze(0))  # (1, P, E)
+            grid = photo_features(model.encoder, model.config, [path])  # (1, P, E)
         features.append(grid[0].half())
         probabilities.append(head(grid)[0])
     stored = {

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO, tiny_model_config, tiny_transformer
+from helpers import STAGE_MODEL, make_trainer
 from safetensors.torch import load_file
 
 from show_attend_tell import runtime
@@ -37,22 +38,6 @@ from show_attend_tell.train import (
     save_state,
     self_critical_step,
 )
-
-
-def make_trainer(run_dir, prepared, features, model: dict | None = None, data: dict | None = None, **train):
-    vocab_size = len(PreparedDataset.load(prepared).vocab)
-    values = dict(
-        epochs=3, batch_size=10, decoder_lr=1e-2, checkpoint_every_steps=2, patience=5, seed=1, log_every_steps=1
-    )
-    values.update(train)
-    return new_run(
-        run_dir,
-        tiny_model_config(vocab_size, **(model or {})),
-        TrainConfig(**values),
-        DataConfig(prepared=str(prepared), features=str(features), **(data or {})),
-        pretrained_encoder=False,
-        java=False,
-    )
 
 
 def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features, tmp_path):
@@ -132,7 +117,7 @@ RUN_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {tests!r})
-    from test_train import make_trainer
+    from helpers import make_trainer
     from show_attend_tell import train
     from show_attend_tell.train import fit, resume_run
     run, prepared, features, mode = sys.argv[1:5]
@@ -430,7 +415,7 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {tests!r})
-    from test_train import make_trainer
+    from helpers import make_trainer
     from show_attend_tell.train import exit_worker, fit
     run, prepared, features = sys.argv[1:4]
     trainer = make_trainer(run, prepared, features, epochs=2, decoder_lr=3e-3)
@@ -471,9 +456,6 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tiny_prepared, tiny_featu
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
 
 
-# ResNet-50's layer4.2 fine-tuned on a cache of layer4.1's output (2 x 2 at 64 px)
-STAGE_MODEL = {"encoder_dim": 2048, "fine_tune_blocks": ("layer4.2",)}
-
 GRADIENT_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -481,7 +463,7 @@ GRADIENT_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from safetensors.torch import save_file
     sys.path.insert(0, {tests!r})
-    from test_train import STAGE_MODEL, make_trainer
+    from helpers import STAGE_MODEL, make_trainer
     from show_attend_tell.train import cross_entropy_step, exit_worker, self_critical_step
     run, prepared, features, kind = sys.argv[1:5]
     model = {{**STAGE_MODEL, "attention": "hard"}} if kind.startswith("hard") else STAGE_MODEL
@@ -603,6 +585,7 @@ def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, f
         new_run(tmp_path / "run3", config, train, DataConfig(str(tiny_prepared), str(late)), java=False)
 
 
+@pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights
 ):
@@ -634,6 +617,7 @@ def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     assert state["epoch"] == 2 and state["global_step"] > 4
 
 
+@pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_cli_shows_each_validation_and_says_how_to_resume_after_ctrl_c(
     tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights, monkeypatch, capsys
 ):

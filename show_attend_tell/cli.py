@@ -883,8 +883,9 @@ def _add_detector_flags(parser: argparse.ArgumentParser) -> None:
         choices=DETECTORS,
         default=None,
         help="a COCO object detector to guide captions beside the labels (with --guidance): it names what it finds "
-        "and discourages people and objects it does not see; centernet is offline, the torchvision ones need `sat "
-        "weights add NAME FILE` (default: none, as it misses two of its targets: README, 'A second pair of eyes')",
+        "and discourages people and objects it does not see; centernet is offline, nanodet too (it finds less: "
+        "README, 'NanoDet, compared'), the torchvision ones need `sat weights add NAME FILE` (default: none, as it "
+        "misses two of its targets: README, 'A second pair of eyes')",
     )
     parser.add_argument(
         "--no-detector", dest="detector", action="store_const", const=None, help="no detector: labels alone guide"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from show_attend_tell.checkpoint import has_int8_calibration, load_model, read_config
+from show_attend_tell.checkpoint import has_int8_calibration, read_config
 from show_attend_tell.config import (
     DEFAULT_BEAM_SIZE,
     DEFAULT_GUIDANCE_THRESHOLD,
@@ -38,6 +38,7 @@ from show_attend_tell.guidance import Guidance, GuideWord, label_head, new_word_
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.model import CaptionDecoder, LocationSampling
+from show_attend_tell.runtime import load_model
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "pretrained" / "flickr8k"
 
@@ -214,9 +215,7 @@ class Captioner:
             int8 = torch.device(device).type == "cpu" and has_int8_calibration(read_config(path))
         precision = resolve_precision(encoder_precision, device)
         pairs = new_word_pairs() if detector is not None else {}
-        model, vocab, config = load_model(
-            path, device=device, inference=True, int8=int8, encoder_precision=precision, new_words=pairs
-        )
+        model, vocab, config = load_model(path, device=device, int8=int8, encoder_precision=precision, new_words=pairs)
         return cls(
             model,
             vocab,

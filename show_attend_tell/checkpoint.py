@@ -1,6 +1,7 @@
 """Plain-data model checkpoints: a directory of model.safetensors + config.json + vocab.json. Nothing pickled.
 
-One loader (`load_model`) is used by evaluation, captioning, the server and training's resume.
+Storage only: `load_model` reads a checkpoint into model.py's model (for training, export and averaging), and
+runtime.load_model builds the model for inference on top of it (speed variants, calibrations, new words).
 A frozen encoder is not stored: the checkpoint names the sha256 of the encoder weights it was trained on,
 and loading checks that the local encoder weights are those. A fine-tuned encoder is stored with the decoder.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -24,8 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from show_attend_tell.config import MODEL_CHOICES, ModelConfig, from_dict, save_json, to_dict, write_atomically
 from show_attend_tell.errors import InputError
-from show_attend_tell.inference import InputRanges
-from show_attend_tell.model import CaptionModel, Encoder
+from show_attend_tell.model import DECODERS, CaptionModel, Encoder, decoder_class
 from show_attend_tell.text import Vocabulary
 
 FORMAT_VERSION = 1
@@ -46,14 +45,6 @@ MAX_WIDTH = 1 << 16
 # value a field is left out of config.json's model section and of its sha256, so the sections and checksums of
 # earlier checkpoints (the shipped model's among them) are what this version writes too.
 ADDED_FIELDS = {"attention": "soft", "decoder": "lstm"}
-# The Transformer decoder's own fields, which do not apply to the LSTM: an LSTM's section leaves them out too.
-TRANSFORMER_FIELDS = (
-    "transformer_layers",
-    "transformer_heads",
-    "transformer_feedforward_dim",
-    "transformer_positions",
-    "transformer_max_positions",
-)
 MAX_LAYERS = 64
 
 
@@ -122,11 +113,12 @@ def save_model(
 
 def model_section(config: ModelConfig) -> dict:
     """config.json's model section: every field but the ADDED_FIELDS at the value earlier checkpoints mean, and
-    for an LSTM without the Transformer's fields (they do not apply to it)."""
+    without the fields only another decoder kind reads (an LSTM's leaves out the Transformer's)."""
     section = {k: v for k, v in to_dict(config).items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]}
-    if config.decoder == "lstm":
-        for name in TRANSFORMER_FIELDS:
-            del section[name]
+    for kind in DECODERS.values():
+        if kind is not decoder_class(config):
+            for name in kind.own_fields:
+                del section[name]
     return section
 
 
@@ -181,13 +173,9 @@ def check_model_config(data: object, where: str) -> ModelConfig:
             }.get(field.name, (1, MAX_WIDTH))
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InputError(f"{name} must be a whole number from {low} to {high}, got {value!r:.60}")
-    if config.decoder == "transformer" and config.decoder_dim % config.transformer_heads:
-        raise InputError(
-            f"{where}: model.decoder_dim ({config.decoder_dim}) must be a multiple of model.transformer_heads "
-            f"({config.transformer_heads}): each head reads an equal share"
-        )
-    if config.decoder == "transformer" and config.attention != "soft":
-        raise InputError(f"{where}: model.attention hard is the LSTM's (paper section 4.1), not the Transformer's")
+    problem = decoder_class(config).config_problem(config)
+    if problem is not None:
+        raise InputError(f"{where}: {problem}")
     return config
 
 
@@ -219,25 +207,13 @@ def load_model(
     device: str | torch.device = "cpu",
     with_encoder: bool = True,
     pretrained_encoder: bool = True,
-    inference: bool = False,
-    int8: bool = False,
-    encoder_precision: str | None = None,
-    new_words: Mapping[str, str] | None = None,
 ) -> tuple[CaptionModel, Vocabulary, dict]:
-    """Load a checkpoint directory -> (model in eval mode, vocabulary, config dict).
+    """Load a checkpoint directory -> (model.py's model in eval mode, vocabulary, config dict): for training,
+    export and averaging; runtime.load_model gives the model made fast for inference.
 
     with_encoder=False skips the encoder (enough for cached features). pretrained_encoder=False builds an
     untrained encoder (tests); otherwise the local encoder weights must match the recorded sha256.
-    inference=True gives the decoder made fast for inference (inference.for_inference; no gradients), int8=True
-    the int8 one (CPU only), quantized with the input ranges calibrated for these weights (`sat calibrate`;
-    InputError when there are none). Without either it is model.py's, for training or export.
-    encoder_precision: run the encoder as fast_encoder.FastEncoder in "fp32", "bf16" or "int8" (calibrated by
-    `sat calibrate --encoder-int8`); None keeps model.Encoder. fast_encoder.resolve_precision turns "auto" into one.
-    new_words: {new word: known word} added to the decoder before any speed variant is built (new_words.py); the
-    returned vocabulary has them (the config dict stays the checkpoint's).
     """
-    if int8 and torch.device(device).type != "cpu":
-        raise InputError(f"int8 decoding runs on the CPU only, not on {device}")
     directory = Path(directory)
     config = read_config(directory)
     model_config = check_model_config(config["model"], str(directory / CONFIG_FILE))
@@ -257,9 +233,6 @@ def load_model(
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{weights_path}: truncated or corrupt safetensors file ({error})") from None
     check_checksums(directory, config, metadata, model_config, vocab)
-    if int8 and model_config.decoder == "transformer":
-        raise InputError(f"{directory}: the Transformer decoder has no int8 version yet; decode it in fp32 (--no-int8)")
-    int8_ranges = int8_input_ranges(directory, config) if int8 else None
 
     encoder_tensors = {k[len("encoder.") :]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
     encoder = None
@@ -281,32 +254,9 @@ def load_model(
     model = CaptionModel(model_config, encoder=encoder)
     decoder_tensors = {k[len("decoder.") :]: v.float() for k, v in tensors.items() if k.startswith("decoder.")}
     _load_state(model.decoder, decoder_tensors, weights_path, "decoder")
-    if new_words:
-        from show_attend_tell.new_words import add_words, missing_words
-
-        vocab = add_words(model.decoder, vocab, missing_words(vocab, new_words))
-        model.config = dataclasses.replace(model.config, vocab_size=len(vocab))
     if encoder is not None and model_config.fine_tune_blocks:
         load_encoder_state(encoder, encoder_tensors, weights_path)
-    model.eval()
-    if encoder is not None and encoder_precision is not None:
-        from show_attend_tell.fast_encoder import FastEncoder
-
-        calibration = encoder_int8_calibration(directory, config) if encoder_precision == "int8" else None
-        try:
-            model.encoder = FastEncoder(
-                encoder, encoder_precision, calibration=calibration, image_size=model_config.image_size
-            )
-        except ValueError as error:  # a calibration of another trunk
-            raise InputError(f"{directory / CONFIG_FILE}: {ENCODER_INT8_KEY}: {error}; recalibrate") from None
-    if inference or int8:
-        from show_attend_tell.inference import for_inference
-
-        try:
-            model = for_inference(model, int8_ranges=int8_ranges)
-        except ValueError as error:  # a calibration without one of this decoder's layers
-            raise InputError(f"{directory / CONFIG_FILE}: {INT8_KEY}: {error}; run `sat calibrate` again") from None
-    return model.to(device), vocab, config
+    return model.eval().to(device), vocab, config
 
 
 def file_sha256(path: Path) -> str:
@@ -314,9 +264,12 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def save_int8_calibration(directory: str | Path, input_ranges: InputRanges, about: dict) -> None:
-    """Store the int8 decoder's input ranges (inference.calibrate_int8) beside the weights they were measured
-    for: the tensors in int8.safetensors, and in config.json what they are for and how they were measured."""
+def save_int8_calibration(
+    directory: str | Path, input_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], about: dict
+) -> None:
+    """Store the int8 decoder's input ranges (inference.calibrate_int8: layer name -> (low (in,), high (in,)))
+    beside the weights they were measured for: the tensors in int8.safetensors, and in config.json what they are
+    for and how they were measured."""
     directory = Path(directory)
     tensors = {}
     for name, (low, high) in input_ranges.items():
@@ -350,7 +303,7 @@ def has_int8_calibration(config: dict) -> bool:
     return INT8_KEY in config
 
 
-def int8_input_ranges(directory: Path, config: dict) -> InputRanges:
+def int8_input_ranges(directory: Path, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The calibrated int8 input ranges, checked: present, unchanged since calibration, for these weights."""
     tensors = _calibration_tensors(
         directory,

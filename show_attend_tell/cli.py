@@ -399,6 +399,7 @@ def _run_features(args: argparse.Namespace) -> int:
     from show_attend_tell.features import check_grid, extract_features, native_grid_size, remove_store
     from show_attend_tell.model import Encoder
     from show_attend_tell.prepare import PreparedDataset
+    from show_attend_tell.stages import check_stage
     from show_attend_tell.train import distributed
     from show_attend_tell.weights import ENCODER_WEIGHTS
 
@@ -410,7 +411,7 @@ def _run_features(args: argparse.Namespace) -> int:
     encoder = Encoder(config)
     if args.stage:
         try:
-            encoder.check_stage(args.stage)
+            check_stage(encoder, args.stage)
         except ValueError as error:
             raise InputError(f"--stage: {error}") from None
     if args.encoder_precision == "int8":
@@ -676,10 +677,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         return 0
 
     from show_attend_tell.captioner import SHIPPED_MODEL
-    from show_attend_tell.checkpoint import load_model
     from show_attend_tell.evaluate import evaluate
     from show_attend_tell.images import load_image
     from show_attend_tell.inference import image_features
+    from show_attend_tell.runtime import load_model
+    from show_attend_tell.stages import run_from
 
     model_dir = args.model or SHIPPED_MODEL
     from show_attend_tell.fast_encoder import resolve_precision
@@ -695,7 +697,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     model, vocab, config = load_model(
         model_dir,
         with_encoder=with_encoder,
-        inference=True,
         int8=args.int8,
         encoder_precision=precision,
         new_words=new_word_pairs() if detector_name else None,
@@ -709,7 +710,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             if not stage:
                 return store[batch]
             with torch.no_grad():
-                return model.encoder.forward_from(store[batch].float(), stage)
+                return run_from(model.encoder, store[batch].float(), stage)
     else:
         used_precision = precision
 
@@ -1291,14 +1292,14 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
+    from show_attend_tell.calibration import calibrate_checkpoint, calibrate_encoder_checkpoint
     from show_attend_tell.checkpoint import load_model
     from show_attend_tell.features import load_for_model, store_stage
-    from show_attend_tell.inference import calibrate_checkpoint
     from show_attend_tell.prepare import PreparedDataset
 
     dataset = PreparedDataset.load(args.data)
     if args.encoder_int8:
-        from show_attend_tell.fast_encoder import ENCODER_CALIBRATION_IMAGES, calibrate_encoder_checkpoint
+        from show_attend_tell.fast_encoder import ENCODER_CALIBRATION_IMAGES
 
         if args.features:
             raise InputError("--encoder-int8 calibrates on photos; --features cannot stand in for the encoder")

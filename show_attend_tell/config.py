@@ -33,7 +33,7 @@ DEFAULT_TEMPLATE_THRESHOLD = 0.4
 # Flickr8k val together: results/detector_tuning/round4.json ("chosen"; README, "A second pair of eyes").
 DEFAULT_DETECTION_THRESHOLD = 0.4
 # The CenterNet's input side: its graph's is 512 (detector.CenterNetDetector; results/detector_sizes.json).
-DEFAULT_DETECTOR_SIZE = 384
+DEFAULT_DETECTOR_SIZE = 448
 DEFAULT_PRESENCE_THRESHOLD = 0.15
 DEFAULT_PERSON_PRESENCE_THRESHOLD = 0.2
 DEFAULT_PERSON_PENALTY = 8.0

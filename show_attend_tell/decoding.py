@@ -1,7 +1,7 @@
 """Decoders: greedy, sampling (for self-critical training) and batched beam search, all through one `step`, and
 `forced`, which reads a given caption through it.
 
-Each takes any `model.Decoder` (the LSTM of model.py, the int8 one of inference.py, ...) and what its `encode`
+Each takes any `decoder.Decoder` (the LSTM of model.py, the int8 one of inference.py, ...) and what its `encode`
 returned for a batch of B images; shapes use the letters declared in model.py.
 """
 
@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
-from show_attend_tell.model import Decoder, EncodedImages, repeat_rows, sampled_locations, select_rows
+from show_attend_tell.decoder import Decoder, EncodedImages, repeat_rows, select_rows
+from show_attend_tell.model import sampled_locations
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
 
 # No caption repeats a trigram ("in the water in the water"). Self-critical training otherwise learns to pad

@@ -205,7 +205,10 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 def _legacy_resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """TF's ResizeBilinear without half-pixel centres or aligned corners (Keras' UpSampling2D): output pixel i
-    reads input coordinate i * in / out; F.interpolate has no such mode."""
+    reads input coordinate i * in / out; F.interpolate has no such mode. The output is channels-last, as the
+    convolutions that read it want it (a layout change before each would copy it)."""
+    if all(out == 2 * x.size(axis) for axis, out in zip((2, 3), size, strict=True)):
+        return _upsample_twice(x)
     for axis, out in zip((2, 3), size, strict=True):
         length = x.size(axis)
         position = torch.arange(out, dtype=torch.float32, device=x.device) * (length / out)
@@ -216,7 +219,18 @@ def _legacy_resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         shape[axis] = out
         weight = weight.view(shape)
         x = x.index_select(axis, low) * (1 - weight) + x.index_select(axis, high) * weight
-    return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _upsample_twice(x: torch.Tensor) -> torch.Tensor:
+    """_legacy_resize to twice the size, the graph's only case: output 2k reads input k, output 2k + 1 the mean of
+    inputs k and k + 1 (the last input again at the edge). A quarter faster than gathering
+    (results/detector_sizes.json was measured with it)."""
+    for axis in (2, 3):
+        length = x.size(axis)
+        after = torch.cat([x.narrow(axis, 1, length - 1), x.narrow(axis, length - 1, 1)], dim=axis)
+        x = torch.stack([x, (x + after) * 0.5], dim=axis + 1).flatten(axis, axis + 1)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _fused_activations(program: Sequence[dict], weights: dict[str, torch.Tensor]) -> list[dict]:

@@ -8,7 +8,7 @@ memory, and in one of three precisions:
 - bf16: weights and activations in bfloat16, on CPUs with native bf16 (avx512_bf16 or AMX) where oneDNN runs it
   at about twice fp32's speed;
 - int8: the trunk statically quantized with torch's x86 backend (FX graph mode), its activation ranges
-  calibrated on training photos and stored with the model (`sat calibrate --encoder-int8`).
+  calibrated on training photos and stored with the model (`sat calibrate --encoder-int8`, calibration.py).
 
 `auto` picks the fastest path the CPU supports among those measured to keep the captions (results/
 encoder_precision.json: int8's features differ too much and it is left to the flag). Features always leave the
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -30,9 +28,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from show_attend_tell.errors import InputError
 from show_attend_tell.model import Encoder
 from show_attend_tell.records import cpuinfo
-
-if TYPE_CHECKING:
-    from show_attend_tell.prepare import PreparedDataset
+from show_attend_tell.stages import run_until
 
 ENCODER_PRECISIONS = ("fp32", "bf16", "int8")
 AUTO = "auto"
@@ -86,7 +82,7 @@ def resolve_precision(requested: str, device: str | torch.device = "cpu", flags:
 def fold_batch_norms(encoder: Encoder) -> Encoder:
     """A copy of the encoder with every BatchNorm folded into the convolution before it (the stem's and each
     bottleneck's, shortcut included), the norms replaced by identities: one pass over each activation less,
-    and the module structure (blocks, forward_until) kept."""
+    and the module structure (blocks, stages.run_until) kept."""
     encoder = copy.deepcopy(encoder).eval()
     stem_conv, stem_norm = encoder.trunk[0], encoder.trunk[1]
     encoder.trunk[0], encoder.trunk[1] = fuse_conv_bn_eval(stem_conv, stem_norm), nn.Identity()
@@ -193,42 +189,15 @@ class FastEncoder(nn.Module):
         return grid.flatten(2).transpose(1, 2).float()  # (B, P, E)
 
     def forward_until(self, images: torch.Tensor, stage: str) -> torch.Tensor:
-        """The output of residual block `stage` (B, h*w, C) in fp32, as Encoder.forward_until."""
+        """The output of residual block `stage` (B, h*w, C) in fp32, as stages.run_until."""
         if self.folded is None:
             raise InputError("the int8 encoder runs the whole trunk only; cache a block's output in fp32 or bf16")
-        return self.folded.forward_until(self._input(images), stage).float()
+        return run_until(self.folded, self._input(images), stage).float()
 
 
-def calibrate_encoder_checkpoint(
-    directory: str | Path,
-    dataset: PreparedDataset,
-    *,
-    split: str = "train",
-    images: int = ENCODER_CALIBRATION_IMAGES,
-    seed: int = 0,
-    progress: bool = True,
-) -> int:
-    """Calibrate the int8 encoder for a checkpoint on `images` photos of `split` drawn at random with `seed`, at
-    the model's image size, and store the observers with it (checkpoint.save_encoder_int8_calibration). Returns
-    how many photos were used."""
-    from tqdm import tqdm
-
-    from show_attend_tell.checkpoint import load_model, save_encoder_int8_calibration
-    from show_attend_tell.images import load_image
-    from show_attend_tell.inference import calibration_sample
-    from show_attend_tell.model import image_transform
-
-    rows = calibration_sample(dataset.indices(split), images, seed)
-    if not rows:
-        raise InputError(f"{dataset.directory}: no {split} images to calibrate the int8 encoder on")
-    model, _, _ = load_model(directory)
-    transform = image_transform(model.config)
-
-    def batches() -> Iterator[torch.Tensor]:
-        for start in tqdm(range(0, len(rows), 4), desc="int8 encoder calibration", unit="batch", disable=not progress):
-            yield torch.stack([transform(load_image(dataset.images[i].path)) for i in rows[start : start + 4]])
-
-    observers = calibrate_int8_encoder(model.encoder, batches())
-    about = {"images": len(rows), "split": split, "seed": seed, "image_size": model.config.image_size}
-    save_encoder_int8_calibration(directory, observers, about)
-    return len(rows)
+def until_stage(encoder: Encoder | FastEncoder, images: torch.Tensor, stage: str) -> torch.Tensor:
+    """(B, 3, S, S) normalised images -> the output of residual block `stage` (B, h*w, C): model.Encoder's in
+    fp32 (stages.run_until), a FastEncoder's in its precision."""
+    if isinstance(encoder, FastEncoder):
+        return encoder.forward_until(images, stage)
+    return run_until(encoder, images, stage)

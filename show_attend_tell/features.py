@@ -29,7 +29,8 @@ from show_attend_tell.fast_encoder import FastEncoder
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.locks import hold, release, waiting_for
-from show_attend_tell.model import Encoder, stage_shape
+from show_attend_tell.model import Encoder
+from show_attend_tell.stages import check_stage, stage_shape
 
 FEATURES_FILE = "features.npy"
 DONE_FILE = "done.npy"
@@ -111,7 +112,7 @@ def load_for_model(
     directory: str | Path, config: ModelConfig, paths: list[Path], encoder_sha256: str, encoder: Encoder | None
 ) -> tuple[FeatureStore, str]:
     """A complete store that fits a model -> (store, stage): grid features for a frozen encoder, or the
-    output of a block before every fine-tuned one (run the rest with `encoder.forward_from(features, stage)`).
+    output of a block before every fine-tuned one (run the rest with `stages.run_from(encoder, features, stage)`).
     The store reads rows from disk when indexed; `store.load()` holds it all in memory instead."""
     stage = store_stage(directory)
     if config.fine_tune_blocks and not stage:
@@ -122,7 +123,7 @@ def load_for_model(
         )
     if stage:
         try:
-            encoder.check_stage(stage)
+            check_stage(encoder, stage)
         except ValueError as error:
             raise InputError(f"{directory}: {error}") from None
     store = open_store(directory, expected_meta(config, paths, encoder_sha256, stage))

@@ -1,6 +1,6 @@
 """CPU inference beside the readable model: the encoder and the attention energies in cache-sized chunks, and
 the int8 decoder. Chosen explicitly when a model is loaded for inference (`for_inference`, which
-`checkpoint.load_model(..., inference=True)` calls); model.py never branches on any of it.
+runtime.load_model calls); model.py never branches on any of it. Their calibration: calibration.py.
 
 Shapes use the letters declared in model.py. Why each trick is here, with its measurements: results/cpu_ops.json
 (encoder and energy chunks, the product form, the int8 layers) and results/decode_speed*.json.
@@ -8,32 +8,20 @@ Shapes use the letters declared in model.py. Why each trick is here, with its me
 
 from __future__ import annotations
 
-import random
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from show_attend_tell.config import CALIBRATION_IMAGES, DEFAULT_BEAM_SIZE, ModelConfig
-from show_attend_tell.errors import InputError
-from show_attend_tell.model import (
-    CaptionDecoder,
-    CaptionModel,
-    Encoded,
-    Encoder,
-    SoftAttention,
-    attend,
-    image_transform,
-    rows_per_image,
-)
-
-if TYPE_CHECKING:
-    from show_attend_tell.prepare import PreparedDataset
+from show_attend_tell.config import DEFAULT_BEAM_SIZE, ModelConfig
+from show_attend_tell.decoder import rows_per_image
+from show_attend_tell.fast_encoder import FastEncoder, until_stage
+from show_attend_tell.model import CaptionDecoder, CaptionModel, Encoded, Encoder, SoftAttention, attend
+from show_attend_tell.weights import image_transform
 
 # Input pixels per encoder forward on CPU: batches larger than the core's caches ran slower per image
 # (results/cpu_ops.json, encoder_ms_per_image).
@@ -52,13 +40,13 @@ def cpu_chunk(pixels: int) -> int:
 
 
 @torch.no_grad()
-def encode_images(encoder: Encoder, images: torch.Tensor, stage: str = "") -> torch.Tensor:
+def encode_images(encoder: Encoder | FastEncoder, images: torch.Tensor, stage: str = "") -> torch.Tensor:
     """(B, 3, S, S) normalised images -> (B, P, E) grid features, or with `stage` the output of that residual
     block (B, h*w, C). On CPU a few images at a time, each chunk's output written straight into the result so
     its activations are freed for the next chunk (results/decode_speed*.json, photos_in_one_call)."""
 
     def run(part: torch.Tensor) -> torch.Tensor:
-        return encoder.forward_until(part, stage) if stage else encoder(part)
+        return until_stage(encoder, part, stage) if stage else encoder(part)
 
     chunk = cpu_chunk(images.size(2) * images.size(3))
     if images.device.type != "cpu" or images.size(0) <= chunk:
@@ -72,7 +60,7 @@ def encode_images(encoder: Encoder, images: torch.Tensor, stage: str = "") -> to
 
 
 def image_features(
-    encoder: Encoder,
+    encoder: Encoder | FastEncoder,
     pictures: Sequence[Image.Image],
     config: ModelConfig,
     device: str | torch.device = "cpu",
@@ -249,7 +237,7 @@ class ProductEncoded(NamedTuple):
 
 
 class Int8Decoder(nn.Module):
-    """CaptionDecoder's step with int8 weights, for CPU inference (a model.Decoder). Captions can differ
+    """CaptionDecoder's step with int8 weights, for CPU inference (a decoder.Decoder for search). Captions can differ
     slightly from fp32: `sat evaluate --int8` measures it (results/flickr8k_test_int8/). Built by `quantized`
     for inference, or with RangeObserver layers (fp32) to calibrate the ranges (calibrate_int8).
 
@@ -349,49 +337,9 @@ def calibrate_int8(
     return ranges
 
 
-def calibration_sample(rows: Sequence[int], count: int, seed: int) -> list[int]:
-    """`count` of the image rows drawn at random with `seed` (all when there are fewer), in order."""
-    return sorted(random.Random(seed).sample(list(rows), min(count, len(rows))))
-
-
-def calibrate_checkpoint(
-    directory: str | Path,
-    dataset: PreparedDataset,
-    *,
-    split: str = "train",
-    images: int = CALIBRATION_IMAGES,
-    seed: int = 0,
-    store: Sequence | None = None,
-    progress: bool = True,
-) -> int:
-    """Calibrate the int8 decoder of a checkpoint on `images` photos of `split`, drawn at random with `seed`, and
-    store the ranges with it (checkpoint.save_int8_calibration). `store`: their grid features by image row (a
-    feature store), else the checkpoint's encoder runs on the photos. Returns how many photos were used."""
-    from tqdm import tqdm
-
-    from show_attend_tell.checkpoint import load_model, save_int8_calibration
-    from show_attend_tell.images import load_image
-
-    rows = calibration_sample(dataset.indices(split), images, seed)
-    if not rows:
-        raise InputError(f"{dataset.directory}: no {split} images to calibrate the int8 decoder on")
-    model, _, _ = load_model(directory, with_encoder=store is None)
-    if model.config.decoder == "transformer":
-        raise InputError(f"{directory}: the Transformer decoder has no int8 version yet; it decodes in fp32")
-
-    def batches() -> Iterator[torch.Tensor]:
-        for start in tqdm(range(0, len(rows), 32), desc="int8 calibration", unit="batch", disable=not progress):
-            batch = rows[start : start + 32]
-            if store is not None:
-                yield torch.as_tensor(store[batch])
-            else:
-                photos = [load_image(dataset.images[i].path) for i in batch]
-                yield image_features(model.encoder, photos, model.config)
-
-    ranges = calibrate_int8(model.decoder, batches())
-    about = {"images": len(rows), "split": split, "seed": seed, "beam_size": DEFAULT_BEAM_SIZE}
-    save_int8_calibration(directory, ranges, about)
-    return len(rows)
+def int8_available(decoder: nn.Module) -> bool:
+    """Whether `decoder` has an int8 version (Int8Decoder, the LSTM's): the Transformer has none yet."""
+    return isinstance(decoder, CaptionDecoder)
 
 
 @torch.no_grad()
@@ -400,7 +348,7 @@ def for_inference(model: CaptionModel, *, int8_ranges: InputRanges | None = None
     int8 decoder (CPU only), else the fp32 decoder with chunked attention energies. Not for training: these
     decoders have no gradients."""
     model.eval()
-    if model.config.decoder == "transformer":  # transformer.py's decoder as it is: no speed-ups for it yet
+    if not int8_available(model.decoder):  # transformer.py's decoder as it is: no speed-ups for it yet
         if int8_ranges is not None:
             raise ValueError("the Transformer decoder has no int8 version yet")
         return model

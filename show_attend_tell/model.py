@@ -4,7 +4,7 @@ Shape letters used in the comments below:
     B images, N rows being decoded (captions, beams or samples), P attention locations (grid_size**2),
     E encoder channels, F channels of the features the decoder attends over (feature_dim, or E when 0),
     A attention dim, D decoder dim, M embedding dim, T caption length, V vocabulary, K beam width,
-    S input side in pixels, C channels and h x w the grid of an inner residual block's output (a cached stage).
+    S input side in pixels.
 
 Xu et al. 2015, section 3.1.2 and 4.2: at step t the attention reads h_{t-1}, forms the context z_t, gates
 it with beta_t, and the LSTM consumes [E y_{t-1}; beta_t z_t] to give h_t, from which y_t is predicted.
@@ -13,91 +13,25 @@ Section 4.1 (hard attention, `ModelConfig.attention = "hard"`): the same alpha_t
 feature of one location s_t ~ Multinoulli(alpha_t), drawn where the caller asks for it (`LocationSampling`), and
 training adds REINFORCE and entropy terms (`hard_attention_loss`). Without sampling, hard attention's context is
 its expected value, soft attention's: the paper's choice at test time.
-`ModelConfig.decoder = "transformer"` swaps in the Transformer decoder of transformer.py behind the same interface.
-The CPU speed-ups (chunked encoder and attention, the int8 decoder) live beside this file, in inference.py.
+The interface every decoder satisfies is decoder.py's; `build_decoder` is the one place that picks the decoder
+kind (`ModelConfig.decoder = "transformer"`: transformer.py's, behind the same interface).
+The CPU speed-ups (chunked encoder and attention, the int8 decoder) live beside this file, in inference.py; running
+the trunk up to a residual block and on from it, for feature stores that cache a block's output, in stages.py.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol, TypeVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from show_attend_tell.config import ModelConfig
+from show_attend_tell.decoder import Decoder, State, TeacherForced, rows_per_image, select_rows
 from show_attend_tell.text import PAD_ID
-
-State = tuple[torch.Tensor, ...]  # any decoder's state: tensors whose first dimension is the N rows
-StateT = TypeVar("StateT", bound=tuple)
-
-
-class EncodedImages(Protocol):
-    """What a decoder computes once per image: `features` (B, P, F) and whatever else its steps read."""
-
-    features: torch.Tensor  # (B, P, F)
-
-    def select(self, index: torch.Tensor | slice) -> EncodedImages:
-        """Rows `index` of every tensor (e.g. each caption's image, or the images still decoding)."""
-        ...
-
-
-class Decoder(Protocol):
-    """The interface greedy, sampling, beam search and SCST are written against (decoding.py).
-
-    `encode` runs once per image; `init_state` gives one state row per image; `step` advances N = B*K rows,
-    K consecutive rows per image of `encoded` (K = 1: one row per image; beams or samples otherwise). A state
-    is a tuple of tensors whose first dimension is N, so search can reorder any decoder's state with
-    `select_rows`. The LSTM below satisfies it, with soft or hard attention, and so does
-    transformer.TransformerDecoder. A decoder whose context can be one sampled location (hard attention) returns a
-    `HardState`, whose `location` search keeps for every word beside alpha."""
-
-    def encode(self, features: torch.Tensor) -> EncodedImages:
-        """(B, P, E) encoder features -> what every step reads."""
-        ...
-
-    def init_state(self, encoded: EncodedImages) -> State:
-        """-> the state before the first word, each tensor (B, ...)."""
-        ...
-
-    def step(
-        self, words: torch.Tensor, state: State, encoded: EncodedImages
-    ) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """previous words (N,) -> log p(next word) (N, V), the new state, attention alpha (N, P)."""
-        ...
-
-
-def select_rows(state: StateT, rows: torch.Tensor | slice) -> StateT:
-    """The state of rows `rows` (a beam's parents, surviving images, the captions still running): any decoder's.
-    A NamedTuple state (HardState) stays one."""
-    parts = [part[rows] for part in state]
-    return state._make(parts) if hasattr(state, "_make") else tuple(parts)
-
-
-def repeat_rows(state: StateT, times: int) -> StateT:
-    """Each row's state `times` times in a row: (B, ...) -> (B*K, ...), K = times (beams or samples per image)."""
-    return select_rows(state, torch.arange(state[0].size(0), device=state[0].device).repeat_interleave(times))
-
-
-def image_transform(config: ModelConfig, *, augment: bool = False):
-    """PIL RGB image -> (3, S, S) encoder input: the whole photo resized to S x S (a caption describes the
-    whole scene, so no crop), normalised as the encoder weights expect. augment=True (encoder fine-tuning): a
-    mild random crop and colour jitter instead of the plain resize; no flips, they swap 'left' and 'right'."""
-    from torchvision import transforms
-
-    from show_attend_tell.weights import ENCODER_WEIGHTS
-
-    size = (config.image_size, config.image_size)
-    if augment:
-        resize = [
-            transforms.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
-            transforms.ColorJitter(0.1, 0.1, 0.1),
-        ]
-    else:
-        resize = [transforms.Resize(size, antialias=True)]
-    return transforms.Compose([*resize, transforms.ToTensor(), ENCODER_WEIGHTS[config.encoder].normalize()])
+from show_attend_tell.transformer import TransformerDecoder
 
 
 class Encoded(NamedTuple):
@@ -163,43 +97,6 @@ class Encoder(nn.Module):
             index[id(module)] + "." for name, module in self.module_names().items() if name in self.fine_tune_blocks
         ]
 
-    def check_stage(self, stage: str) -> None:
-        """Refuse a cache point that is not a block, or that comes after a fine-tuned block."""
-        if stage not in self.blocks:
-            raise ValueError(f"unknown encoder stage {stage!r}; expected a residual block such as layer4.0")
-        order = list(self.blocks)
-        position = order.index(stage)
-        for name in self.fine_tune_blocks:
-            first = name if name in self.blocks else f"{name}.0"
-            if order.index(first) <= position:
-                raise ValueError(
-                    f"fine-tuned block {name} runs before the cached stage {stage}; cache an earlier stage "
-                    "or train from images"
-                )
-
-    def forward_until(self, images: torch.Tensor, stage: str) -> torch.Tensor:
-        """(B, 3, S, S) images -> (B, h*w, C), the output of residual block `stage` (e.g. layer4.0): what a
-        feature store caches when the blocks after it are fine-tuned on cached inputs."""
-        x = self.trunk[:4](images)  # stem: conv, BatchNorm, ReLU, max-pool
-        for name, block in self.blocks.items():
-            x = block(x)
-            if name == stage:
-                return x.flatten(2).transpose(1, 2)
-        raise ValueError(f"unknown encoder stage {stage!r}")
-
-    def forward_from(self, cached: torch.Tensor, stage: str) -> torch.Tensor:
-        """The rest of the trunk after block `stage`, then the grid pooling: (B, h*w, C) -> (B, P, E)."""
-        side = math.isqrt(cached.size(1))
-        x = cached.transpose(1, 2).unflatten(2, (side, side))  # (B, C, h, w)
-        after = False
-        for name, block in self.blocks.items():
-            if after:
-                x = block(x)
-            after = after or name == stage
-        if not after:
-            raise ValueError(f"unknown encoder stage {stage!r}")
-        return self.pool(x).flatten(2).transpose(1, 2)
-
     def train(self, mode: bool = True) -> Encoder:
         # Small captioning batches would corrupt ImageNet BatchNorm statistics: keep them fixed.
         super().train(mode)
@@ -219,18 +116,9 @@ def trunk_blocks(trunk: nn.Sequential) -> dict[str, nn.Module]:
     return {f"layer{i}.{j}": block for i in range(1, 5) for j, block in enumerate(trunk[3 + i])}
 
 
-def stage_shape(config: ModelConfig, stage: str) -> tuple[int, int]:
-    """(side, channels) of the output of residual block `stage` (e.g. layer4.0) for config.image_size inputs:
-    the stem divides the side by 4, the first block of layer2..layer4 by 2 more, each rounding up."""
-    layer = int(stage.removeprefix("layer").split(".")[0])
-    side = config.image_size
-    for _ in range(1 + layer):  # stem conv and max-pool, then one stride per layer after layer1
-        side = -(-side // 2)
-    return side, 256 * 2 ** (layer - 1)
-
-
 class SoftAttention(nn.Module):
-    """Bahdanau attention: e = w^T tanh(W_a a_i + W_h h), alpha = softmax(e), context = sum_i alpha_i a_i."""
+    """Bahdanau attention, alpha = softmax(e) with e = w^T tanh(W_a a_i + W_h h), context = sum_i alpha_i a_i,
+    computed as e' = 2 w^T sigmoid(2 (W_a a_i + W_h h)): the same alpha (see forward) for a cheaper op."""
 
     def __init__(self, *, feature_dim: int, decoder_dim: int, attention_dim: int) -> None:
         super().__init__()
@@ -260,13 +148,6 @@ class SoftAttention(nn.Module):
         w, b = self.score.weight.view(A).to(energy.dtype), self.score.bias.to(energy.dtype)
         scores = torch.addmv(b, energy.view(-1, A), w, beta=2, alpha=2)
         return attend(scores.view(B, K, P), encoded.features)
-
-
-def rows_per_image(rows: int, images: int) -> int:
-    """K, the decoder rows of each image, for N = B*K rows."""
-    if rows % images:
-        raise ValueError(f"attention: {rows} decoder rows do not split evenly over {images} images")
-    return rows // images
 
 
 def attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,6 +228,10 @@ class CaptionDecoder(nn.Module):
     """The LSTM decoder with soft or hard attention (config.attention), the beta gate and (optionally) the deep
     output layer. Both attentions have the same layers: they differ only in the context a step reads."""
 
+    # ModelConfig fields only this decoder reads: none, as the LSTM's fields came first and every checkpoint's
+    # model section keeps them (the Transformer's are left out of an LSTM's: checkpoint.model_section)
+    own_fields: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         E, A, D, M, V = (
@@ -413,31 +298,7 @@ class CaptionDecoder(nn.Module):
         state = HardState(h, c, location) if self.hard_attention else (h, c)
         return F.log_softmax(logits, dim=1), state, alpha
 
-
-class TeacherForced(NamedTuple):
-    """CaptionModel's forward pass over N captions, each (N, T-1, ...) and zero (-1) past each caption's end."""
-
-    log_probs: torch.Tensor  # (N, T-1, V) log p of each next word
-    alphas: torch.Tensor  # (N, T-1, P)
-    locations: torch.Tensor  # (N, T-1) s_t where the context was a sampled location (hard attention), else -1
-
-
-class CaptionModel(nn.Module):
-    """Encoder + decoder (the LSTM above, or transformer.py's). The encoder is optional: training on cached
-    features needs only the decoder."""
-
-    def __init__(self, config: ModelConfig, *, encoder: Encoder | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.encoder = encoder
-        if config.decoder == "transformer":
-            from show_attend_tell.transformer import TransformerDecoder  # it builds on this module
-
-            self.decoder = TransformerDecoder(config)
-        else:
-            self.decoder = CaptionDecoder(config)
-
-    def forward(
+    def teacher_forced(
         self,
         features: torch.Tensor,
         captions: torch.Tensor,
@@ -446,18 +307,10 @@ class CaptionModel(nn.Module):
         *,
         sampling: LocationSampling | None = None,
     ) -> TeacherForced:
-        """Teacher-forced pass over N captions of B images.
-
-        features (B, P, E); captions (N, T) = <start> w_1 .. w_n <end> <pad>..; lengths (N,) counting <start>
-        and <end>; image_index (N,) the row of `features` each caption describes, so five captions of one
-        image share its projection; sampling (hard attention): the B images' locations. Returns
-        log-probabilities (N, T-1, V) of captions[:, 1:], the attention weights (N, T-1, P) and the sampled
-        locations (N, T-1).
-        """
-        if self.config.decoder == "transformer":  # every position at once, under the causal mask
-            return self.decoder.teacher_forced(features, captions, lengths, image_index)
-        encoded = self.decoder.encode(features, sampling)  # (B, P, *)
-        initial = self.decoder.init_state(encoded)  # (B, D) each
+        """The teacher-forced pass (see CaptionModel.forward): one step per word position, each through `step`,
+        over the captions still running at that position."""
+        encoded = self.encode(features, sampling)  # (B, P, *)
+        initial = self.init_state(encoded)  # (B, D) each
         # Longest first, so the captions still running at step t are a prefix of the batch. A stable order keeps
         # an image's captions in their order, so they take its sampled locations in the same order on any rank.
         order = lengths.argsort(descending=True, stable=True)
@@ -471,7 +324,7 @@ class CaptionModel(nn.Module):
         for t in range(total):
             n = int((steps > t).sum())
             state = select_rows(state, slice(None, n))
-            step_log_probs, state, alpha = self.decoder.step(words[:n, t], state, encoded.select(slice(None, n)))
+            step_log_probs, state, alpha = self.step(words[:n, t], state, encoded.select(slice(None, n)))
             log_probs.append(F.pad(step_log_probs, (0, 0, 0, N - n)))  # (N, V)
             alphas.append(F.pad(alpha, (0, 0, 0, N - n)))  # (N, P)
             location = sampled_locations(state)
@@ -480,6 +333,64 @@ class CaptionModel(nn.Module):
         inverse = order.argsort()
         stacked = (torch.stack(log_probs, 1), torch.stack(alphas, 1), torch.stack(locations, 1))
         return TeacherForced(*(part[inverse] for part in stacked))
+
+    @staticmethod
+    def config_problem(config: ModelConfig) -> str | None:
+        """Why `config` cannot describe this decoder (None: it can): every LSTM config can."""
+        return None
+
+    @staticmethod
+    def max_positions(config: ModelConfig) -> int | None:
+        """How many words (with <start>) a caption may have for this decoder: the LSTM has no limit."""
+        return None
+
+
+# The one place a decoder kind is chosen: ModelConfig.decoder -> its class. Everything else asks the class
+# (own_fields, config_problem, max_positions) or the decoder (the Decoder interface of decoder.py).
+DECODERS: dict[str, type[CaptionDecoder] | type[TransformerDecoder]] = {
+    "lstm": CaptionDecoder,
+    "transformer": TransformerDecoder,
+}
+
+
+def decoder_class(config: ModelConfig) -> type[CaptionDecoder] | type[TransformerDecoder]:
+    """The class of the decoder `config` describes (config.decoder, one of DECODERS)."""
+    return DECODERS[config.decoder]
+
+
+def build_decoder(config: ModelConfig) -> Decoder:
+    """The decoder `config` describes: the paper's LSTM above, or transformer.py's."""
+    return decoder_class(config)(config)
+
+
+class CaptionModel(nn.Module):
+    """Encoder + decoder (build_decoder). The encoder is optional: training on cached features needs only the
+    decoder."""
+
+    def __init__(self, config: ModelConfig, *, encoder: Encoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.decoder = build_decoder(config)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        captions: torch.Tensor,
+        lengths: torch.Tensor,
+        image_index: torch.Tensor,
+        *,
+        sampling: LocationSampling | None = None,
+    ) -> TeacherForced:
+        """Teacher-forced pass over N captions of B images: the decoder's teacher_forced (decoder.Decoder).
+
+        features (B, P, E); captions (N, T) = <start> w_1 .. w_n <end> <pad>..; lengths (N,) counting <start>
+        and <end>; image_index (N,) the row of `features` each caption describes, so five captions of one
+        image share its projection; sampling (hard attention): the B images' locations. Returns
+        log-probabilities (N, T-1, V) of captions[:, 1:], the attention weights (N, T-1, P) and the sampled
+        locations (N, T-1).
+        """
+        return self.decoder.teacher_forced(features, captions, lengths, image_index, sampling=sampling)
 
 
 def caption_loss(

@@ -40,7 +40,6 @@ from tqdm import tqdm
 from show_attend_tell.checkpoint import check_model_config, load_encoder_state, model_tensors, save_model
 from show_attend_tell.config import (
     CALIBRATION_IMAGES,
-    DEFAULT_BEAM_SIZE,
     FEATURE_LOADING,
     DataConfig,
     ModelConfig,
@@ -51,6 +50,7 @@ from show_attend_tell.config import (
     to_dict,
     write_atomically,
 )
+from show_attend_tell.decoder import TeacherForced
 from show_attend_tell.errors import InputError
 from show_attend_tell.features import FeatureStore
 from show_attend_tell.locks import hold, release
@@ -59,13 +59,14 @@ from show_attend_tell.model import (
     CaptionModel,
     Encoder,
     LocationSampling,
-    TeacherForced,
     caption_log_likelihood,
     caption_loss,
+    decoder_class,
     hard_attention_loss,
     moving_average,
 )
 from show_attend_tell.prepare import PreparedDataset
+from show_attend_tell.stages import run_from
 
 STATE_DIR = "last"
 BEST_DIR = "best"
@@ -332,12 +333,13 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     rank, world_size = distributed()
     device = torch.device(device)
     dataset = PreparedDataset.load(data_config.prepared, limit=data_config.limit)
-    if model_config.decoder == "transformer" and model_config.transformer_positions == "learned":
+    positions = decoder_class(model_config).max_positions(model_config)
+    if positions is not None:
         # one position per word read: <start> and the words of the longest training caption; validation's captions
         needed = max(int(dataset.lengths.max()) - 1, train_config.max_caption_length)
-        if needed > model_config.transformer_max_positions:
+        if needed > positions:
             raise InputError(
-                f"--transformer-max-positions {model_config.transformer_max_positions} is too few: the training "
+                f"--transformer-max-positions {positions} is too few: the training "
                 f"captions and --max-caption-length {train_config.max_caption_length} need {needed} positions"
             )
     torch.manual_seed(train_config.seed)
@@ -559,10 +561,10 @@ def batch_features(run: Run, rows: list[int], *, train: bool, cached: torch.Tens
     if data.features is not None:
         cached = data.features[rows] if cached is None else cached
         cached = cached.to(run.device, non_blocking=True).float()
-        return model.encoder.forward_from(cached, data.stage) if data.stage else cached
+        return run_from(model.encoder, cached, data.stage) if data.stage else cached
     from show_attend_tell.images import load_image
     from show_attend_tell.inference import image_features
-    from show_attend_tell.model import image_transform
+    from show_attend_tell.weights import image_transform
 
     paths = [data.dataset.images[i].path for i in rows]
     if train and run.model_config.fine_tune_blocks:
@@ -879,17 +881,17 @@ def calibrate_int8_of(run: Run, directory: Path) -> None:
     on CALIBRATION_IMAGES training photos, and store them there: `sat caption` then decodes the best checkpoint
     in int8 on CPU, as it does the shipped model, with no `sat calibrate` step. The Transformer decoder has no
     int8 version yet: it decodes in fp32."""
-    if run.model_config.decoder == "transformer":
-        return
-    from show_attend_tell.checkpoint import save_int8_calibration
-    from show_attend_tell.inference import calibrate_int8, calibration_sample
+    from show_attend_tell.calibration import calibrate_decoder, calibration_sample
+    from show_attend_tell.inference import int8_available
 
+    if not int8_available(run.model.decoder):
+        return
     rows = calibration_sample(run.data.train_rows, CALIBRATION_IMAGES, run.config.seed)
-    batches = (batch_features(run, rows[i : i + 32], train=False) for i in range(0, len(rows), 32))
-    with torch.no_grad():
-        ranges = calibrate_int8(run.model.decoder, batches)
-    about = {"images": len(rows), "split": "train", "seed": run.config.seed, "beam_size": DEFAULT_BEAM_SIZE}
-    save_int8_calibration(directory, ranges, about)
+
+    def features(batch: list[int]) -> torch.Tensor:
+        return batch_features(run, batch, train=False)
+
+    calibrate_decoder(directory, run.model.decoder, rows, features, split="train", seed=run.config.seed)
 
 
 # ----- the loop -----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """A Transformer decoder over the encoder's attention grid (`ModelConfig.decoder = "transformer"`), beside the
-paper's LSTM of model.py and behind the same `model.Decoder` interface, so greedy, sampling, beam search,
-constrained beam search, self-critical training, checkpoints, the CLI, the API and the page all use it unchanged.
+paper's LSTM of model.py and behind the same `decoder.Decoder` interface (model.build_decoder picks it), so
+greedy, sampling, beam search, constrained beam search, self-critical training, checkpoints, the CLI, the API
+and the page all use it unchanged.
 
 Vaswani et al. 2017 in the pre-norm arrangement: the vector x of each word (its embedding plus its position's)
 goes through `transformer_layers` blocks, each adding
@@ -10,7 +11,7 @@ goes through `transformer_layers` blocks, each adding
 and log p(next word) = log_softmax(L_o LN(x)). The attention itself is torch's F.scaled_dot_product_attention.
 
 Decoding is incremental: the state holds every block's self-attention keys and values of the words so far (a
-key/value cache whose first dimension is the rows, so `model.select_rows` reorders beams), and a step computes
+key/value cache whose first dimension is the rows, so `decoder.select_rows` reorders beams), and a step computes
 the new word's position only, whatever its index. The cross-attention keys and values are computed in `encode`,
 once per image; the K rows of an image (its beams or samples) read them in place. `forward_words` is the one
 computation: teacher forcing runs it on whole captions (all positions at once, under the causal mask) and
@@ -27,15 +28,15 @@ Shape letters as in model.py, plus L blocks, H heads, Dh = D / H per head, t wor
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from show_attend_tell.config import ModelConfig
+from show_attend_tell.decoder import State, TeacherForced, rows_per_image
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import State, TeacherForced, rows_per_image
 from show_attend_tell.text import PAD_ID
 
 
@@ -178,7 +179,34 @@ class SinusoidalPositions(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """The Transformer decoder (a model.Decoder): see the module's docstring."""
+    """The Transformer decoder (a decoder.Decoder): see the module's docstring."""
+
+    # ModelConfig fields only this decoder reads: a checkpoint of the LSTM leaves them out of its model section
+    own_fields: ClassVar[tuple[str, ...]] = (
+        "transformer_layers",
+        "transformer_heads",
+        "transformer_feedforward_dim",
+        "transformer_positions",
+        "transformer_max_positions",
+    )
+
+    @staticmethod
+    def config_problem(config: ModelConfig) -> str | None:
+        """Why `config` cannot describe this decoder (None: it can), to be named in a one-line error."""
+        if config.decoder_dim % config.transformer_heads:
+            return (
+                f"model.decoder_dim ({config.decoder_dim}) must be a multiple of model.transformer_heads "
+                f"({config.transformer_heads}): each head reads an equal share"
+            )
+        if config.attention != "soft":
+            return "model.attention hard is the LSTM's (paper section 4.1), not the Transformer's"
+        return None
+
+    @staticmethod
+    def max_positions(config: ModelConfig) -> int | None:
+        """How many words (with <start>) a caption may have: the learned positions' count (None: sinusoidal
+        positions have no limit)."""
+        return config.transformer_max_positions if config.transformer_positions == "learned" else None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -252,14 +280,23 @@ class TransformerDecoder(nn.Module):
         return log_probs[:, 0], state, alpha[:, 0]
 
     def teacher_forced(
-        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, image_index: torch.Tensor
+        self,
+        features: torch.Tensor,
+        captions: torch.Tensor,
+        lengths: torch.Tensor,
+        image_index: torch.Tensor,
+        *,
+        sampling: Any = None,
     ) -> TeacherForced:
         """As model.CaptionModel.forward, every position of every caption at once: features (B, P, E),
         captions (N, T), lengths (N,), image_index (N,) -> log p (N, T-1, V), alpha (N, T-1, P), zero past each
         caption's end, and no sampled locations (all -1: its attention is soft).
 
         The captions are laid out K per image (K the most any image has; unused slots are <pad> rows), so each
-        image's keys and values are read in place, as in beam search, instead of copied for each caption."""
+        image's keys and values are read in place, as in beam search, instead of copied for each caption. Its
+        attention is soft: it samples no locations (`sampling` must be None)."""
+        if sampling is not None:
+            raise ValueError("the Transformer's attention is soft: it samples no locations (LocationSampling)")
         encoded = self.encode(features)  # B images
         B, N = features.size(0), captions.size(0)
         T = int(lengths.max()) - 1  # positions predicted

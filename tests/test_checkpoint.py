@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from show_attend_tell import runtime
 from show_attend_tell.checkpoint import (
     CONFIG_FILE,
-    TRANSFORMER_FIELDS,
     VOCAB_FILE,
     WEIGHTS_FILE,
     load_model,
@@ -26,6 +26,7 @@ from show_attend_tell.errors import InputError
 from show_attend_tell.inference import encode_images
 from show_attend_tell.model import CaptionDecoder, CaptionModel, Encoder
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+from show_attend_tell.transformer import TransformerDecoder
 
 WORDS = [*SPECIAL_TOKENS, "a", "dog", "runs", "on", "the", "grass", "cat", "sits"]
 
@@ -193,8 +194,8 @@ def test_inference_decoders_are_chosen_when_loading_and_close_to_fp32(tmp_path):
     torch.manual_seed(1)
     ranges = calibrate_int8(plain.decoder, [torch.randn(4, 49, 2048)], beam_size=3)
     save_int8_calibration(tmp_path / "ckpt", ranges, {"images": 4})
-    fp32, _, _ = load_model(tmp_path / "ckpt", with_encoder=False, inference=True)
-    int8, _, _ = load_model(tmp_path / "ckpt", with_encoder=False, int8=True)
+    fp32, _, _ = runtime.load_model(tmp_path / "ckpt", with_encoder=False)
+    int8, _, _ = runtime.load_model(tmp_path / "ckpt", with_encoder=False, int8=True)
     assert type(plain.decoder.attention) is SoftAttention and type(fp32.decoder.attention) is ChunkedAttention
     assert type(int8.decoder) is Int8Decoder and isinstance(int8.decoder.lstm, Int8LSTMCell)
     assert isinstance(int8.decoder.h_projections, Int8Linear) and isinstance(int8.decoder.L_o, Int8Linear)
@@ -216,7 +217,7 @@ def test_inference_decoders_are_chosen_when_loading_and_close_to_fp32(tmp_path):
     with pytest.raises(RuntimeError, match="inference"):  # no silent training of a decoder without gradients
         fp32.decoder.attention(Encoded(features[:, :, :16], torch.zeros(3, 49, 16)), torch.zeros(3, 16))
     with pytest.raises(InputError, match="CPU only"):
-        load_model(tmp_path / "ckpt", with_encoder=False, int8=True, device="cuda")
+        runtime.load_model(tmp_path / "ckpt", with_encoder=False, int8=True, device="cuda")
 
 
 def test_int8_loads_only_with_a_calibration_of_these_weights(tmp_path, capsys):
@@ -232,7 +233,7 @@ def test_int8_loads_only_with_a_calibration_of_these_weights(tmp_path, capsys):
     directory = tmp_path / "ckpt"
     save_model(model, vocab, directory, encoder_sha256="abc")
     with pytest.raises(InputError, match="no int8 calibration.*sat calibrate"):
-        load_model(directory, with_encoder=False, int8=True)
+        runtime.load_model(directory, with_encoder=False, int8=True)
     assert not has_int8_calibration(read_config(directory))
     torch.manual_seed(1)
     ranges = calibrate_int8(model.decoder, [torch.randn(4, 49, 2048)], beam_size=3)
@@ -243,14 +244,14 @@ def test_int8_loads_only_with_a_calibration_of_these_weights(tmp_path, capsys):
     os.umask(umask)
     for name in (INT8_FILE, "config.json", "model.safetensors"):  # readable as files open() makes, not 0600
         assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~umask
-    load_model(directory, with_encoder=False, int8=True)
+    runtime.load_model(directory, with_encoder=False, int8=True)
     # the ranges file edited after calibration
     tensors = {
         f"{name}.{end}": value for name, (low, high) in ranges.items() for end, value in (("low", low), ("high", high))
     }
     save_file({**tensors, "L_o.high": tensors["L_o.high"] * 2}, directory / INT8_FILE)
     with pytest.raises(InputError, match="changed after calibration"):
-        load_model(directory, with_encoder=False, int8=True)
+        runtime.load_model(directory, with_encoder=False, int8=True)
     save_int8_calibration(directory, ranges, {"images": 4})
     # new weights under the old calibration (a checkpoint overwritten by hand)
     other, _ = small_model()
@@ -259,8 +260,8 @@ def test_int8_loads_only_with_a_calibration_of_these_weights(tmp_path, capsys):
     save_model(other, vocab, tmp_path / "other", encoder_sha256="abc")
     (directory / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(InputError, match="calibrated for other weights"):
-        load_model(directory, with_encoder=False, int8=True)
-    load_model(directory, with_encoder=False, inference=True)  # fp32 does not need it
+        runtime.load_model(directory, with_encoder=False, int8=True)
+    runtime.load_model(directory, with_encoder=False)  # fp32 does not need it
     # an export writes new (fp16) weights: the calibration is not carried over, and the command says so
     save_model(model, vocab, directory, encoder_sha256="abc")
     save_int8_calibration(directory, ranges, {"images": 4})
@@ -432,7 +433,7 @@ def test_an_lstm_saves_the_model_section_it_saved_before_the_transformer_existed
     save_model(model, Vocabulary(WORDS), tmp_path / "c", encoder_sha256="abc")
     section = json.loads((tmp_path / "c" / CONFIG_FILE).read_text())["model"]
     everything = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert set(section) == everything - set(TRANSFORMER_FIELDS) - {"attention", "decoder"}
+    assert set(section) == everything - set(TransformerDecoder.own_fields) - {"attention", "decoder"}
     assert load_model(tmp_path / "c", with_encoder=False)[0].config == model.config
 
 

@@ -133,6 +133,18 @@ def test_legacy_resize_reads_input_coordinate_out_index_times_in_over_out():
     out = _legacy_resize(x, [1, 6])[0, 0, 0]
     # output i reads position i / 2: 0, 0.5, 1, 1.5, 2, 2.5 (the last clamps to the edge)
     assert torch.allclose(out, torch.tensor([0.0, 5.0, 10.0, 15.0, 20.0, 20.0]))
+    x = torch.randn(2, 5, 7, 9)
+    general = _legacy_resize(x, [7 * 3, 9 * 3])  # not twice: the gathering path
+    assert general.shape == (2, 5, 21, 27) and torch.allclose(general[:, :, ::3, ::3], x)
+    twice = _legacy_resize(x, [14, 18])  # the graph's case, computed without gathering
+    gathered = x
+    for axis, out in ((2, 14), (3, 18)):  # the definition, written out
+        position = torch.arange(out) * (x.size(axis) / out)
+        low = position.floor().long()
+        high = (low + 1).clamp(max=x.size(axis) - 1)
+        weight = (position - low).view([out if a == axis else 1 for a in range(4)])
+        gathered = gathered.index_select(axis, low) * (1 - weight) + gathered.index_select(axis, high) * weight
+    assert torch.allclose(twice, gathered, atol=1e-6)
 
 
 def test_decode_keeps_peaks_in_nhwc_order_with_their_boxes():

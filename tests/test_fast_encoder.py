@@ -19,7 +19,9 @@ from show_attend_tell.fast_encoder import (
     resolve_precision,
     supported_precisions,
 )
-from show_attend_tell.model import Encoder, image_transform
+from show_attend_tell.model import Encoder
+from show_attend_tell.stages import run_until
+from show_attend_tell.weights import image_transform
 
 BF16_CPU = frozenset({"avx512f", "avx512_bf16", "avx512_vnni"})
 PLAIN_CPU = frozenset({"sse4_2", "avx2"})
@@ -82,7 +84,7 @@ def test_folding_batch_norms_keeps_the_blocks_and_the_features(encoder):
     assert list(folded.blocks) == list(encoder.blocks)
     # the same sums in another order: fp32 rounding only
     assert relative_error(folded(images), encoder(images)) < 1e-5
-    assert relative_error(folded.forward_until(images, "layer3.1"), encoder.forward_until(images, "layer3.1")) < 1e-5
+    assert relative_error(run_until(folded, images, "layer3.1"), run_until(encoder, images, "layer3.1")) < 1e-5
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())  # the original is untouched
 
 
@@ -99,7 +101,7 @@ def test_fp32_and_bf16_paths_give_fp32_features_within_their_rounding(encoder):
     bf16_encoder = FastEncoder(encoder, "bf16")
     assert list(bf16_encoder.blocks) == list(encoder.blocks)
     until = bf16_encoder.forward_until(images, "layer4.0")
-    assert until.dtype == torch.float32 and relative_error(until, encoder.forward_until(images, "layer4.0")) < 0.05
+    assert until.dtype == torch.float32 and relative_error(until, run_until(encoder, images, "layer4.0")) < 0.05
 
 
 @pytest.mark.skipif(not HAS_X86_ENGINE, reason="torch has no x86 quantized engine here")
@@ -126,10 +128,10 @@ def test_int8_encoder_quantizes_with_its_calibration_and_stays_close(encoder):
 def test_the_int8_encoder_calibration_is_stored_with_a_model_and_checked(tmp_path, fixed_encoder_weights, capsys):
     from safetensors.torch import save_file
 
+    from show_attend_tell import runtime
     from show_attend_tell.checkpoint import (
         ENCODER_INT8_FILE,
         encoder_int8_calibration,
-        load_model,
         read_config,
         save_encoder_int8_calibration,
         save_model,
@@ -144,13 +146,13 @@ def test_the_int8_encoder_calibration_is_stored_with_a_model_and_checked(tmp_pat
     vocab = Vocabulary([*SPECIAL_TOKENS, *(f"w{i}" for i in range(4))])
     save_model(model, vocab, directory, encoder_sha256="untrained")
     with pytest.raises(InputError, match="no encoder int8 calibration; run `sat calibrate .* --encoder-int8`"):
-        load_model(directory, encoder_precision="int8")
+        runtime.load_model(directory, encoder_precision="int8")
     images = photos(64)
     calibration = calibrate_int8_encoder(model.encoder, [images])
     save_encoder_int8_calibration(directory, calibration, {"images": 4})
     section = read_config(directory)["encoder_int8_calibration"]
     assert section["encoder_sha256"] == "untrained" and section["images"] == 4
-    loaded, _, _ = load_model(directory, encoder_precision="int8")
+    loaded, _, _ = runtime.load_model(directory, encoder_precision="int8")
     assert loaded.encoder.precision == "int8"
     with torch.no_grad():
         expected = FastEncoder(model.encoder, "int8", calibration=calibration, image_size=64)(images)
@@ -159,14 +161,14 @@ def test_the_int8_encoder_calibration_is_stored_with_a_model_and_checked(tmp_pat
     name = next(iter(tensors))
     save_file({**tensors, name: tensors[name] * 2}, directory / ENCODER_INT8_FILE)
     with pytest.raises(InputError, match="changed after calibration"):
-        load_model(directory, encoder_precision="int8")
+        runtime.load_model(directory, encoder_precision="int8")
     # an export leaves the file behind, so it names no calibration rather than a missing one
     save_encoder_int8_calibration(directory, calibration, {"images": 4})
     assert main(["export", str(directory), "--out", str(tmp_path / "exported")]) == 0
     assert "encoder_int8_calibration" not in json.loads((tmp_path / "exported" / "config.json").read_text())
     capsys.readouterr()
     for precision in ("fp32", "bf16"):  # the other precisions need no calibration
-        loaded, _, _ = load_model(tmp_path / "exported", encoder_precision=precision)
+        loaded, _, _ = runtime.load_model(tmp_path / "exported", encoder_precision=precision)
         assert loaded.encoder.precision == precision
 
 

@@ -30,7 +30,7 @@ def test_store_holds_the_encoder_output_for_every_image(tiny_prepared, tiny_feat
     store = load_features(tiny_features, expected_meta(config, paths, "untrained"))
     assert store.shape == (12, 4, 12) and store.dtype == torch.float16
     from show_attend_tell.images import load_image
-    from show_attend_tell.model import image_transform
+    from show_attend_tell.weights import image_transform
 
     transform = image_transform(config)
     direct = encoder(torch.stack([transform(load_image(p)) for p in paths[:3]]))

@@ -24,6 +24,7 @@ from show_attend_tell.inference import (
     product_terms,
 )
 from show_attend_tell.model import CaptionModel, Encoded, Encoder
+from show_attend_tell.stages import run_until
 
 
 @pytest.mark.slow  # a full ResNet-50 runs
@@ -40,7 +41,7 @@ def test_cpu_inference_runs_the_encoder_in_chunks_with_the_same_features(monkeyp
     assert batches[-1] == 4 + 3
     torch.testing.assert_close(chunked, whole.detach(), atol=1e-4, rtol=1e-4)
     stage = encode_images(encoder, images, "layer4.0")
-    torch.testing.assert_close(stage, encoder.forward_until(images, "layer4.0").detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stage, run_until(encoder, images, "layer4.0").detach(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("product", [False, True])

@@ -7,13 +7,12 @@ import torch
 from conftest import tiny_decoder_config
 
 from show_attend_tell.config import ModelConfig
+from show_attend_tell.decoder import select_rows
 from show_attend_tell.model import (
     CaptionModel,
     Encoded,
     Encoder,
     caption_loss,
-    select_rows,
-    stage_shape,
 )
 from show_attend_tell.text import END_ID, PAD_ID, START_ID
 
@@ -175,29 +174,6 @@ def test_encoder_grid_shapes_and_frozen_batchnorm():
         assert encoder(torch.randn(1, 3, 224, 224)).shape == (1, 49, 2048)
         encoder.pool = torch.nn.AdaptiveAvgPool2d(14)
         assert encoder(torch.randn(1, 3, 448, 448)).shape == (1, 196, 2048)
-
-
-@pytest.mark.slow  # full ResNet-50 builds and runs
-def test_encoder_stages_split_the_trunk_exactly():
-    config = ModelConfig(vocab_size=10, image_size=100, grid_size=2, fine_tune_blocks=("layer4.1", "layer4.2"))
-    encoder = Encoder(config, pretrained=False).eval()
-    assert list(encoder.blocks)[:4] == ["layer1.0", "layer1.1", "layer1.2", "layer2.0"] and len(encoder.blocks) == 16
-    assert encoder.tuned_prefixes() == ["trunk.7.1.", "trunk.7.2."]
-    images = torch.randn(2, 3, 100, 100)
-    with torch.no_grad():
-        whole = encoder(images)  # (2, 4, 2048)
-        for stage, shape in (("layer2.3", (13, 512)), ("layer3.0", (7, 1024)), ("layer4.0", (4, 2048))):
-            cached = encoder.forward_until(images, stage)
-            assert stage_shape(config, stage) == shape  # sides round up: 100 -> 50 -> 25 -> 13 -> 7 -> 4
-            assert cached.shape == (2, shape[0] ** 2, shape[1])
-            torch.testing.assert_close(encoder.forward_from(cached, stage), whole, rtol=0, atol=0)
-    encoder.check_stage("layer4.0")
-    with pytest.raises(ValueError, match="fine-tuned block layer4.1 runs before the cached stage layer4.1"):
-        encoder.check_stage("layer4.1")
-    with pytest.raises(ValueError, match="unknown encoder stage 'layer5.0'"):
-        encoder.check_stage("layer5.0")
-    with pytest.raises(ValueError, match="unknown block"):
-        Encoder(ModelConfig(vocab_size=10, fine_tune_blocks=("layer4.9",)), pretrained=False)
 
 
 def test_select_rows_reorders_any_decoders_state():

@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, tiny_model_config, tiny_transformer
 from safetensors.torch import load_file
 
+from show_attend_tell import runtime
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DataConfig, TrainConfig
 from show_attend_tell.features import FeatureStore
@@ -67,7 +68,7 @@ def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features,
     assert config["val"]["CIDEr"] == max(r["CIDEr"] for r in val)
     # the best checkpoint comes calibrated for int8 decoding, on the training photos' features, for its weights
     assert config["int8_calibration"]["images"] == len(trainer.data.train_rows)  # fewer than CALIBRATION_IMAGES
-    int8, _, _ = load_model(tmp_path / "run" / "best", with_encoder=False, int8=True)
+    int8, _, _ = runtime.load_model(tmp_path / "run" / "best", with_encoder=False, int8=True)
     features = torch.as_tensor(trainer.data.features[trainer.data.train_rows]).float()
     low, high = calibrate_int8(model.decoder, [features])["feature_projection"]
     stored = load_file(tmp_path / "run" / "best" / "int8.safetensors")

@@ -9,9 +9,10 @@ from conftest import tiny_decoder_config, tiny_transformer
 from test_decoding import exhaustive
 from test_model import assert_teacher_forcing_equals_stepping, learn_tiny_batch
 
+from show_attend_tell.decoder import select_rows
 from show_attend_tell.decoding import beam_search, constrained_beam_search, forced, greedy, rollout
 from show_attend_tell.errors import InputError
-from show_attend_tell.model import CaptionModel, select_rows
+from show_attend_tell.model import CaptionModel
 from show_attend_tell.text import END_ID, START_ID
 from show_attend_tell.transformer import TransformerDecoder
 
@@ -214,8 +215,9 @@ def test_a_transformer_checkpoint_captions_draws_maps_and_is_served_saying_its_d
     from fastapi.testclient import TestClient
     from PIL import Image
 
+    from show_attend_tell import runtime
     from show_attend_tell.captioner import Captioner
-    from show_attend_tell.checkpoint import load_model, save_model
+    from show_attend_tell.checkpoint import save_model
     from show_attend_tell.server import create_app
     from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
     from show_attend_tell.visualize import attention_figure
@@ -225,8 +227,8 @@ def test_a_transformer_checkpoint_captions_draws_maps_and_is_served_saying_its_d
     torch.manual_seed(7)
     save_model(CaptionModel(config), vocab, tmp_path / "t", encoder_sha256="untrained")
     with pytest.raises(InputError, match="the Transformer decoder has no int8 version yet"):
-        load_model(tmp_path / "t", with_encoder=False, int8=True)
-    model, vocab, saved = load_model(tmp_path / "t", with_encoder=False, inference=True)  # fp32
+        runtime.load_model(tmp_path / "t", with_encoder=False, int8=True)
+    model, vocab, saved = runtime.load_model(tmp_path / "t", with_encoder=False)  # fp32
     model.encoder = ColourGrid()  # the checkpoint's features: 2x2 grids of 12 channels
     captioner = Captioner(model, vocab, saved)
     assert captioner.decoder == "transformer"

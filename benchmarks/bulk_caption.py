@@ -10,7 +10,6 @@ merging the file), so the record gives photos/s end to end and with that cost ta
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -20,20 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from show_attend_tell.records import provenance, write_record
+from harness import REPO, begin_record, benchmark_parser, finish
 
-REPO = Path(__file__).resolve().parent.parent
 FLICKR8K = Path(os.environ.get("SAT_FLICKR8K_DIR", REPO.parent / "shared" / "data" / "flickr8k"))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="bulk_caption.json")
     parser.add_argument("--data", type=Path, default=FLICKR8K, help="the Flickr8k folder")
     parser.add_argument("--photos", type=int, default=1000, help="the first N photos of the test split")
-    parser.add_argument("--out", type=Path, help="where to record the figures (JSON)")
     args = parser.parse_args()
     names = (args.data / "Flickr_8k.testImages.txt").read_text().split()[: args.photos]
-    record = provenance(shlex.join(["python", *sys.argv]))
+    record = begin_record(args)
     sat = [sys.executable, "-m", "show_attend_tell.cli", "caption"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
     ways = {
@@ -79,10 +76,7 @@ def main() -> int:
         same_order=[r["image"] for r in one] == [r["image"] for r in two],
         same_captions=sum(a["caption"] == b["caption"] for a, b in zip(one, two, strict=True)),
     )
-    print(json.dumps(record, indent=2))
-    if args.out:
-        write_record(record, args.out)
-    return 0
+    return finish(record, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ ru_maxrss), exit code and counts. Not a timing: the figures do not depend on how
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -22,11 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import REPO, begin_record, benchmark_parser, finish
 from PIL import Image
 
-from show_attend_tell.records import provenance, write_record
-
-REPO = Path(__file__).resolve().parent.parent
 SIDE = 7900
 TARGET_PEAK_RSS_MB = 1536
 
@@ -71,13 +68,12 @@ def run(folder: Path, extra: list[str]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, record="caption_memory.json", whole_doc=True)
     parser.add_argument("--huge", type=int, default=16, help="huge PNGs in the folder")
-    parser.add_argument("--out", help="write the JSON here (e.g. results/caption_memory.json)")
     args = parser.parse_args()
     if args.huge < 1:
         raise SystemExit("--huge must be at least 1")
-    record = provenance("python " + shlex.join(sys.argv))
+    record = begin_record(args)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         for n in range(args.huge):
@@ -102,9 +98,7 @@ def main() -> int:
         runs=runs,
         ok=all(r["within_target"] and r["tracebacks"] == 0 for r in runs.values()),
     )
-    print(json.dumps(record, indent=2))
-    if args.out:
-        write_record(record, args.out)
+    finish(record, args.out)
     return 0 if record["ok"] else 1
 
 

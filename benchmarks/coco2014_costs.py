@@ -19,15 +19,11 @@ when that is longer (the LSTM's steps launch many small kernels), and the disk e
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from harness import REPO, begin_record, benchmark_parser, finish, interleaved, median
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -35,7 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoding import beam_search, rollout
 from show_attend_tell.model import CaptionModel, Encoder, caption_loss
-from show_attend_tell.records import provenance, write_record
 
 # COCO 2014, Karpathy's split (README, Datasets)
 COCO = {"images": 123_287, "train_images": 113_287, "val_images": 5_000, "test_images": 5_000, "captions_per_image": 5}
@@ -69,17 +64,12 @@ def operators(work) -> int:
 
 
 def seconds(work, repeats: int) -> float:
-    work()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    """Median seconds of `repeats` calls after one warm-up call."""
+    return median(interleaved({"work": lambda _: work()}, repeats, warmup=1).seconds["work"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main() -> int:
+    parser = benchmark_parser(__doc__, record="coco2014_costs.json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--xe-epochs", type=int, default=20)
     parser.add_argument("--scst-epochs", type=int, default=10)
@@ -87,12 +77,11 @@ def main() -> None:
     parser.add_argument("--encoder-efficiency", type=float, default=0.35)
     parser.add_argument("--decoder-efficiency", type=float, default=0.10)
     parser.add_argument("--launch-microseconds", type=float, default=10.0, help="GPU time per operator at least")
-    examples = Path(__file__).resolve().parent.parent / "examples"
+    examples = REPO / "examples"
     parser.add_argument("--photo", default=str(examples / "flickr8k_2677656448_6b7e7702af.jpg"), help="a 500x375 JPEG")
-    parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    record = provenance(shlex.join([sys.executable, *sys.argv]))
+    record = begin_record(args)
     torch.manual_seed(0)
     per_unit: dict[str, dict] = {}
 
@@ -110,7 +99,7 @@ def main() -> None:
             }
         print(name, per_unit[f"encoder_{name}"], flush=True)
     from show_attend_tell.images import load_image
-    from show_attend_tell.model import image_transform
+    from show_attend_tell.weights import image_transform
 
     photo = Path(args.photo)
     with Image.open(photo) as opened:
@@ -248,10 +237,8 @@ def main() -> None:
         stages=stages,
         disk_gb={name: round(size / 1e9, 1) for name, size in store.items()} | {"photos": PHOTO_BYTES / 1e9},
     )
-    print(json.dumps(record, indent=2))
-    if args.out:
-        write_record(record, args.out)
+    return finish(record, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 
+from harness import begin_record, benchmark_parser
 from tqdm import tqdm
 
 from show_attend_tell.captioner import Captioner
@@ -26,20 +26,19 @@ from show_attend_tell.datasets import coco_folder
 from show_attend_tell.guidance import Guidance
 from show_attend_tell.inference import Int8Decoder
 from show_attend_tell.metrics import score_captions
-from show_attend_tell.records import provenance, write_record
+from show_attend_tell.records import write_record
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="coco_dev.json", required=True)
     parser.add_argument("--coco-dev", type=Path, required=True, help="folder with captions_*.json and images/")
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     parser.add_argument("--detector", default="centernet", help="the COCO detector of the defaults ('none': none)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    record = provenance(shlex.join(["python", *sys.argv]))
+    record = begin_record(args)
     paths, references = coco_folder(args.coco_dev)
     instances = sorted(args.coco_dev.glob("instances_*.json"))
     objects = coco_objects(instances[0], [p.name for p in paths]) if instances else None

@@ -17,28 +17,17 @@ Each figure is the median over --repeats rounds, the sizes interleaved within a 
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import statistics
 import sys
-import time
 import warnings
 
 import torch
+from harness import add_threads, begin_record, benchmark_parser, finish, interleaved, median, seconds
 from torch import nn
 
 import show_attend_tell.inference as inference
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.inference import CPU_CHUNK_PIXELS, Int8Linear, Int8LSTMCell, energy_scores, product_terms
 from show_attend_tell.model import Encoded, Encoder, SoftAttention, attend
-from show_attend_tell.records import provenance, write_record
-
-
-def seconds(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def activations(repeats: int) -> dict:
@@ -51,7 +40,7 @@ def activations(repeats: int) -> dict:
             for name, op in (("tanh", torch.tanh_), ("sigmoid", torch.sigmoid_)):
                 work = x.clone()
                 timings[name].append(seconds(lambda op=op, work=work: op(work)) * 1e9 / x.numel())
-        medians = {name: round(statistics.median(values), 3) for name, values in timings.items()}
+        medians = {name: median(values, digits=3) for name, values in timings.items()}
         results[f"{rows}x49x512"] = {
             "ns_per_element_median": medians,
             "tanh_over_sigmoid": round(medians["tanh"] / medians["sigmoid"], 2),
@@ -63,14 +52,10 @@ def encoder_batches(repeats: int, side: int, sizes: tuple[int, ...]) -> dict:
     """Median ms per image of the (random-weight) ResNet-50 trunk at `side` px, one forward per batch size."""
     encoder = Encoder(ModelConfig(vocab_size=10), pretrained=False).eval()
     x = torch.randn(max(sizes), 3, side, side)
-    timings: dict[int, list[float]] = {size: [] for size in sizes}
     with torch.inference_mode():
         encoder.trunk(x[:2])  # warm-up
-        for r in range(repeats):
-            for size in sizes if r % 2 == 0 else sizes[::-1]:
-                batch = x[:size]
-                timings[size].append(seconds(lambda batch=batch: encoder.trunk(batch)) * 1e3 / size)
-    return {f"batch_{size}": round(statistics.median(values), 1) for size, values in timings.items()}
+        timings = interleaved({size: lambda _, size=size: encoder.trunk(x[:size]) for size in sizes}, repeats).seconds
+    return {f"batch_{size}": median(values, scale=1e3 / size, digits=1) for size, values in timings.items()}
 
 
 def int8_layers(repeats: int, calls: int = 200) -> dict:
@@ -101,17 +86,14 @@ def int8_layers(repeats: int, calls: int = 200) -> dict:
         ),
         "lstm_cell_static": lambda: static_cell(inputs, state),
     }
-    timings: dict[str, list[float]] = {name: [] for name in calls_by_name}
 
     def repeated(call) -> None:
         for _ in range(calls):
             call()
 
     with torch.inference_mode():
-        for r in range(repeats):
-            for name, call in calls_by_name.items() if r % 2 == 0 else list(calls_by_name.items())[::-1]:
-                timings[name].append(seconds(lambda call=call: repeated(call)) * 1e6 / calls)
-    medians = {name: round(statistics.median(values), 1) for name, values in timings.items()}
+        timings = interleaved({name: lambda _, c=call: repeated(c) for name, call in calls_by_name.items()}, repeats)
+    medians = {name: median(values, scale=1e6 / calls, digits=1) for name, values in timings.seconds.items()}
     return {
         "us_per_call_median": medians,
         "python_overhead_us": {
@@ -141,39 +123,31 @@ def attention_step(repeats: int, calls: int = 5) -> dict:
         attend(energy_scores(exp_terms if product else terms, hidden, w, product=product), features)
 
     forms = {"one_tensor": one_tensor, "chunks": lambda: chunks(False), "chunks_product_form": lambda: chunks(True)}
-    timings: dict[str, list[float]] = {name: [] for name in forms}
     with torch.inference_mode():
         terms = attention.project(features)
         exp_terms = product_terms(terms)
-        for r in range(repeats):
-            for name, form in forms.items() if r % 2 == 0 else list(forms.items())[::-1]:
-                timings[name].append(seconds(lambda form=form: [form() for _ in range(calls)]) * 1e3 / calls)
+        timings = interleaved({n: lambda _, f=form: [f() for _ in range(calls)] for n, form in forms.items()}, repeats)
     return {
         "energy_chunk_bytes": inference.ENERGY_CHUNK_BYTES,
-        **{n: round(statistics.median(v), 2) for n, v in timings.items()},
+        **{n: median(v, scale=1e3 / calls, digits=2) for n, v in timings.seconds.items()},
     }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="cpu_ops.json")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
-    parser.add_argument("--out", help="write the figures as JSON here (e.g. results/cpu_ops.json)")
+    add_threads(parser)
     parser.add_argument("--sides", type=int, nargs=2, default=[224, 448], help="encoder input sides (default 224 448)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    record = provenance("python " + shlex.join(sys.argv))
+    record = begin_record(args)
     record["activations"] = activations(args.repeats * 5)
     record["encoder_ms_per_image"] = encoder_batches(args.repeats, args.sides[0], (1, 2, 4, 8, 16, 32))
     record["encoder_ms_per_image_448px"] = encoder_batches(args.repeats, args.sides[1], (1, 2, 4, 8))
     record["encoder_cpu_chunk_pixels"] = CPU_CHUNK_PIXELS
     record["int8_layers_3_rows"] = int8_layers(args.repeats * 3)
     record["attention_step_32x3_rows_14x14"] = attention_step(args.repeats * 3)
-    print(json.dumps(record, indent=2))
-    if args.out:
-        write_record(record, args.out)
-    return 0
+    return finish(record, args.out)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

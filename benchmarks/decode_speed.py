@@ -18,28 +18,36 @@ are not a trained model's: use the shipped model or --model DIR for the recorded
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from harness import (
+    REPO,
+    add_note,
+    add_rounds,
+    add_threads,
+    begin_record,
+    benchmark_parser,
+    finish,
+    interleaved,
+    load_at_end,
+    median,
+    per_round_ratio,
+)
 
 from show_attend_tell import decoding
 from show_attend_tell.captioner import SHIPPED_MODEL
-from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_MAX_LENGTH, ModelConfig, to_dict
 from show_attend_tell.decoding import Hypothesis, beam_search
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import calibrate_int8, encode_images, for_inference
-from show_attend_tell.model import CaptionModel, Encoder, image_transform
-from show_attend_tell.records import provenance, write_record
+from show_attend_tell.model import CaptionModel, Encoder
+from show_attend_tell.runtime import load_model
 from show_attend_tell.text import SPECIAL_TOKENS, Vocabulary
+from show_attend_tell.weights import image_transform
 
-REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 FLICKR8K_VOCAB_SIZE = 2542
 
@@ -60,7 +68,7 @@ def build_model(args: argparse.Namespace) -> tuple[CaptionModel, Vocabulary, str
     """The trained checkpoint when there is one (a real caption length), else a random decoder."""
     model_dir = Path(args.model) if args.model else SHIPPED_MODEL
     if not args.random_decoder and (model_dir / "config.json").is_file():
-        model, vocab, _ = load_model(model_dir, inference=True, int8=args.int8)
+        model, vocab, _ = load_model(model_dir, int8=args.int8)
         return model, vocab, str(model_dir) + (" (int8 decoder)" if args.int8 else "")
     if args.model:
         raise SystemExit(f"{args.model}: no checkpoint here (config.json missing)")
@@ -100,28 +108,21 @@ def measure(args: argparse.Namespace) -> dict:
     def decode(rows) -> int:
         return steps_taken(beam_search(model.decoder, rows, beam_size=args.beam, max_length=args.max_length))
 
-    # name -> f(round) -> (seconds per image, decoding steps taken)
-    def encoder_alone(r: int):
-        start = time.perf_counter()
+    # name -> f(round) -> the decoding steps it took
+    def encoder_alone(r: int) -> int:
         encode_images(model.encoder, images[r % B : r % B + 1])
-        return time.perf_counter() - start, 0
+        return 0
 
-    def end_to_end(r: int):
-        start = time.perf_counter()
-        _, steps = caption_images(model, vocab, images[r % B : r % B + 1], args)
-        return time.perf_counter() - start, steps
+    def end_to_end(r: int) -> int:
+        return caption_images(model, vocab, images[r % B : r % B + 1], args)[1]
 
-    def decoder_one_at_a_time(r: int):
-        start = time.perf_counter()
-        steps = sum(decode(rows) for rows in singles)
-        return (time.perf_counter() - start) / B, steps
+    def decoder_one_at_a_time(r: int) -> int:
+        return sum(decode(rows) for rows in singles)
 
-    def decoder_batched(r: int):
-        start = time.perf_counter()
-        steps = decode(encoded)
-        return (time.perf_counter() - start) / B, steps
+    def decoder_batched(r: int) -> int:
+        return decode(encoded)
 
-    def decoder_batched_eager_compaction(r: int):
+    def decoder_batched_eager_compaction(r: int) -> int:
         """The batched search dropping each image as soon as it finishes (COMPACT_FRACTION 0, before 2026-11-26)."""
         default = decoding.COMPACT_FRACTION
         decoding.COMPACT_FRACTION = 0.0
@@ -130,34 +131,33 @@ def measure(args: argparse.Namespace) -> dict:
         finally:
             decoding.COMPACT_FRACTION = default
 
-    def end_to_end_one_at_a_time(r: int):
-        start = time.perf_counter()
-        steps = sum(caption_images(model, vocab, images[i : i + 1], args)[1] for i in range(B))
-        return (time.perf_counter() - start) / B, steps
+    def end_to_end_one_at_a_time(r: int) -> int:
+        return sum(caption_images(model, vocab, images[i : i + 1], args)[1] for i in range(B))
 
-    def end_to_end_batched(r: int):
-        start = time.perf_counter()
-        _, steps = caption_images(model, vocab, images, args)
-        return (time.perf_counter() - start) / B, steps
+    def end_to_end_batched(r: int) -> int:
+        return caption_images(model, vocab, images, args)[1]
 
     tasks = [encoder_alone, end_to_end, decoder_one_at_a_time, decoder_batched, decoder_batched_eager_compaction]
     if not args.skip_batched_end_to_end:
         tasks += [end_to_end_one_at_a_time, end_to_end_batched]
-    seconds: dict[str, list[float]] = {task.__name__: [] for task in tasks}
-    steps: dict[str, list[int]] = {task.__name__: [] for task in tasks}
-    for r in range(-args.warmup, args.repeats):
-        order = tasks if r % 2 == 0 else tasks[::-1]  # neither side always runs first
-        for task in order:
-            s, n = task(r)
-            if r >= 0:
-                seconds[task.__name__].append(s)
-                steps[task.__name__].append(n)
-        if r >= 0:
-            print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f}" for k, v in seconds.items()))
+    one_image = {"encoder_alone", "end_to_end"}  # the others caption all B images in a call
+
+    def per_image(name: str, values: list[float]) -> list[float]:
+        return values if name in one_image else [s / B for s in values]
+
+    def progress(r: int, rounds) -> None:
+        last = {k: 1e3 * per_image(k, v[-1:])[0] for k, v in rounds.seconds.items()}
+        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v:.1f}" for k, v in last.items()))
+
+    rounds = interleaved(
+        {task.__name__: task for task in tasks}, args.repeats, warmup=args.warmup, after_round=progress
+    )
+    seconds = {name: per_image(name, values) for name, values in rounds.seconds.items()}
+    steps = rounds.results
 
     def ratio(numerator: str, denominator: str) -> dict:
-        per_round = [a / b for a, b in zip(seconds[numerator], seconds[denominator], strict=True)]
-        return {"median": round(statistics.median(per_round), 3), "per_round": [round(x, 3) for x in per_round]}
+        per_round = per_round_ratio(seconds[numerator], seconds[denominator])
+        return {"median": median(per_round, digits=3), "per_round": [round(x, 3) for x in per_round]}
 
     ratios = {
         "end_to_end_over_encoder": ratio("end_to_end", "encoder_alone"),
@@ -188,7 +188,7 @@ def measure(args: argparse.Namespace) -> dict:
             "inference_mode": True,
             "int8_decoder": args.int8,
         },
-        "median_ms_per_image": {k: round(1e3 * statistics.median(v), 2) for k, v in seconds.items()},
+        "median_ms_per_image": {k: median(v, scale=1e3, digits=2) for k, v in seconds.items()},
         "median_ms_per_step": {k: round(v, 3) for k, v in per_step.items()},
         "steps": {
             "one_image_mean": statistics.mean(steps["decoder_one_at_a_time"]) / B,
@@ -210,7 +210,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="decode_speed.json")
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model, if present)")
     parser.add_argument("--random-decoder", action="store_true", help="random decoder even if a model exists")
     parser.add_argument("--vocab-size", type=int, default=FLICKR8K_VOCAB_SIZE, help="random decoder's vocabulary")
@@ -218,9 +218,8 @@ def main() -> int:
     parser.add_argument("--beam", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--batch", type=int, default=32, help="images in the batched runs (photos are cycled)")
-    parser.add_argument("--repeats", type=int, default=15, help="measured rounds")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
+    add_rounds(parser, 15, warmup=1)
+    add_threads(parser)
     parser.add_argument(
         "--int8",
         action=argparse.BooleanOptionalAction,
@@ -228,24 +227,17 @@ def main() -> int:
         help="int8 decoder, as `sat caption` and `sat serve` use on CPU (default on; --no-int8 for fp32)",
     )
     parser.add_argument("--skip-batched-end-to-end", action="store_true", help="only the decoder-only batch runs")
-    parser.add_argument("--note", default="", help="recorded beside the figures, e.g. the machine's state")
-    parser.add_argument("--out", help="write the figures as JSON here (e.g. results/decode_speed.json)")
+    add_note(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    record = provenance("python " + shlex.join(sys.argv))
+    record = begin_record(args)
     with torch.inference_mode():
         figures = measure(args)
     record.update(figures)
-    record["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
-    if args.note:
-        record["note"] = args.note
+    load_at_end(record, args.note)
     summary = {key: record[key] for key in ("median_ms_per_image", "median_ms_per_step", "steps", "targets", "machine")}
     summary["decoder"] = record["parameters"]["decoder"]
     summary["ratios"] = {k: v["median"] for k, v in record["ratios"].items()}
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        write_record(record, args.out)
-    return 0
+    return finish(record, args.out, summary)
 
 
 if __name__ == "__main__":

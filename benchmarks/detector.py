@@ -20,17 +20,14 @@ interleaved latency rounds (recorded under "beside").
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from harness import begin_record, benchmark_parser, finish, interleaved, median
 
 from show_attend_tell.chair import coco_objects
 from show_attend_tell.config import DEFAULT_DETECTOR_SIZE, DEFAULT_PRESENCE_THRESHOLD
@@ -40,7 +37,6 @@ from show_attend_tell.fast_encoder import resolve_precision
 from show_attend_tell.images import load_image
 from show_attend_tell.nanodet import INPUT_SIZE as NANODET_SIZE
 from show_attend_tell.nanodet import NanoDetDetector, fetch_nanodet, load_nanodet
-from show_attend_tell.records import provenance, write_record
 
 THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5)
 IMAGE_SIZE = 448  # the shipped model's input: photos are decoded as the captioner decodes them
@@ -161,15 +157,14 @@ def quality(detector: Detector, pictures: list, paths: list[Path], truth: list[s
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="detector.json", required=True)
     parser.add_argument("--coco-dev", type=Path, required=True, help="folder with captions_*.json, instances_*.json")
     parser.add_argument("--detector", choices=tuple(DEFAULT_SIZES), default="centernet")
     parser.add_argument("--sizes", type=int, nargs="+", help="network input sides (default: the detector's own)")
     parser.add_argument("--beside", choices=tuple(DEFAULT_SIZES), help="the other detector, at its default side")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    record = provenance(shlex.join(["python", *sys.argv]))
+    record = begin_record(args)
     paths, _ = coco_folder(args.coco_dev)
     instances = sorted(args.coco_dev.glob("instances_*.json"))[0]
     truth = coco_objects(instances, [p.name for p in paths])
@@ -184,20 +179,18 @@ def main() -> int:
     default = precisions[-1]  # what the captioner runs here (auto)
     pictures = [load_image(path, size=IMAGE_SIZE) for path in paths]
     found = {key: quality(detectors[(*key, default)], pictures, paths, truth, instances) for key in measured}
-    times: dict[tuple[str, int, str], list[float]] = {key: [] for key in detectors}
     for detector in detectors.values():
         detector.detect(pictures[:2], min_score=0.3)  # warm-up
-    for round_ in range(args.rounds):
-        picture = pictures[round_ % len(pictures)]
-        for key, detector in detectors.items():
-            start = time.perf_counter()
-            detector.detect([picture], min_score=0.3)
-            times[key].append(time.perf_counter() - start)
+    variants = {
+        key: lambda r, d=detector: d.detect([pictures[r % len(pictures)]], min_score=0.3)
+        for key, detector in detectors.items()
+    }
+    times = interleaved(variants, args.rounds, reverse=False).seconds
 
     def latency(key: tuple[str, int]) -> dict:
         return {
             precision: {
-                "median": round(1000 * statistics.median(times[(*key, precision)]), 1),
+                "median": median(times[(*key, precision)], scale=1000, digits=1),
                 "rounds": [round(1000 * v, 1) for v in times[(*key, precision)]],
             }
             for precision in precisions
@@ -249,9 +242,7 @@ def main() -> int:
         k: record[k] for k in ("image_level", "image_level_ap", "person", "box", "latency_ms")
     }
     beside_shown = {k: v for k, v in record.get("beside", {}).items() if k != "per_class_at_presence_threshold"}
-    print(json.dumps({"headline": shown, "beside": beside_shown}, indent=1))
-    write_record(record, args.out)
-    return 0
+    return finish(record, args.out, {"headline": shown, "beside": beside_shown}, indent=1)
 
 
 if __name__ == "__main__":

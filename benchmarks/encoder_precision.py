@@ -20,51 +20,33 @@ difference from `today` (relative L2 and largest difference over the largest val
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from harness import REPO, add_threads, begin_record, benchmark_parser, finish, interleaved, median, per_round_ratio
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Captioner
-from show_attend_tell.checkpoint import ENCODER_INT8_KEY, load_model, read_config
+from show_attend_tell.checkpoint import ENCODER_INT8_KEY, read_config
 from show_attend_tell.config import to_dict
 from show_attend_tell.fast_encoder import BF16_FLAGS, INT8_FLAGS, cpu_flags, resolve_precision, supported_precisions
 from show_attend_tell.features import extract_features
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import image_features
-from show_attend_tell.model import image_transform
 from show_attend_tell.prepare import PreparedDataset
-from show_attend_tell.records import provenance, write_record
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each variant's call per round, every variant once per round, the order reversed every other."""
-    names = list(variants)
-    for name in names:  # warm-up: first-call allocations and oneDNN kernel selection
-        variants[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        for name in names if round_ % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            variants[name]()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
+from show_attend_tell.runtime import load_model
+from show_attend_tell.weights import image_transform
 
 
-def summary(seconds: dict[str, list[float]], *, per: float = 1.0) -> dict:
-    """Median ms (per `per` items) of each variant and the median per-round speed-up over `today`."""
+def timed(variants: dict, repeats: int, *, per: float = 1.0) -> dict:
+    """Median ms (per `per` items) of each variant over interleaved rounds (one warm-up round first: first-call
+    allocations and oneDNN kernel selection) and the median per-round speed-up over `today`."""
+    seconds = interleaved({name: lambda _, run=run: run() for name, run in variants.items()}, repeats, warmup=1).seconds
     return {
-        "median_ms": {name: round(1e3 * statistics.median(values) / per, 1) for name, values in seconds.items()},
+        "median_ms": {name: median(values, scale=1e3 / per, digits=1) for name, values in seconds.items()},
         "speedup_over_today": {
-            name: round(statistics.median(t / v for t, v in zip(seconds["today"], values, strict=True)), 2)
+            name: median(per_round_ratio(seconds["today"], values), digits=2)
             for name, values in seconds.items()
             if name != "today"
         },
@@ -72,23 +54,21 @@ def summary(seconds: dict[str, list[float]], *, per: float = 1.0) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="encoder_precision.json")
     parser.add_argument("--model", default=str(SHIPPED_MODEL), help="checkpoint directory (default: the shipped one)")
     parser.add_argument("--data", required=True, help="prepared dataset whose photos `sat features` runs over")
     parser.add_argument("--photo", default=str(REPO / "examples" / "chelsea.jpg"), help="the one-photo measurements'")
     parser.add_argument("--feature-images", type=int, default=48, help="photos per `sat features` round")
     parser.add_argument("--repeats", type=int, default=9, help="measured rounds of each measurement")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", help="write the record here (e.g. results/encoder_precision.json)")
+    add_threads(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    record = provenance("python " + shlex.join(sys.argv))
+    record = begin_record(args)
     flags = cpu_flags()
     calibrated = ENCODER_INT8_KEY in read_config(args.model)
     precisions = [p for p in supported_precisions("cpu", flags) if p != "int8" or calibrated]
 
     # model.Encoder and the int8 decoder, as `sat caption` ran before fast_encoder.py
-    captioners = {"today": Captioner(*load_model(args.model, inference=True, int8=True))}
+    captioners = {"today": Captioner(*load_model(args.model, int8=True))}
     for precision in precisions:
         captioners[precision] = Captioner.load(args.model, encoder_precision=precision)
     config = captioners["today"].model.config
@@ -97,10 +77,8 @@ def main() -> int:
     with torch.inference_mode():
         images = image_transform(config)(photo).unsqueeze(0)  # (1, 3, S, S)
         encoders = {name: captioner.model.encoder for name, captioner in captioners.items()}
-        encoder = summary(interleaved({n: (lambda e=e: e(images)) for n, e in encoders.items()}, args.repeats))
-        caption = summary(
-            interleaved({n: (lambda c=c: c.caption_batch([photo])) for n, c in captioners.items()}, args.repeats)
-        )
+        encoder = timed({n: (lambda e=e: e(images)) for n, e in encoders.items()}, args.repeats)
+        caption = timed({n: (lambda c=c: c.caption_batch([photo])) for n, c in captioners.items()}, args.repeats)
         captions = {name: captioner.caption_batch([photo])[0].text for name, captioner in captioners.items()}
 
         dataset = PreparedDataset.load(args.data)
@@ -129,7 +107,7 @@ def main() -> int:
                 )
 
             store_variants = {name: (lambda n=name: fill(n)) for name in encoders if name != "int8"}
-            features = summary(interleaved(store_variants, max(3, args.repeats // 3)), per=len(paths))
+            features = timed(store_variants, max(3, args.repeats // 3), per=len(paths))
             features["photos_per_second"] = {n: round(1e3 / ms, 2) for n, ms in features["median_ms"].items()}
 
     record.update(
@@ -151,10 +129,7 @@ def main() -> int:
         feature_difference_from_today=differences,
         captions=captions,
     )
-    print(json.dumps({k: record[k] for k in ("encoder_forward", "caption_latency", "features")}, indent=2))
-    if args.out:
-        write_record(record, args.out)
-    return 0
+    return finish(record, args.out, {k: record[k] for k in ("encoder_forward", "caption_latency", "features")})
 
 
 if __name__ == "__main__":

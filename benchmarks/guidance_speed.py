@@ -10,72 +10,53 @@ and each ratio is the median of the per-round ratios, whose two sides ran second
 
 from __future__ import annotations
 
-import argparse
-import json
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
+from harness import REPO, add_threads, begin_record, benchmark_parser, finish, interleaved, median, per_round_ratio
 
 from show_attend_tell.captioner import Captioner
 from show_attend_tell.images import load_image
-from show_attend_tell.records import provenance, write_record
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="guidance_speed.json")
     parser.add_argument("--images", type=Path, default=REPO / "examples", help="a folder of photos")
     parser.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     parser.add_argument("--batch", type=int, default=32, help="photos in the batched runs (the folder is cycled)")
     parser.add_argument("--repeats", type=int, default=9, help="measured rounds")
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads(parser)
     parser.add_argument("--detector", default="centernet", help="the COCO detector measured beside the labels")
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    record = provenance(shlex.join(["python", *sys.argv]))
+    record = begin_record(args)
     captioner = Captioner.load(args.model, detector=args.detector)
     photos = [load_image(p) for p in sorted(args.images.iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
     batch = [photos[i % len(photos)] for i in range(args.batch)]
 
-    def one_at_a_time(guide: bool, detect: bool) -> float:
-        start = time.perf_counter()
+    def one_at_a_time(guide: bool, detect: bool) -> None:
         for photo in photos:
             captioner.caption(photo, guide=guide, detect=detect)
-        return (time.perf_counter() - start) / len(photos)
 
-    def batched(guide: bool, detect: bool) -> float:
-        start = time.perf_counter()
+    def batched(guide: bool, detect: bool) -> None:
         captioner.caption_batch(batch, guide=guide, detect=detect)
-        return (time.perf_counter() - start) / len(batch)
 
-    variants = {
-        "one_photo_unguided": lambda: one_at_a_time(False, False),
-        "one_photo_guided": lambda: one_at_a_time(True, False),
-        "one_photo_defaults": lambda: one_at_a_time(True, True),
-        "batch_unguided": lambda: batched(False, False),
-        "batch_guided": lambda: batched(True, False),
-        "batch_defaults": lambda: batched(True, True),
+    variants = {  # name -> (run it, photos it captions)
+        "one_photo_unguided": (lambda _: one_at_a_time(False, False), len(photos)),
+        "one_photo_guided": (lambda _: one_at_a_time(True, False), len(photos)),
+        "one_photo_defaults": (lambda _: one_at_a_time(True, True), len(photos)),
+        "batch_unguided": (lambda _: batched(False, False), len(batch)),
+        "batch_guided": (lambda _: batched(True, False), len(batch)),
+        "batch_defaults": (lambda _: batched(True, True), len(batch)),
     }
     if captioner.detector is None:
         variants = {name: run for name, run in variants.items() if not name.endswith("defaults")}
     captions = captioner.caption_batch(photos)
     guided, templates = sum(bool(c.guidance) for c in captions), sum(c.template for c in captions)
-    for run in variants.values():  # warm-up
-        run()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(args.repeats):
-        order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
-        for name in order:
-            times[name].append(variants[name]())
+    rounds = interleaved({name: run for name, (run, _) in variants.items()}, args.repeats, warmup=1)
+    times = {name: [s / variants[name][1] for s in values] for name, values in rounds.seconds.items()}  # per photo
 
     def ratio(numerator: str, denominator: str) -> float:
-        return round(statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True)), 3)
+        return median(per_round_ratio(times[numerator], times[denominator]), digits=3)
 
     record.update(
         photos=len(photos),
@@ -85,7 +66,7 @@ def main() -> int:
         batch=args.batch,
         repeats=args.repeats,
         int8=captioner.model.decoder is not None and "Int8" in type(captioner.model.decoder.lstm).__name__,
-        ms_per_photo_median={name: round(1000 * statistics.median(t), 1) for name, t in times.items()},
+        ms_per_photo_median={name: median(t, scale=1000, digits=1) for name, t in times.items()},
         guided_over_unguided_one_photo=ratio("one_photo_guided", "one_photo_unguided"),
         guided_over_unguided_batched=ratio("batch_guided", "batch_unguided"),
         one_at_a_time_over_batched_guided=ratio("one_photo_guided", "batch_guided"),
@@ -99,10 +80,7 @@ def main() -> int:
             defaults_over_labels_batched=ratio("batch_defaults", "batch_guided"),
             one_at_a_time_over_batched_defaults=ratio("one_photo_defaults", "batch_defaults"),
         )
-    print(json.dumps({k: v for k, v in record.items() if k != "command"}, indent=2))
-    if args.out:
-        write_record(record, args.out)
-    return 0
+    return finish(record, args.out, {k: v for k, v in record.items() if k != "command"})
 
 
 if __name__ == "__main__":

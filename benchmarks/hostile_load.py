@@ -27,11 +27,8 @@ normal clients.
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import re
-import shlex
 import socket
 import subprocess
 import sys
@@ -43,13 +40,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from load import HOST, free_port, latency, memory_kb, stop_server, wait_until_healthy
+from harness import REPO, begin_record, benchmark_parser, finish, latency
+from load import HOST, free_port, memory_kb, stop_server, wait_until_healthy
 from PIL import Image
 
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
-from show_attend_tell.records import provenance, write_record
 
-REPO = Path(__file__).resolve().parent.parent
 BOUNDARY = "hostile-load-boundary"
 TARGET_P99_RATIO = 2.0
 TARGET_PEAK_RSS_MB = 1536
@@ -217,7 +213,7 @@ def phase(url: str, port: int, args, photos, attack: dict | None) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, record="hostile_load.json", whole_doc=True)
     parser.add_argument("--clients", type=int, default=2, help="normal clients, one request in flight each")
     parser.add_argument("--requests", type=int, default=30, help="photos each normal client sends per phase")
     parser.add_argument("--attackers", type=int, default=16, help="connections in each of the three attacks")
@@ -235,12 +231,11 @@ def main() -> int:
     )
     parser.add_argument("--model", help="checkpoint directory for `sat serve` (default: the shipped model)")
     parser.add_argument("--deadline", type=float, default=900, help="seconds at most per phase")
-    parser.add_argument("--out", help="write the JSON here (e.g. results/hostile_load.json)")
     args = parser.parse_args()
     if min(args.clients, args.requests, args.attackers) < 1 or args.read_timeout <= 0:
         raise SystemExit("--clients, --requests and --attackers must be at least 1, --read-timeout positive")
 
-    record = provenance("python " + shlex.join(sys.argv))
+    record = begin_record(args)
     photos = [(path.name, path.read_bytes()) for path in sorted((REPO / "examples").glob("*.jpg"))]
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -315,9 +310,7 @@ def main() -> int:
         targets=targets,
         ok=all(targets.values()),
     )
-    print(json.dumps(record, indent=2))
-    if args.out:
-        write_record(record, args.out)
+    finish(record, args.out)
     return 0 if record["ok"] else 1
 
 

@@ -10,29 +10,29 @@ each from a few calibration sizes. Features are computed once by the model's enc
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 
 import torch
+from harness import begin_record, benchmark_parser
 from tqdm import tqdm
 
+from show_attend_tell import runtime
+from show_attend_tell.calibration import calibration_sample
 from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.decoding import beam_search
-from show_attend_tell.images import load_image
-from show_attend_tell.inference import Int8Decoder, Int8Linear, calibrate_int8, calibration_sample, image_features
+from show_attend_tell.features import dataset_features
+from show_attend_tell.inference import Int8Decoder, Int8Linear, calibrate_int8
 from show_attend_tell.prepare import PreparedDataset
-from show_attend_tell.records import provenance, write_record
+from show_attend_tell.records import write_record
 
 
 def features_of(model, dataset: PreparedDataset, rows: list[int], description: str) -> torch.Tensor:
-    batches = []
+    batches, features = [], dataset_features(model, dataset)
     for start in tqdm(range(0, len(rows), 8), desc=description):
-        photos = [load_image(dataset.images[i].path) for i in rows[start : start + 8]]
         with torch.no_grad():
-            batches.append(image_features(model.encoder, photos, model.config).half())
+            batches.append(features(rows[start : start + 8]).half())
     return torch.cat(batches)
 
 
@@ -57,20 +57,19 @@ def captions(decoder, features: torch.Tensor, beam_size: int) -> list[list[int]]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="int8_calibration.json", required=True)
     parser.add_argument("--data", required=True, help="prepared dataset directory (`sat prepare`)")
     parser.add_argument("--model", default=str(SHIPPED_MODEL))
     parser.add_argument("--split", default="test", help="the photos whose captions are compared")
     parser.add_argument("--images", type=int, default=300, help="photos of --split compared")
     parser.add_argument("--calibration-images", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE)
-    parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    record = provenance(shlex.join(["python", *sys.argv]))
+    record = begin_record(args)
     torch.manual_seed(0)
     dataset = PreparedDataset.load(args.data)
     model, _, _ = load_model(args.model)
-    fp32, _, _ = load_model(args.model, with_encoder=False, inference=True)
+    fp32, _, _ = runtime.load_model(args.model, with_encoder=False)
     compared = dataset.indices(args.split)[: args.images]
     calibration = calibration_sample(dataset.indices("train"), max(args.calibration_images), 0)
     train_features = features_of(model, dataset, calibration, "train photos")

@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
-import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,11 +29,10 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from harness import REPO, begin_record, benchmark_parser, finish, latency, median
 
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
-from show_attend_tell.records import provenance, write_record
 
-REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"  # never anything else: this is not a tool for loading other people's servers
 MEGABYTE = 2**20
 EXPECTED = {"good": 200, "truncated": 422, "not_an_image": 422, "empty": 422, "oversize": 413}
@@ -178,19 +174,6 @@ def run_clients(url: str, jobs: list, clients: int, beam_size: int, deadline: fl
     return records, time.perf_counter() - start
 
 
-def latency(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    values = sorted(values)
-    p99 = statistics.quantiles(values, n=100, method="inclusive")[98] if len(values) > 1 else values[0]
-    return {
-        "n": len(values),
-        "p50_ms": round(statistics.median(values), 1),
-        "p99_ms": round(p99, 1),
-        "max_ms": round(values[-1], 1),
-    }
-
-
 def summarise(records: list[dict], wall: float, jobs: int) -> dict:
     statuses: dict[str, Counter] = {}
     for record in records:
@@ -214,14 +197,14 @@ def summarise(records: list[dict], wall: float, jobs: int) -> dict:
         "latency_bad_by_kind": {
             kind: latency([r["ms"] for r in bad if r["kind"] == kind]) for kind in sorted({r["kind"] for r in bad})
         },
-        "server_decode_ms_p50": round(statistics.median([r["decode_ms"] for r in good if "decode_ms" in r]), 1)
+        "server_decode_ms_p50": median([r["decode_ms"] for r in good if "decode_ms" in r], digits=1)
         if any("decode_ms" in r for r in good)
         else None,
     }
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, record="load.json", whole_doc=True)
     parser.add_argument("--requests", type=int, default=200, help="requests in total, shared by the clients")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients, one request in flight each")
     parser.add_argument(
@@ -238,7 +221,6 @@ def main() -> int:
     parser.add_argument(
         "--code", help="serve the package of this source tree instead (e.g. a `git worktree` of an older commit)"
     )
-    parser.add_argument("--out", help="write the JSON here (e.g. results/load.json)")
     args = parser.parse_args()
     if args.requests < 1 or args.clients < 1:
         raise SystemExit("--requests and --clients must be at least 1")
@@ -248,7 +230,7 @@ def main() -> int:
     model = args.model or str(SHIPPED_MODEL)
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"{model}: no checkpoint here (config.json missing); pass --model DIR")
-    record = provenance("python " + shlex.join(sys.argv))
+    record = begin_record(args)
     jobs = workload(args.requests, round(args.max_upload_mb * MEGABYTE))
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -301,9 +283,7 @@ def main() -> int:
         results=results,
         ok=ok,
     )
-    print(json.dumps(record, indent=2))
-    if args.out:
-        write_record(record, args.out)
+    finish(record, args.out)
     return 0 if ok else 1
 
 

@@ -12,43 +12,38 @@ training run of the shipped model is over three hours on this CPU).
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import sys
 
 import torch
+from harness import begin_record, benchmark_parser, finish
 from tqdm import tqdm
 
 from show_attend_tell.captioner import SHIPPED_MODEL
-from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.evaluate import evaluate
-from show_attend_tell.images import load_image
-from show_attend_tell.inference import image_features
+from show_attend_tell.features import dataset_features
 from show_attend_tell.prepare import PreparedDataset
-from show_attend_tell.records import provenance, write_record
+from show_attend_tell.runtime import load_model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main() -> int:
+    parser = benchmark_parser(__doc__, record="store_precision_flickr8k.json")
     parser.add_argument("--data", required=True, help="prepared Flickr8k (sat prepare)")
     parser.add_argument("--model", default=str(SHIPPED_MODEL))
     parser.add_argument("--split", default="val")
     parser.add_argument("--limit", type=int, default=0, help="only the first N images of the split (0: all)")
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM_SIZE)
     parser.add_argument("--batch-size", type=int, default=8, help="photos per encoder pass")
-    parser.add_argument("--out")
     args = parser.parse_args()
-    record = provenance(shlex.join([sys.executable, *sys.argv]))
+    record = begin_record(args)
     dataset = PreparedDataset.load(args.data)
     rows = dataset.indices(args.split)[: args.limit or None]
-    model, vocab, _ = load_model(args.model, inference=True, int8=False)
-    grids = []
+    model, vocab, _ = load_model(args.model, int8=False)
+    grids, features = [], dataset_features(model, dataset)
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), args.batch_size), desc="encoder (fp32)", unit="batch"):
-            photos = [load_image(dataset.images[i].path) for i in rows[start : start + args.batch_size]]
-            grids.append(image_features(model.encoder, photos, model.config))  # (B, P, E) fp32
+            grids.append(features(rows[start : start + args.batch_size]))  # (B, P, E) fp32
     fp32 = torch.cat(grids)
     position = {row: n for n, row in enumerate(rows)}
     stores = {"float32": fp32, "float16": fp32.half().float()}
@@ -83,10 +78,8 @@ def main() -> None:
         not_measured="training on an fp32 store (the shipped model was trained on fp16 stores); the 512-d "
         "projected store",
     )
-    print(json.dumps(record, indent=2))
-    if args.out:
-        write_record(record, args.out)
+    return finish(record, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import begin_record, benchmark_parser, finish
 
 from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig
 from show_attend_tell.features import FEATURES_FILE, META_FILE, expected_meta, open_store, shard_layout
 from show_attend_tell.prepare import CAPTIONS_FILE, IMAGES_FILE, PreparedDataset
-from show_attend_tell.records import provenance, write_record
 
 GRID, CHANNELS = 14, 2048
 
@@ -209,7 +209,7 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_parser(__doc__, record="store_streaming.json")
     parser.add_argument("mode", nargs="?", default="all", choices=("all", "child"))
     parser.add_argument("--source", default="/work/data/f8k", help="a small prepared dataset whose captions are reused")
     parser.add_argument("--work", default="/work/store-streaming", help="where the synthetic data goes (deleted)")
@@ -226,7 +226,6 @@ def main() -> None:
     parser.add_argument(
         "--build-only", action="store_true", help="make the stores (untimed) and keep them for a later measuring run"
     )
-    parser.add_argument("--out")
     # child mode
     parser.add_argument("--store")
     parser.add_argument("--prepared")
@@ -239,7 +238,7 @@ def main() -> None:
 
     from show_attend_tell.weights import ENCODER_WEIGHTS
 
-    record = provenance(shlex.join([sys.executable, *sys.argv]))
+    record = begin_record(args)
     work = Path(args.work)
     sha = ENCODER_WEIGHTS["resnet50"].sha256()
     results = {}
@@ -307,9 +306,7 @@ def main() -> None:
         ),
         targets={"peak_rss_gb_at_most": 4.0, "captions_per_second_ratio_at_least": 0.8},
     )
-    print(json.dumps(record, indent=2))
-    if args.out:
-        write_record(record, args.out)
+    finish(record, args.out)
 
 
 if __name__ == "__main__":

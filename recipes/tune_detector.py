@@ -143,8 +143,8 @@ def scored(captions: list[str], references: list[list[str]], objects: list[set[s
     return result
 
 
-def choose(tried: list[dict], baseline: dict) -> dict:
-    """The rule of the module's docstring over the settings tried."""
+def choose(tried: list[dict], baseline: dict) -> dict | None:
+    """The rule of the module's docstring over the settings tried; None when none keeps val within the bound."""
     val = [
         t
         for t in tried
@@ -156,7 +156,7 @@ def choose(tried: list[dict], baseline: dict) -> dict:
         for t in val
         if t["coco_dev"]["CHAIR-s"] <= CHAIR_S_TARGET and t["coco_dev"]["people_in_empty_photos"] <= PEOPLE_TARGET
     ]
-    return max(meeting or val, key=lambda t: t["coco_dev"]["CIDEr"])
+    return max(meeting or val, key=lambda t: t["coco_dev"]["CIDEr"]) if val else None
 
 
 def main() -> int:
@@ -224,7 +224,8 @@ def main() -> int:
                 key = json.dumps(candidate, sort_keys=True)
                 if key not in tried:
                     tried[key] = run(candidate)
-            current = choose(list(tried.values()), baseline)["settings"]
+            best = choose(list(tried.values()), baseline)
+            current = best["settings"] if best else current  # nothing within the bound: the search stays put
     chosen = choose(list(tried.values()), baseline)
     record["detector_off"] = {k: v for k, v in baseline.items() if not k.endswith("_captions")}
     record["tried"] = [{k: v for k, v in t.items() if not k.endswith("_captions")} for t in tried.values()]
@@ -232,12 +233,17 @@ def main() -> int:
         "rule": f"among settings within {VAL_TOLERANCE} of the detector off on val CIDEr and METEOR: those meeting "
         f"CHAIR-s <= {CHAIR_S_TARGET} and people in <= {PEOPLE_TARGET}% of empty photos if any, then the largest "
         "coco-dev CIDEr (coco-dev is in-sample at the chosen setting)",
-        **{k: v for k, v in chosen.items() if not k.endswith("_captions")},
+        **{k: v for k, v in (chosen or {"settings": None}).items() if not k.endswith("_captions")},
     }
-    record["captions"] = {
-        path.name: {"detector_off": off, "chosen": on}
-        for path, off, on in zip(coco_paths, baseline["coco_dev_captions"], chosen["coco_dev_captions"], strict=True)
-    }
+    if chosen is None:
+        record["chosen"]["note"] = f"no setting tried kept Flickr8k val CIDEr and METEOR within {VAL_TOLERANCE}"
+    else:
+        record["captions"] = {
+            path.name: {"detector_off": off, "chosen": on}
+            for path, off, on in zip(
+                coco_paths, baseline["coco_dev_captions"], chosen["coco_dev_captions"], strict=True
+            )
+        }
     write_record(record, args.out)
     return 0
 

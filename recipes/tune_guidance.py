@@ -33,10 +33,9 @@ from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.datasets import coco_folder
 from show_attend_tell.decoding import constrained_beam_search
+from show_attend_tell.features import photo_features
 from show_attend_tell.guidance import Guidance, LabelHead
-from show_attend_tell.images import load_image
 from show_attend_tell.metrics import score_captions
-from show_attend_tell.model import image_transform
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
 
@@ -52,11 +51,10 @@ def encoded_set(model, head: LabelHead, paths: list[Path], cache: Path) -> tuple
         stored = torch.load(cache)
         if stored["paths"] == [str(p) for p in paths]:
             return stored["features"], stored["probabilities"]
-    transform = image_transform(model.config)
     features, probabilities = [], []
     for path in tqdm(paths, desc=f"encode {cache.stem}"):
         with torch.no_grad():
-            grid = model.encoder(transform(load_image(path)).unsqueeze(0))  # (1, P, E)
+            grid = photo_features(model.encoder, model.config, [path])  # (1, P, E)
         features.append(grid[0].half())
         probabilities.append(head(grid)[0])
     stored = {
@@ -97,7 +95,7 @@ def main() -> int:
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
 
-    model, vocab, _ = load_model(args.model, int8=False)
+    model, vocab, _ = load_model(args.model)
     head = LabelHead.for_encoder(model.config.encoder)
     guidance = Guidance(vocab, threshold=min(THRESHOLDS), max_label_words=args.max_label_words)
     dataset = PreparedDataset.load(args.data)

@@ -571,13 +571,12 @@ def _encoder_settings(args: argparse.Namespace) -> dict:
     """The encoder, photo size and grid not given as flags: the --features store's (a store made with `sat features
     --image-size 448` trains a 448 px, 14x14 model without repeating its flags), else the encoder's own grid."""
     from show_attend_tell.config import ModelConfig
-    from show_attend_tell.features import native_grid_size, read_meta
+    from show_attend_tell.features import native_grid_size, store_settings
 
     names = ("encoder", "image_size", "grid_size")
     settings = {}
     if args.features:
-        meta = read_meta(args.features)
-        settings = {key: meta[key] for key in names if getattr(args, key) is None and key in meta}
+        settings = {key: value for key, value in store_settings(args.features).items() if getattr(args, key) is None}
     if args.grid_size is None and "grid_size" not in settings:
         given = {key: getattr(args, key) for key in names[:2] if getattr(args, key) is not None}
         settings["grid_size"] = native_grid_size(ModelConfig(vocab_size=1, **{**given, **settings}))
@@ -656,8 +655,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
     from show_attend_tell.metrics import read_results, score_captions, write_results
     from show_attend_tell.prepare import PreparedDataset
 
@@ -677,91 +674,31 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         return 0
 
     from show_attend_tell.captioner import SHIPPED_MODEL
-    from show_attend_tell.evaluate import evaluate
-    from show_attend_tell.images import load_image
-    from show_attend_tell.inference import image_features
-    from show_attend_tell.runtime import load_model
-    from show_attend_tell.stages import run_from
+    from show_attend_tell.evaluate import load_evaluation
 
     model_dir = args.model or SHIPPED_MODEL
-    from show_attend_tell.fast_encoder import resolve_precision
-    from show_attend_tell.features import load_for_model, store_precision, store_stage
-    from show_attend_tell.guidance import new_word_pairs
-
-    detector_name = args.detector if args.guidance else None
-
-    # a store of grid features replaces the encoder; one of a block's output (--stage) replaces the part before
-    with_encoder = not args.features or bool(store_stage(args.features))
-    # a store's precision is its own (features.json); the encoder's is resolved only when it runs on photos
-    precision = resolve_precision(args.encoder_precision) if not args.features else None
-    model, vocab, config = load_model(
+    evaluation = load_evaluation(
         model_dir,
-        with_encoder=with_encoder,
+        dataset,
+        store=args.features or None,
         int8=args.int8,
-        encoder_precision=precision,
-        new_words=new_word_pairs() if detector_name else None,
+        encoder_precision=args.encoder_precision,
+        guidance=args.guidance,
+        guidance_threshold=args.guidance_threshold,
+        template_threshold=args.template_threshold if args.templates else None,
+        detector=args.detector,
     )
-    if args.features:
-        paths = [image.path for image in dataset.images]
-        store, stage = load_for_model(args.features, model.config, paths, config["encoder_sha256"], model.encoder)
-        used_precision = store_precision(args.features)
-
-        def features(batch):
-            if not stage:
-                return store[batch]
-            with torch.no_grad():
-                return run_from(model.encoder, store[batch].float(), stage)
-    else:
-        used_precision = precision
-
-        def features(batch):
-            return image_features(model.encoder, [load_image(dataset.images[i].path) for i in batch], model.config)
-
-    guidance, detections = None, None
-    if args.guidance:
-        from show_attend_tell.guidance import Guidance, label_head
-
-        head = label_head(model.config)
-        template_threshold = args.template_threshold if args.templates else None
-        rule = Guidance(
-            vocab,
-            threshold=args.guidance_threshold if head is not None else None,
-            template_threshold=template_threshold,
-            new_words=new_word_pairs() if detector_name else (),
-        )
-        guidance = (rule, head)
-    if detector_name:
-        from show_attend_tell.detector import load_detector
-
-        detector = load_detector(detector_name, precision=resolve_precision(args.encoder_precision))
-
-        def detections(batch):  # the photos as the captioner reads them, whatever the features came from
-            pictures = [load_image(dataset.images[i].path, size=model.config.image_size) for i in batch]
-            return detector.detect(pictures, min_score=rule.lowest_presence)
-
     results = {}
     for beam in args.beam:
-        metrics, captions = evaluate(
-            model,
-            vocab,
-            features,
+        metrics, captions = evaluation.score(
             rows,
             {i: dataset.images[i].captions for i in rows},
             beam_size=beam,
             max_length=args.max_length,
             length_penalty=args.length_penalty,
             java=java,
-            guidance=guidance,
-            detections=detections,
         )
-        metrics.update(
-            model=str(model_dir),
-            split=args.split,
-            n_images=len(rows),
-            int8=args.int8,
-            encoder_precision=used_precision,
-            detector=detector_name,
-        )
+        metrics.update(model=str(model_dir), split=args.split, n_images=len(rows), **evaluation.settings)
         results[f"beam{beam}"] = metrics
         print(json.dumps({"beam": beam, **{k: v for k, v in metrics.items() if isinstance(v, float)}}))
         if out:

@@ -1,18 +1,27 @@
-"""Decode a split once per image and score it with the coco-caption metrics."""
+"""Decode a split once per image and score it with the coco-caption metrics; `load_evaluation` sets up what
+`sat evaluate` scores (the model, where its features come from, its guidance and detector)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from show_attend_tell.config import DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
+from show_attend_tell.config import (
+    DEFAULT_GUIDANCE_THRESHOLD,
+    DEFAULT_LENGTH_PENALTY,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_TEMPLATE_THRESHOLD,
+)
 from show_attend_tell.decoding import Hypothesis, best_captions
 from show_attend_tell.detector import Detection
 from show_attend_tell.guidance import Guidance, LabelHead, search
 from show_attend_tell.model import CaptionModel
+from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.text import Vocabulary
 
 
@@ -102,3 +111,103 @@ def evaluate(
         score_seconds=round(time.perf_counter() - start - decode_seconds, 2),
     )
     return metrics, captions
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """A model loaded for scoring, with where its features come from and how its captions are guided."""
+
+    model: CaptionModel
+    vocab: Vocabulary
+    features: Callable[[list[int]], torch.Tensor]  # image rows -> (B, P, E)
+    encoder_precision: str | None  # the store's when features come from one, else the encoder's
+    guidance: tuple[Guidance, LabelHead | None] | None = None
+    detections: Callable[[list[int]], list[list[Detection]]] | None = None
+    detector: str | None = None
+    int8: bool = False
+
+    @property
+    def settings(self) -> dict:
+        """What the metrics record beside the model: the int8 decoder, the encoder's precision, the detector."""
+        return dict(int8=self.int8, encoder_precision=self.encoder_precision, detector=self.detector)
+
+    def score(self, rows: Sequence[int], references: dict[int, list[str]], **options) -> tuple[dict, dict[int, str]]:
+        """evaluate() on these image rows; options: beam_size, max_length, length_penalty, java, progress."""
+        return evaluate(
+            self.model,
+            self.vocab,
+            self.features,
+            rows,
+            references,
+            guidance=self.guidance,
+            detections=self.detections,
+            **options,
+        )
+
+
+def load_evaluation(
+    model_dir: str | Path,
+    dataset: PreparedDataset,
+    *,
+    store: str | Path | None = None,
+    int8: bool = False,
+    encoder_precision: str = "auto",
+    guidance: bool = True,
+    guidance_threshold: float | None = DEFAULT_GUIDANCE_THRESHOLD,
+    template_threshold: float | None = DEFAULT_TEMPLATE_THRESHOLD,
+    detector: str | None = None,
+) -> Evaluation:
+    """Load a checkpoint to score it on `dataset` as `sat caption` would caption its photos.
+
+    store: a feature store from `sat features` matching the model's encoder, read instead of running the encoder
+    (one of a block's output runs the blocks after it); else the encoder runs on the photos in `encoder_precision`
+    (fast_encoder.resolve_precision). guidance: the label guidance (guidance_threshold: None, no label guidance;
+    template_threshold: None, no templates) and, with it, the COCO `detector` (detector.DETECTORS), which looks at
+    the photos as the captioner reads them whatever the features came from."""
+    from show_attend_tell.fast_encoder import resolve_precision
+    from show_attend_tell.features import dataset_features, store_precision, store_stage
+    from show_attend_tell.guidance import label_head, new_word_pairs
+    from show_attend_tell.runtime import load_model
+
+    detector = detector if guidance else None
+    # a store of grid features replaces the encoder; one of a block's output (stage) replaces the part before
+    with_encoder = not store or bool(store_stage(store))
+    # a store's precision is its own (features.json); the encoder's is resolved only when it runs on photos
+    precision = resolve_precision(encoder_precision) if not store else None
+    model, vocab, config = load_model(
+        model_dir,
+        with_encoder=with_encoder,
+        int8=int8,
+        encoder_precision=precision,
+        new_words=new_word_pairs() if detector else None,
+    )
+    found = Evaluation(
+        model,
+        vocab,
+        dataset_features(model, dataset, store, config["encoder_sha256"]),
+        store_precision(store) if store else precision,
+        detector=detector,
+        int8=int8,
+    )
+    if not guidance:
+        return found
+    head = label_head(model.config)
+    rule = Guidance(
+        vocab,
+        threshold=guidance_threshold if head is not None else None,
+        template_threshold=template_threshold,
+        new_words=new_word_pairs() if detector else (),
+    )
+    found.guidance = (rule, head)
+    if detector:
+        from show_attend_tell.detector import load_detector
+        from show_attend_tell.images import load_image
+
+        loaded = load_detector(detector, precision=resolve_precision(encoder_precision))
+
+        def detections(rows: list[int]) -> list[list[Detection]]:
+            pictures = [load_image(dataset.images[i].path, size=model.config.image_size) for i in rows]
+            return loaded.detect(pictures, min_score=rule.lowest_presence)
+
+        found.detections = detections
+    return found

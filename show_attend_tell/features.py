@@ -17,7 +17,9 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,7 +32,11 @@ from show_attend_tell.images import load_image
 from show_attend_tell.inference import image_features
 from show_attend_tell.locks import hold, release, waiting_for
 from show_attend_tell.model import Encoder
-from show_attend_tell.stages import check_stage, stage_shape
+from show_attend_tell.stages import check_stage, run_from, stage_shape
+
+if TYPE_CHECKING:
+    from show_attend_tell.model import CaptionModel
+    from show_attend_tell.prepare import PreparedDataset
 
 FEATURES_FILE = "features.npy"
 DONE_FILE = "done.npy"
@@ -98,6 +104,12 @@ def read_meta(directory: str | Path) -> dict:
         raise InputError(f"{meta_path}: not valid JSON ({error})") from None
 
 
+def store_settings(directory: str | Path) -> dict:
+    """The ModelConfig fields a store fixes (those its features.json records): encoder, image_size, grid_size."""
+    meta = read_meta(directory)
+    return {key: meta[key] for key in ("encoder", "image_size", "grid_size") if key in meta}
+
+
 def store_stage(directory: str | Path) -> str:
     """The stage a store holds ("" for grid features)."""
     return read_meta(directory).get("stage", "")
@@ -129,6 +141,43 @@ def load_for_model(
     store = open_store(directory, expected_meta(config, paths, encoder_sha256, stage))
     store.check_complete()
     return store, stage
+
+
+def photo_features(
+    encoder: Encoder | FastEncoder,
+    config: ModelConfig,
+    paths: Sequence[Path],
+    device: str | torch.device = "cpu",
+    *,
+    stage: str = "",
+) -> torch.Tensor:
+    """Photo files -> (B, P, E) encoder features (or block `stage`'s output), each photo decoded as captioning
+    decodes it (images.load_image) and encoded by inference.image_features."""
+    return image_features(encoder, [load_image(path) for path in paths], config, device, stage=stage)
+
+
+def dataset_features(
+    model: CaptionModel,
+    dataset: PreparedDataset,
+    store: str | Path | None = None,
+    encoder_sha256: str = "",
+    device: str | torch.device = "cpu",
+) -> Callable[[Sequence[int]], torch.Tensor]:
+    """The one way from a prepared dataset's image rows to their features: a function `rows` -> (B, P, E). With
+    `store` (from `sat features`, checked against the model by load_for_model) the rows are read from it, a block's
+    output run through the rest of the encoder, in the store's dtype; else the model's encoder runs on the photos."""
+    if not store:
+        return lambda rows: photo_features(model.encoder, model.config, [dataset.images[i].path for i in rows], device)
+    paths = [image.path for image in dataset.images]
+    features, stage = load_for_model(store, model.config, paths, encoder_sha256, model.encoder)
+    if not stage:
+        return features.__getitem__
+
+    @torch.no_grad()
+    def from_stage(rows: Sequence[int]) -> torch.Tensor:
+        return run_from(model.encoder, features[rows].float(), stage)
+
+    return from_stage
 
 
 def _check_meta(directory: Path, found: dict, expected: dict) -> None:

@@ -1,7 +1,7 @@
 """`sat serve`: the HTTP API and the web page around one loaded Captioner.
 
 POST /api/caption   multipart field `image` (+ query `beam_size`) -> caption, words, one attention map per word
-GET  /api/health    model loaded, grid size, queue depth
+GET  /api/health    the model's decoder, grid size, queue depth (answered once the model is loaded)
 GET  /              the page (show_attend_tell/web/); OpenAPI at /openapi.json, docs at /docs
 
 The model runs on one thread, in batches: the photos waiting for it with equal options are captioned together
@@ -189,7 +189,6 @@ class CaptionResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
-    model_loaded: bool
     decoder: str = Field(description='the model\'s decoder: "lstm" (the paper\'s) or "transformer"')
     encoder_precision: str = Field(description='the precision the encoder runs in: "fp32", "bf16" or "int8"')
     detector: str | None = Field(description="the COCO detector that guides captions (null: none)")
@@ -740,10 +739,10 @@ def create_app(
 
     @app.get("/api/health", response_model=Health)
     async def health() -> Health:
-        """Whether the model is loaded, its attention grid, and how busy the queue is."""
+        """The model's decoder and attention grid, the limits, and how busy the queue is. The app exists only once
+        its model is loaded (listener.app_from_settings loads it before listening), so an answer means it is."""
         return Health(
             status="ok",
-            model_loaded=captioner is not None,
             decoder=captioner.decoder,
             encoder_precision=captioner.encoder_precision,
             detector=captioner.detector_name,

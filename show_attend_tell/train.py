@@ -159,9 +159,32 @@ def epoch_batches(
     epoch: int,
     seed: int,
     block: int = 0,
-):
-    """One epoch's batches: lists of image rows, each list holding about batch_size captions."""
+    longest: dict[int, int] | None = None,
+) -> list[list[int]]:
+    """One epoch's batches: lists of image rows, each list holding about batch_size captions, seeded by
+    (seed, epoch) like epoch_order, so a resumed run takes the same batches.
+
+    longest (image row -> tokens in its longest caption): length-bucketed batches (TrainConfig.bucket_by_length).
+    The epoch's images are sorted by it (a stable sort: images of one length stay in the epoch's random order),
+    cut into batches, and the batches shuffled, so a batch pads its captions to about their own length, not to the
+    longest of a random batch. An image's captions stay together, so its features are read and projected once.
+    With `block`, the sort and the shuffle are within each stretch of SHUFFLE_WINDOW_BLOCKS * block images of the
+    epoch, which keeps the reads of a stretch near each other in the store."""
     order = epoch_order(image_rows, epoch, seed, block)
+    if longest is None:
+        return _cut(order, caption_rows, batch_size)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + 1)
+    pool = max(1, SHUFFLE_WINDOW_BLOCKS * block if block else len(order))
+    batches = []
+    for start in range(0, len(order), pool):
+        ranked = sorted(order[start : start + pool], key=longest.__getitem__)
+        cut = _cut(ranked, caption_rows, batch_size)
+        batches += [cut[i] for i in torch.randperm(len(cut), generator=generator).tolist()]
+    return batches
+
+
+def _cut(order: list[int], caption_rows: dict[int, list[int]], batch_size: int) -> list[list[int]]:
+    """Images in order -> consecutive batches of at least batch_size captions (the last one: what is left)."""
     batches, current, count = [], [], 0
     for image in order:
         current.append(image)
@@ -195,6 +218,7 @@ class TrainingData:
     stage: str  # the block whose output `features` holds ("" for grid features)
     train_rows: list[int]  # training images with at least one caption
     caption_rows: dict[int, list[int]]  # image row -> its caption rows (the first captions_per_image)
+    longest: dict[int, int]  # training image row -> tokens in the longest of its caption rows
 
 
 @dataclasses.dataclass
@@ -255,9 +279,13 @@ class Run:
 
 
 def batches_of_epoch(run: Run, epoch: int) -> list[list[int]]:
-    data, config = run.data, run.config
+    return _batches(run.data, run.config, epoch)
+
+
+def _batches(data: TrainingData, config: TrainConfig, epoch: int) -> list[list[int]]:
+    longest = data.longest if config.bucket_by_length else None
     return epoch_batches(
-        data.train_rows, data.caption_rows, config.batch_size, epoch, config.seed, config.shuffle_block
+        data.train_rows, data.caption_rows, config.batch_size, epoch, config.seed, config.shuffle_block, longest
     )
 
 
@@ -378,11 +406,10 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
         captions_by_image.setdefault(image, []).append(caption)
     caption_rows = {i: rows[: data_config.captions_per_image] for i, rows in captions_by_image.items()}
     train_rows = [i for i in dataset.indices("train") if caption_rows.get(i)]
-    data = TrainingData(dataset, features, stage, train_rows, caption_rows)
-    batches = epoch_batches(
-        train_rows, caption_rows, train_config.batch_size, 0, train_config.seed, train_config.shuffle_block
-    )
-    total_steps = len(batches) * train_config.epochs
+    tokens = dataset.lengths.tolist()
+    longest = {i: max(tokens[c] for c in caption_rows[i]) for i in train_rows}
+    data = TrainingData(dataset, features, stage, train_rows, caption_rows, longest)
+    total_steps = len(_batches(data, train_config, 0)) * train_config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, train_config))
     # fp16's narrow exponent needs the loss scaled; bf16 has fp32's range
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(train_config.precision, device) == torch.float16)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from helpers import EXAMPLES, PHOTO, load_captioner
 from playwright.sync_api import expect
-from test_server import EXAMPLES, PHOTO, load_captioner
 
 from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.config import DEFAULT_BEAM_SIZE

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
+from helpers import corrupt_tiff
 from PIL import Image
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Captioner
@@ -180,8 +181,6 @@ def test_caption_cli_survives_hostile_inputs_and_keeps_every_figure(tmp_path, ca
     two good photos with the same stem: one line each, the good ones captioned, two figures, exit 1."""
     import os
     import signal
-
-    from test_images import corrupt_tiff
 
     for folder, photo in [("a", "coffee.jpg"), ("b", "rocket.jpg")]:
         (tmp_path / folder).mkdir()

@@ -82,6 +82,7 @@ def test_features_refuses_a_grid_finer_than_the_encoder_gives(tiny_prepared, tmp
     assert meta["grid_size"] == 2 and meta["image_size"] == 64 and meta["shape"][:2] == [6, 4]  # 2 images x 3 splits
 
 
+@pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_train_takes_the_stores_settings_and_limit_and_logs_one_epoch_numbering(
     tiny_prepared, tmp_path, fixed_encoder_weights, capsys
 ):
@@ -155,6 +156,7 @@ def test_calibrate_stores_int8_ranges_that_caption_then_uses(
     assert "prepared dataset directory not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_train_decoder_transformer_writes_a_transformer_checkpoint(
     tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights, capsys
 ):

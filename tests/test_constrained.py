@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_decoding import MockDecoder, encoded_for, exhaustive, tiny_decoder
+from helpers import MockDecoder, encoded_for, exhaustive, tiny_decoder
 
 from show_attend_tell.decoding import (
     MAX_CONSTRAINED_BEAMS,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import corrupt_tiff
 from PIL import Image
 
 from show_attend_tell.datasets import (
@@ -434,8 +435,6 @@ def test_csv_errors_name_their_line(tmp_path) -> None:
 
 
 def test_check_images_reports_a_file_that_makes_pillow_raise_anything(tmp_path) -> None:
-    from test_images import corrupt_tiff
-
     good = jpeg(tmp_path / "good.jpg")
     bad = tmp_path / "bad.tif"
     bad.write_bytes(corrupt_tiff())

@@ -6,73 +6,11 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_decoder_config
+from helpers import WORDS, MockDecoder, V, encoded_for, exhaustive, repeats_an_ngram, tiny_decoder
 
 from show_attend_tell import decoding
 from show_attend_tell.decoding import beam_search, greedy, length_normalised, rollout
-from show_attend_tell.model import CaptionDecoder, Encoded
 from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
-
-V = 7  # <pad> <start> <end> <unk> and three words
-WORDS = [w for w in range(V) if w not in (PAD_ID, START_ID, UNK_ID)]  # what a caption may contain, <end> included
-
-
-class MockDecoder:
-    """log p(next | image, step, previous word) from a fixed random table; the state carries the step."""
-
-    def __init__(self, images: int, max_length: int, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.table = torch.randn(images, max_length + 1, V, V, generator=generator).mul(2).log_softmax(dim=3)
-
-    def init_state(self, encoded: Encoded):
-        N = encoded.features.size(0)
-        return encoded.features[:, 0, 0].long(), torch.zeros(N, dtype=torch.long)
-
-    def step(self, words, state, encoded):
-        image, t = state
-        log_probs = self.table[image, t, words]  # (N, V)
-        alpha = torch.full((words.size(0), 4), 0.25)
-        return log_probs, (image, t + 1), alpha
-
-    def sequence_log_prob(self, image: int, tokens: list[int]) -> float:
-        previous, total = START_ID, 0.0
-        for t, word in enumerate(tokens):
-            total += float(self.table[image, t, previous, word])
-            previous = word
-        return total
-
-
-def encoded_for(images: list[int]) -> Encoded:
-    features = torch.tensor(images, dtype=torch.float).view(-1, 1, 1).expand(-1, 4, 3).contiguous()
-    return Encoded(features, features)
-
-
-def repeats_an_ngram(words: tuple[int, ...], n: int) -> bool:
-    grams = [words[i : i + n] for i in range(len(words) - n + 1)]
-    return n > 0 and len(grams) != len(set(grams))
-
-
-def exhaustive(
-    mock: MockDecoder,
-    image: int,
-    max_length: int,
-    length_penalty: float = 0.0,
-    no_repeat_ngram: int = 3,
-    constraints: tuple[set[int], ...] = (),
-):
-    """The best of every caption of at most max_length tokens (ended by <end>, or cut at max_length without it)
-    that repeats no n-gram of size no_repeat_ngram and holds a word of each constraint set."""
-    best = None
-    for n in range(max_length + 1):
-        for words in itertools.product([w for w in WORDS if w != END_ID], repeat=n):
-            if repeats_an_ngram(words, no_repeat_ngram) or not all(set(words) & c for c in constraints):
-                continue
-            tokens = list(words) + [END_ID] if n < max_length else list(words)
-            log_prob = mock.sequence_log_prob(image, tokens)
-            score = length_normalised(log_prob, len(tokens), length_penalty)
-            if best is None or score > best[0]:
-                best = (score, list(words), log_prob)
-    return best
 
 
 @pytest.mark.parametrize(("length_penalty", "no_repeat_ngram"), [(0.0, 0), (0.0, 3), (0.0, 2)])
@@ -117,11 +55,6 @@ def test_beam_of_one_equals_greedy():
     for b, g in zip(by_beam, by_greedy, strict=True):
         assert b.tokens == g.tokens
         assert b.log_prob == pytest.approx(g.log_prob, abs=1e-6)
-
-
-def tiny_decoder(seed: int = 0, **overrides) -> CaptionDecoder:
-    torch.manual_seed(seed)
-    return CaptionDecoder(tiny_decoder_config(vocab_size=12, **overrides)).eval()
 
 
 @pytest.mark.parametrize("compact_fraction", [0.0, 0.25, 0.5, 2.0])

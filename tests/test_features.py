@@ -11,6 +11,7 @@ from show_attend_tell.errors import InputError
 from show_attend_tell.features import (
     DONE_FILE,
     FEATURES_FILE,
+    dataset_features,
     expected_meta,
     extract_features,
     load_features,
@@ -35,6 +36,21 @@ def test_store_holds_the_encoder_output_for_every_image(tiny_prepared, tiny_feat
     transform = image_transform(config)
     direct = encoder(torch.stack([transform(load_image(p)) for p in paths[:3]]))
     torch.testing.assert_close(store[:3].float(), direct, rtol=1e-2, atol=1e-2)  # fp16 storage
+
+
+def test_dataset_features_reads_the_store_or_encodes_the_photos_alike(tiny_prepared, tiny_features):
+    from types import SimpleNamespace
+
+    paths, config, encoder = setup(tiny_prepared)
+    dataset = PreparedDataset.load(tiny_prepared)
+    model = SimpleNamespace(encoder=encoder, config=config)
+    rows = [5, 0, 11]
+    from_store = dataset_features(model, dataset, tiny_features, "untrained")(rows)
+    from_photos = dataset_features(model, dataset)(rows)
+    assert from_store.shape == from_photos.shape == (3, 4, 12) and from_store.dtype == torch.float16
+    torch.testing.assert_close(from_store.float(), from_photos, rtol=1e-2, atol=1e-2)  # fp16 storage
+    with pytest.raises(InputError, match="encoder_sha256 is 'untrained' but 'other weights' was expected"):
+        dataset_features(model, dataset, tiny_features, "other weights")
 
 
 def test_interrupted_extraction_resumes_only_the_missing_rows(tiny_prepared, tmp_path):

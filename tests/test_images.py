@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 import os
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import corrupt_tiff, edited_tiff, noise, png_header_only
 from PIL import Image, ImageFile
 
 from show_attend_tell.errors import InputError, TooManyPixelsError
@@ -25,26 +25,6 @@ def _save(image: Image.Image, path: Path, **options) -> Path:
     return path
 
 
-def _noise(width: int, height: int) -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG header claiming width x height over a few bytes of pixel data: tiny file, huge decode."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _error(source, **options) -> str:
     with pytest.raises(InputError) as caught:
         load_image(source, **options)
@@ -57,7 +37,7 @@ def _error(source, **options) -> str:
 
 
 def test_rgb_round_trip_and_fully_decoded(tmp_path):
-    original = _noise(31, 17)
+    original = noise(31, 17)
     image = load_image(_save(original, tmp_path / "noise.png"))
     assert image.mode == "RGB" and image.size == (31, 17)
     assert np.array_equal(np.asarray(image), np.asarray(original))
@@ -216,7 +196,7 @@ def test_text_file_renamed(tmp_path):
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_file(tmp_path, fmt):
     buffer = io.BytesIO()
-    _noise(64, 64).save(buffer, fmt)
+    noise(64, 64).save(buffer, fmt)
     data = buffer.getvalue()
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(data[: len(data) // 2])
@@ -228,7 +208,7 @@ def test_truncated_file(tmp_path, fmt):
 
 def test_decompression_bomb_beyond_pillows_limit(tmp_path):
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_header_only(100_000, 100_000))
+    path.write_bytes(png_header_only(100_000, 100_000))
     assert path.stat().st_size < 200
     message = _error(path)
     assert str(path) in message and "too large" in message
@@ -238,7 +218,7 @@ def test_explicit_pixel_limit_is_checked_before_decoding(tmp_path):
     # 81 megapixels: under Pillow's own limits, over ours. Decoding this file would fail as truncated,
     # so a "too large" message shows the header check came first.
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_header_only(9000, 9000))
+    path.write_bytes(png_header_only(9000, 9000))
     message = _error(path)
     assert str(path) in message and "too large" in message and "9000x9000" in message
 
@@ -298,24 +278,6 @@ def test_iter_image_paths_errors(tmp_path):
 # Hostile files (issue 14): whatever Pillow raises is the file's InputError; big photos cost one small decode.
 
 
-def corrupt_tiff() -> bytes:
-    """A 48x48 TIFF whose StripOffsets tag claims the ASCII type: Pillow raises TypeError while decoding it."""
-    return _edited_tiff(48, 273, 2, struct.pack("<H", 2))  # StripOffsets: its type (bytes 2-3 of the entry)
-
-
-def _edited_tiff(side: int, tag: int, start: int, value: bytes) -> bytes:
-    """A noise TIFF whose directory entry for `tag` has `value` written from byte `start` of its 12."""
-    buffer = io.BytesIO()
-    _noise(side, side).save(buffer, "TIFF")
-    data = bytearray(buffer.getvalue())
-    directory = struct.unpack("<I", data[4:8])[0]
-    for i in range(struct.unpack("<H", data[directory : directory + 2])[0]):
-        entry = directory + 2 + 12 * i
-        if struct.unpack("<H", data[entry : entry + 2])[0] == tag:
-            data[entry + start : entry + start + len(value)] = value
-    return bytes(data)
-
-
 def test_an_exception_of_any_type_inside_pillow_is_the_files_error(tmp_path):
     data = corrupt_tiff()
     with pytest.raises(TypeError):  # what Pillow itself does with it
@@ -333,12 +295,12 @@ def test_the_default_pixel_budget_refuses_a_small_file_that_declares_a_huge_phot
 
     # Pillow warns from MAX_IMAGE_PIXELS (89 MP) and refuses from twice that
     assert DEFAULT_MAX_PIXELS <= Image.MAX_IMAGE_PIXELS // 2
-    data = _png_header_only(7900, 7900)
+    data = png_header_only(7900, 7900)
     with pytest.raises(TooManyPixelsError, match="7900x7900 is 62.4 megapixels"):
         load_image(data, name="huge.png")
     with pytest.raises(TooManyPixelsError, match="huge.png: .*7900x7900"):
         image_header(data, name="huge.png")
-    assert image_header(_png_header_only(7900, 7900), max_pixels=10**8) == (7900, 7900)
+    assert image_header(png_header_only(7900, 7900), max_pixels=10**8) == (7900, 7900)
     with pytest.raises(InputError, match="not an image"):
         image_header(b"GIF89a? no", name="x")
 
@@ -433,7 +395,7 @@ def test_decoding_for_the_model_turns_the_photo_upright(tmp_path):
 
 
 def test_small_photos_are_decoded_exactly_as_in_full(tmp_path):
-    path = _save(_noise(120, 90), tmp_path / "small.jpg", quality=90)
+    path = _save(noise(120, 90), tmp_path / "small.jpg", quality=90)
     assert np.array_equal(np.asarray(load_image(path, size=64)), np.asarray(load_image(path)))
 
 
@@ -511,13 +473,13 @@ def test_decode_cost_counts_the_pixels_as_they_will_be_decoded():
     assert decode_cost(encoded("RGB", (4000, 3000), "JPEG"), size=224) == 1000 * 750 * (4 + 4)
     assert decode_cost(encoded("RGB", (4000, 3000), "JPEG")) == 4000 * 3000 * (4 + 4)  # in full: one conversion
     with pytest.raises(TooManyPixelsError):
-        decode_cost(_png_header_only(7900, 7900))
+        decode_cost(png_header_only(7900, 7900))
 
 
 def test_pillows_warnings_on_a_refused_file_end_its_one_line_instead_of_printing(capsys):
     import warnings
 
-    data = _edited_tiff(16, 258, 4, struct.pack("<I", 10_000))  # BitsPerSample: a count that runs past the end
+    data = edited_tiff(16, 258, 4, struct.pack("<I", 10_000))  # BitsPerSample: a count that runs past the end
     with warnings.catch_warnings(record=True) as escaped:
         warnings.simplefilter("always")
         message = _error(data, name="bad.tif")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_decoder_config
+from helpers import assert_teacher_forcing_equals_stepping, captions_batch, learn_tiny_batch
 
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoder import select_rows
@@ -14,40 +15,7 @@ from show_attend_tell.model import (
     Encoder,
     caption_loss,
 )
-from show_attend_tell.text import END_ID, PAD_ID, START_ID
-
-
-def captions_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Five captions of two images, of different lengths, padded: (N, T), lengths (N,), image_index (N,)."""
-    rows = [
-        [START_ID, 5, 6, END_ID],
-        [START_ID, 7, END_ID],
-        [START_ID, 8, 9, 10, 11, END_ID],
-        [START_ID, END_ID],
-        [START_ID, 4, 4, 4, END_ID],
-    ]
-    T = max(map(len, rows))
-    tokens = torch.tensor([r + [PAD_ID] * (T - len(r)) for r in rows])
-    lengths = torch.tensor([len(r) for r in rows])
-    return tokens, lengths, torch.tensor([0, 1, 1, 0, 1])
-
-
-def assert_teacher_forcing_equals_stepping(model: CaptionModel, **tolerance) -> None:
-    """The teacher-forced forward over captions_batch() equals each caption stepped alone from its own image
-    with the decoder's `step`, and is zero past each caption's end."""
-    features = torch.randn(2, 4, 8)
-    tokens, lengths, image_index = captions_batch()  # captions of two images, interleaved, different lengths
-    log_probs, alphas, locations = model(features, tokens, lengths, image_index)
-    assert bool((locations == -1).all())  # soft attention samples no location
-    assert log_probs.shape == (5, tokens.size(1) - 1, 15) and alphas.shape == (5, tokens.size(1) - 1, 4)
-    for n in range(5):
-        encoded = model.decoder.encode(features[image_index[n] : image_index[n] + 1])
-        state = model.decoder.init_state(encoded)
-        for t in range(int(lengths[n]) - 1):
-            expected, state, alpha = model.decoder.step(tokens[n, t : t + 1], state, encoded)
-            torch.testing.assert_close(log_probs[n, t], expected[0], **tolerance)
-            torch.testing.assert_close(alphas[n, t], alpha[0], **tolerance)
-        assert not log_probs[n, int(lengths[n]) - 1 :].any() and not alphas[n, int(lengths[n]) - 1 :].any()
+from show_attend_tell.text import PAD_ID
 
 
 @pytest.mark.parametrize("feature_dim", [7, 0])
@@ -121,21 +89,6 @@ def test_paper_step_without_deep_output_and_no_nans():
     assert torch.isfinite(log_probs).all()
     valid = (tokens[:, 1:] != PAD_ID).unsqueeze(2)
     torch.testing.assert_close(alphas.sum(2)[valid.squeeze(2)], torch.ones(int(valid.sum())))
-
-
-def learn_tiny_batch(model: CaptionModel, features: torch.Tensor, lr: float, steps: int = 60) -> list[float]:
-    """Adam on captions_batch() for `steps` steps -> the word cross-entropy at each."""
-    tokens, lengths, image_index = captions_batch()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        forced = model(features, tokens, lengths, image_index)
-        loss, cross_entropy = caption_loss(forced.log_probs, forced.alphas, tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(cross_entropy))
-    return losses
 
 
 def test_loss_learns_a_tiny_batch():

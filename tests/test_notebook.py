@@ -30,6 +30,7 @@ def test_notebook_drives_the_package_and_copies_none_of_it():
     assert "import torch" not in source and "nn.Module" not in source
 
 
+@pytest.mark.slow  # the notebook's 2-epoch training
 @pytest.mark.flickr8k
 def test_notebook_runs_top_to_bottom_on_a_small_subset(flickr8k, tmp_path, monkeypatch):
     from nbclient import NotebookClient

@@ -13,11 +13,12 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO, tiny_model_config, tiny_transformer
+from helpers import STAGE_MODEL, make_trainer
 from safetensors.torch import load_file
 
 from show_attend_tell import runtime
 from show_attend_tell.checkpoint import load_model
-from show_attend_tell.config import DataConfig, TrainConfig
+from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig
 from show_attend_tell.features import FeatureStore
 from show_attend_tell.inference import calibrate_int8
 from show_attend_tell.prepare import PreparedDataset
@@ -27,6 +28,7 @@ from show_attend_tell.train import (
     _optimise,
     batch_captions,
     batch_features,
+    batches_of_epoch,
     cross_entropy_step,
     epoch_batches,
     epoch_order,
@@ -36,22 +38,6 @@ from show_attend_tell.train import (
     save_state,
     self_critical_step,
 )
-
-
-def make_trainer(run_dir, prepared, features, model: dict | None = None, data: dict | None = None, **train):
-    vocab_size = len(PreparedDataset.load(prepared).vocab)
-    values = dict(
-        epochs=3, batch_size=10, decoder_lr=1e-2, checkpoint_every_steps=2, patience=5, seed=1, log_every_steps=1
-    )
-    values.update(train)
-    return new_run(
-        run_dir,
-        tiny_model_config(vocab_size, **(model or {})),
-        TrainConfig(**values),
-        DataConfig(prepared=str(prepared), features=str(features), **(data or {})),
-        pretrained_encoder=False,
-        java=False,
-    )
 
 
 def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features, tmp_path):
@@ -131,7 +117,7 @@ RUN_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {tests!r})
-    from test_train import make_trainer
+    from helpers import make_trainer
     from show_attend_tell import train
     from show_attend_tell.train import fit, resume_run
     run, prepared, features, mode = sys.argv[1:5]
@@ -263,6 +249,62 @@ def test_every_training_image_is_seen_once_per_epoch(block):
     assert sorted(row for batch in batches for row in batch) == rows
 
 
+@pytest.mark.parametrize("block", [0, 3])
+def test_length_bucketed_batches_take_every_caption_once_with_captions_of_one_length_together(block):
+    rows = [row for row in range(300) if row % 7]
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(1, 6, (len(rows),), generator=generator).tolist()  # captions per image
+    caption_rows, start = {}, 0
+    for row, count in zip(rows, counts, strict=True):
+        caption_rows[row], start = list(range(start, start + count)), start + count
+    longest = dict(zip(rows, torch.randint(5, 25, (len(rows),), generator=generator).tolist(), strict=True))
+    epochs = [epoch_batches(rows, caption_rows, 12, epoch, seed=4, block=block, longest=longest) for epoch in (0, 1)]
+    pool = SHUFFLE_WINDOW_BLOCKS * block if block else len(rows)
+    for batches in epochs:
+        assert sorted(c for batch in batches for image in batch for c in caption_rows[image]) == list(range(start))
+        short = [batch for batch in batches if sum(len(caption_rows[image]) for image in batch) < 12]
+        assert len(short) <= -(-len(rows) // pool)  # what is left of each pool
+    assert epochs[0] == epoch_batches(rows, caption_rows, 12, 0, seed=4, block=block, longest=longest)  # resumable
+    assert epochs[0] != epochs[1]
+    images_seen, spans = 0, []
+    for batch in epochs[1]:  # within a pool, the batches' length ranges do not overlap: one sorted run, cut
+        if images_seen % pool == 0 and images_seen:
+            spans = []
+        spans.append((min(longest[i] for i in batch), max(longest[i] for i in batch)))
+        images_seen += len(batch)
+        assert all(high <= low_ or high_ <= low for low, high in spans[:-1] for low_, high_ in spans[-1:])
+    assert [low for low, _ in spans] != sorted(low for low, _ in spans)  # in a random order, not shortest first
+    shuffled = epoch_batches(rows, caption_rows, 12, 1, seed=4, block=block)
+    padded = {
+        name: sum(max(longest[i] for i in b) * len(b) for b in bs)
+        for name, bs in [("bucketed", epochs[1]), ("random", shuffled)]
+    }
+    assert padded["bucketed"] < 0.8 * padded["random"]
+
+
+@pytest.mark.parametrize("model", [{}, tiny_transformer()], ids=["lstm", "transformer"])
+def test_a_length_bucketed_run_stopped_mid_epoch_resumes_exactly(tiny_prepared, tiny_features, tmp_path, model):
+    """Bucketed batches (each padded to its own longest caption) train both decoders; a run stopped mid-way
+    through its second epoch and resumed ends bit-identical to one that was not stopped."""
+    straight = make_trainer(tmp_path / "straight", tiny_prepared, tiny_features, model, epochs=2, bucket_by_length=True)
+    batches = batches_of_epoch(straight, 1)
+    data = straight.data
+    assert batches == epoch_batches(data.train_rows, data.caption_rows, 10, 1, seed=1, longest=data.longest)
+    assert batches != epoch_batches(data.train_rows, data.caption_rows, 10, 1, seed=1)
+    for batch in batches:
+        tokens, lengths, _ = batch_captions(straight, batch)
+        assert tokens.size(1) == max(data.longest[i] for i in batch) == int(lengths.max())
+    fit(straight, progress=False)
+    stopped = make_trainer(tmp_path / "stopped", tiny_prepared, tiny_features, model, epochs=2, bucket_by_length=True)
+    assert fit(stopped, max_steps=straight.steps_per_epoch + 2, progress=False)["stopped"] == "max_steps"
+    resumed = resume_run(tmp_path / "stopped", pretrained_encoder=False, java=False)
+    assert resumed.config.bucket_by_length and resumed.progress.step_in_epoch == 2
+    fit(resumed, progress=False)
+    a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
+    b = load_file(tmp_path / "stopped" / "last" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 @pytest.mark.parametrize("self_critical", [False, True])
 def test_autocast_on_the_cpu_runs_both_objectives_in_low_precision(
     tiny_prepared, tiny_features, tmp_path, self_critical
@@ -373,7 +415,7 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {tests!r})
-    from test_train import make_trainer
+    from helpers import make_trainer
     from show_attend_tell.train import exit_worker, fit
     run, prepared, features = sys.argv[1:4]
     trainer = make_trainer(run, prepared, features, epochs=2, decoder_lr=3e-3)
@@ -414,9 +456,6 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tiny_prepared, tiny_featu
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
 
 
-# ResNet-50's layer4.2 fine-tuned on a cache of layer4.1's output (2 x 2 at 64 px)
-STAGE_MODEL = {"encoder_dim": 2048, "fine_tune_blocks": ("layer4.2",)}
-
 GRADIENT_SCRIPT = textwrap.dedent(
     """
     import sys
@@ -424,7 +463,7 @@ GRADIENT_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from safetensors.torch import save_file
     sys.path.insert(0, {tests!r})
-    from test_train import STAGE_MODEL, make_trainer
+    from helpers import STAGE_MODEL, make_trainer
     from show_attend_tell.train import cross_entropy_step, exit_worker, self_critical_step
     run, prepared, features, kind = sys.argv[1:5]
     model = {{**STAGE_MODEL, "attention": "hard"}} if kind.startswith("hard") else STAGE_MODEL
@@ -546,6 +585,7 @@ def test_fine_tuning_the_last_block_on_a_cached_stage(tiny_prepared, tmp_path, f
         new_run(tmp_path / "run3", config, train, DataConfig(str(tiny_prepared), str(late)), java=False)
 
 
+@pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights
 ):
@@ -577,6 +617,7 @@ def test_cli_run_stopped_by_max_steps_saves_and_resumes_to_the_end(
     assert state["epoch"] == 2 and state["global_step"] > 4
 
 
+@pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_cli_shows_each_validation_and_says_how_to_resume_after_ctrl_c(
     tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights, monkeypatch, capsys
 ):
@@ -759,3 +800,47 @@ def test_a_store_holding_nan_is_named_as_the_cause_not_the_learning_rate(tiny_pr
     assert "last" not in str(error.value) and "--overwrite" in str(error.value)
     with pytest.raises(NonFiniteLossError, match="at step 0 \\(epoch 0\\); nothing was saved yet. Lower --decoder-lr"):
         _optimise(trainer, torch.tensor(float("nan")))
+
+
+def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path):
+    """benchmarks/train_speed.py on a `sat features --image-size 448` store trains the 14x14 model the store fits
+    (as `sat train --features` does), each batching on its own epoch, and reports the padding it measured."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prepared = bench.synthetic_dataset(tmp_path / "data", images=6, vocab_size=40, mean_words=6)
+    config = ModelConfig(vocab_size=len(PreparedDataset.load(prepared).vocab), image_size=448, grid_size=14)
+    store = bench.synthetic_features(prepared, tmp_path / "store", config)
+    args = argparse.Namespace(
+        data=str(prepared),
+        features=str(store),
+        random_features=False,
+        image_size=None,
+        limit=0,
+        sources=["features"],
+        batch_captions=[10],
+        precisions=["auto"],
+        decoders=["lstm"],
+        batching=["random", "length"],
+        phases=False,
+        profile=0,
+        repeats=0,
+        warmup=0,
+    )
+    record = bench.measure(args, tmp_path / "work")
+    model = record["parameters"]["model"]
+    assert (model["image_size"], model["grid_size"]) == (448, 14)
+    results = record["results"]
+    assert set(results) == {"features_random_batch_10", "features_length_batch_10"}
+    assert all(result["batches"] == 3 and 0 < result["words_over_slots"] <= 1 for result in results.values())
+    assert "features_length_batch_10: length_over_random" in record["ratios"]
+    args.image_size = 224
+    with pytest.raises(SystemExit, match="--image-size is the --features store's"):
+        bench.measure(args, tmp_path / "again")
+    args.image_size, args.profile, args.batching = None, 2, ["random"]
+    profile = bench.measure(args, tmp_path / "profiled")["profile"]["features_batch_10"]
+    assert profile["steps"] == 2 and sum(profile["phases"].values()) == pytest.approx(1, abs=1e-3)
+    assert profile["phases"]["backward"] > 0 and {"attention", "lstm", "L_o"} <= set(profile["forward_modules"])

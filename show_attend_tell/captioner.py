@@ -31,7 +31,8 @@ from show_attend_tell.config import (
     MAX_SEED,
     check_number,
 )
-from show_attend_tell.detector import Detection, Detector, load_detector
+from show_attend_tell.detector import Detection, Detector
+from show_attend_tell.detectors import load_detector
 from show_attend_tell.errors import Cancelled, InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, new_word_pairs, positions, search
@@ -206,7 +207,7 @@ class Captioner:
         template_threshold: a photo whose most probable label concept has a template caption ("a cup of coffee
         on a table") and reaches this gets that caption (see guidance.py); None: never.
         detector: a COCO detector to guide captions beside the labels ("centernet", offline, or another
-        detector.DETECTORS name); None (the default: it misses two of its targets, README "A second pair of eyes"):
+        detectors.DETECTORS name); None (the default: it misses two of its targets, README "A second pair of eyes"):
         none. The COCO words the vocabulary lacks are added with it (new_words.py).
         guidance_options: the detector's thresholds and penalties (guidance.Guidance).
         """
@@ -235,7 +236,7 @@ class Captioner:
 
     @property
     def detector_name(self) -> str | None:
-        """The COCO detector that guides captions (detector.DETECTORS), or None."""
+        """The COCO detector that guides captions (detectors.DETECTORS), or None."""
         return None if self.detector is None else self.detector.name
 
     @property

@@ -12,8 +12,10 @@ TensorFlow runs at any time; tests/test_detector.py holds the rebuild to the ori
 once in TF.js (tests/fixtures/centernet_reference.mjs). The box decoding (peaks of the class heat map, top 100,
 sizes at the peaks) is the graph's own, written out below.
 
-Users with internet can use torchvision's COCO detectors instead (`sat weights add fasterrcnn_mobilenet_v3_large_fpn
-FILE`); `load_detector` picks the configured one, and everything else calls the `Detector` interface.
+A second offline detector, NanoDet (nanodet.py, `--detector nanodet`), was measured against it on coco-dev
+(README, "A second pair of eyes"). Users with internet can use torchvision's COCO detectors instead (`sat weights
+add fasterrcnn_mobilenet_v3_large_fpn FILE`); `detectors.load_detector` picks the configured one, and everything
+else calls the `Detector` interface.
 """
 
 from __future__ import annotations
@@ -587,9 +589,6 @@ def _torchvision_models() -> dict[str, TorchvisionModel]:
     }
 
 
-DETECTORS = ("centernet", "fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large")
-
-
 def check_torchvision_detector(name: str, path: Path) -> dict[str, torch.Tensor]:
     """The state dict of torchvision's published `name` weights file (weights.check_torchvision_file)."""
     spec = _torchvision_models()[name]
@@ -640,13 +639,3 @@ def add_torchvision_detector(name: str, source: Path) -> Path:
     """Verify a torchvision detector's weights file and copy it into cache_dir() (weights.add_torchvision_file)."""
     spec = _torchvision_models()[name]
     return add_torchvision_file(source, spec.file, spec.build, name)
-
-
-def load_detector(name: str, device: str | torch.device = "cpu", precision: str = "auto") -> Detector:
-    """The configured detector by name (DETECTORS): the one place that picks an implementation. precision: the
-    CenterNet's ("auto": bf16 where the CPU has native bf16, as fast_encoder.resolve_precision decides)."""
-    if name == "centernet":
-        return CenterNetDetector.load(device, precision)
-    if name in DETECTORS:
-        return TorchvisionDetector.load(name, device)
-    raise InputError(f"detector {name!r}: choose one of {', '.join(DETECTORS)}")

@@ -162,7 +162,7 @@ def load_evaluation(
     store: a feature store from `sat features` matching the model's encoder, read instead of running the encoder
     (one of a block's output runs the blocks after it); else the encoder runs on the photos in `encoder_precision`
     (fast_encoder.resolve_precision). guidance: the label guidance (guidance_threshold: None, no label guidance;
-    template_threshold: None, no templates) and, with it, the COCO `detector` (detector.DETECTORS), which looks at
+    template_threshold: None, no templates) and, with it, the COCO `detector` (detectors.DETECTORS), which looks at
     the photos as the captioner reads them whatever the features came from."""
     from show_attend_tell.fast_encoder import resolve_precision
     from show_attend_tell.features import dataset_features, store_precision, store_stage
@@ -200,7 +200,7 @@ def load_evaluation(
     )
     found.guidance = (rule, head)
     if detector:
-        from show_attend_tell.detector import load_detector
+        from show_attend_tell.detectors import load_detector
         from show_attend_tell.images import load_image
 
         loaded = load_detector(detector, precision=resolve_precision(encoder_precision))

@@ -21,8 +21,8 @@ from show_attend_tell.detector import (
     _same_padding,
     decode,
     graph_program,
-    load_detector,
 )
+from show_attend_tell.detectors import load_detector
 from show_attend_tell.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -169,12 +169,12 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     store = open_store(args.store)
     if args.mode == "read_only":
-        from show_attend_tell.train import _StoreRows
+        from show_attend_tell.training_data import StoreRows
 
         rows = np.random.default_rng(0).permutation(len(store))[: args.read_images].tolist()
         batches = [rows[i : i + args.images_per_batch] for i in range(0, len(rows), args.images_per_batch)]
         loader = torch.utils.data.DataLoader(
-            _StoreRows(store), batch_size=None, sampler=batches, num_workers=args.loader_workers, prefetch_factor=2
+            StoreRows(store), batch_size=None, sampler=batches, num_workers=args.loader_workers, prefetch_factor=2
         )
         started = time.perf_counter()
         count = sum(len(batch) for batch in loader)

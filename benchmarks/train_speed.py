@@ -51,7 +51,8 @@ from show_attend_tell.datasets import read_folder
 from show_attend_tell.features import extract_features, native_grid_size, store_settings
 from show_attend_tell.prepare import PreparedDataset, prepare
 from show_attend_tell.records import provenance, write_record
-from show_attend_tell.train import Run, cross_entropy_step, epoch_batches, new_run
+from show_attend_tell.train import Run, cross_entropy_step, new_run
+from show_attend_tell.training_data import epoch_batches
 from show_attend_tell.weights import ENCODER_WEIGHTS
 
 FLICKR8K_VOCAB_SIZE = 2542

@@ -395,12 +395,12 @@ def _run_features(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from show_attend_tell.config import ModelConfig
+    from show_attend_tell.distributed import distributed
     from show_attend_tell.fast_encoder import FastEncoder, resolve_precision
     from show_attend_tell.features import check_grid, extract_features, native_grid_size, remove_store
     from show_attend_tell.model import Encoder
     from show_attend_tell.prepare import PreparedDataset
     from show_attend_tell.stages import check_stage
-    from show_attend_tell.train import distributed
     from show_attend_tell.weights import ENCODER_WEIGHTS
 
     rank, world_size = distributed()
@@ -452,7 +452,7 @@ def _run_features(args: argparse.Namespace) -> int:
             print(f"failed: {reason}", file=sys.stderr)
     code = 1 if summary["failed"] else 0
     if world_size > 1:
-        from show_attend_tell.train import exit_worker
+        from show_attend_tell.distributed import exit_worker
 
         exit_worker(code)  # every rank's rows are written and gathered; see exit_worker
     return code
@@ -561,7 +561,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     if run.world_size > 1:
-        from show_attend_tell.train import exit_worker
+        from show_attend_tell.distributed import exit_worker
 
         exit_worker(0)  # everything is saved; see exit_worker
     return 0
@@ -876,8 +876,8 @@ def _run_caption(args: argparse.Namespace) -> int:
 
     from show_attend_tell.bulk import caption_collection, caption_photos, caption_record, read_list
     from show_attend_tell.captioner import Captioner
+    from show_attend_tell.distributed import distributed, exit_worker
     from show_attend_tell.images import iter_image_paths
-    from show_attend_tell.train import distributed, exit_worker
     from show_attend_tell.visualize import attention_figure
 
     if not args.images and not args.from_list:

@@ -141,9 +141,9 @@ class TrainConfig:
     precision: str = "auto"
     # 0: each epoch visits the training images in a random order (a permutation). N > 0: for feature stores on
     # disks that seek slowly (disks that spin, network storage), blocks of N consecutive images in a random
-    # order, the images of every SHUFFLE_WINDOW_BLOCKS blocks shuffled together (train.epoch_order)
+    # order, the images of every SHUFFLE_WINDOW_BLOCKS blocks shuffled together (training_data.epoch_order)
     shuffle_block: int = 0
-    # Batches of images whose longest captions are about as long, in a random order (train.epoch_batches): less
+    # Batches of images whose longest captions are about as long, in a random order (training_data.epoch_batches): less
     # padding to the longest caption of a batch, faster steps for both decoders (results/train_speed_bucketing.json).
     # Off until a training run shows that batches of correlated lengths keep the scores
     bucket_by_length: bool = False

@@ -9,11 +9,12 @@ best checkpoint (by the early-stopping metric) under `best/`, loadable by `check
 
 Batches are groups of whole images with all their captions, so each image's attention projection is shared
 by its captions. Their cached features come from a store held in memory, or one read from disk batch by batch
-(`cached_batches`) when it does not fit (DataConfig.feature_loading). The data order of epoch e is a permutation
-seeded by (seed, e) (`epoch_order`); with the step within the epoch, the model, optimizer, scheduler and RNG
-states, that is everything needed to continue exactly.
+(`training_data.cached_batches`) when it does not fit (DataConfig.feature_loading). The data order of epoch e
+is a permutation seeded by (seed, e) (`training_data.epoch_order`); with the step within the epoch, the model,
+optimizer, scheduler and RNG states, that is everything needed to continue exactly.
 Under torchrun each rank takes every world_size-th image of a batch, the loss is normalised by the global
-batch and the gradients are averaged over ranks (`average_gradients`), so the result matches one process.
+batch and the gradients are averaged over ranks (`distributed.average_gradients`), so the result matches one process.
+The data and its order live in `training_data.py`, the process group in `distributed.py`; here is the loop.
 """
 
 from __future__ import annotations
@@ -21,11 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import itertools
 import json
 import math
-import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +35,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from show_attend_tell import training_data
 from show_attend_tell.checkpoint import check_model_config, load_encoder_state, model_tensors, save_model
 from show_attend_tell.config import (
     CALIBRATION_IMAGES,
-    FEATURE_LOADING,
     DataConfig,
     ModelConfig,
     TrainConfig,
@@ -51,8 +49,8 @@ from show_attend_tell.config import (
     write_atomically,
 )
 from show_attend_tell.decoder import TeacherForced
+from show_attend_tell.distributed import average_gradients, distributed, end_process_group, global_sums
 from show_attend_tell.errors import InputError
-from show_attend_tell.features import FeatureStore
 from show_attend_tell.locks import hold, release
 from show_attend_tell.model import (
     EXPECTED_CONTEXT_PROBABILITY,
@@ -67,6 +65,7 @@ from show_attend_tell.model import (
 )
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.stages import run_from
+from show_attend_tell.training_data import TrainingData, load_features
 
 STATE_DIR = "last"
 BEST_DIR = "best"
@@ -75,29 +74,6 @@ LOCK_FILE = ".lock"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, (0, 1) otherwise; initialises the process group once. With GPUs the
-    backend is NCCL and each process takes the GPU of its LOCAL_RANK ("cuda" then means that one)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def exit_worker(code: int = 0):
-    """End a torchrun worker whose work is saved, skipping the interpreter's teardown.
-
-    gloo's threads can outlive destroy_process_group, and their destruction during teardown aborted a worker
-    now and then (SIGABRT, "terminate called without an active exception"; 3 of about 60 runs of the
-    two-process test on 2026-11-26) after training had finished, and torchrun then reported the run as failed."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 # Write failures that are the run directory's, not a bug: one line, and the last saved state stays as it was
@@ -128,75 +104,6 @@ def check_writable(run_dir: Path) -> None:
             pass
 
 
-# With TrainConfig.shuffle_block N, the images of this many blocks of N are shuffled together: a stretch of the
-# epoch reads from SHUFFLE_WINDOW_BLOCKS * N consecutive rows of the store only.
-SHUFFLE_WINDOW_BLOCKS = 8
-
-
-def epoch_order(image_rows: list[int], epoch: int, seed: int, block: int = 0) -> list[int]:
-    """The order epoch `epoch` visits the images in, seeded by (seed, epoch): each image exactly once.
-
-    block 0: a random permutation. block N: the rows sorted, cut into blocks of N consecutive rows, the blocks
-    in a random order and the rows of each window of SHUFFLE_WINDOW_BLOCKS blocks shuffled together, so that
-    reads from a feature store on a disk that seeks slowly stay within a window of the file."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    if not block:
-        return [image_rows[i] for i in torch.randperm(len(image_rows), generator=generator).tolist()]
-    rows = sorted(image_rows)
-    blocks = [rows[start : start + block] for start in range(0, len(rows), block)]
-    blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
-    order = []
-    for start in range(0, len(blocks), SHUFFLE_WINDOW_BLOCKS):
-        window = [row for rows_of_block in blocks[start : start + SHUFFLE_WINDOW_BLOCKS] for row in rows_of_block]
-        order += [window[i] for i in torch.randperm(len(window), generator=generator).tolist()]
-    return order
-
-
-def epoch_batches(
-    image_rows: list[int],
-    caption_rows: dict[int, list[int]],
-    batch_size: int,
-    epoch: int,
-    seed: int,
-    block: int = 0,
-    longest: dict[int, int] | None = None,
-) -> list[list[int]]:
-    """One epoch's batches: lists of image rows, each list holding about batch_size captions, seeded by
-    (seed, epoch) like epoch_order, so a resumed run takes the same batches.
-
-    longest (image row -> tokens in its longest caption): length-bucketed batches (TrainConfig.bucket_by_length).
-    The epoch's images are sorted by it (a stable sort: images of one length stay in the epoch's random order),
-    cut into batches, and the batches shuffled, so a batch pads its captions to about their own length, not to the
-    longest of a random batch. An image's captions stay together, so its features are read and projected once.
-    With `block`, the sort and the shuffle are within each stretch of SHUFFLE_WINDOW_BLOCKS * block images of the
-    epoch, which keeps the reads of a stretch near each other in the store."""
-    order = epoch_order(image_rows, epoch, seed, block)
-    if longest is None:
-        return _cut(order, caption_rows, batch_size)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + 1)
-    pool = max(1, SHUFFLE_WINDOW_BLOCKS * block if block else len(order))
-    batches = []
-    for start in range(0, len(order), pool):
-        ranked = sorted(order[start : start + pool], key=longest.__getitem__)
-        cut = _cut(ranked, caption_rows, batch_size)
-        batches += [cut[i] for i in torch.randperm(len(cut), generator=generator).tolist()]
-    return batches
-
-
-def _cut(order: list[int], caption_rows: dict[int, list[int]], batch_size: int) -> list[list[int]]:
-    """Images in order -> consecutive batches of at least batch_size captions (the last one: what is left)."""
-    batches, current, count = [], [], 0
-    for image in order:
-        current.append(image)
-        count += len(caption_rows[image])
-        if count >= batch_size:
-            batches.append(current)
-            current, count = [], 0
-    if current:
-        batches.append(current)
-    return batches
-
-
 def lr_factor(step: int, total: int, config: TrainConfig) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -207,20 +114,6 @@ def lr_factor(step: int, total: int, config: TrainConfig) -> float:
 
 
 # ----- what a run holds ---------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class TrainingData:
-    """The prepared dataset, its cached features (if any) and the captions each training image uses."""
-
-    dataset: PreparedDataset
-    # (N, P, E) grid features or (N, h*w, C) a block's output, in memory (a tensor) or read from disk as needed
-    # (features.FeatureStore); None: images
-    features: torch.Tensor | FeatureStore | None
-    stage: str  # the block whose output `features` holds ("" for grid features)
-    train_rows: list[int]  # training images with at least one caption
-    caption_rows: dict[int, list[int]]  # image row -> its caption rows (the first captions_per_image)
-    longest: dict[int, int]  # training image row -> tokens in the longest of its caption rows
-
-
 @dataclasses.dataclass
 class Progress:
     """Where a run is; saved in last/state.json."""
@@ -279,14 +172,7 @@ class Run:
 
 
 def batches_of_epoch(run: Run, epoch: int) -> list[list[int]]:
-    return _batches(run.data, run.config, epoch)
-
-
-def _batches(data: TrainingData, config: TrainConfig, epoch: int) -> list[list[int]]:
-    longest = data.longest if config.bucket_by_length else None
-    return epoch_batches(
-        data.train_rows, data.caption_rows, config.batch_size, epoch, config.seed, config.shuffle_block, longest
-    )
+    return run.data.batches(run.config, epoch)
 
 
 def new_run(
@@ -371,7 +257,7 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
                 f"captions and --max-caption-length {train_config.max_caption_length} need {needed} positions"
             )
     torch.manual_seed(train_config.seed)
-    from show_attend_tell.features import load_for_model, store_stage
+    from show_attend_tell.features import store_stage
     from show_attend_tell.weights import ENCODER_WEIGHTS
 
     encoder = None
@@ -382,12 +268,7 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     model = CaptionModel(model_config, encoder=encoder).to(device)
     if train_config.compile:
         model.decoder.step = torch.compile(model.decoder.step, dynamic=True)  # the state dict keeps its names
-    features, stage = None, ""
-    if data_config.features:
-        paths = [image.path for image in dataset.images]
-        features, stage = load_for_model(data_config.features, model_config, paths, encoder_sha256, encoder)
-        if _in_memory(features, data_config):
-            features = features.load(progress=rank == 0 and features.nbytes > 1 << 30)
+    features, stage = load_features(dataset, data_config, model_config, encoder_sha256, encoder, progress=rank == 0)
     if train_config.init_from:
         _initialise_from(model, train_config.init_from, pretrained_encoder)
     cider = None
@@ -401,15 +282,8 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     if encoder is not None and model_config.fine_tune_blocks:
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": train_config.encoder_lr})
     optimizer = torch.optim.Adam(groups, weight_decay=train_config.weight_decay)
-    captions_by_image: dict[int, list[int]] = {}
-    for caption, image in enumerate(dataset.image_index.tolist()):
-        captions_by_image.setdefault(image, []).append(caption)
-    caption_rows = {i: rows[: data_config.captions_per_image] for i, rows in captions_by_image.items()}
-    train_rows = [i for i in dataset.indices("train") if caption_rows.get(i)]
-    tokens = dataset.lengths.tolist()
-    longest = {i: max(tokens[c] for c in caption_rows[i]) for i in train_rows}
-    data = TrainingData(dataset, features, stage, train_rows, caption_rows, longest)
-    total_steps = len(_batches(data, train_config, 0)) * train_config.epochs
+    data = TrainingData.of(dataset, features, stage, data_config.captions_per_image)
+    total_steps = len(data.batches(train_config, 0)) * train_config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, train_config))
     # fp16's narrow exponent needs the loss scaled; bf16 has fp32's range
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(train_config.precision, device) == torch.float16)
@@ -430,30 +304,6 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
         java=java,
         cider=cider,
     )
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable; free pages where /proc is missing)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _in_memory(store: FeatureStore, config: DataConfig) -> bool:
-    """Whether training holds the store in memory (DataConfig.feature_loading): auto does when the store takes
-    under half the memory available to each of this machine's processes."""
-    if config.feature_loading not in FEATURE_LOADING:
-        raise InputError(f"feature_loading must be one of {', '.join(FEATURE_LOADING)}, got {config.feature_loading!r}")
-    if config.loader_workers < 0:
-        raise InputError(f"loader_workers (--loader-workers) must be 0 or more, got {config.loader_workers}")
-    if config.feature_loading != "auto":
-        return config.feature_loading == "memory"
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return store.nbytes * processes <= available_memory() // 2
 
 
 def _initialise_from(model: CaptionModel, directory: str, pretrained_encoder: bool) -> None:
@@ -548,37 +398,16 @@ def _truncate_log(run: Run) -> None:
 
 
 # ----- data ---------------------------------------------------------------------------------------------------
-class _StoreRows(torch.utils.data.Dataset):
-    """A streamed store as a DataLoader dataset whose items are batches: store[rows] for a list of rows."""
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def __getitem__(self, rows: list[int]) -> torch.Tensor:
-        return self.store[rows]
-
-
 def cached_batches(run: Run, batches: list[list[int]]) -> Iterator[torch.Tensor | None]:
-    """This rank's cached features of each batch, in order: read ahead from a streamed store by
-    DataConfig.loader_workers processes (two batches each; pinned memory on CUDA), or None for every batch when
-    the store is in memory or there is none (the step reads them itself)."""
-    store = run.data.features
-    if not isinstance(store, FeatureStore):
-        return itertools.repeat(None, len(batches))
-    workers = run.data_config.loader_workers
-    loader = torch.utils.data.DataLoader(
-        _StoreRows(store),
-        batch_size=None,  # each item is already a batch
-        sampler=[rows[run.rank :: run.world_size] for rows in batches],
-        num_workers=workers,
-        prefetch_factor=2 if workers else None,
-        pin_memory=run.device.type == "cuda",
-        generator=torch.Generator(),  # the workers' seeds come from here, not from the training's RNG state
+    """This rank's cached features of each batch, read ahead from a streamed store (training_data.cached_batches)."""
+    return training_data.cached_batches(
+        run.data,
+        batches,
+        workers=run.data_config.loader_workers,
+        device=run.device,
+        rank=run.rank,
+        world_size=run.world_size,
     )
-    return iter(loader)
 
 
 def batch_features(run: Run, rows: list[int], *, train: bool, cached: torch.Tensor | None = None) -> torch.Tensor:
@@ -615,16 +444,6 @@ def batch_captions(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Tenso
     return tokens.to(run.device), lengths.to(run.device), torch.tensor(owners, device=run.device)
 
 
-def global_sums(run: Run, *values: float) -> list[float]:
-    """Each value summed over the ranks (itself in one process)."""
-    totals = torch.tensor(values, dtype=torch.float64)
-    if run.world_size > 1:
-        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
-            totals = totals.to(run.device)
-        dist.all_reduce(totals)
-    return totals.tolist()
-
-
 # ----- one step -----------------------------------------------------------------------------------------------
 def _no_mark(phase: str) -> None:
     pass
@@ -642,7 +461,7 @@ def cross_entropy_step(
     local = rows[run.rank :: run.world_size]
     tokens, lengths, owners = batch_captions(run, local)
     words_here = float((lengths - 1).sum())
-    words, captions = global_sums(run, words_here, float(len(lengths)))
+    words, captions = global_sums(run.world_size, run.device, words_here, float(len(lengths)))
     hard = run.model_config.attention == "hard"
     mark("data")
     with run.autocast():
@@ -667,7 +486,9 @@ def cross_entropy_step(
             loss = loss + hard_loss
     mark("loss")
     _optimise(run, loss, mark, inputs=(local, features))
-    loss_sum, cross_entropy_sum = global_sums(run, float(loss.detach()), float(cross_entropy) * words_here)
+    loss_sum, cross_entropy_sum = global_sums(
+        run.world_size, run.device, float(loss.detach()), float(cross_entropy) * words_here
+    )
     return {
         "loss": loss_sum / run.world_size,
         "cross_entropy": cross_entropy_sum / words,
@@ -690,7 +511,7 @@ def _hard_attention_terms(run: Run, forced: TeacherForced, tokens: torch.Tensor,
     batch: its own mean), then the baseline moved by this batch's mean log p(y | s, a) over every rank."""
     rewards = caption_log_likelihood(forced.log_probs.detach(), tokens)  # (N,) log p(y | s, a)
     sampled = (forced.locations >= 0).any(dim=1)  # (N,) captions whose locations were sampled
-    reward_sum, count = global_sums(run, float(rewards[sampled].sum()), float(sampled.sum()))
+    reward_sum, count = global_sums(run.world_size, run.device, float(rewards[sampled].sum()), float(sampled.sum()))
     progress = run.progress
     mean = reward_sum / count if count else progress.reward_baseline
     baseline = progress.reward_baseline if progress.reward_baseline is not None else mean
@@ -734,14 +555,16 @@ def self_critical_step(run: Run, rows: list[int], *, cached: torch.Tensor | None
         images = [corpus_row[image] for image in local for _ in range(samples)]
         rewards = torch.tensor([run.cider.score(w, i) for w, i in zip(captions, images, strict=True)])
         words, count, reward_sum = global_sums(
-            run, float((tokens != 0).sum()), float(len(captions)), float(rewards.sum())
+            run.world_size, run.device, float((tokens != 0).sum()), float(len(captions)), float(rewards.sum())
         )
         loss = self_critical_loss(
             log_probs.float(), tokens, rewards.to(run.device), samples, words=words / run.world_size
         )
         if run.config.scst_xe_weight > 0:
             references, lengths, owners = batch_captions(run, local)
-            reference_words, reference_count = global_sums(run, float((lengths - 1).sum()), float(len(lengths)))
+            reference_words, reference_count = global_sums(
+                run.world_size, run.device, float((lengths - 1).sum()), float(len(lengths))
+            )
             forced = run.model(features, references, lengths, owners)
             cross_entropy, _ = caption_loss(
                 forced.log_probs.float(),
@@ -784,7 +607,7 @@ def _optimise(
         )
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    average_gradients(run)
+    average_gradients(run.model.parameters(), run.world_size)
     mark("backward")
     run.scaler.unscale_(run.optimizer)
     if run.config.grad_clip > 0:
@@ -805,22 +628,6 @@ def _check_features(run: Run, rows: list[int], features: torch.Tensor) -> None:
             f"are not finite (nan or infinity), e.g. {', '.join(names[:3])}: the store is corrupt; rebuild it "
             "with `sat features --overwrite`"
         )
-
-
-def average_gradients(run: Run) -> None:
-    """The one gradient sync, for both objectives: every rank's gradients (decoder and tuned encoder blocks)
-    become their mean, in one all-reduce of one flat buffer. Each rank's loss is normalised by the global
-    batch over the world size, so the mean is the single-process gradient."""
-    if run.world_size == 1:
-        return
-    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= run.world_size
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
 
 
 # ----- validation ---------------------------------------------------------------------------------------------
@@ -938,9 +745,7 @@ def fit(run: Run, *, max_steps: int | None = None, progress: bool = True) -> dic
         if run.lock is not None:
             release(run.lock)
             run.lock = None
-    if run.world_size > 1:  # a rank that exits while another still saves can abort in gloo's teardown
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process_group(run.world_size)
     return summary
 
 

@@ -180,7 +180,7 @@ sys.path.insert(0, {tests!r})
 from test_bulk import tiny_captioner
 from show_attend_tell.bulk import caption_collection
 from show_attend_tell.images import iter_image_paths
-from show_attend_tell.train import distributed, exit_worker
+from show_attend_tell.distributed import distributed, exit_worker
 rank, world_size = distributed()
 paths = iter_image_paths([sys.argv[2]])
 options = dict(beam_size=3, max_length=8)

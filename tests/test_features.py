@@ -177,7 +177,7 @@ sys.path.insert(0, {tests!r})
 from conftest import ColourGrid, tiny_model_config
 from show_attend_tell.features import extract_features
 from show_attend_tell.prepare import PreparedDataset
-from show_attend_tell.train import distributed, exit_worker
+from show_attend_tell.distributed import distributed, exit_worker
 rank, world_size = distributed()
 dataset = PreparedDataset.load(sys.argv[1])
 config = tiny_model_config(len(dataset.vocab))

@@ -23,21 +23,19 @@ from show_attend_tell.features import FeatureStore
 from show_attend_tell.inference import calibrate_int8
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.train import (
-    SHUFFLE_WINDOW_BLOCKS,
     NonFiniteLossError,
     _optimise,
     batch_captions,
     batch_features,
     batches_of_epoch,
     cross_entropy_step,
-    epoch_batches,
-    epoch_order,
     fit,
     new_run,
     resume_run,
     save_state,
     self_critical_step,
 )
+from show_attend_tell.training_data import SHUFFLE_WINDOW_BLOCKS, epoch_batches, epoch_order
 
 
 def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features, tmp_path):
@@ -416,7 +414,8 @@ DDP_SCRIPT = textwrap.dedent(
     import sys
     sys.path.insert(0, {tests!r})
     from helpers import make_trainer
-    from show_attend_tell.train import exit_worker, fit
+    from show_attend_tell.distributed import exit_worker
+    from show_attend_tell.train import fit
     run, prepared, features = sys.argv[1:4]
     trainer = make_trainer(run, prepared, features, epochs=2, decoder_lr=3e-3)
     fit(trainer, progress=False)
@@ -464,7 +463,8 @@ GRADIENT_SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     sys.path.insert(0, {tests!r})
     from helpers import STAGE_MODEL, make_trainer
-    from show_attend_tell.train import cross_entropy_step, exit_worker, self_critical_step
+    from show_attend_tell.distributed import exit_worker
+    from show_attend_tell.train import cross_entropy_step, self_critical_step
     run, prepared, features, kind = sys.argv[1:5]
     model = {{**STAGE_MODEL, "attention": "hard"}} if kind.startswith("hard") else STAGE_MODEL
     trainer = make_trainer(run, prepared, features, model, self_critical=kind.endswith("scst"), decoder_lr=0.0,
@@ -492,7 +492,7 @@ GRADIENT_SCRIPT = textwrap.dedent(
 @pytest.mark.slow  # torchrun
 def test_ddp_averages_the_gradients_of_fine_tuned_blocks(tiny_prepared, tmp_path):
     """The tuned block runs on the cache beside the decoder; its gradients must be averaged over ranks too, in
-    cross-entropy and in SCST steps (one mechanism for both: train.average_gradients). Hard attention too: each
+    cross-entropy and in SCST steps (one mechanism for both: distributed.average_gradients). Hard attention too: each
     image's locations are drawn from its own seed, so two ranks draw what one process draws."""
     from show_attend_tell.features import extract_features
     from show_attend_tell.model import Encoder

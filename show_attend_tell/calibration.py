@@ -21,8 +21,9 @@ from show_attend_tell.checkpoint import load_model, save_encoder_int8_calibratio
 from show_attend_tell.config import CALIBRATION_IMAGES, DEFAULT_BEAM_SIZE
 from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import ENCODER_CALIBRATION_IMAGES, calibrate_int8_encoder
+from show_attend_tell.features import dataset_features
 from show_attend_tell.images import load_image
-from show_attend_tell.inference import calibrate_int8, image_features, int8_available
+from show_attend_tell.inference import calibrate_int8, int8_available
 from show_attend_tell.weights import image_transform
 
 if TYPE_CHECKING:
@@ -70,24 +71,20 @@ def calibrate_checkpoint(
     split: str = "train",
     images: int = CALIBRATION_IMAGES,
     seed: int = 0,
-    store: Sequence | None = None,
+    store: str | Path | None = None,
     progress: bool = True,
 ) -> int:
     """Calibrate the int8 decoder of a checkpoint on `images` photos of `split`, drawn at random with `seed`, and
-    store the ranges with it. `store`: their grid features by image row (a feature store), else the checkpoint's
-    encoder runs on the photos. Returns how many photos were used."""
+    store the ranges with it. `store`: a `sat features` store of the dataset's grid features, checked against the
+    checkpoint, else the checkpoint's encoder runs on the photos (features.dataset_features either way). Returns
+    how many photos were used."""
     rows = calibration_sample(dataset.indices(split), images, seed)
     if not rows:
         raise InputError(f"{dataset.directory}: no {split} images to calibrate the int8 decoder on")
-    model, _, _ = load_model(directory, with_encoder=store is None)
+    model, _, config = load_model(directory, with_encoder=not store)
     if not int8_available(model.decoder):
         raise InputError(f"{directory}: the Transformer decoder has no int8 version yet; it decodes in fp32")
-
-    def features(batch: list[int]) -> torch.Tensor:
-        if store is not None:
-            return torch.as_tensor(store[batch])
-        return image_features(model.encoder, [load_image(dataset.images[i].path) for i in batch], model.config)
-
+    features = dataset_features(model, dataset, store, config.get("encoder_sha256", ""))
     return calibrate_decoder(directory, model.decoder, rows, features, split=split, seed=seed, progress=progress)
 
 

@@ -1230,8 +1230,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     from show_attend_tell.calibration import calibrate_checkpoint, calibrate_encoder_checkpoint
-    from show_attend_tell.checkpoint import load_model
-    from show_attend_tell.features import load_for_model, store_stage
+    from show_attend_tell.features import store_stage
     from show_attend_tell.prepare import PreparedDataset
 
     dataset = PreparedDataset.load(args.data)
@@ -1244,16 +1243,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         used = calibrate_encoder_checkpoint(args.model, dataset, split=args.split, images=images, seed=args.seed)
         print(f"calibrated the int8 encoder of {args.model} on {used} {args.split} photos of {args.data}")
         return 0
-    store = None
-    if args.features:
-        stage = store_stage(args.features)
-        if stage:
-            raise InputError(f"{args.features}: holds block {stage}'s output; calibrate from grid features or images")
-        model, _, config = load_model(args.model, with_encoder=False)
-        paths = [image.path for image in dataset.images]
-        store, _ = load_for_model(args.features, model.config, paths, config["encoder_sha256"], None)
+    if args.features and (stage := store_stage(args.features)):
+        raise InputError(f"{args.features}: holds block {stage}'s output; calibrate from grid features or images")
     images = args.images or CALIBRATION_IMAGES
-    used = calibrate_checkpoint(args.model, dataset, split=args.split, images=images, seed=args.seed, store=store)
+    used = calibrate_checkpoint(
+        args.model, dataset, split=args.split, images=images, seed=args.seed, store=args.features or None
+    )
     print(f"calibrated the int8 decoder of {args.model} on {used} {args.split} photos of {args.data}")
     return 0
 

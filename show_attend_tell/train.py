@@ -51,6 +51,7 @@ from show_attend_tell.config import (
 from show_attend_tell.decoder import TeacherForced
 from show_attend_tell.distributed import average_gradients, distributed, end_process_group, global_sums
 from show_attend_tell.errors import InputError
+from show_attend_tell.features import photo_features
 from show_attend_tell.locks import hold, release
 from show_attend_tell.model import (
     EXPECTED_CONTEXT_PROBABILITY,
@@ -418,18 +419,17 @@ def batch_features(run: Run, rows: list[int], *, train: bool, cached: torch.Tens
         cached = data.features[rows] if cached is None else cached
         cached = cached.to(run.device, non_blocking=True).float()
         return run_from(model.encoder, cached, data.stage) if data.stage else cached
-    from show_attend_tell.images import load_image
-    from show_attend_tell.inference import image_features
-    from show_attend_tell.weights import image_transform
-
     paths = [data.dataset.images[i].path for i in rows]
     if train and run.model_config.fine_tune_blocks:
+        from show_attend_tell.images import load_image
+        from show_attend_tell.weights import image_transform
+
         augment = image_transform(run.model_config, augment=True)
         images = torch.stack([augment(load_image(path)) for path in paths]).to(run.device)
         if run.autocast_dtype is not None:
             images = images.to(memory_format=torch.channels_last)
         return model.encoder(images)
-    return image_features(model.encoder, [load_image(path) for path in paths], run.model_config, run.device)
+    return photo_features(model.encoder, run.model_config, paths, run.device)
 
 
 def batch_captions(run: Run, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -45,9 +45,11 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_rounds(parser: argparse.ArgumentParser, default: int, *, warmup: int | None = None) -> None:
+def add_rounds(
+    parser: argparse.ArgumentParser, default: int, *, warmup: int | None = None, help: str = "measured rounds"
+) -> None:
     """--repeats (measured rounds) and, with a `warmup` default, --warmup (unmeasured rounds first)."""
-    parser.add_argument("--repeats", type=int, default=default, help="measured rounds")
+    parser.add_argument("--repeats", type=int, default=default, help=help)
     if warmup is not None:
         parser.add_argument("--warmup", type=int, default=warmup, help="unmeasured rounds first")
 

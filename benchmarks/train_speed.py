@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -44,13 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import add_note, add_rounds, add_threads, begin_record, benchmark_parser, finish, load_at_end
 from PIL import Image
 
 from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from show_attend_tell.datasets import read_folder
 from show_attend_tell.features import extract_features, native_grid_size, store_settings
 from show_attend_tell.prepare import PreparedDataset, prepare
-from show_attend_tell.records import provenance, write_record
 from show_attend_tell.train import Run, cross_entropy_step, new_run
 from show_attend_tell.training_data import epoch_batches
 from show_attend_tell.weights import ENCODER_WEIGHTS
@@ -362,7 +360,7 @@ def _same_but(a: dict, b: dict, axis: str) -> bool:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, record="train_speed.json")
     parser.add_argument("--data", help="a `sat prepare` directory (default: a synthetic dataset)")
     parser.add_argument("--features", help="its `sat features` store (for the cached-features runs)")
     parser.add_argument("--sources", nargs="+", choices=["features", "images"], default=["features", "images"])
@@ -396,7 +394,7 @@ def main() -> int:
         default=True,
         help="also time each phase of the step (one more step per round)",
     )
-    parser.add_argument("--repeats", type=int, default=10, help="measured rounds (0: one epoch of each run)")
+    add_rounds(parser, 10, warmup=1, help="measured rounds (0: one epoch of each run)")
     parser.add_argument(
         "--profile",
         type=int,
@@ -404,42 +402,36 @@ def main() -> int:
         metavar="STEPS",
         help="instead of timing, profile this many steps of each run (torch.profiler): where a step's time goes",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the target machine)")
+    add_threads(parser)
     parser.add_argument("--images", type=int, default=200, help="synthetic: training images (5 captions each)")
     parser.add_argument("--vocab-size", type=int, default=FLICKR8K_VOCAB_SIZE, help="synthetic: vocabulary size")
     parser.add_argument("--mean-words", type=float, default=11.0, help="synthetic: mean caption length in words")
-    parser.add_argument("--note", default="", help="recorded beside the figures, e.g. the machine's state")
-    parser.add_argument("--out", help="write the figures as JSON here (e.g. results/train_speed.json)")
+    add_note(parser)
     args = parser.parse_args()
     if args.features and not args.data:
         parser.error("--features needs --data")
     if args.random_features and (args.features or not args.data):
         parser.error("--random-features needs --data and no --features")
-    torch.set_num_threads(args.threads)
-    record = provenance("python " + shlex.join(sys.argv))
+    record = begin_record(args)
     with tempfile.TemporaryDirectory(prefix="train_speed_") as workdir:
         record.update(measure(args, Path(workdir)))
-    record["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
-    if args.note:
-        record["note"] = args.note
+    load_at_end(record, args.note)
     if args.profile:
         for name, profile in record["profile"].items():
-            print(name, json.dumps({key: profile[key] for key in ("step_ms", "phases", "forward_modules")}))
-            print("  top ops (share of self time):", json.dumps(profile["top_ops_self_time"]))
-        if args.out:
-            write_record(record, args.out)
-        return 0
+            print(name, "top ops (share of self time):", json.dumps(profile["top_ops_self_time"]))
+        shown = {
+            name: {key: profile[key] for key in ("step_ms", "phases", "forward_modules")}
+            for name, profile in record["profile"].items()
+        }
+        return finish(record, args.out, shown, indent=None)
     for name, result in record["results"].items():
         split = ", ".join(f"{phase} {ms:.0f}" for phase, ms in result.get("split_ms_median", {}).items())
         print(
             f"{name}: {result['captions_per_second_median']} captions/s (median batch), "
             f"{result['captions_per_second_overall']} overall; split (ms): {split or 'not timed'}"
         )
-    print(json.dumps({"ratios": record["ratios"], "target": record["target_features_at_least_50_captions_per_second"]}))
-    if args.out:
-        write_record(record, args.out)
-    return 0
+    shown = {"ratios": record["ratios"], "target": record["target_features_at_least_50_captions_per_second"]}
+    return finish(record, args.out, shown, indent=None)
 
 
 if __name__ == "__main__":

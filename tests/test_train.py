@@ -802,12 +802,13 @@ def test_a_store_holding_nan_is_named_as_the_cause_not_the_learning_rate(tiny_pr
         _optimise(trainer, torch.tensor(float("nan")))
 
 
-def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path):
+def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path, monkeypatch):
     """benchmarks/train_speed.py on a `sat features --image-size 448` store trains the 14x14 model the store fits
     (as `sat train --features` does), each batching on its own epoch, and reports the padding it measured."""
     import argparse
     import importlib.util
 
+    monkeypatch.syspath_prepend(REPO / "benchmarks")  # as `python benchmarks/train_speed.py` has it (harness)
     spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

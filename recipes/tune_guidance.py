@@ -32,9 +32,8 @@ from show_attend_tell.captioner import SHIPPED_MODEL
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.datasets import coco_folder
-from show_attend_tell.decoding import constrained_beam_search
 from show_attend_tell.features import photo_features
-from show_attend_tell.guidance import Guidance, LabelHead
+from show_attend_tell.guidance import Guidance, LabelHead, Plan, search
 from show_attend_tell.metrics import score_captions
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
@@ -67,18 +66,16 @@ def encoded_set(model, head: LabelHead, paths: list[Path], cache: Path) -> tuple
     return stored["features"], stored["probabilities"]
 
 
-def decode_all(model, vocab, features, constraints, beam_size, batch_size=40) -> list[str]:
+def decode_all(model, guidance: Guidance, features, guides, beam_size, batch_size=40) -> list[str]:
+    """Each photo's caption with its guide words, through the product's one plan-to-search path (guidance.search)."""
     captions = []
     for start in tqdm(range(0, len(features), batch_size), desc="decode"):
         encoded = model.decoder.encode(features[start : start + batch_size].float())
-        found = constrained_beam_search(
-            model.decoder,
-            encoded,
-            constraints[start : start + batch_size],
-            beam_size=beam_size,
-            length_penalty=DEFAULT_LENGTH_PENALTY,
+        plans = [Plan(guides=list(words)) for words in guides[start : start + batch_size]]
+        found = search(
+            model.decoder, encoded, guidance, plans, beam_size=beam_size, length_penalty=DEFAULT_LENGTH_PENALTY
         )
-        captions += [" ".join(vocab.decode(h[0].tokens)) for h in found]
+        captions += [" ".join(guidance.vocab.decode(h[0].tokens)) for h in found]
     return captions
 
 
@@ -118,16 +115,10 @@ def main() -> int:
         variants = {"none": [[] for _ in labels], "top1": [words[:1] for words in labels]}
         if args.max_label_words == 2:
             variants["top2"] = [words[:2] for words in labels]
-        captions = {"none": decode_all(model, vocab, features, variants["none"], args.beam)}
+        captions = {"none": decode_all(model, guidance, features, variants["none"], args.beam)}
         for key in variants.keys() - {"none"}:
             needed = [i for i, words in enumerate(variants[key]) if words]  # the others are "none"'s captions
-            decoded = decode_all(
-                model,
-                vocab,
-                features[needed],
-                [guidance.constraints(variants[key][i]) for i in needed],
-                args.beam,
-            )
+            decoded = decode_all(model, guidance, features[needed], [variants[key][i] for i in needed], args.beam)
             captions[key] = list(captions["none"])
             for i, caption in zip(needed, decoded, strict=True):
                 captions[key][i] = caption

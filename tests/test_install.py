@@ -97,7 +97,7 @@ def test_installed_wheel_captions_and_serves(installed, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "sat serve did not answer /api/health"
                 time.sleep(1)
-        assert health["status"] == "ok" and health["model_loaded"]
+        assert health["status"] == "ok" and health["decoder"] == "lstm" and health["grid_size"] == 14
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as reply:
             assert b"<html" in reply.read().lower()
     finally:

@@ -12,7 +12,9 @@ from show_attend_tell.decoder import select_rows
 from show_attend_tell.model import (
     CaptionModel,
     Encoded,
+    EncodedPrefixes,
     Encoder,
+    LocationSampling,
     caption_loss,
 )
 from show_attend_tell.text import PAD_ID
@@ -134,3 +136,63 @@ def test_select_rows_reorders_any_decoders_state():
     picked = select_rows(state, torch.tensor([2, 2, 0]))
     assert [part.shape[0] for part in picked] == [3, 3, 3]
     assert picked[0].flatten().tolist() == [2.0, 2.0, 0.0] and picked[1][0].tolist() == [4, 5]
+
+
+class _PlainSlices:
+    """The teacher-forced pass's rows at each step by autograd's own slicing (what model.EncodedPrefixes replaces)."""
+
+    def __init__(self, encoded: Encoded) -> None:
+        self.encoded = encoded
+
+    def __call__(self, n: int) -> Encoded:
+        return self.encoded.select(slice(None, n))
+
+
+def _teacher_forced_gradients(model: CaptionModel, features: torch.Tensor, sampling_seeds, precision: str):
+    tokens, lengths, image_index = captions_batch()
+    sampling = None if sampling_seeds is None else LocationSampling.seeded(sampling_seeds, expected_probability=0.5)
+    model.zero_grad()
+    features = features.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        forced = model(features, tokens, lengths, image_index, sampling=sampling)
+        loss, _ = caption_loss(forced.log_probs.float(), forced.alphas.float(), tokens)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return forced, grads, features.grad
+
+
+@pytest.mark.parametrize(
+    "overrides, seeds, precision",
+    [
+        (dict(feature_dim=7), None, "fp32"),
+        (dict(feature_dim=0), None, "fp32"),
+        (dict(attention="hard"), [3, 4], "fp32"),
+        (dict(feature_dim=7), None, "bf16"),
+    ],
+)
+def test_prefix_views_give_the_gradients_of_plain_slicing(monkeypatch, overrides, seeds, precision):
+    """EncodedPrefixes adds each step's gradient into one buffer instead of autograd's zero-filled whole-tensor
+    slice gradients: the same outputs and gradients (every parameter and the input features)."""
+    import show_attend_tell.model as model_module
+
+    torch.manual_seed(0)
+    model = CaptionModel(tiny_decoder_config(**overrides))
+    features = torch.randn(2, 4, 8)
+    fast = _teacher_forced_gradients(model, features, seeds, precision)
+    monkeypatch.setattr(model_module, "EncodedPrefixes", _PlainSlices)
+    plain = _teacher_forced_gradients(model, features, seeds, precision)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    for fast_part, plain_part in zip(fast[0], plain[0], strict=True):
+        torch.testing.assert_close(fast_part, plain_part, **tolerance)
+    assert fast[1].keys() == plain[1].keys() and "decoder.attention.encoder_projection.weight" in fast[1]
+    for name in plain[1]:
+        torch.testing.assert_close(fast[1][name], plain[1][name], **tolerance, msg=name)
+    torch.testing.assert_close(fast[2], plain[2], **tolerance)
+    assert float(fast[2].abs().sum()) > 0
+
+
+def test_prefix_views_without_gradients_are_plain_slices():
+    encoded = Encoded(torch.randn(3, 4, 5), torch.randn(3, 4, 6))
+    with torch.no_grad():
+        running = EncodedPrefixes(encoded)(2)
+    assert torch.equal(running.features, encoded.features[:2]) and torch.equal(running.projected, encoded.projected[:2])

@@ -347,6 +347,9 @@ def _decode_shrunk(
     image.load()
     _check(cancelled)
     orientation = image.getexif().get(EXIF_ORIENTATION)  # read after load: a PNG's eXIf chunk may follow the data
+    # An image this function made (a server's upload, decoded before it reaches the captioner) is upright already
+    # and knows its photo's size: decoding it again changes neither.
+    width, height = image.info.get(ORIGINAL_SIZE, (width, height))
     factor = max(1, min(image.size) // least)  # one factor for both sides: the photo keeps its shape
     if factor > 1 and image.mode in SIXTEEN_BIT_MODES:
         image = _shrink_sixteen_bit(image, factor)
@@ -357,6 +360,9 @@ def _decode_shrunk(
         rgb = rgb.transpose(ORIENTATION_TRANSPOSE[orientation])
         if orientation >= 5:  # the quarter turns and transpositions swap the sides
             width, height = height, width
+        exif = rgb.getexif()  # the new upright image's own copy: the tag goes, as ImageOps.exif_transpose drops it
+        del exif[EXIF_ORIENTATION]
+        rgb.info["exif"] = exif.tobytes()
     rgb.info[ORIGINAL_SIZE] = (width, height)
     return rgb
 

@@ -13,7 +13,7 @@ from helpers import corrupt_tiff, edited_tiff, noise, png_header_only
 from PIL import Image, ImageFile
 
 from show_attend_tell.errors import InputError, TooManyPixelsError
-from show_attend_tell.images import iter_image_paths, load_image
+from show_attend_tell.images import ORIGINAL_SIZE, iter_image_paths, load_image
 
 WHITE = (255, 255, 255)
 # A CMYK press profile shipped by Debian's libgs-common; the ICC test is skipped without it.
@@ -487,3 +487,22 @@ def test_pillows_warnings_on_a_refused_file_end_its_one_line_instead_of_printing
     assert message.startswith("bad.tif: ") and message.endswith(
         "(Pillow warned: Tag data larger than file. Skipping tag 258)"
     )
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_decoding_its_own_output_again_changes_nothing(tmp_path, orientation):
+    """A server decodes an upload (shrunk for the model, turned upright) and hands the image to the captioner,
+    which decodes it again: the second decode keeps it upright (the orientation tag is gone) and keeps the
+    photo's original size, which detection boxes are mapped to. Before, a phone photo was turned twice."""
+    stored = Image.new("RGB", (2400, 1600), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 400, 400))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _save(stored, tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95).read_bytes()
+    once = load_image(data, size=224, cancelled=lambda: False)
+    twice = load_image(once, size=224)
+    upright = (1600, 2400) if orientation in (6, 8) else (2400, 1600)
+    assert once.info[ORIGINAL_SIZE] == twice.info[ORIGINAL_SIZE] == upright
+    assert once.size == twice.size and (once.size[0] < once.size[1]) == (orientation in (6, 8))
+    assert np.array_equal(np.asarray(once), np.asarray(twice))
+    assert once.getexif().get(0x0112) is None

@@ -14,7 +14,8 @@ photos being decoded share `upload_memory_bytes`, a body charged as its bytes ar
 starts, so a slow client costs a connection and the bytes it sent, never model time or a place another client
 needs. Only then does a request take one of `queue_size` slots (being decoded, waiting or captioned); its photo
 is decoded on a decoding thread, only as large as the model needs, once its pixels fit in the memory (a decode
-waits for it as a photo waits for the model). When the queue is full, or a body does not fit in the memory, the
+waits for it as a photo waits for the model); photos that take many megabytes to decode go one at a time on a
+thread of their own (LARGE_DECODE_BYTES). When the queue is full, or a body does not fit in the memory, the
 server is at capacity and says so: 503 with Retry-After. A request whose client hangs up stops its decode
 within a block of the file, leaves the queue, or leaves its batch, which goes on for the others without its
 photo; a batch stops between the model's stages only when all of its clients are gone (Captioner's
@@ -89,6 +90,11 @@ MAX_MAX_BATCH = 64
 # (results/hostile_load.json, hang_up_flood).
 DECODE_THREADS = 2
 DECODE_NICENESS = 10
+# A decode that holds more pixels than this (images.decode_cost; a 12-megapixel JPEG decoded for the model holds
+# about 3 MB, a 40-megapixel PNG 160 MB) runs on the one large-decode thread, never on the others: large decodes
+# go one at a time, so a flood of them holds one photo's pixels and one core at most, and a normal photo is never
+# decoded behind them (results/hostile_load.json, hang_up_flood).
+LARGE_DECODE_BYTES = 32 * MEGABYTE
 # The names a server bound to loopback answers to; any other Host header (DNS rebinding: a page on evil.example
 # whose name now resolves to 127.0.0.1) is refused.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -524,12 +530,16 @@ def create_app(
     decoding = ThreadPoolExecutor(
         max_workers=DECODE_THREADS, thread_name_prefix="sat-decode", initializer=_lower_this_threads_priority
     )
+    large_decoding = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="sat-decode-large", initializer=_lower_this_threads_priority
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         queue.shutdown()
-        decoding.shutdown(wait=False, cancel_futures=True)
+        for pool in (decoding, large_decoding):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # FastAPIOffline serves Swagger UI's files itself: plain FastAPI's /docs loads them from a CDN.
     app = FastAPIOffline(
@@ -724,7 +734,8 @@ def create_app(
                 size=captioner.image_size,
                 cancelled=abandoned.is_set,
             )
-            future = asyncio.get_running_loop().run_in_executor(decoding, read)
+            pool = large_decoding if cost > LARGE_DECODE_BYTES else decoding
+            future = asyncio.get_running_loop().run_in_executor(pool, read)
             await asyncio.wait([future, gone], return_when=asyncio.FIRST_COMPLETED)
             if not future.done():
                 abandoned.set()

@@ -1124,3 +1124,39 @@ def test_sat_serve_workers_each_load_their_own_model(captioner, monkeypatch):
         torch.set_num_threads(threads)
     with local_client(app) as client:
         assert client.get("/api/health").json()["max_batch"] == 3
+
+
+def test_large_decodes_go_one_at_a_time_and_never_hold_up_a_small_photo(monkeypatch):
+    """Photos whose decode holds more than LARGE_DECODE_BYTES share one thread: while one is being decoded the
+    next waits, and a small photo sent after both is decoded and captioned at once."""
+    from show_attend_tell import server
+
+    stub = BlockingCaptioner()
+    stub.go.set()
+    big = flat_png(3000, 2000)  # 24 MB of pixels at least
+    monkeypatch.setattr(server, "LARGE_DECODE_BYTES", 10 * 2**20)
+    release, entered, threads = threading.Event(), [], set()
+
+    def held_decode(data, **options):
+        threads.add(threading.current_thread().name)
+        if len(data) == len(big):
+            entered.append(time.monotonic())
+            assert release.wait(10)
+        return load_image(data, **options)
+
+    monkeypatch.setattr(server, "load_image", held_decode)
+    with local_client(create_app(stub, queue_size=8)) as client:
+        large = [in_thread(post, client, big, name="big.png", content_type="image/png") for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while not entered:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        small = post(client, jpeg(Image.new("RGB", (64, 48), "red")))
+        assert small.status_code == 200 and len(entered) == 1  # the second large one still waits for the first
+        release.set()
+        for thread, result in large:
+            thread.join(timeout=30)
+            assert result[0].status_code == 200
+    assert len(entered) == 2
+    assert any(name.startswith("sat-decode-large") for name in threads)
+    assert any(name.startswith("sat-decode_") for name in threads)

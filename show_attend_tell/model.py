@@ -30,6 +30,7 @@ from torch import nn
 
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoder import Decoder, State, TeacherForced, rows_per_image, select_rows
+from show_attend_tell.prefixes import Prefixes
 from show_attend_tell.text import PAD_ID
 from show_attend_tell.transformer import TransformerDecoder
 
@@ -46,63 +47,6 @@ class Encoded(NamedTuple):
         """Rows `index` (e.g. each caption's image, or the images still decoding) without recomputing anything."""
         sampling = None if self.sampling is None else self.sampling.select(index)
         return Encoded(self.features[index], self.projected[index], sampling)
-
-
-class _PrefixGradients(torch.autograd.Function):
-    """The link from a tensor to the prefix views of it that a teacher-forced pass reads (Prefixes): an empty
-    output whose backward runs after every view's (they all read it) and hands the tensor their summed gradient."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, prefixes: Prefixes) -> torch.Tensor:
-        ctx.prefixes = prefixes
-        return tensor.new_empty(0)
-
-    @staticmethod
-    def backward(ctx, _unused: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        return ctx.prefixes.take_gradient(), None
-
-
-class _PrefixView(torch.autograd.Function):
-    """tensor[:n] whose backward adds its gradient into the shared buffer in place and passes nothing on."""
-
-    @staticmethod
-    def forward(ctx, link: torch.Tensor, tensor: torch.Tensor, n: int, prefixes: Prefixes) -> torch.Tensor:
-        ctx.n, ctx.prefixes = n, prefixes
-        return tensor[:n]
-
-    @staticmethod
-    def backward(ctx, gradient: torch.Tensor) -> tuple[None, None, None, None]:
-        ctx.prefixes.add_gradient(ctx.n, gradient)
-        return None, None, None, None
-
-
-class Prefixes:
-    """The views tensor[:n] a teacher-forced pass reads at its steps (the captions still running), with one
-    gradient buffer for all of them. Autograd's own slice gives each step's gradient the whole tensor's shape,
-    zero-filled, and adds them up (SliceBackward0: 53% of a 14x14 fp32 training step in
-    results/train_profile_14x14.json); here each step adds its n rows into one buffer in place, and the tensor
-    receives the sum once. tests/test_model.py holds the gradients to plain slicing."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.data = tensor.detach()
-        self.buffer: torch.Tensor | None = None
-        self.link = _PrefixGradients.apply(tensor, self) if tensor.requires_grad else None
-
-    def __call__(self, n: int) -> torch.Tensor:
-        """tensor[:n]; its gradient goes to the shared buffer."""
-        if self.link is None:
-            return self.tensor[:n]
-        return _PrefixView.apply(self.link, self.data, n, self)
-
-    def add_gradient(self, n: int, gradient: torch.Tensor) -> None:
-        if self.buffer is None:
-            self.buffer = gradient.new_zeros(self.data.shape)
-        self.buffer[:n] += gradient
-
-    def take_gradient(self) -> torch.Tensor | None:
-        gradient, self.buffer = self.buffer, None
-        return gradient
 
 
 class EncodedPrefixes:

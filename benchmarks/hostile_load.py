@@ -231,6 +231,7 @@ def main() -> int:
     )
     parser.add_argument("--model", help="checkpoint directory for `sat serve` (default: the shipped model)")
     parser.add_argument("--deadline", type=float, default=900, help="seconds at most per phase")
+    parser.add_argument("--max-batch", type=int, help="passed to `sat serve` (default: its own)")
     args = parser.parse_args()
     if min(args.clients, args.requests, args.attackers) < 1 or args.read_timeout <= 0:
         raise SystemExit("--clients, --requests and --attackers must be at least 1, --read-timeout positive")
@@ -248,6 +249,7 @@ def main() -> int:
     }
     command = [sys.executable, "-m", "show_attend_tell.cli", "serve", "--host", HOST, "--port", str(port)]
     command += ["--read-timeout", str(args.read_timeout)] + (["--model", args.model] if args.model else [])
+    command += ["--max-batch", str(args.max_batch)] if args.max_batch else []
     with tempfile.TemporaryDirectory() as scratch:
         log_path = Path(scratch) / "server.log"
         with log_path.open("wb") as log:

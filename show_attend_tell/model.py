@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from show_attend_tell.backward import AttentionScores, Prefixes
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoder import Decoder, State, TeacherForced, rows_per_image, select_rows
-from show_attend_tell.prefixes import Prefixes
 from show_attend_tell.text import PAD_ID
 from show_attend_tell.transformer import TransformerDecoder
 
@@ -155,11 +155,12 @@ class SoftAttention(nn.Module):
         B, P, A = encoded.projected.shape
         K = rows_per_image(h.size(0), B)
         hidden = self.decoder_projection(h).mul(2).view(B, K, 1, A)  # v = 2 (W_h h + b_h)
-        energy = torch.add(encoded.projected.unsqueeze(1), hidden).sigmoid_()  # (B, K, P, A)
-        # 2 (w^T sigmoid + b) in one op; b cannot move alpha, but trains. CPU autocast leaves addmv out, so under
-        # bf16 training w and b are cast to the energies' dtype here (a no-op in fp32)
-        w, b = self.score.weight.view(A).to(energy.dtype), self.score.bias.to(energy.dtype)
-        scores = torch.addmv(b, energy.view(-1, A), w, beta=2, alpha=2)
+        # 2 (w^T sigmoid(u + v) + b) over the (B, K, P, A) energies, with a backward that recomputes them in
+        # chunks (backward.AttentionScores); b cannot move alpha, but trains. CPU autocast leaves addmv out, so
+        # under bf16 training w and b are cast to the energies' dtype here (a no-op in fp32)
+        dtype = torch.promote_types(encoded.projected.dtype, hidden.dtype)
+        w, b = self.score.weight.view(A).to(dtype), self.score.bias.to(dtype)
+        scores = AttentionScores.apply(encoded.projected, hidden, w, b)  # (B*K*P,)
         return attend(scores.view(B, K, P), encoded.features)
 
 

@@ -196,3 +196,34 @@ def test_prefix_views_without_gradients_are_plain_slices():
     with torch.no_grad():
         running = EncodedPrefixes(encoded)(2)
     assert torch.equal(running.features, encoded.features[:2]) and torch.equal(running.projected, encoded.projected[:2])
+
+
+@pytest.mark.parametrize("rows_per_image, dtype", [(1, torch.float32), (3, torch.float32), (2, torch.bfloat16)])
+def test_attention_scores_backward_equals_plain_autograd(monkeypatch, rows_per_image, dtype):
+    """backward.AttentionScores: the plain forward's scores, and gradients for u, v, w and b equal to autograd's
+    through add, sigmoid and addmv, over several chunks (a chunk of one image here) and K rows per image."""
+    import show_attend_tell.backward as backward
+
+    monkeypatch.setattr(backward, "ENERGY_CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    B, K, P, A = 5, rows_per_image, 4, 6
+    inputs = [torch.randn(B, P, A), torch.randn(B, K, 1, A), torch.randn(A), torch.randn(1)]
+    inputs = [tensor.to(dtype).requires_grad_() for tensor in inputs]
+    weights = torch.randn(B * K * P)
+
+    def plain(u, v, w, b):
+        energy = torch.add(u.unsqueeze(1), v).sigmoid()
+        return torch.addmv(b, energy.view(-1, A), w, beta=2, alpha=2)
+
+    results = []
+    for function in (plain, backward.AttentionScores.apply):
+        scores = function(*inputs)
+        (scores.float() * weights).sum().backward()
+        results.append((scores.detach(), [tensor.grad.clone() for tensor in inputs]))
+        for tensor in inputs:
+            tensor.grad = None
+    assert torch.equal(results[0][0], results[1][0])  # the same forward, bit for bit
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for expected, got in zip(results[0][1], results[1][1], strict=True):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, **tolerance)

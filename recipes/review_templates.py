@@ -46,6 +46,7 @@ def without(guidance: Guidance, word: str) -> Guidance:
         object_penalty=guidance.object_penalty,
         max_detection_words=guidance.max_detection_words,
         count_threshold=guidance.count_threshold,
+        least_count=guidance.least_count,
         new_words=guidance.new_words,
     )
     copy.concepts = [dataclasses.replace(c, template=None) if c.word == word else c for c in copy.concepts]

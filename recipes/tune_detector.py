@@ -51,6 +51,7 @@ SETTINGS = {
     "presence_threshold": [0.15, 0.2, 0.3],
     "detection_threshold": [0.3, 0.4, 0.5, 0.6, None],
     "count_threshold": [0.25, 0.3, 0.35, 0.4, None],
+    "least_count": [2, 3],
 }
 LOWEST_SCORE = min(SETTINGS["presence_threshold"] + SETTINGS["person_presence_threshold"])
 VAL_TOLERANCE = 0.3  # CIDEr and METEOR points val may lose (the issue's bound on Flickr8k test)
@@ -216,6 +217,12 @@ def main() -> int:
         type=json.loads,
         help="a JSON object of settings to try instead of SETTINGS' lists, e.g. '{\"person_penalty\": [8, 12]}'",
     )
+    parser.add_argument(
+        "--start",
+        type=json.loads,
+        default={},
+        help="a JSON object of settings to start from instead of config.py's, e.g. '{\"least_count\": 3}'",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
@@ -263,10 +270,10 @@ def main() -> int:
         return result
 
     baseline = run({}, detector=False)
-    current = {setting: getattr(base, setting) for setting in SETTINGS}
+    current = {setting: getattr(base, setting) for setting in SETTINGS} | args.start
     tried: dict[str, dict] = {}
     search_space = args.only or SETTINGS
-    record["searched"] = search_space
+    record["searched"], record["started_from"] = search_space, current
     for _ in range(args.passes):
         for setting, values in search_space.items():
             for value in values:

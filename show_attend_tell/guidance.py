@@ -166,8 +166,8 @@ class Guidance:
     the person penalty is the strongest, so a faint person is enough to lift it), and the words of every other
     COCO class that no guide word names are discouraged by person_penalty (person words) or object_penalty (the
     rest).
-    count_threshold: the person detections at this score or above are counted, and two or more people ask the
-    caption for a word that counts them (COUNT_WORDS; None: people are not counted).
+    count_threshold: the person detections at this score or above are counted, and least_count or more people (2:
+    two and groups; 3: groups only) ask the caption for a word that counts them (COUNT_WORDS; None: not counted).
     new_words: words the decoder was given (new_words.py); banned unless a guide word asks for them.
     """
 
@@ -185,6 +185,7 @@ class Guidance:
         object_penalty: float = DEFAULT_OBJECT_PENALTY,
         max_detection_words: int = 1,
         count_threshold: float | None = DEFAULT_COUNT_THRESHOLD,
+        least_count: int = 2,
         new_words: Sequence[str] = (),
     ) -> None:
         thresholds = (
@@ -203,7 +204,7 @@ class Guidance:
         )
         self.person_penalty, self.object_penalty = person_penalty, object_penalty
         self.max_detection_words = max_detection_words
-        self.count_threshold = count_threshold
+        self.count_threshold, self.least_count = count_threshold, least_count
         self.counts = {n: tuple(w for w in words if w in vocab) for n, words in COUNT_WORDS.items()}
         self.new_words = tuple(word for word in new_words if word in vocab)
         # each COCO class: the forms that can name it in a caption, and the word ids of every word that names it
@@ -320,14 +321,14 @@ class Guidance:
 
     def count_words(self, detections: Sequence[Detection]) -> list[GuideWord]:
         """The people counted, as a guide word: the person detections at count_threshold or above; two ask for
-        "two", three or more for a word of a group (COUNT_WORDS), one or none for nothing. Its probability is the
-        score of the last person counted. CenterNet finds each object once, at its heat map's peak, so a person is
-        not counted twice: suppressing overlapping boxes changed the count bucket of one coco-dev photo, for the
-        worse (results/detector_tuning/counting.json, "counts")."""
+        "two", three or more for a word of a group (COUNT_WORDS), fewer than least_count for nothing. Its
+        probability is the score of the last person counted. CenterNet finds each object once, at its heat map's
+        peak, so a person is rarely counted twice: suppressing boxes that overlap a better one put no more coco-dev
+        photos in their right count bucket at any threshold tried (results/detector_tuning/counting.json, "counts")."""
         if self.count_threshold is None:
             return []
         people = [d for d in detections if d.name == "person" and d.score >= self.count_threshold]
-        forms = self.counts[min(len(people), 3)] if len(people) >= 2 else ()
+        forms = self.counts[min(len(people), 3)] if len(people) >= max(self.least_count, 2) else ()
         if not forms:
             return []
         return [GuideWord(forms[0], forms, "detector", "person", round(min(d.score for d in people), 4))]

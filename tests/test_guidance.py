@@ -380,3 +380,18 @@ def test_a_count_the_user_or_a_template_already_gives_is_not_asked_twice():
     planned = guidance.plan(1, class_probabilities=probabilities, detections=[two])[0]
     assert " ".join(planned.template.words) == "a cup of coffee on a table"  # the template is still the caption
     assert [(w.word, w.source) for w in planned.guides] == [("coffee", "label"), ("two", "detector")]
+
+
+def test_the_tuning_recipe_buckets_counted_people_with_and_without_suppressing_overlaps():
+    spec = importlib.util.spec_from_file_location("tune_detector", REPO / "recipes" / "tune_detector.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    from show_attend_tell.detector import Detection
+
+    twice = [Detection("person", 0.5, (0, 0, 10, 10)), Detection("person", 0.4, (1, 0, 11, 10))]  # one person, twice
+    apart = [Detection("person", 0.5, (0, 0, 10, 10)), Detection("person", 0.2, (20, 0, 30, 10))]
+    rows = recipe.count_buckets([twice, apart], [1, 2], [0.3])
+    plain, suppressed = rows
+    assert plain["confusion"] == {"1->2": 1, "2->1": 1} and plain["right"] == 0
+    assert suppressed["suppress_overlaps"] and suppressed["confusion"] == {"1->1": 1, "2->1": 1}
+    assert suppressed["right"] == 1 and suppressed["right_of_two_or_more"] == 0

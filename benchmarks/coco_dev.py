@@ -59,6 +59,8 @@ def main() -> int:
                 "person_presence_threshold",
                 "person_penalty",
                 "object_penalty",
+                "count_threshold",
+                "least_count",
             )
         },
         images=len(paths),

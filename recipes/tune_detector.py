@@ -10,7 +10,10 @@ guidance.Guidance's detector settings are tuned one at a time (coordinate descen
 --only, starting from the defaults in config.py), each setting decoded at the default beam through the same plan
 and search as `sat caption` (guidance.search), a photo decoded again only when its plan changed. Every setting
 tried is scored: BLEU-4, METEOR, ROUGE-L, CIDEr on both sets, and on coco-dev (whose COCO object annotations say
-what is there) CHAIR-i, CHAIR-s and the share of photos without people captioned with people.
+what is there) CHAIR-i, CHAIR-s, the share of photos without people captioned with people, and how many captions of
+photos with two or more people count them right (chair.count_agreement). The record's "counts" says how often the
+detector's people, counted at each count_threshold, fall in the annotations' bucket (none, one, two, three or more),
+with and without suppressing boxes that overlap a better one.
 
 The rule: among settings that keep Flickr8k val CIDEr and METEOR within VAL_TOLERANCE of the detector off, those
 that meet the hallucination targets (CHAIR-s <= 25, people in at most 15% of empty photos) if any, and of those the
@@ -30,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from show_attend_tell.captioner import Captioner
-from show_attend_tell.chair import chair, coco_objects, people_without_people
+from show_attend_tell.chair import chair, coco_objects, count_agreement, people_counts, people_without_people
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY
 from show_attend_tell.datasets import coco_folder, read_flickr8k
 from show_attend_tell.detector import Detection
@@ -47,6 +50,8 @@ SETTINGS = {
     "person_presence_threshold": [0.15, 0.2, 0.3],
     "presence_threshold": [0.15, 0.2, 0.3],
     "detection_threshold": [0.3, 0.4, 0.5, 0.6, None],
+    "count_threshold": [0.25, 0.3, 0.35, 0.4, None],
+    "least_count": [2, 3],
 }
 LOWEST_SCORE = min(SETTINGS["presence_threshold"] + SETTINGS["person_presence_threshold"])
 VAL_TOLERANCE = 0.3  # CIDEr and METEOR points val may lose (the issue's bound on Flickr8k test)
@@ -131,16 +136,58 @@ class Decoder:
         return [self.memo[i][key] for i, key in enumerate(keys)]
 
 
-def scored(captions: list[str], references: list[list[str]], objects: list[set[str]] | None) -> dict:
+def scored(captions: list[str], references: list[list[str]], annotated: tuple | None) -> dict:
+    """Caption metrics; with `annotated` (each photo's COCO classes and person count) hallucination and counting."""
     metrics = score_captions(dict(enumerate(captions)), dict(enumerate(references)))
     result = {k: round(metrics[k], 2) for k in METRICS}
-    if objects is not None:
+    if annotated is not None:
+        objects, counts = annotated
         hallucination = chair(captions, objects)
+        agreement = count_agreement(captions, counts)
         result.update(
             {"CHAIR-i": hallucination["CHAIR-i"], "CHAIR-s": hallucination["CHAIR-s"]},
             people_in_empty_photos=people_without_people(captions, objects)["share"],
+            people_counted_right=agreement["share"],
+            people_counted=agreement,
         )
     return result
+
+
+def overlap(a: tuple, b: tuple) -> float:
+    """Intersection over union of two x1, y1, x2, y2 boxes."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def count_buckets(detections: list[list[Detection]], counts: list[int], thresholds: list[float]) -> list[dict]:
+    """For each threshold, with and without suppressing a person box that overlaps a better one by IoU 0.5 or more:
+    how many photos' detected people fall in the annotated bucket (0, 1, 2, 3+), and the confusion (annotated,
+    detected) -> photos."""
+    rows = []
+    for threshold in thresholds:
+        for suppress in (False, True):
+            confusion: dict[str, int] = {}
+            for photo, count in zip(detections, counts, strict=True):
+                kept: list[tuple] = []
+                for d in photo:
+                    counted = d.name == "person" and d.score >= threshold
+                    if counted and (not suppress or all(overlap(d.box, box) < 0.5 for box in kept)):
+                        kept.append(d.box)
+                key = f"{min(count, 3)}->{min(len(kept), 3)}"
+                confusion[key] = confusion.get(key, 0) + 1
+            right = sum(n for key, n in confusion.items() if key[0] == key[-1])
+            rows.append(
+                {
+                    "threshold": threshold,
+                    "suppress_overlaps": suppress,
+                    "right": right,
+                    "photos": len(counts),
+                    "right_of_two_or_more": sum(n for key, n in confusion.items() if key[0] == key[-1] in "23"),
+                    "confusion": dict(sorted(confusion.items())),
+                }
+            )
+    return rows
 
 
 def choose(tried: list[dict], baseline: dict) -> dict | None:
@@ -170,15 +217,23 @@ def main() -> int:
         type=json.loads,
         help="a JSON object of settings to try instead of SETTINGS' lists, e.g. '{\"person_penalty\": [8, 12]}'",
     )
+    parser.add_argument(
+        "--start",
+        type=json.loads,
+        default={},
+        help="a JSON object of settings to start from instead of config.py's, e.g. '{\"least_count\": 3}'",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     record = provenance(shlex.join(["python", *sys.argv]))
     captioner = Captioner.load(detector="centernet")
     coco_paths, coco_references = coco_folder(args.coco_dev)
-    objects = coco_objects(sorted(args.coco_dev.glob("instances_*.json"))[0], [p.name for p in coco_paths])
+    instances = sorted(args.coco_dev.glob("instances_*.json"))[0]
+    objects = coco_objects(instances, [p.name for p in coco_paths])
+    counts = people_counts(instances, [p.name for p in coco_paths])
     val = [r for r in read_flickr8k(args.flickr8k).records if r.split == "val"]
     sets = {
-        "coco_dev": (coco_paths, coco_references, objects),
+        "coco_dev": (coco_paths, coco_references, (objects, counts)),
         "flickr8k_val": ([r.path for r in val], [r.captions for r in val], None),
     }
     decoders = {}
@@ -192,6 +247,8 @@ def main() -> int:
         settings=SETTINGS,
         images={name: len(paths) for name, (paths, *_) in sets.items()},
     )
+    thresholds = [value for value in SETTINGS["count_threshold"] if value is not None]
+    record["counts"] = count_buckets(decoders["coco_dev"].detections, counts, thresholds)
     base = captioner.guidance
 
     def guidance(**settings) -> Guidance:
@@ -205,18 +262,18 @@ def main() -> int:
 
     def run(settings: dict, detector: bool = True) -> dict:
         result = {"settings": settings if detector else "detector off"}
-        for name, (_, references, objects_of) in sets.items():
+        for name, (_, references, annotated) in sets.items():
             captions = decoders[name].captions(guidance(**settings), detect=detector)
-            result[name] = scored(captions, references, objects_of)
+            result[name] = scored(captions, references, annotated)
             result[name + "_captions"] = captions if name == "coco_dev" else None
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("_captions")}), flush=True)
         return result
 
     baseline = run({}, detector=False)
-    current = {setting: getattr(base, setting) for setting in SETTINGS}
+    current = {setting: getattr(base, setting) for setting in SETTINGS} | args.start
     tried: dict[str, dict] = {}
     search_space = args.only or SETTINGS
-    record["searched"] = search_space
+    record["searched"], record["started_from"] = search_space, current
     for _ in range(args.passes):
         for setting, values in search_space.items():
             for value in values:

@@ -38,6 +38,10 @@ DEFAULT_PRESENCE_THRESHOLD = 0.15
 DEFAULT_PERSON_PRESENCE_THRESHOLD = 0.2
 DEFAULT_PERSON_PENALTY = 8.0
 DEFAULT_OBJECT_PENALTY = 1.5
+# People counted from the person detections at this score or above (guidance.Guidance.count_words): two ask the
+# caption for "two", three or more for a word of a group; None: not counted. Tuned as the settings above
+# (results/detector_tuning/counting.json, counting_groups.json): no threshold kept Flickr8k val within the bound.
+DEFAULT_COUNT_THRESHOLD = None
 # Words one request may ask for (guidance.py): each doubles the states of the constrained search, and so its beams.
 # Here rather than in guidance.py so that the server's flags parse without importing torch.
 MAX_MENTIONS = 4

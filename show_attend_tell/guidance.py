@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from show_attend_tell.config import (
+    DEFAULT_COUNT_THRESHOLD,
     DEFAULT_DETECTION_THRESHOLD,
     DEFAULT_GUIDANCE_THRESHOLD,
     DEFAULT_OBJECT_PENALTY,
@@ -47,6 +48,12 @@ DEFAULT_MAX_LABEL_WORDS = 1
 # COCO's animals: ImageNet tells them apart far better than the detector, which calls a cat a dog and a dog in the
 # snow a horse; when a label already names one, the detector's other animals are not taken as seen.
 ANIMALS = frozenset({"bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"})
+# What counted people ask of a caption (Guidance.count_words): two, or three and more. The words are those Flickr8k's
+# captions count people with ("two" 5560 times, "people" 2866, "three" 1381, "group" 1208, "crowd" 531 ...).
+COUNT_WORDS = {
+    2: ("two", "couple"),
+    3: ("people", "group", "crowd", "three", "four", "five", "several", "many", "team"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +166,8 @@ class Guidance:
     the person penalty is the strongest, so a faint person is enough to lift it), and the words of every other
     COCO class that no guide word names are discouraged by person_penalty (person words) or object_penalty (the
     rest).
+    count_threshold: the person detections at this score or above are counted, and least_count or more people (2:
+    two and groups; 3: groups only) ask the caption for a word that counts them (COUNT_WORDS; None: not counted).
     new_words: words the decoder was given (new_words.py); banned unless a guide word asks for them.
     """
 
@@ -175,9 +184,16 @@ class Guidance:
         person_penalty: float = DEFAULT_PERSON_PENALTY,
         object_penalty: float = DEFAULT_OBJECT_PENALTY,
         max_detection_words: int = 1,
+        count_threshold: float | None = DEFAULT_COUNT_THRESHOLD,
+        least_count: int = 2,
         new_words: Sequence[str] = (),
     ) -> None:
-        for name, value in (("guidance_threshold", threshold), ("template_threshold", template_threshold)):
+        thresholds = (
+            ("guidance_threshold", threshold),
+            ("template_threshold", template_threshold),
+            ("count_threshold", count_threshold),
+        )
+        for name, value in thresholds:
             if value is not None:  # a probability: nan would let any label guide, 5 none
                 check_number(value, name, 0, 1)
         self.vocab, self.threshold, self.max_label_words = vocab, threshold, max_label_words
@@ -188,6 +204,8 @@ class Guidance:
         )
         self.person_penalty, self.object_penalty = person_penalty, object_penalty
         self.max_detection_words = max_detection_words
+        self.count_threshold, self.least_count = count_threshold, least_count
+        self.counts = {n: tuple(w for w in words if w in vocab) for n, words in COUNT_WORDS.items()}
         self.new_words = tuple(word for word in new_words if word in vocab)
         # each COCO class: the forms that can name it in a caption, and the word ids of every word that names it
         self.coco = {}
@@ -301,6 +319,20 @@ class Guidance:
             words.append(GuideWord(forms[0], forms, "detector", detection.name, round(detection.score, 4)))
         return words
 
+    def count_words(self, detections: Sequence[Detection]) -> list[GuideWord]:
+        """The people counted, as a guide word: the person detections at count_threshold or above; two ask for
+        "two", three or more for a word of a group (COUNT_WORDS), fewer than least_count for nothing. Its
+        probability is the score of the last person counted. CenterNet finds each object once, at its heat map's
+        peak, so a person is rarely counted twice: suppressing boxes that overlap a better one put no more coco-dev
+        photos in their right count bucket at any threshold tried (results/detector_tuning/counting.json, "counts")."""
+        if self.count_threshold is None:
+            return []
+        people = [d for d in detections if d.name == "person" and d.score >= self.count_threshold]
+        forms = self.counts[min(len(people), 3)] if len(people) >= max(self.least_count, 2) else ()
+        if not forms:
+            return []
+        return [GuideWord(forms[0], forms, "detector", "person", round(min(d.score for d in people), 4))]
+
     def plan(
         self,
         count: int,
@@ -329,7 +361,8 @@ class Guidance:
             if labelled_animal:
                 named_by_labels = {form for word in labels[b] for form in word.forms}
                 seen = [d for d in seen if d.name not in ANIMALS or set(self.coco[d.name][0]) & named_by_labels]
-            guides = self.combine(labels[b], users, self.detected_words(seen))
+            counted = self.count_words(detections[b]) if detections is not None else []
+            guides = self.combine(labels[b], users, [*self.detected_words(seen), *counted])
             named = {form for word in guides for form in word.forms}
             if chosen[b] is not None:
                 named |= set(chosen[b].guide.forms) | set(chosen[b].words)
@@ -355,7 +388,8 @@ class Guidance:
     @property
     def lowest_presence(self) -> float:
         """The lowest score a detection needs to count: what to ask the detector for."""
-        return min(self.presence_threshold, self.person_presence_threshold)
+        counting = () if self.count_threshold is None else (self.count_threshold,)
+        return min(self.presence_threshold, self.person_presence_threshold, *counting)
 
     def penalty_matrix(self, plans: Sequence[Plan], device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The plans' penalties as word_penalties for decoding.best_captions: (B, V), or None when none has any."""

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from show_attend_tell.chair import chair, coco_objects, mentioned_objects, people_without_people
+from show_attend_tell.chair import (
+    caption_count,
+    chair,
+    coco_objects,
+    count_agreement,
+    mentioned_objects,
+    people_counts,
+    people_without_people,
+)
 from show_attend_tell.detector import COCO_CLASSES
 from show_attend_tell.guidance import coco_words
 
@@ -56,3 +64,43 @@ def test_coco_objects_reads_an_instances_file(tmp_path):
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(instances))
     assert coco_objects(path, ["b.jpg", "a.jpg"]) == [set(), {"person", "dog"}]
+
+
+def test_people_counts_read_person_annotations_and_a_crowd_is_three(tmp_path):
+    instances = {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id": 3, "file_name": "c.jpg"}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+        "annotations": [
+            {"image_id": 1, "category_id": 1, "iscrowd": 0},
+            {"image_id": 1, "category_id": 1, "iscrowd": 0},
+            {"image_id": 1, "category_id": 18, "iscrowd": 0},
+            {"image_id": 3, "category_id": 1, "iscrowd": 1},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(instances))
+    assert people_counts(path, ["a.jpg", "b.jpg", "c.jpg"]) == [2, 0, 3]
+
+
+@pytest.mark.parametrize(
+    ("caption", "count"),
+    [
+        ("two people are walking", 2),
+        ("a couple of men", 2),
+        ("three dogs and a group of people", 3),  # the number comes first
+        ("a group of people stand in a field", 3),
+        ("a crowd watches", 3),
+        ("a man in a red shirt", 1),
+        ("a dog runs", 0),
+    ],
+)
+def test_a_caption_counts_people_by_number_then_group_words(caption, count):
+    assert caption_count(caption) == count
+
+
+def test_count_agreement_scores_only_photos_with_two_or_more_people():
+    captions = ["two men talk", "a man talks", "a crowd", "two people", "a dog", "a man"]
+    counts = [2, 2, 5, 3, 0, 1]
+    agreement = count_agreement(captions, counts)
+    assert agreement["two"] == {"photos": 2, "right": 1} and agreement["three_or_more"] == {"photos": 2, "right": 1}
+    assert (agreement["photos"], agreement["right"], agreement["share"]) == (4, 2, 50.0)

@@ -296,3 +296,102 @@ def test_new_words_start_as_copies_of_their_known_words():
     giraffe_step, _, _ = decoder.step(torch.tensor([giraffe, giraffe]), decoder.init_state(encoded), encoded)
     w3_step, _, _ = decoder.step(torch.tensor([vocab.id("w3")] * 2), decoder.init_state(encoded), encoded)
     assert torch.allclose(giraffe_step, w3_step)  # reading the new word is reading its known word
+
+
+COUNT_WORDS = (
+    "a",
+    "man",
+    "men",
+    "people",
+    "two",
+    "group",
+    "crowd",
+    "three",
+    "table",
+    "dog",
+    "cup",
+    "of",
+    "coffee",
+    "on",
+)
+
+
+def test_counted_people_ask_for_two_or_a_group_at_the_count_threshold():
+    guidance = Guidance(vocabulary(*COUNT_WORDS), threshold=None, detection_threshold=0.4, count_threshold=0.3)
+    people = [("person", 0.8), ("person", 0.35), ("person", 0.31), ("person", 0.25)]
+    plans = guidance.plan(
+        5,
+        detections=[
+            detections(*people[:1], *people[3:]),  # one at the threshold: nothing to count
+            detections(
+                people[0], ("dog", 0.6), *people[1:2], *people[3:]
+            ),  # two, the one below the threshold not counted
+            detections(*people),  # three
+            [],
+            detections(("person", 0.29), ("person", 0.29)),  # both below the threshold
+        ],
+    )
+    assert plans[0].guides == [] and plans[3].guides == [] and plans[4].guides == []
+    two = plans[1].guides
+    assert [(w.word, w.source, w.label, w.probability) for w in two] == [
+        ("dog", "detector", "dog", 0.6),
+        ("two", "detector", "person", 0.35),
+    ]
+    assert two[1].forms == ("two",)  # the vocabulary has no "couple"
+    assert two[1].as_dict() == {
+        "word": "two",
+        "forms": ["two"],
+        "source": "detector",
+        "label": "person",
+        "probability": 0.35,
+    }
+    many = plans[2].guides[0]
+    assert (many.word, many.forms, many.probability) == ("people", ("people", "group", "crowd", "three"), 0.31)
+    vocab = guidance.vocab
+    assert vocab.id("people") not in plans[2].penalties and vocab.id("man") not in plans[2].penalties
+    assert guidance.lowest_presence == 0.15  # the detector is asked for what the presence thresholds need
+    assert Guidance(guidance.vocab, count_threshold=0.1).lowest_presence == 0.1  # and for every person counted
+
+
+def test_people_are_not_counted_when_counting_is_off_or_nothing_detected():
+    off = Guidance(vocabulary(*COUNT_WORDS), threshold=None, count_threshold=None)
+    assert off.plan(1, detections=[detections(("person", 0.9), ("person", 0.9))])[0].guides == []
+    on = Guidance(vocabulary(*COUNT_WORDS), threshold=None, count_threshold=0.3)
+    assert on.plan(1)[0].guides == []  # no detector ran
+    assert on.count_words(detections(("person", 0.9), ("dog", 0.9))) == []  # one person, another class
+    with pytest.raises(InputError):
+        Guidance(vocabulary(*COUNT_WORDS), count_threshold=float("nan"))
+
+
+def test_a_count_the_user_or_a_template_already_gives_is_not_asked_twice():
+    guidance = Guidance(vocabulary(*COUNT_WORDS), threshold=0.3, template_threshold=0.4, count_threshold=0.3)
+    two = detections(("person", 0.9), ("person", 0.8))
+    users = guidance.user_words(["two"])
+    assert [(w.word, w.source) for w in guidance.plan(1, detections=[two], users=users)[0].guides] == [("two", "user")]
+    users = guidance.user_words(["crowd", "dog"])
+    three = detections(("person", 0.9), ("person", 0.8), ("person", 0.7))
+    planned = guidance.plan(1, detections=[three], users=users)[0]
+    assert [(w.word, w.source) for w in planned.guides] == [("crowd", "user"), ("dog", "user")]  # "crowd" counts
+    users = guidance.user_words(["table"])
+    planned = guidance.plan(1, detections=[two], users=users)[0]
+    assert [(w.word, w.source) for w in planned.guides] == [("table", "user"), ("two", "detector")]
+    probabilities = torch.zeros(1, 1000)
+    probabilities[0, 967] = 0.9  # espresso: the coffee template
+    planned = guidance.plan(1, class_probabilities=probabilities, detections=[two])[0]
+    assert " ".join(planned.template.words) == "a cup of coffee on a table"  # the template is still the caption
+    assert [(w.word, w.source) for w in planned.guides] == [("coffee", "label"), ("two", "detector")]
+
+
+def test_the_tuning_recipe_buckets_counted_people_with_and_without_suppressing_overlaps():
+    spec = importlib.util.spec_from_file_location("tune_detector", REPO / "recipes" / "tune_detector.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    from show_attend_tell.detector import Detection
+
+    twice = [Detection("person", 0.5, (0, 0, 10, 10)), Detection("person", 0.4, (1, 0, 11, 10))]  # one person, twice
+    apart = [Detection("person", 0.5, (0, 0, 10, 10)), Detection("person", 0.2, (20, 0, 30, 10))]
+    rows = recipe.count_buckets([twice, apart], [1, 2], [0.3])
+    plain, suppressed = rows
+    assert plain["confusion"] == {"1->2": 1, "2->1": 1} and plain["right"] == 0
+    assert suppressed["suppress_overlaps"] and suppressed["confusion"] == {"1->1": 1, "2->1": 1}
+    assert suppressed["right"] == 1 and suppressed["right_of_two_or_more"] == 0

@@ -178,6 +178,32 @@ def test_detector_tables_equal_their_records():
     assert f"({speed['defaults_over_labels_one_photo']:.2f}× the labels alone" in " ".join(README.split())
 
 
+def test_counting_and_template_review_match_their_records():
+    from show_attend_tell import config
+    from show_attend_tell.guidance import LABEL_WORDS
+
+    text = " ".join(README.split())
+    records = {
+        name: json.loads((RESULTS / "detector_tuning" / f"{name}.json").read_text())
+        for name in ("counting", "counting_groups")
+    }
+    assert all(record["chosen"]["settings"] is None for record in records.values())  # none kept val within the bound
+    assert config.DEFAULT_COUNT_THRESHOLD is None
+    groups = next(t for t in records["counting_groups"]["tried"] if t["settings"]["count_threshold"] == 0.3)
+    counted = groups["coco_dev"]["people_counted"]
+    figures = f"{groups['coco_dev']['CIDEr']:.1f} and {counted['right']} of the {counted['photos']} counted"
+    assert f"Groups alone at 0.3 give coco-dev CIDEr {figures}" in text
+    val = groups["flickr8k_val"]
+    assert f"with val CIDEr {val['CIDEr']:.2f} / METEOR {val['METEOR']:.2f}" in text
+    buckets = next(r for r in records["counting"]["counts"] if r["threshold"] == 0.3 and not r["suppress_overlaps"])
+    assert f"{buckets['right']} of the {buckets['photos']} coco-dev photos in their annotated bucket" in text
+    review = json.loads((RESULTS / "detector_tuning" / "templates.json").read_text())["templates"]
+    shipped = {c["word"] for c in json.loads(LABEL_WORDS.read_text())["concepts"] if "template" in c}
+    assert shipped == set(review)  # every template shipped was reviewed, and none the review removed is shipped
+    kept = [word for word, entry in review.items() if entry["decision"] == "keep"]
+    assert f"the {len(kept)} that fire" in text.replace("six", "6") and f"({', '.join(kept)})" in text
+
+
 DETECTOR_ROWS = {
     "unguided": "coco-dev, unguided",
     "labels_and_templates": "coco-dev, labels and templates (the defaults before the detector)",

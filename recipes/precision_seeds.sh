@@ -54,6 +54,7 @@ settings="${THREADS:+THREADS=$THREADS }${PREPARED:+PREPARED=$PREPARED }${FEATURE
 "$python" - "${settings}recipes/precision_seeds.sh $*" "$work" "$epochs" "$out" "$prepared" "$features" "${BATCH:-100}" \
   "${THREADS:-all}" "${seeds[@]}" <<'EOF'
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,9 @@ METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
 DECIDING = ["BLEU-4", "METEOR", "CIDEr"]  # the issue's three: bf16 is chosen if it is within noise on each
 seconds = dict(line.split() for line in (work / "stage_seconds.txt").read_text().splitlines())
 record = provenance(command)
-record["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+# COMMIT: the code's commit when it runs from an exported copy, not from a git checkout
+git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+record["commit"] = os.environ.get("COMMIT") or git
 record.update(threads_per_job=threads, epochs=epochs, seeds=[int(s) for s in seeds], feature_store_seconds=int(seconds["features"]), runs={})
 for precision in ("fp32", "bf16"):
     for seed in seeds:

@@ -7,10 +7,10 @@
 # deviation; bf16 - fp32 per metric, called within noise when it is smaller than the larger of the two standard
 # deviations (Welch's t-test beside it).
 #   recipes/precision_seeds.sh FLICKR8K_DIR WORK_DIR [EPOCHS] [SEEDS]
-# EPOCHS (default 5: the 30-minute recipe's) is the cosine cycle's length. Run on 2026-12-04 with EPOCHS 2
-# (see the record's notes) and THREADS=1, PREPARED=/work/data/f8k FEATURES=/work/data/f8k_features224.
+# EPOCHS (default 5: the 30-minute recipe's) is the cosine cycle's length (the record's command says how it ran).
 # PREPARED and FEATURES (default WORK_DIR/prepared, WORK_DIR/features) reuse a prepared dataset and a 224 px
-# store; THREADS caps each job's threads when another job shares the machine.
+# store; THREADS caps each job's threads when another job shares the machine; LOCK (a file) makes each job
+# take a shared lock on it, so that a timed benchmark holding it alone waits for the job to end (and the job for it).
 # Resumable: finished stages are listed in WORK_DIR/stage_seconds.txt and skipped; a training cut short starts
 # again (its wall time is part of the record). The precisions alternate (fp32 s0, bf16 s0, fp32 s1, ...), so a
 # stop leaves a balanced set. Also run end to end on a 12-photo prepared set at 64 px (PREPARED made beforehand
@@ -25,7 +25,8 @@ python=${PYTHON:-python}
 prepared=${PREPARED:-$work/prepared}
 features=${FEATURES:-$work/features}
 out=${OUT:-results/train_precision_seeds.json}
-run=(env ${THREADS:+OMP_NUM_THREADS=$THREADS})
+# shellcheck disable=SC2206  # empty settings leave no words
+run=(${LOCK:+flock -s "$LOCK"} env ${THREADS:+OMP_NUM_THREADS=$THREADS})
 source "$(dirname "$0")/stage.sh" # stage_once NAME COMMAND...: run it unless done, append "NAME SECONDS" to $times
 stages_kept_in "$work"
 [ -f "$prepared/vocab.json" ] || "$sat" prepare --dataset flickr8k --data-dir "$data_dir" --out "$prepared"

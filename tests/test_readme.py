@@ -222,3 +222,22 @@ def test_bulk_captioning_speeds_match_the_record():
     assert f"{record['photos']:,} Flickr8k test photos at the defaults took {one:.1f} photos/s as 1 process" in text
     assert f"and {two:.1f} photos/s as 2 torchrun processes" in text
     assert f"same {record['same_captions']:,} captions" in text and record["same_order"]
+
+
+def test_training_precision_table_equals_its_record():
+    record = json.loads((RESULTS / "train_precision_seeds.json").read_text())
+    summary = record["summary"]
+    columns = [("val_greedy", key) for key in ("BLEU-4", "METEOR", "CIDEr")]
+    columns += [("test_beam7", key) for key in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")]
+    for precision in ("fp32", "bf16"):
+        expected = [
+            f"{summary[s][k][precision + '_mean']:.1f} ± {summary[s][k][precision + '_std']:.1f}" for s, k in columns
+        ]
+        expected.append(f"{summary['train_captions_per_second'][precision]:.0f}")
+        expected.append(f"{summary['train_wall_seconds'][precision] / 60:.1f}")
+        assert table_row(f"{precision} training") == expected, precision
+    differences = [f"{summary[s][k]['bf16_minus_fp32']:+.2f}" for s, k in columns]
+    assert table_row("bf16 − fp32")[: len(columns)] == differences
+    # the record's stand-in misses the BLEU-4 bar, so it decides nothing and `auto` keeps fp32 on the CPU
+    assert all(run["test_beam7"]["BLEU-4"] < 21 for run in record["runs"].values())
+    assert "so `auto` still trains in fp32 on the CPU" in README

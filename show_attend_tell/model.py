@@ -156,8 +156,8 @@ class SoftAttention(nn.Module):
         K = rows_per_image(h.size(0), B)
         hidden = self.decoder_projection(h).mul(2).view(B, K, 1, A)  # v = 2 (W_h h + b_h)
         # 2 (w^T sigmoid(u + v) + b) over the (B, K, P, A) energies, with a backward that takes the sigmoid's
-        # gradient in chunks (backward.AttentionScores); b cannot move alpha, but trains. CPU autocast leaves addmv out, so
-        # under bf16 training w and b are cast to the energies' dtype here (a no-op in fp32)
+        # gradient in chunks (backward.AttentionScores); b cannot move alpha, but trains. CPU autocast leaves
+        # addmv out, so under bf16 training w and b are cast to the energies' dtype here (a no-op in fp32)
         dtype = torch.promote_types(encoded.projected.dtype, hidden.dtype)
         w, b = self.score.weight.view(A).to(dtype), self.score.bias.to(dtype)
         scores = AttentionScores.apply(encoded.projected, hidden, w, b)  # (B*K*P,)

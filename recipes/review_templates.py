@@ -19,6 +19,7 @@ only wins with the detector off is reported as such.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import shlex
 import sys
@@ -35,22 +36,9 @@ from show_attend_tell.records import provenance, write_record
 
 def without(guidance: Guidance, word: str) -> Guidance:
     """A copy of `guidance` whose concept `word` has no template."""
-    copy = Guidance(
-        guidance.vocab,
-        threshold=guidance.threshold,
-        template_threshold=guidance.template_threshold,
-        detection_threshold=guidance.detection_threshold,
-        presence_threshold=guidance.presence_threshold,
-        person_presence_threshold=guidance.person_presence_threshold,
-        person_penalty=guidance.person_penalty,
-        object_penalty=guidance.object_penalty,
-        max_detection_words=guidance.max_detection_words,
-        count_threshold=guidance.count_threshold,
-        least_count=guidance.least_count,
-        new_words=guidance.new_words,
-    )
-    copy.concepts = [dataclasses.replace(c, template=None) if c.word == word else c for c in copy.concepts]
-    return copy
+    changed = copy.copy(guidance)  # every setting as it is; only its own list of concepts is new
+    changed.concepts = [dataclasses.replace(c, template=None) if c.word == word else c for c in guidance.concepts]
+    return changed
 
 
 def main() -> int:

@@ -133,6 +133,16 @@ class TrainConfig:
     # SCST + this x cross-entropy on the images' reference captions (a mixed objective): the reference
     # captions keep the language model from padding captions towards CIDEr-D's preferred length
     scst_xe_weight: float = 0.0
+    # Each sample's baseline: "mean", the mean reward of the image's other samples (Luo 2020); "greedy", the
+    # reward of the image's greedy caption (Rennie et al. 2017; one more decode per step)
+    scst_baseline: str = "mean"
+    scst_max_length: int = 0  # sampled captions are cut after this many tokens (0: max_caption_length)
+    # CIDEr-D's document frequencies: "train", once over every training reference; "batch", over the references
+    # of the step's images only (what pycocoevalcap's scorer does per call)
+    scst_document_frequency: str = "train"
+    # validate the starting weights before the first step (a fine-tuning run then keeps them as best/ unless a
+    # later validation beats them)
+    val_at_start: bool = False
     # Hard attention (section 4.1, eq. 12): lambda_r, the weight of the REINFORCE term on the sampled locations,
     # and lambda_e, the weight of the entropy of alpha. The paper set both by cross-validation without giving
     # them; these are the numbers in the authors' released code (arctic-captions), not tuned here. That code
@@ -205,6 +215,9 @@ TRAIN_RANGES: dict[str, Any] = {
     "max_caption_length": _between(1, 200),
     "scst_samples": _at_least(2),  # each sample's baseline is the mean of the others'
     "scst_xe_weight": _at_least(0),
+    "scst_baseline": ("mean", "greedy"),
+    "scst_max_length": _between(0, 200),
+    "scst_document_frequency": ("train", "batch"),
     "reinforce_weight": _at_least(0),
     "entropy_weight": _at_least(0),
     "precision": ("auto", "fp32", "bf16", "fp16"),

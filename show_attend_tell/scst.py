@@ -3,8 +3,10 @@
 pycocoevalcap's CiderScorer recomputes document frequencies from the references of every call, which costs
 seconds per batch and makes the reward depend on the batch. `CiderD` computes them once over the training
 references and then scores any caption against any training image; with the same reference corpus its
-numbers equal pycocoevalcap's (tests/test_scst.py). The baseline of each sample is the mean reward of the
-other samples of the same image (Luo 2020, "a better variant of SCST"), so no greedy decode is needed.
+numbers equal pycocoevalcap's (tests/test_scst.py). The baseline of each sample is by default the mean reward of
+the other samples of the same image (Luo 2020, "a better variant of SCST"), so no greedy decode is needed; the
+greedy caption's reward (Rennie et al. 2017) is the other choice. `caption_stats` measures what reward hacking
+shows as: few distinct captions, a small vocabulary, repeated or dangling words, captions cut short.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 
@@ -70,9 +73,16 @@ class CiderD:
 
 
 def self_critical_loss(
-    log_probs: torch.Tensor, tokens: torch.Tensor, rewards: torch.Tensor, samples: int, *, words: float | None = None
+    log_probs: torch.Tensor,
+    tokens: torch.Tensor,
+    rewards: torch.Tensor,
+    samples: int,
+    *,
+    words: float | None = None,
+    baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """REINFORCE with the leave-one-out baseline.
+    """REINFORCE with the leave-one-out baseline, or with `baseline` (B,), one reward per image (the greedy
+    caption's).
 
     log_probs (N, T) of the sampled tokens, tokens (N, T) (<pad> after <end>), rewards (N,) with the
     `samples` samples of each image adjacent. `words` normalises the sum (default: this batch's tokens).
@@ -80,8 +90,34 @@ def self_critical_loss(
     from show_attend_tell.text import PAD_ID
 
     grouped = rewards.view(-1, samples)  # (B, samples)
-    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (samples - 1)  # (B, samples)
+    if baseline is None:
+        baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (samples - 1)  # (B, samples)
+    else:
+        baseline = baseline.view(-1, 1).to(grouped.dtype)  # (B, 1)
     advantage = (grouped - baseline).view(-1, 1)  # (N, 1)
     mask = tokens != PAD_ID  # (N, T)
     words = float(mask.sum()) if words is None else words
     return -(advantage * log_probs * mask).sum() / words
+
+
+# a caption ending in one of these stops mid-phrase ("a dog runs through the")
+DANGLING = frozenset({"a", "an", "the", "of", "in", "on", "at", "with", "and", "to", "its", "his", "her", "their"})
+
+
+def caption_stats(captions: Sequence[str]) -> dict[str, float]:
+    """What reward hacking shows as, over decoded captions: how many are distinct, the vocabulary they use, their
+    mean length in words, the share with a word repeated back to back ("a a") or ending on a dangling word, and
+    the share taken by the most frequent caption (one generic sentence for many photos)."""
+    split = [caption.split() for caption in captions]
+    if not split:
+        return {}
+    count = len(split)
+    most_common = Counter(captions).most_common(1)[0][1]
+    return {
+        "distinct_captions": len(set(captions)) / count * 100,
+        "vocabulary": len({word for words in split for word in words}),
+        "mean_length": sum(map(len, split)) / count,
+        "repeated_words": sum(any(a == b for a, b in pairwise(w)) for w in split) / count * 100,
+        "dangling_endings": sum(bool(w) and w[-1] in DANGLING for w in split) / count * 100,
+        "most_common_caption": most_common / count * 100,
+    }

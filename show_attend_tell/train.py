@@ -529,38 +529,73 @@ def _hard_attention_terms(run: Run, forced: TeacherForced, tokens: torch.Tensor,
 
 
 def self_critical_step(run: Run, rows: list[int], *, cached: torch.Tensor | None = None) -> dict:
-    """One SCST step: sample `scst_samples` captions per image, reward CIDEr-D, REINFORCE.
+    """One SCST step: sample `scst_samples` captions per image (all of the batch's images at once), reward
+    CIDEr-D, REINFORCE against the baseline (`scst_baseline`: the mean of the image's other samples, or its
+    greedy caption's reward).
 
     Sampling runs without dropout: the policy improved is the one decoding uses (with dropout on, a Flickr8k
     model's samples were mostly word salad). The gradient is that of the sampling policy itself, the model
     renormalised over the words allowed at each step (see `rollout`); before that fix plain SCST collapsed
     on Flickr8k within ~100 steps. `scst_xe_weight` > 0 mixes in the references' cross-entropy
     (results/flickr8k_val_selection.json). A hard-attention model samples its words with the expected context,
-    which is how it decodes: SCST improves that policy, and samples no locations."""
+    which is how it decodes: SCST improves that policy, and samples no locations.
+
+    Besides the loss and mean reward it returns the samples' mean length in words and `sample_entropy`, the mean
+    of -log p of the sampled words: a Monte Carlo estimate of the sampling policy's entropy per word (nats),
+    which falls as the policy sharpens."""
     from show_attend_tell.decoding import rollout
-    from show_attend_tell.scst import self_critical_loss
+    from show_attend_tell.scst import CiderD, self_critical_loss
+    from show_attend_tell.text import PAD_ID, tokenize
 
     run.model.eval()
     local = rows[run.rank :: run.world_size]
-    samples = run.config.scst_samples
-    train_rows = run.data.dataset.indices("train")
-    corpus_row = {image: n for n, image in enumerate(train_rows)}  # the CIDEr-D corpus is in this order
+    samples, config = run.config.scst_samples, run.config
+    if config.scst_document_frequency == "batch":  # the step's own references, as pycocoevalcap's scorer
+        dataset = run.data.dataset
+        cider = CiderD([[tokenize(c) for c in dataset.images[i].captions] for i in local])
+        corpus_row = {image: n for n, image in enumerate(local)}
+    else:  # the CIDEr-D corpus of every training image, in dataset.indices("train") order
+        cider = run.cider
+        corpus_row = {image: n for n, image in enumerate(run.data.dataset.indices("train"))}
+    max_length = config.scst_max_length or config.max_caption_length
+    greedy_rewards = None
     with run.autocast():
         features = batch_features(run, local, train=True, cached=cached)
         encoded = run.model.decoder.encode(features)  # the `samples` rows of an image share its features
         tokens, log_probs, _, _ = rollout(
-            run.model.decoder, encoded, max_length=run.config.max_caption_length, sample=True, per_image=samples
+            run.model.decoder, encoded, max_length=max_length, sample=True, per_image=samples
         )  # (N, T) each
         captions = [run.data.dataset.vocab.decode(row) for row in tokens.tolist()]
         images = [corpus_row[image] for image in local for _ in range(samples)]
-        rewards = torch.tensor([run.cider.score(w, i) for w, i in zip(captions, images, strict=True)])
-        words, count, reward_sum = global_sums(
-            run.world_size, run.device, float((tokens != 0).sum()), float(len(captions)), float(rewards.sum())
+        rewards = torch.tensor([cider.score(w, i) for w, i in zip(captions, images, strict=True)])
+        if config.scst_baseline == "greedy":
+            with torch.no_grad():
+                greedy = rollout(run.model.decoder, encoded, max_length=max_length, sample=False).tokens  # (B, T)
+            greedy_rewards = torch.tensor(
+                [
+                    cider.score(run.data.dataset.vocab.decode(row), corpus_row[image])
+                    for row, image in zip(greedy.tolist(), local, strict=True)
+                ]
+            )
+        mask = tokens != PAD_ID
+        words, count, reward_sum, length_sum, surprise = global_sums(
+            run.world_size,
+            run.device,
+            float(mask.sum()),
+            float(len(captions)),
+            float(rewards.sum()),
+            float(sum(map(len, captions))),
+            float(-(log_probs.detach().float() * mask).sum()),
         )
         loss = self_critical_loss(
-            log_probs.float(), tokens, rewards.to(run.device), samples, words=words / run.world_size
+            log_probs.float(),
+            tokens,
+            rewards.to(run.device),
+            samples,
+            words=words / run.world_size,
+            baseline=None if greedy_rewards is None else greedy_rewards.to(run.device),
         )
-        if run.config.scst_xe_weight > 0:
+        if config.scst_xe_weight > 0:
             references, lengths, owners = batch_captions(run, local)
             reference_words, reference_count = global_sums(
                 run.world_size, run.device, float((lengths - 1).sum()), float(len(lengths))
@@ -570,18 +605,24 @@ def self_critical_step(run: Run, rows: list[int], *, cached: torch.Tensor | None
                 forced.log_probs.float(),
                 forced.alphas.float(),
                 references,
-                doubly_stochastic=run.config.doubly_stochastic,
+                doubly_stochastic=config.doubly_stochastic,
                 words=reference_words / run.world_size,
                 captions_count=reference_count / run.world_size,
             )
-            loss = loss + run.config.scst_xe_weight * cross_entropy
+            loss = loss + config.scst_xe_weight * cross_entropy
     _optimise(run, loss, inputs=(local, features))
-    return {
+    stats = {
         "loss": float(loss.detach()),
         "reward": reward_sum / count,
         "captions": int(count),
+        "sample_length": length_sum / count,
+        "sample_entropy": surprise / words,
         "lr": run.scheduler.get_last_lr()[0],
     }
+    if greedy_rewards is not None:
+        (greedy_sum,) = global_sums(run.world_size, run.device, float(greedy_rewards.sum()))
+        stats["greedy_reward"] = greedy_sum / (count / samples)
+    return stats
 
 
 def _optimise(
@@ -633,9 +674,11 @@ def _check_features(run: Run, rows: list[int], features: torch.Tensor) -> None:
 # ----- validation ---------------------------------------------------------------------------------------------
 def validate(run: Run) -> dict:
     """Decode the val split for real (each rank its share, through evaluate.decode) and score it with the
-    coco-caption metrics on rank 0; every rank gets the metrics."""
+    coco-caption metrics on rank 0, beside what the captions are like (scst.caption_stats: distinct captions,
+    vocabulary, length, repeated and dangling words); every rank gets the metrics."""
     from show_attend_tell.evaluate import decode
     from show_attend_tell.metrics import score_captions
+    from show_attend_tell.scst import caption_stats
 
     rows = run.data.dataset.indices("val")
     if run.config.val_max_images:
@@ -658,7 +701,7 @@ def validate(run: Run) -> dict:
     metrics = [None]
     if run.rank == 0:
         references = {i: run.data.dataset.images[i].captions for i in captions}
-        metrics[0] = score_captions(captions, references, java=run.java)
+        metrics[0] = {**score_captions(captions, references, java=run.java), **caption_stats(list(captions.values()))}
     if run.world_size > 1:
         dist.broadcast_object_list(metrics, src=0)
     return metrics[0]
@@ -752,6 +795,9 @@ def fit(run: Run, *, max_steps: int | None = None, progress: bool = True) -> dic
 def _fit(run: Run, max_steps: int | None) -> dict:
     state, config = run.progress, run.config
     stop = False
+    if config.val_at_start and state.global_step == 0 and state.best_step < 0:  # not yet done (resume)
+        after_validation(run, validate(run))
+        save_state(run)
     while state.epoch < config.epochs and not stop:
         batches = batches_of_epoch(run, state.epoch)
         bar = tqdm(

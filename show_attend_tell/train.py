@@ -273,7 +273,7 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     if train_config.init_from:
         _initialise_from(model, train_config.init_from, pretrained_encoder)
     cider = None
-    if train_config.self_critical:
+    if train_config.self_critical and train_config.scst_document_frequency == "train":
         from show_attend_tell.scst import CiderD
         from show_attend_tell.text import tokenize
 

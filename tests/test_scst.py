@@ -6,7 +6,7 @@ import pytest
 import torch
 from pycocoevalcap.cider.cider import Cider
 
-from show_attend_tell.scst import CiderD, self_critical_loss
+from show_attend_tell.scst import CiderD, caption_stats, self_critical_loss
 from show_attend_tell.text import END_ID, PAD_ID
 
 REFERENCES = [
@@ -37,3 +37,34 @@ def test_self_critical_loss_pushes_up_better_than_average_samples():
     assert (grad[0, :2] < 0).all() and (grad[1] > 0).all()  # descent raises sample 0, lowers sample 1
     assert not grad[2:].any()  # equal rewards: no signal
     assert grad[0, 2] == 0  # padding carries no gradient
+
+
+def test_a_greedy_baseline_is_the_images_greedy_reward_for_each_of_its_samples():
+    log_probs = torch.zeros(4, 2, requires_grad=True)  # two images x two samples
+    tokens = torch.tensor([[5, END_ID], [6, END_ID], [5, END_ID], [8, END_ID]])
+    rewards = torch.tensor([1.0, 0.2, 0.5, 0.5])
+    self_critical_loss(log_probs, tokens, rewards, samples=2, baseline=torch.tensor([0.6, 0.5])).backward()
+    grad = log_probs.grad
+    # advantages 0.4, -0.4, 0, 0 over 8 tokens: d(loss)/d(log p) = -advantage / 8 at every token of the sample
+    expected = torch.tensor([-0.05, 0.05, 0.0, 0.0]).view(4, 1).expand(4, 2)
+    assert torch.allclose(grad, expected)
+    leave_one_out = torch.zeros(4, 2, requires_grad=True)
+    self_critical_loss(leave_one_out, tokens, rewards, samples=2).backward()
+    assert not torch.allclose(leave_one_out.grad, grad)  # the two baselines differ on image 0 (0.2 / 1.0 vs 0.6)
+
+
+def test_caption_stats_measure_what_reward_hacking_shows_as():
+    captions = [
+        "a dog runs on the grass",
+        "a man in a a red shirt",
+        "a dog runs on the grass",
+        "two children play in the",
+    ]
+    stats = caption_stats(captions)
+    assert stats["distinct_captions"] == 75.0
+    assert stats["vocabulary"] == len(set(" ".join(captions).split()))
+    assert stats["mean_length"] == (6 + 7 + 6 + 5) / 4
+    assert stats["repeated_words"] == 25.0  # "a a"
+    assert stats["dangling_endings"] == 25.0  # "... in the"
+    assert stats["most_common_caption"] == 50.0
+    assert caption_stats([]) == {}

@@ -845,3 +845,50 @@ def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path, monk
     profile = bench.measure(args, tmp_path / "profiled")["profile"]["features_batch_10"]
     assert profile["steps"] == 2 and sum(profile["phases"].values()) == pytest.approx(1, abs=1e-3)
     assert profile["phases"]["backward"] > 0 and {"attention", "lstm", "L_o"} <= set(profile["forward_modules"])
+
+
+def test_self_critical_options_cut_samples_choose_the_baseline_and_the_cider_corpus(
+    tiny_prepared, tiny_features, tmp_path, monkeypatch
+):
+    import show_attend_tell.scst as scst
+    from show_attend_tell.text import tokenize
+
+    def step(name: str, **options) -> dict:
+        trainer = make_trainer(tmp_path / name, tiny_prepared, tiny_features, self_critical=True, **options)
+        torch.manual_seed(3)  # the same samples for every option
+        return self_critical_step(trainer, trainer.data.train_rows[:3])
+
+    plain = step("plain", decoder_lr=1e-9)
+    assert plain["sample_length"] > 2 and plain["sample_entropy"] > 0 and "greedy_reward" not in plain
+    assert step("short", scst_max_length=2)["sample_length"] <= 2  # at most 2 tokens, <end> included
+    greedy = step("greedy", scst_baseline="greedy", decoder_lr=1e-9)
+    assert greedy["reward"] == pytest.approx(plain["reward"]) and greedy["greedy_reward"] >= 0
+    assert greedy["loss"] != pytest.approx(plain["loss"])  # another baseline, another advantage
+    corpora = []
+
+    class Recording(scst.CiderD):
+        def __init__(self, references):
+            corpora.append(references)
+            super().__init__(references)
+
+    monkeypatch.setattr(scst, "CiderD", Recording)
+    trainer = make_trainer(
+        tmp_path / "batch", tiny_prepared, tiny_features, self_critical=True, scst_document_frequency="batch"
+    )
+    rows = trainer.data.train_rows[:3]
+    self_critical_step(trainer, rows)
+    images = trainer.data.dataset.images
+    assert corpora == [[[tokenize(c) for c in images[row].captions] for row in rows]]
+
+
+def test_val_at_start_scores_the_starting_weights_once_and_keeps_them_as_best(tiny_prepared, tiny_features, tmp_path):
+    trainer = make_trainer(tmp_path / "run", tiny_prepared, tiny_features, val_at_start=True, decoder_lr=1e-9)
+    fit(trainer, max_steps=1, progress=False)
+    first = logged(tmp_path / "run", "val")
+    assert [record["step"] for record in first] == [0]
+    assert {"CIDEr", "distinct_captions", "vocabulary", "mean_length"} <= set(first[0])
+    assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["step"] == 0
+    fit(
+        resume_run(tmp_path / "run", pretrained_encoder=False, java=False), max_steps=2, progress=False
+    )  # resumed: not validated again
+    assert [record["step"] for record in logged(tmp_path / "run", "val")] == [0]

@@ -503,7 +503,9 @@ def _run_train(args: argparse.Namespace) -> int:
             if not args.data or not args.run_dir:
                 raise InputError("--data and --run-dir are required for a new run (or give --resume RUN_DIR)")
             vocab_size = len(PreparedDataset.load(args.data).vocab)
-            model_config = _dataclass_from_flags(ModelConfig, args, vocab_size=vocab_size, **_encoder_settings(args))
+            inherited = _inherited_model_settings(args)
+            flags = argparse.Namespace(**{**vars(args), **inherited})  # what --init-from gives counts as given
+            model_config = _dataclass_from_flags(ModelConfig, flags, vocab_size=vocab_size, **_encoder_settings(flags))
             train_config = _dataclass_from_flags(TrainConfig, args)
             check_model_config(to_dict(model_config), "sat train flags")
             check_train_config(train_config, "sat train flags")
@@ -545,6 +547,28 @@ def _run_train(args: argparse.Namespace) -> int:
 
         exit_worker(0)  # everything is saved; see exit_worker
     return 0
+
+
+def _inherited_model_settings(args: argparse.Namespace) -> dict:
+    """With --init-from, the model settings not given as flags are that checkpoint's (its decoder's shape, dropout,
+    fine-tuned blocks), so `sat train --init-from runs/xe/best --self-critical` needs no architecture flags. The
+    photo size, grid and encoder of a --features store still win: a 14x14 cycle may start from a 7x7 model."""
+    import dataclasses
+
+    from show_attend_tell.checkpoint import read_config
+    from show_attend_tell.config import ModelConfig
+
+    if not args.init_from:
+        return {}
+    names = {field.name for field in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    if args.features:
+        names -= {"encoder", "image_size", "grid_size"}
+    model = read_config(args.init_from).get("model", {})
+    return {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in model.items()
+        if key in names and getattr(args, key, None) is None
+    }
 
 
 def _encoder_settings(args: argparse.Namespace) -> dict:

@@ -318,7 +318,16 @@ def _initialise_from(model: CaptionModel, directory: str, pretrained_encoder: bo
             f"fine-tuned; fine-tune them here too (--fine-tune-blocks {' '.join(inherited)})"
         )
     initial, _, _ = load_model(directory, with_encoder=bool(inherited), pretrained_encoder=pretrained_encoder)
-    model.decoder.load_state_dict(initial.decoder.state_dict())
+    if initial.config.vocab_size != model.config.vocab_size:
+        raise InputError(
+            f"{directory}: its decoder knows {initial.config.vocab_size} words but this run's vocabulary has "
+            f"{model.config.vocab_size}: start from a checkpoint trained on the same prepared dataset"
+        )
+    try:
+        model.decoder.load_state_dict(initial.decoder.state_dict())
+    except RuntimeError as error:  # another architecture: size mismatches, missing or unexpected weights
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise InputError(f"{directory}: its decoder does not fit this run's model ({first})") from None
     if inherited:
         prefixes = tuple(initial.encoder.tuned_prefixes())
         tuned = {k: v for k, v in initial.encoder.state_dict().items() if k.startswith(prefixes)}

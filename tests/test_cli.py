@@ -292,3 +292,26 @@ def test_sat_train_refuses_a_seed_torch_cannot_take(tiny_prepared, tmp_path, cap
     for seed in ("18446744073709551616", "-1"):
         assert main(["train", "--data", str(tiny_prepared), "--run-dir", str(tmp_path / "run"), "--seed", seed]) == 2
         _one_line_error(capsys, "train", f"train.seed (--seed) must be from 0 to 4294967295, got {seed}")
+
+
+def test_train_init_from_takes_the_checkpoints_architecture_and_names_a_misfit(
+    tiny_prepared, tmp_path, fixed_encoder_weights, capsys
+):
+    store = tmp_path / "store"
+    assert main(["features", "--data", str(tiny_prepared), "--out", str(store), "--image-size", "64"]) == 0
+    tiny = "--feature-dim 10 --attention-dim 16 --decoder-dim 16 --embed-dim 8 --batch-size 10"
+    train = ["train", "--data", str(tiny_prepared), "--features", str(store), "--run-dir"]
+    assert main([*train, str(tmp_path / "xe"), *tiny.split(), "--epochs", "1"]) == 0
+    train = ["--max-steps", "1", *train[1:]]
+    start = str(tmp_path / "xe" / "best")
+    # no architecture flags: the checkpoint's (decoder_dim 16, embed_dim 8, ...) rather than the defaults (512)
+    assert main(["train", *train, str(tmp_path / "scst"), "--init-from", start, "--self-critical"]) == 0
+    started = json.loads((tmp_path / "xe" / "best" / "config.json").read_text())["model"]
+    model = json.loads((tmp_path / "scst" / "config.json").read_text())["model"]
+    assert {key: model[key] for key in started} == started and started["decoder_dim"] == 16
+    # a flag still wins, and a shape that does not fit is one line naming the checkpoint
+    capsys.readouterr()
+    assert main(["train", *train, str(tmp_path / "wide"), "--init-from", start, "--decoder-dim", "24"]) == 2
+    error = capsys.readouterr().err
+    assert f"{start}: its decoder does not fit this run's model" in error
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Issue 30: self-critical sequence training (CIDEr-D reward, Rennie et al. 2017; the leave-one-out baseline of Luo
+# 2020) of the shipped cross-entropy model on Flickr8k, with the study of what decides it. Every run starts from
+# the same cross-entropy weights (INIT, default the shipped model), samples 5 captions for each of 20 photos a step
+# (batch 100), validates on the 1,000 val photos at the default beam (7) and keeps best/ by val CIDEr there.
+#   recipes/flickr8k_scst.sh FLICKR8K_DIR WORK_DIR      (run from the repository root)
+# Stages:
+#   main     the long run: LR (default 2e-5), XE_WEIGHT x cross-entropy mixed in (default 0), EPOCHS (default 4,
+#            one cosine cycle), a validation every 150 steps and one of the starting weights (--val-at-start);
+#   study    (STUDY=1) the sweep, 150 steps each (the main run's schedule cut there) with a validation at 75 and
+#            150: lr 5e-5 and 5e-6, the greedy baseline, 0.2 x cross-entropy, samples cut at 12 tokens, CIDEr-D's
+#            document frequencies from each batch's references, 10 samples a photo;
+#   export   main/best as fp16 (WORK_DIR/model), then val and test at the default beam from the 448 px store.
+# Then recipes/scst_study.py gathers the runs into OUT (default results/flickr8k_scst/study.json and curves.png).
+# Resumable: finished stages are listed in WORK_DIR/stage_seconds.txt and skipped; a training stopped midway
+# continues from its last checkpoint (`sat train --resume`), bit for bit. THREADS caps each job's threads (the
+# study ran its runs in two one-thread streams side by side); PREPARED and FEATURES reuse a prepared Flickr8k and
+# its 14x14 store of 448 px photos (otherwise made in WORK_DIR, about 20 minutes).
+set -euo pipefail
+data_dir=${1:?usage: recipes/flickr8k_scst.sh FLICKR8K_DIR WORK_DIR}
+work=${2:?usage: recipes/flickr8k_scst.sh FLICKR8K_DIR WORK_DIR}
+sat=${SAT:-sat}
+python=${PYTHON:-python}
+init=${INIT:-show_attend_tell/pretrained/flickr8k}
+prepared=${PREPARED:-$work/prepared}
+features=${FEATURES:-$work/features448}
+out=${OUT:-results/flickr8k_scst}
+# shellcheck disable=SC2206  # empty settings leave no words
+run=(env ${THREADS:+OMP_NUM_THREADS=$THREADS})
+source "$(dirname "$0")/stage.sh" # stage_once NAME COMMAND...: run it unless done, append "NAME SECONDS" to $times
+stages_kept_in "$work"
+[ -f "$prepared/vocab.json" ] || "$sat" prepare --dataset flickr8k --data-dir "$data_dir" --out "$prepared"
+[ -f "$features/features.json" ] ||
+  stage_once features "${run[@]}" "$sat" features --data "$prepared" --out "$features" --image-size 448 \
+    --grid-size 14 --batch-size 32
+
+# scst NAME ARGS...: a self-critical run in WORK_DIR/runs/NAME from INIT, or the rest of a stopped one
+scst() {
+  local name=$1 dir=$work/runs/$1
+  shift
+  if [ -f "$dir/last/state.json" ]; then
+    "${run[@]}" "$sat" train --resume "$dir"
+  else
+    rm -rf "$dir"
+    "${run[@]}" "$sat" train --data "$prepared" --features "$features" --init-from "$init" --self-critical \
+      --batch-size "${BATCH:-100}" --epochs "${EPOCHS:-4}" --val-beam-size 7 --log-every-steps "${LOG_EVERY:-10}" \
+      --checkpoint-every-steps 50 --run-dir "$dir" "$@"
+  fi
+}
+stage_once main scst main --decoder-lr "${LR:-2e-5}" --scst-xe-weight "${XE_WEIGHT:-0}" --val-every-steps 150 \
+  --val-at-start --patience 4
+if [ "${STUDY:-0}" = 1 ]; then
+  short=(--val-every-steps 75 --max-steps 150)
+  stage_once lr5e-5 scst lr5e-5 --decoder-lr 5e-5 "${short[@]}"
+  stage_once lr5e-6 scst lr5e-6 --decoder-lr 5e-6 "${short[@]}"
+  stage_once greedy scst greedy --decoder-lr 2e-5 --scst-baseline greedy "${short[@]}"
+  stage_once xe0.2 scst xe0.2 --decoder-lr 2e-5 --scst-xe-weight 0.2 "${short[@]}"
+  stage_once maxlen12 scst maxlen12 --decoder-lr 2e-5 --scst-max-length 12 "${short[@]}"
+  stage_once dfbatch scst dfbatch --decoder-lr 2e-5 --scst-document-frequency batch "${short[@]}"
+  stage_once samples10 scst samples10 --decoder-lr 2e-5 --scst-samples 10 "${short[@]}"
+fi
+[ -f "$work/model/config.json" ] || stage_once export "$sat" export "$work/runs/main/best" --out "$work/model"
+for split in val test; do
+  stage_once "evaluate_$split" "${run[@]}" "$sat" evaluate "$work/model" --data "$prepared" --features "$features" \
+    --split "$split" --beam 7 --out "$work/$split"
+done
+"$python" recipes/scst_study.py "$work/runs" "$out" --start-from main \
+  --command "${THREADS:+THREADS=$THREADS }${STUDY:+STUDY=$STUDY }recipes/flickr8k_scst.sh $*"

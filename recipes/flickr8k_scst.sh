@@ -10,8 +10,10 @@
 #   study    (STUDY=1) the sweep, 150 steps each (the main run's schedule cut there) with a validation at 75 and
 #            150: lr 5e-5 and 5e-6, the greedy baseline, 0.2 x cross-entropy, samples cut at 12 tokens, CIDEr-D's
 #            document frequencies from each batch's references, 10 samples a photo;
-#   export   main/best as fp16 (WORK_DIR/model), then val and test at the default beam from the 448 px store.
-# Then recipes/scst_study.py gathers the runs into OUT (default results/flickr8k_scst/study.json and curves.png).
+#   export   main/best as fp16 (WORK_DIR/model), then val and test at the default beam from the 448 px store, and
+#            INIT on val (the captions before and after).
+# Then recipes/scst_study.py gathers the runs into OUT (default results/flickr8k_scst/study.json and curves.png),
+# with the two models' val captions compared (statistics, most common captions, photos whose caption changed).
 # Resumable: finished stages are listed in WORK_DIR/stage_seconds.txt and skipped; a training stopped midway
 # continues from its last checkpoint (`sat train --resume`), bit for bit. THREADS caps each job's threads (the
 # study ran its runs in two one-thread streams side by side); PREPARED and FEATURES reuse a prepared Flickr8k and
@@ -60,9 +62,12 @@ if [ "${STUDY:-0}" = 1 ]; then
   stage_once samples10 scst samples10 --decoder-lr 2e-5 --scst-samples 10 "${short[@]}"
 fi
 [ -f "$work/model/config.json" ] || stage_once export "$sat" export "$work/runs/main/best" --out "$work/model"
-for split in val test; do
-  stage_once "evaluate_$split" "${run[@]}" "$sat" evaluate "$work/model" --data "$prepared" --features "$features" \
-    --split "$split" --beam 7 --out "$work/$split"
-done
+evaluate() { # evaluate MODEL SPLIT OUT: at the default beam, from the store
+  "${run[@]}" "$sat" evaluate "$1" --data "$prepared" --features "$features" --split "$2" --beam 7 --out "$3"
+}
+stage_once evaluate_val evaluate "$work/model" val "$work/val"
+stage_once evaluate_val_start evaluate "$init" val "$work/val_start"
+stage_once evaluate_test evaluate "$work/model" test "$work/test"
 "$python" recipes/scst_study.py "$work/runs" "$out" --start-from main \
+  --captions "start=$work/val_start/captions_val_beam7.json" --captions "scst=$work/val/captions_val_beam7.json" \
   --command "${THREADS:+THREADS=$THREADS }${STUDY:+STUDY=$STUDY }recipes/flickr8k_scst.sh $*"

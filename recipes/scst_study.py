@@ -10,6 +10,11 @@ share), the training curve between validations (mean reward, sampled length, sam
 validation, captions/s and the CPU time; and OUT_DIR/curves.png: reward, val CIDEr, val caption length and sampling
 entropy against the step, one line per run. A run without a validation at step 0 is drawn from the start
 validation of the run named by --start-from (all runs start from the same weights).
+
+--captions NAME=FILE (repeatable; `sat evaluate`'s captions_<split>_beam<k>.json) adds, per model, the caption
+statistics, its most common captions with their counts and its captions with a repeated or dangling word; with
+two or more, the first photos whose captions differ between the first and each other (what reward hacking looks
+like, in examples).
 """
 
 from __future__ import annotations
@@ -84,6 +89,38 @@ def read_run(directory: Path) -> dict:
     return run
 
 
+def caption_examples(files: list[str]) -> dict:
+    """Per NAME=FILE: caption_stats, the 5 most common captions, examples of repeated and dangling words; then the
+    first 12 photos whose captions differ from the first model's."""
+    from collections import Counter
+    from itertools import pairwise
+
+    from show_attend_tell.scst import DANGLING, caption_stats
+
+    captions: dict[str, dict[str, str]] = {}
+    for item in files:
+        name, _, path = item.partition("=")
+        captions[name] = {r["image_id"]: r["caption"] for r in json.loads(Path(path).read_text())}
+    models = {}
+    for name, by_photo in captions.items():
+        texts = list(by_photo.values())
+        models[name] = {
+            **{k: round(v, 2) for k, v in caption_stats(texts).items()},
+            "most_common": Counter(texts).most_common(5),
+            "repeated_word_examples": [t for t in texts if any(a == b for a, b in pairwise(t.split()))][:5],
+            "dangling_examples": [t for t in texts if t.split() and t.split()[-1] in DANGLING][:5],
+        }
+    names = list(captions)
+    differ = {}
+    for other in names[1:]:
+        photos = [p for p in captions[names[0]] if captions[other].get(p) not in (None, captions[names[0]][p])]
+        differ[f"{names[0]} -> {other}"] = {
+            "photos_changed": len(photos),
+            "examples": [{"photo": p, names[0]: captions[names[0]][p], other: captions[other][p]} for p in photos[:12]],
+        }
+    return {"models": models, "changed": differ}
+
+
 def draw(runs: dict[str, dict], start: dict | None, path: Path) -> None:
     import matplotlib
 
@@ -122,6 +159,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--command", required=True, help="the command(s) that made the runs, for the record")
     parser.add_argument("--start-from", default="", help="the run whose step-0 validation the others share")
+    parser.add_argument("--captions", action="append", default=[], help="NAME=captions file of `sat evaluate`")
     args = parser.parse_args()
     runs = {
         d.name: read_run(d)
@@ -140,6 +178,8 @@ def main() -> None:
         "start": start,
         "runs": runs,
     }
+    if args.captions:
+        record["captions"] = caption_examples(args.captions)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_record(record, args.out_dir / "study.json")
     draw(runs, start, args.out_dir / "curves.png")

@@ -76,13 +76,13 @@ def test_the_scst_recipe_continues_a_stopped_run_and_records_the_study(tiny_prep
     state = work / "runs" / "main" / "last" / "state.json"
     assert json.loads(state.read_text())["global_step"] == 3
     (work / "stage_seconds.txt").write_text("")  # killed before the main stage ended: nothing recorded as done
-    for made in ("model", "val", "test"):
+    for made in ("model", "val", "val_start", "test"):
         subprocess.run(["rm", "-rf", str(work / made)], check=True)
 
     ran = subprocess.run(command, env={**recipe_env, "STUDY": "1"}, cwd=REPO, capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-5000:]
     stages = [line.split()[0] for line in (work / "stage_seconds.txt").read_text().splitlines()]
-    assert stages == ["main", *SWEEP, "export", "evaluate_val", "evaluate_test"]
+    assert stages == ["main", *SWEEP, "export", "evaluate_val", "evaluate_val_start", "evaluate_test"]
     log = [json.loads(line) for line in (work / "runs" / "main" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "train"] == list(range(1, 9))  # 1-3, then 4-8 resumed
     assert [r["step"] for r in log if r["kind"] == "val"] == [0]  # the start validated once, not again
@@ -95,3 +95,6 @@ def test_the_scst_recipe_continues_a_stopped_run_and_records_the_study(tiny_prep
     assert record["runs"]["samples10"]["settings"]["scst_samples"] == 10
     assert {"CIDEr", "distinct_captions", "vocabulary"} <= set(main["best"])
     assert json.loads((work / "test" / "metrics.json").read_text())["results"]["beam7"]["n_images"] == 2
+    compared = record["captions"]
+    assert set(compared["models"]) == {"start", "scst"} and "start -> scst" in compared["changed"]
+    assert sum(count for _, count in compared["models"]["scst"]["most_common"]) <= 2  # 2 val photos

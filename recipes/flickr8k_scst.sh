@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Issue 30: self-critical sequence training (CIDEr-D reward, Rennie et al. 2017; the leave-one-out baseline of Luo
-# 2020) of the shipped cross-entropy model on Flickr8k, with the study of what decides it. Every run starts from
-# the same cross-entropy weights (INIT, default the shipped model), samples 5 captions for each of 20 photos a step
-# (batch 100), validates on the 1,000 val photos at the default beam (7) and keeps best/ by val CIDEr there.
-#   recipes/flickr8k_scst.sh FLICKR8K_DIR WORK_DIR      (run from the repository root)
+# 2020) of the cross-entropy model on Flickr8k, with the study of what decides it: the shipped model from the
+# cross-entropy one. Every run starts from the same cross-entropy weights (INIT), samples 5 captions for each of 20
+# photos a step (batch 100), validates on the 1,000 val photos at the default beam (7) and keeps best/ by val CIDEr.
+#   INIT=XE_MODEL recipes/flickr8k_scst.sh FLICKR8K_DIR WORK_DIR      (run from the repository root)
+# INIT is the cross-entropy model: recipes/flickr8k.sh's WORK_DIR/shipped, or the model shipped before issue 30:
+#   git archive 4450de3 show_attend_tell/pretrained/flickr8k | tar -x -C /tmp/xe   (INIT=/tmp/xe/show_attend_tell/...)
 # Stages:
 #   main     the long run: LR (default 2e-5), XE_WEIGHT x cross-entropy mixed in (default 0), EPOCHS (default 4,
 #            one cosine cycle), a validation every 150 steps and one of the starting weights (--val-at-start);
 #   study    (STUDY=1) the sweep, 150 steps each (the main run's schedule cut there) with a validation at 75 and
 #            150: lr 5e-5 and 5e-6, the greedy baseline, 0.2 x cross-entropy, samples cut at 12 tokens, CIDEr-D's
 #            document frequencies from each batch's references, 10 samples a photo;
-#   export   main/best as fp16 (WORK_DIR/model), then val and test at the default beam from the 448 px store, and
-#            INIT on val (the captions before and after).
+#   export   the mean of main/best's weights twice and INIT's once (2/3 self-critical, 1/3 cross-entropy: chosen on
+#            val at beam 7 over main/best alone and the 1:1 mean), fp16, in WORK_DIR/model, with its int8 decoder
+#            calibrated; then val and test at the default beam from the 448 px store, and INIT on val (the captions
+#            before and after).
 # Then recipes/scst_study.py gathers the runs into OUT (default results/flickr8k_scst/study.json and curves.png),
 # with the two models' val captions compared (statistics, most common captions, photos whose caption changed).
 # Resumable: finished stages are listed in WORK_DIR/stage_seconds.txt and skipped; a training stopped midway
@@ -23,7 +27,7 @@ data_dir=${1:?usage: recipes/flickr8k_scst.sh FLICKR8K_DIR WORK_DIR}
 work=${2:?usage: recipes/flickr8k_scst.sh FLICKR8K_DIR WORK_DIR}
 sat=${SAT:-sat}
 python=${PYTHON:-python}
-init=${INIT:-show_attend_tell/pretrained/flickr8k}
+init=${INIT:?set INIT to the cross-entropy model (see the top of this file)}
 prepared=${PREPARED:-$work/prepared}
 features=${FEATURES:-$work/features448}
 out=${OUT:-results/flickr8k_scst}
@@ -61,7 +65,12 @@ if [ "${STUDY:-0}" = 1 ]; then
   stage_once dfbatch scst dfbatch --decoder-lr 2e-5 --scst-document-frequency batch "${short[@]}"
   stage_once samples10 scst samples10 --decoder-lr 2e-5 --scst-samples 10 "${short[@]}"
 fi
-[ -f "$work/model/config.json" ] || stage_once export "$sat" export "$work/runs/main/best" --out "$work/model"
+export_model() { # the 2:1 mean of main/best and INIT, its int8 decoder calibrated
+  rm -rf "$work/model"
+  "$sat" export "$work/runs/main/best" "$work/runs/main/best" "$init" --out "$work/model"
+  "${run[@]}" "$sat" calibrate "$work/model" --data "$prepared" --features "$features"
+}
+stage_once export export_model
 evaluate() { # evaluate MODEL SPLIT OUT: at the default beam, from the store
   "${run[@]}" "$sat" evaluate "$1" --data "$prepared" --features "$features" --split "$2" --beam 7 --out "$3"
 }

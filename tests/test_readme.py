@@ -25,13 +25,16 @@ def test_results_table_equals_the_test_record():
 
 def test_training_time_and_paper_comparison_match_the_records():
     pipeline = json.loads((RESULTS / "flickr8k_pipeline.json").read_text())["shipped_model"]
-    assert f"took {round(pipeline['total_minutes'])} minutes on 2 cores" in README
+    study = json.loads((RESULTS / "flickr8k_scst" / "study.json").read_text())["runs"]["main_lr2e-5"]
+    assert (
+        f"took {round(pipeline['total_minutes'])} minutes of cross-entropy and "
+        f"{round(study['wall_seconds'] / 60)} of self-critical training on\n2 cores" in README
+    )
     assert "beats the paper in under an hour" not in README
-    beam7 = json.loads((RESULTS / "flickr8k_test" / "metrics.json").read_text())["results"]["beam7"]
+    shipped = json.loads((RESULTS / "flickr8k_scst" / "test_defaults" / "metrics.json").read_text())["results"]
     paper_best = {"BLEU-1": 67.0, "BLEU-2": 45.7, "BLEU-3": 31.4, "BLEU-4": 21.3, "METEOR": 20.30}  # Xu et al. Table 1
-    assert "beats the paper's BLEU-2 to BLEU-4 and METEOR but not its BLEU-1" in README
-    assert beam7["BLEU-1"] < paper_best["BLEU-1"]
-    assert all(beam7[key] > paper_best[key] for key in ("BLEU-2", "BLEU-3", "BLEU-4", "METEOR"))
+    assert "beats every BLEU and the METEOR of the paper" in README
+    assert all(shipped["beam7"][key] > paper_best[key] for key in paper_best)
 
 
 def file_tree() -> list[str]:
@@ -241,3 +244,27 @@ def test_training_precision_table_equals_its_record():
     # the record's stand-in misses the BLEU-4 bar, so it decides nothing and `auto` keeps fp32 on the CPU
     assert all(run["test_beam7"]["BLEU-4"] < 21 for run in record["runs"].values())
     assert "so `auto` still trains in fp32 on the CPU" in README
+
+
+def test_self_critical_tables_equal_their_records():
+    selection = json.loads((RESULTS / "flickr8k_scst" / "selection.json").read_text())
+    rows = {
+        "cross-entropy (start)": "xe",
+        "self-critical (main run's best)": "scst",
+        "mean 1:1 with cross-entropy": "mean_1_1",
+        "mean 2:1 (chosen on val, shipped)": "mean_2_1",
+    }
+    for label, name in rows.items():
+        expected = [selection[split][name][key] for split in ("val", "test") for key in ("BLEU-4", "METEOR", "CIDEr")]
+        assert [float(cell) for cell in table_row(label)] == [round(value, 1) for value in expected], label
+    shipped = json.loads((RESULTS / "flickr8k_scst" / "test_defaults" / "metrics.json").read_text())["results"]["beam7"]
+    before = json.loads((RESULTS / "flickr8k_test_int8_guided" / "metrics.json").read_text())["results"]["beam7"]
+    keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+    for label, record in (
+        ("shipped: self-critical, averaged 2:1 with cross-entropy", shipped),
+        ("the cross-entropy model (shipped until 2026-12-04)", before),
+    ):
+        assert [float(cell) for cell in table_row(label)] == [round(record[key], 1) for key in keys], label
+    study = json.loads((RESULTS / "flickr8k_scst" / "study.json").read_text())["runs"]["main_lr2e-5"]
+    assert study["best"]["step"] == 1050 and round(study["best"]["CIDEr"], 1) == 60.1
+    assert "57.4 → 60.1 (1,050) → 59.8" in table_row("main: 2e-5, leave-one-out baseline")[1]

@@ -93,9 +93,8 @@ def caption_examples(files: list[str]) -> dict:
     """Per NAME=FILE: caption_stats, the 5 most common captions, examples of repeated and dangling words; then the
     first 12 photos whose captions differ from the first model's."""
     from collections import Counter
-    from itertools import pairwise
 
-    from show_attend_tell.scst import DANGLING, caption_stats
+    from show_attend_tell.scst import caption_stats, ends_dangling, repeats_a_word
 
     captions: dict[str, dict[str, str]] = {}
     for item in files:
@@ -107,8 +106,8 @@ def caption_examples(files: list[str]) -> dict:
         models[name] = {
             **{k: round(v, 2) for k, v in caption_stats(texts).items()},
             "most_common": Counter(texts).most_common(5),
-            "repeated_word_examples": [t for t in texts if any(a == b for a, b in pairwise(t.split()))][:5],
-            "dangling_examples": [t for t in texts if t.split() and t.split()[-1] in DANGLING][:5],
+            "repeated_word_examples": [t for t in texts if repeats_a_word(t.split())][:5],
+            "dangling_examples": [t for t in texts if ends_dangling(t.split())][:5],
         }
     names = list(captions)
     differ = {}

@@ -104,6 +104,16 @@ def self_critical_loss(
 DANGLING = frozenset({"a", "an", "the", "of", "in", "on", "at", "with", "and", "to", "its", "his", "her", "their"})
 
 
+def repeats_a_word(words: Sequence[str]) -> bool:
+    """A word said twice back to back ("a man in a a red shirt")."""
+    return any(a == b for a, b in pairwise(words))
+
+
+def ends_dangling(words: Sequence[str]) -> bool:
+    """The caption stops mid-phrase, on an article, preposition or possessive."""
+    return bool(words) and words[-1] in DANGLING
+
+
 def caption_stats(captions: Sequence[str]) -> dict[str, float]:
     """What reward hacking shows as, over decoded captions: how many are distinct, the vocabulary they use, their
     mean length in words, the share with a word repeated back to back ("a a") or ending on a dangling word, and
@@ -117,7 +127,7 @@ def caption_stats(captions: Sequence[str]) -> dict[str, float]:
         "distinct_captions": len(set(captions)) / count * 100,
         "vocabulary": len({word for words in split for word in words}),
         "mean_length": sum(map(len, split)) / count,
-        "repeated_words": sum(any(a == b for a, b in pairwise(w)) for w in split) / count * 100,
-        "dangling_endings": sum(bool(w) and w[-1] in DANGLING for w in split) / count * 100,
+        "repeated_words": sum(map(repeats_a_word, split)) / count * 100,
+        "dangling_endings": sum(map(ends_dangling, split)) / count * 100,
         "most_common_caption": most_common / count * 100,
     }

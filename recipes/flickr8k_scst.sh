@@ -11,7 +11,8 @@
 #            one cosine cycle), a validation every 150 steps and one of the starting weights (--val-at-start);
 #   study    (STUDY=1) the sweep, 150 steps each (the main run's schedule cut there) with a validation at 75 and
 #            150: lr 5e-5 and 5e-6, the greedy baseline, 0.2 x cross-entropy, samples cut at 12 tokens, CIDEr-D's
-#            document frequencies from each batch's references, 10 samples a photo;
+#            document frequencies from each batch's references, 10 samples a photo; then two more of the main
+#            run's length: samples cut at 12 tokens with per-batch document frequencies, and lr 1e-5;
 #   export   the mean of main/best's weights twice and INIT's once (2/3 self-critical, 1/3 cross-entropy: chosen on
 #            val at beam 7 over main/best alone and the 1:1 mean), fp16, in WORK_DIR/model, with its int8 decoder
 #            calibrated; then val and test at the default beam from the 448 px store, and INIT on val (the captions
@@ -64,6 +65,9 @@ if [ "${STUDY:-0}" = 1 ]; then
   stage_once maxlen12 scst maxlen12 --decoder-lr 2e-5 --scst-max-length 12 "${short[@]}"
   stage_once dfbatch scst dfbatch --decoder-lr 2e-5 --scst-document-frequency batch "${short[@]}"
   stage_once samples10 scst samples10 --decoder-lr 2e-5 --scst-samples 10 "${short[@]}"
+  long=(--val-every-steps 150 --patience 4) # full length, like main
+  stage_once combo scst combo --decoder-lr 2e-5 --scst-max-length 12 --scst-document-frequency batch "${long[@]}"
+  stage_once lr1e-5 scst lr1e-5 --decoder-lr 1e-5 "${long[@]}"
 fi
 export_model() { # the 2:1 mean of main/best and INIT, its int8 decoder calibrated
   rm -rf "$work/model"

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 TINY = "--feature-dim 10 --attention-dim 16 --decoder-dim 16 --embed-dim 8 --log-every-steps 1"
-SWEEP = ["lr5e-5", "lr5e-6", "greedy", "xe0.2", "maxlen12", "dfbatch", "samples10"]
+SWEEP = ["lr5e-5", "lr5e-6", "greedy", "xe0.2", "maxlen12", "dfbatch", "samples10", "combo", "lr1e-5"]
 
 
 def script(path, first_line: str):

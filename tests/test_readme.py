@@ -37,6 +37,18 @@ def test_training_time_and_paper_comparison_match_the_records():
     assert all(shipped["beam7"][key] > paper_best[key] for key in paper_best)
 
 
+def test_ninety_minute_recipe_figures_match_its_record():
+    record = json.loads((RESULTS / "flickr8k_90min.json").read_text())
+    metrics = json.loads((RESULTS / "flickr8k_90min" / "metrics.json").read_text())["results"]["beam7"]
+    test = record["test_beam7"]
+    assert all(round(metrics[key], 2) == test[key] for key in test)
+    assert record["total_minutes"] == round(sum(record["seconds"].values()) / 60, 1) <= 90
+    assert test["CIDEr"] >= 59 and test["BLEU-4"] >= 23.5 and record["target_met"]
+    text = " ".join(README.split())
+    shown = f"test BLEU-4 {test['BLEU-4']:.1f}, METEOR {test['METEOR']:.1f}, CIDEr {test['CIDEr']:.1f} at beam 7"
+    assert f"{shown} (from the store, fp32 decoder) in {record['total_minutes']} minutes" in text
+
+
 def file_tree() -> list[str]:
     """Paths (globs for a line listing several) named by the README's file tree."""
     block = README.split("## Files", 1)[1].split("```", 2)[1]

@@ -179,7 +179,7 @@ def normal_clients(url: str, args, photos: list[tuple[str, bytes]], deadline: fl
     return records
 
 
-def phase(port: int, url: str, args, photos, attack: dict | None) -> dict:
+def phase(url: str, port: int, args, photos, attack: dict | None) -> dict:
     """Run the normal clients, with the attackers of `attack` (kind -> request) alongside when given: what each
     normal request and each attacker got, unsummarised (`summary` pools the rounds)."""
     stop, lock = threading.Event(), threading.Lock()
@@ -289,7 +289,7 @@ def main() -> int:
                 peaks: dict[str, int] = {}
                 for _ in range(args.rounds):
                     for name, attackers in (("quiet", None), ("attack", attack), ("hang_up_flood", flood)):
-                        runs[name].append(phase(port, url, args, photos, attackers))
+                        runs[name].append(phase(url, port, args, photos, attackers))
                         peaks[name] = memory_kb(server.pid, "VmHWM")
                 peak = peaks["hang_up_flood"]
                 alive = server.poll() is None and httpx.get(url + "/api/health", timeout=5).status_code == 200
@@ -304,13 +304,13 @@ def main() -> int:
     flood_ratio = ratio(flooded["normal_latency"].get("p99_ms"), quiet_p99)
     rounds = [
         {
-            "quiet_p99_ms": p99(q),
-            "attack_p99_ms": p99(a),
-            "flood_p99_ms": p99(f),
-            "attack_over_quiet": ratio(p99(a), p99(q)),
-            "flood_over_quiet": ratio(p99(f), p99(q)),
+            "quiet_p99_ms": q,
+            "attack_p99_ms": a,
+            "flood_p99_ms": f,
+            "attack_over_quiet": ratio(a, q),
+            "flood_over_quiet": ratio(f, q),
         }
-        for q, a, f in zip(runs["quiet"], runs["attack"], runs["hang_up_flood"], strict=True)
+        for q, a, f in zip(*(map(p99, runs[name]) for name in ("quiet", "attack", "hang_up_flood")), strict=True)
     ]
     all_captioned = all(p["normal_status"] == {"200": p["normal_requests"]} for p in (quiet, attacked, flooded))
     results = {

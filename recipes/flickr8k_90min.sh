@@ -2,7 +2,7 @@
 # Raw Flickr8k photos to the quality of the cross-entropy model shipped before issue 30 (test CIDEr >= 59 and
 # BLEU-4 >= 23.5 at the default beam) within 90 minutes on a 2-core CPU, features and evaluation included (issue
 # 33): prepare; cache 14x14 features of 448 px photos (encoder in its fastest precision that keeps the captions);
-# one cosine cycle of cross-entropy in bf16 where the CPU has it natively; a short self-critical cycle (CIDEr-D
+# one cosine cycle of cross-entropy under bf16 autocast (PRECISION); a short self-critical cycle (CIDEr-D
 # reward, the study of recipes/flickr8k_scst.sh); the 2:1 mean of its best and the cross-entropy best (as the
 # shipped model is made), its int8 decoder calibrated; the test split at the default beam. Prints and records each
 # stage's wall time (results/flickr8k_90min.json holds a recorded run).

@@ -17,12 +17,12 @@ clients (--clients of them, --requests photos each from examples/, one at a time
   3. hang-up flood (issue #31): the normal clients again while --attackers connections each upload a PNG of
      39.7 megapixels (within the pixel budget, about 120 KB) and hang up after --flood-hang-up-after seconds,
      then again at once: every one is a decode of 40 megapixels nobody waits for.
-It records every status the server logged (5xx must be zero), the normal clients' p50/p99 in every phase and
-the ratio of each attack's to the quiet one (target: p99 within 2x), the server's peak resident memory (target:
-1.5 GB) and any traceback in its log. Bounded: every phase stops at --deadline seconds, attackers stop with the
-normal clients. --rounds N runs the three phases N times in turn on the same server: the percentiles and ratios
-pool every round's requests (a p99 over 60 requests is nearly the slowest one), and each round's own ratio is
-recorded beside them.
+It records every status the server logged (no 5xx but the 503 of a full queue, which attackers may get and normal
+clients may not), the normal clients' p50/p99 in every phase and the ratio of each attack's to the quiet one
+(target: p99 within 2x), the server's peak resident memory (target: 1.5 GB) and any traceback in its log. Bounded:
+every phase stops at --deadline seconds, attackers stop with the normal clients. --rounds N runs the three phases N
+times in turn on the same server: the percentiles and ratios pool every round's requests (a p99 over 60 requests is
+nearly the slowest one), and each round's own ratio is recorded beside them.
 
     python benchmarks/hostile_load.py --clients 2 --requests 30 --attackers 16 --out results/hostile_load.json
 """
@@ -229,6 +229,13 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
+def server_errors(logged: Counter) -> dict:
+    """The 5xx answers in the server's access log: all of them, and those besides 503 ("busy"). A 503 is the bounded
+    queue refusing more work, which attackers are meant to get; a normal client's 503 shows in its own statuses."""
+    errors = {status: count for status, count in logged.items() if status.startswith("5")}
+    return {"all": sum(errors.values()), "besides_busy_503": sum(n for status, n in errors.items() if status != "503")}
+
+
 def ratio(p99_ms: float | None, quiet_p99_ms: float | None) -> float | None:
     return round(p99_ms / quiet_p99_ms, 2) if quiet_p99_ms and p99_ms else None
 
@@ -297,7 +304,7 @@ def main() -> int:
                 stop_server(server)
         text = log_path.read_text(errors="replace")
     logged = Counter(ACCESS_LOG.findall(text))
-    server_errors = sum(count for status, count in logged.items() if status.startswith("5"))
+    errors = server_errors(logged)
     quiet, attacked, flooded = (summary(runs[name]) for name in ("quiet", "attack", "hang_up_flood"))
     quiet_p99 = quiet["normal_latency"].get("p99_ms")
     ratio_attack = ratio(attacked["normal_latency"].get("p99_ms"), quiet_p99)
@@ -321,7 +328,8 @@ def main() -> int:
         "normal_p99_ratio_hang_up_flood_over_quiet": flood_ratio,
         "rounds": rounds,
         "server_status_counts_logged": dict(sorted(logged.items())),
-        "server_errors_5xx": server_errors,
+        "server_errors_5xx": errors["all"],
+        "server_errors_5xx_besides_busy_503": errors["besides_busy_503"],
         "server_tracebacks_in_log": text.count("Traceback"),
         "server_alive_at_end": alive,
         "server_memory_mb": {
@@ -334,7 +342,8 @@ def main() -> int:
         "in_budget_png_bytes": len(in_budget),
     }
     targets = {
-        "zero_5xx": server_errors == 0,
+        # normal clients' 503s fail normal_clients_all_captioned; an attacker's 503 is the queue's bound at work
+        "no_5xx_besides_busy_503": errors["besides_busy_503"] == 0,
         "normal_clients_all_captioned": all_captioned,
         "p99_within_2x": ratio_attack is not None and ratio_attack <= TARGET_P99_RATIO,
         "hang_up_flood_p99_within_2x": flood_ratio is not None and flood_ratio <= TARGET_P99_RATIO,

@@ -258,6 +258,19 @@ def test_training_precision_table_equals_its_record():
     assert "so `auto` still trains in fp32 on the CPU" in README
 
 
+def test_length_penalty_sentence_matches_its_record():
+    runs = json.loads((RESULTS / "flickr8k_scst" / "length_penalty.json").read_text())["runs"]
+    penalties = sorted(runs, key=float)
+    text = " ".join(README.split())
+    ciders = ", ".join(f"{runs[lp]['CIDEr']:.1f}" for lp in penalties[:-1]) + f" and {runs[penalties[-1]]['CIDEr']:.1f}"
+    assert f"CIDEr {ciders} at 0, 0.25, 0.5 (the default), 0.75, 1.0 and 1.5" in text
+    assert penalties == ["0.0", "0.25", "0.5", "0.75", "1.0", "1.5"]
+    words = f"({runs['0.0']['mean_words']:.1f} to {runs['1.5']['mean_words']:.1f} words)"
+    assert words in text and f"BLEU-4 ({runs['0.5']['BLEU-4']:.1f} at 0.5, {runs['1.5']['BLEU-4']:.1f} at 1.5)" in text
+    best = max(runs[lp]["CIDEr"] for lp in penalties)
+    assert f"CIDEr moves at most {best - runs['0.5']['CIDEr']:.1f} above the default's" in text
+
+
 def test_self_critical_tables_equal_their_records():
     selection = json.loads((RESULTS / "flickr8k_scst" / "selection.json").read_text())
     rows = {

@@ -149,18 +149,19 @@ class TrainConfig:
     # averages alpha log alpha over the locations too, so its 0.002 weighed the entropy P times less.
     reinforce_weight: float = 0.1
     entropy_weight: float = 0.002
-    # Autocast in training: auto is fp16 with loss scaling on CUDA and fp32 on the CPU. bf16 (no loss scaling needed)
-    # trains 1.5-1.7x faster per step on a CPU with native bf16, but its one Flickr8k run scored lower on test, so it
-    # is asked for, not chosen (results/train_bf16_flickr8k.json).
+    # Autocast in training: auto is fp16 with loss scaling on CUDA and, on the CPU, bf16 (no loss scaling needed) where
+    # the CPU has it natively, else fp32 (train.training_precision). bf16 trains 1.5-1.7x faster per step there and
+    # scored within seed noise of fp32 (results/train_precision_seeds.json). A run records the precision auto picked.
     precision: str = "auto"
     # 0: each epoch visits the training images in a random order (a permutation). N > 0: for feature stores on
     # disks that seek slowly (disks that spin, network storage), blocks of N consecutive images in a random
     # order, the images of every SHUFFLE_WINDOW_BLOCKS blocks shuffled together (training_data.epoch_order)
     shuffle_block: int = 0
     # Batches of images whose longest captions are about as long, in a random order (training_data.epoch_batches): less
-    # padding to the longest caption of a batch, faster steps for both decoders (results/train_speed_bucketing.json).
-    # Off until a training run shows that batches of correlated lengths keep the scores
-    bucket_by_length: bool = False
+    # padding to the longest caption of a batch, faster steps for both decoders (results/train_speed_bucketing.json),
+    # and the scores of random batches (one LSTM run a precision against three seeds: train_bucketing_scores.json).
+    # Cross-entropy training only: self-critical steps take random batches (TrainingData.batches)
+    bucket_by_length: bool = True
     compile: bool = False  # torch.compile the decoder's step, which training and decoding run (worth it on GPUs)
 
 

@@ -51,6 +51,7 @@ from show_attend_tell.config import (
 from show_attend_tell.decoder import TeacherForced
 from show_attend_tell.distributed import average_gradients, distributed, end_process_group, global_sums
 from show_attend_tell.errors import InputError
+from show_attend_tell.fast_encoder import AUTO, supported_precisions
 from show_attend_tell.features import photo_features
 from show_attend_tell.locks import hold, release
 from show_attend_tell.model import (
@@ -191,6 +192,8 @@ def new_run(
     run_dir = Path(run_dir)
     if (run_dir / STATE_DIR).exists():
         raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    # the precision `auto` picks here is the run's: its config says it, and a resume elsewhere keeps it
+    train_config = dataclasses.replace(train_config, precision=training_precision(train_config.precision, device))
     run = _build(run_dir, model_config, train_config, data_config, pretrained_encoder, device, java)
     run.lock = lock_run_dir(run_dir)
     if run.rank == 0:
@@ -229,16 +232,30 @@ def resume_run(run_dir: str | Path, *, pretrained_encoder: bool = True, device: 
     except (TypeError, ValueError, KeyError) as error:
         raise InputError(f"{config_path}: not the config of a run ({type(error).__name__}: {error})") from None
     check_train_config(configs[1], str(config_path))
+    if configs[1].precision == AUTO:
+        # saved before runs recorded the precision `auto` picked: then it was fp16 on CUDA and fp32 on the CPU
+        legacy = "fp16" if torch.device(device).type == "cuda" else "fp32"
+        configs = (configs[0], dataclasses.replace(configs[1], precision=legacy), configs[2])
     run = _build(run_dir, *configs, pretrained_encoder, device, java)
     run.lock = lock_run_dir(run_dir)
     load_state(run, state_dir)
     return run
 
 
+def training_precision(precision: str, device: str | torch.device, flags: frozenset[str] | None = None) -> str:
+    """TrainConfig.precision as trained on `device`: `auto` is fp16 (loss-scaled) on CUDA and, on the CPU, bf16
+    where the CPU has it natively (`flags`: /proc/cpuinfo's, by default; the encoder's test,
+    fast_encoder.supported_precisions), else fp32 (results/train_precision_seeds.json); others are themselves."""
+    if precision != AUTO:
+        return precision
+    if torch.device(device).type == "cuda":
+        return "fp16"
+    return "bf16" if "bf16" in supported_precisions("cpu", flags) else "fp32"
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype training autocasts to for TrainConfig.precision on `device` (None: fp32, no autocast)."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = training_precision(precision, device)
     if precision == "fp16" and device.type != "cuda":
         raise InputError("--precision fp16 trains on CUDA only; on the CPU use bf16 or fp32")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

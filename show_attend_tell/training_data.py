@@ -118,8 +118,10 @@ class TrainingData:
         return cls(dataset, features, stage, train_rows, caption_rows, longest)
 
     def batches(self, config: TrainConfig, epoch: int) -> list[list[int]]:
-        """Epoch `epoch`'s batches of image rows under `config` (batch size, seed, shuffle block, bucketing)."""
-        longest = self.longest if config.bucket_by_length else None
+        """Epoch `epoch`'s batches of image rows under `config` (batch size, seed, shuffle block, bucketing).
+        Self-critical steps are not bucketed: their samples are not padded to the references, and bucketing was
+        measured only for cross-entropy training."""
+        longest = self.longest if config.bucket_by_length and not config.self_critical else None
         return epoch_batches(
             self.train_rows, self.caption_rows, config.batch_size, epoch, config.seed, config.shuffle_block, longest
         )

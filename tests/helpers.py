@@ -143,8 +143,19 @@ def learn_tiny_batch(model: CaptionModel, features: torch.Tensor, lr: float, ste
 # ----- training ----------------------------------------------------------------------------------------------
 def make_trainer(run_dir, prepared, features, model: dict | None = None, data: dict | None = None, **train):
     vocab_size = len(PreparedDataset.load(prepared).vocab)
+    # fp32 unless a test asks: `auto` would train in bf16 on CPUs that have it, and tests should not depend on the CPU.
+    # Random batches unless a test asks: the tiny runs' expectations (a self-critical run's rewards) were set with
+    # them, and bucketing (the default) has its own tests
     values = dict(
-        epochs=3, batch_size=10, decoder_lr=1e-2, checkpoint_every_steps=2, patience=5, seed=1, log_every_steps=1
+        epochs=3,
+        batch_size=10,
+        decoder_lr=1e-2,
+        checkpoint_every_steps=2,
+        patience=5,
+        seed=1,
+        log_every_steps=1,
+        precision="fp32",
+        bucket_by_length=False,
     )
     values.update(train)
     return new_run(

@@ -16,7 +16,7 @@ from conftest import REPO, tiny_model_config, tiny_transformer
 from helpers import STAGE_MODEL, make_trainer
 from safetensors.torch import load_file
 
-from show_attend_tell import runtime
+from show_attend_tell import fast_encoder, runtime
 from show_attend_tell.checkpoint import load_model
 from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig
 from show_attend_tell.features import FeatureStore
@@ -34,8 +34,9 @@ from show_attend_tell.train import (
     resume_run,
     save_state,
     self_critical_step,
+    training_precision,
 )
-from show_attend_tell.training_data import SHUFFLE_WINDOW_BLOCKS, epoch_batches, epoch_order
+from show_attend_tell.training_data import SHUFFLE_WINDOW_BLOCKS, TrainingData, epoch_batches, epoch_order
 
 
 def test_training_learns_and_validates_by_decoding(tiny_prepared, tiny_features, tmp_path):
@@ -189,8 +190,45 @@ def test_fp16_training_is_refused_on_the_cpu(tiny_prepared, tiny_features, tmp_p
 
     with pytest.raises(InputError, match="--precision fp16 trains on CUDA only; on the CPU use bf16 or fp32"):
         make_trainer(tmp_path / "run", tiny_prepared, tiny_features, precision="fp16")
-    auto = make_trainer(tmp_path / "auto", tiny_prepared, tiny_features)
-    assert auto.autocast_dtype is None and not auto.scaler.is_enabled()  # auto: fp32 on the CPU
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"), (set(), "fp32")])
+def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_and_recorded_in_the_run(
+    tiny_prepared, tiny_features, tmp_path, monkeypatch, flags, expected
+):
+    """auto trains in bf16 where the CPU has it natively (the encoder's flag test) and in fp32 elsewhere, and the
+    run's config.json says which, so that resuming it on another CPU keeps it."""
+    monkeypatch.setattr(fast_encoder, "cpu_flags", lambda: frozenset(flags))
+    if expected == "bf16" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: no CPU counts as having bf16")
+    auto = make_trainer(tmp_path / "auto", tiny_prepared, tiny_features, precision="auto")
+    assert auto.config.precision == expected and not auto.scaler.is_enabled()
+    assert auto.autocast_dtype == {"bf16": torch.bfloat16, "fp32": None}[expected]
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["precision"] == expected
+    assert training_precision("auto", "cuda", frozenset(flags)) == "fp16"  # with loss scaling, as before
+    assert training_precision("fp32", "cpu", frozenset({"avx512_bf16"})) == "fp32"
+
+
+def test_a_run_saved_with_auto_before_it_was_recorded_resumes_in_fp32_on_a_bf16_cpu(
+    tiny_prepared, tiny_features, tmp_path, monkeypatch
+):
+    """Runs used to save `auto` itself, which trained in fp32 on every CPU. Resumed on a CPU with bf16 (where auto
+    now picks bf16) such a run goes on in fp32 and ends bit-identical to one that was not stopped."""
+    straight = make_trainer(tmp_path / "straight", tiny_prepared, tiny_features, epochs=2)
+    fit(straight, progress=False)
+    stopped = make_trainer(tmp_path / "stopped", tiny_prepared, tiny_features, epochs=2)
+    fit(stopped, max_steps=3, progress=False)
+    config_path = tmp_path / "stopped" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train"]["precision"] = "auto"  # as the run would have saved it
+    config_path.write_text(json.dumps(config))
+    monkeypatch.setattr(fast_encoder, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    resumed = resume_run(tmp_path / "stopped", pretrained_encoder=False, java=False)
+    assert resumed.config.precision == "fp32" and resumed.autocast_dtype is None
+    fit(resumed, progress=False)
+    a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
+    b = load_file(tmp_path / "stopped" / "last" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_training_from_a_streamed_store_equals_training_from_memory(tiny_prepared, tiny_features, tmp_path):
@@ -278,6 +316,21 @@ def test_length_bucketed_batches_take_every_caption_once_with_captions_of_one_le
         for name, bs in [("bucketed", epochs[1]), ("random", shuffled)]
     }
     assert padded["bucketed"] < 0.8 * padded["random"]
+
+
+def test_cross_entropy_batches_are_bucketed_by_default_and_self_critical_ones_are_not():
+    """Bucketing is the default for cross-entropy training (the scores held: results/train_bucketing_scores.json);
+    self-critical steps take the random batches whatever the flag says."""
+    rows = list(range(60))
+    caption_rows = {row: [2 * row, 2 * row + 1] for row in rows}
+    longest = {row: 5 + (row * 7) % 13 for row in rows}
+    data = TrainingData(None, None, "", rows, caption_rows, longest)
+    bucketed = epoch_batches(rows, caption_rows, 8, 3, seed=2, longest=longest)
+    shuffled = epoch_batches(rows, caption_rows, 8, 3, seed=2)
+    assert bucketed != shuffled
+    assert data.batches(TrainConfig(batch_size=8, seed=2), 3) == bucketed
+    assert data.batches(TrainConfig(batch_size=8, seed=2, bucket_by_length=False), 3) == shuffled
+    assert data.batches(TrainConfig(batch_size=8, seed=2, self_critical=True), 3) == shuffled
 
 
 @pytest.mark.parametrize("model", [{}, tiny_transformer()], ids=["lstm", "transformer"])

@@ -320,3 +320,18 @@ def test_self_critical_tables_equal_their_records():
     study = json.loads((RESULTS / "flickr8k_scst" / "study.json").read_text())["runs"]["main_lr2e-5"]
     assert study["best"]["step"] == 1050 and round(study["best"]["CIDEr"], 1) == 60.1
     assert "57.4 → 60.1 (1,050) → 59.8" in table_row("main: 2e-5, leave-one-out baseline")[1]
+
+
+def test_training_speed_at_the_defaults_matches_its_records():
+    runs = {
+        g: json.loads((RESULTS / "train_speed_defaults" / f"{g}.json").read_text())["results"] for g in ("14x14", "7x7")
+    }
+    text = " ".join(README.split())
+
+    def speed(grid, run):
+        return runs[grid][f"features_{run}_batch_64"]["captions_per_second_overall"]
+
+    fast, fast7 = speed("14x14", "auto_length"), speed("7x7", "auto_length")
+    assert f"it trains at {fast:.0f} captions/s at 14×14 (random batches {speed('14x14', 'auto_random'):.0f}" in text
+    assert f"and {fast7:.0f} at 7×7 (random {speed('7x7', 'auto_random'):.0f};" in text
+    assert f"{fast / 150:.0%} and {fast7 / 300:.0%} of the issue's targets" in text and fast < 150 and fast7 < 300

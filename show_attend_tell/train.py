@@ -222,9 +222,11 @@ def resume_run(run_dir: str | Path, *, pretrained_encoder: bool = True, device: 
     config_path = run_dir / "config.json"
     try:
         resolved = json.loads(config_path.read_text(encoding="utf-8"))
+        # a run saved before batches were bucketed by default took random ones; it resumes as it trained
+        train = {"bucket_by_length": False, **resolved["train"]}
         configs = (
             check_model_config(resolved["model"], str(config_path)),
-            from_dict(TrainConfig, resolved["train"]),
+            from_dict(TrainConfig, train),
             from_dict(DataConfig, resolved["data"]),
         )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

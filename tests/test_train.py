@@ -231,6 +231,25 @@ def test_a_run_saved_with_auto_before_it_was_recorded_resumes_in_fp32_on_a_bf16_
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_a_run_saved_before_bucketing_was_an_option_resumes_with_random_batches(tiny_prepared, tiny_features, tmp_path):
+    """A config without bucket_by_length (saved before the field existed, when every batch was random) resumes with
+    random batches, not today's bucketed default, and ends bit-identical to a run that was not stopped."""
+    straight = make_trainer(tmp_path / "straight", tiny_prepared, tiny_features, epochs=2)
+    fit(straight, progress=False)
+    stopped = make_trainer(tmp_path / "stopped", tiny_prepared, tiny_features, epochs=2)
+    fit(stopped, max_steps=3, progress=False)
+    config_path = tmp_path / "stopped" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["train"]["bucket_by_length"]
+    config_path.write_text(json.dumps(config))
+    resumed = resume_run(tmp_path / "stopped", pretrained_encoder=False, java=False)
+    assert not resumed.config.bucket_by_length
+    fit(resumed, progress=False)
+    a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
+    b = load_file(tmp_path / "stopped" / "last" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_training_from_a_streamed_store_equals_training_from_memory(tiny_prepared, tiny_features, tmp_path):
     """Rows read from disk batch by batch (by loader processes, or in the loop) train exactly what the store
     held in memory trains, validation and the int8 calibration included."""

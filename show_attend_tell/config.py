@@ -151,7 +151,8 @@ class TrainConfig:
     entropy_weight: float = 0.002
     # Autocast in training: auto is fp16 with loss scaling on CUDA and, on the CPU, bf16 (no loss scaling needed) where
     # the CPU has it natively, else fp32 (train.training_precision). bf16 trains 1.5-1.7x faster per step there and
-    # scored within seed noise of fp32 (results/train_precision_seeds.json). A run records the precision auto picked.
+    # scored within seed noise of fp32 (results/train_precision_seeds.json); self-critical training stays in fp32 on
+    # the CPU. A run records the precision auto picked.
     precision: str = "auto"
     # 0: each epoch visits the training images in a random order (a permutation). N > 0: for feature stores on
     # disks that seek slowly (disks that spin, network storage), blocks of N consecutive images in a random

@@ -193,7 +193,8 @@ def new_run(
     if (run_dir / STATE_DIR).exists():
         raise FileExistsError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     # the precision `auto` picks here is the run's: its config says it, and a resume elsewhere keeps it
-    train_config = dataclasses.replace(train_config, precision=training_precision(train_config.precision, device))
+    precision = training_precision(train_config.precision, device, self_critical=train_config.self_critical)
+    train_config = dataclasses.replace(train_config, precision=precision)
     run = _build(run_dir, model_config, train_config, data_config, pretrained_encoder, device, java)
     run.lock = lock_run_dir(run_dir)
     if run.rank == 0:
@@ -244,15 +245,19 @@ def resume_run(run_dir: str | Path, *, pretrained_encoder: bool = True, device: 
     return run
 
 
-def training_precision(precision: str, device: str | torch.device, flags: frozenset[str] | None = None) -> str:
+def training_precision(
+    precision: str, device: str | torch.device, flags: frozenset[str] | None = None, *, self_critical: bool = False
+) -> str:
     """TrainConfig.precision as trained on `device`: `auto` is fp16 (loss-scaled) on CUDA and, on the CPU, bf16
     where the CPU has it natively (`flags`: /proc/cpuinfo's, by default; the encoder's test,
-    fast_encoder.supported_precisions), else fp32 (results/train_precision_seeds.json); others are themselves."""
+    fast_encoder.supported_precisions), else fp32 (results/train_precision_seeds.json); others are themselves.
+    Self-critical training stays in fp32 on the CPU: the seeds that chose bf16 trained with cross-entropy, and the
+    shipped model's self-critical run (recipes/flickr8k_scst.sh, which it reproduces) was fp32."""
     if precision != AUTO:
         return precision
     if torch.device(device).type == "cuda":
         return "fp16"
-    return "bf16" if "bf16" in supported_precisions("cpu", flags) else "fp32"
+    return "bf16" if "bf16" in supported_precisions("cpu", flags) and not self_critical else "fp32"
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

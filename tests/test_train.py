@@ -207,6 +207,12 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_and_recorded_in_the_ru
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["train"]["precision"] == expected
     assert training_precision("auto", "cuda", frozenset(flags)) == "fp16"  # with loss scaling, as before
     assert training_precision("fp32", "cpu", frozenset({"avx512_bf16"})) == "fp32"
+    # self-critical training stays in fp32 on the CPU (the bf16 evidence is cross-entropy's), fp16 on CUDA
+    scst = make_trainer(tmp_path / "scst", tiny_prepared, tiny_features, precision="auto", self_critical=True)
+    assert scst.config.precision == "fp32" and scst.autocast_dtype is None
+    assert training_precision("auto", "cpu", frozenset(flags), self_critical=True) == "fp32"
+    assert training_precision("auto", "cuda", frozenset(flags), self_critical=True) == "fp16"
+    assert training_precision("bf16", "cpu", frozenset(flags), self_critical=True) == "bf16"
 
 
 def test_a_run_saved_with_auto_before_it_was_recorded_resumes_in_fp32_on_a_bf16_cpu(

@@ -47,6 +47,7 @@ from PIL import Image
 
 from show_attend_tell.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from show_attend_tell.datasets import read_folder
+from show_attend_tell.errors import InputError
 from show_attend_tell.features import extract_features, native_grid_size, store_settings
 from show_attend_tell.prepare import PreparedDataset, prepare
 from show_attend_tell.train import Run, cross_entropy_step, new_run
@@ -164,19 +165,22 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     trainers, shared = {}, None
     for name, (source, precision, decoder, _) in variants.items():
         from_store = source == "features"
-        trainers[name] = new_run(
-            workdir / f"run-{name}",
-            ModelConfig(vocab_size=len(dataset.vocab), decoder=decoder, **settings),
-            TrainConfig(batch_size=max(args.batch_captions), seed=0, precision=precision),
-            DataConfig(
-                prepared=str(prepared),
-                features=features if from_store else "",
-                limit=args.limit,
-                # the first run holds the store (in memory when it fits); the others read that one copy
-                feature_loading="stream" if from_store and shared is not None else "auto",
-            ),
-            java=False,
-        )
+        try:
+            trainers[name] = new_run(
+                workdir / f"run-{name}",
+                ModelConfig(vocab_size=len(dataset.vocab), decoder=decoder, **settings),
+                TrainConfig(batch_size=max(args.batch_captions), seed=0, precision=precision),
+                DataConfig(
+                    prepared=str(prepared),
+                    features=features if from_store else "",
+                    limit=args.limit,
+                    # the first run holds the store (in memory when it fits); the others read that one copy
+                    feature_loading="stream" if from_store and shared is not None else "auto",
+                ),
+                java=False,
+            )
+        except InputError as error:  # e.g. --limit against a store of the whole dataset: one line, as sat train says it
+            raise SystemExit(f"train_speed.py: error: {error}") from None
         if from_store:
             shared = trainers[name].data.features if shared is None else shared
             trainers[name].data.features = shared

@@ -215,41 +215,36 @@ def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_and_recorded_in_the_ru
     assert training_precision("bf16", "cpu", frozenset(flags), self_critical=True) == "bf16"
 
 
-def test_a_run_saved_with_auto_before_it_was_recorded_resumes_in_fp32_on_a_bf16_cpu(
-    tiny_prepared, tiny_features, tmp_path, monkeypatch
+def _saved_with_auto(train: dict) -> None:
+    train["precision"] = "auto"  # runs used to save `auto` itself, which trained in fp32 on every CPU
+
+
+def _saved_before_bucketing(train: dict) -> None:
+    del train["bucket_by_length"]  # saved before the field existed, when every batch was random
+
+
+@pytest.mark.parametrize(
+    "edit, resumes_as",
+    [(_saved_with_auto, {"precision": "fp32"}), (_saved_before_bucketing, {"bucket_by_length": False})],
+    ids=["auto-precision", "no-bucketing-field"],
+)
+def test_a_run_saved_under_older_defaults_resumes_as_it_trained(
+    tiny_prepared, tiny_features, tmp_path, monkeypatch, edit, resumes_as
 ):
-    """Runs used to save `auto` itself, which trained in fp32 on every CPU. Resumed on a CPU with bf16 (where auto
-    now picks bf16) such a run goes on in fp32 and ends bit-identical to one that was not stopped."""
+    """A config saved before a default changed (`auto` then trained in fp32 on every CPU; batches were random)
+    resumes as it trained, on a CPU with bf16 where auto now picks bf16, and ends bit-identical to a run that was
+    not stopped."""
     straight = make_trainer(tmp_path / "straight", tiny_prepared, tiny_features, epochs=2)
     fit(straight, progress=False)
     stopped = make_trainer(tmp_path / "stopped", tiny_prepared, tiny_features, epochs=2)
     fit(stopped, max_steps=3, progress=False)
     config_path = tmp_path / "stopped" / "config.json"
     config = json.loads(config_path.read_text())
-    config["train"]["precision"] = "auto"  # as the run would have saved it
+    edit(config["train"])
     config_path.write_text(json.dumps(config))
     monkeypatch.setattr(fast_encoder, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     resumed = resume_run(tmp_path / "stopped", pretrained_encoder=False, java=False)
-    assert resumed.config.precision == "fp32" and resumed.autocast_dtype is None
-    fit(resumed, progress=False)
-    a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
-    b = load_file(tmp_path / "stopped" / "last" / "state.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
-
-
-def test_a_run_saved_before_bucketing_was_an_option_resumes_with_random_batches(tiny_prepared, tiny_features, tmp_path):
-    """A config without bucket_by_length (saved before the field existed, when every batch was random) resumes with
-    random batches, not today's bucketed default, and ends bit-identical to a run that was not stopped."""
-    straight = make_trainer(tmp_path / "straight", tiny_prepared, tiny_features, epochs=2)
-    fit(straight, progress=False)
-    stopped = make_trainer(tmp_path / "stopped", tiny_prepared, tiny_features, epochs=2)
-    fit(stopped, max_steps=3, progress=False)
-    config_path = tmp_path / "stopped" / "config.json"
-    config = json.loads(config_path.read_text())
-    del config["train"]["bucket_by_length"]
-    config_path.write_text(json.dumps(config))
-    resumed = resume_run(tmp_path / "stopped", pretrained_encoder=False, java=False)
-    assert not resumed.config.bucket_by_length
+    assert {key: getattr(resumed.config, key) for key in resumes_as} == resumes_as and resumed.autocast_dtype is None
     fit(resumed, progress=False)
     a = load_file(tmp_path / "straight" / "last" / "state.safetensors")
     b = load_file(tmp_path / "stopped" / "last" / "state.safetensors")

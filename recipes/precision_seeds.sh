@@ -10,12 +10,11 @@
 # EPOCHS (default 5: the 30-minute recipe's) is the cosine cycle's length. The record: 5 epochs, seeds 0 1 2, run
 # on 2026-12-04 as two 1-thread streams side by side (SEEDS "0 1" and "2" in two WORK_DIRs, then gathered over a
 # third that links both; its how_run says so); BUCKET=1 with seed 0 made results/train_bucketing_scores.json.
-# Every run takes random batches unless BUCKET=1 (sat train buckets by default).
 # PREPARED and FEATURES (default WORK_DIR/prepared, WORK_DIR/features) reuse a prepared dataset and a 224 px
 # store; THREADS caps each job's threads when another job shares the machine; LOCK (a file) makes each job
 # take a shared lock on it, so that a timed benchmark holding it alone waits for the job to end (and the job for it).
-# BUCKET=1 trains every run with --bucket-by-length (length-bucketed batches), to set beside a study without it;
-# with one seed the record has no standard deviations and decides nothing.
+# Every run takes random batches (sat train buckets by default) unless BUCKET=1: then --bucket-by-length, to set
+# beside a study without it; with one seed the record has no standard deviations and decides nothing.
 # Resumable: finished stages are listed in WORK_DIR/stage_seconds.txt and skipped; a training cut short starts
 # again (its wall time is part of the record). The precisions alternate (fp32 s0, bf16 s0, fp32 s1, ...), so a
 # stop leaves a balanced set. Also run end to end on a 12-photo prepared set at 64 px (PREPARED made beforehand
@@ -60,7 +59,7 @@ done
 
 settings="${BUCKET:+BUCKET=$BUCKET }${THREADS:+THREADS=$THREADS }${PREPARED:+PREPARED=$PREPARED }${FEATURES:+FEATURES=$FEATURES }"
 "$python" - "${settings}recipes/precision_seeds.sh $*" "$work" "$epochs" "$out" "$prepared" "$features" "${BATCH:-100}" \
-  "${THREADS:-all}" "${BUCKET:+1}" "${seeds[@]}" <<'EOF'
+  "${THREADS:-all}" "$bucketing" "${seeds[@]}" <<'EOF'
 import json
 import os
 import statistics
@@ -72,8 +71,8 @@ from scipy.stats import ttest_ind
 
 from show_attend_tell.records import provenance, write_record
 
-command, work, epochs, out, prepared, features, batch, threads, bucket, *seeds = sys.argv[1:]
-work, epochs, bucket = Path(work), int(epochs), bool(bucket)
+command, work, epochs, out, prepared, features, batch, threads, bucketing, *seeds = sys.argv[1:]
+work, epochs = Path(work), int(epochs)
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
 DECIDING = ["BLEU-4", "METEOR", "CIDEr"]  # the issue's three: bf16 is chosen if it is within noise on each
 seconds = dict(line.split() for line in (work / "stage_seconds.txt").read_text().splitlines())
@@ -81,7 +80,8 @@ record = provenance(command)
 # COMMIT: the code's commit when it runs from an exported copy, not from a git checkout
 git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 record["commit"] = os.environ.get("COMMIT") or git
-record.update(threads_per_job=threads, epochs=epochs, seeds=[int(s) for s in seeds], bucket_by_length=bucket)
+record.update(threads_per_job=threads, epochs=epochs, seeds=[int(s) for s in seeds])
+record.update(bucket_by_length=bucketing == "--bucket-by-length")
 record.update(feature_store_seconds=int(seconds["features"]), runs={})
 for precision in ("fp32", "bf16"):
     for seed in seeds:
@@ -98,9 +98,8 @@ for precision in ("fp32", "bf16"):
             "precision": precision,
             "seed": int(seed),
             "command": f"sat train --data {prepared} --features {features} --batch-size {batch} "
-            f"--checkpoint-every-steps 100 --epochs {epochs} --decoder-lr 5e-4 --run-dir {run_dir}"
-            + (" --bucket-by-length" if bucket else " --no-bucket-by-length")
-            + f" --precision {precision} --seed {seed}",
+            f"--checkpoint-every-steps 100 --epochs {epochs} --decoder-lr 5e-4 --run-dir {run_dir} {bucketing} "
+            f"--precision {precision} --seed {seed}",
             "evaluate": f"sat evaluate {run_dir}/best --data {prepared} --features {features} --split test "
             f"--out {work / 'test' / name}",
             "train_wall_seconds": int(seconds[f"train_{name}"]),

@@ -4,6 +4,7 @@ run on (a stand-in over mean-colour features, and the shipped model)."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import itertools
 import struct
@@ -141,6 +142,18 @@ def learn_tiny_batch(model: CaptionModel, features: torch.Tensor, lr: float, ste
 
 
 # ----- training ----------------------------------------------------------------------------------------------
+def load_script(relative: str, monkeypatch=None):
+    """A script of the repo (recipes/x.py, benchmarks/x.py) as a module. With monkeypatch, the script's folder goes
+    first on sys.path for the test, as `python benchmarks/x.py` has it (the benchmarks import harness)."""
+    path = REPO / relative
+    if monkeypatch is not None:
+        monkeypatch.syspath_prepend(path.parent)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_trainer(run_dir, prepared, features, model: dict | None = None, data: dict | None = None, **train):
     vocab_size = len(PreparedDataset.load(prepared).vocab)
     # fp32 unless a test asks: `auto` would train in bf16 on CPUs that have it, and tests should not depend on the CPU.

@@ -3,13 +3,13 @@ the shipped model guided on the bundled photos."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 from conftest import REPO
+from helpers import load_script
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Captioner
 from show_attend_tell.cli import main
@@ -25,9 +25,7 @@ def vocabulary(*words: str) -> Vocabulary:
 
 
 def test_shipped_label_words_are_the_builders_output_and_map_each_class_once():
-    spec = importlib.util.spec_from_file_location("imagenet_words", REPO / "recipes" / "imagenet_words.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
+    builder = load_script("recipes/imagenet_words.py")
     shipped = json.loads(LABEL_WORDS.read_text())
     assert shipped == json.loads(json.dumps(builder.build()))
     classes = [int(index) for concept in shipped["concepts"] for index in concept["classes"]]
@@ -383,9 +381,7 @@ def test_a_count_the_user_or_a_template_already_gives_is_not_asked_twice():
 
 
 def test_the_tuning_recipe_buckets_counted_people_with_and_without_suppressing_overlaps():
-    spec = importlib.util.spec_from_file_location("tune_detector", REPO / "recipes" / "tune_detector.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_script("recipes/tune_detector.py")
     from show_attend_tell.detector import Detection
 
     twice = [Detection("person", 0.5, (0, 0, 10, 10)), Detection("person", 0.4, (1, 0, 11, 10))]  # one person, twice

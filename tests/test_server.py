@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ColourGrid
 from fastapi.testclient import TestClient
-from helpers import EXAMPLES, PHOTO, corrupt_tiff, load_captioner, png_header_only, stand_in_captioner
+from helpers import EXAMPLES, PHOTO, corrupt_tiff, load_captioner, load_script, png_header_only, stand_in_captioner
 from PIL import Image
 
 from show_attend_tell.captioner import SHIPPED_MODEL, Alternative, Caption, Captioner
@@ -1165,15 +1165,9 @@ def test_large_decodes_go_one_at_a_time_and_never_hold_up_a_small_photo(monkeypa
 def test_the_hostile_load_benchmark_counts_5xx_besides_the_busy_503(monkeypatch):
     """benchmarks/hostile_load.py reads the server's access log: a 503 of a full queue (what attackers are meant to
     get) does not fail its target, a 500 or 502 does."""
-    import importlib.util
     from collections import Counter
 
-    from conftest import REPO
-
-    monkeypatch.syspath_prepend(REPO / "benchmarks")  # as `python benchmarks/hostile_load.py` has it (harness)
-    spec = importlib.util.spec_from_file_location("hostile_load", REPO / "benchmarks" / "hostile_load.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/hostile_load.py", monkeypatch)
     log = "\n".join(
         f'INFO:     127.0.0.1:5{n} - "POST /api/caption?beam_size=7 HTTP/1.1" {status} Status'
         for n, status in enumerate([200, 200, 503, 413, 408, 503])

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO, tiny_model_config, tiny_transformer
-from helpers import STAGE_MODEL, make_trainer
+from helpers import STAGE_MODEL, load_script, make_trainer
 from safetensors.torch import load_file
 
 from show_attend_tell import fast_encoder, runtime
@@ -535,7 +535,7 @@ GRADIENT_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from safetensors.torch import save_file
     sys.path.insert(0, {tests!r})
-    from helpers import STAGE_MODEL, make_trainer
+    from helpers import STAGE_MODEL, load_script, make_trainer
     from show_attend_tell.distributed import exit_worker
     from show_attend_tell.train import cross_entropy_step, self_critical_step
     run, prepared, features, kind = sys.argv[1:5]
@@ -879,12 +879,8 @@ def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path, monk
     """benchmarks/train_speed.py on a `sat features --image-size 448` store trains the 14x14 model the store fits
     (as `sat train --features` does), each batching on its own epoch, and reports the padding it measured."""
     import argparse
-    import importlib.util
 
-    monkeypatch.syspath_prepend(REPO / "benchmarks")  # as `python benchmarks/train_speed.py` has it (harness)
-    spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/train_speed.py", monkeypatch)
     prepared = bench.synthetic_dataset(tmp_path / "data", images=6, vocab_size=40, mean_words=6)
     config = ModelConfig(vocab_size=len(PreparedDataset.load(prepared).vocab), image_size=448, grid_size=14)
     store = bench.synthetic_features(prepared, tmp_path / "store", config)

@@ -303,10 +303,10 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def profile_steps(run: Run, batches: list[list[int]], steps: int, top: int = 15) -> dict:
-    """Where a step's time goes, from torch.profiler over `steps` steps (after one that is not profiled), as shares
+    """Where a step goes, from torch.profiler over `steps` steps (after one that is not profiled), as shares
     of the steps' CPU time: by phase (cross_entropy_step's marks), by the decoder's modules in the forward pass (a
-    module's own and its children's time), by autograd function in the backward pass, and the ops with the most
-    self time (an op's time outside the ops it calls)."""
+    module's own and its children's time; soft_step: soft attention's teacher-forced steps), by autograd function in
+    the backward pass, and the ops with the most self time (an op's time outside the ops it calls)."""
     from torch.autograd.profiler import record_function
 
     cross_entropy_step(run, batches[-1])
@@ -325,15 +325,24 @@ def profile_steps(run: Run, batches: list[list[int]], steps: int, top: int = 15)
             enter(f"phase::{PHASES[PHASES.index(phase) + 1]}")
 
     hooks = []
-    for name, module in run.model.decoder.named_children():
+    decoder = run.model.decoder
+    for name, module in decoder.named_children():
         hooks.append(module.register_forward_pre_hook(lambda *_, name=name: enter(f"module::{name}")))
         hooks.append(module.register_forward_hook(leave))
+    if hasattr(decoder, "soft_step"):  # soft attention's teacher-forced step reads its weights, not its modules
+
+        def soft_step(*args, plain=decoder.soft_step):
+            with record_function("module::soft_step"):
+                return plain(*args)
+
+        decoder.soft_step = soft_step
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         for rows in batches[:steps]:
             enter(f"phase::{PHASES[0]}")
             cross_entropy_step(run, rows, mark=mark)
     for hook in hooks:
         hook.remove()
+    vars(decoder).pop("soft_step", None)
     events = profiler.key_averages()
     inclusive = {event.key: event.cpu_time_total for event in events}
     total = sum(inclusive.get(f"phase::{phase}", 0.0) for phase in PHASES)

@@ -4,7 +4,10 @@ forward of the plain code it replaces, and tests/test_model.py holds its gradien
 - Prefix views with one gradient buffer: what a teacher-forced pass reads at each step, without autograd's
   zero-filled whole-tensor gradient per step (model.EncodedPrefixes).
 - Attention scores whose backward goes through the sigmoid a few images at a time in the core's cache
-  (model.SoftAttention)."""
+  (model.SoftAttention).
+- Products of one weight with every step's input whose weight gradient is one product over all the steps
+  (model.CaptionDecoder.teacher_forced_soft), as cuDNN's recurrent layers take it; the same for the attention's
+  contexts, whose features' gradient is one batched product over all the steps."""
 
 from __future__ import annotations
 
@@ -102,3 +105,130 @@ class AttentionScores(torch.autograd.Function):
         grad_u = grad_energy.squeeze(1) if K == 1 else grad_energy.sum(dim=1)  # (B, P, A)
         grad_v = grad_energy.sum(dim=2, keepdim=True)  # (B, K, 1, A)
         return grad_u, grad_v, grad_w.to(w.dtype), grad_b.to(w.dtype)
+
+
+class _StepProductsLink(torch.autograd.Function):
+    """The link from a weight and bias to the steps' products of them (StepProducts): an empty output whose backward
+    runs after every step's (they all read it) and hands them the gradients summed over the steps."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bias: torch.Tensor | None, products: StepProducts) -> torch.Tensor:
+        ctx.products = products
+        return weight.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _unused: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        return (*ctx.products.take_gradients(), None)
+
+
+class _StepProduct(torch.autograd.Function):
+    """x W^T + b whose backward gives x its gradient and keeps the output's for the weight's (StepProducts)."""
+
+    @staticmethod
+    def forward(ctx, link: torch.Tensor, x: torch.Tensor, products: StepProducts) -> torch.Tensor:
+        ctx.products, ctx.step = products, len(products.inputs)
+        products.inputs.append(x.detach())
+        return products.plain(x)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        ctx.products.gradients[ctx.step] = gradient
+        return None, gradient.mm(ctx.products.weight), None
+
+
+class StepProducts:
+    """x_t W^T + b for the inputs x_t of a recurrence's steps (the rows of h_{t-1} still running). Autograd takes
+    W's gradient at every step, a product over the step's few rows, and adds it into the weight's; here each step
+    keeps its output's gradient, and W's and b's gradients are one product over all the steps' rows when the
+    backward has passed the first step (results/train_speed_fused/). Without gradients, a plain product."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        self.inputs: list[torch.Tensor] = []
+        self.gradients: dict[int, torch.Tensor] = {}
+        self.link = _StepProductsLink.apply(weight, bias, self)  # without gradients, an empty tensor and nothing more
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, in) -> x W^T + b (n, out); W's gradient is taken once, over every call's rows."""
+        if not torch.is_grad_enabled():
+            return self.plain(x)
+        return _StepProduct.apply(self.link, x, self)
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mm(self.weight.t()) if self.bias is None else torch.addmm(self.bias, x, self.weight.t())
+
+    def take_gradients(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        steps = sorted(self.gradients)
+        if not steps:
+            return None, None
+        gradient = torch.cat([self.gradients[step] for step in steps])  # (rows, out)
+        inputs = torch.cat([self.inputs[step] for step in steps]).to(gradient.dtype)  # (rows, in)
+        self.inputs, self.gradients = [], {}
+        return gradient.t().mm(inputs), None if self.bias is None else gradient.sum(dim=0)
+
+
+class _StepContextsLink(torch.autograd.Function):
+    """The link from the features to the steps' contexts (StepContexts), as _StepProductsLink."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, contexts: StepContexts) -> torch.Tensor:
+        ctx.contexts = contexts
+        return features.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _unused: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        return ctx.contexts.take_gradient(), None
+
+
+class _StepContext(torch.autograd.Function):
+    """sum_i alpha_i a_i over the first n rows; the backward gives alpha its gradient and keeps the context's."""
+
+    @staticmethod
+    def forward(ctx, link: torch.Tensor, alpha: torch.Tensor, contexts: StepContexts) -> torch.Tensor:
+        ctx.contexts, ctx.step = contexts, len(contexts.alphas)
+        contexts.alphas.append(alpha.detach())
+        return contexts.plain(alpha)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        ctx.contexts.gradients[ctx.step] = gradient
+        features = ctx.contexts.features[: gradient.size(0)].to(gradient.dtype)
+        return None, torch.bmm(gradient.unsqueeze(1), features.transpose(1, 2)).squeeze(1), None
+
+
+class StepContexts:
+    """The attention's context sum_i alpha_i a_i at every step of a teacher-forced pass, over the first n rows of
+    features (N, P, F) (the captions still running). Autograd writes each step's (n, P, F) gradient of the features
+    and adds it up; here each step keeps its context's gradient, and the features' is one batched product over all
+    the steps: sum_t alpha_t^T g_t for each row (results/train_speed_fused/). Without gradients, a plain product."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features = features.detach()
+        self.alphas: list[torch.Tensor] = []
+        self.gradients: dict[int, torch.Tensor] = {}
+        self.link = _StepContextsLink.apply(features, self)  # without gradients, an empty tensor and nothing more
+
+    def __call__(self, alpha: torch.Tensor) -> torch.Tensor:
+        """alpha (n, P) -> the context of each of the first n rows (n, F)."""
+        if not torch.is_grad_enabled():
+            return self.plain(alpha)
+        return _StepContext.apply(self.link, alpha, self)
+
+    def plain(self, alpha: torch.Tensor) -> torch.Tensor:
+        n = alpha.size(0)
+        return torch.bmm(alpha.unsqueeze(1).to(self.features.dtype), self.features[:n]).squeeze(1)
+
+    def take_gradient(self) -> torch.Tensor | None:
+        steps = sorted(self.gradients)
+        if not steps:
+            return None
+        N, P, F = self.features.shape
+        dtype = self.gradients[steps[0]].dtype
+        alphas = self.features.new_zeros(N, len(steps), P, dtype=dtype)  # (N, T, P), zero where a row has ended
+        gradients = self.features.new_zeros(N, len(steps), F, dtype=dtype)  # (N, T, F)
+        for column, step in enumerate(steps):
+            n = self.gradients[step].size(0)
+            alphas[:n, column] = self.alphas[step]
+            gradients[:n, column] = self.gradients[step]
+        self.alphas, self.gradients = [], {}
+        return torch.bmm(alphas.transpose(1, 2), gradients).to(self.features.dtype)  # (N, P, F)

@@ -8,7 +8,8 @@ Shape letters used in the comments below:
 
 Xu et al. 2015, section 3.1.2 and 4.2: at step t the attention reads h_{t-1}, forms the context z_t, gates
 it with beta_t, and the LSTM consumes [E y_{t-1}; beta_t z_t] to give h_t, from which y_t is predicted.
-`CaptionDecoder.step` is the only code that computes a word distribution; every decoder goes through it.
+`CaptionDecoder.step` is the one decoding step; every decoder goes through it. Soft attention's training pass
+(`teacher_forced_soft`) is the same arithmetic rearranged for speed, held to `step` by tests/test_model.py.
 Section 4.1 (hard attention, `ModelConfig.attention = "hard"`): the same alpha_t, but the context is the
 feature of one location s_t ~ Multinoulli(alpha_t), drawn where the caller asks for it (`LocationSampling`), and
 training adds REINFORCE and entropy terms (`hard_attention_loss`). Without sampling, hard attention's context is
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from show_attend_tell.backward import AttentionScores, Prefixes
+from show_attend_tell.backward import AttentionScores, Prefixes, StepContexts, StepProducts
 from show_attend_tell.config import ModelConfig
 from show_attend_tell.decoder import Decoder, State, TeacherForced, rows_per_image, select_rows
 from show_attend_tell.text import PAD_ID
@@ -162,6 +163,12 @@ class SoftAttention(nn.Module):
         w, b = self.score.weight.view(A).to(dtype), self.score.bias.to(dtype)
         scores = AttentionScores.apply(encoded.projected, hidden, w, b)  # (B*K*P,)
         return attend(scores.view(B, K, P), encoded.features)
+
+
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype products of `tensor`'s device compute in: autocast's if it is on there, else the tensor's."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 def attend(scores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,16 +328,35 @@ class CaptionDecoder(nn.Module):
         *,
         sampling: LocationSampling | None = None,
     ) -> TeacherForced:
-        """The teacher-forced pass (see CaptionModel.forward): one step per word position, each through `step`,
-        over the captions still running at that position."""
+        """The teacher-forced pass (see CaptionModel.forward) over the captions still running at each word
+        position: `teacher_forced_steps` for hard attention, `teacher_forced_soft` (the same numbers, fewer and
+        larger products) for soft attention."""
+        if self.hard_attention:
+            return self.teacher_forced_steps(features, captions, lengths, image_index, sampling=sampling)
+        return self.teacher_forced_soft(features, captions, lengths, image_index)
+
+    def _running_order(
+        self, captions: torch.Tensor, lengths: torch.Tensor, image_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Longest first, so the captions still running at step t are a prefix of the batch; a stable order keeps
+        an image's captions in their order, so they take its sampled locations in the same order on any rank.
+        -> order (N,), words to predict per caption (N,), the captions (N, T) and their images (N,) in that order."""
+        order = lengths.argsort(descending=True, stable=True)
+        return order, lengths[order] - 1, captions[order], image_index[order]
+
+    def teacher_forced_steps(
+        self,
+        features: torch.Tensor,
+        captions: torch.Tensor,
+        lengths: torch.Tensor,
+        image_index: torch.Tensor,
+        *,
+        sampling: LocationSampling | None = None,
+    ) -> TeacherForced:
+        """The teacher-forced pass one word position at a time, each through `step`."""
         encoded = self.encode(features, sampling)  # (B, P, *)
         initial = self.init_state(encoded)  # (B, D) each
-        # Longest first, so the captions still running at step t are a prefix of the batch. A stable order keeps
-        # an image's captions in their order, so they take its sampled locations in the same order on any rank.
-        order = lengths.argsort(descending=True, stable=True)
-        steps = lengths[order] - 1  # (N,) words to predict
-        words = captions[order]  # (N, T)
-        rows = image_index[order]
+        order, steps, words, rows = self._running_order(captions, lengths, image_index)
         running = EncodedPrefixes(encoded.select(rows))  # running(n): the first n of (N, P, *)
         state = select_rows(initial, rows)
         N, total = captions.size(0), int(steps.max())
@@ -347,6 +373,81 @@ class CaptionDecoder(nn.Module):
         inverse = order.argsort()
         stacked = (torch.stack(log_probs, 1), torch.stack(alphas, 1), torch.stack(locations, 1))
         return TeacherForced(*(part[inverse] for part in stacked))
+
+    def teacher_forced_soft(
+        self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor, image_index: torch.Tensor
+    ) -> TeacherForced:
+        """`teacher_forced_steps` for soft attention, rearranged for speed (issue 33; the same numbers up to
+        rounding, tests/test_model.py). What reads h_{t-1} (W_h, f_beta and the LSTM's W_hh) is one product per
+        step; the products that do not feed the next step are done once for every word of the batch: the LSTM's
+        input weights on the embedded words before the loop, the deep output and L_o after it. The backward takes
+        the per-step products' weight gradients and the contexts' feature gradient once over all the steps
+        (backward.StepProducts, StepContexts). results/train_speed_fused/ times it."""
+        encoded = self.encode(features)  # (B, P, *)
+        h, c = self.init_state(encoded)  # (B, D) each
+        order, steps, words, rows = self._running_order(captions, lengths, image_index)
+        encoded = encoded.select(rows)  # (N, P, *)
+        projected, contexts = Prefixes(encoded.projected), StepContexts(encoded.features)  # the first n rows of each
+        h, c = h[rows], c[rows]
+        N, total = captions.size(0), int(steps.max())
+        # the (step, row) of every word predicted, step by step: at step t the first n_t rows are running
+        running_at = steps.unsqueeze(0) > torch.arange(total, device=steps.device).unsqueeze(1)  # (T, N)
+        positions, counts = running_at.nonzero(), running_at.sum(1).tolist()  # (W, 2), n_t per step
+        embedded = self.embedding(words[positions[:, 1], positions[:, 0]])  # (W, M) each step's previous words
+        attention, lstm, M = self.attention, self.lstm, self.embedding.embedding_dim
+        # one (D -> A + F + 4D) product of h_{t-1} per step; the LSTM's two biases ride on it. The joined weights
+        # are cast to autocast's dtype here, once: autocast caches the casts of parameters, not of these
+        dtype = autocast_dtype(h)
+        reads_h = torch.cat([attention.decoder_projection.weight, self.f_beta.weight, lstm.weight_hh]).to(dtype)
+        reads_h_bias = torch.cat([attention.decoder_projection.bias, self.f_beta.bias, lstm.bias_ih + lstm.bias_hh])
+        reads_h_bias = reads_h_bias.to(dtype)
+        word_gates = F.linear(embedded, lstm.weight_ih[:, :M]).split(counts)  # (n_t, 4D) per step
+        # their weights' gradients are taken once over the steps, not once per step
+        products = StepProducts(reads_h, reads_h_bias), StepProducts(lstm.weight_ih[:, M:].to(dtype))  # and (4D, F)
+        hs, gateds, alphas = [], [], []
+        for t, n in enumerate(counts):
+            h, c, gated, alpha = self.soft_step(h[:n], c[:n], word_gates[t], projected(n), contexts, *products)
+            hs.append(h)
+            gateds.append(gated)
+            alphas.append(alpha)
+        h_all, gated_all = torch.cat(hs), torch.cat(gateds)  # (W, D), (W, F)
+        out = embedded + self.L_h(h_all) + self.L_z(gated_all) if self.deep_output else h_all
+        word_log_probs = F.log_softmax(self.L_o(self.dropout(out)), dim=1)  # (W, V)
+        # back to the batch's own order, zero past each caption's end
+        where = (order[positions[:, 1]], positions[:, 0])
+        log_probs = word_log_probs.new_zeros(N, total, word_log_probs.size(1)).index_put(where, word_log_probs)
+        alpha_all = torch.cat(alphas)
+        alpha_grid = alpha_all.new_zeros(N, total, alpha_all.size(1)).index_put(where, alpha_all)
+        return TeacherForced(log_probs, alpha_grid, words.new_full((N, total), -1))
+
+    def soft_step(
+        self,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        word_gates: torch.Tensor,
+        projected: torch.Tensor,
+        contexts: StepContexts,
+        reads_h: StepProducts,
+        reads_context: StepProducts,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of teacher_forced_soft over its first n rows: `step` without the word distribution. h, c (n, D);
+        word_gates (n, 4D) the LSTM's input weights on the previous words; projected (n, P, A) the rows' attention
+        terms, contexts their features; reads_h, reads_context the joined products (see teacher_forced_soft)
+        -> h, c, the gated context (n, F), alpha (n, P)."""
+        attention, n = self.attention, h.size(0)
+        A, F_ = attention.decoder_projection.out_features, self.f_beta.out_features
+        hidden, beta, recurrent = reads_h(h).split([A, F_, word_gates.size(1)], dim=1)
+        # SoftAttention.forward from its decoder term v = 2 (W_h h + b_h)
+        dtype = torch.promote_types(projected.dtype, hidden.dtype)
+        w, b = attention.score.weight.view(A).to(dtype), attention.score.bias.to(dtype)
+        scores = AttentionScores.apply(projected, hidden.mul(2).view(n, 1, 1, A), w, b)  # (n*P,)
+        alpha = scores.view(n, -1).softmax(dim=1)  # (n, P)
+        gated = torch.sigmoid(beta) * contexts(alpha)  # (n, F)
+        gates = recurrent + word_gates + reads_context(gated)  # (n, 4D): nn.LSTMCell's
+        in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
+        c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
+        h = torch.sigmoid(out_gate) * torch.tanh(c)
+        return h, c, gated, alpha
 
     @staticmethod
     def config_problem(config: ModelConfig) -> str | None:

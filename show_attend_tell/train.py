@@ -292,7 +292,11 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     encoder_sha256 = ENCODER_WEIGHTS[model_config.encoder].sha256() if pretrained_encoder else "untrained"
     model = CaptionModel(model_config, encoder=encoder).to(device)
     if train_config.compile:
-        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)  # the state dict keeps its names
+        # the state dict keeps its names. Compiled, training steps through `step` as decoding does: inductor
+        # cannot compile soft attention's rearranged pass with its dynamic row counts (torch 2.14)
+        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
+        if hasattr(model.decoder, "teacher_forced_steps"):
+            model.decoder.teacher_forced = model.decoder.teacher_forced_steps
     features, stage = load_features(dataset, data_config, model_config, encoder_sha256, encoder, progress=rank == 0)
     if train_config.init_from:
         _initialise_from(model, train_config.init_from, pretrained_encoder)
@@ -306,7 +310,9 @@ def _build(run_dir, model_config, train_config, data_config, pretrained_encoder,
     groups = [{"params": list(model.decoder.parameters()), "lr": train_config.decoder_lr}]
     if encoder is not None and model_config.fine_tune_blocks:
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": train_config.encoder_lr})
-    optimizer = torch.optim.Adam(groups, weight_decay=train_config.weight_decay)
+    # one fused kernel over all parameters: 2.4x as fast as the per-parameter loop on this CPU
+    # (results/train_speed_fused/adam.json); the same update up to rounding
+    optimizer = torch.optim.Adam(groups, weight_decay=train_config.weight_decay, fused=True)
     data = TrainingData.of(dataset, features, stage, data_config.captions_per_image)
     total_steps = len(data.batches(train_config, 0)) * train_config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, train_config))

@@ -191,6 +191,35 @@ def test_prefix_views_give_the_gradients_of_plain_slicing(monkeypatch, overrides
     assert float(fast[2].abs().sum()) > 0
 
 
+@pytest.mark.parametrize(
+    "overrides, precision",
+    [
+        (dict(feature_dim=7), "fp32"),
+        (dict(feature_dim=0), "fp32"),
+        (dict(deep_output=False), "fp32"),
+        (dict(feature_dim=7), "bf16"),
+        (dict(feature_dim=0, deep_output=False), "bf16"),
+    ],
+)
+def test_soft_attentions_teacher_forced_pass_gives_the_steps_outputs_and_gradients(monkeypatch, overrides, precision):
+    """teacher_forced_soft (joined products per step, their weights' gradients once, the rest once per batch) against
+    the pass through `step`: the same log-probabilities, alphas and gradients of every parameter and of the input
+    features."""
+    torch.manual_seed(0)
+    model = CaptionModel(tiny_decoder_config(**overrides)).eval()  # dropout's draws differ between the two
+    features = torch.randn(2, 4, 8)
+    fast = _teacher_forced_gradients(model, features, None, precision)
+    monkeypatch.setattr(model.decoder, "teacher_forced", model.decoder.teacher_forced_steps)
+    plain = _teacher_forced_gradients(model, features, None, precision)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    for fast_part, plain_part in zip(fast[0], plain[0], strict=True):
+        torch.testing.assert_close(fast_part, plain_part, **tolerance)
+    assert fast[1].keys() == plain[1].keys() and "decoder.lstm.weight_hh" in fast[1]
+    for name in plain[1]:
+        torch.testing.assert_close(fast[1][name], plain[1][name], **tolerance, msg=name)
+    torch.testing.assert_close(fast[2], plain[2], **tolerance)
+
+
 def test_prefix_views_without_gradients_are_plain_slices():
     encoded = Encoded(torch.randn(3, 4, 5), torch.randn(3, 4, 6))
     with torch.no_grad():
@@ -227,3 +256,40 @@ def test_attention_scores_backward_equals_plain_autograd(monkeypatch, rows_per_i
     for expected, got in zip(results[0][1], results[1][1], strict=True):
         assert got.dtype == expected.dtype and got.shape == expected.shape
         torch.testing.assert_close(got, expected, **tolerance)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_step_products_and_contexts_give_autograds_gradients(bias):
+    """backward.StepProducts and StepContexts over steps of 5, 3, 3 and 1 rows (a recurrence's, each step's input
+    made from the last one's output): the plain products' outputs and every gradient, taken once over the steps."""
+    from show_attend_tell.backward import StepContexts, StepProducts
+
+    torch.manual_seed(0)
+    weight, features = torch.randn(4, 4, requires_grad=True), torch.randn(5, 3, 4, requires_grad=True)
+    bias_ = torch.randn(4, requires_grad=True) if bias else None
+    start = torch.randn(5, 4, requires_grad=True)
+    leaves = [start, weight, features] + ([bias_] if bias else [])
+
+    def run(product, context):
+        x, total = start, 0
+        for n in (5, 3, 3, 1):
+            alpha = x[:n, :3].softmax(dim=1)  # (n, P)
+            x = torch.tanh(product(x[:n]) + context(alpha, n))
+            total = total + (x * torch.arange(4.0)).sum()
+        total.backward()
+        grads = [leaf.grad.clone() for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        return total.detach(), grads
+
+    products, contexts = StepProducts(weight, bias_), StepContexts(features)
+    fast = run(products, lambda alpha, n: contexts(alpha))
+    plain = run(
+        lambda x: torch.nn.functional.linear(x, weight, bias_),
+        lambda alpha, n: torch.bmm(alpha.unsqueeze(1), features[:n]).squeeze(1),
+    )
+    torch.testing.assert_close(fast[0], plain[0])
+    for got, expected in zip(fast[1], plain[1], strict=True):
+        torch.testing.assert_close(got, expected)
+    with torch.no_grad():  # no graph: the plain products
+        torch.testing.assert_close(StepProducts(weight, bias_)(start), torch.nn.functional.linear(start, weight, bias_))

@@ -913,7 +913,7 @@ def test_the_train_speed_benchmark_takes_a_448_px_stores_settings(tmp_path, monk
     args.image_size, args.profile, args.batching = None, 2, ["random"]
     profile = bench.measure(args, tmp_path / "profiled")["profile"]["features_batch_10"]
     assert profile["steps"] == 2 and sum(profile["phases"].values()) == pytest.approx(1, abs=1e-3)
-    assert profile["phases"]["backward"] > 0 and {"attention", "lstm", "L_o"} <= set(profile["forward_modules"])
+    assert profile["phases"]["backward"] > 0 and {"soft_step", "L_o"} <= set(profile["forward_modules"])
     args.limit = 2  # the store holds every image: refused in one line naming it, not a traceback
     with pytest.raises(SystemExit, match=r"train_speed.py: error: .*features.json: shape is .* --limit"):
         bench.measure(args, tmp_path / "limited")

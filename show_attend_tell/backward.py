@@ -14,18 +14,19 @@ from __future__ import annotations
 import torch
 
 
-class _PrefixGradients(torch.autograd.Function):
-    """The link from a tensor to the prefix views of it that a teacher-forced pass reads (Prefixes): an empty
-    output whose backward runs after every view's (they all read it) and hands the tensor their summed gradient."""
+class _GradientLink(torch.autograd.Function):
+    """The link from tensors to the steps that read them through `owner` (Prefixes, StepProducts, StepContexts): an
+    empty output whose backward runs after every step's (they all read it) and hands the tensors the gradients
+    the steps left with `owner`, summed (owner.take_gradients(): one per tensor)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, prefixes: Prefixes) -> torch.Tensor:
-        ctx.prefixes = prefixes
-        return tensor.new_empty(0)
+    def forward(ctx, owner: Prefixes | StepProducts | StepContexts, *tensors: torch.Tensor | None) -> torch.Tensor:
+        ctx.owner = owner
+        return tensors[0].new_empty(0)
 
     @staticmethod
-    def backward(ctx, _unused: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        return ctx.prefixes.take_gradient(), None
+    def backward(ctx, _unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return None, *ctx.owner.take_gradients()
 
 
 class _PrefixView(torch.autograd.Function):
@@ -52,7 +53,7 @@ class Prefixes:
     def __init__(self, tensor: torch.Tensor) -> None:
         self.data = tensor.detach()
         self.buffer: torch.Tensor | None = None
-        self.link = _PrefixGradients.apply(tensor, self)  # without gradients, an empty tensor and nothing more
+        self.link = _GradientLink.apply(self, tensor)  # without gradients, an empty tensor and nothing more
 
     def __call__(self, n: int) -> torch.Tensor:
         """tensor[:n]; its gradient goes to the shared buffer."""
@@ -63,9 +64,9 @@ class Prefixes:
             self.buffer = gradient.new_zeros(self.data.shape)
         self.buffer[:n] += gradient
 
-    def take_gradient(self) -> torch.Tensor | None:
+    def take_gradients(self) -> tuple[torch.Tensor | None]:
         gradient, self.buffer = self.buffer, None
-        return gradient
+        return (gradient,)
 
 
 # Energies per pass of the backward: one chunk's energies and gradients stay in the core's cache.
@@ -107,20 +108,6 @@ class AttentionScores(torch.autograd.Function):
         return grad_u, grad_v, grad_w.to(w.dtype), grad_b.to(w.dtype)
 
 
-class _StepProductsLink(torch.autograd.Function):
-    """The link from a weight and bias to the steps' products of them (StepProducts): an empty output whose backward
-    runs after every step's (they all read it) and hands them the gradients summed over the steps."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, bias: torch.Tensor | None, products: StepProducts) -> torch.Tensor:
-        ctx.products = products
-        return weight.new_empty(0)
-
-    @staticmethod
-    def backward(ctx, _unused: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        return (*ctx.products.take_gradients(), None)
-
-
 class _StepProduct(torch.autograd.Function):
     """x W^T + b whose backward gives x its gradient and keeps the output's for the weight's (StepProducts)."""
 
@@ -146,7 +133,7 @@ class StepProducts:
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.inputs: list[torch.Tensor] = []
         self.gradients: dict[int, torch.Tensor] = {}
-        self.link = _StepProductsLink.apply(weight, bias, self)  # without gradients, an empty tensor and nothing more
+        self.link = _GradientLink.apply(self, weight, bias)  # without gradients, an empty tensor and nothing more
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, in) -> x W^T + b (n, out); W's gradient is taken once, over every call's rows."""
@@ -165,19 +152,6 @@ class StepProducts:
         inputs = torch.cat([self.inputs[step] for step in steps]).to(gradient.dtype)  # (rows, in)
         self.inputs, self.gradients = [], {}
         return gradient.t().mm(inputs), None if self.bias is None else gradient.sum(dim=0)
-
-
-class _StepContextsLink(torch.autograd.Function):
-    """The link from the features to the steps' contexts (StepContexts), as _StepProductsLink."""
-
-    @staticmethod
-    def forward(ctx, features: torch.Tensor, contexts: StepContexts) -> torch.Tensor:
-        ctx.contexts = contexts
-        return features.new_empty(0)
-
-    @staticmethod
-    def backward(ctx, _unused: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        return ctx.contexts.take_gradient(), None
 
 
 class _StepContext(torch.autograd.Function):
@@ -206,7 +180,7 @@ class StepContexts:
         self.features = features.detach()
         self.alphas: list[torch.Tensor] = []
         self.gradients: dict[int, torch.Tensor] = {}
-        self.link = _StepContextsLink.apply(features, self)  # without gradients, an empty tensor and nothing more
+        self.link = _GradientLink.apply(self, features)  # without gradients, an empty tensor and nothing more
 
     def __call__(self, alpha: torch.Tensor) -> torch.Tensor:
         """alpha (n, P) -> the context of each of the first n rows (n, F)."""
@@ -218,10 +192,10 @@ class StepContexts:
         n = alpha.size(0)
         return torch.bmm(alpha.unsqueeze(1).to(self.features.dtype), self.features[:n]).squeeze(1)
 
-    def take_gradient(self) -> torch.Tensor | None:
+    def take_gradients(self) -> tuple[torch.Tensor | None]:
         steps = sorted(self.gradients)
         if not steps:
-            return None
+            return (None,)
         N, P, F = self.features.shape
         dtype = self.gradients[steps[0]].dtype
         alphas = self.features.new_zeros(N, len(steps), P, dtype=dtype)  # (N, T, P), zero where a row has ended
@@ -231,4 +205,4 @@ class StepContexts:
             alphas[:n, column] = self.alphas[step]
             gradients[:n, column] = self.gradients[step]
         self.alphas, self.gradients = [], {}
-        return torch.bmm(alphas.transpose(1, 2), gradients).to(self.features.dtype)  # (N, P, F)
+        return (torch.bmm(alphas.transpose(1, 2), gradients).to(self.features.dtype),)  # (N, P, F)

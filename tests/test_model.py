@@ -161,6 +161,18 @@ def _teacher_forced_gradients(model: CaptionModel, features: torch.Tensor, sampl
     return forced, grads, features.grad
 
 
+def _assert_same_pass(fast, plain, precision: str, parameter: str) -> None:
+    """Two _teacher_forced_gradients results agree: outputs, every parameter's gradient (`parameter` among them)
+    and the input features' gradient."""
+    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    for fast_part, plain_part in zip(fast[0], plain[0], strict=True):
+        torch.testing.assert_close(fast_part, plain_part, **tolerance)
+    assert fast[1].keys() == plain[1].keys() and parameter in fast[1]
+    for name in plain[1]:
+        torch.testing.assert_close(fast[1][name], plain[1][name], **tolerance, msg=name)
+    torch.testing.assert_close(fast[2], plain[2], **tolerance)
+
+
 @pytest.mark.parametrize(
     "overrides, seeds, precision",
     [
@@ -181,13 +193,7 @@ def test_prefix_views_give_the_gradients_of_plain_slicing(monkeypatch, overrides
     fast = _teacher_forced_gradients(model, features, seeds, precision)
     monkeypatch.setattr(model_module, "EncodedPrefixes", _PlainSlices)
     plain = _teacher_forced_gradients(model, features, seeds, precision)
-    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
-    for fast_part, plain_part in zip(fast[0], plain[0], strict=True):
-        torch.testing.assert_close(fast_part, plain_part, **tolerance)
-    assert fast[1].keys() == plain[1].keys() and "decoder.attention.encoder_projection.weight" in fast[1]
-    for name in plain[1]:
-        torch.testing.assert_close(fast[1][name], plain[1][name], **tolerance, msg=name)
-    torch.testing.assert_close(fast[2], plain[2], **tolerance)
+    _assert_same_pass(fast, plain, precision, "decoder.attention.encoder_projection.weight")
     assert float(fast[2].abs().sum()) > 0
 
 
@@ -211,13 +217,7 @@ def test_soft_attentions_teacher_forced_pass_gives_the_steps_outputs_and_gradien
     fast = _teacher_forced_gradients(model, features, None, precision)
     monkeypatch.setattr(model.decoder, "teacher_forced", model.decoder.teacher_forced_steps)
     plain = _teacher_forced_gradients(model, features, None, precision)
-    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
-    for fast_part, plain_part in zip(fast[0], plain[0], strict=True):
-        torch.testing.assert_close(fast_part, plain_part, **tolerance)
-    assert fast[1].keys() == plain[1].keys() and "decoder.lstm.weight_hh" in fast[1]
-    for name in plain[1]:
-        torch.testing.assert_close(fast[1][name], plain[1][name], **tolerance, msg=name)
-    torch.testing.assert_close(fast[2], plain[2], **tolerance)
+    _assert_same_pass(fast, plain, precision, "decoder.lstm.weight_hh")
 
 
 def test_prefix_views_without_gradients_are_plain_slices():

@@ -95,6 +95,11 @@ DECODE_NICENESS = 10
 # go one at a time, so a flood of them holds one photo's pixels and one core at most, and a normal photo is never
 # decoded behind them (results/hostile_load.json, hang_up_flood).
 LARGE_DECODE_BYTES = 32 * MEGABYTE
+# Large decodes being decoded or waiting for the large-decode thread, at most. A large photo past it waits for its
+# turn before it takes a queue slot, so a flood of large photos that are hung up on cannot fill the queue normal
+# photos need (it did: results/hostile_load_rounds/); it waits rather than being answered 503 at once, which let
+# the flood send ten times the requests (results/hostile_load_rounds/large_decodes_busy.json).
+LARGE_DECODES = 2
 # The names a server bound to loopback answers to; any other Host header (DNS rebinding: a page on evil.example
 # whose name now resolves to 127.0.0.1) is refused.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -533,6 +538,7 @@ def create_app(
     large_decoding = ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="sat-decode-large", initializer=_lower_this_threads_priority
     )
+    large_decodes = asyncio.Semaphore(LARGE_DECODES)  # held while being decoded or waiting for large_decoding
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -682,16 +688,23 @@ def create_app(
                 f"its upload ({_mb(memory.size - upload.held)} MB)"
             )
             raise HTTPException(413, message)
-        if not queue.reserve():
-            message = f"the server is busy ({queue.size} requests in progress); try again shortly"
-            raise _busy(message, queue.retry_after())
         gone = asyncio.ensure_future(_client_gone(request))
+        large = cost > LARGE_DECODE_BYTES
         try:
+            if large and not await _acquire_unless_gone(large_decodes, gone):
+                raise ClientGone()
             try:
-                image, decoded, kept = await decode(upload.data, name, cost, gone)
-            except BaseException:
-                queue.release()
-                raise
+                if not queue.reserve():
+                    message = f"the server is busy ({queue.size} requests in progress); try again shortly"
+                    raise _busy(message, queue.retry_after())
+                try:
+                    image, decoded, kept = await decode(upload.data, name, cost, gone, large)
+                except BaseException:
+                    queue.release()
+                    raise
+            finally:
+                if large:
+                    large_decodes.release()
             try:
                 options = (beam_size, tuple(mention), guidance, templates, detector)
                 caption, started, seconds, batch = await queue.run(image, options, gone)
@@ -716,7 +729,9 @@ def create_app(
         }
         return result
 
-    async def decode(data: bytearray, name: str, cost: int, gone: asyncio.Future) -> tuple[Image.Image, tuple, int]:
+    async def decode(
+        data: bytearray, name: str, cost: int, gone: asyncio.Future, large: bool
+    ) -> tuple[Image.Image, tuple, int]:
         """The photo decoded on a decoding thread, its `cost` charged to the memory budget meanwhile: (image,
         (start, end) of the decode, bytes still charged for the decoded image, to give back when the request
         ends). A client that hangs up stops its decode (ClientGone) within a block of the file."""
@@ -734,7 +749,7 @@ def create_app(
                 size=captioner.image_size,
                 cancelled=abandoned.is_set,
             )
-            pool = large_decoding if cost > LARGE_DECODE_BYTES else decoding
+            pool = large_decoding if large else decoding
             future = asyncio.get_running_loop().run_in_executor(pool, read)
             await asyncio.wait([future, gone], return_when=asyncio.FIRST_COMPLETED)
             if not future.done():
@@ -895,6 +910,16 @@ async def _read_upload(request: Request, upload: Upload, memory: BodyMemory, que
         raise HTTPException(400, "incomplete multipart body: it ends before the closing boundary")
     if upload.data is None:
         raise HTTPException(422, f"missing the multipart field '{FIELD}' (the photo)")
+
+
+async def _acquire_unless_gone(semaphore: asyncio.Semaphore, gone: asyncio.Future) -> bool:
+    """Take `semaphore`: True once held, False (not held) if `gone` completes first."""
+    acquire = asyncio.ensure_future(semaphore.acquire())
+    await asyncio.wait([acquire, gone], return_when=asyncio.FIRST_COMPLETED)
+    if acquire.done():
+        return True
+    acquire.cancel()
+    return False
 
 
 async def _client_gone(request: Request) -> None:

@@ -1162,6 +1162,50 @@ def test_large_decodes_go_one_at_a_time_and_never_hold_up_a_small_photo(monkeypa
     assert any(name.startswith("sat-decode_") for name in threads)
 
 
+def test_large_photos_past_their_bound_wait_for_their_turn_without_a_queue_slot(monkeypatch):
+    """Past LARGE_DECODES large photos decoding or waiting, another large one waits for its turn before it takes a
+    queue slot (a flood of them cannot fill the queue), while a small photo still gets its caption at once; once
+    the large decode ends, the waiting one is decoded and captioned."""
+    from show_attend_tell import server
+
+    stub = BlockingCaptioner()
+    stub.go.set()
+    big = flat_png(3000, 2000)
+    monkeypatch.setattr(server, "LARGE_DECODE_BYTES", 10 * 2**20)
+    monkeypatch.setattr(server, "LARGE_DECODES", 1)
+    release, entered = threading.Event(), []
+
+    def held_decode(data, **options):
+        if len(data) == len(big):
+            entered.append(time.monotonic())
+            assert release.wait(10)
+        return load_image(data, **options)
+
+    monkeypatch.setattr(server, "load_image", held_decode)
+    with local_client(create_app(stub, queue_size=2)) as client:
+        first = in_thread(post, client, big, name="big.png", content_type="image/png")
+        try:
+            deadline = time.monotonic() + 10
+            while not entered:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            second = in_thread(post, client, big, name="big.png", content_type="image/png")
+            while client.get("/api/health").json()["uploads"]:  # the second is read, then waits for its turn
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.2)
+            depth, decodes = client.get("/api/health").json()["queue_depth"], len(entered)
+            small = post(client, jpeg(Image.new("RGB", (64, 48), "red")))
+        finally:
+            release.set()
+        for thread, result in (first, second):
+            thread.join(timeout=30)
+            assert result[0].status_code == 200
+    assert (depth, decodes) == (1, 1)  # the waiting large photo holds no slot and is not being decoded
+    assert small.status_code == 200  # so the second slot of two was free for the small photo
+    assert len(entered) == 2
+
+
 def test_the_hostile_load_benchmark_counts_5xx_besides_the_busy_503(monkeypatch):
     """benchmarks/hostile_load.py reads the server's access log: a 503 of a full queue (what attackers are meant to
     get) does not fail its target, a 500 or 502 does."""

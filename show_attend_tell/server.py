@@ -98,7 +98,7 @@ LARGE_DECODE_BYTES = 32 * MEGABYTE
 # Large decodes being decoded or waiting for the large-decode thread, at most. A large photo past it waits for its
 # turn before it takes a queue slot, so a flood of large photos that are hung up on cannot fill the queue normal
 # photos need (it did: results/hostile_load_rounds/); it waits rather than being answered 503 at once, which let
-# the flood send ten times the requests (results/hostile_load_rounds/large_decodes_busy.json).
+# the flood send about twice the requests (results/hostile_load_rounds/large_decodes_busy.json).
 LARGE_DECODES = 2
 # The names a server bound to loopback answers to; any other Host header (DNS rebinding: a page on evil.example
 # whose name now resolves to 127.0.0.1) is refused.

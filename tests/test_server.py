@@ -1126,14 +1126,11 @@ def test_sat_serve_workers_each_load_their_own_model(captioner, monkeypatch):
         assert client.get("/api/health").json()["max_batch"] == 3
 
 
-def test_large_decodes_go_one_at_a_time_and_never_hold_up_a_small_photo(monkeypatch):
-    """Photos whose decode holds more than LARGE_DECODE_BYTES share one thread: while one is being decoded the
-    next waits, and a small photo sent after both is decoded and captioned at once."""
+def hold_large_decodes(monkeypatch, big: bytes) -> tuple[threading.Event, list[float], set[str]]:
+    """Make photos of more than 10 MB of pixels large decodes, and have each decode of `big` wait until the
+    returned event is set: (that event, when each such decode began, the names of the threads that decoded)."""
     from show_attend_tell import server
 
-    stub = BlockingCaptioner()
-    stub.go.set()
-    big = flat_png(3000, 2000)  # 24 MB of pixels at least
     monkeypatch.setattr(server, "LARGE_DECODE_BYTES", 10 * 2**20)
     release, entered, threads = threading.Event(), [], set()
 
@@ -1145,6 +1142,17 @@ def test_large_decodes_go_one_at_a_time_and_never_hold_up_a_small_photo(monkeypa
         return load_image(data, **options)
 
     monkeypatch.setattr(server, "load_image", held_decode)
+    return release, entered, threads
+
+
+def test_large_decodes_go_one_at_a_time_and_never_hold_up_a_small_photo(monkeypatch):
+    """Photos whose decode holds more than LARGE_DECODE_BYTES share one thread: while one is being decoded the
+    next waits, and a small photo sent after both is decoded and captioned at once."""
+
+    stub = BlockingCaptioner()
+    stub.go.set()
+    big = flat_png(3000, 2000)  # 24 MB of pixels at least
+    release, entered, threads = hold_large_decodes(monkeypatch, big)
     with local_client(create_app(stub, queue_size=8)) as client:
         large = [in_thread(post, client, big, name="big.png", content_type="image/png") for _ in range(2)]
         deadline = time.monotonic() + 10
@@ -1171,17 +1179,8 @@ def test_large_photos_past_their_bound_wait_for_their_turn_without_a_queue_slot(
     stub = BlockingCaptioner()
     stub.go.set()
     big = flat_png(3000, 2000)
-    monkeypatch.setattr(server, "LARGE_DECODE_BYTES", 10 * 2**20)
     monkeypatch.setattr(server, "LARGE_DECODES", 1)
-    release, entered = threading.Event(), []
-
-    def held_decode(data, **options):
-        if len(data) == len(big):
-            entered.append(time.monotonic())
-            assert release.wait(10)
-        return load_image(data, **options)
-
-    monkeypatch.setattr(server, "load_image", held_decode)
+    release, entered, _ = hold_large_decodes(monkeypatch, big)
     with local_client(create_app(stub, queue_size=2)) as client:
         first = in_thread(post, client, big, name="big.png", content_type="image/png")
         try:

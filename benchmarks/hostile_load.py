@@ -19,7 +19,8 @@ clients (--clients of them, --requests photos each from examples/, one at a time
      then again at once: every one is a decode of 40 megapixels nobody waits for.
 It records every status the server logged (no 5xx but the 503 of a full queue, which attackers may get and normal
 clients may not), the normal clients' p50/p99 in every phase and the ratio of each attack's to the quiet one
-(target: p99 within 2x), the server's peak resident memory (target: 1.5 GB) and any traceback in its log. Bounded:
+(target: p99 within 2x), the cores the server used in every phase (all its threads, and its niced photo decoding
+threads: where the attack's cost goes), its peak resident memory (target: 1.5 GB) and any traceback in its log. Bounded:
 every phase stops at --deadline seconds, attackers stop with the normal clients. --rounds N runs the three phases N
 times in turn on the same server: the percentiles and ratios pool every round's requests (a p99 over 60 requests is
 nearly the slowest one), and each round's own ratio is recorded beside them.
@@ -30,6 +31,7 @@ nearly the slowest one), and each round's own ratio is recorded beside them.
 from __future__ import annotations
 
 import io
+import os
 import re
 import socket
 import subprocess
@@ -179,9 +181,33 @@ def normal_clients(url: str, args, photos: list[tuple[str, bytes]], deadline: fl
     return records
 
 
-def phase(url: str, port: int, args, photos, attack: dict | None) -> dict:
+def thread_ticks(pid: int) -> dict[int, tuple[int, int]]:
+    """Each thread of process `pid`: (its niceness, the CPU ticks it has used), from /proc (Linux)."""
+    ticks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread has ended
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on; the name may hold spaces
+        ticks[int(task.name)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
+    return ticks
+
+
+def cores_used(pid: int, before: dict, after: dict, seconds: float) -> dict:
+    """The server's cores between two thread_ticks readings: all its threads, and those niced below its main
+    thread (the photo decoding threads, server.DECODE_NICENESS)."""
+    per_second = os.sysconf("SC_CLK_TCK") * seconds
+    used = {tid: ticks - before.get(tid, (nice, 0))[1] for tid, (nice, ticks) in after.items()}
+    main_nice = after[pid][0]
+    niced = sum(count for tid, count in used.items() if after[tid][0] > main_nice)
+    return {"all": round(sum(used.values()) / per_second, 3), "decoding_threads": round(niced / per_second, 3)}
+
+
+def phase(url: str, port: int, args, photos, attack: dict | None, server_pid: int) -> dict:
     """Run the normal clients, with the attackers of `attack` (kind -> request) alongside when given: what each
-    normal request and each attacker got, unsummarised (`summary` pools the rounds)."""
+    normal request and each attacker got, and the server's cores (cores_used), unsummarised (`summary` pools the
+    rounds)."""
     stop, lock = threading.Event(), threading.Lock()
     seen = {kind: Counter() for kind in attack or {}}
     threads = [
@@ -193,14 +219,15 @@ def phase(url: str, port: int, args, photos, attack: dict | None) -> dict:
         thread.start()
     if threads:
         time.sleep(1.0)  # the attack is under way before the first normal request
-    start = time.perf_counter()
+    start, ticks = time.perf_counter(), thread_ticks(server_pid)
     records = normal_clients(url, args, photos, time.monotonic() + args.deadline)
     wall = time.perf_counter() - start
+    cores = cores_used(server_pid, ticks, thread_ticks(server_pid), wall)
     stop.set()
     for thread in threads:
         thread.join(timeout=args.read_timeout + 20)
     still_running = sum(thread.is_alive() for thread in threads)
-    return {"records": records, "seen": seen, "wall": wall, "still_running": still_running}
+    return {"records": records, "seen": seen, "wall": wall, "still_running": still_running, "cores": cores}
 
 
 def p99(run: dict) -> float | None:
@@ -224,6 +251,10 @@ def summary(runs: list[dict]) -> dict:
             for stage in ("queue_ms", "image_ms", "decode_ms")
         },
         "wall_seconds": round(sum(run["wall"] for run in runs), 2),
+        "server_cores": {  # over the rounds, weighted by their walls
+            part: round(sum(run["cores"][part] * run["wall"] for run in runs) / sum(run["wall"] for run in runs), 3)
+            for part in ("all", "decoding_threads")
+        },
         "attackers_saw": {kind: dict(counts) for kind, counts in seen.items()},
         "attackers_still_running_after_stop": sum(run["still_running"] for run in runs),
     }
@@ -296,7 +327,7 @@ def main() -> int:
                 peaks: dict[str, int] = {}
                 for _ in range(args.rounds):
                     for name, attackers in (("quiet", None), ("attack", attack), ("hang_up_flood", flood)):
-                        runs[name].append(phase(url, port, args, photos, attackers))
+                        runs[name].append(phase(url, port, args, photos, attackers, server.pid))
                         peaks[name] = memory_kb(server.pid, "VmHWM")
                 peak = peaks["hang_up_flood"]
                 alive = server.poll() is None and httpx.get(url + "/api/health", timeout=5).status_code == 200

@@ -15,13 +15,13 @@ starts, so a slow client costs a connection and the bytes it sent, never model t
 needs. Only then does a request take one of `queue_size` slots (being decoded, waiting or captioned); its photo
 is decoded on a decoding thread, only as large as the model needs, once its pixels fit in the memory (a decode
 waits for it as a photo waits for the model); photos that take many megabytes to decode go one at a time on a
-thread of their own (LARGE_DECODE_BYTES). When the queue is full, or a body does not fit in the memory, the
-server is at capacity and says so: 503 with Retry-After. A request whose client hangs up stops its decode
-within a block of the file, leaves the queue, or leaves its batch, which goes on for the others without its
-photo; a batch stops between the model's stages only when all of its clients are gone (Captioner's
-`cancelled`). Every response carries security headers, and a Host header the server was not configured to
-answer is refused (Guard). Every error is JSON {"error": "..."}; bad input is always a 4xx saying what is
-wrong, and the image checks are load_image's own.
+thread of their own (LARGE_DECODE_BYTES), paced while the model is captioning (Pacer). When the queue is full,
+or a body does not fit in the memory, the server is at capacity and says so: 503 with Retry-After. A request
+whose client hangs up stops its decode within a block of the file, leaves the queue, or leaves its batch, which
+goes on for the others without its photo; a batch stops between the model's stages only when all of its clients
+are gone (Captioner's `cancelled`). Every response carries security headers, and a Host header the server was
+not configured to answer is refused (Guard). Every error is JSON {"error": "..."}; bad input is always a 4xx
+saying what is wrong, and the image checks are load_image's own.
 """
 
 from __future__ import annotations
@@ -100,6 +100,15 @@ LARGE_DECODE_BYTES = 32 * MEGABYTE
 # photos need (it did: results/hostile_load_rounds/); it waits rather than being answered 503 at once, which let
 # the flood send about twice the requests (results/hostile_load_rounds/large_decodes_busy.json).
 LARGE_DECODES = 2
+# While the model is captioning, a large decode first waits up to LARGE_DECODE_START_WAIT seconds for it to be idle,
+# then pauses between blocks of its file so that it takes at most LARGE_DECODE_DUTY of the wall time (Pacer): on two
+# cores, a niced thread that decodes photos nobody waits for still took half a core and slowed the model's batches
+# (results/hostile_load_rounds/, pacing), since the model's threads leave the cores idle for moments at every
+# step. A large photo sent while the model is busy takes up to 1 / LARGE_DECODE_DUTY times as long to decode.
+LARGE_DECODE_START_WAIT = 0.25
+LARGE_DECODE_DUTY = 0.2
+PACE_SLICE = 0.005  # seconds of decoding before a pause is due
+PACE_POLL = 0.01  # seconds between two looks at whether the model is idle, while pausing
 # The names a server bound to loopback answers to; any other Host header (DNS rebinding: a page on evil.example
 # whose name now resolves to 127.0.0.1) is refused.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -249,6 +258,8 @@ class Batcher:
         self._waiting: list[Job] = []
         self._stopped = False
         self._job_seconds = 1.0  # running mean of a batch's duration per photo, for Retry-After
+        self.idle = threading.Event()  # set while no batch is being captioned (Pacer)
+        self.idle.set()
         self._thread = threading.Thread(target=self._loop, name="sat-caption", daemon=True)
         self._thread.start()
 
@@ -313,11 +324,14 @@ class Batcher:
                     present.append(job)
             start = time.perf_counter()
             outcomes: list | Exception = []
+            self.idle.clear()
             try:
                 if present:
                     outcomes = self._run(present)
             except Exception as error:  # the batch's error is each of its requests' error
                 outcomes = error
+            finally:
+                self.idle.set()
             seconds = (time.perf_counter() - start) / max(1, len(present))
             self._job_seconds = 0.8 * self._job_seconds + 0.2 * seconds
             with self._condition:  # the slots are free before anyone is answered
@@ -353,6 +367,42 @@ class Batcher:
                 job.future.cancel()
             self._waiting.clear()
             self._condition.notify()
+
+
+class Pacer:
+    """A large decode's `cancelled` (load_image asks it before each block of the file): True once the client is
+    gone (`abandoned`). Meanwhile, while the model is captioning (`idle` clear), it pauses the decode: first up to
+    `start_wait` seconds before the first block, then, after each PACE_SLICE or more of decoding, long enough that
+    the decode takes at most `duty` of the wall time. A pause ends as soon as the model is idle or the client gone.
+    So a flood of large photos whose clients hang up costs the model little: most are gone before they start."""
+
+    def __init__(
+        self,
+        idle: threading.Event,
+        abandoned: threading.Event,
+        *,
+        duty: float = LARGE_DECODE_DUTY,
+        start_wait: float = LARGE_DECODE_START_WAIT,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.idle, self.abandoned, self.duty, self.start_wait, self.clock = idle, abandoned, duty, start_wait, clock
+        self.resumed: float | None = None  # when the decode last resumed; None before its first block
+
+    def __call__(self) -> bool:
+        now = self.clock()
+        if self.resumed is None:
+            self._pause(now + self.start_wait)
+        elif now - self.resumed >= PACE_SLICE:
+            self._pause(now + (now - self.resumed) * (1 - self.duty) / self.duty)
+        else:
+            return self.abandoned.is_set()
+        self.resumed = self.clock()
+        return self.abandoned.is_set()
+
+    def _pause(self, until: float) -> None:
+        while not self.idle.is_set() and (left := until - self.clock()) > 0:
+            if self.abandoned.wait(min(left, PACE_POLL)):
+                return
 
 
 class ClientGone(Exception):
@@ -747,7 +797,7 @@ def create_app(
                 name=name,
                 max_pixels=max_pixels,
                 size=captioner.image_size,
-                cancelled=abandoned.is_set,
+                cancelled=Pacer(queue.idle, abandoned) if large else abandoned.is_set,
             )
             pool = large_decoding if large else decoding
             future = asyncio.get_running_loop().run_in_executor(pool, read)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
+import math
 import re
 import struct
 import threading
@@ -22,7 +24,7 @@ from PIL import Image
 from show_attend_tell.captioner import SHIPPED_MODEL, Alternative, Caption, Captioner
 from show_attend_tell.fast_encoder import resolve_precision
 from show_attend_tell.images import load_image
-from show_attend_tell.server import FORM_OVERHEAD, MAX_BEAM_SIZE, Health, create_app
+from show_attend_tell.server import FORM_OVERHEAD, MAX_BEAM_SIZE, PACE_POLL, PACE_SLICE, Health, Pacer, create_app
 
 
 @pytest.fixture(scope="module")
@@ -1170,6 +1172,89 @@ def test_large_decodes_go_one_at_a_time_and_never_hold_up_a_small_photo(monkeypa
     assert any(name.startswith("sat-decode_") for name in threads)
 
 
+class FakeTime:
+    """A clock that moves only when told, and events that are set from a time on: Pacer without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def event(self, set_at: float = math.inf) -> types.SimpleNamespace:
+        """is_set and wait of a threading.Event set at `set_at`; wait(t) lets t pass, or until it is set."""
+
+        def wait(timeout: float) -> bool:
+            self.now = max(self.now, min(self.now + timeout, set_at))
+            return self.now >= set_at
+
+        return types.SimpleNamespace(is_set=lambda: self.now >= set_at, wait=wait)
+
+
+def test_a_pacer_never_pauses_a_decode_while_the_model_is_idle():
+    time_ = FakeTime()
+    pacer = Pacer(time_.event(set_at=0), time_.event(), duty=0.2, start_wait=0.25, clock=lambda: time_.now)
+    for _ in range(10):
+        assert pacer() is False
+        time_.now += 0.01  # a block decoded
+    assert time_.now == pytest.approx(0.1)  # the decoding only
+
+
+def test_a_pacer_keeps_a_decode_to_its_duty_while_the_model_is_captioning():
+    time_ = FakeTime()
+    pacer = Pacer(time_.event(), time_.event(), duty=0.2, start_wait=0.25, clock=lambda: time_.now)
+    assert pacer() is False
+    assert time_.now == pytest.approx(0.25)  # the start wait, before the first block
+    time_.now += PACE_SLICE / 2
+    assert pacer() is False
+    assert time_.now == pytest.approx(0.25 + PACE_SLICE / 2)  # less than a slice decoded: no pause yet
+    time_.now += PACE_SLICE * 2
+    assert pacer() is False
+    decoded = PACE_SLICE * 2.5
+    assert time_.now == pytest.approx(0.25 + decoded / 0.2)  # decoding was a fifth of the time since the start wait
+
+
+@pytest.mark.parametrize("who", ["model idle", "client gone"])
+def test_a_pacers_pause_ends_when_the_model_is_idle_or_the_client_gone(who):
+    time_ = FakeTime()
+    idle, abandoned = (
+        time_.event(0.1 if who == "model idle" else math.inf),
+        time_.event(0.1 if who != "model idle" else math.inf),
+    )
+    pacer = Pacer(idle, abandoned, duty=0.2, start_wait=10, clock=lambda: time_.now)
+    assert pacer() is (who == "client gone")
+    assert 0.1 <= time_.now <= 0.1 + PACE_POLL
+
+
+def test_a_large_photo_sent_while_the_model_is_captioning_is_decoded_once_it_is_idle(monkeypatch):
+    """With Pacer's start wait longer than the test, a large decode waits for the batch being captioned to end."""
+    from show_attend_tell import server
+
+    monkeypatch.setattr(server, "LARGE_DECODE_BYTES", 10 * 2**20)
+    monkeypatch.setattr(server, "Pacer", functools.partial(Pacer, start_wait=60))
+    decoded = []
+
+    def timed_decode(data, **options):
+        image = load_image(data, **options)
+        decoded.append(time.monotonic())
+        return image
+
+    monkeypatch.setattr(server, "load_image", timed_decode)
+    stub = BlockingCaptioner()
+    threads = []
+    with local_client(create_app(stub, queue_size=8)) as client:
+        try:
+            threads.append(in_thread(post, client, jpeg(Image.new("RGB", (64, 48), "red"))))
+            assert stub.started.acquire(timeout=30)  # the model is captioning the small photo
+            threads.append(in_thread(post, client, flat_png(3000, 2000), name="big.png", content_type="image/png"))
+            time.sleep(1)
+            assert len(decoded) == 1  # the small photo only: the large one waits
+            released = time.monotonic()
+        finally:
+            stub.go.set()
+            for thread, _ in threads:
+                thread.join(timeout=30)
+    assert [result[0].status_code for _, result in threads] == [200, 200]
+    assert len(decoded) == 2 and decoded[1] >= released
+
+
 def test_large_photos_past_their_bound_wait_for_their_turn_without_a_queue_slot(monkeypatch):
     """Past LARGE_DECODES large photos decoding or waiting, another large one waits for its turn before it takes a
     queue slot (a flood of them cannot fill the queue), while a small photo still gets its caption at once; once
@@ -1219,3 +1304,22 @@ def test_the_hostile_load_benchmark_counts_5xx_besides_the_busy_503(monkeypatch)
     assert logged == Counter({"200": 2, "503": 2, "413": 1, "408": 1})
     assert bench.server_errors(logged) == {"all": 2, "besides_busy_503": 0}
     assert bench.server_errors(logged + Counter({"500": 1, "502": 2})) == {"all": 5, "besides_busy_503": 3}
+
+
+def test_the_hostile_load_benchmark_counts_the_cores_of_the_servers_threads_and_of_its_niced_ones(monkeypatch):
+    """benchmarks/hostile_load.py's cores_used: each thread's CPU ticks between two readings, all of them and those
+    niced below the main thread (the photo decoding threads); thread_ticks reads them from /proc."""
+    import os
+
+    bench = load_script("benchmarks/hostile_load.py", monkeypatch)
+    hz = os.sysconf("SC_CLK_TCK")
+    before = {1: (0, 10), 2: (0, 0), 3: (10, 5)}
+    after = {1: (0, 10 + hz), 2: (0, hz // 2), 3: (10, 5 + hz // 4), 4: (10, hz // 4)}  # thread 4 began meanwhile
+    assert bench.cores_used(1, before, after, seconds=2.0) == {
+        "all": round((hz + hz // 2 + hz // 4 + hz // 4) / (2 * hz), 3),
+        "decoding_threads": round((hz // 4 + hz // 4) / (2 * hz), 3),
+    }
+    if os.path.isdir("/proc/self/task"):
+        mine = bench.thread_ticks(os.getpid())
+        assert os.getpid() in mine and mine[os.getpid()][0] == os.getpriority(os.PRIO_PROCESS, 0)
+        assert all(ticks >= 0 for _, ticks in mine.values())

@@ -19,8 +19,10 @@ clients (--clients of them, --requests photos each from examples/, one at a time
      then again at once: every one is a decode of 40 megapixels nobody waits for.
 It records every status the server logged (no 5xx but the 503 of a full queue, which attackers may get and normal
 clients may not), the normal clients' p50/p99 in every phase and the ratio of each attack's to the quiet one
-(target: p99 within 2x), the cores the server used in every phase (all its threads, and its niced photo decoding
-threads: where the attack's cost goes), its peak resident memory (target: 1.5 GB) and any traceback in its log. Bounded:
+(target: p99 within 2x), the cores the server used in every phase (all its threads, its event loop, and its niced
+photo decoding threads: where the attack's cost goes), the benchmark's own and the whole machine's by state (idle
+cores while photos wait: threads waiting on each other), its peak resident memory (target: 1.5 GB) and any traceback
+in its log. Bounded:
 every phase stops at --deadline seconds, attackers stop with the normal clients. --rounds N runs the three phases N
 times in turn on the same server: the percentiles and ratios pool every round's requests (a p99 over 60 requests is
 nearly the slowest one), and each round's own ratio is recorded beside them.
@@ -201,7 +203,30 @@ def cores_used(pid: int, before: dict, after: dict, seconds: float) -> dict:
     used = {tid: ticks - before.get(tid, (nice, 0))[1] for tid, (nice, ticks) in after.items()}
     main_nice = after[pid][0]
     niced = sum(count for tid, count in used.items() if after[tid][0] > main_nice)
-    return {"all": round(sum(used.values()) / per_second, 3), "decoding_threads": round(niced / per_second, 3)}
+    return {
+        "all": round(sum(used.values()) / per_second, 3),
+        "event_loop": round(used.get(pid, 0) / per_second, 3),
+        "decoding_threads": round(niced / per_second, 3),
+    }
+
+
+MACHINE_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq")
+
+
+def machine_ticks() -> dict[str, int]:
+    """The machine's CPU ticks by state since boot, all CPUs together (/proc/stat's first line; Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return {}
+    return {state: int(count) for state, count in zip(MACHINE_STATES, fields, strict=False)}
+
+
+def machine_cores(before: dict, after: dict, seconds: float) -> dict:
+    """How many cores the whole machine spent in each state between two machine_ticks readings: idle cores while
+    normal requests wait mean the server's threads were waiting on each other (a lock, the GIL), not on a core."""
+    per_second = os.sysconf("SC_CLK_TCK") * seconds
+    return {state: round((after[state] - before[state]) / per_second, 3) for state in after if state in before}
 
 
 def phase(url: str, port: int, args, photos, attack: dict | None, server_pid: int) -> dict:
@@ -219,15 +244,25 @@ def phase(url: str, port: int, args, photos, attack: dict | None, server_pid: in
         thread.start()
     if threads:
         time.sleep(1.0)  # the attack is under way before the first normal request
-    start, ticks = time.perf_counter(), thread_ticks(server_pid)
+    start, ticks, own, machine = time.perf_counter(), thread_ticks(server_pid), time.process_time(), machine_ticks()
     records = normal_clients(url, args, photos, time.monotonic() + args.deadline)
     wall = time.perf_counter() - start
     cores = cores_used(server_pid, ticks, thread_ticks(server_pid), wall)
+    own_cores = (time.process_time() - own) / wall
+    machine = machine_cores(machine, machine_ticks(), wall)
     stop.set()
     for thread in threads:
         thread.join(timeout=args.read_timeout + 20)
     still_running = sum(thread.is_alive() for thread in threads)
-    return {"records": records, "seen": seen, "wall": wall, "still_running": still_running, "cores": cores}
+    return {
+        "records": records,
+        "seen": seen,
+        "wall": wall,
+        "still_running": still_running,
+        "cores": cores,
+        "own_cores": own_cores,
+        "machine": machine,
+    }
 
 
 def p99(run: dict) -> float | None:
@@ -253,8 +288,17 @@ def summary(runs: list[dict]) -> dict:
         "wall_seconds": round(sum(run["wall"] for run in runs), 2),
         "server_cores": {  # over the rounds, weighted by their walls
             part: round(sum(run["cores"][part] * run["wall"] for run in runs) / sum(run["wall"] for run in runs), 3)
-            for part in ("all", "decoding_threads")
+            for part in ("all", "event_loop", "decoding_threads")
         },
+        "machine_cores": {  # every process's, by state (machine_cores)
+            state: round(
+                sum(run["machine"].get(state, 0) * run["wall"] for run in runs) / sum(run["wall"] for run in runs), 3
+            )
+            for state in MACHINE_STATES
+        },
+        "benchmark_cores": round(
+            sum(run["own_cores"] * run["wall"] for run in runs) / sum(run["wall"] for run in runs), 3
+        ),
         "attackers_saw": {kind: dict(counts) for kind, counts in seen.items()},
         "attackers_still_running_after_stop": sum(run["still_running"] for run in runs),
     }

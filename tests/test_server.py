@@ -1307,8 +1307,9 @@ def test_the_hostile_load_benchmark_counts_5xx_besides_the_busy_503(monkeypatch)
 
 
 def test_the_hostile_load_benchmark_counts_the_cores_of_the_servers_threads_and_of_its_niced_ones(monkeypatch):
-    """benchmarks/hostile_load.py's cores_used: each thread's CPU ticks between two readings, all of them and those
-    niced below the main thread (the photo decoding threads); thread_ticks reads them from /proc."""
+    """benchmarks/hostile_load.py's cores_used: each thread's CPU ticks between two readings, all of them, the main
+    thread's own (the event loop) and those niced below it (the photo decoding threads); thread_ticks reads them
+    from /proc."""
     import os
 
     bench = load_script("benchmarks/hostile_load.py", monkeypatch)
@@ -1317,9 +1318,30 @@ def test_the_hostile_load_benchmark_counts_the_cores_of_the_servers_threads_and_
     after = {1: (0, 10 + hz), 2: (0, hz // 2), 3: (10, 5 + hz // 4), 4: (10, hz // 4)}  # thread 4 began meanwhile
     assert bench.cores_used(1, before, after, seconds=2.0) == {
         "all": round((hz + hz // 2 + hz // 4 + hz // 4) / (2 * hz), 3),
+        "event_loop": round(hz / (2 * hz), 3),
         "decoding_threads": round((hz // 4 + hz // 4) / (2 * hz), 3),
     }
     if os.path.isdir("/proc/self/task"):
         mine = bench.thread_ticks(os.getpid())
         assert os.getpid() in mine and mine[os.getpid()][0] == os.getpriority(os.PRIO_PROCESS, 0)
         assert all(ticks >= 0 for _, ticks in mine.values())
+
+
+def test_the_hostile_load_benchmark_counts_the_machines_cores_by_state(monkeypatch):
+    """benchmarks/hostile_load.py's machine_cores: the whole machine's CPU ticks by state between two /proc/stat
+    readings (idle cores while requests wait show threads waiting on each other, not on a core)."""
+    import os
+
+    bench = load_script("benchmarks/hostile_load.py", monkeypatch)
+    hz = os.sysconf("SC_CLK_TCK")
+    before = {"user": 100, "system": 10, "idle": 50}
+    after = {"user": 100 + 3 * hz, "system": 10 + hz // 2, "idle": 50 + hz}
+    assert bench.machine_cores(before, after, seconds=2.0) == {
+        "user": 1.5,
+        "system": round((hz // 2) / (2 * hz), 3),
+        "idle": 0.5,
+    }
+    if os.path.exists("/proc/stat"):
+        first, second = bench.machine_ticks(), bench.machine_ticks()
+        assert set(first) == set(bench.MACHINE_STATES)
+        assert all(second[state] >= first[state] >= 0 for state in first)

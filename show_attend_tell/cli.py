@@ -1061,6 +1061,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="how long the oldest waiting photo waits for others being decoded to join its batch (default 10)",
     )
     parser.add_argument(
+        "--model-threads",
+        type=_model_threads,
+        default="auto",
+        help="batches captioned at once: a batch alone uses every torch thread, batches side by side share them "
+        "(default auto: 2 on a CPU with 2 torch threads or more, else 1)",
+    )
+    parser.add_argument(
         "--workers",
         type=positive_int_up_to(64),
         default=1,
@@ -1104,6 +1111,17 @@ def _delay_ms(text: str) -> float:
     return value
 
 
+def _model_threads(text: str) -> str | int:
+    """`sat serve --model-threads`: "auto" or a whole number from 1 to server.MAX_MODEL_THREADS."""
+    from show_attend_tell.server import MAX_MODEL_THREADS
+
+    if text == "auto":
+        return text
+    if not text.isdigit() or not 1 <= int(text) <= MAX_MODEL_THREADS:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number from 1 to {MAX_MODEL_THREADS}, got {text!r}")
+    return int(text)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from show_attend_tell import listener
     from show_attend_tell.server import LOOPBACK_HOSTS, MEGABYTE, check_limits
@@ -1135,6 +1153,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         encoder_precision=args.encoder_precision,
         detector=args.detector,
         allowed_hosts=hosts,
+        model_threads=args.model_threads,
         **limits,
     )
     listener.serve(

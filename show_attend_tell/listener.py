@@ -224,9 +224,11 @@ def app_from_environment():
 
 def app_from_settings(settings: dict):
     """Load the model of `settings` ("model", "int8", "encoder_precision", "detector"), warm it up, and build the
-    app with the rest of them (server.create_app's limits)."""
+    app with the rest of them (server.create_app's limits; "model_threads" may be "auto": auto_model_threads)."""
+    import torch
+
     from show_attend_tell.captioner import Captioner
-    from show_attend_tell.server import create_app, warm_up
+    from show_attend_tell.server import auto_model_threads, create_app, warm_up
 
     release_large_frees()
     settings = dict(settings)
@@ -236,6 +238,8 @@ def app_from_settings(settings: dict):
         encoder_precision=settings.pop("encoder_precision"),
         detector=settings.pop("detector", None),
     )
+    if settings.get("model_threads", 1) == "auto":
+        settings["model_threads"] = auto_model_threads(captioner.device.type, torch.get_num_threads())
     warm_up(captioner, settings["max_batch"])
     return create_app(captioner, **settings)
 

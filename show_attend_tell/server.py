@@ -4,9 +4,10 @@ POST /api/caption   multipart field `image` (+ query `beam_size`) -> caption, wo
 GET  /api/health    the model's decoder, grid size, queue depth (answered once the model is loaded)
 GET  /              the page (show_attend_tell/web/); OpenAPI at /openapi.json, docs at /docs
 
-The model runs on one thread, in batches: the photos waiting for it with equal options are captioned together
-(Batcher: each photo through Captioner.encode, then one Captioner.caption_features for them all, the two halves
-of caption_batch, so each gets the caption it gets alone). A request is read whole first: in chunks, refused
+The model runs in batches, on `model_threads` threads: the photos waiting for it with equal options are
+captioned together (Batcher: each photo through Captioner.encode, then one Captioner.caption_features for them
+all, the two halves of caption_batch, so each gets the caption it gets alone), and with two model threads two
+batches run side by side, each on a share of torch's threads. A request is read whole first: in chunks, refused
 (413) as soon as it passes the upload limit, answered 408 when it takes longer than the read deadline, and its
 image header checked against the pixel budget (413) and the format whitelist (422). What bounds the uploads is
 memory, not their number: the bodies held at once (being received, waiting or captioned) and the pixels of the
@@ -84,6 +85,15 @@ ACCEPTED_PART_TYPES = ("image/", "application/octet-stream")
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_DELAY_MS = 10.0
 MAX_MAX_BATCH = 64
+# Model threads on a CPU with two torch threads or more (sat serve --model-threads auto). A batch alone uses every
+# torch thread; two at once use half each. With one model thread of two torch threads, the hang-up flood's event
+# loop took a core from one of them and the other waited for it at every barrier: the machine stood idle 0.48 of a
+# core while photos waited (results/hostile_load_rounds/probe_cores_2.json). With two, interleaved with one, the
+# flood's p99 was 1036 and 1006 ms against 1149 and 1268, 8 clients got 4.18 and 4.05 captions/s against 3.67 and
+# 3.63, one client's p50 was 275 and 285 ms against 319 and 302 (results/hostile_load_rounds/model_threads_*,
+# results/load_batching/model_threads/).
+CPU_MODEL_THREADS = 2
+MAX_MODEL_THREADS = 8
 # Threads that decode uploaded photos beside the model, each decode charged to the memory budget first. They run
 # at a lower priority than the model (a niceness, on Linux): a normal photo's decode is short whatever its
 # priority, while a flood of large ones that are hung up on would otherwise take the cores the model needs
@@ -217,6 +227,7 @@ class Health(BaseModel):
     queue_size: int = Field(description="requests waiting or captioned at most; beyond it, 503 with Retry-After")
     max_batch: int = Field(description="photos captioned together at most (equal options only)")
     max_delay_ms: float = Field(description="how long a waiting photo waits for others to fill its batch, at most")
+    model_threads: int = Field(description="batches captioned at once")
     uploads: int = Field(description="requests still being received")
     upload_bytes: int = Field(
         description="bytes held now by request bodies (received, waiting or captioned) and photos' pixels (being "
@@ -241,27 +252,48 @@ class Job:
 
 
 class Batcher:
-    """The model's one thread: it captions the photos that are waiting in batches of up to `max_batch` with
-    equal options (create_app's caption_jobs: each photo gets the caption it gets alone), oldest first. A batch
-    starts once it is full, or `max_delay` seconds after its oldest photo began to wait, or as soon as no other
-    request that could join it is still being decoded (so a request alone never waits for company).
+    """The model's threads (`threads` of them): each captions the photos that are waiting in batches of up to
+    `max_batch` with equal options (create_app's caption_jobs: each photo gets the caption it gets alone), oldest
+    first. A batch starts once it is full, or `max_delay` seconds after its oldest photo began to wait, or as soon
+    as no other request that could join it is still being decoded (so a request alone never waits for company).
+    With several model threads, the photos waiting are shared between them: a batch takes at most its share,
+    ceil(waiting / threads), and the rest are left for the next thread.
+
+    `use_cores(n)`, when given, is called on a model thread before each of its batches: `cores` for a batch that
+    starts while no other batch runs or waits, cores // threads (at least 1) for the others (torch's thread count
+    is the calling thread's own).
 
     At most `size` requests hold a slot at a time, from before their photo is decoded until its batch ends (or
     until they leave the queue, their client gone)."""
 
-    def __init__(self, run: Callable[[list[Job]], list], *, size: int, max_batch: int, max_delay: float) -> None:
-        self.size, self.max_batch, self.max_delay = size, max_batch, max_delay
+    def __init__(
+        self,
+        run: Callable[[list[Job]], list],
+        *,
+        size: int,
+        max_batch: int,
+        max_delay: float,
+        threads: int = 1,
+        cores: int = 1,
+        use_cores: Callable[[int], None] | None = None,
+    ) -> None:
+        self.size, self.max_batch, self.max_delay, self.threads = size, max_batch, max_delay, threads
+        self.cores, self._use_cores = cores, use_cores
         self._run = run
         self._condition = threading.Condition()
         self._depth = 0
         self._decoding = 0  # holding a slot, not waiting yet: they may join the next batch
         self._waiting: list[Job] = []
+        self._running = 0  # batches being captioned
         self._stopped = False
         self._job_seconds = 1.0  # running mean of a batch's duration per photo, for Retry-After
         self.idle = threading.Event()  # set while no batch is being captioned (Pacer)
         self.idle.set()
-        self._thread = threading.Thread(target=self._loop, name="sat-caption", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"sat-caption-{index}", daemon=True) for index in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -290,7 +322,7 @@ class Batcher:
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained: whole seconds, at least 1 (the header's format)."""
-        return max(1, math.ceil(self._depth * self._job_seconds))
+        return max(1, math.ceil(self._depth * self._job_seconds / self.threads))
 
     async def run(self, image: Image.Image, options: tuple, gone: asyncio.Future) -> Any:
         """Caption `image` in a batch for a caller holding a slot (taken by `reserve`). When `gone` (the client
@@ -315,7 +347,10 @@ class Batcher:
         return result.result()
 
     def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (taken := self._next_batch()) is not None:
+            batch, cores = taken
+            if self._use_cores is not None:
+                self._use_cores(cores)
             present = []
             for job in batch:
                 if job.abandoned.is_set():
@@ -324,14 +359,16 @@ class Batcher:
                     present.append(job)
             start = time.perf_counter()
             outcomes: list | Exception = []
-            self.idle.clear()
             try:
                 if present:
                     outcomes = self._run(present)
             except Exception as error:  # the batch's error is each of its requests' error
                 outcomes = error
             finally:
-                self.idle.set()
+                with self._condition:
+                    self._running -= 1
+                    if not self._running:
+                        self.idle.set()
             seconds = (time.perf_counter() - start) / max(1, len(present))
             self._job_seconds = 0.8 * self._job_seconds + 0.2 * seconds
             with self._condition:  # the slots are free before anyone is answered
@@ -343,19 +380,27 @@ class Batcher:
                 else:
                     job.future.set_result(outcomes[index])
 
-    def _next_batch(self) -> list[Job] | None:
+    def _next_batch(self) -> tuple[list[Job], int] | None:
+        """The next batch and the torch threads it may use; None once shut down."""
         with self._condition:
             while True:
                 if self._stopped:
                     return None
                 if self._waiting:
                     first = self._waiting[0]
-                    batch = [job for job in self._waiting if job.options == first.options][: self.max_batch]
+                    alike = [job for job in self._waiting if job.options == first.options]
+                    share = min(self.max_batch, math.ceil(len(alike) / self.threads))
+                    batch = alike[:share]
                     wait = first.ready + self.max_delay - time.perf_counter()
                     if len(batch) >= self.max_batch or self._decoding == 0 or wait <= 0:
                         for job in batch:
                             self._waiting.remove(job)
-                        return batch
+                        alone = self._running == 0 and not self._waiting
+                        self._running += 1
+                        self.idle.clear()
+                        if self._waiting:
+                            self._condition.notify()  # the rest, for another model thread
+                        return batch, self.cores if alone else max(1, self.cores // self.threads)
                     self._condition.wait(wait)
                 else:
                     self._condition.wait()
@@ -366,7 +411,7 @@ class Batcher:
             for job in self._waiting:
                 job.future.cancel()
             self._waiting.clear()
-            self._condition.notify()
+            self._condition.notify_all()
 
 
 class Pacer:
@@ -528,11 +573,13 @@ def create_app(
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
+    model_threads: int = 1,
     allowed_hosts: Iterable[str] = LOOPBACK_HOSTS,
 ) -> FastAPI:
     """The API and the page around `captioner` (a loaded show_attend_tell.captioner.Captioner, or anything
     with the same `caption_batch(images, beam_size=, ...)`, `grid_size` and `image_size`).
 
+    model_threads: batches captioned at once (Batcher), each on torch's threads alone or a share of them.
     allowed_hosts: the names (without port) a request's Host header may give; "*" answers any."""
     check_limits(
         max_upload_bytes=max_upload_bytes,
@@ -542,6 +589,7 @@ def create_app(
         read_timeout=read_timeout,
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,
+        model_threads=model_threads,
     )
 
     def caption_jobs(jobs: list[Job]) -> list[tuple | None]:
@@ -580,7 +628,20 @@ def create_app(
         seconds = time.perf_counter() - started
         return [(next(captions), started, seconds, len(present)) if job in present else None for job in jobs]
 
-    queue = Batcher(caption_jobs, size=queue_size, max_batch=max_batch, max_delay=max_delay_ms / 1000)
+    cores, use_cores = 1, None
+    if model_threads > 1:  # torch is loaded with the model by now
+        import torch
+
+        cores, use_cores = torch.get_num_threads(), torch.set_num_threads
+    queue = Batcher(
+        caption_jobs,
+        size=queue_size,
+        max_batch=max_batch,
+        max_delay=max_delay_ms / 1000,
+        threads=model_threads,
+        cores=cores,
+        use_cores=use_cores,
+    )
     memory = BodyMemory(upload_memory_bytes)
     decoding = ThreadPoolExecutor(
         max_workers=DECODE_THREADS, thread_name_prefix="sat-decode", initializer=_lower_this_threads_priority
@@ -827,6 +888,7 @@ def create_app(
             queue_size=queue.size,
             max_batch=queue.max_batch,
             max_delay_ms=max_delay_ms,
+            model_threads=queue.threads,
             uploads=memory.receiving,
             upload_bytes=memory.used,
             upload_memory_bytes=memory.size,
@@ -858,6 +920,7 @@ def check_limits(
     read_timeout: float,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
+    model_threads: int = 1,
 ) -> None:
     """An InputError naming the first limit of create_app that makes no sense."""
     if max_upload_bytes < 1:
@@ -877,6 +940,15 @@ def check_limits(
         raise InputError(f"max batch must be between 1 and {MAX_MAX_BATCH}, got {max_batch}")
     if not 0 <= max_delay_ms <= 1000:
         raise InputError(f"max delay must be between 0 and 1000 ms, got {max_delay_ms} ms")
+    if not 1 <= model_threads <= MAX_MODEL_THREADS:
+        raise InputError(f"model threads must be between 1 and {MAX_MODEL_THREADS}, got {model_threads}")
+
+
+def auto_model_threads(device: str, torch_threads: int) -> int:
+    """`sat serve --model-threads auto`: CPU_MODEL_THREADS on a CPU with that many torch threads or more (each batch
+    then runs on all of them alone, or on its share beside another); 1 on a GPU, which runs one batch at a time
+    anyway, or on a single torch thread."""
+    return CPU_MODEL_THREADS if device == "cpu" and torch_threads >= CPU_MODEL_THREADS else 1
 
 
 class Guard:

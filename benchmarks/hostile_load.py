@@ -197,8 +197,8 @@ def thread_ticks(pid: int) -> dict[int, tuple[int, int]]:
 
 
 def cores_used(pid: int, before: dict, after: dict, seconds: float) -> dict:
-    """The server's cores between two thread_ticks readings: all its threads, and those niced below its main
-    thread (the photo decoding threads, server.DECODE_NICENESS)."""
+    """The server's cores between two thread_ticks readings: all its threads, its main thread's (the event loop),
+    and those niced below it (the photo decoding threads, server.DECODE_NICENESS)."""
     per_second = os.sysconf("SC_CLK_TCK") * seconds
     used = {tid: ticks - before.get(tid, (nice, 0))[1] for tid, (nice, ticks) in after.items()}
     main_nice = after[pid][0]
@@ -269,6 +269,11 @@ def p99(run: dict) -> float | None:
     return latency([r["ms"] for r in run["records"] if r["status"] == 200]).get("p99_ms")
 
 
+def over_rounds(runs: list[dict], cores) -> float:
+    """The mean of `cores(run)` (cores used during a round) over the rounds, weighted by their walls."""
+    return round(sum(cores(run) * run["wall"] for run in runs) / sum(run["wall"] for run in runs), 3)
+
+
 def summary(runs: list[dict]) -> dict:
     """One phase's runs (one a round) pooled: every normal request's status and latency, what attackers saw."""
     records = [record for run in runs for record in run["records"]]
@@ -286,19 +291,14 @@ def summary(runs: list[dict]) -> dict:
             for stage in ("queue_ms", "image_ms", "decode_ms")
         },
         "wall_seconds": round(sum(run["wall"] for run in runs), 2),
-        "server_cores": {  # over the rounds, weighted by their walls
-            part: round(sum(run["cores"][part] * run["wall"] for run in runs) / sum(run["wall"] for run in runs), 3)
+        "server_cores": {
+            part: over_rounds(runs, lambda run, part=part: run["cores"][part])
             for part in ("all", "event_loop", "decoding_threads")
         },
         "machine_cores": {  # every process's, by state (machine_cores)
-            state: round(
-                sum(run["machine"].get(state, 0) * run["wall"] for run in runs) / sum(run["wall"] for run in runs), 3
-            )
-            for state in MACHINE_STATES
+            state: over_rounds(runs, lambda run, state=state: run["machine"].get(state, 0)) for state in MACHINE_STATES
         },
-        "benchmark_cores": round(
-            sum(run["own_cores"] * run["wall"] for run in runs) / sum(run["wall"] for run in runs), 3
-        ),
+        "benchmark_cores": over_rounds(runs, lambda run: run["own_cores"]),
         "attackers_saw": {kind: dict(counts) for kind, counts in seen.items()},
         "attackers_still_running_after_stop": sum(run["still_running"] for run in runs),
     }

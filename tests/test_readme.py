@@ -335,3 +335,21 @@ def test_training_speed_at_the_defaults_matches_its_records():
     assert f"it trains at {fast:.0f} captions/s at 14×14 (random batches {speed('14x14', 'auto_random'):.0f}" in text
     assert f"and {fast7:.0f} at 7×7 (random {speed('7x7', 'auto_random'):.0f};" in text
     assert f"{fast / 150:.0%} and {fast7 / 300:.0%} of the issue's targets" in text and fast < 150 and fast7 < 300
+
+
+def test_ten_sample_run_sentence_matches_its_records():
+    folder = RESULTS / "flickr8k_scst" / "samples10_rerun"
+    run = json.loads((folder / "study.json").read_text())["runs"]["samples10_2threads"]
+    record = json.loads((folder / "candidates.json").read_text())
+    main = json.loads((RESULTS / "flickr8k_scst" / "selection.json").read_text())["val"]["scst"]["CIDEr"]
+    text = " ".join(README.split())
+    best = run["best"]
+    assert run["settings"]["scst_samples"] == 10 and run["steps"] == 1200
+    assert f"best {best['CIDEr']:.1f} at step {best['step']:,} against the main run's {main:.1f}" in text
+    assert f"{run['captions_per_second']:.0f} sampled captions/s" in text
+    assert re.search(r"\d+\.\d min wall", record["run"]).group(0) in text
+    val = {name.split(":")[0]: entry["CIDEr"] for name, entry in record["candidates_val"].items()}
+    shipped = record["shipped_2_1_mean_val"]["CIDEr"]
+    assert f"2:1 {val['A']:.1f}, the mean of the snapshots at steps 900–1,200 taken 2:1 {val['B']:.1f}" in text
+    assert f"3:1 {val['D']:.1f}, and 1:1:1 with the main run's weights {val['C']:.1f}, all below the shipped " in text
+    assert max(val.values()) < shipped and f"below the shipped {shipped:.1f}" in text

@@ -7,7 +7,12 @@ import re
 
 from conftest import REPO
 
-from show_attend_tell.config import DEFAULT_GUIDANCE_THRESHOLD, DEFAULT_TEMPLATE_THRESHOLD, TrainConfig
+from show_attend_tell.config import (
+    DEFAULT_BEAM_SIZE,
+    DEFAULT_GUIDANCE_THRESHOLD,
+    DEFAULT_TEMPLATE_THRESHOLD,
+    TrainConfig,
+)
 
 README = (REPO / "README.md").read_text()
 RESULTS = REPO / "results"
@@ -353,3 +358,12 @@ def test_ten_sample_run_sentence_matches_its_records():
     assert f"2:1 {val['A']:.1f}, the mean of the snapshots at steps 900–1,200 taken 2:1 {val['B']:.1f}" in text
     assert f"3:1 {val['D']:.1f}, and 1:1:1 with the main run's weights {val['C']:.1f}, all below the shipped " in text
     assert max(val.values()) < shipped and f"below the shipped {shipped:.1f}" in text
+
+
+def test_beam_size_sentence_matches_its_record():
+    runs = json.loads((RESULTS / "flickr8k_scst" / "beam_size.json").read_text())["runs"]
+    text = " ".join(README.split())
+    beams = sorted(runs, key=int)
+    ciders = ", ".join(f"{runs[b]['CIDEr']:.1f}" for b in beams[:-1]) + f" and {runs[beams[-1]]['CIDEr']:.1f}"
+    assert f"CIDEr {ciders} at beams 1, 3, 5, 7 (the default) and 10" in text and beams == ["1", "3", "5", "7", "10"]
+    assert max(runs, key=lambda b: runs[b]["CIDEr"]) == str(DEFAULT_BEAM_SIZE)

@@ -39,7 +39,7 @@ class CiderD:
             document_frequency.update({g for caption in captions for g in _counts(caption)})
         self.document_frequency = document_frequency
         self.log_corpus = math.log(float(len(references)))
-        self.references = [[self._vector(_counts(c)) for c in captions] for captions in references]
+        self.references = [self.vectors(captions) for captions in references]
 
     def _vector(self, counts: Counter) -> tuple[list[dict], list[float], int]:
         vector: list[dict] = [defaultdict(float) for _ in range(NGRAMS)]
@@ -54,10 +54,20 @@ class CiderD:
                 length += frequency
         return vector, [math.sqrt(x) for x in norm], length
 
+    def vectors(self, captions: Sequence[Sequence[str]]) -> list[tuple[list[dict], list[float], int]]:
+        """Captions (word lists) as the references `agreement` compares a caption with."""
+        return [self._vector(_counts(caption)) for caption in captions]
+
     def score(self, words: Sequence[str], image: int) -> float:
         """CIDEr-D (x10, as coco-caption reports it) of one caption against the references of `image`."""
+        return self.agreement(words, self.references[image])
+
+    def agreement(self, words: Sequence[str], references: Sequence[tuple[list[dict], list[float], int]]) -> float:
+        """CIDEr-D of one caption against any captions (`vectors`), with the training document frequencies: how
+        much a caption agrees with others, e.g. the model's other captions of the same photo (0 with none)."""
+        if not references:
+            return 0.0
         hypothesis, hypothesis_norm, hypothesis_length = self._vector(_counts(words))
-        references = self.references[image]
         total = 0.0
         for reference, reference_norm, reference_length in references:
             penalty = math.exp(-((hypothesis_length - reference_length) ** 2) / (2 * SIGMA**2))

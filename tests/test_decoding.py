@@ -6,7 +6,16 @@ import itertools
 
 import pytest
 import torch
-from helpers import WORDS, MockDecoder, V, encoded_for, exhaustive, repeats_an_ngram, tiny_decoder
+from helpers import (
+    WORDS,
+    MockDecoder,
+    V,
+    encoded_for,
+    exhaustive,
+    load_script,
+    repeats_an_ngram,
+    tiny_decoder,
+)
 
 from show_attend_tell import decoding
 from show_attend_tell.decoding import beam_search, greedy, length_normalised, rollout
@@ -181,3 +190,25 @@ def test_word_penalties_keep_batch_and_alone_equal():
     for i in range(8):
         alone = best_captions(mock, encoded_for([i]), beam_size=3, max_length=7, word_penalties=penalties[i : i + 1])
         assert [(h.tokens, h.log_prob) for h in alone[0]] == [(h.tokens, h.log_prob) for h in batched[i]]
+
+
+@pytest.mark.parametrize("average", ["log-probs", "probs"])
+def test_an_ensemble_searches_as_one_decoder_with_its_members_averaged(average):
+    """recipes/logit_ensemble.py: beam search through Ensemble equals beam search through one mock decoder whose
+    table is the members' tables averaged, in log p or in p."""
+    recipe = load_script("recipes/logit_ensemble.py")
+    first, second = MockDecoder(images=3, max_length=6, seed=0), MockDecoder(images=3, max_length=6, seed=1)
+    combined = MockDecoder(images=3, max_length=6)
+    tables = torch.stack([first.table, second.table])
+    combined.table = tables.mean(0) if average == "log-probs" else tables.logsumexp(0) - torch.tensor(2.0).log()
+    encoded = encoded_for([0, 1, 2])
+    options = dict(beam_size=3, max_length=6)
+    found = beam_search(
+        recipe.Ensemble([first, second], average), recipe.EnsembleEncoded([encoded, encoded]), **options
+    )
+    expected = beam_search(combined, encoded, **options)
+    alone = beam_search(first, encoded, **options)
+    assert [[h.tokens for h in image] for image in found] != [[h.tokens for h in image] for image in alone]
+    for ours, theirs in zip(found, expected, strict=True):
+        assert [h.tokens for h in ours] == [h.tokens for h in theirs]
+        assert [h.log_prob for h in ours] == pytest.approx([h.log_prob for h in theirs], abs=1e-5)

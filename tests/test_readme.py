@@ -375,3 +375,33 @@ def test_beam_size_sentence_matches_its_record():
     ciders = cider_list(runs[b] for b in beams)
     assert f"CIDEr {ciders} at beams 1, 3, 5, 7 (the default) and 10" in text and beams == ["1", "3", "5", "7", "10"]
     assert max(runs, key=lambda b: runs[b]["CIDEr"]) == str(DEFAULT_BEAM_SIZE)
+
+
+def test_consensus_reranking_sentence_matches_its_record():
+    variants = dict(json.loads((RESULTS / "flickr8k_scst" / "consensus_rerank.json").read_text())["variants"])
+    unchanged = variants.pop("beam search (unchanged)")["CIDEr"]
+    ratios = json.loads((RESULTS / "flickr8k_scst" / "mixing_ratios.json").read_text())["val"]
+    assert unchanged == ratios["2:1 (shipped, S weight 0.667)"]["CIDEr"]  # the shipped model, as evaluated
+    assert len(variants) == 12 and {name.split(",")[0] for name in variants} == {"7 beams", "20 samples", "60 samples"}
+    best = max(variants, key=lambda name: variants[name]["CIDEr"])
+    ciders = [variant["CIDEr"] for variant in variants.values()]
+    text = " ".join(README.split())
+    span = f"CIDEr {min(ciders):.1f} to {max(ciders):.1f} against {unchanged:.1f} for the beam search's own choice"
+    assert span in text and best.startswith("60 samples")
+    assert f"at most {max(ciders) - unchanged:.1f} more, for 60 sampled captions a photo beside its 7 beams" in text
+
+
+def test_ensemble_sentence_matches_its_records():
+    folder = RESULTS / "flickr8k_scst" / "logit_ensemble"
+    records = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json") if path.stem != "members"}
+    members = json.loads((folder / "members.json").read_text())
+    assert all(set(record["models"]) <= set(members) for record in records.values())
+    cider = {name: record["CIDEr"] for name, record in records.items()}
+    text = " ".join(README.split())
+    assert f"2:1 snapshot mean {cider['shipped_and_B']:.1f} ({cider['shipped_and_B_probs']:.1f} averaging p)" in text
+    assert records["shipped_and_B_probs"]["average"] == "probs" and records["shipped_and_B"]["average"] == "log-probs"
+    both = f"self-critical weights {cider['S_and_best10']:.1f}, with the cross-entropy model as a third"
+    assert both in text and f"as a third {cider['S_best10_and_X']:.1f}" in text
+    ratios = json.loads((RESULTS / "flickr8k_scst" / "mixing_ratios.json").read_text())["val"]
+    shipped = ratios["2:1 (shipped, S weight 0.667)"]["CIDEr"]
+    assert max(cider.values()) < shipped and f"Averaging the weights ({shipped:.1f}) does at least as well" in text

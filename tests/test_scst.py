@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import load_script
 from pycocoevalcap.cider.cider import Cider
 
 from show_attend_tell.scst import CiderD, caption_stats, self_critical_loss
@@ -26,6 +27,16 @@ def test_cider_d_equals_pycocoevalcap_per_image():
     scores = [ours.score(h.split(), i) for i, h in enumerate(HYPOTHESES)]
     assert scores == pytest.approx(list(per_image), abs=1e-9)
     assert sum(scores) / len(scores) == pytest.approx(mean, abs=1e-9)
+
+
+def test_agreement_is_cider_d_against_any_captions():
+    cider = CiderD([[r.split() for r in refs] for refs in REFERENCES])
+    caption = HYPOTHESES[2].split()
+    assert cider.agreement(caption, cider.vectors([r.split() for r in REFERENCES[2]])) == cider.score(caption, 2)
+    itself = cider.agreement(caption, cider.vectors([caption]))
+    assert itself == pytest.approx(10.0)  # cosine 1 at every n, no length penalty, x10
+    assert cider.agreement(caption, cider.vectors([HYPOTHESES[1].split()])) < itself
+    assert cider.agreement(caption, []) == 0.0
 
 
 def test_self_critical_loss_pushes_up_better_than_average_samples():
@@ -68,3 +79,20 @@ def test_caption_stats_measure_what_reward_hacking_shows_as():
     assert stats["dangling_endings"] == 25.0  # "... in the"
     assert stats["most_common_caption"] == 50.0
     assert caption_stats([]) == {}
+
+
+def test_consensus_reranking_picks_the_hypothesis_the_models_other_captions_agree_with():
+    recipe = load_script("recipes/consensus_rerank.py")
+    cider = CiderD([[r.split() for r in refs] for refs in REFERENCES])
+    dog, bike, red_bike = "a dog running in the grass", "a man rides a bike", "a man rides a red bike"
+    hypotheses = [(dog.split(), -1.0, -0.5), (bike.split(), -1.2, -0.6), (red_bike.split(), -1.3, -0.65)]
+    samples = [bike.split(), ["a", "man", "on", "a", "bike"], dog.split()]
+    found = {
+        0: dict(template=False, hypotheses=hypotheses, samples=samples),
+        1: dict(template=True, hypotheses=hypotheses, samples=samples),  # a template stays whatever agrees
+    }
+    # the two bike captions agree with each other, so together they outweigh the more probable dog caption
+    assert recipe.rerank(found, cider, "beams", 3, weight=0.0) == {0: bike.split(), 1: dog.split()}
+    assert recipe.rerank(found, cider, "samples", 3, weight=0.0)[0] == bike.split()
+    assert recipe.rerank(found, cider, "samples", 1, weight=0.0)[0] == bike.split()
+    assert recipe.rerank(found, cider, "samples", 3, weight=100.0)[0] == dog.split()  # the beam score decides

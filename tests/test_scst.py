@@ -86,7 +86,7 @@ def test_consensus_reranking_picks_the_hypothesis_the_models_other_captions_agre
     cider = CiderD([[r.split() for r in refs] for refs in REFERENCES])
     dog, bike, red_bike = "a dog running in the grass", "a man rides a bike", "a man rides a red bike"
     hypotheses = [(dog.split(), -1.0, -0.5), (bike.split(), -1.2, -0.6), (red_bike.split(), -1.3, -0.65)]
-    samples = [bike.split(), ["a", "man", "on", "a", "bike"], dog.split()]
+    samples = [dog.split(), bike.split(), ["a", "man", "on", "a", "bike"]]
     found = {
         0: dict(template=False, hypotheses=hypotheses, samples=samples),
         1: dict(template=True, hypotheses=hypotheses, samples=samples),  # a template stays whatever agrees
@@ -94,5 +94,5 @@ def test_consensus_reranking_picks_the_hypothesis_the_models_other_captions_agre
     # the two bike captions agree with each other, so together they outweigh the more probable dog caption
     assert recipe.rerank(found, cider, "beams", 3, weight=0.0) == {0: bike.split(), 1: dog.split()}
     assert recipe.rerank(found, cider, "samples", 3, weight=0.0)[0] == bike.split()
-    assert recipe.rerank(found, cider, "samples", 1, weight=0.0)[0] == bike.split()
+    assert recipe.rerank(found, cider, "samples", 1, weight=0.0)[0] == dog.split()  # only the first sample counts
     assert recipe.rerank(found, cider, "samples", 3, weight=100.0)[0] == dog.split()  # the beam score decides

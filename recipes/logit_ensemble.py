@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from show_attend_tell.checkpoint import read_config
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.decoder import Decoder, EncodedImages, State
 from show_attend_tell.evaluate import load_evaluation
@@ -101,14 +102,13 @@ def main() -> None:
     dataset = PreparedDataset.load(args.data)
     rows = dataset.indices(args.split)
     evaluation = load_evaluation(args.models[0], dataset, store=args.features)
-    members, first = [evaluation.model.decoder], None
-    for n, directory in enumerate(args.models):
+    members = [evaluation.model.decoder]
+    first = (evaluation.vocab.words, read_config(args.models[0])["encoder_sha256"])
+    for directory in args.models[1:]:
         model, vocab, config = load_model(directory, with_encoder=False)
-        first = first or (vocab.words, config["encoder_sha256"])
         if (vocab.words, config["encoder_sha256"]) != first:
             raise SystemExit(f"{directory}: its vocabulary or encoder differs from {args.models[0]}'s")
-        if n:
-            members.append(model.decoder)
+        members.append(model.decoder)
     evaluation.model = EnsembleModel(Ensemble(members, args.average))
     metrics, _ = evaluation.score(
         rows, {row: dataset.images[row].captions for row in rows}, beam_size=DEFAULT_BEAM_SIZE, progress=False

@@ -31,6 +31,7 @@ from show_attend_tell.config import (
     MAX_SEED,
     check_number,
 )
+from show_attend_tell.decoding import once_mask
 from show_attend_tell.detector import Detection, Detector
 from show_attend_tell.detectors import load_detector
 from show_attend_tell.errors import Cancelled, InputError
@@ -182,6 +183,7 @@ class Captioner:
         if self.labels is not None:
             self.labels.to(self.device)
         self.detector = detector
+        self.once = once_mask(vocab).to(self.device)  # the words a caption holds at most once (decoding.once_mask)
 
     @classmethod
     def load(
@@ -266,6 +268,7 @@ class Captioner:
         detect: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         sample_seed: int | None = None,
+        repeat_words: bool = False,
         cancelled: Callable[[], bool] = _never,
     ) -> list[Caption]:
         """Caption several images in one encoder pass and one batched beam search.
@@ -279,6 +282,8 @@ class Captioner:
         with more pixels is refused from its header (images.TooManyPixelsError). sample_seed (a hard-attention
         model): each word's context is the feature of one cell drawn from alpha, each photo's draws from this
         seed (the same caption alone or in a batch), instead of the expected context (the paper's test time).
+        repeat_words: let a caption hold a word twice; by default only text.FUNCTION_WORDS ("a", "in", "and"...)
+        may come again, so no "a man is riding a bike on a bike" (decoding.once_mask).
         cancelled: asked before each stage (each photo's decode, the encoder and each of its residual blocks, the
         detector, the decoder's setup and the labels, the beam search); once it answers True the call raises
         Cancelled instead of starting the next one (a server whose client hung up).
@@ -300,6 +305,7 @@ class Captioner:
             guide=guide,
             templates=templates,
             sample_seed=sample_seed,
+            repeat_words=repeat_words,
             cancelled=cancelled,
         )
 
@@ -342,6 +348,7 @@ class Captioner:
         guide: bool = True,
         templates: bool = True,
         sample_seed: int | None = None,
+        repeat_words: bool = False,
         cancelled: Callable[[], bool] = _never,
     ) -> list[Caption]:
         """The second half of caption_batch: captions of what `encode` saw (or of bare encoder features (B, P, E),
@@ -374,6 +381,7 @@ class Captioner:
             beam_size=beam_size,
             max_length=max_length,
             length_penalty=length_penalty,
+            once=None if repeat_words else self.once,
         )
         g = self.grid_size
         results = []

@@ -640,7 +640,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-    """--length-penalty and --max-length, as `sat evaluate` and `sat caption` share them."""
+    """--length-penalty, --max-length and --repeat-words, as `sat evaluate` and `sat caption` share them."""
     parser.add_argument(
         "--length-penalty",
         type=number_from(0, MAX_LENGTH_PENALTY),
@@ -652,6 +652,12 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
         type=positive_int_up_to(MAX_CAPTION_WORDS),
         default=DEFAULT_MAX_LENGTH,
         help=f"words per caption at most (default {DEFAULT_MAX_LENGTH})",
+    )
+    parser.add_argument(
+        "--repeat-words",
+        action="store_true",
+        help="let a caption hold a word twice (default: only words such as 'a', 'in', 'and' may come again, so no "
+        "'a man is riding a bike on a bike')",
     )
 
 
@@ -701,6 +707,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             length_penalty=args.length_penalty,
             java=java,
+            repeat_words=args.repeat_words,
         )
         metrics.update(model=str(model_dir), split=args.split, n_images=len(rows), **evaluation.settings)
         results[f"beam{beam}"] = metrics
@@ -921,6 +928,7 @@ def _run_caption(args: argparse.Namespace) -> int:
         guide=args.guidance,
         templates=args.templates,
         sample_seed=args.seed if args.hard_attention_sample else None,
+        repeat_words=args.repeat_words,
     )
 
     def figure_of(path, image, caption):

@@ -16,7 +16,7 @@ import torch
 from show_attend_tell.config import DEFAULT_BEAM_SIZE, DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
 from show_attend_tell.decoder import Decoder, EncodedImages, repeat_rows, select_rows
 from show_attend_tell.model import sampled_locations
-from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
+from show_attend_tell.text import END_ID, FUNCTION_WORDS, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID, Vocabulary
 
 # No caption repeats a trigram ("in the water in the water"). Self-critical training otherwise learns to pad
 # captions with repeats to reach the reference length CIDEr-D's Gaussian rewards; greedy, beam search and SCST
@@ -60,10 +60,11 @@ def greedy(
     *,
     max_length: int = DEFAULT_MAX_LENGTH,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
+    once: torch.Tensor | None = None,
 ) -> list[Hypothesis]:
-    """The most probable word at every step, for B images at once."""
+    """The most probable word at every step, for B images at once (`once` as in rollout)."""
     tokens, log_probs, alphas, locations = rollout(
-        decoder, encoded, max_length=max_length, sample=False, no_repeat_ngram=no_repeat_ngram
+        decoder, encoded, max_length=max_length, sample=False, no_repeat_ngram=no_repeat_ngram, once=once
     )
     totals = log_probs.sum(dim=1).tolist()  # zero after <end>, so each is the caption's log p with its <end>
     return [
@@ -90,11 +91,12 @@ def rollout(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
+    once: torch.Tensor | None = None,
     per_image: int = 1,
 ) -> Rollout:
     """Decode N = B*per_image rows (`per_image` consecutive rows for each of the B images in `encoded`) word by
     word, by argmax or by sampling from p(word)^(1/temperature), never repeating an n-gram of size
-    `no_repeat_ngram` (0: no limit).
+    `no_repeat_ngram` (0: no limit) nor, with `once` ((V,) bool, once_mask), a word it marks.
 
     Returns tokens (N, T) (<end> included, <pad> after it), per-token log-probabilities (N, T) of the chosen
     words (differentiable when grad is on; zero after <end>), alphas (N, T, P) and, for a decoder with hard
@@ -115,7 +117,7 @@ def rollout(
         location = sampled_locations(state)  # (N,) or None
         allowed = log_probs.detach().index_fill(1, _never_next(device), float("-inf"))  # (N, V)
         if tokens:
-            rows, banned = repeated_ngram_bans(torch.stack(tokens, 1), no_repeat_ngram)
+            rows, banned = repeat_bans(torch.stack(tokens, 1), no_repeat_ngram, once)
             allowed[rows, banned] = float("-inf")
         if sample:
             policy = (log_probs.masked_fill(allowed == float("-inf"), float("-inf")) / temperature).log_softmax(1)
@@ -148,6 +150,27 @@ def repeated_ngram_bans(history: torch.Tensor, n: int) -> tuple[torch.Tensor, to
     match = (grams[:, :, :-1] == last.unsqueeze(1)).all(dim=2)  # (N, t-n+1)
     rows, positions = match.nonzero(as_tuple=True)
     return rows, grams[rows, positions, -1]
+
+
+def once_mask(vocab: Vocabulary) -> torch.Tensor:
+    """(V,) bool, True for the words a caption may hold at most once: every word of `vocab` but
+    text.FUNCTION_WORDS and the special tokens. The product's searches take it as `once` (captioner.py,
+    evaluate.py): a self-critical model otherwise repeats nouns ("riding a bike on a bike")."""
+    mask = torch.tensor([word not in FUNCTION_WORDS for word in vocab.words], dtype=torch.bool)
+    mask[: len(SPECIAL_TOKENS)] = False
+    return mask
+
+
+def repeat_bans(history: torch.Tensor, n: int, once: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, words) that rows of tokens so far (N, t) may not write next: those completing an n-gram the row holds
+    (repeated_ngram_bans) and, with `once` (V,) bool, the words it marks that the row already holds."""
+    rows, words = repeated_ngram_bans(history, n)
+    if once is None or not history.size(1):
+        return rows, words
+    held_rows, positions = once.to(history.device)[history].nonzero(
+        as_tuple=True
+    )  # (M,) each: a held word that may not come again
+    return torch.cat([rows, held_rows]), torch.cat([words, history[held_rows, positions]])
 
 
 def _never_next(device: torch.device) -> torch.Tensor:
@@ -192,11 +215,12 @@ def beam_search(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
     word_penalties: torch.Tensor | None = None,
+    once: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search: B images x K beams advance as one (B*K)-row tensor program; no beam repeats an
-    n-gram of size `no_repeat_ngram` (0: no limit). `word_penalties` (B, V), added to every step's log p of
-    image b's beams, discourage words without banning them (guidance.Plan); a caption that still holds such a
-    word has them in its log_prob and score.
+    n-gram of size `no_repeat_ngram` (0: no limit), nor a word of `once` ((V,) bool, once_mask) twice.
+    `word_penalties` (B, V), added to every step's log p of image b's beams, discourage words without banning them
+    (guidance.Plan); a caption that still holds such a word has them in its log_prob and score.
 
     A finished beam keeps its slot and its score (its only continuation is <pad> at log p 0), so with K
     at least the number of possible captions this is exhaustive search. Beams are ranked by raw
@@ -236,8 +260,8 @@ def beam_search(
         if row_penalties is not None:
             log_probs = log_probs + row_penalties
         log_probs.index_fill_(1, never_next, float("-inf"))  # (A*K, V)
-        if t >= no_repeat_ngram >= 2:
-            ban_rows, ban_words = repeated_ngram_bans(tokens, no_repeat_ngram)
+        if t:
+            ban_rows, ban_words = repeat_bans(tokens, no_repeat_ngram, once)
             if ban_rows.numel():
                 log_probs[ban_rows, ban_words] = float("-inf")
         if finished is not None:
@@ -333,6 +357,7 @@ def constrained_beam_search(
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     no_repeat_ngram: int = NO_REPEAT_NGRAM,
     word_penalties: torch.Tensor | None = None,
+    once: torch.Tensor | None = None,
     max_beams: int = MAX_CONSTRAINED_BEAMS,
 ) -> list[list[Hypothesis]]:
     """Constrained beam search (Anderson et al. 2017): image b's caption must contain, for each of its
@@ -343,11 +368,12 @@ def constrained_beam_search(
     constraint may end. K is beam_size, or fewer when 2^C states of them would exceed `max_beams`; a constraint
     met whenever another is (the same set, or one holding it) is dropped first. Images are grouped by their
     number of constraints and each group is searched as one batch through the decoder's `step`; an image
-    without constraints gets plain `beam_search`. Returns, per image, up to K hypotheses that meet every
-    constraint, best first by normalised score; if none can (too short a max_length), plain beam search's.
+    without constraints gets plain `beam_search`; `no_repeat_ngram` and `once` as there. Returns, per image, up to
+    K hypotheses that meet every constraint, best first by normalised score; if none can (too short a max_length),
+    plain beam search's.
     """
     results: list[list[Hypothesis]] = [[] for _ in range(encoded.features.size(0))]
-    options = dict(max_length=max_length, length_penalty=length_penalty)
+    options = dict(max_length=max_length, length_penalty=length_penalty, once=once)
     needed = [_needed(sets) for sets in constraints]
     groups: dict[int, list[int]] = {}
     for image, sets in enumerate(needed):
@@ -384,6 +410,7 @@ def _constrained(
     max_length: int,
     length_penalty: float,
     word_penalties: torch.Tensor | None,
+    once: torch.Tensor | None,
 ) -> list[list[Hypothesis]]:
     """constrained_beam_search for B images with C >= 1 constraints each. Row (b*S + s)*K + k is beam k of
     image b in state s, the bit mask of the constraints its words satisfy (S = 2^C, state S-1 accepts)."""
@@ -421,8 +448,8 @@ def _constrained(
             frozen = torch.full((V,), float("-inf"), device=device)
             frozen[PAD_ID] = 0.0
         log_probs.index_fill_(1, never_next, float("-inf"))
-        if t >= no_repeat_ngram >= 2:
-            ban_rows, ban_words = repeated_ngram_bans(tokens, no_repeat_ngram)
+        if t:
+            ban_rows, ban_words = repeat_bans(tokens, no_repeat_ngram, once)
             if ban_rows.numel():
                 log_probs[ban_rows, ban_words] = float("-inf")
         # Only a beam that satisfied every constraint may end; one that ends here must satisfy them with this word.
@@ -469,6 +496,7 @@ def _constrained(
             length_penalty=length_penalty,
             no_repeat_ngram=no_repeat_ngram,
             word_penalties=None if word_penalties is None else word_penalties[unmet],
+            once=once,
         )
         for b, hypotheses in zip(unmet, found, strict=True):
             results[b] = hypotheses
@@ -517,15 +545,16 @@ def best_captions(
     max_length: int = DEFAULT_MAX_LENGTH,
     length_penalty: float = DEFAULT_LENGTH_PENALTY,
     word_penalties: torch.Tensor | None = None,
+    once: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Per image, its hypotheses best first: greedy for beam_size 1 (one hypothesis), else beam search;
     constrained beam search for the images with `constraints` (see constrained_beam_search); `word_penalties`
     (B, V) as in beam_search (at beam size 1, beam search with one beam, which is greedy with them). An image
     with a `given` caption (word ids: a template's, guidance.Template) gets it first, as the decoder reads it
     (`forced`, without penalties), and its searched hypotheses after it. At beam size 1 every score is the log p
-    (ranking_penalty)."""
+    (ranking_penalty). `once` (V,) bool: the words each caption holds at most once (once_mask; None: any)."""
     length_penalty = ranking_penalty(beam_size, length_penalty)
-    options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+    options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, once=once)
     if word_penalties is not None and not bool(word_penalties.any()):
         word_penalties = None
     if constraints is not None and any(constraints):
@@ -533,7 +562,7 @@ def best_captions(
     elif word_penalties is not None:
         found = beam_search(decoder, encoded, word_penalties=word_penalties, **options)
     elif beam_size == 1:
-        found = [[h] for h in greedy(decoder, encoded, max_length=max_length)]
+        found = [[h] for h in greedy(decoder, encoded, max_length=max_length, once=once)]
     else:
         found = beam_search(decoder, encoded, **options)
     chosen = [b for b, caption in enumerate(given or []) if caption is not None]

@@ -17,7 +17,7 @@ from show_attend_tell.config import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
 )
-from show_attend_tell.decoding import Hypothesis, best_captions
+from show_attend_tell.decoding import Hypothesis, best_captions, once_mask
 from show_attend_tell.detector import Detection
 from show_attend_tell.guidance import Guidance, LabelHead, search
 from show_attend_tell.model import CaptionModel
@@ -39,11 +39,13 @@ def decode(
     guidance: tuple[Guidance, LabelHead | None] | None = None,
     detections: Callable[[list[int]], list[list[Detection]]] | None = None,
     description: str = "decode",
+    once: torch.Tensor | None = None,
 ) -> dict[int, Hypothesis]:
     """Best hypothesis for each image index, decoded in batches; `features(rows)` -> (B, P, E) for them.
     With `guidance` (the rule and the label head), each image is decoded through its guidance.Plan, as `sat caption`
     does: the label concepts found in its features, a confident template, and with `detections(rows)` the COCO
-    detector's words to name and to discourage."""
+    detector's words to name and to discourage. `once`: the words a caption holds at most once (decoding.once_mask,
+    as `sat caption` decodes; None: any word may repeat)."""
     model.eval()
     best: dict[int, Hypothesis] = {}
     indices = list(indices)
@@ -53,7 +55,7 @@ def decode(
         rows = indices[start : start + batch_size]
         grid = features(rows).float()  # (B, P, E)
         encoded = model.decoder.encode(grid)
-        options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+        options = dict(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty, once=once)
         if guidance is not None:
             rule, head = guidance
             plans = rule.plan(
@@ -82,8 +84,10 @@ def evaluate(
     progress: bool = True,
     guidance: tuple[Guidance, LabelHead | None] | None = None,
     detections: Callable[[list[int]], list[list[Detection]]] | None = None,
+    repeat_words: bool = False,
 ) -> tuple[dict, dict[int, str]]:
-    """Decode each image once and score -> (metrics with timings, {image index: caption})."""
+    """Decode each image once and score -> (metrics with timings, {image index: caption}). As `sat caption`, no
+    caption repeats a word outside text.FUNCTION_WORDS unless `repeat_words` (decoding.once_mask)."""
     from show_attend_tell.metrics import score_captions
 
     start = time.perf_counter()
@@ -97,6 +101,7 @@ def evaluate(
         progress=progress,
         guidance=guidance,
         detections=detections,
+        once=None if repeat_words else once_mask(vocab),
     )
     decode_seconds = time.perf_counter() - start
     captions = {i: " ".join(vocab.decode(h.tokens)) for i, h in hypotheses.items()}
@@ -107,6 +112,7 @@ def evaluate(
         max_length=max_length,
         guidance_threshold=guidance[0].threshold if guidance else None,
         template_threshold=guidance[0].template_threshold if guidance else None,
+        repeat_words=repeat_words,
         decode_seconds=round(decode_seconds, 2),
         score_seconds=round(time.perf_counter() - start - decode_seconds, 2),
     )
@@ -132,7 +138,8 @@ class Evaluation:
         return dict(int8=self.int8, encoder_precision=self.encoder_precision, detector=self.detector)
 
     def score(self, rows: Sequence[int], references: dict[int, list[str]], **options) -> tuple[dict, dict[int, str]]:
-        """evaluate() on these image rows; options: beam_size, max_length, length_penalty, java, progress."""
+        """evaluate() on these image rows; options: beam_size, max_length, length_penalty, java, progress,
+        repeat_words."""
         return evaluate(
             self.model,
             self.vocab,

@@ -25,6 +25,17 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # in id order
 
+# The words a caption may repeat ("a man in a hat and a woman in a dress"): articles, prepositions, conjunctions,
+# pronouns and auxiliaries. Any other word appears in a caption at most once (decoding.once_mask): self-critical
+# training learns to repeat nouns and colours ("a man is riding a bike on a bike", "a boy in a green green
+# shirt"), which earn CIDEr-D's n-gram matches (README, Self-critical training).
+_FUNCTION_WORDS = """
+a an the is are was were be been being has have and or but as that who which while
+in on of with at to from by for into onto over under through across along around behind near off up down out
+his her their its it he she they them this these those there
+"""
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
+
 # The tokens coco-caption's PTBTokenizer wrapper removes (pycocoevalcap/tokenizer/ptbtokenizer.py).
 PUNCTUATION = frozenset(["''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"])
 

@@ -71,13 +71,16 @@ def exhaustive(
     length_penalty: float = 0.0,
     no_repeat_ngram: int = 3,
     constraints: tuple[set[int], ...] = (),
+    once: frozenset[int] = frozenset(),
 ):
     """The best of every caption of at most max_length tokens (ended by <end>, or cut at max_length without it)
-    that repeats no n-gram of size no_repeat_ngram and holds a word of each constraint set."""
+    that repeats no n-gram of size no_repeat_ngram nor a word of `once` and holds a word of each constraint set."""
     best = None
     for n in range(max_length + 1):
         for words in itertools.product([w for w in WORDS if w != END_ID], repeat=n):
             if repeats_an_ngram(words, no_repeat_ngram) or not all(set(words) & c for c in constraints):
+                continue
+            if any(words.count(w) > 1 for w in once):
                 continue
             tokens = list(words) + [END_ID] if n < max_length else list(words)
             log_prob = mock.sequence_log_prob(image, tokens)

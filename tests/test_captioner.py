@@ -16,6 +16,7 @@ from show_attend_tell.cli import main
 from show_attend_tell.config import DEFAULT_LENGTH_PENALTY, DEFAULT_MAX_LENGTH
 from show_attend_tell.decoding import length_normalised
 from show_attend_tell.fast_encoder import resolve_precision, supported_precisions
+from show_attend_tell.text import FUNCTION_WORDS
 
 EXAMPLES = REPO / "examples"
 
@@ -96,6 +97,20 @@ def test_int8_decoder_writes_the_fp32_captions_and_the_same_alone_as_in_a_batch(
 def test_flickr8k_test_photos_get_relevant_captions(captioner):
     dogs = captioner.caption(EXAMPLES / "flickr8k_3385593926_d3e9c21170.jpg").words  # dogs in snow
     assert {"dog", "dogs"} & set(dogs) and "snow" in dogs
+
+
+def test_no_caption_repeats_a_word_but_the_function_words(captioner, flickr8k, capsys):
+    # two Flickr8k test photos the self-critical model captions "... a scooter on a scooter" and "... a skateboard
+    # on a skateboard" when words may repeat (results/flickr8k_scst/no_repeats/)
+    photos = [flickr8k / "images" / name for name in ("1387785218_cee67735f5.jpg", "1432179046_8e3d75cf81.jpg")]
+    free = captioner.caption_batch(photos, repeat_words=True)
+    for caption in free:
+        assert [w for w in set(caption.words) if w not in FUNCTION_WORDS and caption.words.count(w) > 1]
+    for caption in captioner.caption_batch(photos):
+        assert all(caption.words.count(w) == 1 for w in caption.words if w not in FUNCTION_WORDS)
+    # the CLI's --repeat-words gives the captions words may repeat in
+    assert main(["caption", str(photos[0]), "--repeat-words"]) == 0
+    assert capsys.readouterr().out.strip().split("\t")[1] == free[0].text
 
 
 def odd_images(directory: Path) -> dict[str, Path]:

@@ -45,6 +45,24 @@ def test_wide_constrained_beam_equals_exhaustive_search(length_penalty, no_repea
         assert all(all(set(h.tokens) & c for c in constraints) for h in found[image])
 
 
+def test_wide_constrained_beam_with_words_held_once_equals_exhaustive_search():
+    max_length, once = 5, frozenset({4, 6})
+    mask = torch.zeros(7, dtype=torch.bool)
+    mask[list(once)] = True
+    mock = MockDecoder(images=len(CONSTRAINTS), max_length=max_length, seed=4)
+    encoded = encoded_for(list(range(len(CONSTRAINTS))))
+    found = constrained_beam_search(mock, encoded, CONSTRAINTS, beam_size=400, max_length=max_length, once=mask)
+    free = constrained_beam_search(mock, encoded, CONSTRAINTS, beam_size=400, max_length=max_length)
+    changed = 0
+    for image, constraints in enumerate(CONSTRAINTS):
+        sets = tuple(map(set, constraints))
+        score, words, _ = exhaustive(mock, image, max_length, 0.5, 3, sets, once)
+        assert found[image][0].tokens == words and found[image][0].score == pytest.approx(score, abs=1e-5)
+        assert all(h.tokens.count(w) <= 1 for h in found[image] for w in once)
+        changed += free[image][0].tokens != words
+    assert changed
+
+
 def test_constraints_no_caption_can_meet_fall_back_to_plain_beam_search():
     mock = MockDecoder(images=2, max_length=4, seed=2)
     encoded = encoded_for([0, 1])

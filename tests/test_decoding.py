@@ -18,8 +18,8 @@ from helpers import (
 )
 
 from show_attend_tell import decoding
-from show_attend_tell.decoding import beam_search, greedy, length_normalised, rollout
-from show_attend_tell.text import END_ID, PAD_ID, START_ID, UNK_ID
+from show_attend_tell.decoding import beam_search, greedy, length_normalised, once_mask, rollout
+from show_attend_tell.text import END_ID, FUNCTION_WORDS, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID, Vocabulary
 
 
 @pytest.mark.parametrize(("length_penalty", "no_repeat_ngram"), [(0.0, 0), (0.0, 3), (0.0, 2)])
@@ -44,6 +44,37 @@ def test_beam_search_with_a_wide_beam_equals_exhaustive_search(length_penalty, n
         for h in hypotheses:
             tokens = h.tokens + ([END_ID] if h.finished else [])
             assert h.log_prob == pytest.approx(mock.sequence_log_prob(image, tokens), abs=1e-5)
+
+
+@pytest.mark.parametrize("once", [frozenset({4}), frozenset({4, 5, 6})])
+def test_words_held_once_are_never_repeated_and_the_search_stays_exhaustive(once):
+    max_length = 5
+    mock = MockDecoder(images=6, max_length=max_length, seed=2)
+    mask = torch.zeros(V, dtype=torch.bool)
+    mask[list(once)] = True
+    encoded = encoded_for(list(range(6)))
+    free = beam_search(mock, encoded, beam_size=400, max_length=max_length, length_penalty=0.0)
+    found = beam_search(mock, encoded, beam_size=400, max_length=max_length, length_penalty=0.0, once=mask)
+    changed = 0
+    for image, hypotheses in enumerate(found):
+        assert all(h.tokens.count(w) <= 1 for h in hypotheses for w in once)
+        score, words, log_prob = exhaustive(mock, image, max_length, once=once)
+        assert hypotheses[0].tokens == words and hypotheses[0].log_prob == pytest.approx(log_prob, abs=1e-5)
+        changed += free[image][0].tokens != words
+    assert changed  # the mock's best captions repeat these words without the rule
+    # greedy and sampling never write such a word twice either
+    for h in greedy(mock, encoded, max_length=max_length, once=mask):
+        assert all(h.tokens.count(w) <= 1 for w in once)
+    generator = torch.Generator().manual_seed(0)
+    drawn = rollout(mock, encoded, max_length=max_length, sample=True, generator=generator, per_image=8, once=mask)
+    assert all(row.count(w) <= 1 for row in drawn.tokens.tolist() for w in once)
+
+
+def test_once_mask_holds_every_word_but_the_function_words_and_the_special_tokens():
+    vocab = Vocabulary([*SPECIAL_TOKENS, "a", "dog", "in", "the", "bike", "and", "green"])
+    mask = once_mask(vocab)
+    assert [w for w, held in zip(vocab.words, mask.tolist(), strict=True) if held] == ["dog", "bike", "green"]
+    assert {"a", "in", "the", "and"} <= FUNCTION_WORDS and not {"dog", "bike", "green"} & FUNCTION_WORDS
 
 
 def test_narrow_beam_is_not_better_than_exhaustive_and_sorted():

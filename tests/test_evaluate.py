@@ -65,3 +65,30 @@ def test_evaluate_refuses_features_from_another_encoder(trained, tiny_prepared, 
     )
     assert code == 2
     assert "encoder_sha256 is 'other' but 'untrained' was expected" in capsys.readouterr().err
+
+
+def test_evaluate_decodes_as_sat_caption_no_word_twice_unless_repeat_words(
+    trained, tiny_prepared, tiny_features, tmp_path, monkeypatch
+):
+    from show_attend_tell import evaluate
+    from show_attend_tell.text import FUNCTION_WORDS
+
+    seen = []
+    search = evaluate.best_captions
+
+    def spy(*args, once=None, **options):
+        seen.append(once)
+        return search(*args, once=once, **options)
+
+    monkeypatch.setattr(evaluate, "best_captions", spy)
+    args = ["--data", str(tiny_prepared), "--split", "val", "--no-java", "--features", str(tiny_features)]
+    for flags in ([], ["--repeat-words"]):
+        assert main(["evaluate", str(trained), *args, "--no-guidance", "--out", str(tmp_path / "out"), *flags]) == 0
+        recorded = json.loads((tmp_path / "out" / "metrics.json").read_text())["results"]["beam7"]
+        assert recorded["repeat_words"] is bool(flags)
+    held, free = seen
+    assert free is None
+    words = json.loads((trained / "vocab.json").read_text())["words"]
+    assert [w for w, once in zip(words, held.tolist(), strict=True) if not once][4:] == sorted(
+        (w for w in words[4:] if w in FUNCTION_WORDS), key=words.index
+    )

@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
     parser.add_argument("--detector", default="centernet", help="the COCO detector of the defaults ('none': none)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeat-words", action="store_true", help="let captions repeat words (`sat caption` flag)")
     args = parser.parse_args()
     record = begin_record(args)
     paths, references = coco_folder(args.coco_dev)
@@ -50,6 +51,7 @@ def main() -> int:
         encoder_precision=captioner.encoder_precision,  # as loaded: auto picks bf16 on CPUs with native bf16
         guidance_threshold=captioner.guidance.threshold,
         template_threshold=captioner.guidance.template_threshold,
+        repeat_words=args.repeat_words,
         detector=captioner.detector_name,
         detector_settings={
             key: getattr(captioner.guidance, key)
@@ -90,7 +92,9 @@ def main() -> int:
         captions, guides, written = [], [], []
         for start in tqdm(range(0, len(paths), args.batch_size), desc=variant):
             batch = paths[start : start + args.batch_size]
-            for caption in captioner.caption_batch(batch, guide=guide, templates=templates, detect=detect):
+            for caption in captioner.caption_batch(
+                batch, guide=guide, templates=templates, detect=detect, repeat_words=args.repeat_words
+            ):
                 captions.append(caption.text)
                 guides.append([word.as_dict() for word in caption.guidance])
                 written.append(caption.template)

@@ -324,8 +324,8 @@ def test_self_critical_tables_equal_their_records():
     before = json.loads((RESULTS / "flickr8k_test_int8_guided" / "metrics.json").read_text())["results"]["beam7"]
     keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
     for label, record in (
-        ("shipped: self-critical, averaged 2:1 with cross-entropy", shipped),
-        ("the cross-entropy model (shipped until 2026-12-04)", before),
+        ("shipped, words could repeat (bf16 encoder)", shipped),
+        ("the cross-entropy model (shipped until 2026-12-04; bf16 encoder)", before),
     ):
         assert [float(cell) for cell in table_row(label)] == [round(record[key], 1) for key in keys], label
     study = json.loads((RESULTS / "flickr8k_scst" / "study.json").read_text())["runs"]["main_lr2e-5"]
@@ -410,3 +410,61 @@ def test_ensemble_sentence_matches_its_records():
     assert f"(the shipped model alone through the same code: {shipped:.2f}, as `sat evaluate` scores it)" in text
     assert max(r["CIDEr"] for r in records.values()) < shipped
     assert f"Averaging the weights ({shipped:.1f}) does at least as well" in text
+
+
+def repeating(captions: list[dict]) -> list[str]:
+    """The captions that hold a word twice other than the function words."""
+    from show_attend_tell.text import FUNCTION_WORDS
+
+    found = []
+    for caption in captions:
+        words = [w for w in caption["caption"].split() if w not in FUNCTION_WORDS]
+        if len(set(words)) < len(words):
+            found.append(caption["caption"])
+    return found
+
+
+def test_no_word_twice_paragraph_matches_its_records():
+    folder = RESULTS / "flickr8k_scst" / "no_repeats"
+
+    def run(name: str) -> tuple[dict, list[dict]]:
+        record = json.loads((folder / name / "metrics.json").read_text())["results"]["beam7"]
+        split = "test" if name.startswith("test") else "val"
+        return record, json.loads((folder / name / f"captions_{split}_beam7.json").read_text())
+
+    (fp32, fp32_captions), (fp32_free, fp32_free_captions) = run("val_fp32"), run("val_fp32_repeat_words")
+    (int8, _), (int8_free, _) = run("val_int8"), run("val_int8_repeat_words")
+    test, test_captions = run("test_defaults")
+    assert not fp32["repeat_words"] and fp32_free["repeat_words"] and not test["repeat_words"] and test["int8"]
+    earlier = RESULTS / "flickr8k_scst" / "test_defaults_fp32_encoder"
+    before = json.loads((earlier / "metrics.json").read_text())
+    old = json.loads((earlier / "captions_test_beam7.json").read_text())
+    assert before["results"]["beam7"]["encoder_precision"] == test["encoder_precision"] == "fp32"
+    text = " ".join(README.split())
+    assert f"in {len(repeating(fp32_free_captions))} of its 1,000 val captions" in text
+    assert not repeating(fp32_captions) and not repeating(test_captions) and repeating(old)
+    assert (
+        f"Val CIDEr rose from {fp32_free['CIDEr']:.1f} to {fp32['CIDEr']:.1f} with the fp32 decoder and from "
+        f"{int8_free['CIDEr']:.1f} to {int8['CIDEr']:.1f} with the int8 one, BLEU-4 from {fp32_free['BLEU-4']:.1f} "
+        f"to {fp32['BLEU-4']:.1f}; test at the defaults from {before['results']['beam7']['CIDEr']:.1f} to "
+        f"{test['CIDEr']:.1f}, with {sum(a != b for a, b in zip(old, test_captions, strict=True))} of the 1,000"
+    ) in text
+    keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+    row = table_row("shipped, no word twice (since 2026-12-06; fp32 encoder)")
+    assert [float(cell) for cell in row] == [round(test[key], 1) for key in keys]
+    assert f"missed by {65 - test['CIDEr']:.1f}" in text
+    assert f"The int8 decoder costs this model {fp32['CIDEr'] - int8['CIDEr']:.1f} val CIDEr" in text
+    coco = {
+        name: json.loads((folder / f"{name}.json").read_text())["results"]["labels_and_templates"]["CIDEr"]
+        for name in ("coco_dev", "coco_dev_repeat_words")
+    }
+    assert f"reads {coco['coco_dev']:.1f} without repeated words ({coco['coco_dev_repeat_words']:.1f} with them" in text
+    speed = json.loads((RESULTS / "decoder_precision.json").read_text())
+    assert (
+        f"one photo {speed['no_repeats_over_repeat_words_one_photo']}×, 32 at once "
+        f"{speed['no_repeats_over_repeat_words_batched']}×" in text
+    )
+    assert (
+        f"costs {speed['fp32_over_int8_one_photo']:.2f}× a photo one at a time and "
+        f"{speed['fp32_over_int8_batched']:.2f}× in a batch of 32" in text
+    )

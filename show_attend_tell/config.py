@@ -140,6 +140,9 @@ class TrainConfig:
     # CIDEr-D's document frequencies: "train", once over every training reference; "batch", over the references
     # of the step's images only (what pycocoevalcap's scorer does per call)
     scst_document_frequency: str = "train"
+    # no caption holds a word twice but text.FUNCTION_WORDS, as `sat caption` decodes (decoding.once_mask): in SCST's
+    # samples and greedy baselines, so the reward cannot teach repeats, and in the validations
+    once_words: bool = False
     # validate the starting weights before the first step (a fine-tuning run then keeps them as best/ unless a
     # later validation beats them)
     val_at_start: bool = False

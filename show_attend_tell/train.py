@@ -582,7 +582,7 @@ def self_critical_step(run: Run, rows: list[int], *, cached: torch.Tensor | None
     Besides the loss and mean reward it returns the samples' mean length in words and `sample_entropy`, the mean
     of -log p of the sampled words: a Monte Carlo estimate of the sampling policy's entropy per word (nats),
     which falls as the policy sharpens."""
-    from show_attend_tell.decoding import rollout
+    from show_attend_tell.decoding import once_mask, rollout
     from show_attend_tell.scst import CiderD, self_critical_loss
     from show_attend_tell.text import PAD_ID, tokenize
 
@@ -597,19 +597,20 @@ def self_critical_step(run: Run, rows: list[int], *, cached: torch.Tensor | None
         cider = run.cider
         corpus_row = {image: n for n, image in enumerate(run.data.dataset.indices("train"))}
     max_length = config.scst_max_length or config.max_caption_length
+    once = once_mask(run.data.dataset.vocab).to(run.device) if config.once_words else None
     greedy_rewards = None
     with run.autocast():
         features = batch_features(run, local, train=True, cached=cached)
         encoded = run.model.decoder.encode(features)  # the `samples` rows of an image share its features
         tokens, log_probs, _, _ = rollout(
-            run.model.decoder, encoded, max_length=max_length, sample=True, per_image=samples
+            run.model.decoder, encoded, max_length=max_length, sample=True, per_image=samples, once=once
         )  # (N, T) each
         captions = [run.data.dataset.vocab.decode(row) for row in tokens.tolist()]
         images = [corpus_row[image] for image in local for _ in range(samples)]
         rewards = torch.tensor([cider.score(w, i) for w, i in zip(captions, images, strict=True)])
         if config.scst_baseline == "greedy":
             with torch.no_grad():
-                greedy = rollout(run.model.decoder, encoded, max_length=max_length, sample=False).tokens  # (B, T)
+                greedy = rollout(run.model.decoder, encoded, max_length=max_length, sample=False, once=once).tokens
             greedy_rewards = torch.tensor(
                 [
                     cider.score(run.data.dataset.vocab.decode(row), corpus_row[image])
@@ -715,6 +716,7 @@ def validate(run: Run) -> dict:
     """Decode the val split for real (each rank its share, through evaluate.decode) and score it with the
     coco-caption metrics on rank 0, beside what the captions are like (scst.caption_stats: distinct captions,
     vocabulary, length, repeated and dangling words); every rank gets the metrics."""
+    from show_attend_tell.decoding import once_mask
     from show_attend_tell.evaluate import decode
     from show_attend_tell.metrics import score_captions
     from show_attend_tell.scst import caption_stats
@@ -731,6 +733,7 @@ def validate(run: Run) -> dict:
         max_length=run.config.max_caption_length,
         progress=run.console and run.rank == 0,
         description="validation",
+        once=once_mask(run.data.dataset.vocab).to(run.device) if run.config.once_words else None,
     )
     captions = {i: " ".join(run.data.dataset.vocab.decode(h.tokens)) for i, h in mine.items()}
     if run.world_size > 1:

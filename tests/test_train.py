@@ -35,6 +35,7 @@ from show_attend_tell.train import (
     save_state,
     self_critical_step,
     training_precision,
+    validate,
 )
 from show_attend_tell.training_data import SHUFFLE_WINDOW_BLOCKS, TrainingData, epoch_batches, epoch_order
 
@@ -110,6 +111,46 @@ def test_self_critical_training_of_a_hard_attention_model_samples_words_with_the
     stats = self_critical_step(run, run.data.train_rows[:3])
     assert math.isfinite(stats["loss"]) and stats["captions"] == 3 * run.config.scst_samples
     assert bool((rollouts[0].locations == -1).all())  # the policy decoding runs: no sampled location
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_once_words_training_samples_and_validates_without_repeated_words(
+    tiny_prepared, tiny_features, tmp_path, monkeypatch, baseline
+):
+    from show_attend_tell import decoding, evaluate
+    from show_attend_tell.text import FUNCTION_WORDS
+
+    run = make_trainer(
+        tmp_path / "run", tiny_prepared, tiny_features, self_critical=True, once_words=True, scst_baseline=baseline
+    )
+    onces = []
+    rollout, decode = decoding.rollout, evaluate.decode
+
+    def recorded(*args, once=None, **kwargs):
+        onces.append(once)
+        return rollout(*args, once=once, **kwargs)
+
+    def decoded(*args, once=None, **kwargs):
+        onces.append(once)
+        return decode(*args, once=once, **kwargs)
+
+    monkeypatch.setattr(decoding, "rollout", recorded)
+    monkeypatch.setattr(evaluate, "decode", decoded)
+    assert math.isfinite(self_critical_step(run, run.data.train_rows[:3])["loss"])
+    validate(run)
+    # the samples, the greedy baseline, the validation and its greedy decode (val_beam_size 1)
+    assert len(onces) == (4 if baseline == "greedy" else 3)
+    vocab = run.data.dataset.vocab
+    for once in onces:
+        assert [w for w, held in zip(vocab.words, once.tolist(), strict=True) if not held][4:] == [
+            w for w in vocab.words[4:] if w in FUNCTION_WORDS
+        ]
+    # and without the setting, words may repeat as before
+    onces.clear()
+    plain = make_trainer(tmp_path / "plain", tiny_prepared, tiny_features, self_critical=True)
+    self_critical_step(plain, plain.data.train_rows[:3])
+    validate(plain)
+    assert onces == [None, None, None]
 
 
 RUN_SCRIPT = textwrap.dedent(

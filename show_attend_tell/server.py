@@ -245,7 +245,7 @@ class Job:
     """One decoded photo waiting for the model, with the options it was asked for."""
 
     image: Image.Image
-    options: tuple  # (beam_size, mentions, guidance, templates): only equal options share a batch
+    options: tuple  # (beam_size, mentions, guidance, templates, detector, repeat_words): only equal ones share a batch
     abandoned: threading.Event  # its client hung up
     future: Future
     ready: float  # time.perf_counter() when it began to wait
@@ -600,7 +600,7 @@ def create_app(
         # loaded with the model already; not at import, so that the server's flags parse without torch
         from show_attend_tell.captioner import Seen
 
-        beam_size, mentions, guide, templates, detect = jobs[0].options
+        beam_size, mentions, guide, templates, detect, repeat_words = jobs[0].options
         started = time.perf_counter()
         present, seen = [], []
         for job in jobs:
@@ -622,6 +622,7 @@ def create_app(
                 mentions=list(mentions),
                 guide=guide,
                 templates=templates,
+                repeat_words=repeat_words,
                 cancelled=lambda: all(job.abandoned.is_set() for job in present),
             )
         )
@@ -752,6 +753,13 @@ def create_app(
                 "it does not see"
             ),
         ] = True,
+        repeat_words: Annotated[
+            bool,
+            Query(
+                description="let the caption hold a word twice; by default only words such as 'a', 'in', 'and' may "
+                "come again (no 'a man is riding a bike on a bike')"
+            ),
+        ] = False,
     ) -> CaptionResponse:
         """Caption the uploaded photo, with one attention map per word."""
         arrived = time.perf_counter()
@@ -765,7 +773,9 @@ def create_app(
             raise HTTPException(413, _too_large(max_upload_bytes))
         upload = Upload(boundary, max_upload_bytes)
         try:
-            return await caption_upload(request, upload, arrived, beam_size, mention, guidance, templates, detector)
+            return await caption_upload(
+                request, upload, arrived, beam_size, mention, guidance, templates, detector, repeat_words
+            )
         finally:
             memory.give_back(upload.held)
 
@@ -778,6 +788,7 @@ def create_app(
         guidance: bool,
         templates: bool,
         detector: bool,
+        repeat_words: bool,
     ) -> dict:
         memory.receiving += 1
         try:
@@ -817,7 +828,7 @@ def create_app(
                 if large:
                     large_decodes.release()
             try:
-                options = (beam_size, tuple(mention), guidance, templates, detector)
+                options = (beam_size, tuple(mention), guidance, templates, detector, repeat_words)
                 caption, started, seconds, batch = await queue.run(image, options, gone)
             finally:
                 memory.give_back(kept)

@@ -493,7 +493,8 @@ def test_health_openapi_and_the_page(client, captioner):
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/api/caption"]["post"]
     assert "image" in operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
-    assert [p["name"] for p in operation["parameters"]] == ["beam_size", "mention", "guidance", "templates", "detector"]
+    names = [p["name"] for p in operation["parameters"]]
+    assert names == ["beam_size", "mention", "guidance", "templates", "detector", "repeat_words"]
     assert health["detector"] == captioner.detector_name
     assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
     assert "/api/health" in schema["paths"]
@@ -1513,3 +1514,16 @@ def test_the_hostile_load_benchmark_counts_the_machines_cores_by_state(monkeypat
         first, second = bench.machine_ticks(), bench.machine_ticks()
         assert set(first) == set(bench.MACHINE_STATES)
         assert all(second[state] >= first[state] >= 0 for state in first)
+
+
+@pytest.mark.slow
+def test_repeat_words_in_the_api(shipped, flickr8k):
+    # a Flickr8k test photo the self-critical model captions "a little girl is riding a scooter on a scooter" at
+    # the product's defaults (no detector) when words may repeat (tests/test_captioner.py)
+    photo = flickr8k / "images" / "1387785218_cee67735f5.jpg"
+    with local_client(create_app(shipped)) as client:
+        body = post(client, photo.read_bytes(), query="?detector=false").json()
+        free = post(client, photo.read_bytes(), query="?detector=false&repeat_words=true").json()
+    assert body["caption"] == shipped.caption(photo, detect=False).text
+    assert free["caption"] == shipped.caption(photo, detect=False, repeat_words=True).text
+    assert free["words"].count("scooter") == 2 and body["words"].count("scooter") == 1

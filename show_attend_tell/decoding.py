@@ -155,7 +155,8 @@ def repeated_ngram_bans(history: torch.Tensor, n: int) -> tuple[torch.Tensor, to
 def once_mask(vocab: Vocabulary) -> torch.Tensor:
     """(V,) bool, True for the words a caption may hold at most once: every word of `vocab` but
     text.FUNCTION_WORDS and the special tokens. The product's searches take it as `once` (captioner.py,
-    evaluate.py): a self-critical model otherwise repeats nouns ("riding a bike on a bike")."""
+    evaluate.py): a self-critical model otherwise repeats nouns ("riding a bike on a bike"). Self-critical training
+    samples with it only under `sat train --once-words` (TrainConfig.once_words)."""
     mask = torch.tensor([word not in FUNCTION_WORDS for word in vocab.words], dtype=torch.bool)
     mask[: len(SPECIAL_TOKENS)] = False
     return mask
@@ -167,9 +168,8 @@ def repeat_bans(history: torch.Tensor, n: int, once: torch.Tensor | None) -> tup
     rows, words = repeated_ngram_bans(history, n)
     if once is None or not history.size(1):
         return rows, words
-    held_rows, positions = once.to(history.device)[history].nonzero(
-        as_tuple=True
-    )  # (M,) each: a held word that may not come again
+    # (M,) each: the row and the position of a held word that may not come again
+    held_rows, positions = once.to(history.device)[history].nonzero(as_tuple=True)
     return torch.cat([rows, held_rows]), torch.cat([words, history[held_rows, positions]])
 
 

@@ -37,6 +37,7 @@ SETTINGS = (
     "scst_max_length",
     "scst_document_frequency",
     "scst_xe_weight",
+    "once_words",
     "max_caption_length",
     "val_beam_size",
     "precision",

@@ -468,3 +468,23 @@ def test_no_word_twice_paragraph_matches_its_records():
         f"costs {speed['fp32_over_int8_one_photo']:.2f}× a photo one at a time and "
         f"{speed['fp32_over_int8_batched']:.2f}× in a batch of 32" in text
     )
+
+
+def test_once_words_training_bullet_matches_its_records():
+    folder = RESULTS / "flickr8k_scst"
+    run = json.loads((folder / "once_words" / "study.json").read_text())["runs"]["once_words"]
+    assert run["settings"]["once_words"] is True
+    validations = {v["step"]: v["CIDEr"] for v in run["validations"]}
+    best, last = run["best"], validations[max(validations)]
+    text = " ".join(README.split())
+    assert f"in-run val CIDEr {validations[0]:.1f} → {best['CIDEr']:.1f} (step {best['step']}) → {last:.1f}" in text
+    candidates = json.loads((folder / "once_words" / "candidates.json").read_text())["candidates_val"]
+    shipped = {
+        p: json.loads((folder / "no_repeats" / f"val_{p}" / "metrics.json").read_text())["results"]["beam7"]["CIDEr"]
+        for p in ("fp32", "int8")
+    }
+    assert (
+        f"scores val CIDEr {candidates['A fp32']['CIDEr']:.1f} (fp32 decoder) and {candidates['A int8']['CIDEr']:.1f} "
+        f"(int8) against the shipped model's {shipped['fp32']:.1f} and {shipped['int8']:.1f} under the same search"
+    ) in text
+    assert max(c["CIDEr"] for c in candidates.values()) < shipped["fp32"]

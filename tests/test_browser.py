@@ -214,6 +214,13 @@ def test_dropping_a_photo_with_greedy_decoding(page, server_url):
             page.check("#templates")
     else:
         expect(page.locator("#alternatives li")).to_have_text(["none with beam size 1"])
+    # words may come twice only when asked: the box, unchecked by default, sends repeat_words
+    expect(page.locator("#repeat-words")).not_to_be_checked()
+    with page.expect_response(lambda r: "repeat_words=true" in r.url) as answer:
+        page.check("#repeat-words")
+    assert answer.value.status == 200
+    with page.expect_response(lambda r: "repeat_words=false" in r.url):
+        page.uncheck("#repeat-words")
     expect(page.locator("#error")).to_be_hidden()
 
 

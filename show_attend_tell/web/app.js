@@ -18,6 +18,7 @@ const elements = {
   health: $("health"), mention: $("mention"), guidance: $("guidance"), guided: $("guided"),
   templates: $("templates"), detector: $("detector"), discouraged: $("discouraged"), boxes: $("boxes"),
   boxesToggle: $("boxes-toggle"), showBoxes: $("show-boxes"), boxesLabel: $("boxes-label"),
+  repeatWords: $("repeat-words"),
 };
 const state = {
   file: null, result: null, pinned: null, request: 0, maxUpload: 0, photoUrl: null, detectorLoaded: true,
@@ -283,6 +284,7 @@ async function caption(file) {
     guidance: elements.guidance.checked,
     templates: elements.templates.checked,
     detector: elements.detector.checked,
+    repeat_words: elements.repeatWords.checked,
   });
   for (const word of elements.mention.value.split(/[\s,]+/).filter(Boolean)) query.append("mention", word);
   let response;
@@ -343,6 +345,7 @@ elements.guidance.addEventListener("change", () => {
 });
 elements.templates.addEventListener("change", () => caption(state.file));
 elements.detector.addEventListener("change", () => caption(state.file));
+elements.repeatWords.addEventListener("change", () => caption(state.file));
 elements.showBoxes.addEventListener("change", showBoxes);
 elements.mention.addEventListener("change", () => caption(state.file)); // on Enter or leaving the box
 // Small photos are shown larger and large ones smaller: as wide as the column, at most 70% of the window high.

@@ -13,10 +13,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness import REPO, add_threads, begin_record, benchmark_parser, finish, interleaved, median, per_round_ratio
+from harness import (
+    REPO,
+    add_threads,
+    begin_record,
+    benchmark_parser,
+    finish,
+    median,
+    median_ratio,
+    per_photo_rounds,
+    photos_in,
+)
 
 from show_attend_tell.captioner import Captioner
-from show_attend_tell.images import load_image
 
 
 def main() -> int:
@@ -30,7 +39,7 @@ def main() -> int:
     args = parser.parse_args()
     record = begin_record(args)
     captioner = Captioner.load(args.model, detector=args.detector)
-    photos = [load_image(p) for p in sorted(args.images.iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+    photos = photos_in(args.images)
     batch = [photos[i % len(photos)] for i in range(args.batch)]
 
     def one_at_a_time(guide: bool, detect: bool) -> None:
@@ -52,11 +61,10 @@ def main() -> int:
         variants = {name: run for name, run in variants.items() if not name.endswith("defaults")}
     captions = captioner.caption_batch(photos)
     guided, templates = sum(bool(c.guidance) for c in captions), sum(c.template for c in captions)
-    rounds = interleaved({name: run for name, (run, _) in variants.items()}, args.repeats, warmup=1)
-    times = {name: [s / variants[name][1] for s in values] for name, values in rounds.seconds.items()}  # per photo
+    times = per_photo_rounds(variants, args.repeats)
 
     def ratio(numerator: str, denominator: str) -> float:
-        return median(per_round_ratio(times[numerator], times[denominator]), digits=3)
+        return median_ratio(times, numerator, denominator)
 
     record.update(
         photos=len(photos),

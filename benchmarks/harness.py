@@ -124,6 +124,27 @@ def interleaved(
     return found
 
 
+def per_photo_rounds(
+    variants: dict[str, tuple[Callable[[int], object], int]], rounds: int, *, warmup: int = 1
+) -> dict[str, list[float]]:
+    """`interleaved` over variants given as (run it, how many photos it captions) -> each variant's seconds per
+    photo, one per measured round."""
+    found = interleaved({name: run for name, (run, _) in variants.items()}, rounds, warmup=warmup)
+    return {name: [s / variants[name][1] for s in values] for name, values in found.seconds.items()}
+
+
+def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """The median of two variants' per-round ratios (per_round_ratio), to 3 digits."""
+    return median(per_round_ratio(times[numerator], times[denominator]), digits=3)
+
+
+def photos_in(folder: Path) -> list:
+    """The JPEG and PNG photos of `folder`, decoded (images.load_image), in name order."""
+    from show_attend_tell.images import load_image
+
+    return [load_image(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+
+
 def median(values: Iterable[float], *, scale: float = 1.0, digits: int | None = None) -> float:
     """The median of `values` times `scale` (1e3: seconds to ms), rounded to `digits` when given."""
     value = scale * statistics.median(values)

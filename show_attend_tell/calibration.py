@@ -1,7 +1,8 @@
 """Calibrating the int8 variants once for a checkpoint and storing the result with it: the decoder's input ranges
 (inference.Int8Decoder) and the encoder's activation observers (fast_encoder.FastEncoder's int8 trunk).
 
-`sat calibrate` runs `calibrate_checkpoint` (and with --encoder-int8 `calibrate_encoder_checkpoint`); training
+`sat calibrate` runs `calibrate_checkpoint` (and with --encoder-int8 `calibrate_encoder_checkpoint`, with --check
+`check_int8`: whether int8 keeps the captions' quality, and so stays the CPU default); training
 calibrates the decoder of its best checkpoint through `calibrate_decoder`, on its own features, as they do.
 The measuring itself lives beside each variant (inference.calibrate_int8, fast_encoder.calibrate_int8_encoder).
 """
@@ -17,8 +18,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from show_attend_tell.checkpoint import load_model, save_encoder_int8_calibration, save_int8_calibration
-from show_attend_tell.config import CALIBRATION_IMAGES, DEFAULT_BEAM_SIZE
+from show_attend_tell.checkpoint import (
+    load_model,
+    record_int8_check,
+    save_encoder_int8_calibration,
+    save_int8_calibration,
+)
+from show_attend_tell.config import CALIBRATION_IMAGES, DEFAULT_BEAM_SIZE, INT8_CIDER_TOLERANCE
 from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import ENCODER_CALIBRATION_IMAGES, calibrate_int8_encoder
 from show_attend_tell.features import dataset_features
@@ -86,6 +92,38 @@ def calibrate_checkpoint(
         raise InputError(f"{directory}: the Transformer decoder has no int8 version yet; it decodes in fp32")
     features = dataset_features(model, dataset, store, config.get("encoder_sha256", ""))
     return calibrate_decoder(directory, model.decoder, rows, features, split=split, seed=seed, progress=progress)
+
+
+def check_int8(
+    directory: str | Path,
+    dataset: PreparedDataset,
+    *,
+    split: str = "val",
+    store: str | Path | None = None,
+    tolerance: float = INT8_CIDER_TOLERANCE,
+    progress: bool = True,
+) -> dict:
+    """Score a calibrated checkpoint's captions of `split` in fp32 and with the int8 decoder, decoded as `sat
+    caption` decodes them (the default beam, label guidance, no word twice; evaluate.load_evaluation), and record
+    with the calibration whether int8 stays the CPU default: only when its CIDEr is within `tolerance` points of
+    fp32's (checkpoint.record_int8_check). `store`: the dataset's grid features instead of the encoder. Returns
+    the check as recorded, with "default"."""
+    from show_attend_tell.evaluate import load_evaluation
+
+    rows = dataset.indices(split)
+    if not rows:
+        raise InputError(f"{dataset.directory}: no {split} images to check the int8 decoder on")
+    references = {i: dataset.images[i].captions for i in rows}
+    cider = {}
+    for name, int8 in (("fp32", False), ("int8", True)):
+        evaluation = load_evaluation(directory, dataset, store=store, int8=int8)
+        metrics, _ = evaluation.score(rows, references, beam_size=DEFAULT_BEAM_SIZE, progress=progress)
+        cider[name] = round(metrics["CIDEr"], 2)
+    check = {"split": split, "images": len(rows), "beam_size": DEFAULT_BEAM_SIZE, "CIDEr": cider}
+    check["tolerance"] = tolerance
+    default = cider["int8"] >= cider["fp32"] - tolerance
+    record_int8_check(directory, check, default=default)
+    return {**check, "default": default}
 
 
 def calibrate_encoder_checkpoint(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from show_attend_tell.checkpoint import has_int8_calibration, read_config
+from show_attend_tell.checkpoint import int8_by_default, read_config
 from show_attend_tell.config import (
     DEFAULT_BEAM_SIZE,
     DEFAULT_GUIDANCE_THRESHOLD,
@@ -38,7 +38,7 @@ from show_attend_tell.errors import Cancelled, InputError
 from show_attend_tell.fast_encoder import AUTO, resolve_precision
 from show_attend_tell.guidance import Guidance, GuideWord, label_head, new_word_pairs, positions, search
 from show_attend_tell.images import DEFAULT_MAX_PIXELS, load_image
-from show_attend_tell.inference import image_features
+from show_attend_tell.inference import Int8Decoder, image_features
 from show_attend_tell.model import CaptionDecoder, LocationSampling
 from show_attend_tell.runtime import load_model
 
@@ -200,8 +200,9 @@ class Captioner:
     ) -> Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
 
-        int8: quantize the decoder for speed (default: on the CPU when the model has an int8 calibration, as the
-        shipped one does; see inference.Int8Decoder for what it costs).
+        int8: quantize the decoder for speed (default: on the CPU when the model has an int8 calibration and no
+        check of it found its captions scoring worse, checkpoint.int8_by_default, as for the shipped model; see
+        inference.Int8Decoder for what int8 costs).
         encoder_precision: "fp32", "bf16" or "int8" (fast_encoder.py), or "auto": the fastest this device
         supports among those that keep the captions.
         guidance_threshold: a photo's caption must name a concept of the encoder's ImageNet labels whose
@@ -215,7 +216,7 @@ class Captioner:
         """
         path = path or SHIPPED_MODEL
         if int8 is None:
-            int8 = torch.device(device).type == "cpu" and has_int8_calibration(read_config(path))
+            int8 = torch.device(device).type == "cpu" and int8_by_default(read_config(path))
         precision = resolve_precision(encoder_precision, device)
         pairs = new_word_pairs() if detector is not None else {}
         model, vocab, config = load_model(path, device=device, int8=int8, encoder_precision=precision, new_words=pairs)
@@ -245,6 +246,11 @@ class Captioner:
     def encoder_precision(self) -> str:
         """The precision the encoder runs in: "fp32", "bf16" or "int8" (fast_encoder.py)."""
         return getattr(self.model.encoder, "precision", "fp32")
+
+    @property
+    def decoder_precision(self) -> str:
+        """The precision the decoder runs in: "int8" (inference.Int8Decoder) or "fp32"."""
+        return "int8" if isinstance(self.model.decoder, Int8Decoder) else "fp32"
 
     @property
     def grid_size(self) -> int:

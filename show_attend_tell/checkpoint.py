@@ -303,6 +303,23 @@ def has_int8_calibration(config: dict) -> bool:
     return INT8_KEY in config
 
 
+def int8_by_default(config: dict) -> bool:
+    """Whether the CPU decodes this checkpoint in int8 unless told otherwise: it has int8 input ranges, and no
+    check of them (`sat calibrate --check`, record_int8_check) found the int8 captions scoring worse."""
+    return has_int8_calibration(config) and config[INT8_KEY].get("default") is not False
+
+
+def record_int8_check(directory: str | Path, check: dict, *, default: bool) -> None:
+    """Record beside a checkpoint's int8 input ranges how its captions scored with them and without (`check`),
+    and whether the CPU decodes in int8 by default (`default`). A new calibration replaces both."""
+    directory = Path(directory)
+    config = read_config(directory)
+    if INT8_KEY not in config:
+        raise InputError(f"{directory}: no int8 calibration to check (`sat calibrate {directory} --data DIR`)")
+    config[INT8_KEY].update(check=check, default=default)
+    write_atomically(directory / CONFIG_FILE, lambda p: save_json(config, p))
+
+
 def int8_input_ranges(directory: Path, config: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The calibrated int8 input ranges, checked: present, unchanged since calibration, for these weights."""
     tensors = _calibration_tensors(

@@ -14,6 +14,7 @@ from show_attend_tell.config import (
     DEFAULT_LENGTH_PENALTY,
     DEFAULT_MAX_LENGTH,
     DEFAULT_TEMPLATE_THRESHOLD,
+    INT8_CIDER_TOLERANCE,
     MAX_BEAM,
     MAX_CAPTION_WORDS,
     MAX_LENGTH_PENALTY,
@@ -631,7 +632,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--captions", help="score this COCO-format results file instead of decoding")
     parser.add_argument("--out", help="write metrics JSON and captions (COCO results format) here")
     parser.add_argument("--no-java", action="store_true", help="pure-Python tokenizer, no METEOR (not comparable)")
-    parser.add_argument("--int8", action="store_true", help="score the int8 decoder that `sat caption` uses on CPU")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="score the int8 decoder (`sat caption`'s on CPU when the model's calibration makes it the default)",
+    )
     _add_encoder_precision_flag(parser)
     _add_limit_flag(parser)
     _add_guidance_flags(parser)
@@ -867,7 +872,7 @@ def _add_int8_flag(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="int8 decoder weights, ~4x faster decoding steps on CPU (default: on for the CPU when the model has an "
-        "int8 calibration, `sat calibrate`)",
+        "int8 calibration, `sat calibrate`, and no --check of it found its captions scoring worse)",
     )
 
 
@@ -1225,7 +1230,9 @@ def _run_export(args: argparse.Namespace) -> int:
         half=not args.float32,
         extra={**kept, "exported_from": sources},
     )
-    print(f"exported {' + '.join(args.model)} -> {out}; `sat calibrate {out} --data DIR` for its int8 decoder")
+    print(
+        f"exported {' + '.join(args.model)} -> {out}; `sat calibrate {out} --data DIR --check val` for its int8 decoder"
+    )
     return 0
 
 
@@ -1238,7 +1245,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         description="Beam search captions training photos in fp32 while each int8 layer's input range is "
         "measured; the ranges are stored beside the weights (int8.safetensors, named in config.json), and `sat "
         "caption`, `sat serve` and `sat evaluate --int8` quantize with them. `sat train` calibrates its best "
-        "checkpoint itself; run this for a checkpoint written otherwise (e.g. by `sat export`).",
+        "checkpoint itself; run this for a checkpoint written otherwise (e.g. by `sat export`). --check then scores "
+        "a split's captions both ways, and int8 stays the CPU default only if it keeps their CIDEr.",
     )
     parser.add_argument("model", help="checkpoint directory")
     parser.add_argument("--data", required=True, help="prepared dataset directory (`sat prepare`)")
@@ -1256,6 +1264,25 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="calibrate the int8 encoder instead (--encoder-precision int8): its activation ranges, measured on "
         "--images photos (default 64), stored as encoder_int8.safetensors",
     )
+    parser.add_argument(
+        "--check",
+        metavar="SPLIT",
+        choices=SPLITS,
+        help="then caption SPLIT's photos as `sat caption` does, with the int8 decoder and in fp32: int8 stays the "
+        "CPU default only if its CIDEr is within --tolerance of fp32's (recorded in config.json)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=number_from(0, 100),
+        default=INT8_CIDER_TOLERANCE,
+        help=f"CIDEr points int8 may lose under --check and stay the default (default {INT8_CIDER_TOLERANCE})",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="also write the calibration's record (config.json's, with the check) to FILE as JSON, with the command, "
+        "machine and date",
+    )
     parser.set_defaults(run=_run_calibrate)
 
 
@@ -1270,6 +1297,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
         if args.features:
             raise InputError("--encoder-int8 calibrates on photos; --features cannot stand in for the encoder")
+        if args.check or args.out:
+            raise InputError("--check and --out are for the int8 decoder's calibration, not --encoder-int8")
         images = args.images or ENCODER_CALIBRATION_IMAGES
         used = calibrate_encoder_checkpoint(args.model, dataset, split=args.split, images=images, seed=args.seed)
         print(f"calibrated the int8 encoder of {args.model} on {used} {args.split} photos of {args.data}")
@@ -1281,6 +1310,24 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         args.model, dataset, split=args.split, images=images, seed=args.seed, store=args.features or None
     )
     print(f"calibrated the int8 decoder of {args.model} on {used} {args.split} photos of {args.data}")
+    if args.check:
+        from show_attend_tell.calibration import check_int8
+
+        check = check_int8(args.model, dataset, split=args.check, store=args.features or None, tolerance=args.tolerance)
+        cider = check["CIDEr"]
+        verdict = "stays the CPU default" if check["default"] else "is no longer the CPU default (--int8 for it)"
+        print(
+            f"{args.check} CIDEr {cider['int8']:.2f} with the int8 decoder, {cider['fp32']:.2f} in fp32 "
+            f"({check['images']} photos, beam {check['beam_size']}): int8 {verdict}"
+        )
+    if args.out:
+        import json
+        from pathlib import Path
+
+        from show_attend_tell.checkpoint import INT8_KEY, read_config
+
+        record = {**_provenance(args), INT8_KEY: read_config(args.model)[INT8_KEY]}
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 

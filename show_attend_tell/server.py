@@ -209,6 +209,7 @@ class CaptionResponse(BaseModel):
     discouraged: list[str] = Field(description="COCO classes nothing saw, whose words the search discouraged")
     decoder: str = Field(description='the decoder that wrote the caption: "lstm" (the paper\'s) or "transformer"')
     encoder_precision: str = Field(description='the precision the encoder ran in: "fp32", "bf16" or "int8"')
+    decoder_precision: str = Field(description='the precision the decoder ran in: "fp32" or "int8"')
     detector: str | None = Field(description="the COCO detector that guided the caption (null: none)")
     grid_size: int
     beam_size: int
@@ -221,6 +222,7 @@ class Health(BaseModel):
     status: str
     decoder: str = Field(description='the model\'s decoder: "lstm" (the paper\'s) or "transformer"')
     encoder_precision: str = Field(description='the precision the encoder runs in: "fp32", "bf16" or "int8"')
+    decoder_precision: str = Field(description='the precision the decoder runs in: "fp32" or "int8"')
     detector: str | None = Field(description="the COCO detector that guides captions (null: none)")
     grid_size: int
     queue_depth: int = Field(description="requests read and not finished (waiting for the model or captioned)")
@@ -893,6 +895,7 @@ def create_app(
             status="ok",
             decoder=captioner.decoder,
             encoder_precision=captioner.encoder_precision,
+            decoder_precision=captioner.decoder_precision,
             detector=captioner.detector_name,
             grid_size=captioner.grid_size,
             queue_depth=queue.depth,
@@ -1097,6 +1100,7 @@ def _response(result, image: Image.Image, captioner, beam_size: int, detected: b
         "attention": np.round(np.asarray(result.attention, dtype=np.float64), ATTENTION_DECIMALS).tolist(),
         "decoder": captioner.decoder,
         "encoder_precision": captioner.encoder_precision,
+        "decoder_precision": captioner.decoder_precision,
         "detector": captioner.detector_name if detected else None,
         "grid_size": captioner.grid_size,
         "beam_size": beam_size,

@@ -270,6 +270,33 @@ def test_int8_loads_only_with_a_calibration_of_these_weights(tmp_path, capsys):
     assert not has_int8_calibration(read_config(tmp_path / "shipped"))
 
 
+def test_int8_is_the_default_until_a_check_of_its_calibration_finds_it_worse(tmp_path):
+    """checkpoint.int8_by_default: no calibration, no int8; a calibration makes it the default, a check that
+    recorded default false takes it back, and a new calibration replaces the check. A check needs a calibration."""
+    from show_attend_tell.checkpoint import int8_by_default, read_config, record_int8_check
+    from show_attend_tell.inference import calibrate_int8
+
+    model, vocab = small_model()
+    directory = tmp_path / "ckpt"
+    save_model(model, vocab, directory, encoder_sha256="abc")
+    assert not int8_by_default(read_config(directory))
+    check = {"split": "val", "CIDEr": {"fp32": 63.0, "int8": 61.9}}
+    with pytest.raises(InputError, match=r"ckpt: no int8 calibration to check \(`sat calibrate"):
+        record_int8_check(directory, check, default=False)
+    ranges = calibrate_int8(model.decoder, [torch.randn(2, 49, 2048)], beam_size=2)
+    save_int8_calibration(directory, ranges, {"images": 2})
+    assert int8_by_default(read_config(directory))
+    record_int8_check(directory, check, default=False)
+    section = read_config(directory)["int8_calibration"]
+    assert (section["check"], section["default"], section["images"]) == (check, False, 2)
+    assert not int8_by_default(read_config(directory))
+    record_int8_check(directory, check, default=True)
+    assert int8_by_default(read_config(directory))
+    record_int8_check(directory, check, default=False)
+    save_int8_calibration(directory, ranges, {"images": 2})  # new ranges: the old check is gone with them
+    assert "check" not in read_config(directory)["int8_calibration"] and int8_by_default(read_config(directory))
+
+
 def test_fine_tuned_blocks_missing_from_the_weights_give_a_clear_error(tmp_path):
     model, vocab = small_model(fine_tune=("layer4.2",))
     save_model(model, vocab, tmp_path / "c", encoder_sha256="abc")

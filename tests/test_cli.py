@@ -156,6 +156,58 @@ def test_calibrate_stores_int8_ranges_that_caption_then_uses(
     assert "prepared dataset directory not found" in capsys.readouterr().err
 
 
+def test_calibrate_check_keeps_int8_the_default_only_within_the_tolerance(
+    tiny_prepared, tiny_features, tmp_path, capsys, fixed_encoder_weights, monkeypatch
+):
+    """`sat calibrate --check val` scores the val captions in fp32 and int8 and records them with the
+    calibration; int8 stays the default within --tolerance CIDEr of fp32 and is dropped beyond it."""
+    import torch
+    from conftest import tiny_model_config
+
+    from show_attend_tell.captioner import Captioner
+    from show_attend_tell.checkpoint import read_config, save_model
+    from show_attend_tell.evaluate import Evaluation
+    from show_attend_tell.model import CaptionModel
+    from show_attend_tell.prepare import PreparedDataset
+
+    dataset = PreparedDataset.load(tiny_prepared)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "ckpt"
+    save_model(
+        CaptionModel(tiny_model_config(len(dataset.vocab))), dataset.vocab, checkpoint, encoder_sha256="untrained"
+    )
+    args = ["calibrate", str(checkpoint), "--data", str(tiny_prepared), "--features", str(tiny_features)]
+    assert main([*args, "--images", "3", "--check", "val", "--tolerance", "100"]) == 0
+    out = capsys.readouterr().out
+    section = read_config(checkpoint)["int8_calibration"]
+    check = section["check"]
+    assert (check["split"], check["images"], check["beam_size"], check["tolerance"]) == ("val", 2, 7, 100)
+    cider = check["CIDEr"]
+    assert f"val CIDEr {cider['int8']:.2f} with the int8 decoder, {cider['fp32']:.2f} in fp32" in out
+    assert "int8 stays the CPU default" in out and section["default"] is True
+    assert Captioner.load(checkpoint, guidance_threshold=None).decoder_precision == "int8"
+    # int8 scoring 0.6 below fp32: beyond the default tolerance (0.5)
+    monkeypatch.setattr(Evaluation, "score", lambda self, *a, **o: ({"CIDEr": 50.4 if self.int8 else 51.0}, {}))
+    record = tmp_path / "check.json"
+    assert main([*args, "--images", "3", "--check", "val", "--out", str(record)]) == 0
+    assert "val CIDEr 50.40 with the int8 decoder, 51.00 in fp32" in capsys.readouterr().out
+    section = read_config(checkpoint)["int8_calibration"]
+    written = json.loads(record.read_text())
+    assert written["int8_calibration"] == section and written["command"].startswith("sat calibrate ")
+    assert {"date", "machine", "cpu"} <= set(written)
+    assert section["check"]["CIDEr"] == {"fp32": 51.0, "int8": 50.4} and section["default"] is False
+    assert Captioner.load(checkpoint, guidance_threshold=None).decoder_precision == "fp32"
+    assert Captioner.load(checkpoint, guidance_threshold=None, int8=True).decoder_precision == "int8"
+    assert main([*args[:4], "--encoder-int8", "--check", "val"]) == 2
+    assert "--check and --out are for the int8 decoder's calibration" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([*args, "--check", "nosplit"])
+    assert "--check: invalid choice: 'nosplit'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([*args, "--tolerance", "-1"])
+    assert "--tolerance: must be from 0 to 100" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # `sat train` builds a full ResNet-50 several times
 def test_train_decoder_transformer_writes_a_transformer_checkpoint(
     tiny_prepared, tiny_features, tmp_path, fixed_encoder_weights, capsys

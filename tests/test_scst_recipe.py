@@ -95,6 +95,8 @@ def test_the_scst_recipe_continues_a_stopped_run_and_records_the_study(tiny_prep
     assert record["runs"]["samples10"]["settings"]["scst_samples"] == 10
     assert {"CIDEr", "distinct_captions", "vocabulary"} <= set(main["best"])
     assert json.loads((work / "test" / "metrics.json").read_text())["results"]["beam7"]["n_images"] == 2
+    calibration = json.loads((work / "model" / "config.json").read_text())["int8_calibration"]
+    assert calibration["check"]["split"] == "val" and isinstance(calibration["default"], bool)  # checked on val
     compared = record["captions"]
     assert set(compared["models"]) == {"start", "scst"} and "start -> scst" in compared["changed"]
     assert sum(count for _, count in compared["models"]["scst"]["most_common"]) <= 2  # 2 val photos

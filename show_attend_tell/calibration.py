@@ -27,7 +27,7 @@ from show_attend_tell.checkpoint import (
 from show_attend_tell.config import CALIBRATION_IMAGES, DEFAULT_BEAM_SIZE, INT8_CIDER_TOLERANCE
 from show_attend_tell.errors import InputError
 from show_attend_tell.fast_encoder import ENCODER_CALIBRATION_IMAGES, calibrate_int8_encoder
-from show_attend_tell.features import dataset_features
+from show_attend_tell.features import dataset_features, store_precision
 from show_attend_tell.images import load_image
 from show_attend_tell.inference import calibrate_int8, int8_available
 from show_attend_tell.weights import image_transform
@@ -53,10 +53,12 @@ def calibrate_decoder(
     split: str,
     seed: int,
     progress: bool = False,
+    features_precision: str | None = None,
 ) -> int:
     """Measure the int8 input ranges of `decoder` (a model.CaptionDecoder) while beam search captions the photos
     `rows`, `features(batch of rows)` giving their (B, P, E) grid features, and store them with the checkpoint in
-    `directory` (checkpoint.save_int8_calibration). Returns how many photos were used."""
+    `directory` (checkpoint.save_int8_calibration), with the precision of the encoder that made the features when
+    given (the ranges differ a little between fp32 and bf16 features). Returns how many photos were used."""
     rows = list(rows)
 
     def batches() -> Iterator[torch.Tensor]:
@@ -66,6 +68,8 @@ def calibrate_decoder(
 
     ranges = calibrate_int8(decoder, batches())
     about = {"images": len(rows), "split": split, "seed": seed, "beam_size": DEFAULT_BEAM_SIZE}
+    if features_precision is not None:
+        about["features_precision"] = features_precision
     save_int8_calibration(directory, ranges, about)
     return len(rows)
 
@@ -91,7 +95,17 @@ def calibrate_checkpoint(
     if not int8_available(model.decoder):
         raise InputError(f"{directory}: the Transformer decoder has no int8 version yet; it decodes in fp32")
     features = dataset_features(model, dataset, store, config.get("encoder_sha256", ""))
-    return calibrate_decoder(directory, model.decoder, rows, features, split=split, seed=seed, progress=progress)
+    precision = store_precision(store) if store else "fp32"  # checkpoint.load_model's encoder runs in fp32
+    return calibrate_decoder(
+        directory,
+        model.decoder,
+        rows,
+        features,
+        split=split,
+        seed=seed,
+        progress=progress,
+        features_precision=precision,
+    )
 
 
 def check_int8(

@@ -151,6 +151,7 @@ def test_calibrate_stores_int8_ranges_that_caption_then_uses(
     assert "on 3 train photos" in capsys.readouterr().out
     section = read_config(checkpoint)["int8_calibration"]
     assert (section["images"], section["split"], section["beam_size"]) == (3, "train", 7)
+    assert section["features_precision"] == "fp32"  # the tiny store's encoder
     assert isinstance(Captioner.load(checkpoint, guidance_threshold=None).model.decoder, Int8Decoder)
     assert main(["calibrate", str(checkpoint), "--data", str(tmp_path / "none")]) == 2
     assert "prepared dataset directory not found" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from show_attend_tell.config import (
     DEFAULT_BEAM_SIZE,
     DEFAULT_GUIDANCE_THRESHOLD,
     DEFAULT_TEMPLATE_THRESHOLD,
+    INT8_CIDER_TOLERANCE,
     TrainConfig,
 )
 
@@ -453,7 +454,6 @@ def test_no_word_twice_paragraph_matches_its_records():
     row = table_row("shipped, no word twice (since 2026-12-06; fp32 encoder)")
     assert [float(cell) for cell in row] == [round(test[key], 1) for key in keys]
     assert f"missed by {65 - test['CIDEr']:.1f}" in text
-    assert f"The int8 decoder costs this model {fp32['CIDEr'] - int8['CIDEr']:.1f} val CIDEr" in text
     coco = {
         name: json.loads((folder / f"{name}.json").read_text())["results"]["labels_and_templates"]["CIDEr"]
         for name in ("coco_dev", "coco_dev_repeat_words")
@@ -464,10 +464,59 @@ def test_no_word_twice_paragraph_matches_its_records():
         f"one photo {speed['no_repeats_over_repeat_words_one_photo']}×, 32 at once "
         f"{speed['no_repeats_over_repeat_words_batched']}×" in text
     )
-    assert (
-        f"costs {speed['fp32_over_int8_one_photo']:.2f}× a photo one at a time and "
-        f"{speed['fp32_over_int8_batched']:.2f}× in a batch of 32" in text
+
+
+def test_int8_check_paragraph_matches_its_records():
+    """The shipped model's int8 ranges and their check are the ones recorded, and the README quotes them."""
+    from show_attend_tell.captioner import SHIPPED_MODEL
+    from show_attend_tell.checkpoint import int8_by_default, read_config
+
+    folder = RESULTS / "flickr8k_scst"
+    record = json.loads((folder / "int8_check" / "check.json").read_text())
+    shipped = read_config(SHIPPED_MODEL)
+    assert record["int8_calibration"] == shipped["int8_calibration"] and int8_by_default(shipped)
+    assert record["command"].startswith("sat calibrate show_attend_tell/pretrained/flickr8k ")
+    assert record["int8_calibration"]["features_precision"] == "fp32"  # "Measured again from the fp32 encoder's"
+    check = record["int8_calibration"]["check"]
+    assert (check["split"], check["images"], check["tolerance"]) == ("val", 1000, INT8_CIDER_TOLERANCE)
+    new = check["CIDEr"]
+    old = {
+        p: json.loads((folder / "no_repeats" / f"val_{p}" / "metrics.json").read_text())["results"]["beam7"]["CIDEr"]
+        for p in ("fp32", "int8")
+    }
+    assert round(old["fp32"], 2) == new["fp32"]  # the same fp32 decoder and store: the same captions
+
+    def test_run(path: str) -> tuple[dict, list]:
+        run = folder / path
+        metrics = json.loads((run / "metrics.json").read_text())["results"]["beam7"]
+        return metrics, json.loads((run / "captions_test_beam7.json").read_text())
+
+    (now, now_captions), (before, before_captions) = (
+        test_run("int8_check/test_defaults"),
+        test_run("no_repeats/test_defaults"),
     )
+    fp32, _ = test_run("int8_check/test_fp32")
+    assert now["int8"] and not fp32["int8"] and now["encoder_precision"] == fp32["encoder_precision"] == "fp32"
+    changed = sum(a != b for a, b in zip(before_captions, now_captions, strict=True))
+    assert round(now["CIDEr"], 1) == round(before["CIDEr"], 1)
+    coco = json.loads((folder / "int8_check" / "coco_dev.json").read_text())["results"]
+    speed = json.loads((RESULTS / "decoder_precision.json").read_text())
+    text = " ".join(README.split())
+    for claim in (
+        f"cost it {old['fp32'] - old['int8']:.1f} val CIDEr ({old['int8']:.1f} against {old['fp32']:.1f})",
+        f"they cost {new['fp32'] - new['int8']:.2f} ({new['int8']:.2f} against {new['fp32']:.2f})",
+        f"differ by {new['int8'] - old['int8']:.1f} on val",
+        f"CIDEr {now['CIDEr']:.1f} with either ({changed} captions differ), and {fp32['CIDEr']:.1f} with the fp32",
+        f"costs {speed['fp32_over_int8_one_photo']:.2f}× a photo one at a time and "
+        f"{speed['fp32_over_int8_batched']:.2f}× in a batch of 32",
+        f"(coco-dev {coco['labels_and_templates']['CIDEr']:.1f} at the defaults, {coco['guided']['CIDEr']:.1f} with",
+        f"only within {INT8_CIDER_TOLERANCE} CIDEr of fp32",
+        f"{coco['labels_and_templates']['CIDEr']:.1f} with the new int8 ranges",
+    ):
+        assert claim in text, claim
+    keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+    row = table_row("shipped, int8 ranges from fp32 features (since 2026-12-06; fp32 encoder)")
+    assert [float(cell) for cell in row] == [round(now[key], 1) for key in keys]
 
 
 def test_once_words_training_bullet_matches_its_records():

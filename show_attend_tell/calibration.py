@@ -133,8 +133,13 @@ def check_int8(
         evaluation = load_evaluation(directory, dataset, store=store, int8=int8)
         metrics, _ = evaluation.score(rows, references, beam_size=DEFAULT_BEAM_SIZE, progress=progress)
         cider[name] = round(metrics["CIDEr"], 2)
-    check = {"split": split, "images": len(rows), "beam_size": DEFAULT_BEAM_SIZE, "CIDEr": cider}
-    check["tolerance"] = tolerance
+    check = {
+        "split": split,
+        "images": len(rows),
+        "beam_size": DEFAULT_BEAM_SIZE,
+        "CIDEr": cider,
+        "tolerance": tolerance,
+    }
     default = cider["int8"] >= cider["fp32"] - tolerance
     record_int8_check(directory, check, default=default)
     return {**check, "default": default}

@@ -201,8 +201,8 @@ class Captioner:
         """Load a checkpoint directory (default: the model shipped with the package).
 
         int8: quantize the decoder for speed (default: on the CPU when the model has an int8 calibration and no
-        check of it found its captions scoring worse, checkpoint.int8_by_default, as for the shipped model; see
-        inference.Int8Decoder for what int8 costs).
+        check of it found its captions worse than fp32's, checkpoint.int8_by_default, as for the shipped model;
+        see inference.Int8Decoder for what int8 costs).
         encoder_precision: "fp32", "bf16" or "int8" (fast_encoder.py), or "auto": the fastest this device
         supports among those that keep the captions.
         guidance_threshold: a photo's caption must name a concept of the encoder's ImageNet labels whose

@@ -305,7 +305,8 @@ def has_int8_calibration(config: dict) -> bool:
 
 def int8_by_default(config: dict) -> bool:
     """Whether the CPU decodes this checkpoint in int8 unless told otherwise: it has int8 input ranges, and no
-    check of them (`sat calibrate --check`, record_int8_check) found the int8 captions scoring worse."""
+    check of them (`sat calibrate --check`, record_int8_check) found the int8 captions scoring worse than fp32's by
+    more than its tolerance."""
     return has_int8_calibration(config) and config[INT8_KEY].get("default") is not False
 
 

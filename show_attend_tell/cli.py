@@ -872,7 +872,7 @@ def _add_int8_flag(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="int8 decoder weights, ~4x faster decoding steps on CPU (default: on for the CPU when the model has an "
-        "int8 calibration, `sat calibrate`, and no --check of it found its captions scoring worse)",
+        "int8 calibration, `sat calibrate`, and no --check of it found its captions worse than fp32's)",
     )
 
 

@@ -486,16 +486,16 @@ def test_int8_check_paragraph_matches_its_records():
     }
     assert round(old["fp32"], 2) == new["fp32"]  # the same fp32 decoder and store: the same captions
 
-    def test_run(path: str) -> tuple[dict, list]:
+    def scored(path: str) -> tuple[dict, list]:
         run = folder / path
         metrics = json.loads((run / "metrics.json").read_text())["results"]["beam7"]
         return metrics, json.loads((run / "captions_test_beam7.json").read_text())
 
     (now, now_captions), (before, before_captions) = (
-        test_run("int8_check/test_defaults"),
-        test_run("no_repeats/test_defaults"),
+        scored("int8_check/test_defaults"),
+        scored("no_repeats/test_defaults"),
     )
-    fp32, _ = test_run("int8_check/test_fp32")
+    fp32, _ = scored("int8_check/test_fp32")
     assert now["int8"] and not fp32["int8"] and now["encoder_precision"] == fp32["encoder_precision"] == "fp32"
     changed = sum(a != b for a, b in zip(before_captions, now_captions, strict=True))
     assert round(now["CIDEr"], 1) == round(before["CIDEr"], 1)

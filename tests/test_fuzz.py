@@ -133,6 +133,7 @@ def test_mutants_decode_or_raise_the_input_error(cases, deadline):
 
 class InstantCaptioner:
     grid_size, image_size, decoder, encoder_precision, detector_name = 2, 32, "lstm", "fp32", None
+    decoder_precision = "fp32"
     guidance = types.SimpleNamespace(user_words=lambda words: [])
 
     def encode(self, images, **options):

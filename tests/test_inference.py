@@ -163,29 +163,17 @@ def photo_variants() -> list[Image.Image]:
 
 
 @pytest.mark.slow  # the shipped model at 448 px: two encoder passes per photo
-def test_shipped_int8_model_captions_a_photo_alike_alone_and_in_a_batch():
+@pytest.mark.parametrize(("precision", "tolerance"), [("int8", 0.0), ("fp32", 1e-5)])
+def test_shipped_model_captions_a_photo_alike_alone_and_in_a_batch(precision, tolerance):
+    """int8: bit for bit. fp32 (--no-int8): a batch's sums run over other rows than one photo's and differ in the
+    last bits, so the same words and the numbers within 1e-5."""
     from show_attend_tell.captioner import Captioner
 
-    captioner = Captioner.load(int8=True)
-    assert captioner.decoder_precision == "int8"
+    captioner = Captioner.load(int8=precision == "int8")
+    assert captioner.decoder_precision == precision
     pictures = photo_variants()
     together = captioner.caption_batch(pictures)
     for picture, caption in zip(pictures, together, strict=True):
         alone = captioner.caption(picture)
-        assert (alone.words, alone.score) == (caption.words, caption.score)
-
-
-@pytest.mark.slow  # the shipped model at 448 px: two encoder passes per photo
-def test_shipped_fp32_model_captions_a_photo_with_its_words_alone_and_in_a_batch():
-    """In fp32 (--no-int8) a batch's sums run over other rows than one photo's and differ in the last bits: the same
-    words, the numbers within 1e-5 (the int8 decoder's are equal, above)."""
-    from show_attend_tell.captioner import Captioner
-
-    captioner = Captioner.load(int8=False)
-    assert captioner.decoder_precision == "fp32"
-    pictures = photo_variants()
-    together = captioner.caption_batch(pictures)
-    for picture, caption in zip(pictures, together, strict=True):
-        alone = captioner.caption(picture)
-        assert alone.words == caption.words and alone.score == pytest.approx(caption.score, abs=1e-5)
-        np.testing.assert_allclose(alone.attention, caption.attention, atol=1e-5)
+        assert alone.words == caption.words and alone.score == pytest.approx(caption.score, rel=0, abs=tolerance)
+        np.testing.assert_allclose(alone.attention, caption.attention, rtol=0, atol=tolerance)

@@ -447,8 +447,8 @@ def test_a_photo_in_a_batch_gets_the_answer_it_gets_alone(captioner, model_threa
         assert counted.most == 1
     elif shipped_model(captioner):  # its encoder takes long enough for the photos to meet there
         assert counted.most == 2  # some were captioned side by side
-    # an int8 decoder does not depend on its batch; an fp32 one (the stand-in's, and the shipped model's since its
-    # int8 check) does in the last bits of its sums
+    # an int8 decoder (the shipped model's) does not depend on its batch; an fp32 one (the stand-in's, or the shipped
+    # model's with int8=False) does in the last bits of its sums
     exact = captioner.decoder_precision == "int8"
     for one, batched in zip(alone, together, strict=True):
         del one["timings"], batched["timings"]

@@ -2,28 +2,35 @@
 beat averaging their weights (`sat export A B`, how the shipped model is made)?
 
     python recipes/logit_ensemble.py MODEL [MODEL ...] --data PREPARED --features STORE --split val --out FILE.json \
-        [--average log-probs|probs]
+        [--average log-probs|probs] [--mirror WEIGHT]
 
 The models must share the vocabulary and the encoder (one store feeds them all). Each caption is decoded as
 `sat evaluate` decodes it (the default beam and length penalty, the label guidance and templates of the first
 model, the fp32 decoder, features from the store) through `Ensemble`, whose step is the members' steps with their
 log p averaged (or log of their mean p) and their attention averaged. One model alone is the model itself. The
 record holds the coco-caption metrics with the members.
+
+--mirror WEIGHT adds a member that reads each photo's mirror image (flipped left to right, through the first model's
+encoder in the store's precision): the first model once more, its log p weighted WEIGHT and the models' 1 - WEIGHT.
+The label guidance then reads the photo and its mirror image together (the mean over both grids).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 
 import torch
+from PIL import Image
 
 from show_attend_tell.checkpoint import read_config
 from show_attend_tell.config import DEFAULT_BEAM_SIZE
 from show_attend_tell.decoder import Decoder, EncodedImages, State
 from show_attend_tell.evaluate import load_evaluation
+from show_attend_tell.features import store_precision
+from show_attend_tell.images import load_image
+from show_attend_tell.inference import image_features
 from show_attend_tell.prepare import PreparedDataset
 from show_attend_tell.records import provenance, write_record
 from show_attend_tell.runtime import load_model
@@ -44,15 +51,35 @@ class EnsembleEncoded:
 
 class Ensemble:
     """decoder.Decoder's search methods over members: the state is the members' state tensors in one tuple (every
-    tensor's first dimension is the N rows, so search reorders it as any state)."""
+    tensor's first dimension is the N rows, so search reorders it as any state).
 
-    def __init__(self, members: list[Decoder], average: str = "log-probs") -> None:
+    weights: each member's share of the average (default equal). views: the grid each member reads when the
+    features hold several views of each photo side by side along the grid (B, views x P, E): member k reads view
+    views[k] (default: all read the one grid); the attention returned is the mean of view 0's readers'."""
+
+    def __init__(
+        self,
+        members: list[Decoder],
+        average: str = "log-probs",
+        weights: list[float] | None = None,
+        views: list[int] | None = None,
+    ) -> None:
         self.members = members
         self.average = average
+        self.weights = torch.tensor(weights if weights else [1.0 / len(members)] * len(members))
+        self.views = views if views else [0] * len(members)
+        if len(self.weights) != len(members) or len(self.views) != len(members):
+            raise ValueError("one weight and one view for each member")
         self.sizes: list[int] = []
 
     def encode(self, features: torch.Tensor) -> EnsembleEncoded:
-        return EnsembleEncoded([member.encode(features) for member in self.members])
+        cells = features.size(1) // (max(self.views) + 1)  # P of one view
+        return EnsembleEncoded(
+            [
+                member.encode(features[:, view * cells : (view + 1) * cells])
+                for member, view in zip(self.members, self.views, strict=True)
+            ]
+        )
 
     def init_state(self, encoded: EnsembleEncoded) -> State:
         states = [member.init_state(part) for member, part in zip(self.members, encoded.parts, strict=True)]
@@ -70,11 +97,13 @@ class Ensemble:
             states.extend(member_state)
             alphas.append(alpha)  # (N, P)
         stacked = torch.stack(log_probs)  # (members, N, V)
+        weights = self.weights.to(stacked.dtype).view(-1, 1, 1)
         if self.average == "probs":
-            averaged = stacked.logsumexp(dim=0) - math.log(len(self.members))
+            averaged = (stacked + weights.log()).logsumexp(dim=0)
         else:
-            averaged = stacked.mean(dim=0)
-        return averaged, tuple(states), torch.stack(alphas).mean(dim=0)
+            averaged = (stacked * weights).sum(dim=0)
+        seen = [alpha for alpha, view in zip(alphas, self.views, strict=True) if view == 0]
+        return averaged, tuple(states), torch.stack(seen).mean(dim=0)
 
 
 class EnsembleModel:
@@ -87,6 +116,22 @@ class EnsembleModel:
         return self
 
 
+def with_mirror_images(features, model_dir: str, dataset: PreparedDataset, store: str):
+    """rows -> (B, 2P, E): the store's grids, then those of the photos flipped left to right (encoded as the store
+    was: the model's encoder in the store's precision)."""
+    model, _, _ = load_model(model_dir, encoder_precision=store_precision(store))
+
+    def both(rows: list[int]) -> torch.Tensor:
+        grids = []
+        for start in range(0, len(rows), 16):  # 448 px photos: 16 at a time bound the encoder's memory
+            chunk = rows[start : start + 16]
+            pictures = [load_image(dataset.images[i].path).transpose(Image.Transpose.FLIP_LEFT_RIGHT) for i in chunk]
+            grids.append(image_features(model.encoder, pictures, model.config))
+        return torch.cat([features(rows).float(), torch.cat(grids).float()], dim=1)
+
+    return both
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+")
@@ -94,8 +139,11 @@ def main() -> None:
     parser.add_argument("--features", required=True, help="its feature store for the models (sat features)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--average", choices=("log-probs", "probs"), default="log-probs")
+    parser.add_argument("--mirror", type=float, help="the weight (0 to 1) of the first model reading mirror images")
     parser.add_argument("--out", required=True, help="the record to write (JSON)")
     args = parser.parse_args()
+    if args.mirror is not None and not 0 < args.mirror < 1:
+        parser.error(f"--mirror must be between 0 and 1 (its weight in the average), got {args.mirror}")
     torch.set_grad_enabled(False)
     started = provenance("python " + shlex.join(["recipes/logit_ensemble.py", *sys.argv[1:]]))
 
@@ -109,7 +157,13 @@ def main() -> None:
         if (vocab.words, config["encoder_sha256"]) != first:
             raise SystemExit(f"{directory}: its vocabulary or encoder differs from {args.models[0]}'s")
         members.append(model.decoder)
-    evaluation.model = EnsembleModel(Ensemble(members, args.average))
+    weights, views = None, None
+    if args.mirror is not None:
+        weights = [(1 - args.mirror) / len(members)] * len(members) + [args.mirror]
+        views = [0] * len(members) + [1]
+        members.append(evaluation.model.decoder)
+        evaluation.features = with_mirror_images(evaluation.features, args.models[0], dataset, args.features)
+    evaluation.model = EnsembleModel(Ensemble(members, args.average, weights, views))
     metrics, _ = evaluation.score(
         rows, {row: dataset.images[row].captions for row in rows}, beam_size=DEFAULT_BEAM_SIZE, progress=False
     )
@@ -118,7 +172,8 @@ def main() -> None:
         "what": __doc__.split("\n\n")[0].replace("\n", " "),
         **started,
         "models": args.models,
-        "average": args.average if len(args.models) > 1 else None,
+        "average": args.average if len(members) > 1 else None,
+        "mirror": args.mirror,
         "split": args.split,
         "n_images": len(rows),
         "beam_size": DEFAULT_BEAM_SIZE,

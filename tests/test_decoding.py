@@ -19,6 +19,7 @@ from helpers import (
 
 from show_attend_tell import decoding
 from show_attend_tell.decoding import beam_search, greedy, length_normalised, once_mask, rollout
+from show_attend_tell.model import Encoded
 from show_attend_tell.text import END_ID, FUNCTION_WORDS, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID, Vocabulary
 
 
@@ -243,3 +244,49 @@ def test_an_ensemble_searches_as_one_decoder_with_its_members_averaged(average):
     for ours, theirs in zip(found, expected, strict=True):
         assert [h.tokens for h in ours] == [h.tokens for h in theirs]
         assert [h.log_prob for h in ours] == pytest.approx([h.log_prob for h in theirs], abs=1e-5)
+
+
+class Encoding(MockDecoder):
+    """A MockDecoder that encodes its own grids, as decoder.Decoder does (the grid names the image it reads)."""
+
+    def encode(self, features: torch.Tensor) -> Encoded:
+        return Encoded(features, features)
+
+
+@pytest.mark.parametrize("average", ["log-probs", "probs"])
+def test_an_ensemble_weighs_its_members_and_gives_each_its_view_of_the_photo(average):
+    """recipes/logit_ensemble.py --mirror: one decoder reading two views of each photo, side by side along the grid
+    (here photos 0-2 and, as their "mirror images", photos 3-5), weighted 0.75 and 0.25, searches as one decoder
+    whose table is that weighted average."""
+    recipe = load_script("recipes/logit_ensemble.py")
+    mock = Encoding(images=6, max_length=6)
+    weights = torch.tensor([0.75, 0.25]).view(2, 1, 1, 1, 1)
+    tables = torch.stack([mock.table[:3], mock.table[3:]])
+    combined = MockDecoder(images=3, max_length=6)
+    if average == "log-probs":
+        combined.table = (tables * weights).sum(0)
+    else:
+        combined.table = (tables + weights.log()).logsumexp(0)
+    ensemble = recipe.Ensemble([mock, mock], average, weights=[0.75, 0.25], views=[0, 1])
+    both = torch.cat([encoded_for([0, 1, 2]).features, encoded_for([3, 4, 5]).features], dim=1)  # (3, 2P, E)
+    options = dict(beam_size=3, max_length=6)
+    found = beam_search(ensemble, ensemble.encode(both), **options)
+    expected = beam_search(combined, encoded_for([0, 1, 2]), **options)
+    alone = beam_search(mock, encoded_for([0, 1, 2]), **options)
+    assert [[h.tokens for h in image] for image in found] != [[h.tokens for h in image] for image in alone]
+    for ours, theirs in zip(found, expected, strict=True):
+        assert [h.tokens for h in ours] == [h.tokens for h in theirs]
+        assert [h.log_prob for h in ours] == pytest.approx([h.log_prob for h in theirs], abs=1e-5)
+    with pytest.raises(ValueError, match="one weight and one view for each member"):
+        recipe.Ensemble([mock, mock], average, weights=[1.0])
+
+
+@pytest.mark.parametrize("weight", ["0", "1", "1.5"])
+def test_the_ensemble_recipe_refuses_a_mirror_weight_outside_0_to_1(weight, monkeypatch, capsys):
+    recipe = load_script("recipes/logit_ensemble.py")
+    argv = ["logit_ensemble.py", "MODEL", "--data", "D", "--features", "S", "--out", "o.json", "--mirror", weight]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit):
+        recipe.main()
+    expected = f"--mirror must be between 0 and 1 (its weight in the average), got {float(weight)}"
+    assert expected in capsys.readouterr().err

@@ -537,3 +537,29 @@ def test_once_words_training_bullet_matches_its_records():
         f"(int8) against the shipped model's {shipped['fp32']:.1f} and {shipped['int8']:.1f} under the same search"
     ) in text
     assert max(c["CIDEr"] for c in candidates.values()) < shipped["fp32"]
+
+
+SHIPPED = "show_attend_tell/pretrained/flickr8k"
+
+
+def test_mirror_and_mixing_sentences_match_their_records():
+    """The levers tried under No word twice: mirror images and the mixing ratio again, and 3:2 on test."""
+    folder = RESULTS / "flickr8k_scst"
+    mirror = {r["mirror"]: r for r in (json.loads(p.read_text()) for p in (folder / "mirror").glob("*.json"))}
+    check = json.loads((folder / "int8_check" / "check.json").read_text())["int8_calibration"]["check"]["CIDEr"]
+    assert sorted(mirror) == [0.1, 0.25, 0.5] and all(r["models"] == [SHIPPED] for r in mirror.values())
+    assert max(r["CIDEr"] for r in mirror.values()) < check["fp32"]
+    text = " ".join(README.split())
+    ciders = cider_list(mirror[w] for w in (0.1, 0.25, 0.5))
+    assert f"scores CIDEr {ciders} at W 0.1, 0.25 and 0.5 against {check['fp32']:.1f} alone" in text
+    again = json.loads((folder / "mixing_ratios.json").read_text())["val_no_word_twice"]
+    runs = list(again["runs"].values())
+    assert [name.split(" ")[0] for name in again["runs"]] == ["1:1", "4:3", "3:2", "2:1", "5:2", "3:1"]
+    assert runs[3]["CIDEr"] == check["fp32"]  # the shipped weights, scored as int8_check scored them in fp32
+    assert f"{cider_list(runs)} at 1:1, 4:3, 3:2, 2:1 (shipped), 5:2 and 3:1" in text
+    led = again["int8_checks"]["3:2"]["CIDEr_int8"]
+    assert led > check["int8"] and f"defaults ({led:.1f} against {check['int8']:.1f})" in text
+    shipped = json.loads((folder / "int8_check" / "test_defaults" / "metrics.json").read_text())["results"]["beam7"]
+    test = again["test_3_2"]
+    assert test["CIDEr"] < shipped["CIDEr"]
+    assert f"CIDEr {test['CIDEr']:.1f} (BLEU-4 {test['BLEU-4']:.1f}) against the shipped {shipped['CIDEr']:.1f}" in text

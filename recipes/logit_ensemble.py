@@ -7,8 +7,8 @@ beat averaging their weights (`sat export A B`, how the shipped model is made)?
 The models must share the vocabulary and the encoder (one store feeds them all). Each caption is decoded as
 `sat evaluate` decodes it (the default beam and length penalty, the label guidance and templates of the first
 model, the fp32 decoder, features from the store) through `Ensemble`, whose step is the members' steps with their
-log p averaged (or log of their mean p) and their attention averaged. One model alone is the model itself. The
-record holds the coco-caption metrics with the members.
+log p averaged (or log of their mean p) and their attention on the photo averaged. One model alone is the model
+itself. The record holds the coco-caption metrics with the members.
 
 --mirror WEIGHT adds a member that reads each photo's mirror image (flipped left to right, through the first model's
 encoder in the store's precision): the first model once more, its log p weighted WEIGHT and the models' 1 - WEIGHT.

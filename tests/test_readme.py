@@ -127,7 +127,7 @@ def test_guidance_table_equals_its_records():
         f"coco-dev, labels and templates, {coco['labels_and_templates']['template_photos']} of them templates": coco[
             "labels_and_templates"
         ],
-        "Flickr8k test, the shipped model alone (fp32)": tests["flickr8k_test"],
+        "Flickr8k test, the cross-entropy model alone (fp32)": tests["flickr8k_test"],
         "Flickr8k test, labels, no templates": tests["flickr8k_test_int8_guided_no_templates"],
         "Flickr8k test, labels and templates (1 template caption)": tests["flickr8k_test_int8_guided"],
     }
@@ -316,7 +316,7 @@ def test_self_critical_tables_equal_their_records():
         "cross-entropy (start)": "xe",
         "self-critical (main run's best)": "scst",
         "mean 1:1 with cross-entropy": "mean_1_1",
-        "mean 2:1 (chosen on val, shipped)": "mean_2_1",
+        "mean 2:1 (chosen on val, shipped until 2026-12-06)": "mean_2_1",
     }
     for label, name in rows.items():
         expected = [selection[split][name][key] for split in ("val", "test") for key in ("BLEU-4", "METEOR", "CIDEr")]
@@ -325,7 +325,7 @@ def test_self_critical_tables_equal_their_records():
     before = json.loads((RESULTS / "flickr8k_test_int8_guided" / "metrics.json").read_text())["results"]["beam7"]
     keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
     for label, record in (
-        ("shipped, words could repeat (bf16 encoder)", shipped),
+        ("4 epochs 2:1, words could repeat (shipped 2026-12-04; bf16 encoder)", shipped),
         ("the cross-entropy model (shipped until 2026-12-04; bf16 encoder)", before),
     ):
         assert [float(cell) for cell in table_row(label)] == [round(record[key], 1) for key in keys], label
@@ -451,14 +451,14 @@ def test_no_word_twice_paragraph_matches_its_records():
         f"{test['CIDEr']:.1f}, with {sum(a != b for a, b in zip(old, test_captions, strict=True))} of the 1,000"
     ) in text
     keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-    row = table_row("shipped, no word twice (since 2026-12-06; fp32 encoder)")
+    row = table_row("4 epochs 2:1, no word twice (2026-12-06; fp32 encoder)")
     assert [float(cell) for cell in row] == [round(test[key], 1) for key in keys]
-    assert f"missed by {65 - test['CIDEr']:.1f}" in text
+    assert f"missed the bar's CIDEr by {65 - test['CIDEr']:.1f}" in text
     coco = {
         name: json.loads((folder / f"{name}.json").read_text())["results"]["labels_and_templates"]["CIDEr"]
         for name in ("coco_dev", "coco_dev_repeat_words")
     }
-    assert f"reads {coco['coco_dev']:.1f} without repeated words ({coco['coco_dev_repeat_words']:.1f} with them" in text
+    assert f"read {coco['coco_dev']:.1f} without repeated words ({coco['coco_dev_repeat_words']:.1f} with them" in text
     speed = json.loads((RESULTS / "decoder_precision.json").read_text())
     assert (
         f"one photo {speed['no_repeats_over_repeat_words_one_photo']}×, 32 at once "
@@ -467,15 +467,13 @@ def test_no_word_twice_paragraph_matches_its_records():
 
 
 def test_int8_check_paragraph_matches_its_records():
-    """The shipped model's int8 ranges and their check are the ones recorded, and the README quotes them."""
-    from show_attend_tell.captioner import SHIPPED_MODEL
-    from show_attend_tell.checkpoint import int8_by_default, read_config
-
+    """The int8 ranges of the model shipped before the 6-epoch one, and their check, as recorded and quoted."""
     folder = RESULTS / "flickr8k_scst"
     record = json.loads((folder / "int8_check" / "check.json").read_text())
-    shipped = read_config(SHIPPED_MODEL)
-    assert record["int8_calibration"] == shipped["int8_calibration"] and int8_by_default(shipped)
     assert record["command"].startswith("sat calibrate show_attend_tell/pretrained/flickr8k ")
+    ratios = json.loads((folder / "mixing_ratios.json").read_text())["val_no_word_twice"]["runs"]
+    weights = "2:1 (the shipped weights) (S weight 0.667)"  # the weights this check calibrated: the same fp32 score
+    assert ratios[weights]["CIDEr"] == record["int8_calibration"]["check"]["CIDEr"]["fp32"]
     assert record["int8_calibration"]["features_precision"] == "fp32"  # "Measured again from the fp32 encoder's"
     check = record["int8_calibration"]["check"]
     assert (check["split"], check["images"], check["tolerance"]) == ("val", 1000, INT8_CIDER_TOLERANCE)
@@ -511,12 +509,108 @@ def test_int8_check_paragraph_matches_its_records():
         f"{speed['fp32_over_int8_batched']:.2f}× in a batch of 32",
         f"(coco-dev {coco['labels_and_templates']['CIDEr']:.1f} at the defaults, {coco['guided']['CIDEr']:.1f} with",
         f"only within {INT8_CIDER_TOLERANCE} CIDEr of fp32",
-        f"{coco['labels_and_templates']['CIDEr']:.1f} with the new int8 ranges",
+        f"and {coco['labels_and_templates']['CIDEr']:.1f} with its new int8 ranges ({coco['guided']['CIDEr']:.1f} with",
     ):
         assert claim in text, claim
     keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-    row = table_row("shipped, int8 ranges from fp32 features (since 2026-12-06; fp32 encoder)")
+    row = table_row("4 epochs 2:1, int8 ranges from fp32 features (2026-12-06; fp32 encoder)")
     assert [float(cell) for cell in row] == [round(now[key], 1) for key in keys]
+
+
+def test_longer_run_and_the_shipped_model_match_their_records():
+    """A longer run: the 6-epoch run's curve, its candidates on val, the shipped model (3:2) being the one chosen,
+    its int8 check, test at the defaults and coco-dev, as the README and the results table quote them."""
+    from show_attend_tell.captioner import SHIPPED_MODEL
+    from show_attend_tell.checkpoint import int8_by_default, read_config
+
+    folder = RESULTS / "flickr8k_scst" / "six_epochs"
+    text = " ".join(README.split())
+    run = json.loads((folder / "study.json").read_text())["runs"]["six_epochs"]
+    assert run["settings"]["scst_samples"] == 10 and run["settings"]["once_words"] and run["settings"]["epochs"] == 6
+    curve = {v["step"]: v["CIDEr"] for v in run["validations"]}
+    best, last = run["best"], max(curve)
+    assert best["CIDEr"] == max(curve.values()) and run["steps"] == last == 1650
+    assert f"{curve[0]:.2f} → {best['CIDEr']:.2f} (step {best['step']:,}) → {curve[last]:.2f} at step {last:,}" in text
+    assert min(v for step, v in curve.items() if step > 0) > curve[0]  # "It did not dip"
+    earlier = [
+        {v["step"]: v["CIDEr"] for v in other["validations"]}[150]
+        for name in ("samples10_rerun", "once_words")
+        for other in json.loads((RESULTS / "flickr8k_scst" / name / "study.json").read_text())["runs"].values()
+    ]
+    assert max(earlier) < curve[0] < curve[150]  # they dipped below their start at step 150, this run did not
+    assert (
+        f"{curve[150]:.1f} at step 150 (the 10-sample and once-words runs read {earlier[0]:.1f} and {earlier[1]:.1f}"
+        in text
+    )
+    assert f"{run['captions_per_second']} sampled captions/s" in text
+    tail = [f"{curve[step]:.1f}" for step in sorted(curve)[-4:]]
+    assert f"its last four validations read {', '.join(tail[:3])} and {tail[3]}" in text
+
+    record = json.loads((folder / "candidates.json").read_text())
+    candidates = record["candidates_val"]
+    start = json.loads((folder / "val_X" / "metrics.json").read_text())["results"]["beam7"]
+    before = json.loads((RESULTS / "flickr8k_scst" / "no_repeats" / "val_fp32" / "metrics.json").read_text())
+    before = before["results"]["beam7"]
+    rows = {
+        "the cross-entropy model (the start)": start,
+        "the 4-epoch run's best 2:1 with cross-entropy (shipped before)": before,
+        "best, 2:1 with cross-entropy": candidates["A: best 2:1 with X"],
+        "the 10 snapshots of steps 1,200–1,650, 2:1 with cross-entropy": candidates["B: snapshots 2:1 with X"],
+        "best, 3:2 with cross-entropy (shipped)": candidates["C: best 3:2 with X"],
+        "best, the 4-epoch run's best and cross-entropy, 1:1:1": candidates["D: best 1:1:1 with S and X"],
+    }
+    for label, scored in rows.items():  # all under one search: fp32 decoder, no word twice
+        assert not scored["int8"] and not scored["repeat_words"], label
+        assert [float(cell) for cell in table_row(label)] == [
+            round(scored[k], 1) for k in ("BLEU-4", "METEOR", "CIDEr")
+        ]
+    chosen = candidates["C: best 3:2 with X"]
+    assert chosen["CIDEr"] == max(c["CIDEr"] for c in rows.values())
+    assert chosen["export"] == "sat export run/best run/best run/best X X --out C"
+    assert f"3:2 led the model shipped before by {chosen['CIDEr'] - before['CIDEr']:.1f}" in text
+    assert f"rose {chosen['CIDEr'] - start['CIDEr']:.1f} under the same search" in text
+    assert f"{chosen['CIDEr'] - 56.9:.1f} above the 56.9 of issue #30's bar" in text and chosen["CIDEr"] - 56.9 >= 4
+
+    # the shipped model is C: its int8 ranges and their check are the recorded ones
+    check = json.loads((folder / "int8_check.json").read_text())
+    shipped = read_config(SHIPPED_MODEL)
+    assert check["int8_calibration"] == shipped["int8_calibration"] and int8_by_default(shipped)
+    assert shipped["exported_from"][:3] == ["/work/data/long6/run/best"] * 3 and len(shipped["exported_from"]) == 5
+    cider = check["int8_calibration"]["check"]["CIDEr"]
+    assert cider["fp32"] == round(chosen["CIDEr"], 2)  # the same weights, store and search as the candidate
+    assert f"scored {cider['int8']:.1f} against {cider['fp32']:.1f} in fp32" in text
+
+    test = json.loads((folder / "test_C" / "metrics.json").read_text())["results"]["beam7"]
+    assert test["int8"] and not test["repeat_words"] and test["encoder_precision"] == "fp32"
+    assert test["CIDEr"] >= 65 and test["BLEU-4"] >= 25 and test["METEOR"] >= 21.5  # issue #30's shipping bar
+    keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+    row = table_row("shipped: 6 epochs, 3:2 (since 2026-12-06; fp32 encoder)")
+    assert [float(cell) for cell in row] == [round(test[key], 1) for key in keys]
+    assert f"CIDEr {test['CIDEr']:.1f}, BLEU-4 {test['BLEU-4']:.1f}, METEOR {test['METEOR']:.1f} (the table at" in text
+    previous = json.loads((RESULTS / "flickr8k_scst" / "int8_check" / "test_defaults" / "metrics.json").read_text())
+    gain = {key: test[key] - previous["results"]["beam7"][key] for key in ("CIDEr", "METEOR", "BLEU-4")}
+    assert (
+        f"{gain['CIDEr']:.1f} CIDEr and {gain['METEOR']:.1f} METEOR above the model shipped before, "
+        f"BLEU-4 {-gain['BLEU-4']:.1f} below" in text
+    )
+    coco = json.loads((folder / "coco_dev_C.json").read_text())
+    assert coco["int8"] and not coco["repeat_words"]
+    coco_before = json.loads((RESULTS / "flickr8k_scst" / "int8_check" / "coco_dev.json").read_text())["results"]
+    now = {mode: coco["results"][mode]["CIDEr"] for mode in ("labels_and_templates", "guided")}
+    assert now["labels_and_templates"] >= coco_before["labels_and_templates"]["CIDEr"] - 1  # the bar: not 1 lower
+    assert f"CIDEr is {now['labels_and_templates']:.2f} ({now['guided']:.2f} with the detector option" in text
+
+    stats = json.loads((folder / "captions.json").read_text())["models"]
+    model = stats["shipped (6-epoch 3:2)"]
+    assert model["repeated_words"] == 0
+    assert f"{model['vocabulary']} words against {stats['cross-entropy']['vocabulary']} for the cross-entropy" in text
+    earlier = stats["previous (4-epoch 2:1)"]
+    assert f"and {earlier['vocabulary']} for the model before" in text
+    assert f"{model['distinct_captions']:.1f}% distinct ({stats['cross-entropy']['distinct_captions']:.1f}%, " in text
+    lengths = [f"{stats[name]['mean_length']:.1f}" for name in ("shipped (6-epoch 3:2)", "cross-entropy")]
+    assert f"{lengths[0]} words long ({lengths[1]}, {earlier['mean_length']:.1f})" in text
+    for caption, count in model["most_common"][:2]:
+        assert f'"{caption}" for {count}' in " ".join(text.split('"\n'))
 
 
 def test_once_words_training_bullet_matches_its_records():

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 TINY = "--feature-dim 10 --attention-dim 16 --decoder-dim 16 --embed-dim 8 --log-every-steps 1"
-SWEEP = ["lr5e-5", "lr5e-6", "greedy", "xe0.2", "maxlen12", "dfbatch", "samples10", "combo", "lr1e-5"]
+SWEEP = ["main4", "lr5e-5", "lr5e-6", "greedy", "xe0.2", "maxlen12", "dfbatch", "samples10", "combo", "lr1e-5"]
 
 
 def script(path, first_line: str):
@@ -62,6 +62,7 @@ def test_the_scst_recipe_continues_a_stopped_run_and_records_the_study(tiny_prep
         "FEATURES": str(store),
         "INIT": str(start / "best"),
         "EPOCHS": "2",
+        "STUDY_EPOCHS": "2",
         "BATCH": "10",
         "LOG_EVERY": "1",
         "OUT": str(out),
@@ -93,9 +94,16 @@ def test_the_scst_recipe_continues_a_stopped_run_and_records_the_study(tiny_prep
     assert {"reward", "sample_length", "sample_entropy"} <= set(main["train_curve"][0])
     assert "greedy_reward" in record["runs"]["greedy"]["train_curve"][0]
     assert record["runs"]["samples10"]["settings"]["scst_samples"] == 10
+    assert main["settings"]["scst_samples"] == 10 and main["settings"]["once_words"]  # the shipped run's settings
+    assert (
+        record["runs"]["main4"]["settings"]["scst_samples"] == 5
+        and not record["runs"]["main4"]["settings"]["once_words"]
+    )
     assert {"CIDEr", "distinct_captions", "vocabulary"} <= set(main["best"])
     assert json.loads((work / "test" / "metrics.json").read_text())["results"]["beam7"]["n_images"] == 2
-    calibration = json.loads((work / "model" / "config.json").read_text())["int8_calibration"]
+    exported = json.loads((work / "model" / "config.json").read_text())
+    assert exported["exported_from"] == [str(work / "runs" / "main" / "best")] * 3 + [str(start / "best")] * 2  # 3:2
+    calibration = exported["int8_calibration"]
     assert calibration["check"]["split"] == "val" and isinstance(calibration["default"], bool)  # checked on val
     compared = record["captions"]
     assert set(compared["models"]) == {"start", "scst"} and "start -> scst" in compared["changed"]

@@ -587,6 +587,11 @@ def test_longer_run_and_the_shipped_model_match_their_records():
     row = table_row("shipped: 6 epochs, 3:2 (since 2026-12-06; fp32 encoder)")
     assert [float(cell) for cell in row] == [round(test[key], 1) for key in keys]
     assert f"CIDEr {test['CIDEr']:.1f}, BLEU-4 {test['BLEU-4']:.1f}, METEOR {test['METEOR']:.1f} (the table at" in text
+    through_caption = json.loads((folder / "sat_caption_test.json").read_text())
+    # the file captioned is the shipped model.safetensors (the int8 ranges name the weights file they were made for)
+    assert through_caption["model_sha256"] == shipped["int8_calibration"]["weights_sha256"]
+    assert through_caption["same_caption"] == through_caption["photos"] == 1000
+    assert "`sat caption` with no flags writes the same 1,000 captions (`sat_caption_test.json`)" in text
     previous = json.loads((RESULTS / "flickr8k_scst" / "int8_check" / "test_defaults" / "metrics.json").read_text())
     gain = {key: test[key] - previous["results"]["beam7"][key] for key in ("CIDEr", "METEOR", "BLEU-4")}
     assert (

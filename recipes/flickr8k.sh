@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The shipped Flickr8k model from raw images: prepare, cache 7x7 features, cross-entropy (four cosine cycles),
-# then two cycles on 10x10 features and two on 14x14, whose ends are averaged into the fp16 export, and the
-# test-split evaluation of that export. Prints and records each stage's wall time.
+# The cross-entropy Flickr8k model from raw images: prepare, cache 7x7 features, cross-entropy (four cosine
+# cycles), then two cycles on 10x10 features and two on 14x14, whose ends are averaged into the fp16 export
+# (WORK_DIR/shipped: shipped until 2026-12-04, the INIT of recipes/flickr8k_scst.sh, which makes the shipped
+# model from it), and the test-split evaluation of that export. Prints and records each stage's wall time.
 #   recipes/flickr8k.sh FLICKR8K_DIR WORK_DIR      (FLICKR8K_DIR holds Flickr8k.token.txt and images/)
 set -euo pipefail
 data_dir=${1:?usage: recipes/flickr8k.sh FLICKR8K_DIR WORK_DIR}
@@ -19,8 +20,8 @@ stage train_xe_restart_2 "$sat" train "${common[@]}" --run-dir "$work/xe3" --ini
   --epochs 4 --decoder-lr 2e-4 --seed 2
 stage train_xe_restart_3 "$sat" train "${common[@]}" --run-dir "$work/xe4" --init-from "$work/xe3/best" \
   --epochs 3 --decoder-lr 1.5e-4 --seed 3
-# Self-critical fine-tuning from xe3 lowered every val metric (results/flickr8k_val_selection.json), so the
-# shipped model is cross-entropy only.
+# Self-critical fine-tuning from xe3 lowered every val metric (results/flickr8k_val_selection.json), so this
+# recipe is cross-entropy only; the longer runs of recipes/flickr8k_scst.sh from its export did raise them.
 # Then finer grids: the photos at 320 px give ResNet-50 a native 10x10 grid, at 448 px the paper's 14x14. The
 # decoder continues from xe4 on each in turn (the attention works over any number of cells); each grid raised
 # val CIDEr (results/flickr8k_val_selection.json).
@@ -38,7 +39,7 @@ stage features_448 "$sat" features --data "$work/prepared" --out "$work/features
   --grid-size 14 --batch-size 32
 train_grid train_xe_14x14 448 14 xe7 xe6 2e-4 6
 train_grid train_xe_14x14_2 448 14 xe8 xe7 1.5e-4 7
-# The shipped weights are the mean of the two 14x14 cycles' ends (checkpoint averaging): on val it beat
+# The exported weights are the mean of the two 14x14 cycles' ends (checkpoint averaging): on val it beat
 # either one at beams 5 and 7 (results/flickr8k_val_selection.json, beam_size).
 stage export "$sat" export "$work/xe7/best" "$work/xe8/best" --out "$work/shipped"
 stage evaluate "$sat" evaluate "$work/shipped" --data "$work/prepared" --features "$work/features448" \

@@ -7,16 +7,17 @@
 # INIT is the cross-entropy model: recipes/flickr8k.sh's WORK_DIR/shipped, or the model shipped before issue 30:
 #   git archive 4450de3 show_attend_tell/pretrained/flickr8k | tar -x -C /tmp/xe   (INIT=/tmp/xe/show_attend_tell/...)
 # Stages:
-#   main     the shipped run (results/flickr8k_scst/six_epochs/): LR (default 2e-5), SAMPLES captions a photo
-#            (default 10), no word twice in samples, baselines and validations (--once-words), XE_WEIGHT x
-#            cross-entropy mixed in (default 0), EPOCHS (default 6, one cosine cycle), a validation every 150 steps
-#            and one of the starting weights (--val-at-start), stopped after 4 validations without a new best;
+#   main     the shipped run (named six_epochs in results/flickr8k_scst/six_epochs/): LR (default 2e-5),
+#            SAMPLES captions a photo (default 10), no word twice in samples, baselines and validations
+#            (--once-words), XE_WEIGHT x cross-entropy mixed in (default 0), EPOCHS (default 6, one cosine cycle), a
+#            validation every 150 steps and one of the starting weights (--val-at-start), stopped after 4
+#            validations without a new best;
 #   study    (STUDY=1) the study of results/flickr8k_scst/study.json (whose names are longer: main4 is main_lr2e-5
-#            there): main4, the first long run (5 samples a photo, words may repeat, 4 epochs); then the sweep, 150
-#            steps each (main4's schedule cut there) with a validation at 75 and 150: lr 5e-5 and 5e-6, the greedy
-#            baseline, 0.2 x cross-entropy, samples cut at 12 tokens, CIDEr-D's document frequencies from each
-#            batch's references, 10 samples a photo; then two more of main4's length: samples cut at 12 tokens with
-#            per-batch document frequencies, and lr 1e-5;
+#            there), every run on a STUDY_EPOCHS (default 4) schedule: main4, the first long run (5 samples a
+#            photo, words may repeat); then the sweep, 150 steps each (main4's schedule cut there) with a
+#            validation at 75 and 150: lr 5e-5 and 5e-6, the greedy baseline, 0.2 x cross-entropy, samples cut at
+#            12 tokens, CIDEr-D's document frequencies from each batch's references, 10 samples a photo; then two
+#            more of main4's length: samples cut at 12 tokens with per-batch document frequencies, and lr 1e-5;
 #   export   the mean of main/best's weights three times and INIT's twice (3/5 self-critical, 2/5 cross-entropy:
 #            chosen on val at beam 7 over the 2:1 mean, a 2:1 mean of the snapshots of the run's last 450 steps and
 #            a 1:1:1 mean with main4's best), fp16, in WORK_DIR/model, with its int8 decoder calibrated and checked
@@ -78,7 +79,7 @@ if [ "${STUDY:-0}" = 1 ]; then
   stage_once lr1e-5 scst lr1e-5 --decoder-lr 1e-5 "${long[@]}"
 fi
 export_model() { # the 3:2 mean of main/best and INIT, its int8 decoder calibrated and checked on val (int8 stays
-  # the default only within 0.5 CIDEr of fp32: results/flickr8k_scst/int8_check/)
+  # the default only within 0.5 CIDEr of fp32: results/flickr8k_scst/six_epochs/int8_check.json)
   local best=$work/runs/main/best
   rm -rf "$work/model"
   "$sat" export "$best" "$best" "$best" "$init" "$init" --out "$work/model"
